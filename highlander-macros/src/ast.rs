@@ -1,0 +1,181 @@
+//! Parsing: the attribute's arguments into a plain model, every problem
+//! recorded with the span of the token at fault.
+
+use proc_macro2::{Span, TokenStream};
+use syn::parse::Parser;
+use syn::punctuated::Punctuated;
+use syn::spanned::Spanned;
+use syn::{Expr, ExprLit, Lit, Meta, Token};
+
+/// The keys the attribute accepts, in the order the docs list them.
+pub(crate) const KEYS: &[&str] = &["id", "restart", "shutdown", "intensity", "period", "init", "crate"];
+
+/// One value as written, with its span.
+pub(crate) struct Spanned_<T> {
+    pub(crate) value: T,
+    pub(crate) span: Span,
+}
+
+/// The attribute's arguments, not yet validated.
+#[derive(Default)]
+pub(crate) struct Args {
+    pub(crate) id: Option<Spanned_<String>>,
+    pub(crate) restart: Option<Spanned_<String>>,
+    pub(crate) shutdown: Option<Spanned_<String>>,
+    pub(crate) intensity: Option<Spanned_<u32>>,
+    pub(crate) period: Option<Spanned_<String>>,
+    pub(crate) init: Option<syn::Path>,
+    pub(crate) krate: Option<syn::Path>,
+}
+
+/// Collects every error instead of stopping at the first (as serde_derive's
+/// `Ctxt` does).
+#[derive(Default)]
+pub(crate) struct Errors {
+    errors: Vec<syn::Error>,
+}
+
+impl Errors {
+    pub(crate) fn push(&mut self, span: Span, message: impl std::fmt::Display) {
+        self.errors.push(syn::Error::new(span, message));
+    }
+
+    pub(crate) fn push_error(&mut self, error: syn::Error) {
+        self.errors.push(error);
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.errors.is_empty()
+    }
+
+    pub(crate) fn to_compile_errors(&self) -> TokenStream {
+        self.errors.iter().map(syn::Error::to_compile_error).collect()
+    }
+}
+
+/// Parses `id = "...", restart = "...", ...`.
+pub(crate) fn parse_args(tokens: TokenStream, errors: &mut Errors) -> Args {
+    let mut args = Args::default();
+    let metas = match Punctuated::<Meta, Token![,]>::parse_terminated.parse2(tokens) {
+        Ok(metas) => metas,
+        Err(e) => {
+            errors.push_error(e);
+            return args;
+        }
+    };
+    for meta in metas {
+        let Meta::NameValue(nv) = &meta else {
+            let name = meta.path().get_ident().map(|i| i.to_string()).unwrap_or_default();
+            if KEYS.contains(&name.as_str()) {
+                errors.push(meta.span(), format_args!("`{name}` needs a value: `{name} = ...`"));
+            } else {
+                unknown_key(errors, meta.path());
+            }
+            continue;
+        };
+        let Some(key) = nv.path.get_ident().map(|i| i.to_string()).or_else(|| {
+            // `crate` is a keyword, so it parses as a path segment, not an ident.
+            nv.path.is_ident("crate").then(|| "crate".to_string()).or_else(|| {
+                (nv.path.segments.len() == 1 && nv.path.segments[0].ident == "crate")
+                    .then(|| "crate".to_string())
+            })
+        }) else {
+            unknown_key(errors, &nv.path);
+            continue;
+        };
+        let key_span = nv.path.span();
+        let value = &nv.value;
+        match key.as_str() {
+            "id" => set(&mut args.id, string(value, "id", errors), key_span, "id", errors),
+            "restart" => set(&mut args.restart, string(value, "restart", errors), key_span, "restart", errors),
+            "shutdown" => {
+                set(&mut args.shutdown, string(value, "shutdown", errors), key_span, "shutdown", errors)
+            }
+            "period" => set(&mut args.period, string(value, "period", errors), key_span, "period", errors),
+            "intensity" => {
+                let parsed = integer(value, errors);
+                set(&mut args.intensity, parsed, key_span, "intensity", errors)
+            }
+            "init" => {
+                let parsed = path(value, "init", errors);
+                set_path(&mut args.init, parsed, key_span, "init", errors)
+            }
+            "crate" => {
+                let parsed = path(value, "crate", errors);
+                set_path(&mut args.krate, parsed, key_span, "crate", errors)
+            }
+            _ => unknown_key(errors, &nv.path),
+        }
+    }
+    args
+}
+
+fn unknown_key(errors: &mut Errors, path: &syn::Path) {
+    let name = path
+        .segments
+        .iter()
+        .map(|s| s.ident.to_string())
+        .collect::<Vec<_>>()
+        .join("::");
+    let valid = KEYS.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ");
+    errors.push(path.span(), format_args!("unknown key `{name}`: expected one of {valid}"));
+}
+
+fn set<T>(slot: &mut Option<Spanned_<T>>, value: Option<Spanned_<T>>, key_span: Span, key: &str, errors: &mut Errors) {
+    if slot.is_some() {
+        errors.push(key_span, format_args!("`{key}` set multiple times"));
+    } else if value.is_some() {
+        *slot = value;
+    }
+}
+
+fn set_path(slot: &mut Option<syn::Path>, value: Option<syn::Path>, key_span: Span, key: &str, errors: &mut Errors) {
+    if slot.is_some() {
+        errors.push(key_span, format_args!("`{key}` set multiple times"));
+    } else if value.is_some() {
+        *slot = value;
+    }
+}
+
+fn string(value: &Expr, key: &str, errors: &mut Errors) -> Option<Spanned_<String>> {
+    match value {
+        Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) => Some(Spanned_ { value: s.value(), span: s.span() }),
+        other => {
+            errors.push(other.span(), format_args!("`{key}` must be a string literal: `{key} = \"...\"`"));
+            None
+        }
+    }
+}
+
+fn integer(value: &Expr, errors: &mut Errors) -> Option<Spanned_<u32>> {
+    match value {
+        Expr::Lit(ExprLit { lit: Lit::Int(i), .. }) => match i.base10_parse::<u32>() {
+            Ok(n) => Some(Spanned_ { value: n, span: i.span() }),
+            Err(_) => {
+                errors.push(i.span(), "`intensity` must be a whole number of restarts, like `intensity = 3`");
+                None
+            }
+        },
+        other => {
+            errors.push(other.span(), "`intensity` must be a whole number of restarts, like `intensity = 3`");
+            None
+        }
+    }
+}
+
+fn path(value: &Expr, key: &str, errors: &mut Errors) -> Option<syn::Path> {
+    match value {
+        Expr::Path(p) if p.qself.is_none() && p.attrs.is_empty() => Some(p.path.clone()),
+        Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) => match s.parse::<syn::Path>() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                errors.push(s.span(), format_args!("`{key}` must be a path, like `{key} = my::path`"));
+                None
+            }
+        },
+        other => {
+            errors.push(other.span(), format_args!("`{key}` must be a path, like `{key} = my::path`"));
+            None
+        }
+    }
+}

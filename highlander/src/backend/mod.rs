@@ -1,0 +1,310 @@
+//! The coordination seam: what a backend must do so the runtime can run
+//! exactly one instance per id.
+//!
+//! A [`Backend`] is configuration (a URL, a [`MemoryCluster`]); connecting it
+//! for one node gives a [`Session`], the node's single connection to the
+//! coordination engine. The runtime runs one guardian task per singleton id,
+//! and every guardian talks to the same session, one id at a time:
+//!
+//! ```text
+//! guardian(id):  try_claim(id) ──Granted(lease)──> run instance until lease.ended()
+//!                     │                                   or node shutdown, then release(id)
+//!                     └──Busy { wake }──> await wake, then try_claim again (never a busy loop)
+//! ```
+//!
+//! The per-id calls are the seam, not the wire protocol: a backend that talks
+//! to a server batches them (one round trip tries every pending claim, one
+//! watch or `LISTEN` wakes every waiter), and keeps O(1) connections per node
+//! however many ids it runs.
+//!
+//! # What a lease promises
+//!
+//! A [`Lease`] carries a fencing token that is strictly greater than every
+//! token handed out before for that id, and a [`LeaseSignal`] that the backend
+//! ends:
+//! - CP backends (Postgres, etcd) end it with [`LeaseEnd::Lost`] early enough
+//!   that the instance, given [`ClaimRequest::stop_budget`] to stop, has
+//!   stopped before the server could grant the id to any other node;
+//! - AP backends (memory with partitions, the embedded cluster) end it with
+//!   [`LeaseEnd::Conflict`] when a healed split finds two holders and this one
+//!   loses: the holder with the earliest claim wins, ties to the lower node name.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::service::BoxFuture;
+use crate::{Error, Result, ShutdownReason, redact_url};
+
+pub mod memory;
+
+pub use memory::MemoryCluster;
+
+/// A coordination backend, before it is connected: what
+/// [`Builder::backend`](crate::Builder::backend) takes.
+pub trait Backend: Send + Sync + 'static {
+    /// Connects one node. Fails with a message a user can act on when the
+    /// configuration is wrong (bad URL, refused credentials, missing
+    /// database); a backend may instead keep retrying in the background when
+    /// the engine is only unreachable, granting nothing meanwhile.
+    fn connect(&self, node: &str) -> BoxFuture<'static, Result<Arc<dyn Session>>>;
+
+    /// A description for logs and status, with any credential hidden.
+    fn describe(&self) -> String;
+}
+
+/// One node's connection to the coordination engine.
+pub trait Session: Send + Sync + 'static {
+    /// Tries to claim an id for this node. Never blocks waiting for a holder:
+    /// returns [`Claim::Busy`] with a future that completes when the id may
+    /// have become free. An error means the engine cannot be asked now; the
+    /// guardian retries with backoff and claims nothing meanwhile.
+    fn try_claim(&self, request: ClaimRequest) -> BoxFuture<'_, Result<Claim>>;
+
+    /// Gives up this node's tenure of `id` (the one with `token`), so a
+    /// waiting node can take over at once. Releasing a tenure that already
+    /// ended is not an error.
+    fn release(&self, id: &str, token: u64) -> BoxFuture<'_, Result<()>>;
+
+    /// Who holds `id` as far as this node can see, if the backend knows.
+    fn holder(&self, id: &str) -> BoxFuture<'_, Result<Option<Holder>>>;
+
+    /// The members of the cluster as this node sees them, for backends that
+    /// have members (the embedded cluster, memory); empty otherwise.
+    fn members(&self) -> BoxFuture<'_, Result<Vec<Member>>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    /// Leaves gracefully: releases everything this node still holds and
+    /// closes the connection. Called once, after every guardian has stopped.
+    fn close(&self) -> BoxFuture<'_, ()>;
+}
+
+/// A request to claim one id.
+#[derive(Debug, Clone)]
+pub struct ClaimRequest {
+    /// The singleton id.
+    pub id: Arc<str>,
+    /// How long the instance may take to stop (its `shutdown` budget). A CP
+    /// backend ends the lease at least this long before the server could
+    /// free the id.
+    pub stop_budget: Duration,
+}
+
+/// The answer to [`Session::try_claim`].
+pub enum Claim {
+    /// This node now holds the id.
+    Granted(Lease),
+    /// Someone else holds the id (or may: the backend could not rule it out).
+    Busy {
+        /// The holder, when the backend knows it.
+        holder: Option<Holder>,
+        /// Completes when the id may have become free; the guardian then
+        /// tries again. It must not complete before something changed.
+        wake: BoxFuture<'static, ()>,
+    },
+}
+
+impl fmt::Debug for Claim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Claim::Granted(lease) => f.debug_tuple("Granted").field(lease).finish(),
+            Claim::Busy { holder, .. } => {
+                f.debug_struct("Busy").field("holder", holder).finish_non_exhaustive()
+            }
+        }
+    }
+}
+
+/// One tenure of one id on this node.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    /// The fencing token: strictly greater than every token handed out
+    /// before for this id.
+    pub token: u64,
+    /// Ended by the backend when the tenure ends.
+    pub signal: LeaseSignal,
+}
+
+impl Lease {
+    /// A lease with `token`, and the signal the backend keeps to end it.
+    pub fn new(token: u64) -> (Lease, LeaseSignal) {
+        let signal = LeaseSignal::new();
+        (Lease { token, signal: signal.clone() }, signal)
+    }
+
+    /// Completes when the backend ends the tenure.
+    pub fn ended(&self) -> impl Future<Output = LeaseEnd> + Send + '_ {
+        self.signal.ended()
+    }
+}
+
+/// How a backend tells a holder its tenure is over. Cloneable: the backend
+/// keeps one clone, the lease another. The first [`LeaseSignal::end`] wins.
+#[derive(Clone)]
+pub struct LeaseSignal {
+    inner: Arc<SignalInner>,
+}
+
+struct SignalInner {
+    cancel: CancellationToken,
+    end: OnceLock<LeaseEnd>,
+}
+
+impl LeaseSignal {
+    /// A signal that has not ended.
+    pub fn new() -> Self {
+        LeaseSignal {
+            inner: Arc::new(SignalInner { cancel: CancellationToken::new(), end: OnceLock::new() }),
+        }
+    }
+
+    /// Ends the tenure with `end`. Returns false when it had already ended.
+    pub fn end(&self, end: LeaseEnd) -> bool {
+        let first = self.inner.end.set(end).is_ok();
+        self.inner.cancel.cancel();
+        first
+    }
+
+    /// How the tenure ended, if it has.
+    pub fn ended_with(&self) -> Option<LeaseEnd> {
+        self.inner.end.get().cloned()
+    }
+
+    /// Completes when the tenure ends.
+    pub async fn ended(&self) -> LeaseEnd {
+        self.inner.cancel.cancelled().await;
+        self.inner.end.get().cloned().unwrap_or(LeaseEnd::Lost)
+    }
+}
+
+impl Default for LeaseSignal {
+    fn default() -> Self {
+        LeaseSignal::new()
+    }
+}
+
+impl fmt::Debug for LeaseSignal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LeaseSignal").field("ended", &self.inner.end.get()).finish()
+    }
+}
+
+/// Why a tenure ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseEnd {
+    /// The backend can no longer vouch for this node's hold on the id.
+    Lost,
+    /// A healed split found another holder, and it won.
+    Conflict {
+        /// The node that keeps the id, when known.
+        winner: Option<String>,
+    },
+}
+
+impl From<LeaseEnd> for ShutdownReason {
+    fn from(end: LeaseEnd) -> Self {
+        match end {
+            LeaseEnd::Lost => ShutdownReason::LeaseLost,
+            LeaseEnd::Conflict { .. } => ShutdownReason::Conflict,
+        }
+    }
+}
+
+/// Who holds an id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    /// The holder's node name.
+    pub node: String,
+    /// Its fencing token, when the backend knows it.
+    pub token: Option<u64>,
+}
+
+/// A member of the cluster, as one node sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// The member's node name.
+    pub node: String,
+    /// Whether this node can reach it now.
+    pub reachable: bool,
+    /// Its address, when it has one.
+    pub address: Option<String>,
+}
+
+/// The backend named by a URL, as in `HIGHLANDER_BACKEND`:
+/// `memory`, `postgres://…`, `etcd://…` or `cluster://…`.
+///
+/// A scheme whose cargo feature is not enabled is an error that names the
+/// feature to enable.
+///
+/// ```
+/// let memory = highlander::backend::from_url("memory").unwrap();
+/// assert_eq!(memory.describe(), "memory");
+/// let err = highlander::backend::from_url("redis://:hunter2@cache:6379").err().unwrap();
+/// assert!(!err.to_string().contains("hunter2"));
+/// ```
+pub fn from_url(url: &str) -> Result<Box<dyn Backend>> {
+    let url = url.trim();
+    let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or(url);
+    match scheme {
+        "memory" | "mem" => Ok(Box::new(MemoryCluster::global())),
+        "postgres" | "postgresql" => postgres_from_url(url),
+        "etcd" | "etcds" => etcd_from_url(url),
+        "cluster" => cluster_from_url(url),
+        _ => Err(Error::Config(format!(
+            "unknown backend `{}`: use memory, postgres://…, etcd://… or cluster://…",
+            redact_url(url)
+        ))),
+    }
+}
+
+#[cfg(feature = "postgres")]
+fn postgres_from_url(url: &str) -> Result<Box<dyn Backend>> {
+    postgres::from_url(url)
+}
+
+#[cfg(feature = "etcd")]
+fn etcd_from_url(url: &str) -> Result<Box<dyn Backend>> {
+    etcd::from_url(url)
+}
+
+#[cfg(feature = "cluster")]
+fn cluster_from_url(url: &str) -> Result<Box<dyn Backend>> {
+    cluster::from_url(url)
+}
+
+#[cfg(not(feature = "postgres"))]
+fn postgres_from_url(url: &str) -> Result<Box<dyn Backend>> {
+    missing_feature(url, "postgres")
+}
+
+#[cfg(not(feature = "etcd"))]
+fn etcd_from_url(url: &str) -> Result<Box<dyn Backend>> {
+    missing_feature(url, "etcd")
+}
+
+#[cfg(not(feature = "cluster"))]
+fn cluster_from_url(url: &str) -> Result<Box<dyn Backend>> {
+    missing_feature(url, "cluster")
+}
+
+#[allow(dead_code)]
+fn missing_feature(url: &str, feature: &str) -> Result<Box<dyn Backend>> {
+    Err(Error::Config(format!(
+        "backend `{}` needs the `{feature}` feature of highlander: \
+         enable it with `highlander = {{ version = \"0.1\", features = [\"{feature}\"] }}` in Cargo.toml",
+        redact_url(url)
+    )))
+}
+
+#[cfg(feature = "postgres")]
+pub mod postgres;
+
+#[cfg(feature = "etcd")]
+pub mod etcd;
+
+#[cfg(feature = "cluster")]
+pub mod cluster;

@@ -1,0 +1,527 @@
+//! The runtime: builder, start-up, status, and shutdown.
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+use tokio::task::{AbortHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::backend::{self, Backend, Holder, Member, Session};
+use crate::context::StateMap;
+use crate::guardian::{Guardian, Shared, SingletonState, Slot};
+use crate::spec::{self, ChildSpec, Singleton, validate_id};
+use crate::{Context, Error, Result, Service, redact_url};
+
+/// Runs every `#[highlander]` service in the binary until SIGTERM or Ctrl-C,
+/// then stops them all and releases their ids.
+///
+/// Configuration comes from the environment:
+/// - `HIGHLANDER_BACKEND`: `memory` (the default, with one info line saying
+///   so), `postgres://…`, `etcd://…` or `cluster://…`;
+/// - `HIGHLANDER_NODE`: this node's name (default: host name and pid).
+///
+/// Equivalent to `Runtime::builder().run()`; use [`Runtime::builder`] for
+/// shared state, runtime ids, or a backend chosen in code.
+///
+/// ```no_run
+/// #[tokio::main]
+/// async fn main() -> Result<(), highlander::Error> {
+///     highlander::run().await
+/// }
+/// ```
+pub async fn run() -> Result<()> {
+    Runtime::builder().run().await
+}
+
+/// Entry point for configuring a runtime: see [`Runtime::builder`].
+#[derive(Debug)]
+pub struct Runtime {
+    _private: (),
+}
+
+impl Runtime {
+    /// A builder that starts from what [`run`] does (every registered service,
+    /// backend and node name from the environment) and lets code set each part.
+    ///
+    /// ```
+    /// use highlander::{Context, MemoryCluster, Runtime, Service};
+    ///
+    /// struct Db { url: String }
+    ///
+    /// struct TenantSync { tenant: String }
+    /// impl Service for TenantSync {
+    ///     async fn run(&mut self, ctx: &Context) -> highlander::Result<()> {
+    ///         let _db = ctx.state::<Db>()?;
+    ///         ctx.cancelled().await;
+    ///         Ok(())
+    ///     }
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> highlander::Result<()> {
+    /// let mut builder = Runtime::builder()
+    ///     .node("node-a")
+    ///     .backend(MemoryCluster::new())
+    ///     .state(Db { url: "postgres://db/app".into() });
+    /// for tenant in ["acme", "globex"] {
+    ///     let name = tenant.to_string();
+    ///     builder = builder.singleton(format!("tenant-sync/{tenant}"), move |_ctx| {
+    ///         let tenant = name.clone();
+    ///         async move { Ok(TenantSync { tenant }) }
+    ///     });
+    /// }
+    /// let handle = builder.start().await?;
+    /// handle.wait_until(|s| s.running().count() == 2).await;
+    /// handle.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+}
+
+/// Configures and starts a runtime. Anything not set comes from the
+/// environment, as in [`run`].
+#[derive(Default)]
+pub struct Builder {
+    node: Option<String>,
+    backend: Option<Box<dyn Backend>>,
+    backend_url: Option<String>,
+    state: StateMap,
+    specs: Vec<ChildSpec>,
+    explicit_services: bool,
+    no_registered: bool,
+    stepdown_delay: Option<Duration>,
+}
+
+impl fmt::Debug for Builder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Builder")
+            .field("node", &self.node)
+            .field("backend", &self.backend.as_ref().map(|b| b.describe()))
+            .field("backend_url", &self.backend_url.as_deref().map(redact_url))
+            .field("specs", &self.specs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Builder {
+    /// Sets this node's name (default: `HIGHLANDER_NODE`, else host and pid).
+    pub fn node(mut self, name: impl Into<String>) -> Self {
+        self.node = Some(name.into());
+        self
+    }
+
+    /// Uses this backend (default: `HIGHLANDER_BACKEND`, else memory).
+    pub fn backend(mut self, backend: impl Backend) -> Self {
+        self.backend = Some(Box::new(backend));
+        self
+    }
+
+    /// Uses the backend named by a URL, as `HIGHLANDER_BACKEND` would.
+    /// A bad URL is reported by [`Builder::start`].
+    pub fn backend_url(mut self, url: impl Into<String>) -> Self {
+        self.backend_url = Some(url.into());
+        self
+    }
+
+    /// Registers shared state that services read with
+    /// [`Context::state`]. One value per type; a second value of the same
+    /// type replaces the first.
+    pub fn state<T: Any + Send + Sync>(mut self, value: T) -> Self {
+        self.state.insert(TypeId::of::<T>(), Arc::new(value));
+        self
+    }
+
+    /// Adds a singleton whose id is known only at run time (one per tenant,
+    /// say). `factory` builds an instance at the start of every tenure and
+    /// restart. See [`ChildSpec::new`] for restart and shutdown settings.
+    pub fn singleton<S, F, Fut>(self, id: impl Into<String>, factory: F) -> Self
+    where
+        S: Service,
+        F: Fn(&Context) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<S>> + Send + 'static,
+    {
+        self.child(ChildSpec::new(id, factory))
+    }
+
+    /// Adds a singleton described by a [`ChildSpec`].
+    pub fn child(mut self, spec: ChildSpec) -> Self {
+        self.specs.push(spec);
+        self
+    }
+
+    /// Runs the `#[highlander]` service `S`. Naming services this way
+    /// switches from "every registered service" to "exactly the services
+    /// named here", which is what tests with several runtimes want.
+    pub fn service<S: Singleton>(mut self) -> Self {
+        self.explicit_services = true;
+        self.specs.push(S::child_spec());
+        self
+    }
+
+    /// Runs none of the `#[highlander]` services registered in the binary,
+    /// only those added with [`Builder::singleton`], [`Builder::child`] or
+    /// [`Builder::service`].
+    pub fn without_registered(mut self) -> Self {
+        self.no_registered = true;
+        self
+    }
+
+    /// How long a node that stepped down waits before it claims the id
+    /// again (default 5 s).
+    pub fn stepdown_delay(mut self, delay: Duration) -> Self {
+        self.stepdown_delay = Some(delay);
+        self
+    }
+
+    /// Starts the runtime and returns at once with a handle; the runtime runs
+    /// until [`RuntimeHandle::shutdown`]. Fails on a duplicate id, an invalid
+    /// id, a backend URL that cannot be used, or a backend that refuses to
+    /// connect.
+    pub async fn start(self) -> Result<RuntimeHandle> {
+        let mut specs = Vec::new();
+        if !self.explicit_services && !self.no_registered {
+            specs.extend(spec::registered()?);
+        }
+        specs.extend(self.specs);
+        check_specs(&specs)?;
+
+        let node = match self.node {
+            Some(node) => node,
+            None => node_from_env(),
+        };
+        validate_node(&node)?;
+        let backend: Box<dyn Backend> = match (self.backend, self.backend_url) {
+            (Some(backend), _) => backend,
+            (None, Some(url)) => backend::from_url(&url)?,
+            (None, None) => backend_from_env()?,
+        };
+        let description = backend.describe();
+        let session = backend.connect(&node).await?;
+        info!(node = %node, backend = %description, singletons = specs.len(), "highlander started");
+
+        let node: Arc<str> = Arc::from(node);
+        let shutdown = CancellationToken::new();
+        let shared = Arc::new(Shared {
+            node: node.clone(),
+            session: session.clone(),
+            state: Arc::new(self.state),
+            shutdown: shutdown.clone(),
+            stepdown_delay: self.stepdown_delay.unwrap_or(Duration::from_secs(5)),
+            version: watch::Sender::new(0),
+        });
+        let slots: Vec<Arc<Slot>> = specs
+            .into_iter()
+            .map(|spec| {
+                Arc::new(Slot { spec, state: Mutex::new(SingletonState::Claiming), step_down: Notify::new() })
+            })
+            .collect();
+
+        let done = CancellationToken::new();
+        let mut guardians = JoinSet::new();
+        for slot in &slots {
+            let guardian = Guardian { slot: slot.clone(), shared: shared.clone() };
+            guardians.spawn(guardian.run());
+        }
+        let main = {
+            let done = done.clone();
+            let session = session.clone();
+            let shutdown = shutdown.clone();
+            let node = node.clone();
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                while let Some(result) = guardians.join_next().await {
+                    if let Err(e) = result {
+                        if e.is_panic() {
+                            error!(node = %node, "a guardian panicked: this is a bug in highlander");
+                        }
+                    }
+                }
+                session.close().await;
+                info!(node = %node, "highlander stopped: every id released");
+                done.cancel();
+            })
+        };
+        let by_id = slots.iter().enumerate().map(|(i, s)| (s.spec.id.clone(), i)).collect();
+        Ok(RuntimeHandle {
+            inner: Arc::new(HandleInner {
+                node,
+                backend: description,
+                shared,
+                slots,
+                by_id,
+                shutdown,
+                done,
+                main: main.abort_handle(),
+            }),
+        })
+    }
+
+    /// Starts the runtime, runs until SIGTERM or Ctrl-C, then shuts it down
+    /// gracefully (every instance stopped with
+    /// [`ShutdownReason::NodeShutdown`](crate::ShutdownReason::NodeShutdown),
+    /// every id released) and returns.
+    pub async fn run(self) -> Result<()> {
+        let handle = self.start().await?;
+        tokio::select! {
+            signal = shutdown_signal() => {
+                let name = signal?;
+                info!(node = handle.node(), signal = name, "shutting down");
+            }
+            _ = handle.stopped() => return Ok(()),
+        }
+        handle.shutdown().await;
+        Ok(())
+    }
+}
+
+async fn shutdown_signal() -> Result<&'static str> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())
+            .map_err(|e| Error::Config(format!("cannot listen for SIGTERM: {e}")))?;
+        tokio::select! {
+            _ = term.recv() => Ok("SIGTERM"),
+            r = tokio::signal::ctrl_c() => r.map(|_| "Ctrl-C").map_err(|e| Error::Config(format!("cannot listen for Ctrl-C: {e}"))),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c()
+            .await
+            .map(|_| "Ctrl-C")
+            .map_err(|e| Error::Config(format!("cannot listen for Ctrl-C: {e}")))
+    }
+}
+
+fn check_specs(specs: &[ChildSpec]) -> Result<()> {
+    let mut seen: HashMap<&str, &str> = HashMap::new();
+    for spec in specs {
+        validate_id(&spec.id)?;
+        if let Some(first) = seen.insert(&spec.id, &spec.type_name) {
+            return Err(Error::DuplicateId {
+                id: spec.id.to_string(),
+                first: first.to_string(),
+                second: spec.type_name.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn validate_node(node: &str) -> Result<()> {
+    if node.is_empty() || node.len() > 200 || !node.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Error::Config(format!(
+            "invalid node name `{}`: use 1 to 200 visible ASCII characters (HIGHLANDER_NODE or Builder::node)",
+            node.chars().take(60).collect::<String>()
+        )));
+    }
+    Ok(())
+}
+
+fn node_from_env() -> String {
+    if let Ok(node) = std::env::var("HIGHLANDER_NODE") {
+        if !node.is_empty() {
+            return node;
+        }
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".to_string());
+    format!("{host}-{}", std::process::id())
+}
+
+fn backend_from_env() -> Result<Box<dyn Backend>> {
+    match std::env::var("HIGHLANDER_BACKEND") {
+        Ok(url) if !url.trim().is_empty() => backend::from_url(&url).map_err(|e| match e {
+            Error::Config(msg) => Error::Config(format!("HIGHLANDER_BACKEND: {msg}")),
+            other => other,
+        }),
+        _ => {
+            info!(
+                "HIGHLANDER_BACKEND is not set: using the in-process memory backend, which coordinates \
+                 only within this process; set it to postgres://, etcd:// or cluster:// to span processes"
+            );
+            Ok(Box::new(backend::MemoryCluster::global()))
+        }
+    }
+}
+
+/// A handle on a started runtime: status, step-down, shutdown. Cloneable;
+/// dropping it does not stop the runtime.
+#[derive(Clone)]
+pub struct RuntimeHandle {
+    inner: Arc<HandleInner>,
+}
+
+struct HandleInner {
+    node: Arc<str>,
+    backend: String,
+    shared: Arc<Shared>,
+    slots: Vec<Arc<Slot>>,
+    by_id: HashMap<Arc<str>, usize>,
+    shutdown: CancellationToken,
+    done: CancellationToken,
+    main: AbortHandle,
+}
+
+impl fmt::Debug for RuntimeHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RuntimeHandle")
+            .field("node", &self.inner.node)
+            .field("backend", &self.inner.backend)
+            .field("singletons", &self.inner.slots.len())
+            .finish()
+    }
+}
+
+impl RuntimeHandle {
+    /// This node's name.
+    pub fn node(&self) -> &str {
+        &self.inner.node
+    }
+
+    /// Stops every instance with `NodeShutdown` (each within its shutdown
+    /// budget, all at once), releases every id so standbys take over at
+    /// once, closes the backend session, and returns when all that is done.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+        self.inner.done.cancelled().await;
+    }
+
+    /// Stops the runtime at once, as if the process had crashed: no
+    /// `terminate` runs, nothing is released explicitly; the backend sees
+    /// the node disappear. For tests and demos of failover.
+    pub fn abort(&self) {
+        self.inner.main.abort();
+        self.inner.shutdown.cancel();
+        self.inner.done.cancel();
+    }
+
+    /// Completes when the runtime has stopped.
+    pub async fn stopped(&self) {
+        self.inner.done.cancelled().await;
+    }
+
+    /// Asks this node to give up `id`: the instance is stopped with
+    /// [`ShutdownReason::Stepdown`](crate::ShutdownReason::Stepdown), the id
+    /// released for another node, and this node waits its step-down delay
+    /// before it claims the id again. Does nothing if the id does not run
+    /// here.
+    pub fn step_down(&self, id: &str) -> Result<()> {
+        let slot = self.slot(id)?;
+        slot.step_down.notify_waiters();
+        Ok(())
+    }
+
+    fn slot(&self, id: &str) -> Result<&Arc<Slot>> {
+        self.inner
+            .by_id
+            .get(id)
+            .map(|&i| &self.inner.slots[i])
+            .ok_or_else(|| Error::Config(format!("no singleton `{id}` is configured on this node")))
+    }
+
+    /// What every singleton on this node is doing now.
+    pub fn status(&self) -> Status {
+        let singletons = self
+            .inner
+            .slots
+            .iter()
+            .map(|slot| SingletonStatus {
+                id: slot.spec.id.to_string(),
+                state: slot.state.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            })
+            .collect();
+        Status { node: self.inner.node.to_string(), backend: self.inner.backend.clone(), singletons }
+    }
+
+    /// Who holds `id` now, as the backend sees it from this node.
+    pub async fn holder(&self, id: &str) -> Result<Option<Holder>> {
+        self.inner.shared.session.holder(id).await
+    }
+
+    /// The cluster members as this node sees them (for backends that have
+    /// members).
+    pub async fn members(&self) -> Result<Vec<Member>> {
+        self.inner.shared.session.members().await
+    }
+
+    /// Completes at the next change of any singleton's state on this node.
+    pub async fn changed(&self) {
+        let mut rx = self.inner.shared.version.subscribe();
+        let _ = rx.changed().await;
+    }
+
+    /// Waits until `condition` holds for this node's [`Status`], checking at
+    /// every state change (no polling).
+    pub async fn wait_until(&self, mut condition: impl FnMut(&Status) -> bool) -> Status {
+        let mut rx = self.inner.shared.version.subscribe();
+        loop {
+            rx.borrow_and_update();
+            let status = self.status();
+            if condition(&status) {
+                return status;
+            }
+            if rx.changed().await.is_err() {
+                return self.status();
+            }
+        }
+    }
+
+    /// The session the runtime uses, for backend-specific tests.
+    #[doc(hidden)]
+    pub fn session(&self) -> Arc<dyn Session> {
+        self.inner.shared.session.clone()
+    }
+}
+
+/// A snapshot of one node's singletons.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    /// This node's name.
+    pub node: String,
+    /// The backend, with any credential hidden.
+    pub backend: String,
+    /// One entry per configured singleton, in start-up order.
+    pub singletons: Vec<SingletonStatus>,
+}
+
+impl Status {
+    /// The singletons running here, with their fencing tokens.
+    pub fn running(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.singletons.iter().filter_map(|s| match s.state {
+            SingletonState::Running { token, .. } => Some((s.id.as_str(), token)),
+            _ => None,
+        })
+    }
+
+    /// The state of one singleton.
+    pub fn get(&self, id: &str) -> Option<&SingletonState> {
+        self.singletons.iter().find(|s| s.id == id).map(|s| &s.state)
+    }
+
+    /// True when `id` runs on this node.
+    pub fn is_running(&self, id: &str) -> bool {
+        matches!(self.get(id), Some(SingletonState::Running { .. }))
+    }
+}
+
+/// One singleton's state on one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SingletonStatus {
+    /// The singleton id.
+    pub id: String,
+    /// What this node is doing with it.
+    pub state: SingletonState,
+}

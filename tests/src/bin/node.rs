@@ -1,0 +1,96 @@
+//! A test node: one OS process that runs test singletons on whatever backend
+//! `HIGHLANDER_BACKEND` names, and prints one line per tenure event so a
+//! harness in another process can follow who holds what.
+//!
+//! Environment:
+//! - `HIGHLANDER_BACKEND`, `HIGHLANDER_NODE`: as for any highlander program;
+//! - `HL_IDS`: comma-separated singleton ids (default `solo`);
+//! - `HL_ID_COUNT` + `HL_ID_PREFIX`: instead, ids `{prefix}{0..count}`;
+//! - `HL_SHUTDOWN_MS`: the shutdown budget (default 2000).
+//!
+//! Output on stdout, one line per event, flushed at once:
+//! ```text
+//! READY <node>
+//! START <unix_nanos> <node> <id> <token>
+//! STOP <unix_nanos> <node> <id> <token> <reason>
+//! ```
+//! It exits 0 after SIGTERM / Ctrl-C, once every id is released.
+
+use std::io::Write;
+use std::time::Duration;
+
+use highlander::{ChildSpec, Context, Runtime, Service, ShutdownReason};
+use highlander_tests::event_line;
+
+struct Probe {
+    id: String,
+    token: u64,
+    node: String,
+}
+
+impl Service for Probe {
+    async fn run(&mut self, ctx: &Context) -> highlander::Result<()> {
+        self.token = ctx.fencing_token();
+        self.node = ctx.node().to_string();
+        emit(&event_line("START", &self.node, &self.id, self.token, None));
+        ctx.cancelled().await;
+        Ok(())
+    }
+
+    async fn terminate(&mut self, reason: ShutdownReason) {
+        emit(&event_line("STOP", &self.node, &self.id, self.token, Some(&reason)));
+    }
+}
+
+fn emit(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn ids() -> Vec<String> {
+    if let Ok(count) = std::env::var("HL_ID_COUNT") {
+        let count: usize = count.parse().expect("HL_ID_COUNT must be a number");
+        let prefix = std::env::var("HL_ID_PREFIX").unwrap_or_else(|_| "id-".into());
+        return (0..count).map(|i| format!("{prefix}{i}")).collect();
+    }
+    std::env::var("HL_IDS")
+        .unwrap_or_else(|_| "solo".into())
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let budget = std::env::var("HL_SHUTDOWN_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis)
+        .unwrap_or(Duration::from_secs(2));
+    let mut builder = Runtime::builder().without_registered();
+    for id in ids() {
+        let spec_id = id.clone();
+        builder = builder.child(
+            ChildSpec::new(id, move |_ctx| {
+                let id = spec_id.clone();
+                async move { Ok(Probe { id, token: 0, node: String::new() }) }
+            })
+            .shutdown(budget),
+        );
+    }
+    let node = std::env::var("HIGHLANDER_NODE").unwrap_or_default();
+    emit(&format!("READY {node}"));
+    if let Err(e) = builder.run().await {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,1 @@
+//! Harness for the cluster backend's tests (filled in with that backend).

@@ -1,0 +1,1 @@
+//! Harness for the etcd backend's tests (filled in with that backend).

@@ -1,0 +1,24 @@
+//! Test harnesses shared by the integration tests: real servers started from
+//! the machine's packages on free ports in temp dirs, and a driver for
+//! `node` processes (the `node` binary of this package).
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use highlander::ShutdownReason;
+
+pub mod cluster;
+pub mod etcd;
+pub mod postgres;
+pub mod process;
+
+/// Nanoseconds since the Unix epoch, the one clock every process on this
+/// host shares.
+pub fn unix_nanos() -> u128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+}
+
+/// One line of the `node` binary's output.
+pub fn event_line(kind: &str, node: &str, id: &str, token: u64, reason: Option<&ShutdownReason>) -> String {
+    let reason = reason.map(|r| format!(" {}", r.to_string().replace(' ', "_"))).unwrap_or_default();
+    format!("{kind} {} {node} {id} {token}{reason}", unix_nanos())
+}
