@@ -1,1 +1,216 @@
-//! Harness for the cluster backend's tests (filled in with that backend).
+//! Harness for the cluster backend's tests: free loopback ports, per-node
+//! loopback addresses, and a fault-injecting TCP proxy that partitions real
+//! processes.
+//!
+//! # Partitioning real processes
+//!
+//! Each node `i` listens on its own loopback address `127.0.0.{10+i}` (the
+//! cluster backend sends its outgoing connections from its listen address)
+//! and advertises the address of its [`Partitioner`] proxy instead. Every
+//! connection to a node therefore passes through that node's proxy, which
+//! knows the destination (whose proxy it is) and the source (by the source
+//! address). While the pair is cut, new connections are closed at once and
+//! data on existing ones is dropped, and such a connection never carries
+//! data again (it would be a corrupted stream), so both ends see silence
+//! and time out, as in a real netsplit.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    free_ports(1)[0]
+}
+
+/// `n` distinct ports on 127.0.0.1 that were free a moment ago (all bound
+/// at once, then released, so they differ from each other).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("bound").port())
+        .collect()
+}
+
+/// The loopback address node number `i` listens on in partition tests.
+pub fn node_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, 10 + i as u8)
+}
+
+/// A port free on `ip` a moment ago.
+pub fn free_port_on(ip: Ipv4Addr) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .expect("bind a free port")
+        .local_addr()
+        .expect("bound")
+        .port()
+}
+
+#[derive(Default)]
+struct Cuts {
+    pairs: HashSet<(String, String)>,
+}
+
+impl Cuts {
+    fn key(a: &str, b: &str) -> (String, String) {
+        if a <= b {
+            (a.to_string(), b.to_string())
+        } else {
+            (b.to_string(), a.to_string())
+        }
+    }
+    fn is_cut(&self, a: &str, b: &str) -> bool {
+        self.pairs.contains(&Cuts::key(a, b))
+    }
+}
+
+/// One proxy per node; cuts and heals links between named nodes.
+pub struct Partitioner {
+    cuts: Arc<Mutex<Cuts>>,
+    by_ip: Arc<Mutex<HashMap<IpAddr, String>>>,
+    proxies: HashMap<String, SocketAddr>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Default for Partitioner {
+    fn default() -> Self {
+        Partitioner::new()
+    }
+}
+
+impl Partitioner {
+    /// No proxies yet, nothing cut.
+    pub fn new() -> Self {
+        Partitioner {
+            cuts: Arc::default(),
+            by_ip: Arc::default(),
+            proxies: HashMap::new(),
+            tasks: Vec::new(),
+        }
+    }
+
+    /// Starts the proxy in front of node `name`, which listens on `target`
+    /// and sends its own connections from `target`'s IP. Returns the proxy
+    /// address, which the node must advertise (and others use as seed).
+    pub async fn add(&mut self, name: &str, target: SocketAddr) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a proxy port");
+        let addr = listener.local_addr().expect("bound");
+        self.by_ip
+            .lock()
+            .unwrap()
+            .insert(target.ip(), name.to_string());
+        self.proxies.insert(name.to_string(), addr);
+        let cuts = self.cuts.clone();
+        let by_ip = self.by_ip.clone();
+        let dest = name.to_string();
+        self.tasks.push(tokio::spawn(async move {
+            loop {
+                let Ok((inbound, from)) = listener.accept().await else {
+                    continue;
+                };
+                let source = by_ip
+                    .lock()
+                    .unwrap()
+                    .get(&from.ip())
+                    .cloned()
+                    .unwrap_or_default();
+                if cuts.lock().unwrap().is_cut(&source, &dest) {
+                    drop(inbound);
+                    continue;
+                }
+                let cuts = cuts.clone();
+                let dest = dest.clone();
+                tokio::spawn(async move {
+                    let Ok(outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let _ = inbound.set_nodelay(true);
+                    let _ = outbound.set_nodelay(true);
+                    let poisoned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                    let (ri, wi) = inbound.into_split();
+                    let (ro, wo) = outbound.into_split();
+                    let a = pump(
+                        ri,
+                        wo,
+                        cuts.clone(),
+                        source.clone(),
+                        dest.clone(),
+                        poisoned.clone(),
+                    );
+                    let b = pump(ro, wi, cuts, source, dest, poisoned);
+                    tokio::join!(a, b);
+                });
+            }
+        }));
+        addr
+    }
+
+    /// The proxy address of node `name`.
+    pub fn proxy(&self, name: &str) -> SocketAddr {
+        self.proxies[name]
+    }
+
+    /// Cuts every link between nodes of different sides.
+    pub fn partition(&self, sides: &[&[&str]]) {
+        let mut cuts = self.cuts.lock().unwrap();
+        for (i, side) in sides.iter().enumerate() {
+            for other in &sides[i + 1..] {
+                for a in *side {
+                    for b in *other {
+                        cuts.pairs.insert(Cuts::key(a, b));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Heals every link.
+    pub fn heal(&self) {
+        self.cuts.lock().unwrap().pairs.clear();
+    }
+}
+
+impl Drop for Partitioner {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    cuts: Arc<Mutex<Cuts>>,
+    source: String,
+    dest: String,
+    poisoned: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::Ordering;
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if !poisoned.load(Ordering::SeqCst) && cuts.lock().unwrap().is_cut(&source, &dest) {
+            poisoned.store(true, Ordering::SeqCst);
+        }
+        if poisoned.load(Ordering::SeqCst) {
+            continue;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
+}

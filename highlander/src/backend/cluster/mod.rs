@@ -1,0 +1,386 @@
+//! The embedded cluster: the application's own processes connect to each
+//! other and agree among themselves who runs each singleton, the way Erlang
+//! nodes do under `:global`. No database, no external service.
+//!
+//! Select it with `HIGHLANDER_BACKEND=cluster://0.0.0.0:7400?seeds=host1:7400,host2:7400`
+//! and `HIGHLANDER_COOKIE=<the same long random secret on every node>`, or
+//! with [`Cluster`] on the builder. Behind the cargo feature `cluster`.
+//!
+//! # How it works
+//!
+//! - **Membership.** Every node keeps one authenticated TCP connection to
+//!   every other member (a full mesh, like Erlang distribution). It starts
+//!   from its seeds and learns the rest from each member it connects to.
+//!   A killed process is seen at once (its connections reset); a silent one
+//!   (paused, cut off) when nothing arrived from it for the failure timeout
+//!   (default 1 s; idle connections carry a heartbeat every 200 ms).
+//! - **Authentication.** Each connection starts with an HMAC-SHA256
+//!   challenge-response over fresh nonces from both sides: the cookie itself
+//!   never crosses the wire. A peer with another cookie is refused and the
+//!   refusal logged once. Without a cookie a node only listens on loopback.
+//! - **Registry.** Claims are settled by an *arbiter*: the lowest-named
+//!   ready member a node is connected to. A claim is granted only when
+//!   neither the claimant nor the arbiter sees a holder, and the arbiter
+//!   hands each id to one claimant at a time, so two nodes starting at once
+//!   end with one instance. The new holder announces its tenure to every
+//!   member directly; releases go out the same way.
+//! - **Netsplit and heal.** A side that loses the holder's connection takes
+//!   the id over (AP, like `:global`). When connections come back, each node
+//!   sends its holdings; where two tenures of one id meet, the one that
+//!   started **earliest** keeps the id, ties to the **lower node name**, and
+//!   the other ends with [`LeaseEnd::Conflict`](crate::backend::LeaseEnd::Conflict).
+//! - **Leave.** [`Session::close`](crate::backend::Session::close) releases
+//!   every id and says goodbye to every member before the process exits.
+//! - **Fencing tokens** are `counter << 10 | hash(node) & 1023`, the counter
+//!   one above the highest token seen for the id (from holders and from the
+//!   arbiter) and at least the wall clock in milliseconds. Within a connected
+//!   cluster they strictly grow per id; across a split two sides may issue
+//!   tokens concurrently, which differ in their low bits.
+//!
+//! `docs/cluster.md` has the protocol, the numbers and the limits.
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::backend::{Backend, Session};
+use crate::service::BoxFuture;
+use crate::{Error, Result, redact_url};
+
+mod node;
+mod wire;
+
+/// The embedded cluster backend: configuration for one node, given to
+/// [`Builder::backend`](crate::Builder::backend).
+///
+/// ```no_run
+/// use highlander::backend::cluster::Cluster;
+/// use highlander::Runtime;
+///
+/// # #[tokio::main] async fn main() -> highlander::Result<()> {
+/// let cluster = Cluster::new("0.0.0.0:7400")
+///     .seeds(["app-1:7400", "app-2:7400", "app-3:7400"])
+///     .cookie(std::env::var("MY_CLUSTER_SECRET").unwrap());
+/// Runtime::builder().node("app-1").backend(cluster).run().await
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Cluster {
+    settings: Settings,
+}
+
+#[derive(Clone)]
+pub(crate) struct Settings {
+    listen: String,
+    advertise: Option<String>,
+    seeds: Vec<String>,
+    cookie: Option<Secret>,
+    heartbeat: Duration,
+    failure_timeout: Duration,
+    join_timeout: Duration,
+    redial: Duration,
+    faults: Option<Faults>,
+}
+
+/// A secret that never shows in `Debug`.
+#[derive(Clone)]
+struct Secret(String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl Cluster {
+    /// A node listening on `listen` (`host:port`; port 0 picks a free one),
+    /// with no seeds yet, the cookie from `HIGHLANDER_COOKIE`, and the
+    /// default timings (heartbeat 200 ms, failure timeout 1 s, join wait
+    /// 500 ms, redial every 100 ms).
+    ///
+    /// ```
+    /// let c = highlander::backend::cluster::Cluster::new("127.0.0.1:7400")
+    ///     .seeds(["127.0.0.1:7401"]);
+    /// use highlander::backend::Backend;
+    /// assert_eq!(c.describe(), "cluster://127.0.0.1:7400?seeds=127.0.0.1:7401");
+    /// ```
+    pub fn new(listen: impl Into<String>) -> Self {
+        Cluster {
+            settings: Settings {
+                listen: listen.into(),
+                advertise: None,
+                seeds: Vec::new(),
+                cookie: None,
+                heartbeat: Duration::from_millis(200),
+                failure_timeout: Duration::from_secs(1),
+                join_timeout: Duration::from_millis(500),
+                redial: Duration::from_millis(100),
+                faults: None,
+            },
+        }
+    }
+
+    /// Adds seeds: `host:port` addresses of other members to start from.
+    /// Listing every node, this one included, is fine.
+    pub fn seeds<I, S>(mut self, seeds: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.settings
+            .seeds
+            .extend(seeds.into_iter().map(Into::into));
+        self
+    }
+
+    /// The cluster secret, instead of `HIGHLANDER_COOKIE`. Every node needs
+    /// the same one; it is never sent, logged or shown.
+    pub fn cookie(mut self, cookie: impl Into<String>) -> Self {
+        self.settings.cookie = Some(Secret(cookie.into()));
+        self
+    }
+
+    /// The address other members dial to reach this node, when it differs
+    /// from the listen address (behind NAT, or a proxy). By default: the
+    /// listen address, or when listening on `0.0.0.0`, the address the peer
+    /// sees plus the listen port.
+    pub fn advertise(mut self, addr: impl Into<String>) -> Self {
+        self.settings.advertise = Some(addr.into());
+        self
+    }
+
+    /// How often an idle connection sends a heartbeat (default 200 ms).
+    pub fn heartbeat(mut self, every: Duration) -> Self {
+        self.settings.heartbeat = every;
+        self
+    }
+
+    /// How long a member may stay silent before it counts as unreachable
+    /// and its ids are taken over (default 1 s). Keep it several heartbeats
+    /// long.
+    pub fn failure_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.failure_timeout = timeout;
+        self
+    }
+
+    /// How long a starting node waits for its seeds before it claims
+    /// anything on its own (default 500 ms). It stops waiting as soon as
+    /// every seed and every member they named is connected.
+    pub fn join_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.join_timeout = timeout;
+        self
+    }
+
+    /// How soon an unreachable member is dialed again (default 100 ms).
+    pub fn redial(mut self, every: Duration) -> Self {
+        self.settings.redial = every;
+        self
+    }
+
+    /// Routes this node's links through `faults`, so a test can cut and
+    /// heal them.
+    pub fn faults(mut self, faults: &Faults) -> Self {
+        self.settings.faults = Some(faults.clone());
+        self
+    }
+}
+
+impl fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &self.settings;
+        f.debug_struct("Cluster")
+            .field("listen", &s.listen)
+            .field("advertise", &s.advertise)
+            .field("seeds", &s.seeds)
+            .field("cookie", &s.cookie.as_ref().map(|_| "***"))
+            .field("heartbeat", &s.heartbeat)
+            .field("failure_timeout", &s.failure_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Backend for Cluster {
+    fn connect(&self, node: &str) -> BoxFuture<'static, Result<Arc<dyn Session>>> {
+        let settings = Arc::new(self.settings.clone());
+        let name = node.to_string();
+        Box::pin(async move {
+            let node = node::start(settings, &name).await?;
+            Ok(Arc::new(node::ClusterSession { node }) as Arc<dyn Session>)
+        })
+    }
+
+    fn describe(&self) -> String {
+        let s = &self.settings;
+        let mut out = format!("cluster://{}", s.listen);
+        let mut sep = '?';
+        if !s.seeds.is_empty() {
+            out.push_str(&format!("{sep}seeds={}", s.seeds.join(",")));
+            sep = '&';
+        }
+        if let Some(a) = &s.advertise {
+            out.push_str(&format!("{sep}advertise={a}"));
+        }
+        out
+    }
+}
+
+/// Parses `cluster://HOST:PORT?seeds=a:7400,b:7400`, with optional
+/// `advertise=HOST:PORT`, `heartbeat_ms`, `failure_timeout_ms`, `join_ms`,
+/// `redial_ms` and `cookie` (prefer `HIGHLANDER_COOKIE`: URLs end up in
+/// process listings).
+pub(crate) fn from_url(url: &str) -> Result<Box<dyn Backend>> {
+    let shown = redact_url(url);
+    let rest = url
+        .strip_prefix("cluster://")
+        .ok_or_else(|| Error::Config(format!("`{shown}` is not a cluster:// URL")))?;
+    let (listen, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let listen = listen.trim_end_matches('/');
+    if listen.is_empty() || !listen.contains(':') {
+        return Err(Error::Config(format!(
+            "`{shown}` needs a listen address with a port, as in \
+             cluster://0.0.0.0:7400?seeds=host1:7400,host2:7400"
+        )));
+    }
+    let mut cluster = Cluster::new(listen);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let millis = || {
+            value
+                .parse::<u64>()
+                .map(Duration::from_millis)
+                .map_err(|_| {
+                    Error::Config(format!(
+                        "`{shown}`: `{key}` must be a number of milliseconds"
+                    ))
+                })
+        };
+        cluster = match key {
+            "seeds" => cluster.seeds(value.split(',').map(str::trim).filter(|s| !s.is_empty())),
+            "advertise" => cluster.advertise(value),
+            "cookie" => cluster.cookie(value),
+            "heartbeat_ms" => cluster.heartbeat(millis()?),
+            "failure_timeout_ms" => cluster.failure_timeout(millis()?),
+            "join_ms" => cluster.join_timeout(millis()?),
+            "redial_ms" => cluster.redial(millis()?),
+            _ => {
+                return Err(Error::Config(format!(
+                    "`{shown}`: unknown parameter `{key}`; use seeds, advertise, heartbeat_ms, \
+                     failure_timeout_ms, join_ms, redial_ms (and HIGHLANDER_COOKIE for the secret)"
+                )));
+            }
+        };
+    }
+    let s = &cluster.settings;
+    if s.heartbeat.is_zero() || s.failure_timeout <= s.heartbeat {
+        return Err(Error::Config(format!(
+            "`{shown}`: failure_timeout_ms must be longer than heartbeat_ms (several heartbeats)"
+        )));
+    }
+    Ok(Box::new(cluster))
+}
+
+/// Fault injection for in-process cluster tests: links between named nodes
+/// can be cut (both directions go silent, as in a netsplit: frames are
+/// dropped and new connections between the two fail) and healed.
+///
+/// ```
+/// use highlander::backend::cluster::{Cluster, Faults};
+///
+/// let faults = Faults::new();
+/// let a = Cluster::new("127.0.0.1:0").faults(&faults);
+/// faults.partition(&[&["a", "b"], &["c"]]);
+/// assert!(faults.is_cut("a", "c") && !faults.is_cut("a", "b"));
+/// faults.heal_all();
+/// assert!(!faults.is_cut("a", "c"));
+/// # drop(a);
+/// ```
+#[derive(Clone, Default)]
+pub struct Faults {
+    cut: Arc<Mutex<std::collections::HashSet<(String, String)>>>,
+}
+
+impl Faults {
+    /// No link cut.
+    pub fn new() -> Self {
+        Faults::default()
+    }
+
+    fn key(a: &str, b: &str) -> (String, String) {
+        if a <= b {
+            (a.to_string(), b.to_string())
+        } else {
+            (b.to_string(), a.to_string())
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<(String, String)>> {
+        self.cut.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Cuts the link between `a` and `b`, both ways.
+    pub fn cut(&self, a: &str, b: &str) {
+        self.lock().insert(Faults::key(a, b));
+    }
+
+    /// Heals the link between `a` and `b`.
+    pub fn heal(&self, a: &str, b: &str) {
+        self.lock().remove(&Faults::key(a, b));
+    }
+
+    /// Cuts every link between nodes of different sides (links within a
+    /// side, and of nodes named in no side, are left as they are).
+    pub fn partition(&self, sides: &[&[&str]]) {
+        let mut cut = self.lock();
+        for (i, side) in sides.iter().enumerate() {
+            for other in &sides[i + 1..] {
+                for a in *side {
+                    for b in *other {
+                        cut.insert(Faults::key(a, b));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Heals every link.
+    pub fn heal_all(&self) {
+        self.lock().clear();
+    }
+
+    /// Whether the link between `a` and `b` is cut.
+    pub fn is_cut(&self, a: &str, b: &str) -> bool {
+        let cut = self.lock();
+        !cut.is_empty() && cut.contains(&Faults::key(a, b))
+    }
+}
+
+impl fmt::Debug for Faults {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Faults")
+            .field("cut", &*self.lock())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_and_hide_the_cookie() {
+        let b = from_url(
+            "cluster://0.0.0.0:7400?seeds=a:7400,b:7400&cookie=hunter2&failure_timeout_ms=800",
+        )
+        .unwrap();
+        assert_eq!(b.describe(), "cluster://0.0.0.0:7400?seeds=a:7400,b:7400");
+        let err = from_url("cluster://0.0.0.0:7400?cookie=hunter2&bogus=1")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("bogus") && !err.contains("hunter2"), "{err}");
+        assert!(from_url("cluster://?seeds=a:1").is_err());
+        assert!(from_url("cluster://127.0.0.1:1?heartbeat_ms=500&failure_timeout_ms=400").is_err());
+        let dbg = format!("{:?}", Cluster::new("127.0.0.1:1").cookie("hunter2"));
+        assert!(!dbg.contains("hunter2"), "{dbg}");
+    }
+}

@@ -1,0 +1,1586 @@
+//! One node of the embedded cluster: its connections to the other members,
+//! its view of who holds what, and the [`Session`] the runtime drives.
+//!
+//! Everything a node knows lives in one [`State`] behind a mutex. Frames
+//! from peers and calls from guardians change it synchronously and queue
+//! frames for peers on per-connection channels; a writer task per
+//! connection drains its channel in batches (so 10,000 claims become a few
+//! large writes) and sends a heartbeat when it has been idle, and a reader
+//! task per connection decodes frames and declares the peer unreachable
+//! when nothing arrived for the failure timeout.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use hmac::Mac;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::time::{Instant, sleep, timeout, timeout_at};
+use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use super::Settings;
+use super::wire::{
+    Handshake, Hold, MAC_LEN, MAX_FRAME, MAX_HANDSHAKE_FRAME, MemberInfo, Msg, NONCE_LEN,
+    PROTOCOL_VERSION, RejectReason, Role, proof,
+};
+use crate::backend::{Claim, ClaimRequest, Holder, Lease, LeaseEnd, LeaseSignal, Member, Session};
+use crate::service::BoxFuture;
+use crate::{Error, Result};
+
+/// Unreachable members that are not seeds are forgotten after this long.
+const FORGET_AFTER: Duration = Duration::from_secs(300);
+/// A peer that refused our cookie is redialed this rarely.
+const REFUSED_REDIAL: Duration = Duration::from_secs(2);
+/// Writes are batched up to about this many bytes.
+const BATCH_BYTES: usize = 256 << 10;
+
+fn unix_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+fn random_nonce() -> [u8; NONCE_LEN] {
+    let mut nonce = [0u8; NONCE_LEN];
+    if getrandom::fill(&mut nonce).is_err() {
+        // No OS randomness: fall back to time and address entropy, which
+        // still never repeats within one process.
+        let seed = unix_nanos() ^ (&nonce as *const _ as u64);
+        for (i, b) in nonce.iter_mut().enumerate() {
+            *b = (seed.rotate_left(i as u32 * 7) >> (i % 8)) as u8;
+        }
+    }
+    nonce
+}
+
+/// FNV-1a: a stable hash of the node name for the low bits of tokens.
+fn name_slot(name: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h & TOKEN_SLOT_MASK
+}
+
+/// Fencing tokens are `counter << 10 | slot`: the low 10 bits come from the
+/// node name so two sides of a split never hand out equal tokens (barring a
+/// hash collision), the counter is one more than the highest seen for the
+/// id and at least the wall clock in milliseconds.
+const TOKEN_SLOT_BITS: u32 = 10;
+const TOKEN_SLOT_MASK: u64 = (1 << TOKEN_SLOT_BITS) - 1;
+
+/// A running node.
+pub(super) struct Node {
+    weak: std::sync::Weak<Node>,
+    name: Arc<str>,
+    me: MemberInfo,
+    key: Vec<u8>,
+    settings: Arc<Settings>,
+    listen_port: u16,
+    local_ip: Option<IpAddr>,
+    slot: u64,
+    state: Mutex<State>,
+    /// Bumped on every membership change; every waiting guardian watches it.
+    epoch: watch::Sender<u64>,
+    /// Wakes the dialer at once (a member was learned).
+    kick: Notify,
+    cancel: CancellationToken,
+    writers: TaskTracker,
+    next_conn: AtomicU64,
+}
+
+#[derive(Default)]
+struct State {
+    members: HashMap<Arc<str>, Peer>,
+    seeds: Vec<Seed>,
+    dialing: HashSet<String>,
+    retry_after: HashMap<String, Instant>,
+    own: HashMap<Arc<str>, Own>,
+    ids: HashMap<Arc<str>, IdView>,
+    pending: HashMap<Arc<str>, Pending>,
+    ready: bool,
+    closed: bool,
+    logged: HashSet<String>,
+}
+
+struct Seed {
+    addr: String,
+    name: Option<Arc<str>>,
+    is_self: bool,
+}
+
+struct Peer {
+    incarnation: u64,
+    addr: Option<String>,
+    link: Link,
+    ready: bool,
+    holdings: HashSet<Arc<str>>,
+    down_since: Instant,
+}
+
+enum Link {
+    Down,
+    Up(Conn),
+    /// The peer closed our connection because a better one exists; the
+    /// replacement is expected within the failure timeout.
+    Switching {
+        conn: u64,
+    },
+}
+
+struct Conn {
+    id: u64,
+    tx: mpsc::UnboundedSender<Bytes>,
+    lower_dialed: bool,
+    synced: bool,
+    stop: CancellationToken,
+}
+
+impl Peer {
+    fn synced(&self) -> bool {
+        matches!(&self.link, Link::Up(c) if c.synced)
+    }
+    fn reachable(&self) -> bool {
+        self.synced() || matches!(self.link, Link::Switching { .. })
+    }
+    fn is_down(&self) -> bool {
+        matches!(self.link, Link::Down)
+    }
+}
+
+struct Own {
+    token: u64,
+    since: u64,
+    signal: LeaseSignal,
+}
+
+#[derive(Default)]
+struct IdView {
+    holders: Vec<RemoteHold>,
+    /// As arbiter: granted to this node, not yet announced by it.
+    reservation: Option<Arc<str>>,
+    /// As arbiter: nodes denied the id, told with `Free` when it frees.
+    waiters: HashSet<Arc<str>>,
+    max_token: u64,
+    wake: Option<watch::Sender<u64>>,
+}
+
+struct RemoteHold {
+    node: Arc<str>,
+    token: u64,
+    since: u64,
+}
+
+struct Pending {
+    arbiter: Arc<str>,
+    tx: oneshot::Sender<Reply>,
+}
+
+enum Reply {
+    Granted(Lease),
+    Denied {
+        holder: Option<Holder>,
+        wake: BoxFuture<'static, ()>,
+    },
+    Retry,
+}
+
+/// The outcome of one dial.
+enum Dialed {
+    Connected(Arc<str>),
+    Rejected(RejectReason),
+    Failed,
+}
+
+/// Starts a node: binds the listener, dials the seeds, and returns once it
+/// has joined (every seed and every member learned from them connected and
+/// synced) or the join timeout has passed.
+pub(super) async fn start(settings: Arc<Settings>, name: &str) -> Result<Arc<Node>> {
+    let listen = resolve(&settings.listen).await?;
+    let key = match &settings.cookie {
+        Some(cookie) => cookie.0.as_bytes().to_vec(),
+        None => match std::env::var("HIGHLANDER_COOKIE") {
+            Ok(c) if !c.is_empty() => c.into_bytes(),
+            _ => {
+                if !listen.ip().is_loopback() {
+                    return Err(Error::Config(format!(
+                        "refusing to listen on {listen} without a cluster cookie: anyone who can reach \
+                         that address could join the cluster and stop or start your singletons. Set \
+                         HIGHLANDER_COOKIE (or Cluster::cookie) to the same long random secret on every \
+                         node, or listen on a loopback address such as 127.0.0.1"
+                    )));
+                }
+                info!(%listen, "no HIGHLANDER_COOKIE set: the cluster listens on loopback only, with a built-in key");
+                b"highlander-loopback-default-cookie".to_vec()
+            }
+        },
+    };
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| Error::Config(format!("cluster backend cannot listen on {listen}: {e}")))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| Error::Backend(format!("cluster listener: {e}")))?;
+    let advertise = match &settings.advertise {
+        Some(a) => Some(a.clone()),
+        None if !bound.ip().is_unspecified() => Some(bound.to_string()),
+        None => None,
+    };
+    let local_ip = (!bound.ip().is_unspecified()).then(|| bound.ip());
+    let name: Arc<str> = Arc::from(name);
+    let me = MemberInfo {
+        name: name.clone(),
+        incarnation: unix_nanos(),
+        addr: advertise,
+    };
+    let seeds = settings
+        .seeds
+        .iter()
+        .filter(|s| !s.is_empty())
+        .map(|s| Seed {
+            addr: s.clone(),
+            name: None,
+            is_self: false,
+        })
+        .collect();
+    let node = Arc::new_cyclic(|weak| Node {
+        weak: weak.clone(),
+        slot: name_slot(&name),
+        name,
+        me,
+        key,
+        listen_port: bound.port(),
+        local_ip,
+        state: Mutex::new(State {
+            seeds,
+            ..State::default()
+        }),
+        epoch: watch::Sender::new(0),
+        kick: Notify::new(),
+        cancel: CancellationToken::new(),
+        writers: TaskTracker::new(),
+        next_conn: AtomicU64::new(1),
+        settings,
+    });
+    info!(node = %node.name, %bound, advertise = node.me.addr.as_deref().unwrap_or("(peer-seen address)"), "cluster node listening");
+    tokio::spawn(node.clone().accept_loop(listener));
+    tokio::spawn(node.clone().dial_loop());
+
+    let deadline = Instant::now() + node.settings.join_timeout;
+    let mut epoch = node.epoch.subscribe();
+    loop {
+        if node.lock().joined() {
+            break;
+        }
+        tokio::select! {
+            _ = epoch.changed() => {}
+            _ = tokio::time::sleep_until(deadline) => break,
+        }
+    }
+    {
+        let mut st = node.lock();
+        st.ready = true;
+        let up = st.members.iter().filter(|(_, p)| p.synced()).count();
+        info!(node = %node.name, members_up = up, "joined the cluster");
+        node.broadcast(&st, Msg::Ready.encode());
+    }
+    node.bump_epoch();
+    Ok(node)
+}
+
+async fn resolve(addr: &str) -> Result<SocketAddr> {
+    let mut addrs = tokio::net::lookup_host(addr).await.map_err(|e| {
+        Error::Config(format!(
+            "cluster listen address `{addr}` cannot be resolved: {e}; use host:port"
+        ))
+    })?;
+    addrs.next().ok_or_else(|| {
+        Error::Config(format!(
+            "cluster listen address `{addr}` resolves to nothing"
+        ))
+    })
+}
+
+impl State {
+    fn joined(&self) -> bool {
+        let member_synced = |n: &Arc<str>| self.members.get(n).is_some_and(Peer::synced);
+        self.seeds
+            .iter()
+            .all(|s| s.is_self || s.name.as_ref().is_some_and(member_synced))
+            && self.members.values().all(Peer::synced)
+    }
+
+    fn tx(&self, peer: &str) -> Option<&mpsc::UnboundedSender<Bytes>> {
+        match &self.members.get(peer)?.link {
+            Link::Up(c) => Some(&c.tx),
+            _ => None,
+        }
+    }
+
+    fn reachable(&self, peer: &str) -> bool {
+        self.members.get(peer).is_some_and(Peer::reachable)
+    }
+}
+
+impl Node {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn bump_epoch(&self) {
+        self.epoch.send_modify(|e| *e = e.wrapping_add(1));
+    }
+
+    fn cut(&self, peer: &str) -> bool {
+        self.settings
+            .faults
+            .as_ref()
+            .is_some_and(|f| f.is_cut(&self.name, peer))
+    }
+
+    fn send(&self, st: &State, peer: &str, frame: Bytes) {
+        if let Some(tx) = st.tx(peer) {
+            let _ = tx.send(frame);
+        }
+    }
+
+    fn broadcast(&self, st: &State, frame: Bytes) {
+        for peer in st.members.values() {
+            if let Link::Up(c) = &peer.link {
+                let _ = c.tx.send(frame.clone());
+            }
+        }
+    }
+
+    // ---- the registry -------------------------------------------------
+
+    /// The node that settles claims: the lowest-named ready member this
+    /// node is connected to, itself included.
+    fn arbiter(&self, st: &State) -> Arc<str> {
+        let mut best = self.name.clone();
+        for (name, peer) in &st.members {
+            if peer.synced() && peer.ready && **name < *best {
+                best = name.clone();
+            }
+        }
+        best
+    }
+
+    /// The holder of `id` among the members this node can see, by the heal
+    /// rule: the earliest tenure, ties to the lower node name.
+    fn visible_holder(&self, st: &State, id: &str) -> Option<Holder> {
+        let own = st
+            .own
+            .get(id)
+            .map(|o| (o.since, self.name.clone(), o.token));
+        let remote = st
+            .ids
+            .get(id)
+            .into_iter()
+            .flat_map(|v| v.holders.iter())
+            .map(|h| (h.since, h.node.clone(), h.token));
+        own.into_iter()
+            .chain(remote)
+            .min_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)))
+            .map(|(_, node, token)| Holder {
+                node: node.to_string(),
+                token: Some(token),
+            })
+    }
+
+    fn waker(&self, st: &mut State, id: &Arc<str>) -> BoxFuture<'static, ()> {
+        let view = st.ids.entry(id.clone()).or_default();
+        let mut id_rx = view
+            .wake
+            .get_or_insert_with(|| watch::Sender::new(0))
+            .subscribe();
+        let mut epoch_rx = self.epoch.subscribe();
+        Box::pin(async move {
+            tokio::select! {
+                _ = id_rx.changed() => {}
+                _ = epoch_rx.changed() => {}
+            }
+        })
+    }
+
+    /// Something about `id` changed: wake this node's waiter, and if the id
+    /// is now free, tell the nodes this node denied it to as arbiter.
+    fn touch(&self, st: &mut State, id: &Arc<str>) {
+        let free = !st.own.contains_key(id);
+        let Some(view) = st.ids.get_mut(id) else {
+            return;
+        };
+        if let Some(wake) = &view.wake {
+            wake.send_modify(|v| *v = v.wrapping_add(1));
+        }
+        if free && view.holders.is_empty() && view.reservation.is_none() && !view.waiters.is_empty()
+        {
+            let waiters: Vec<Arc<str>> = view.waiters.drain().collect();
+            let frame = Msg::Free { id: id.clone() }.encode();
+            for w in waiters {
+                self.send(st, &w, frame.clone());
+            }
+        }
+    }
+
+    fn next_token(&self, st: &mut State, id: &Arc<str>, floor: u64) -> u64 {
+        let view = st.ids.entry(id.clone()).or_default();
+        let seen = view.max_token.max(floor);
+        let now_ms = unix_nanos() / 1_000_000;
+        let counter = ((seen >> TOKEN_SLOT_BITS) + 1).max(now_ms);
+        let token = (counter << TOKEN_SLOT_BITS) | self.slot;
+        view.max_token = token;
+        token
+    }
+
+    /// Starts a tenure here and tells every member.
+    fn take(&self, st: &mut State, id: &Arc<str>, floor: u64) -> Lease {
+        let token = self.next_token(st, id, floor);
+        let since = unix_nanos();
+        let (lease, signal) = Lease::new(token);
+        st.own.insert(
+            id.clone(),
+            Own {
+                token,
+                since,
+                signal,
+            },
+        );
+        self.broadcast(
+            st,
+            Msg::Held(Hold {
+                id: id.clone(),
+                token,
+                since,
+            })
+            .encode(),
+        );
+        self.touch(st, id);
+        lease
+    }
+
+    /// Ends this node's tenure of `id` and tells every member.
+    fn drop_own(&self, st: &mut State, id: &Arc<str>, end: Option<LeaseEnd>) {
+        if let Some(own) = st.own.remove(id) {
+            if let Some(end) = end {
+                own.signal.end(end);
+            }
+            self.broadcast(
+                st,
+                Msg::Released {
+                    id: id.clone(),
+                    token: own.token,
+                }
+                .encode(),
+            );
+            self.touch(st, id);
+        }
+    }
+
+    fn try_claim_now(
+        self: &Arc<Self>,
+        id: &Arc<str>,
+    ) -> Result<std::result::Result<Claim, oneshot::Receiver<Reply>>> {
+        let mut st = self.lock();
+        if st.closed {
+            return Err(Error::Backend(format!(
+                "cluster node `{}` has left the cluster",
+                self.name
+            )));
+        }
+        if let Some(own) = st.own.get(id) {
+            return Ok(Ok(Claim::Granted(Lease {
+                token: own.token,
+                signal: own.signal.clone(),
+            })));
+        }
+        if let Some(holder) = self.visible_holder(&st, id) {
+            let wake = self.waker(&mut st, id);
+            return Ok(Ok(Claim::Busy {
+                holder: Some(holder),
+                wake,
+            }));
+        }
+        let reserved = st.ids.get(id).and_then(|v| v.reservation.clone());
+        if let Some(r) = reserved.filter(|r| st.reachable(r)) {
+            let wake = self.waker(&mut st, id);
+            return Ok(Ok(Claim::Busy {
+                holder: Some(Holder {
+                    node: r.to_string(),
+                    token: None,
+                }),
+                wake,
+            }));
+        }
+        let arbiter = self.arbiter(&st);
+        if arbiter == self.name {
+            return Ok(Ok(Claim::Granted(self.take(&mut st, id, 0))));
+        }
+        let (tx, rx) = oneshot::channel();
+        self.send(&st, &arbiter, Msg::ClaimReq { id: id.clone() }.encode());
+        st.pending.insert(id.clone(), Pending { arbiter, tx });
+        Ok(Err(rx))
+    }
+
+    async fn claim(self: Arc<Self>, id: Arc<str>) -> Result<Claim> {
+        loop {
+            let rx = match self.try_claim_now(&id)? {
+                Ok(claim) => return Ok(claim),
+                Err(rx) => rx,
+            };
+            match rx.await {
+                Ok(Reply::Granted(lease)) => return Ok(Claim::Granted(lease)),
+                Ok(Reply::Denied { holder, wake }) => return Ok(Claim::Busy { holder, wake }),
+                // The arbiter went away, or a newer request replaced this
+                // one: ask again (the state has changed, so this is no loop).
+                Ok(Reply::Retry) | Err(_) => continue,
+            }
+        }
+    }
+
+    fn release(&self, id: &str, token: u64) {
+        let mut st = self.lock();
+        let Some((id, _)) = st.own.get_key_value(id).filter(|(_, o)| o.token == token) else {
+            return;
+        };
+        let id = id.clone();
+        self.drop_own(&mut st, &id, None);
+    }
+
+    /// A frame from `peer` on connection `conn`.
+    fn on_frame(&self, peer: &Arc<str>, conn: u64, msg: Msg) {
+        let mut st = self.lock();
+        let current = st
+            .members
+            .get(peer)
+            .is_some_and(|p| matches!(&p.link, Link::Up(c) if c.id == conn));
+        if !current {
+            return;
+        }
+        match msg {
+            Msg::Ping => {}
+            Msg::Sync {
+                ready,
+                members,
+                holdings,
+            } => self.on_sync(&mut st, peer, ready, members, holdings),
+            Msg::Ready => {
+                if let Some(p) = st.members.get_mut(peer) {
+                    p.ready = true;
+                }
+                self.bump_epoch();
+            }
+            Msg::MemberUp(m) => self.learn(&mut st, m),
+            Msg::Held(hold) => self.on_held(&mut st, peer, hold),
+            Msg::Released { id, token } => {
+                let mut changed = false;
+                if let Some(view) = st.ids.get_mut(&id) {
+                    let before = view.holders.len();
+                    view.holders
+                        .retain(|h| !(h.node == *peer && h.token == token));
+                    changed = view.holders.len() != before;
+                    if view.reservation.as_ref() == Some(peer) {
+                        view.reservation = None;
+                        changed = true;
+                    }
+                }
+                if let Some(p) = st.members.get_mut(peer) {
+                    p.holdings.remove(&id);
+                }
+                if changed {
+                    self.touch(&mut st, &id);
+                }
+            }
+            Msg::ClaimReq { id } => self.on_claim_req(&mut st, peer, id),
+            Msg::Grant { id, floor } => self.on_grant(&mut st, peer, id, floor),
+            Msg::Deny { id, holder } => {
+                if st.pending.get(&id).is_some_and(|p| p.arbiter == *peer) {
+                    let pending = st.pending.remove(&id).expect("checked above");
+                    let wake = self.waker(&mut st, &id);
+                    let holder = holder.map(|(node, token)| Holder {
+                        node: node.to_string(),
+                        token: (token != 0).then_some(token),
+                    });
+                    let _ = pending.tx.send(Reply::Denied { holder, wake });
+                }
+            }
+            Msg::Abandon { id } => {
+                if let Some(view) = st.ids.get_mut(&id) {
+                    if view.reservation.as_ref() == Some(peer) {
+                        view.reservation = None;
+                        self.touch(&mut st, &id);
+                    }
+                }
+            }
+            Msg::Free { id } => {
+                if let Some(wake) = st.ids.get(&id).and_then(|v| v.wake.as_ref()) {
+                    wake.send_modify(|v| *v = v.wrapping_add(1));
+                }
+            }
+            Msg::Leave => {
+                info!(node = %self.name, peer = %peer, "member left the cluster");
+                self.member_down(&mut st, peer);
+                st.members.remove(peer);
+            }
+            Msg::Superseded => {
+                if let Some(p) = st.members.get_mut(peer) {
+                    p.link = Link::Switching { conn };
+                    let node_name = self.name.clone();
+                    debug!(node = %node_name, peer = %peer, "connection superseded: expecting its replacement");
+                }
+                self.spawn_switch_timer(peer.clone(), conn);
+            }
+        }
+    }
+
+    fn spawn_switch_timer(&self, peer: Arc<str>, conn: u64) {
+        let after = self.settings.failure_timeout;
+        if let Some(node) = self.weak.upgrade() {
+            tokio::spawn(async move {
+                sleep(after).await;
+                let mut st = node.lock();
+                if st
+                    .members
+                    .get(&peer)
+                    .is_some_and(|p| matches!(p.link, Link::Switching { conn: c } if c == conn))
+                {
+                    node.member_down(&mut st, &peer);
+                }
+            });
+        }
+    }
+
+    fn on_sync(
+        &self,
+        st: &mut State,
+        peer: &Arc<str>,
+        ready: bool,
+        members: Vec<MemberInfo>,
+        holdings: Vec<Hold>,
+    ) {
+        let Some(p) = st.members.get_mut(peer) else {
+            return;
+        };
+        let mut first = false;
+        if let Link::Up(c) = &mut p.link {
+            first = !c.synced;
+            c.synced = true;
+        }
+        p.ready = ready;
+        let incoming: HashSet<Arc<str>> = holdings.iter().map(|h| h.id.clone()).collect();
+        let gone: Vec<Arc<str>> = p
+            .holdings
+            .iter()
+            .filter(|id| !incoming.contains(*id))
+            .cloned()
+            .collect();
+        for id in gone {
+            self.forget_hold(st, peer, &id);
+        }
+        for hold in holdings {
+            self.on_held(st, peer, hold);
+        }
+        for m in members {
+            self.learn(st, m);
+        }
+        if first {
+            let info = st.members.get(peer).map(|p| MemberInfo {
+                name: peer.clone(),
+                incarnation: p.incarnation,
+                addr: p.addr.clone(),
+            });
+            if let Some(info) = info {
+                let frame = Msg::MemberUp(info).encode();
+                for (name, other) in &st.members {
+                    if name != peer {
+                        if let Link::Up(c) = &other.link {
+                            let _ = c.tx.send(frame.clone());
+                        }
+                    }
+                }
+            }
+            info!(node = %self.name, peer = %peer, "member up");
+        }
+        self.bump_epoch();
+    }
+
+    fn forget_hold(&self, st: &mut State, peer: &Arc<str>, id: &Arc<str>) {
+        if let Some(p) = st.members.get_mut(peer) {
+            p.holdings.remove(id);
+        }
+        if let Some(view) = st.ids.get_mut(id) {
+            view.holders.retain(|h| h.node != *peer);
+        }
+        self.touch(st, id);
+    }
+
+    fn on_held(&self, st: &mut State, peer: &Arc<str>, hold: Hold) {
+        let Some(p) = st.members.get_mut(peer) else {
+            return;
+        };
+        p.holdings.insert(hold.id.clone());
+        let view = st.ids.entry(hold.id.clone()).or_default();
+        match view.holders.iter_mut().find(|h| h.node == *peer) {
+            Some(h) => {
+                h.token = hold.token;
+                h.since = hold.since;
+            }
+            None => view.holders.push(RemoteHold {
+                node: peer.clone(),
+                token: hold.token,
+                since: hold.since,
+            }),
+        }
+        view.max_token = view.max_token.max(hold.token);
+        if view.reservation.as_ref() == Some(peer) {
+            view.reservation = None;
+        }
+        if let Some(own) = st.own.get(&hold.id) {
+            // Two tenures of one id can see each other: a healed split, or
+            // two arbiters during a membership change. The earliest tenure
+            // keeps the id, ties to the lower node name.
+            if (hold.since, &**peer) < (own.since, &*self.name) {
+                info!(
+                    node = %self.name, id = %hold.id, winner = %peer,
+                    "conflict: {peer} has held this id longer; stopping the instance here"
+                );
+                self.drop_own(
+                    st,
+                    &hold.id,
+                    Some(LeaseEnd::Conflict {
+                        winner: Some(peer.to_string()),
+                    }),
+                );
+            } else {
+                debug!(node = %self.name, id = %hold.id, loser = %peer, "conflict: this node keeps the id");
+            }
+        }
+        self.touch(st, &hold.id);
+    }
+
+    fn on_claim_req(&self, st: &mut State, peer: &Arc<str>, id: Arc<str>) {
+        let deny = if let Some(own) = st.own.get(&id) {
+            Some(Some((self.name.clone(), own.token)))
+        } else {
+            let view = st.ids.entry(id.clone()).or_default();
+            let holder = view
+                .holders
+                .iter()
+                .filter(|h| h.node != *peer)
+                .min_by(|a, b| (a.since, &a.node).cmp(&(b.since, &b.node)))
+                .map(|h| (h.node.clone(), h.token));
+            match holder {
+                Some(h) => Some(Some(h)),
+                None => match view.reservation.clone() {
+                    Some(r) if r != *peer && st.members.get(&r).is_some_and(Peer::reachable) => {
+                        Some(Some((r, 0)))
+                    }
+                    _ => None,
+                },
+            }
+        };
+        let view = st.ids.entry(id.clone()).or_default();
+        let reply = match deny {
+            Some(holder) => {
+                view.waiters.insert(peer.clone());
+                Msg::Deny { id, holder }
+            }
+            None => {
+                view.reservation = Some(peer.clone());
+                Msg::Grant {
+                    floor: view.max_token,
+                    id,
+                }
+            }
+        };
+        self.send(st, peer, reply.encode());
+    }
+
+    fn on_grant(&self, st: &mut State, peer: &Arc<str>, id: Arc<str>, floor: u64) {
+        let mine = st.pending.get(&id).is_some_and(|p| p.arbiter == *peer);
+        if !mine {
+            if !st.own.contains_key(&id) {
+                self.send(st, peer, Msg::Abandon { id }.encode());
+            }
+            return;
+        }
+        let pending = st.pending.remove(&id).expect("checked above");
+        if let Some(holder) = self.visible_holder(st, &id) {
+            // A holder announced itself while the request was in flight.
+            self.send(st, peer, Msg::Abandon { id: id.clone() }.encode());
+            let wake = self.waker(st, &id);
+            let _ = pending.tx.send(Reply::Denied {
+                holder: Some(holder),
+                wake,
+            });
+            return;
+        }
+        let lease = self.take(st, &id, floor);
+        let token = lease.token;
+        if pending.tx.send(Reply::Granted(lease)).is_err() {
+            // Nobody waits for it any more (the guardian stopped).
+            if st.own.get(&id).is_some_and(|o| o.token == token) {
+                self.drop_own(st, &id, None);
+            }
+        }
+    }
+
+    fn learn(&self, st: &mut State, m: MemberInfo) {
+        if m.name == self.name {
+            return;
+        }
+        match st.members.get_mut(&m.name) {
+            Some(p) => {
+                if m.incarnation > p.incarnation && p.is_down() {
+                    p.incarnation = m.incarnation;
+                    if m.addr.is_some() {
+                        p.addr = m.addr;
+                    }
+                }
+            }
+            None => {
+                debug!(node = %self.name, member = %m.name, "learned a member");
+                st.members.insert(
+                    m.name.clone(),
+                    Peer {
+                        incarnation: m.incarnation,
+                        addr: m.addr,
+                        link: Link::Down,
+                        ready: false,
+                        holdings: HashSet::new(),
+                        down_since: Instant::now(),
+                    },
+                );
+                self.kick.notify_one();
+                self.bump_epoch();
+            }
+        }
+    }
+
+    /// `peer` can no longer be reached: its holds no longer count, its
+    /// reservations lapse, requests to it are asked again elsewhere.
+    fn member_down(&self, st: &mut State, peer: &Arc<str>) {
+        let Some(p) = st.members.get_mut(peer) else {
+            return;
+        };
+        if let Link::Up(c) = std::mem::replace(&mut p.link, Link::Down) {
+            c.stop.cancel();
+        }
+        p.ready = false;
+        p.down_since = Instant::now();
+        let held: Vec<Arc<str>> = p.holdings.drain().collect();
+        for id in &held {
+            if let Some(view) = st.ids.get_mut(id) {
+                view.holders.retain(|h| h.node != *peer);
+            }
+        }
+        let reserved: Vec<Arc<str>> = st
+            .ids
+            .iter_mut()
+            .filter(|(_, v)| v.reservation.as_ref() == Some(peer))
+            .map(|(id, v)| {
+                v.reservation = None;
+                id.clone()
+            })
+            .collect();
+        for id in held.iter().chain(reserved.iter()) {
+            self.touch(st, id);
+        }
+        let asked: Vec<Arc<str>> = st
+            .pending
+            .iter()
+            .filter(|(_, p)| p.arbiter == *peer)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in asked {
+            if let Some(p) = st.pending.remove(&id) {
+                let _ = p.tx.send(Reply::Retry);
+            }
+        }
+        info!(node = %self.name, peer = %peer, released = held.len(), "member down");
+        self.kick.notify_one();
+        self.bump_epoch();
+    }
+
+    fn conn_closed(&self, peer: &Arc<str>, conn: u64) {
+        let mut st = self.lock();
+        let current = st
+            .members
+            .get(peer)
+            .is_some_and(|p| matches!(&p.link, Link::Up(c) if c.id == conn));
+        if current {
+            self.member_down(&mut st, peer);
+        }
+    }
+
+    /// Decides whether a freshly authenticated connection becomes the one
+    /// to `info.name`. Between two nodes the connection dialed by the lower
+    /// name is preferred, so two simultaneous dials end with one on both
+    /// sides; any other new connection replaces the old one (its dialer saw
+    /// the old one die).
+    fn adopt(
+        &self,
+        info: &MemberInfo,
+        dialed_by_me: bool,
+        tx: mpsc::UnboundedSender<Bytes>,
+        stop: CancellationToken,
+    ) -> std::result::Result<u64, RejectReason> {
+        let mut st = self.lock();
+        if st.closed {
+            return Err(RejectReason::Duplicate);
+        }
+        let lower_dialed = if dialed_by_me {
+            self.name < info.name
+        } else {
+            info.name < self.name
+        };
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let conn = Conn {
+            id,
+            tx,
+            lower_dialed,
+            synced: false,
+            stop,
+        };
+        let mut was_synced = false;
+        match st.members.get(&info.name) {
+            None => {}
+            Some(p) if info.incarnation != p.incarnation => {
+                if info.incarnation < p.incarnation && !p.is_down() {
+                    return Err(RejectReason::NameTaken);
+                }
+                if !p.is_down() {
+                    info!(node = %self.name, peer = %info.name, "member restarted: a new incarnation replaces the old one");
+                }
+                self.member_down(&mut st, &info.name);
+            }
+            Some(p) => match &p.link {
+                Link::Down => {}
+                Link::Switching { .. } => was_synced = true,
+                Link::Up(old) => {
+                    if old.lower_dialed && !lower_dialed {
+                        return Err(RejectReason::Duplicate);
+                    }
+                    was_synced = old.synced;
+                }
+            },
+        }
+        let p = st.members.entry(info.name.clone()).or_insert_with(|| Peer {
+            incarnation: info.incarnation,
+            addr: None,
+            link: Link::Down,
+            ready: false,
+            holdings: HashSet::new(),
+            down_since: Instant::now(),
+        });
+        p.incarnation = info.incarnation;
+        if info.addr.is_some() {
+            p.addr = info.addr.clone();
+        }
+        let mut conn = conn;
+        conn.synced = was_synced;
+        if let Link::Up(old) = std::mem::replace(&mut p.link, Link::Up(conn)) {
+            // The old writer sends this, then closes its half.
+            let _ = old.tx.send(Msg::Superseded.encode());
+        }
+        // Our whole state first, then whatever follows.
+        let sync = Msg::Sync {
+            ready: st.ready,
+            members: st
+                .members
+                .iter()
+                .filter(|(n, p)| **n != info.name && p.synced())
+                .map(|(n, p)| MemberInfo {
+                    name: n.clone(),
+                    incarnation: p.incarnation,
+                    addr: p.addr.clone(),
+                })
+                .collect(),
+            holdings: st
+                .own
+                .iter()
+                .map(|(id, o)| Hold {
+                    id: id.clone(),
+                    token: o.token,
+                    since: o.since,
+                })
+                .collect(),
+        };
+        self.send(&st, &info.name, sync.encode());
+        let resend: Vec<Arc<str>> = st
+            .pending
+            .iter()
+            .filter(|(_, p)| p.arbiter == info.name)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in resend {
+            self.send(&st, &info.name, Msg::ClaimReq { id }.encode());
+        }
+        drop(st);
+        self.bump_epoch();
+        Ok(id)
+    }
+}
+
+// ---- transport ------------------------------------------------------------
+
+fn codec(max: usize) -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .length_field_length(4)
+        .max_frame_length(max)
+        .new_codec()
+}
+
+type Reader = FramedRead<OwnedReadHalf, LengthDelimitedCodec>;
+
+async fn read_handshake(rd: &mut Reader) -> Option<Handshake> {
+    match rd.next().await {
+        Some(Ok(frame)) => Handshake::decode(&frame).ok(),
+        _ => None,
+    }
+}
+
+impl Node {
+    fn log_once(&self, key: String, message: impl FnOnce()) {
+        if self.lock().logged.insert(key) {
+            message();
+        }
+    }
+
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let accepted = tokio::select! {
+                _ = self.cancel.cancelled() => break,
+                accepted = listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, remote)) => {
+                    let node = self.clone();
+                    let limit = self
+                        .settings
+                        .failure_timeout
+                        .max(Duration::from_millis(500));
+                    tokio::spawn(async move {
+                        let _ = timeout(limit, node.accept(stream, remote)).await;
+                    });
+                }
+                Err(e) => {
+                    debug!(node = %self.name, error = %e, "accept failed");
+                    sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    }
+
+    async fn accept(self: Arc<Self>, stream: TcpStream, remote: SocketAddr) {
+        let _ = stream.set_nodelay(true);
+        let (rd, mut wr) = stream.into_split();
+        let mut rd = FramedRead::new(rd, codec(MAX_HANDSHAKE_FRAME));
+        let Some(Handshake::Hello {
+            version,
+            me: dialer,
+            listen_port,
+            nonce: dialer_nonce,
+        }) = read_handshake(&mut rd).await
+        else {
+            return;
+        };
+        let reject = |reason| Handshake::Reject { reason }.encode();
+        if version != PROTOCOL_VERSION {
+            self.log_once(format!("version:{remote}"), || {
+                warn!(node = %self.name, %remote, version, "refused a peer speaking another protocol version")
+            });
+            let _ = wr.write_all(&reject(RejectReason::Version)).await;
+            return;
+        }
+        if dialer.name == self.name {
+            let reason = if dialer.incarnation == self.me.incarnation {
+                RejectReason::SelfDial
+            } else {
+                self.log_once(format!("name:{remote}"), || {
+                    warn!(node = %self.name, %remote, "refused a peer that uses this node's own name: give every node its own name")
+                });
+                RejectReason::NameTaken
+            };
+            let _ = wr.write_all(&reject(reason)).await;
+            return;
+        }
+        if self.cut(&dialer.name) {
+            return;
+        }
+        let nonce = random_nonce();
+        let challenge = Handshake::Challenge {
+            me: self.me.clone(),
+            listen_port: self.listen_port,
+            nonce,
+        };
+        if wr.write_all(&challenge.encode()).await.is_err() {
+            return;
+        }
+        let Some(Handshake::Response { mac }) = read_handshake(&mut rd).await else {
+            return;
+        };
+        let expected = proof(
+            &self.key,
+            Role::Dialer,
+            &dialer,
+            &dialer_nonce,
+            &self.me,
+            &nonce,
+        );
+        if expected.verify_slice(&mac).is_err() {
+            self.log_once(format!("cookie:{}@{}", dialer.name, remote.ip()), || {
+                warn!(
+                    node = %self.name, peer = %dialer.name, %remote,
+                    "refused a connection: the peer's cluster cookie differs from ours (logged once per peer)"
+                )
+            });
+            let _ = wr.write_all(&reject(RejectReason::BadCookie)).await;
+            return;
+        }
+        let addr = dialer
+            .addr
+            .clone()
+            .or_else(|| Some(SocketAddr::new(remote.ip(), listen_port).to_string()));
+        let info = MemberInfo {
+            addr,
+            ..dialer.clone()
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        let conn = match self.adopt(&info, false, tx, stop.clone()) {
+            Ok(conn) => conn,
+            Err(reason) => {
+                let _ = wr.write_all(&reject(reason)).await;
+                return;
+            }
+        };
+        let mac: [u8; MAC_LEN] = proof(
+            &self.key,
+            Role::Acceptor,
+            &dialer,
+            &dialer_nonce,
+            &self.me,
+            &nonce,
+        )
+        .finalize()
+        .into_bytes()
+        .into();
+        if wr
+            .write_all(&Handshake::Welcome { mac }.encode())
+            .await
+            .is_err()
+        {
+            self.conn_closed(&info.name, conn);
+            return;
+        }
+        rd.decoder_mut().set_max_frame_length(MAX_FRAME);
+        self.spawn_conn(info.name, conn, rd, wr, rx, stop);
+    }
+
+    async fn dial_loop(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => break,
+                _ = sleep(self.settings.redial) => {}
+                _ = self.kick.notified() => {}
+            }
+            let targets = self.dial_targets();
+            for addr in targets {
+                let node = self.clone();
+                tokio::spawn(async move {
+                    let limit = node
+                        .settings
+                        .failure_timeout
+                        .max(Duration::from_millis(500));
+                    let outcome = timeout(limit, node.clone().dial(addr.clone()))
+                        .await
+                        .unwrap_or(Dialed::Failed);
+                    node.dialed(&addr, outcome);
+                });
+            }
+        }
+    }
+
+    fn dial_targets(&self) -> Vec<String> {
+        let mut st = self.lock();
+        if st.closed {
+            return Vec::new();
+        }
+        let now = Instant::now();
+        let seeds: HashSet<String> = st.seeds.iter().map(|s| s.addr.clone()).collect();
+        st.members.retain(|_, p| {
+            !(p.is_down()
+                && p.down_since + FORGET_AFTER < now
+                && p.addr.as_ref().is_none_or(|a| !seeds.contains(a)))
+        });
+        let mut targets = Vec::new();
+        let busy_addr = |st: &State, addr: &str| {
+            st.dialing.contains(addr)
+                || st.retry_after.get(addr).is_some_and(|t| *t > now)
+                || st
+                    .members
+                    .values()
+                    .any(|p| !p.is_down() && p.addr.as_deref() == Some(addr))
+        };
+        for p in st.members.values() {
+            if let (true, Some(addr)) = (p.is_down(), &p.addr) {
+                if !busy_addr(&st, addr) && !targets.contains(addr) {
+                    targets.push(addr.clone());
+                }
+            }
+        }
+        for s in &st.seeds {
+            let known = s.name.as_ref().is_some_and(|n| st.members.contains_key(n));
+            if !s.is_self && !known && !busy_addr(&st, &s.addr) && !targets.contains(&s.addr) {
+                targets.push(s.addr.clone());
+            }
+        }
+        for t in &targets {
+            st.dialing.insert(t.clone());
+        }
+        targets
+    }
+
+    fn dialed(&self, addr: &str, outcome: Dialed) {
+        let mut st = self.lock();
+        st.dialing.remove(addr);
+        match outcome {
+            Dialed::Connected(name) => {
+                for s in st.seeds.iter_mut().filter(|s| s.addr == addr) {
+                    s.name = Some(name.clone());
+                }
+            }
+            Dialed::Rejected(RejectReason::SelfDial) => {
+                for s in st.seeds.iter_mut().filter(|s| s.addr == addr) {
+                    s.is_self = true;
+                }
+                drop(st);
+                self.bump_epoch();
+            }
+            Dialed::Rejected(
+                RejectReason::BadCookie | RejectReason::NameTaken | RejectReason::Version,
+            ) => {
+                st.retry_after
+                    .insert(addr.to_string(), Instant::now() + REFUSED_REDIAL);
+            }
+            Dialed::Rejected(RejectReason::Duplicate) | Dialed::Failed => {}
+        }
+    }
+
+    async fn connect_to(&self, addr: &str) -> std::io::Result<TcpStream> {
+        let target = tokio::net::lookup_host(addr).await?.next().ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, "address resolves to nothing")
+        })?;
+        let socket = if target.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        if let Some(ip) = self.local_ip.filter(|ip| ip.is_ipv4() == target.is_ipv4()) {
+            // Connections leave from the listen address, so that peers and
+            // firewalls see one address per node.
+            socket.bind(SocketAddr::new(ip, 0))?;
+        }
+        let stream = socket.connect(target).await?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+
+    async fn dial(self: Arc<Self>, addr: String) -> Dialed {
+        let Ok(stream) = self.connect_to(&addr).await else {
+            return Dialed::Failed;
+        };
+        let (rd, mut wr) = stream.into_split();
+        let mut rd = FramedRead::new(rd, codec(MAX_HANDSHAKE_FRAME));
+        let nonce = random_nonce();
+        let hello = Handshake::Hello {
+            version: PROTOCOL_VERSION,
+            me: self.me.clone(),
+            listen_port: self.listen_port,
+            nonce,
+        };
+        if wr.write_all(&hello.encode()).await.is_err() {
+            return Dialed::Failed;
+        }
+        let (acceptor, acceptor_nonce) = match read_handshake(&mut rd).await {
+            Some(Handshake::Challenge { me, nonce, .. }) => (me, nonce),
+            Some(Handshake::Reject { reason }) => return self.rejected(&addr, None, reason),
+            _ => return Dialed::Failed,
+        };
+        if self.cut(&acceptor.name) {
+            return Dialed::Failed;
+        }
+        let mac: [u8; MAC_LEN] = proof(
+            &self.key,
+            Role::Dialer,
+            &self.me,
+            &nonce,
+            &acceptor,
+            &acceptor_nonce,
+        )
+        .finalize()
+        .into_bytes()
+        .into();
+        if wr
+            .write_all(&Handshake::Response { mac }.encode())
+            .await
+            .is_err()
+        {
+            return Dialed::Failed;
+        }
+        match read_handshake(&mut rd).await {
+            Some(Handshake::Welcome { mac }) => {
+                let expected = proof(
+                    &self.key,
+                    Role::Acceptor,
+                    &self.me,
+                    &nonce,
+                    &acceptor,
+                    &acceptor_nonce,
+                );
+                if expected.verify_slice(&mac).is_err() {
+                    return self.rejected(&addr, Some(&acceptor.name), RejectReason::BadCookie);
+                }
+            }
+            Some(Handshake::Reject { reason }) => {
+                return self.rejected(&addr, Some(&acceptor.name), reason);
+            }
+            _ => return Dialed::Failed,
+        }
+        let info = MemberInfo {
+            addr: acceptor.addr.clone().or(Some(addr)),
+            ..acceptor
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        match self.adopt(&info, true, tx, stop.clone()) {
+            Ok(conn) => {
+                rd.decoder_mut().set_max_frame_length(MAX_FRAME);
+                let name = info.name.clone();
+                self.spawn_conn(info.name, conn, rd, wr, rx, stop);
+                Dialed::Connected(name)
+            }
+            Err(_) => {
+                // The acceptor took this connection; tell it a better one
+                // exists so it does not count the close as a failure.
+                let _ = wr.write_all(&Msg::Superseded.encode()).await;
+                Dialed::Rejected(RejectReason::Duplicate)
+            }
+        }
+    }
+
+    fn rejected(&self, addr: &str, peer: Option<&str>, reason: RejectReason) -> Dialed {
+        let peer = peer.unwrap_or("?").to_string();
+        match reason {
+            RejectReason::BadCookie => self.log_once(format!("cookie-dial:{addr}"), || {
+                warn!(node = %self.name, %addr, %peer, "refused by a peer: its cluster cookie differs from ours (logged once per address)")
+            }),
+            RejectReason::NameTaken => self.log_once(format!("name-dial:{addr}"), || {
+                warn!(node = %self.name, %addr, "refused by a peer: another live node uses this node's name")
+            }),
+            RejectReason::Version => self.log_once(format!("version-dial:{addr}"), || {
+                warn!(node = %self.name, %addr, "refused by a peer speaking another protocol version")
+            }),
+            RejectReason::Duplicate | RejectReason::SelfDial => {}
+        }
+        Dialed::Rejected(reason)
+    }
+
+    fn spawn_conn(
+        self: &Arc<Self>,
+        peer: Arc<str>,
+        conn: u64,
+        mut rd: Reader,
+        mut wr: OwnedWriteHalf,
+        mut rx: mpsc::UnboundedReceiver<Bytes>,
+        stop: CancellationToken,
+    ) {
+        // Writer: batches queued frames, sends a heartbeat when idle, and
+        // on a closed channel flushes and closes its half.
+        let node = self.clone();
+        let writer_peer = peer.clone();
+        let writer_stop = stop.clone();
+        self.writers.spawn(async move {
+            let heartbeat = node.settings.heartbeat;
+            let mut buf = BytesMut::new();
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = writer_stop.cancelled() => break,
+                    _ = node.cancel.cancelled() => break,
+                    frame = rx.recv() => match frame {
+                        None => {
+                            let _ = wr.shutdown().await;
+                            break;
+                        }
+                        Some(frame) => {
+                            buf.extend_from_slice(&frame);
+                            while buf.len() < BATCH_BYTES {
+                                match rx.try_recv() {
+                                    Ok(frame) => buf.extend_from_slice(&frame),
+                                    Err(_) => break,
+                                }
+                            }
+                            if !node.cut(&writer_peer) && wr.write_all(&buf).await.is_err() {
+                                break;
+                            }
+                            buf.clear();
+                        }
+                    },
+                    _ = sleep(heartbeat) => {
+                        if !node.cut(&writer_peer) && wr.write_all(&Msg::Ping.encode()).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            writer_stop.cancel();
+        });
+        // Reader: applies frames; silence for the failure timeout, EOF or a
+        // reset mark the peer unreachable.
+        let node = self.clone();
+        tokio::spawn(async move {
+            let limit = node.settings.failure_timeout;
+            let mut last = Instant::now();
+            loop {
+                let next = tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => break,
+                    _ = node.cancel.cancelled() => break,
+                    next = timeout_at(last + limit, rd.next()) => next,
+                };
+                match next {
+                    Err(_) => {
+                        info!(node = %node.name, peer = %peer, timeout = ?limit, "no heartbeat from member: unreachable");
+                        break;
+                    }
+                    Ok(None) => break,
+                    Ok(Some(Err(e))) => {
+                        debug!(node = %node.name, peer = %peer, error = %e, "connection lost");
+                        break;
+                    }
+                    Ok(Some(Ok(frame))) => {
+                        if node.cut(&peer) {
+                            continue;
+                        }
+                        last = Instant::now();
+                        match Msg::decode(&frame) {
+                            Ok(msg) => node.on_frame(&peer, conn, msg),
+                            Err(e) => {
+                                warn!(node = %node.name, peer = %peer, error = %e, "closing the connection");
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            stop.cancel();
+            node.conn_closed(&peer, conn);
+        });
+    }
+
+    /// Graceful leave: release everything, tell every member, flush, stop.
+    async fn leave(&self) {
+        {
+            let mut st = self.lock();
+            if st.closed {
+                return;
+            }
+            st.closed = true;
+            let own: Vec<Arc<str>> = st.own.keys().cloned().collect();
+            for id in own {
+                self.drop_own(&mut st, &id, Some(LeaseEnd::Lost));
+            }
+            for (_, p) in st.pending.drain() {
+                let _ = p.tx.send(Reply::Retry);
+            }
+            let leave = Msg::Leave.encode();
+            for p in st.members.values_mut() {
+                if let Link::Up(c) = std::mem::replace(&mut p.link, Link::Down) {
+                    // Dropping the sender lets the writer flush and close.
+                    let _ = c.tx.send(leave.clone());
+                }
+            }
+        }
+        self.writers.close();
+        let _ = timeout(Duration::from_secs(2), self.writers.wait()).await;
+        self.cancel.cancel();
+        self.bump_epoch();
+        info!(node = %self.name, "left the cluster");
+    }
+
+    fn members(&self) -> Vec<Member> {
+        let st = self.lock();
+        let mut members: Vec<Member> = st
+            .members
+            .iter()
+            .map(|(name, p)| Member {
+                node: name.to_string(),
+                reachable: p.reachable(),
+                address: p.addr.clone(),
+            })
+            .collect();
+        members.push(Member {
+            node: self.name.to_string(),
+            reachable: !st.closed,
+            address: self.me.addr.clone(),
+        });
+        members.sort_by(|a, b| a.node.cmp(&b.node));
+        members
+    }
+
+    fn holder(&self, id: &str) -> Option<Holder> {
+        let st = self.lock();
+        self.visible_holder(&st, id)
+    }
+}
+
+/// The [`Session`] of one cluster node. Dropping it without `close` is a
+/// crash: connections are reset, peers see the node gone at once.
+pub(super) struct ClusterSession {
+    pub(super) node: Arc<Node>,
+}
+
+impl Session for ClusterSession {
+    fn try_claim(&self, request: ClaimRequest) -> BoxFuture<'_, Result<Claim>> {
+        Box::pin(self.node.clone().claim(request.id))
+    }
+
+    fn release(&self, id: &str, token: u64) -> BoxFuture<'_, Result<()>> {
+        self.node.release(id, token);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn holder(&self, id: &str) -> BoxFuture<'_, Result<Option<Holder>>> {
+        let holder = self.node.holder(id);
+        Box::pin(async move { Ok(holder) })
+    }
+
+    fn members(&self) -> BoxFuture<'_, Result<Vec<Member>>> {
+        let members = self.node.members();
+        Box::pin(async move { Ok(members) })
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.node.leave())
+    }
+}
+
+impl Drop for ClusterSession {
+    fn drop(&mut self) {
+        self.node.cancel.cancel();
+    }
+}
