@@ -72,7 +72,12 @@ impl Children {
 
     /// Aborts every child task still running.
     pub(crate) fn abort_all(&self) {
-        for handle in self.aborts.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+        for handle in self
+            .aborts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
             handle.abort();
         }
     }
@@ -104,7 +109,12 @@ impl Context {
             state,
             children,
         };
-        (Context { inner: Arc::new(inner) }, rx)
+        (
+            Context {
+                inner: Arc::new(inner),
+            },
+            rx,
+        )
     }
 
     pub(crate) fn children(&self) -> &Arc<Children> {
@@ -175,7 +185,9 @@ impl Context {
             .state
             .get(&TypeId::of::<T>())
             .and_then(|v| v.downcast_ref::<T>())
-            .ok_or(Error::MissingState { type_name: std::any::type_name::<T>() })
+            .ok_or(Error::MissingState {
+                type_name: std::any::type_name::<T>(),
+            })
     }
 
     /// Starts a child task that lives and dies with this instance: the

@@ -159,5 +159,13 @@ pub fn redact_url(url: &str) -> String {
 
 fn is_secret_key(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
-    ["password", "pass", "secret", "cookie", "token", "sslpassword"].contains(&key.as_str())
+    [
+        "password",
+        "pass",
+        "secret",
+        "cookie",
+        "token",
+        "sslpassword",
+    ]
+    .contains(&key.as_str())
 }

@@ -104,12 +104,7 @@ impl Guardian {
 
     /// Runs until the node shuts down.
     pub(crate) async fn run(self) {
-        let span = info_span!(
-            "singleton",
-            id = %self.slot.spec.id,
-            node = %self.shared.node,
-            token = tracing::field::Empty,
-        );
+        let span = info_span!("singleton", id = %self.slot.spec.id, node = %self.shared.node);
         self.guard().instrument(span).await;
     }
 
@@ -132,7 +127,9 @@ impl Guardian {
             match claim {
                 Err(e) => {
                     debug!(error = %e, retry_in = ?retry, "cannot claim now");
-                    self.set(SingletonState::Retrying { error: e.to_string() });
+                    self.set(SingletonState::Retrying {
+                        error: e.to_string(),
+                    });
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
                         _ = sleep(retry) => {}
@@ -143,7 +140,10 @@ impl Guardian {
                     retry = RETRY_MIN;
                     let holder_node = holder.as_ref().map(|h| h.node.clone());
                     if holder_node != last_holder {
-                        info!(holder = holder_node.as_deref().unwrap_or("unknown"), "waiting: held elsewhere");
+                        info!(
+                            holder = holder_node.as_deref().unwrap_or("unknown"),
+                            "waiting: held elsewhere"
+                        );
                         last_holder = holder_node;
                     }
                     self.set(SingletonState::Waiting { holder });
@@ -155,9 +155,9 @@ impl Guardian {
                 Ok(Claim::Granted(lease)) => {
                     retry = RETRY_MIN;
                     last_holder = None;
-                    tracing::Span::current().record("token", lease.token);
-                    info!(token = lease.token, "claimed: running here");
-                    let outcome = self.supervise(&lease).await;
+                    let tenure = info_span!("tenure", token = lease.token);
+                    tenure.in_scope(|| info!("claimed: running here"));
+                    let outcome = self.supervise(&lease).instrument(tenure).await;
                     match outcome {
                         Outcome::Shutdown => {
                             self.release(&lease).await;
@@ -175,7 +175,10 @@ impl Guardian {
                             }
                         }
                         Outcome::Finished(reason) => {
-                            self.set(SingletonState::Finished { token: lease.token, reason });
+                            self.set(SingletonState::Finished {
+                                token: lease.token,
+                                reason,
+                            });
                             tokio::select! {
                                 _ = shutdown.cancelled() => {
                                     self.release(&lease).await;
@@ -194,9 +197,16 @@ impl Guardian {
     }
 
     async fn release(&self, lease: &Lease) {
-        match self.shared.session.release(&self.slot.spec.id, lease.token).await {
+        match self
+            .shared
+            .session
+            .release(&self.slot.spec.id, lease.token)
+            .await
+        {
             Ok(()) => info!(token = lease.token, "released"),
-            Err(e) => warn!(token = lease.token, error = %e, "release failed; the backend frees the id when this node's session ends"),
+            Err(e) => {
+                warn!(token = lease.token, error = %e, "release failed; the backend frees the id when this node's session ends")
+            }
         }
     }
 
@@ -208,7 +218,10 @@ impl Guardian {
         let mut total_restarts = 0u32;
         let mut backoff = RESTART_BACKOFF_MIN;
         loop {
-            self.set(SingletonState::Running { token: lease.token, restarts: total_restarts });
+            self.set(SingletonState::Running {
+                token: lease.token,
+                restarts: total_restarts,
+            });
             let started = Instant::now();
             let reason = self.run_instance(lease).await;
             let restart = match &reason {
@@ -229,7 +242,10 @@ impl Guardian {
                 backoff = RESTART_BACKOFF_MIN;
             }
             restarts.push_back(now);
-            while restarts.front().is_some_and(|t| now.duration_since(*t) > spec.intensity.period) {
+            while restarts
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > spec.intensity.period)
+            {
                 restarts.pop_front();
             }
             if restarts.len() > spec.intensity.max_restarts as usize {
@@ -258,8 +274,12 @@ impl Guardian {
     /// the shutdown budget. Returns why it stopped.
     async fn run_instance(&self, lease: &Lease) -> ShutdownReason {
         let spec = &self.slot.spec;
-        let (ctx, mut failures) =
-            Context::new(spec.id.clone(), self.shared.node.clone(), lease.token, self.shared.state.clone());
+        let (ctx, mut failures) = Context::new(
+            spec.id.clone(),
+            self.shared.node.clone(),
+            lease.token,
+            self.shared.state.clone(),
+        );
         let children = ctx.children().clone();
         let _abort_children = AbortOnDrop(children.clone());
 
@@ -295,7 +315,8 @@ impl Guardian {
                 return reason;
             }
             Err(panic) => {
-                let reason = ShutdownReason::Error(format!("init panicked: {}", panic_message(&*panic)));
+                let reason =
+                    ShutdownReason::Error(format!("init panicked: {}", panic_message(&*panic)));
                 warn!(%reason, "instance could not be built");
                 ctx.stop(reason.clone());
                 stop_children(&children, Instant::now() + spec.shutdown).await;
@@ -345,10 +366,17 @@ impl Guardian {
         if !stop_children(&children, deadline).await {
             return reason;
         }
-        match timeout_at(deadline, AssertUnwindSafe(service.terminate_dyn(reason.clone())).catch_unwind()).await {
+        match timeout_at(
+            deadline,
+            AssertUnwindSafe(service.terminate_dyn(reason.clone())).catch_unwind(),
+        )
+        .await
+        {
             Ok(Ok(())) => {}
             Ok(Err(panic)) => warn!(panic = %panic_message(&*panic), "terminate panicked"),
-            Err(_) => warn!(budget = ?spec.shutdown, %reason, "terminate overran the shutdown budget: dropped"),
+            Err(_) => {
+                warn!(budget = ?spec.shutdown, %reason, "terminate overran the shutdown budget: dropped")
+            }
         }
         reason
     }
@@ -360,7 +388,10 @@ async fn stop_children(children: &Children, deadline: Instant) -> bool {
     if timeout_at(deadline, children.wait()).await.is_ok() {
         return true;
     }
-    warn!(running = children.running(), "child tasks overran the shutdown budget: aborted");
+    warn!(
+        running = children.running(),
+        "child tasks overran the shutdown budget: aborted"
+    );
     children.abort_all();
     false
 }

@@ -62,7 +62,9 @@ pub use guardian::SingletonState;
 pub use reason::ShutdownReason;
 pub use runtime::{Builder, Runtime, RuntimeHandle, SingletonStatus, Status, run};
 pub use service::{BoxFuture, Service};
-pub use spec::{ChildSpec, DEFAULT_SHUTDOWN, Intensity, MAX_ID_LEN, Restart, Singleton, validate_id};
+pub use spec::{
+    ChildSpec, DEFAULT_SHUTDOWN, Intensity, MAX_ID_LEN, Restart, Singleton, validate_id,
+};
 
 /// Marks a type as a cluster-wide singleton and registers it.
 ///
@@ -98,7 +100,7 @@ pub use highlander_macros::highlander;
 #[doc(hidden)]
 pub mod __private {
     pub use crate::service::{BoxFuture, DynService};
-    pub use crate::spec::{Registration, __spec};
+    pub use crate::spec::{__spec, Registration};
     pub use ::core;
     pub use ::inventory;
     pub use ::std;

@@ -4,7 +4,7 @@ use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
@@ -219,14 +219,21 @@ impl Builder {
         let slots: Vec<Arc<Slot>> = specs
             .into_iter()
             .map(|spec| {
-                Arc::new(Slot { spec, state: Mutex::new(SingletonState::Claiming), step_down: Notify::new() })
+                Arc::new(Slot {
+                    spec,
+                    state: Mutex::new(SingletonState::Claiming),
+                    step_down: Notify::new(),
+                })
             })
             .collect();
 
         let done = CancellationToken::new();
         let mut guardians = JoinSet::new();
         for slot in &slots {
-            let guardian = Guardian { slot: slot.clone(), shared: shared.clone() };
+            let guardian = Guardian {
+                slot: slot.clone(),
+                shared: shared.clone(),
+            };
             guardians.spawn(guardian.run());
         }
         let main = {
@@ -248,12 +255,17 @@ impl Builder {
                 done.cancel();
             })
         };
-        let by_id = slots.iter().enumerate().map(|(i, s)| (s.spec.id.clone(), i)).collect();
+        let by_id = slots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.spec.id.clone(), i))
+            .collect();
         Ok(RuntimeHandle {
             inner: Arc::new(HandleInner {
                 node,
                 backend: description,
-                shared,
+                version: shared.version.subscribe(),
+                shared: Arc::downgrade(&shared),
                 slots,
                 by_id,
                 shutdown,
@@ -367,7 +379,10 @@ pub struct RuntimeHandle {
 struct HandleInner {
     node: Arc<str>,
     backend: String,
-    shared: Arc<Shared>,
+    /// Weak, so that an aborted runtime drops its session (a crash, as the
+    /// backend sees it) even while handles live on.
+    shared: Weak<Shared>,
+    version: watch::Receiver<u64>,
     slots: Vec<Arc<Slot>>,
     by_id: HashMap<Arc<str>, usize>,
     shutdown: CancellationToken,
@@ -443,30 +458,35 @@ impl RuntimeHandle {
                 state: slot.state.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             })
             .collect();
-        Status { node: self.inner.node.to_string(), backend: self.inner.backend.clone(), singletons }
+        Status {
+            node: self.inner.node.to_string(),
+            backend: self.inner.backend.clone(),
+            singletons,
+        }
     }
 
     /// Who holds `id` now, as the backend sees it from this node.
     pub async fn holder(&self, id: &str) -> Result<Option<Holder>> {
-        self.inner.shared.session.holder(id).await
+        self.session()?.holder(id).await
     }
 
     /// The cluster members as this node sees them (for backends that have
     /// members).
     pub async fn members(&self) -> Result<Vec<Member>> {
-        self.inner.shared.session.members().await
+        self.session()?.members().await
     }
 
     /// Completes at the next change of any singleton's state on this node.
     pub async fn changed(&self) {
-        let mut rx = self.inner.shared.version.subscribe();
+        let mut rx = self.inner.version.clone();
+        rx.borrow_and_update();
         let _ = rx.changed().await;
     }
 
     /// Waits until `condition` holds for this node's [`Status`], checking at
     /// every state change (no polling).
     pub async fn wait_until(&self, mut condition: impl FnMut(&Status) -> bool) -> Status {
-        let mut rx = self.inner.shared.version.subscribe();
+        let mut rx = self.inner.version.clone();
         loop {
             rx.borrow_and_update();
             let status = self.status();
@@ -479,10 +499,15 @@ impl RuntimeHandle {
         }
     }
 
-    /// The session the runtime uses, for backend-specific tests.
+    /// The session the runtime uses, for backend-specific tests; an error
+    /// once the runtime has stopped.
     #[doc(hidden)]
-    pub fn session(&self) -> Arc<dyn Session> {
-        self.inner.shared.session.clone()
+    pub fn session(&self) -> Result<Arc<dyn Session>> {
+        self.inner
+            .shared
+            .upgrade()
+            .map(|s| s.session.clone())
+            .ok_or(Error::Stopped)
     }
 }
 
@@ -508,7 +533,10 @@ impl Status {
 
     /// The state of one singleton.
     pub fn get(&self, id: &str) -> Option<&SingletonState> {
-        self.singletons.iter().find(|s| s.id == id).map(|s| &s.state)
+        self.singletons
+            .iter()
+            .find(|s| s.id == id)
+            .map(|s| &s.state)
     }
 
     /// True when `id` runs on this node.

@@ -53,7 +53,10 @@ pub struct Intensity {
 
 impl Default for Intensity {
     fn default() -> Self {
-        Intensity { max_restarts: 3, period: Duration::from_secs(5) }
+        Intensity {
+            max_restarts: 3,
+            period: Duration::from_secs(5),
+        }
     }
 }
 
@@ -85,7 +88,10 @@ pub fn validate_id(id: &str) -> Result<()> {
     };
     match why {
         None => Ok(()),
-        Some(why) => Err(Error::InvalidId { id: id.chars().take(60).collect(), why }),
+        Some(why) => Err(Error::InvalidId {
+            id: id.chars().take(60).collect(),
+            why,
+        }),
     }
 }
 
@@ -96,12 +102,16 @@ fn is_id_byte(b: u8) -> bool {
 /// Gives a closure the higher-ranked signature the runtime stores.
 fn higher_ranked<F>(f: F) -> Arc<BuildFn>
 where
-    F: for<'a> Fn(&'a Context) -> BoxFuture<'a, Result<Box<dyn DynService>>> + Send + Sync + 'static,
+    F: for<'a> Fn(&'a Context) -> BoxFuture<'a, Result<Box<dyn DynService>>>
+        + Send
+        + Sync
+        + 'static,
 {
     Arc::new(f)
 }
 
-type BuildFn = dyn for<'a> Fn(&'a Context) -> BoxFuture<'a, Result<Box<dyn DynService>>> + Send + Sync;
+type BuildFn =
+    dyn for<'a> Fn(&'a Context) -> BoxFuture<'a, Result<Box<dyn DynService>>> + Send + Sync;
 
 /// Everything the runtime needs to run one singleton: its id, how to build
 /// it, and its supervision settings. `#[highlander]` makes one per annotated
@@ -183,7 +193,10 @@ impl ChildSpec {
     /// Sets the restart intensity: more than `max_restarts` restarts within
     /// `period` make the node step down (default 3 in 5 s).
     pub fn intensity(mut self, max_restarts: u32, period: Duration) -> Self {
-        self.intensity = Intensity { max_restarts, period };
+        self.intensity = Intensity {
+            max_restarts,
+            period,
+        };
         self
     }
 

@@ -14,11 +14,32 @@ pub mod process;
 /// Nanoseconds since the Unix epoch, the one clock every process on this
 /// host shares.
 pub fn unix_nanos() -> u128 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
 }
 
 /// One line of the `node` binary's output.
-pub fn event_line(kind: &str, node: &str, id: &str, token: u64, reason: Option<&ShutdownReason>) -> String {
-    let reason = reason.map(|r| format!(" {}", r.to_string().replace(' ', "_"))).unwrap_or_default();
+pub fn event_line(
+    kind: &str,
+    node: &str,
+    id: &str,
+    token: u64,
+    reason: Option<&ShutdownReason>,
+) -> String {
+    let reason = reason
+        .map(|r| format!(" {}", r.to_string().replace(' ', "_")))
+        .unwrap_or_default();
     format!("{kind} {} {node} {id} {token}{reason}", unix_nanos())
+}
+
+/// Logs to the test's captured output when `RUST_LOG` is set.
+pub fn init_tracing() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
 }

@@ -78,7 +78,11 @@ struct IdState {
 
 impl Default for IdState {
     fn default() -> Self {
-        IdState { last_token: 0, claims: Vec::new(), wake: watch::Sender::new(0) }
+        IdState {
+            last_token: 0,
+            claims: Vec::new(),
+            wake: watch::Sender::new(0),
+        }
     }
 }
 
@@ -180,7 +184,10 @@ impl MemoryCluster {
             .map(|s| {
                 s.claims
                     .iter()
-                    .map(|c| Holder { node: c.node.clone(), token: Some(c.token) })
+                    .map(|c| Holder {
+                        node: c.node.clone(),
+                        token: Some(c.token),
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -218,8 +225,11 @@ impl State {
     /// After a change of sides: wake every waiter (a holder may have become
     /// unreachable), and settle ids held more than once within one side.
     fn settle_all(&mut self) {
-        let groups: HashMap<String, u64> =
-            self.nodes.iter().map(|(name, n)| (name.clone(), n.group)).collect();
+        let groups: HashMap<String, u64> = self
+            .nodes
+            .iter()
+            .map(|(name, n)| (name.clone(), n.group))
+            .collect();
         for id_state in self.ids.values_mut() {
             let mut by_group: HashMap<u64, Vec<usize>> = HashMap::new();
             for (i, c) in id_state.claims.iter().enumerate() {
@@ -238,7 +248,9 @@ impl State {
                     .expect("a group with claims has a winner");
                 let winner_node = claims[winner].node.clone();
                 for &i in members.iter().filter(|&&i| i != winner) {
-                    claims[i].signal.end(LeaseEnd::Conflict { winner: Some(winner_node.clone()) });
+                    claims[i].signal.end(LeaseEnd::Conflict {
+                        winner: Some(winner_node.clone()),
+                    });
                     losers.push(i);
                 }
             }
@@ -283,10 +295,16 @@ impl Backend for MemoryCluster {
                 } else {
                     0
                 };
-                state.nodes.insert(node.clone(), NodeState { group, session });
+                state
+                    .nodes
+                    .insert(node.clone(), NodeState { group, session });
                 session
             };
-            Ok(Arc::new(MemorySession { cluster, node, session }) as Arc<dyn Session>)
+            Ok(Arc::new(MemorySession {
+                cluster,
+                node,
+                session,
+            }) as Arc<dyn Session>)
         })
     }
 
@@ -312,17 +330,29 @@ impl MemorySession {
                 self.node
             )));
         };
-        let groups: HashMap<String, u64> =
-            state.nodes.iter().map(|(name, n)| (name.clone(), n.group)).collect();
+        let groups: HashMap<String, u64> = state
+            .nodes
+            .iter()
+            .map(|(name, n)| (name.clone(), n.group))
+            .collect();
         let id_state = state.ids.entry(request.id.clone()).or_default();
-        let visible = id_state.claims.iter().find(|c| groups.get(&c.node) == Some(&group));
+        let visible = id_state
+            .claims
+            .iter()
+            .find(|c| groups.get(&c.node) == Some(&group));
         if let Some(c) = visible {
-            let holder = Holder { node: c.node.clone(), token: Some(c.token) };
+            let holder = Holder {
+                node: c.node.clone(),
+                token: Some(c.token),
+            };
             let mut rx = id_state.wake.subscribe();
             let wake = Box::pin(async move {
                 let _ = rx.changed().await;
             });
-            return Ok(Claim::Busy { holder: Some(holder), wake });
+            return Ok(Claim::Busy {
+                holder: Some(holder),
+                wake,
+            });
         }
         id_state.last_token += 1;
         let (lease, signal) = Lease::new(id_state.last_token);
@@ -348,7 +378,9 @@ impl Session for MemorySession {
             let mut state = self.cluster.lock();
             if let Some(id_state) = state.ids.get_mut(id) {
                 let before = id_state.claims.len();
-                id_state.claims.retain(|c| !(c.session == self.session && c.token == token));
+                id_state
+                    .claims
+                    .retain(|c| !(c.session == self.session && c.token == token));
                 if id_state.claims.len() != before {
                     id_state.wake_waiters();
                 }
@@ -365,7 +397,10 @@ impl Session for MemorySession {
                 s.claims
                     .iter()
                     .find(|c| state.group_of(&c.node) == group)
-                    .map(|c| Holder { node: c.node.clone(), token: Some(c.token) })
+                    .map(|c| Holder {
+                        node: c.node.clone(),
+                        token: Some(c.token),
+                    })
             })
         };
         Box::pin(async move { Ok(holder) })

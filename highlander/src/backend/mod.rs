@@ -112,9 +112,10 @@ impl fmt::Debug for Claim {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Claim::Granted(lease) => f.debug_tuple("Granted").field(lease).finish(),
-            Claim::Busy { holder, .. } => {
-                f.debug_struct("Busy").field("holder", holder).finish_non_exhaustive()
-            }
+            Claim::Busy { holder, .. } => f
+                .debug_struct("Busy")
+                .field("holder", holder)
+                .finish_non_exhaustive(),
         }
     }
 }
@@ -133,7 +134,13 @@ impl Lease {
     /// A lease with `token`, and the signal the backend keeps to end it.
     pub fn new(token: u64) -> (Lease, LeaseSignal) {
         let signal = LeaseSignal::new();
-        (Lease { token, signal: signal.clone() }, signal)
+        (
+            Lease {
+                token,
+                signal: signal.clone(),
+            },
+            signal,
+        )
     }
 
     /// Completes when the backend ends the tenure.
@@ -158,7 +165,10 @@ impl LeaseSignal {
     /// A signal that has not ended.
     pub fn new() -> Self {
         LeaseSignal {
-            inner: Arc::new(SignalInner { cancel: CancellationToken::new(), end: OnceLock::new() }),
+            inner: Arc::new(SignalInner {
+                cancel: CancellationToken::new(),
+                end: OnceLock::new(),
+            }),
         }
     }
 
@@ -189,7 +199,9 @@ impl Default for LeaseSignal {
 
 impl fmt::Debug for LeaseSignal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LeaseSignal").field("ended", &self.inner.end.get()).finish()
+        f.debug_struct("LeaseSignal")
+            .field("ended", &self.inner.end.get())
+            .finish()
     }
 }
 

@@ -1,0 +1,612 @@
+//! The `postgres` backend: HighlanderPG's guarantee (at most one holder per
+//! id while the holder can see the server) on a plain Postgres, with fencing
+//! tokens and failover in milliseconds.
+//!
+//! Select it with `HIGHLANDER_BACKEND=postgres://user:password@host:5432/db`
+//! or in code with [`Postgres`]:
+//!
+//! ```no_run
+//! use highlander::backend::postgres::Postgres;
+//! use highlander::Runtime;
+//!
+//! # #[tokio::main] async fn main() -> highlander::Result<()> {
+//! let backend = Postgres::new("postgres://app:secret@db.internal:5432/app?sslmode=verify-full&sslrootcert=/etc/ssl/db-ca.pem")
+//!     .namespace("billing");
+//! Runtime::builder().backend(backend).run().await
+//! # }
+//! ```
+//!
+//! # How it works
+//!
+//! Each node keeps **one** connection, whatever the number of ids it runs or
+//! waits for:
+//!
+//! - on connecting, the session takes a **presence lock**, a session-level
+//!   advisory lock `(namespace_key, n)` with a number `n` drawn afresh for
+//!   every connection. It lives exactly as long as the session.
+//! - every id has a row in `highlander_leases` (created when missing),
+//!   keyed by its [`lock_key`], holding the fencing token and the owner `n`.
+//!   A row may be taken only when it is free or its owner's presence lock is
+//!   free, so the server's own session bookkeeping decides who may hold what,
+//!   and the server's shared lock table holds one lock per *node*, not per id
+//!   (it fits only 10,000 to 30,000 advisory locks on a default server; this
+//!   design runs 100,000 ids).
+//! - claims are batched: one statement tries every id the node waits for
+//!   and bumps each granted id's token.
+//! - a graceful release sends `NOTIFY` on the namespace's channel, which
+//!   every node `LISTEN`s to; a crashed holder is noticed by probing the
+//!   presence locks of the few holders a node waits on (one tiny query every
+//!   20 ms while waiting), never by polling ids.
+//! - a heartbeat (every second, or the probe while waiting) proves the
+//!   session alive. The client gives its leases up a safety margin before the
+//!   server could end the session on its own, which it is told to do per
+//!   session (`tcp_user_timeout`, `tcp_keepalives_*`). See `docs/postgres.md`
+//!   for the argument with numbers.
+//!
+//! # URL
+//!
+//! A libpq-style URL as `tokio-postgres` reads it, plus:
+//! - `namespace=name`: the namespace (default `highlander`), so that two
+//!   applications can share a database;
+//! - `sslmode=disable|prefer|require|verify-ca|verify-full` and
+//!   `sslrootcert=/path/ca.pem`: TLS through rustls. `require` and
+//!   `verify-ca` check the certificate chain against the CA file,
+//!   `verify-full` also the host name. TLS modes need a CA file.
+//!
+//! Use a direct connection or a session-pooling proxy: transaction pooling
+//! (PgBouncer's `pool_mode = transaction`) breaks session-level locks.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_postgres::config::SslMode;
+
+use super::{Backend, Session};
+use crate::service::BoxFuture;
+use crate::{DEFAULT_SHUTDOWN, Error, Result, redact_url};
+
+mod keys;
+mod session;
+mod sql;
+mod tls;
+
+pub use keys::{lock_key, namespace_key};
+
+/// The namespace used when none is set.
+pub const DEFAULT_NAMESPACE: &str = "highlander";
+
+/// The table the backend keeps its rows in (created when missing).
+pub const TABLE: &str = sql::TABLE;
+
+/// The Postgres backend, configured: give it to
+/// [`Builder::backend`](crate::Builder::backend).
+///
+/// The URL is checked when the runtime starts (a bad URL is an error from
+/// [`Builder::start`](crate::Builder::start)); [`from_url`] checks it at once.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use highlander::backend::postgres::Postgres;
+///
+/// # #[tokio::main] async fn main() -> highlander::Result<()> {
+/// let handle = highlander::Runtime::builder()
+///     .backend(
+///         Postgres::new("postgres://app:secret@localhost/app")
+///             .namespace("reports")
+///             .server_timeout(Duration::from_secs(20)),
+///     )
+///     .start()
+///     .await?;
+/// handle.shutdown().await;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Postgres {
+    url: String,
+    namespace: Option<String>,
+    ca_file: Option<PathBuf>,
+    timing: Timing,
+}
+
+impl Postgres {
+    /// A backend for the server at `url` (see the [module docs](self) for
+    /// the URL's parameters).
+    pub fn new(url: impl Into<String>) -> Postgres {
+        Postgres {
+            url: url.into(),
+            namespace: None,
+            ca_file: None,
+            timing: Timing::default(),
+        }
+    }
+
+    /// The namespace: ids in different namespaces never collide, so several
+    /// applications can share one database (default `highlander`, or the
+    /// URL's `namespace=` parameter).
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = Some(namespace.into());
+        self
+    }
+
+    /// The CA certificate file (PEM) that signed the server's certificate;
+    /// the same as `sslrootcert=` in the URL. Turns TLS on (`sslmode=prefer`
+    /// becomes a verified TLS connection).
+    pub fn ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.ca_file = Some(path.into());
+        self
+    }
+
+    /// How often an idle session proves it is alive (default 1 s).
+    pub fn heartbeat(mut self, every: Duration) -> Self {
+        self.timing.heartbeat = every.max(Duration::from_millis(10));
+        self
+    }
+
+    /// How often a waiting node checks whether the holders it waits on are
+    /// still connected (default 20 ms). One small query per interval per
+    /// waiting node, whatever the number of ids.
+    pub fn presence_poll(mut self, every: Duration) -> Self {
+        self.timing.poll = every.max(Duration::from_millis(1));
+        self
+    }
+
+    /// The server's dead-peer detection (default 15 s): how long after the
+    /// last word from a silently vanished node the server ends its session,
+    /// freeing its ids for others. Raised automatically when a singleton's
+    /// shutdown budget needs more.
+    pub fn server_timeout(mut self, timeout: Duration) -> Self {
+        self.timing.server_timeout = timeout.max(Duration::from_secs(1));
+        self
+    }
+
+    /// Slack for scheduling delays in the lease deadline (default 1 s).
+    pub fn margin(mut self, margin: Duration) -> Self {
+        self.timing.margin = margin;
+        self
+    }
+
+    fn settings(&self) -> Result<Settings> {
+        let parsed = parse_url(&self.url).map_err(Error::Config)?;
+        let namespace = self
+            .namespace
+            .clone()
+            .or(parsed.namespace)
+            .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string());
+        validate_namespace(&namespace)?;
+        let ca_file = self.ca_file.clone().or(parsed.ca_file);
+        let mut pg = parsed.pg;
+        let tls = match (parsed.mode, &ca_file) {
+            (Mode::Disable, _) => None,
+            (Mode::Prefer, None) => None,
+            (mode, None) => {
+                return Err(Error::Config(format!(
+                    "postgres URL `{}`: sslmode={} needs the CA that signed the server's certificate: \
+                     add sslrootcert=/path/to/ca.pem (or Postgres::ca_file)",
+                    redact_url(&self.url),
+                    mode.name()
+                )));
+            }
+            (mode, Some(ca)) => {
+                let config =
+                    tls::client_config(ca, mode == Mode::VerifyFull).map_err(Error::Config)?;
+                pg.ssl_mode(if mode == Mode::Prefer {
+                    SslMode::Prefer
+                } else {
+                    SslMode::Require
+                });
+                Some(Arc::new(config))
+            }
+        };
+        let target = target_of(&pg);
+        Ok(Settings {
+            describe: format!("{} (namespace {namespace})", redact_url(&self.url)),
+            target,
+            namespace_key: namespace_key(&namespace),
+            channel: format!("highlander_{:08x}", namespace_key(&namespace) as u32),
+            namespace,
+            pg,
+            tls,
+            timing: self.timing,
+            batch: 5_000,
+        })
+    }
+}
+
+impl fmt::Debug for Postgres {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Postgres")
+            .field("url", &redact_url(&self.url))
+            .field("namespace", &self.namespace)
+            .field("ca_file", &self.ca_file)
+            .field("timing", &self.timing)
+            .finish()
+    }
+}
+
+impl Backend for Postgres {
+    fn connect(&self, node: &str) -> BoxFuture<'static, Result<Arc<dyn Session>>> {
+        let settings = self.settings();
+        let node = node.to_string();
+        Box::pin(async move {
+            let session = session::PgSession::connect(Arc::new(settings?), node).await?;
+            Ok(Arc::new(session) as Arc<dyn Session>)
+        })
+    }
+
+    fn describe(&self) -> String {
+        let namespace = self.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE);
+        match &self.namespace {
+            Some(_) => format!("{} (namespace {namespace})", redact_url(&self.url)),
+            None => redact_url(&self.url),
+        }
+    }
+}
+
+/// The backend named by a `postgres://` or `postgresql://` URL, checked now.
+///
+/// ```
+/// let err = highlander::backend::postgres::from_url("postgres://app:hunter2@db/app?bogus=1")
+///     .err()
+///     .unwrap();
+/// assert!(err.to_string().contains("bogus"));
+/// assert!(!err.to_string().contains("hunter2"));
+/// ```
+pub fn from_url(url: &str) -> Result<Box<dyn Backend>> {
+    let backend = Postgres::new(url);
+    backend.settings()?;
+    Ok(Box::new(backend))
+}
+
+fn validate_namespace(namespace: &str) -> Result<()> {
+    if namespace.is_empty()
+        || namespace.len() > 100
+        || !namespace.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(Error::Config(format!(
+            "invalid postgres namespace `{}`: use 1 to 100 visible ASCII characters",
+            namespace.chars().take(60).collect::<String>()
+        )));
+    }
+    Ok(())
+}
+
+/// Everything a session needs, resolved once.
+pub(crate) struct Settings {
+    pub(crate) pg: tokio_postgres::Config,
+    pub(crate) tls: Option<Arc<rustls::ClientConfig>>,
+    pub(crate) namespace: String,
+    pub(crate) namespace_key: i32,
+    pub(crate) channel: String,
+    /// The URL with the password hidden, and the namespace.
+    pub(crate) describe: String,
+    /// `host:port/db as user`, for messages.
+    pub(crate) target: String,
+    pub(crate) timing: Timing,
+    /// At most this many ids per claim statement.
+    pub(crate) batch: usize,
+}
+
+/// The clocks of the lease argument (see `docs/postgres.md`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timing {
+    pub(crate) heartbeat: Duration,
+    pub(crate) poll: Duration,
+    pub(crate) server_timeout: Duration,
+    pub(crate) margin: Duration,
+    /// Bound on the clock rate error between client and server, in parts
+    /// per million.
+    pub(crate) drift_ppm: u32,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            heartbeat: Duration::from_secs(1),
+            poll: Duration::from_millis(20),
+            server_timeout: Duration::from_secs(15),
+            margin: Duration::from_secs(1),
+            drift_ppm: 10_000,
+        }
+    }
+}
+
+impl Timing {
+    /// How long after the send time of its last successful round trip the
+    /// client still vouches for a tenure whose instance needs `budget` to
+    /// stop, when the server's dead-peer detection is `x`:
+    /// `x·(1 − ρ) − budget − margin`.
+    pub(crate) fn vouch(&self, x: Duration, budget: Duration) -> Duration {
+        let slow = x.mul_f64(1.0 - f64::from(self.drift_ppm) / 1e6);
+        slow.saturating_sub(budget).saturating_sub(self.margin)
+    }
+
+    /// The server-side detection needed for tenures with `budget`: the
+    /// configured one, raised so that the client still vouches for at least
+    /// three heartbeats. Whole seconds (keepalive settings are seconds).
+    pub(crate) fn server_timeout_for(&self, budget: Duration) -> Duration {
+        let min_vouch = (self.heartbeat * 3).max(Duration::from_secs(2));
+        let needed =
+            (budget + self.margin + min_vouch).div_f64(1.0 - f64::from(self.drift_ppm) / 1e6);
+        let x = self.server_timeout.max(needed);
+        Duration::from_secs(x.as_secs() + u64::from(x.subsec_nanos() > 0))
+    }
+
+    /// The per-session server settings that end a silent session no sooner
+    /// than `x` after the server last heard from it: `tcp_user_timeout = x`
+    /// and keepalives with `idle + count × interval = x` (or more).
+    pub(crate) fn server_params(x: Duration) -> ServerParams {
+        let secs = x.as_secs().max(1);
+        let count = 4;
+        let interval = (secs / 8).max(1);
+        let idle = secs.saturating_sub(count * interval).max(1);
+        ServerParams {
+            user_timeout_ms: secs * 1000,
+            idle,
+            interval,
+            count,
+        }
+    }
+
+    /// The first server timeout a session asks for: enough for the default
+    /// shutdown budget.
+    pub(crate) fn initial_server_timeout(&self) -> Duration {
+        self.server_timeout_for(DEFAULT_SHUTDOWN)
+    }
+}
+
+/// `tcp_user_timeout` (ms) and `tcp_keepalives_{idle,interval,count}` (s).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ServerParams {
+    pub(crate) user_timeout_ms: u64,
+    pub(crate) idle: u64,
+    pub(crate) interval: u64,
+    pub(crate) count: u64,
+}
+
+impl ServerParams {
+    /// The earliest the server can end a silent session, in seconds:
+    /// `min(tcp_user_timeout, idle + count × interval)`.
+    pub(crate) fn detection(&self) -> Duration {
+        let keepalive = self.idle + self.count * self.interval;
+        Duration::from_millis(self.user_timeout_ms.min(keepalive * 1000))
+    }
+
+    pub(crate) fn options(&self) -> String {
+        format!(
+            "-c tcp_user_timeout={} -c tcp_keepalives_idle={} -c tcp_keepalives_interval={} -c tcp_keepalives_count={}",
+            self.user_timeout_ms, self.idle, self.interval, self.count
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Disable => "disable",
+            Mode::Prefer => "prefer",
+            Mode::Require => "require",
+            Mode::VerifyCa => "verify-ca",
+            Mode::VerifyFull => "verify-full",
+        }
+    }
+}
+
+struct Parsed {
+    pg: tokio_postgres::Config,
+    namespace: Option<String>,
+    ca_file: Option<PathBuf>,
+    mode: Mode,
+}
+
+/// Splits off the parameters this backend reads itself and hands the rest
+/// to tokio-postgres. Every message shows the URL with its password hidden.
+fn parse_url(url: &str) -> std::result::Result<Parsed, String> {
+    let url = url.trim();
+    let shown = redact_url(url);
+    let bad = |why: &dyn fmt::Display| format!("invalid postgres URL `{shown}`: {why}");
+    match url.split_once("://") {
+        Some(("postgres" | "postgresql", _)) => {}
+        _ => return Err(bad(&"it must start with postgres:// or postgresql://")),
+    }
+    let (head, query) = match url.split_once('?') {
+        Some((h, q)) => (h, q),
+        None => (url, ""),
+    };
+    let mut namespace = None;
+    let mut ca_file = None;
+    let mut mode = Mode::Prefer;
+    let mut rest = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "namespace" => namespace = Some(percent_decode(value).map_err(|e| bad(&e))?),
+            "sslrootcert" => {
+                ca_file = Some(PathBuf::from(percent_decode(value).map_err(|e| bad(&e))?))
+            }
+            "sslmode" => {
+                mode = match value {
+                    "disable" => Mode::Disable,
+                    "allow" | "prefer" => Mode::Prefer,
+                    "require" => Mode::Require,
+                    "verify-ca" => Mode::VerifyCa,
+                    "verify-full" => Mode::VerifyFull,
+                    _ => {
+                        return Err(bad(&format!(
+                            "sslmode `{value}` is not one of disable, prefer, require, verify-ca, verify-full"
+                        )));
+                    }
+                }
+            }
+            "sslcert" | "sslkey" | "sslpassword" | "sslcrl" => {
+                return Err(bad(&format!(
+                    "`{key}` (client certificates) is not supported"
+                )));
+            }
+            _ => rest.push(pair),
+        }
+    }
+    let mut base = head.to_string();
+    if mode == Mode::Disable {
+        rest.push("sslmode=disable");
+    }
+    if !rest.is_empty() {
+        base.push('?');
+        base.push_str(&rest.join("&"));
+    }
+    let pg: tokio_postgres::Config = base.parse().map_err(|e: tokio_postgres::Error| bad(&e))?;
+    if pg.get_hosts().is_empty() {
+        return Err(bad(&"no host"));
+    }
+    Ok(Parsed {
+        pg,
+        namespace,
+        ca_file,
+        mode,
+    })
+}
+
+fn percent_decode(s: &str) -> std::result::Result<String, String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = s.get(i + 1..i + 3).ok_or("a `%` escape is cut short")?;
+                out.push(u8::from_str_radix(hex, 16).map_err(|_| "a `%` escape is not hex")?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).map_err(|_| "a parameter is not UTF-8".to_string())
+}
+
+/// `host:port/db as user`, for messages (never the password).
+fn target_of(pg: &tokio_postgres::Config) -> String {
+    use tokio_postgres::config::Host;
+    let hosts: Vec<String> = pg
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let port = pg
+                .get_ports()
+                .get(i)
+                .or(pg.get_ports().first())
+                .copied()
+                .unwrap_or(5432);
+            match h {
+                Host::Tcp(name) => format!("{name}:{port}"),
+                #[cfg(unix)]
+                Host::Unix(path) => format!("{}:{port}", path.display()),
+            }
+        })
+        .collect();
+    let user = pg.get_user().unwrap_or("(default user)");
+    let db = pg.get_dbname().unwrap_or(user);
+    format!("{}/{db} as {user}", hosts.join(","))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_errors_hide_the_password() {
+        for url in [
+            "postgres://app:hunter2@db/app?bogus=1",
+            "postgres://app:hunter2@db:notaport/app",
+            "postgres://app:hunter2@db/app?sslmode=sometimes",
+            "postgres://app:hunter2@db/app?sslmode=require",
+            "postgres://app:hunter2@db/app?sslcert=/x",
+        ] {
+            let err = Postgres::new(url).settings().err().expect(url).to_string();
+            assert!(!err.contains("hunter2"), "{err}");
+            assert!(err.contains("app:***@db"), "{err}");
+        }
+    }
+
+    #[test]
+    fn namespace_from_url_and_builder() {
+        let s = Postgres::new("postgres://a@h/d?namespace=billing%2Fv2")
+            .settings()
+            .unwrap();
+        assert_eq!(s.namespace, "billing/v2");
+        let s = Postgres::new("postgres://a@h/d?namespace=x")
+            .namespace("y")
+            .settings()
+            .unwrap();
+        assert_eq!(s.namespace, "y");
+        let s = Postgres::new("postgres://a@h/d").settings().unwrap();
+        assert_eq!(s.namespace, DEFAULT_NAMESPACE);
+        assert!(
+            Postgres::new("postgres://a@h/d")
+                .namespace("")
+                .settings()
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn debug_and_describe_hide_the_password() {
+        let pg = Postgres::new("postgres://app:hunter2@db/app");
+        assert!(!format!("{pg:?}").contains("hunter2"));
+        assert!(!pg.describe().contains("hunter2"));
+        let s = pg.settings().unwrap();
+        assert!(!s.describe.contains("hunter2"));
+        assert_eq!(s.target, "db:5432/app as app");
+    }
+
+    /// The defaults of the lease argument in docs/postgres.md.
+    #[test]
+    fn default_timing() {
+        let t = Timing::default();
+        let x = t.initial_server_timeout();
+        assert_eq!(x, Duration::from_secs(15));
+        let p = Timing::server_params(x);
+        assert_eq!(
+            p,
+            ServerParams {
+                user_timeout_ms: 15_000,
+                idle: 11,
+                interval: 1,
+                count: 4
+            }
+        );
+        assert_eq!(p.detection(), Duration::from_secs(15));
+        // 15 s × 0.99 − 5 s − 1 s
+        assert_eq!(t.vouch(x, DEFAULT_SHUTDOWN), Duration::from_millis(8_850));
+        // A 30 s budget raises the server's timeout so the client still
+        // vouches for three heartbeats.
+        let x30 = t.server_timeout_for(Duration::from_secs(30));
+        assert!(t.vouch(x30, Duration::from_secs(30)) >= Duration::from_secs(3));
+        assert!(x30 < Duration::from_secs(36));
+    }
+
+    #[test]
+    fn server_params_never_detect_sooner_than_asked() {
+        for secs in 1..200 {
+            let x = Duration::from_secs(secs);
+            assert!(Timing::server_params(x).detection() >= x, "{secs}");
+        }
+    }
+}

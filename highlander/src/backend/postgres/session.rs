@@ -1,0 +1,1156 @@
+//! One node's session: a single connection, driven by one task that batches
+//! claims and releases, listens for releases, probes the holders it waits
+//! on, and ends every tenure before the server could hand it to another
+//! node.
+
+use std::collections::hash_map::RandomState;
+use std::collections::{HashMap, HashSet};
+use std::future::{Future, poll_fn};
+use std::hash::{BuildHasher, Hasher};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio_postgres::{AsyncMessage, Client, Connection, NoTls, Statement};
+use tokio_postgres_rustls::MakeRustlsConnect;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::keys::lock_key;
+use super::{Settings, Timing, sql};
+use crate::backend::{Claim, ClaimRequest, Holder, Lease, LeaseEnd, LeaseSignal, Member, Session};
+use crate::service::BoxFuture;
+use crate::{Error, Result};
+
+/// Reconnect backoff bounds.
+const RECONNECT_MIN: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+/// Connecting, authenticating and preparing must finish within this.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
+/// The server aborts any of our statements that runs longer, so a stuck
+/// statement cannot hold the heartbeats queued behind it past the deadline.
+const STATEMENT_TIMEOUT_MS: u64 = 5_000;
+/// A claim that found its row free but did not get it is retried this
+/// many times at once before it waits a probe interval.
+const FREE_RETRIES: u8 = 3;
+
+pub(crate) struct PgSession {
+    inner: Arc<Inner>,
+    driver: Mutex<Option<JoinHandle<()>>>,
+}
+
+struct Inner {
+    settings: Arc<Settings>,
+    node: String,
+    state: Mutex<State>,
+    /// Wakes the driver: new claims or releases are pending.
+    kick: Notify,
+    /// Cancelled by `close` (and on drop): the driver stops.
+    stop: CancellationToken,
+}
+
+#[derive(Default)]
+struct State {
+    /// Set while connected: what `holder` and `members` use.
+    live: Option<LiveInfo>,
+    /// Why the session is not connected, for errors while disconnected.
+    last_error: Option<String>,
+    claims: Vec<PendingClaim>,
+    releases: Vec<PendingRelease>,
+    /// Tenures of this node, by lock key.
+    held: HashMap<i64, Held>,
+    /// Waiting claims, by the owner (presence number) that holds their id.
+    waiters: HashMap<i32, Vec<oneshot::Sender<()>>>,
+    /// The sequence number of the last release or death seen per owner.
+    events: HashMap<i32, u64>,
+    seq: u64,
+    /// Keys whose row is known to exist (rows are never deleted).
+    known: HashSet<i64>,
+}
+
+#[derive(Clone)]
+struct LiveInfo {
+    client: Arc<Client>,
+    stmts: Arc<Statements>,
+}
+
+struct Held {
+    token: u64,
+    signal: LeaseSignal,
+}
+
+struct PendingClaim {
+    id: Arc<str>,
+    key: i64,
+    budget: Duration,
+    reply: oneshot::Sender<Result<Claim>>,
+    retries: u8,
+}
+
+struct PendingRelease {
+    keys: Vec<i64>,
+    reply: Option<oneshot::Sender<Result<()>>>,
+    failures: u8,
+}
+
+struct Statements {
+    insert: Statement,
+    claim: Statement,
+    status: Statement,
+    probe: Statement,
+    release: Statement,
+    holder: Statement,
+    members: Statement,
+}
+
+/// One connection's lifetime ("epoch"): everything granted in it ends
+/// with it.
+struct Live {
+    client: Arc<Client>,
+    stmts: Arc<Statements>,
+    /// This session's presence number: it holds `(namespace_key, me)`.
+    me: i32,
+    conn: ConnTask,
+    notifications: mpsc::UnboundedReceiver<String>,
+    /// The server's dead-peer detection in force for this session.
+    x: Duration,
+    /// Send time of the latest successful round trip, and the detection in
+    /// force when it was sent.
+    last_ok: Instant,
+    last_ok_x: Duration,
+}
+
+impl Live {
+    fn note_ok(&mut self, sent: Instant, x: Duration) {
+        if sent > self.last_ok {
+            self.last_ok = sent;
+            self.last_ok_x = x;
+        }
+    }
+
+    fn deadline(&self, timing: &Timing, budget: Duration) -> Instant {
+        self.last_ok + timing.vouch(self.last_ok_x, budget)
+    }
+}
+
+/// The task that drives the connection; aborted (closing the socket) when
+/// dropped.
+struct ConnTask(JoinHandle<String>);
+
+impl Drop for ConnTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Why connecting failed, and whether retrying can help.
+struct ConnectError {
+    message: String,
+    fatal: bool,
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn not_connected(&self, st: &State) -> Error {
+        Error::Backend(match &st.last_error {
+            Some(why) => format!("not connected to postgres ({why})"),
+            None => format!("not connected to postgres at {}", self.settings.target),
+        })
+    }
+}
+
+impl PgSession {
+    /// Connects once: configuration errors (bad credentials, missing
+    /// database, refused TLS) fail here; an unreachable server is retried
+    /// in the background, one log line per attempt, while claims fail.
+    pub(crate) async fn connect(settings: Arc<Settings>, node: String) -> Result<PgSession> {
+        let inner = Arc::new(Inner {
+            settings,
+            node,
+            state: Mutex::new(State::default()),
+            kick: Notify::new(),
+            stop: CancellationToken::new(),
+        });
+        let first = match open(&inner).await {
+            Ok(live) => {
+                info!(node = %inner.node, backend = %inner.settings.describe, owner = live.me, "connected to postgres");
+                Some(live)
+            }
+            Err(e) if e.fatal => return Err(Error::Backend(e.message)),
+            Err(e) => {
+                warn!(node = %inner.node, "{}; retrying in {RECONNECT_MIN:?} (attempt 1)", e.message);
+                inner.lock().last_error = Some(e.message);
+                None
+            }
+        };
+        let driver = tokio::spawn(drive(inner.clone(), first));
+        Ok(PgSession {
+            inner,
+            driver: Mutex::new(Some(driver)),
+        })
+    }
+}
+
+impl Drop for PgSession {
+    fn drop(&mut self) {
+        self.inner.stop.cancel();
+        if let Some(driver) = self.driver.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            driver.abort();
+        }
+    }
+}
+
+impl Session for PgSession {
+    fn try_claim(&self, request: ClaimRequest) -> BoxFuture<'_, Result<Claim>> {
+        let inner = &self.inner;
+        let key = lock_key(&inner.settings.namespace, &request.id);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut st = inner.lock();
+            if st.live.is_none() {
+                let err = inner.not_connected(&st);
+                return Box::pin(async move { Err(err) });
+            }
+            st.claims.push(PendingClaim {
+                id: request.id,
+                key,
+                budget: request.stop_budget,
+                reply: tx,
+                retries: 0,
+            });
+        }
+        inner.kick.notify_one();
+        Box::pin(async move {
+            rx.await.unwrap_or_else(|_| {
+                Err(Error::Backend(format!(
+                    "postgres at {}: the connection was lost while claiming",
+                    inner.settings.target
+                )))
+            })
+        })
+    }
+
+    fn release(&self, id: &str, token: u64) -> BoxFuture<'_, Result<()>> {
+        let inner = &self.inner;
+        let key = lock_key(&inner.settings.namespace, id);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut st = inner.lock();
+            match st.held.get(&key) {
+                Some(h) if h.token == token => {
+                    st.held.remove(&key);
+                }
+                _ => return Box::pin(async { Ok(()) }),
+            }
+            if st.live.is_none() {
+                // The session that held it is gone: the server frees it.
+                return Box::pin(async { Ok(()) });
+            }
+            st.releases.push(PendingRelease {
+                keys: vec![key],
+                reply: Some(tx),
+                failures: 0,
+            });
+        }
+        inner.kick.notify_one();
+        Box::pin(async move { rx.await.unwrap_or(Ok(())) })
+    }
+
+    fn holder(&self, id: &str) -> BoxFuture<'_, Result<Option<Holder>>> {
+        let inner = &self.inner;
+        let key = lock_key(&inner.settings.namespace, id);
+        let live = {
+            let st = inner.lock();
+            st.live.clone().ok_or_else(|| inner.not_connected(&st))
+        };
+        Box::pin(async move {
+            let live = live?;
+            let ns = i64::from(inner.settings.namespace_key as u32);
+            let rows = live
+                .client
+                .query(&live.stmts.holder, &[&key, &ns])
+                .await
+                .map_err(|e| query_error(&inner.settings, "holder lookup", &e))?;
+            Ok(rows.first().map(|row| {
+                let token: i64 = row.get(0);
+                let app: Option<String> = row.get(1);
+                let node: Option<String> = row.get(2);
+                let app = app.unwrap_or_default();
+                // application_name is cut to 63 bytes by the server.
+                let node = match node {
+                    Some(n) if n.starts_with(&app) => n,
+                    _ => app,
+                };
+                Holder {
+                    node,
+                    token: Some(token as u64),
+                }
+            }))
+        })
+    }
+
+    fn members(&self) -> BoxFuture<'_, Result<Vec<Member>>> {
+        let inner = &self.inner;
+        let live = {
+            let st = inner.lock();
+            st.live.clone().ok_or_else(|| inner.not_connected(&st))
+        };
+        Box::pin(async move {
+            let live = live?;
+            let ns = i64::from(inner.settings.namespace_key as u32);
+            let rows = live
+                .client
+                .query(&live.stmts.members, &[&ns])
+                .await
+                .map_err(|e| query_error(&inner.settings, "member lookup", &e))?;
+            let mut members: Vec<Member> = rows
+                .iter()
+                .map(|row| Member {
+                    node: row.get::<_, Option<String>>(0).unwrap_or_default(),
+                    reachable: true,
+                    address: row.get(1),
+                })
+                .collect();
+            members.sort_by(|a, b| a.node.cmp(&b.node));
+            Ok(members)
+        })
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            let rx = {
+                let mut st = inner.lock();
+                let keys: Vec<i64> = st.held.keys().copied().collect();
+                if st.live.is_some() && !keys.is_empty() {
+                    let (tx, rx) = oneshot::channel();
+                    st.releases.push(PendingRelease {
+                        keys,
+                        reply: Some(tx),
+                        failures: 0,
+                    });
+                    Some(rx)
+                } else {
+                    None
+                }
+            };
+            inner.kick.notify_one();
+            if let Some(rx) = rx {
+                let _ = timeout(Duration::from_secs(5), rx).await;
+            }
+            inner.stop.cancel();
+            let driver = self.driver.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(driver) = driver {
+                let _ = timeout(Duration::from_secs(5), driver).await;
+            }
+            let mut st = inner.lock();
+            for (_, held) in st.held.drain() {
+                held.signal.end(LeaseEnd::Lost);
+            }
+        })
+    }
+}
+
+/// The driver: connect, run an epoch until the connection is lost, end
+/// every tenure, reconnect with backoff. Until it is stopped.
+async fn drive(inner: Arc<Inner>, mut first: Option<Live>) {
+    let mut backoff = RECONNECT_MIN;
+    let mut attempt: u32 = u32::from(first.is_none());
+    if first.is_none() {
+        tokio::select! {
+            _ = inner.stop.cancelled() => return,
+            _ = sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(RECONNECT_MAX);
+    }
+    loop {
+        let mut live = match first.take() {
+            Some(live) => live,
+            None => {
+                let opened = tokio::select! {
+                    _ = inner.stop.cancelled() => return,
+                    opened = open(&inner) => opened,
+                };
+                match opened {
+                    Ok(live) => {
+                        info!(node = %inner.node, backend = %inner.settings.describe, owner = live.me, "connected to postgres");
+                        live
+                    }
+                    Err(e) => {
+                        attempt += 1;
+                        warn!(node = %inner.node, "{}; retrying in {backoff:?} (attempt {attempt})", e.message);
+                        inner.lock().last_error = Some(e.message);
+                        tokio::select! {
+                            _ = inner.stop.cancelled() => return,
+                            _ = sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(RECONNECT_MAX);
+                        continue;
+                    }
+                }
+            }
+        };
+        backoff = RECONNECT_MIN;
+        attempt = 0;
+        {
+            let mut st = inner.lock();
+            st.live = Some(LiveInfo {
+                client: live.client.clone(),
+                stmts: live.stmts.clone(),
+            });
+            st.last_error = None;
+        }
+        let why = run_epoch(&inner, &mut live).await;
+        lose(&inner, &why);
+        if inner.stop.is_cancelled() {
+            // Graceful: let the connection say goodbye (Terminate) before
+            // the socket closes.
+            let Live {
+                client,
+                stmts,
+                mut conn,
+                ..
+            } = live;
+            drop((client, stmts));
+            let _ = timeout(Duration::from_secs(1), &mut conn.0).await;
+            return;
+        }
+        warn!(node = %inner.node, "lost the postgres session ({why}): every tenure of this node has ended; reconnecting");
+        drop(live);
+    }
+}
+
+/// Ends the epoch: every tenure is lost, every waiting claim and waiter is
+/// woken (to find the session disconnected).
+fn lose(inner: &Inner, why: &str) {
+    let mut st = inner.lock();
+    st.live = None;
+    st.last_error = Some(format!("postgres at {}: {why}", inner.settings.target));
+    for (_, held) in st.held.drain() {
+        held.signal.end(LeaseEnd::Lost);
+    }
+    let err = format!("postgres at {}: {why}", inner.settings.target);
+    for claim in st.claims.drain(..) {
+        let _ = claim.reply.send(Err(Error::Backend(err.clone())));
+    }
+    for release in st.releases.drain(..) {
+        if let Some(reply) = release.reply {
+            let _ = reply.send(Ok(()));
+        }
+    }
+    st.waiters.clear();
+    st.events.clear();
+    st.seq += 1;
+}
+
+type Pending<T> = Option<Pin<Box<dyn Future<Output = T> + Send>>>;
+
+async fn maybe<T>(fut: &mut Pending<T>) -> T {
+    match fut {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+struct ClaimDone {
+    batch: Vec<PendingClaim>,
+    seq0: u64,
+    x: Duration,
+    result: std::result::Result<
+        (Instant, Vec<tokio_postgres::Row>, Vec<tokio_postgres::Row>),
+        tokio_postgres::Error,
+    >,
+}
+
+struct ReleaseDone {
+    batch: Vec<PendingRelease>,
+    x: Duration,
+    result: std::result::Result<Instant, tokio_postgres::Error>,
+}
+
+struct ProbeDone {
+    x: Duration,
+    sent: Instant,
+    result: std::result::Result<Vec<i32>, tokio_postgres::Error>,
+}
+
+/// Runs one connection until it is lost; returns why.
+async fn run_epoch(inner: &Arc<Inner>, live: &mut Live) -> String {
+    let timing = inner.settings.timing;
+    let mut claim: Pending<ClaimDone> = None;
+    let mut release: Pending<ReleaseDone> = None;
+    let mut probe: Pending<ProbeDone> = None;
+    let mut last_probe = Instant::now();
+    // The largest stop budget of the tenures granted in this epoch.
+    let mut budget = Duration::ZERO;
+    loop {
+        if claim.is_none() {
+            claim = start_claims(inner, live);
+        }
+        if release.is_none() {
+            release = start_releases(inner, live);
+        }
+        let waiting = !inner.lock().waiters.is_empty();
+        let probe_at = last_probe
+            + if waiting {
+                timing.poll
+            } else {
+                timing.heartbeat
+            };
+        let deadline = live.deadline(&timing, budget);
+        tokio::select! {
+            biased;
+            _ = inner.stop.cancelled() => return "the session was closed".to_string(),
+            _ = sleep_until(deadline) => {
+                return format!(
+                    "no answer for {:?} since the last successful round trip: this node can no longer vouch that it still holds its ids",
+                    Instant::now().duration_since(live.last_ok)
+                );
+            }
+            why = &mut live.conn.0 => {
+                return why.unwrap_or_else(|e| format!("the connection task failed: {e}"));
+            }
+            done = maybe(&mut claim) => {
+                claim = None;
+                if let Err(why) = finish_claims(inner, live, done, &mut budget) {
+                    return why;
+                }
+            }
+            done = maybe(&mut release) => {
+                release = None;
+                if let Err(why) = finish_releases(inner, live, done) {
+                    return why;
+                }
+            }
+            done = maybe(&mut probe) => {
+                probe = None;
+                finish_probe(inner, live, done);
+            }
+            Some(payload) = live.notifications.recv() => {
+                if let Ok(owner) = payload.trim().parse::<i32>() {
+                    if owner != live.me {
+                        owner_changed(&mut inner.lock(), owner);
+                    }
+                }
+            }
+            _ = sleep_until(probe_at), if probe.is_none() => {
+                last_probe = Instant::now();
+                probe = Some(start_probe(inner, live));
+            }
+            _ = inner.kick.notified() => {}
+        }
+    }
+}
+
+/// Something happened to `owner` (it released ids, or its session ended):
+/// wake every claim waiting on it.
+fn owner_changed(st: &mut State, owner: i32) {
+    st.seq += 1;
+    let seq = st.seq;
+    st.events.insert(owner, seq);
+    if let Some(waiters) = st.waiters.remove(&owner) {
+        for waiter in waiters {
+            let _ = waiter.send(());
+        }
+    }
+}
+
+fn start_claims(inner: &Arc<Inner>, live: &Live) -> Pending<ClaimDone> {
+    let settings = &inner.settings;
+    let mut st = inner.lock();
+    if st.claims.is_empty() {
+        return None;
+    }
+    let n = st.claims.len().min(settings.batch);
+    let batch: Vec<PendingClaim> = st.claims.drain(..n).collect();
+    let seq0 = st.seq;
+    let (new_keys, new_ids): (Vec<i64>, Vec<String>) = batch
+        .iter()
+        .filter(|c| !st.known.contains(&c.key))
+        .map(|c| (c.key, c.id.to_string()))
+        .unzip();
+    drop(st);
+    let max_budget = batch.iter().map(|c| c.budget).max().unwrap_or_default();
+    let needed = settings.timing.server_timeout_for(max_budget);
+    let raise = (needed > live.x).then_some(needed);
+    let x = raise.unwrap_or(live.x);
+    let keys: Vec<i64> = batch.iter().map(|c| c.key).collect();
+    let ids: Vec<String> = batch.iter().map(|c| c.id.to_string()).collect();
+    let client = live.client.clone();
+    let stmts = live.stmts.clone();
+    let me = live.me;
+    let node = inner.node.clone();
+    let namespace = settings.namespace.clone();
+    let namespace_key = settings.namespace_key;
+    Some(Box::pin(async move {
+        let result = async {
+            if let Some(x) = raise {
+                let p = Timing::server_params(x);
+                let values = [
+                    p.user_timeout_ms.to_string(),
+                    p.idle.to_string(),
+                    p.interval.to_string(),
+                    p.count.to_string(),
+                ];
+                client
+                    .query(
+                        sql::RAISE_TIMEOUTS,
+                        &[&values[0], &values[1], &values[2], &values[3]],
+                    )
+                    .await?;
+            }
+            let sent = Instant::now();
+            // Sent back to back on the one connection: insert the missing
+            // rows, claim, then read who holds the rest (a fresh snapshot).
+            let insert = async {
+                if new_keys.is_empty() {
+                    Ok(0)
+                } else {
+                    client
+                        .execute(&stmts.insert, &[&new_keys, &new_ids, &namespace])
+                        .await
+                }
+            };
+            let claim_params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
+                [&keys, &ids, &me, &node, &namespace, &namespace_key];
+            let status_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&keys];
+            let claimed = client.query(&stmts.claim, &claim_params);
+            let status = client.query(&stmts.status, &status_params);
+            let (_, claimed, status) = tokio::try_join!(insert, claimed, status)?;
+            Ok((sent, claimed, status))
+        }
+        .await;
+        ClaimDone {
+            batch,
+            seq0,
+            x,
+            result,
+        }
+    }))
+}
+
+fn finish_claims(
+    inner: &Arc<Inner>,
+    live: &mut Live,
+    done: ClaimDone,
+    budget: &mut Duration,
+) -> std::result::Result<(), String> {
+    let settings = &inner.settings;
+    let ClaimDone {
+        batch,
+        seq0,
+        x,
+        result,
+    } = done;
+    live.x = live.x.max(x);
+    let (sent, claimed, status) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let err = query_error(settings, "claim", &e);
+            debug!(node = %inner.node, error = %err, ids = batch.len(), "claim batch failed");
+            for c in batch {
+                let _ = c.reply.send(Err(Error::Backend(err.to_string())));
+            }
+            return Ok(());
+        }
+    };
+    live.note_ok(sent, x);
+    let granted: HashMap<i64, i64> = claimed.iter().map(|r| (r.get(0), r.get(1))).collect();
+    if !granted.is_empty() {
+        let batch_budget = batch
+            .iter()
+            .filter(|c| granted.contains_key(&c.key))
+            .map(|c| c.budget)
+            .max();
+        let new_budget = (*budget).max(batch_budget.unwrap_or_default());
+        if Instant::now() >= live.deadline(&settings.timing, new_budget) {
+            return Err("the claim's answer came too late to vouch for it".to_string());
+        }
+        *budget = new_budget;
+    }
+    let status: HashMap<i64, &tokio_postgres::Row> = status.iter().map(|r| (r.get(0), r)).collect();
+    let mut st = inner.lock();
+    let mut requeued = false;
+    for mut c in batch {
+        st.known.insert(c.key);
+        if let Some(&token) = granted.get(&c.key) {
+            let (lease, signal) = Lease::new(token as u64);
+            if let Some(old) = st.held.insert(
+                c.key,
+                Held {
+                    token: token as u64,
+                    signal,
+                },
+            ) {
+                old.signal.end(LeaseEnd::Lost);
+            }
+            let _ = c.reply.send(Ok(Claim::Granted(lease)));
+            continue;
+        }
+        let Some(row) = status.get(&c.key) else {
+            let _ = c.reply.send(Err(Error::Backend(format!(
+                "postgres at {}: the row of id `{}` is missing from {}",
+                settings.target,
+                c.id,
+                sql::TABLE
+            ))));
+            continue;
+        };
+        let namespace: String = row.get(1);
+        let id: String = row.get(2);
+        if namespace != settings.namespace || id != *c.id {
+            let _ = c.reply.send(Err(Error::Backend(format!(
+                "lock key collision: id `{}` in namespace `{}` has the same key ({}) as id `{id}` in namespace `{namespace}`; rename one of them",
+                c.id, settings.namespace, c.key
+            ))));
+            continue;
+        }
+        let owner: Option<i32> = row.get(3);
+        let node: Option<String> = row.get(4);
+        let token: i64 = row.get(5);
+        match owner {
+            Some(owner) if owner != live.me => {
+                let holder = Some(Holder {
+                    node: node.unwrap_or_default(),
+                    token: Some(token as u64),
+                });
+                let wake: BoxFuture<'static, ()> =
+                    if st.events.get(&owner).is_some_and(|&s| s > seq0) {
+                        // It released or died after our snapshot: try again.
+                        Box::pin(async {})
+                    } else {
+                        let (tx, rx) = oneshot::channel();
+                        st.waiters.entry(owner).or_default().push(tx);
+                        Box::pin(async move {
+                            let _ = rx.await;
+                        })
+                    };
+                let _ = c.reply.send(Ok(Claim::Busy { holder, wake }));
+            }
+            _ if c.retries < FREE_RETRIES => {
+                // Freed between the claim and the read: try again now.
+                c.retries += 1;
+                st.claims.push(c);
+                requeued = true;
+            }
+            _ => {
+                let poll = settings.timing.poll;
+                let holder = node.map(|node| Holder {
+                    node,
+                    token: Some(token as u64),
+                });
+                let _ = c.reply.send(Ok(Claim::Busy {
+                    holder,
+                    wake: Box::pin(sleep(poll)),
+                }));
+            }
+        }
+    }
+    drop(st);
+    if requeued {
+        inner.kick.notify_one();
+    }
+    Ok(())
+}
+
+fn start_releases(inner: &Arc<Inner>, live: &Live) -> Pending<ReleaseDone> {
+    let batch: Vec<PendingRelease> = {
+        let mut st = inner.lock();
+        if st.releases.is_empty() {
+            return None;
+        }
+        st.releases.drain(..).collect()
+    };
+    let mut keys: Vec<i64> = batch.iter().flat_map(|r| r.keys.iter().copied()).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let client = live.client.clone();
+    let stmts = live.stmts.clone();
+    let me = live.me;
+    let channel = inner.settings.channel.clone();
+    let x = live.x;
+    Some(Box::pin(async move {
+        let sent = Instant::now();
+        let result = client
+            .query(&stmts.release, &[&keys, &me, &channel])
+            .await
+            .map(|_| sent);
+        ReleaseDone { batch, x, result }
+    }))
+}
+
+fn finish_releases(
+    inner: &Arc<Inner>,
+    live: &mut Live,
+    done: ReleaseDone,
+) -> std::result::Result<(), String> {
+    match done.result {
+        Ok(sent) => {
+            live.note_ok(sent, done.x);
+            for release in done.batch {
+                if let Some(reply) = release.reply {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            Ok(())
+        }
+        Err(e) => {
+            let err = query_error(&inner.settings, "release", &e);
+            // A row this live session keeps would be stuck: retry, and give
+            // the whole session up (which frees everything) if it keeps failing.
+            let mut st = inner.lock();
+            for mut release in done.batch {
+                release.failures += 1;
+                if release.failures >= 3 {
+                    return Err(format!("releasing ids failed three times ({err})"));
+                }
+                if let Some(reply) = release.reply.take() {
+                    let _ = reply.send(Err(Error::Backend(err.to_string())));
+                }
+                st.releases.push(release);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn start_probe(inner: &Arc<Inner>, live: &Live) -> Pin<Box<dyn Future<Output = ProbeDone> + Send>> {
+    let owners: Vec<i32> = inner.lock().waiters.keys().copied().collect();
+    let client = live.client.clone();
+    let stmts = live.stmts.clone();
+    let namespace_key = inner.settings.namespace_key;
+    let x = live.x;
+    Box::pin(async move {
+        let sent = Instant::now();
+        let result = client
+            .query(&stmts.probe, &[&owners, &namespace_key])
+            .await
+            .map(|rows| rows.iter().map(|r| r.get(0)).collect());
+        ProbeDone { x, sent, result }
+    })
+}
+
+fn finish_probe(inner: &Arc<Inner>, live: &mut Live, done: ProbeDone) {
+    match done.result {
+        Ok(dead) => {
+            live.note_ok(done.sent, done.x);
+            if !dead.is_empty() {
+                let mut st = inner.lock();
+                for owner in dead {
+                    debug!(node = %inner.node, owner, "a holder's session ended: retrying its ids");
+                    owner_changed(&mut st, owner);
+                }
+            }
+        }
+        Err(e) => {
+            debug!(node = %inner.node, error = %query_error(&inner.settings, "probe", &e), "probe failed")
+        }
+    }
+}
+
+/// Opens a connection and prepares it: the table, the presence lock, the
+/// dead-peer settings, `LISTEN`, the statements.
+async fn open(inner: &Arc<Inner>) -> std::result::Result<Live, ConnectError> {
+    match timeout(SETUP_TIMEOUT, open_inner(inner)).await {
+        Ok(r) => r,
+        Err(_) => Err(ConnectError {
+            message: format!(
+                "cannot connect to postgres at {}: no answer within {SETUP_TIMEOUT:?}",
+                inner.settings.target
+            ),
+            fatal: false,
+        }),
+    }
+}
+
+async fn open_inner(inner: &Arc<Inner>) -> std::result::Result<Live, ConnectError> {
+    let settings = &inner.settings;
+    let timing = settings.timing;
+    let x = timing.initial_server_timeout();
+    let params = Timing::server_params(x);
+    let mut config = settings.pg.clone();
+    config.application_name(&inner.node);
+    let options = format!(
+        "{} -c statement_timeout={STATEMENT_TIMEOUT_MS}",
+        params.options()
+    );
+    let options = match config.get_options() {
+        Some(user) if !user.is_empty() => format!("{user} {options}"),
+        _ => options,
+    };
+    config.options(options);
+    // The client's own dead-peer detection: only makes the connection fail
+    // sooner; the lease deadline does not depend on it.
+    let vouch = timing.vouch(x, Duration::ZERO);
+    config
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(2))
+        .keepalives_interval(Duration::from_secs(1))
+        .keepalives_retries(3)
+        .tcp_user_timeout(vouch);
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(5));
+    }
+    let connect_err = |e: tokio_postgres::Error| classify(settings, &e);
+    let (client, conn, notifications) = match &settings.tls {
+        Some(tls) => {
+            let (client, conn) = config
+                .connect(MakeRustlsConnect::new((**tls).clone()))
+                .await
+                .map_err(connect_err)?;
+            let (conn, rx) = spawn_connection(conn, settings.channel.clone());
+            (client, ConnTask(conn), rx)
+        }
+        None => {
+            let (client, conn) = config.connect(NoTls).await.map_err(connect_err)?;
+            let (conn, rx) = spawn_connection(conn, settings.channel.clone());
+            (client, ConnTask(conn), rx)
+        }
+    };
+    let client = Arc::new(client);
+    let setup = async {
+        let exists: bool = client.query_one(sql::TABLE_EXISTS, &[]).await?.get(0);
+        if !exists {
+            client
+                .batch_execute(&sql::create_table(ddl_lock_key()))
+                .await?;
+        }
+        let row = client.query_one(sql::SETTINGS, &[]).await?;
+        let version: i32 = row.get(5);
+        let tcp: bool = row.get(4);
+        let read = |i: usize| {
+            row.get::<_, Option<String>>(i)
+                .and_then(|s| s.parse::<u64>().ok())
+        };
+        let actual = (read(0), read(1), read(2), read(3));
+        let wanted = (
+            Some(params.user_timeout_ms),
+            Some(params.idle),
+            Some(params.interval),
+            Some(params.count),
+        );
+        if tcp && actual != wanted {
+            warn!(
+                node = %inner.node,
+                "postgres at {} did not take the per-session dead-peer settings (wanted tcp_user_timeout={}ms, keepalives {}s+{}x{}s; got {actual:?}): \
+                 a silently vanished node keeps its ids until the server's own TCP timeouts end its session",
+                settings.target, params.user_timeout_ms, params.idle, params.count, params.interval
+            );
+        }
+        debug!(
+            node = %inner.node,
+            server_detection = ?params.detection(),
+            vouch = ?timing.vouch(x, crate::DEFAULT_SHUTDOWN),
+            "dead-peer settings for this session"
+        );
+        let mut me;
+        let mut tries = 0;
+        loop {
+            me = random_i32();
+            let row = client
+                .query_one(sql::PRESENCE, &[&settings.namespace_key, &me])
+                .await?;
+            let (locked, used): (bool, bool) = (row.get(0), row.get(1));
+            if locked && !used {
+                break;
+            }
+            if locked {
+                client
+                    .query_one(sql::UNLOCK, &[&settings.namespace_key, &me])
+                    .await?;
+            }
+            tries += 1;
+            if tries > 50 {
+                return Ok(Err(
+                    "could not draw a free presence number in 50 tries".to_string()
+                ));
+            }
+        }
+        client
+            .batch_execute(&format!("LISTEN {}", settings.channel))
+            .await?;
+        let sent = Instant::now();
+        let (insert, claim, status, probe, release, holder, members) = tokio::try_join!(
+            client.prepare(sql::INSERT),
+            client.prepare(sql::CLAIM),
+            client.prepare(sql::STATUS),
+            client.prepare(sql::PROBE),
+            client.prepare(sql::RELEASE),
+            client.prepare(sql::HOLDER),
+            client.prepare(sql::MEMBERS),
+        )?;
+        let stmts = Statements {
+            insert,
+            claim,
+            status,
+            probe,
+            release,
+            holder,
+            members,
+        };
+        Ok::<_, tokio_postgres::Error>(Ok((me, stmts, sent, version)))
+    };
+    let (me, stmts, sent, version) = match setup.await {
+        Ok(Ok(r)) => r,
+        Ok(Err(message)) => {
+            return Err(ConnectError {
+                message: format!("postgres at {}: {message}", settings.target),
+                fatal: false,
+            });
+        }
+        Err(e) => {
+            return Err(classify(settings, &e));
+        }
+    };
+    if version < 120_000 {
+        return Err(ConnectError {
+            message: format!(
+                "postgres at {} is version {version}: highlander needs Postgres 12 or later (for tcp_user_timeout)",
+                settings.target
+            ),
+            fatal: true,
+        });
+    }
+    Ok(Live {
+        client,
+        stmts: Arc::new(stmts),
+        me,
+        conn,
+        notifications,
+        x,
+        last_ok: sent,
+        last_ok_x: x,
+    })
+}
+
+/// Drives the connection on its own task (so that loss is seen at once,
+/// whatever the session is doing) and forwards the namespace's
+/// notifications. Ends with why the connection ended.
+fn spawn_connection<S, T>(
+    mut conn: Connection<S, T>,
+    channel: String,
+) -> (JoinHandle<String>, mpsc::UnboundedReceiver<String>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, rx) = mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        loop {
+            match poll_fn(|cx| conn.poll_message(cx)).await {
+                Some(Ok(AsyncMessage::Notification(n))) => {
+                    if n.channel() == channel {
+                        let _ = tx.send(n.payload().to_string());
+                    }
+                }
+                Some(Ok(AsyncMessage::Notice(notice))) => {
+                    debug!(message = notice.message(), "postgres notice");
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return format!("the connection failed: {}", error_text(&e)),
+                None => return "the server closed the connection".to_string(),
+            }
+        }
+    });
+    (task, rx)
+}
+
+/// The advisory lock that serializes creating the table, across every
+/// node of every namespace.
+fn ddl_lock_key() -> i64 {
+    lock_key("highlander", "ddl:highlander_leases")
+}
+
+fn random_i32() -> i32 {
+    let mut hasher = RandomState::new().build_hasher();
+    hasher.write_u128(crate_nanos());
+    hasher.write_u32(std::process::id());
+    hasher.finish() as i32
+}
+
+fn crate_nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+/// The text of a driver error, without the `db error:` prefix. Driver
+/// errors never contain the password.
+fn error_text(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return match db.detail() {
+            Some(detail) => format!("{} ({detail})", db.message()),
+            None => db.message().to_string(),
+        };
+    }
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text = format!("{text}: {part}");
+        }
+        source = s.source();
+    }
+    text
+}
+
+fn query_error(settings: &Settings, what: &str, e: &tokio_postgres::Error) -> Error {
+    Error::Backend(format!(
+        "postgres at {}: {what} failed: {}",
+        settings.target,
+        error_text(e)
+    ))
+}
+
+/// Sorts a connection error into "fix the configuration" (fatal at start)
+/// and "the server is not there now" (retried).
+fn classify(settings: &Settings, e: &tokio_postgres::Error) -> ConnectError {
+    let target = &settings.target;
+    if let Some(db) = e.as_db_error() {
+        let code = db.code().code();
+        let (what, fatal) = match code {
+            "28P01" | "28000" => ("authentication failed (password hidden)", true),
+            "3D000" => ("the database does not exist", true),
+            "42501" => (
+                "permission denied: the role needs CREATE on the schema to create the highlander_leases table, or an administrator creates it",
+                true,
+            ),
+            c if c.starts_with("08") || c == "57P03" || c == "53300" || c.starts_with("57P") => {
+                ("the server cannot take the connection now", false)
+            }
+            _ => ("the server refused", true),
+        };
+        return ConnectError {
+            message: format!(
+                "cannot connect to postgres at {target}: {what}: {}",
+                error_text(e)
+            ),
+            fatal,
+        };
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return ConnectError {
+                message: format!("cannot reach postgres at {target}: {io}"),
+                fatal: false,
+            };
+        }
+        source = s.source();
+    }
+    let text = error_text(e);
+    let fatal = !text.contains("timeout") && !text.contains("closed");
+    ConnectError {
+        message: format!("cannot connect to postgres at {target}: {text}"),
+        fatal,
+    }
+}

@@ -1,0 +1,143 @@
+//! Every statement the backend sends. The table is shared by all namespaces
+//! of a database; one row per (namespace, id), keyed by the lock key.
+
+/// The table the backend creates when it is missing.
+pub(super) const TABLE: &str = "highlander_leases";
+
+/// True when the table exists (checked first, so that a role without
+/// `CREATE` on the schema can use a table an administrator made).
+pub(super) const TABLE_EXISTS: &str = "SELECT to_regclass('highlander_leases') IS NOT NULL";
+
+/// Creates the table. Serialized across every node by a transaction-level
+/// advisory lock, because two concurrent `CREATE TABLE IF NOT EXISTS` can
+/// both pass the existence check and one then fails on the catalog's unique
+/// index. Sent as one simple-protocol string: one round trip.
+pub(super) fn create_table(ddl_lock: i64) -> String {
+    format!(
+        "BEGIN;
+SELECT pg_advisory_xact_lock({ddl_lock});
+CREATE TABLE IF NOT EXISTS highlander_leases (
+    key        bigint PRIMARY KEY,
+    namespace  text NOT NULL,
+    id         text NOT NULL,
+    token      bigint NOT NULL DEFAULT 0,
+    owner      integer,
+    node       text,
+    claimed_at timestamptz
+) WITH (fillfactor = 80);
+COMMENT ON TABLE highlander_leases IS
+  'highlander singletons: one row per (namespace, id). owner is the presence lock (namespace_key, owner) of the holding session; token is the fencing token of the latest tenure.';
+COMMIT;"
+    )
+}
+
+/// Takes this session's presence lock, and says whether any row still names
+/// that owner (a dead session that drew the same number): then the caller
+/// unlocks and draws again. `$1` namespace key, `$2` owner.
+pub(super) const PRESENCE: &str = "SELECT pg_try_advisory_lock($1::int4, $2::int4), \
+     EXISTS (SELECT 1 FROM highlander_leases WHERE owner = $2::int4)";
+
+/// Gives a presence lock back. `$1` namespace key, `$2` owner.
+pub(super) const UNLOCK: &str = "SELECT pg_advisory_unlock($1::int4, $2::int4)";
+
+/// Reads back the dead-peer settings in force for this session, and whether
+/// it runs over TCP (they are ignored on Unix sockets).
+pub(super) const SETTINGS: &str = "SELECT \
+     (SELECT setting FROM pg_settings WHERE name = 'tcp_user_timeout'), \
+     (SELECT setting FROM pg_settings WHERE name = 'tcp_keepalives_idle'), \
+     (SELECT setting FROM pg_settings WHERE name = 'tcp_keepalives_interval'), \
+     (SELECT setting FROM pg_settings WHERE name = 'tcp_keepalives_count'), \
+     inet_client_addr() IS NOT NULL, \
+     current_setting('server_version_num')::int";
+
+/// Raises the server's dead-peer detection for this session (never lowers
+/// it). `$1`..`$4`: tcp_user_timeout (ms), keepalives idle, interval (s),
+/// count.
+pub(super) const RAISE_TIMEOUTS: &str = "SELECT set_config('tcp_user_timeout', $1::text, false), \
+     set_config('tcp_keepalives_idle', $2::text, false), \
+     set_config('tcp_keepalives_interval', $3::text, false), \
+     set_config('tcp_keepalives_count', $4::text, false)";
+
+/// Makes sure a row exists for each id (token 0, free). Inserted in key
+/// order, so concurrent inserters never wait on each other in a cycle.
+/// `$1` keys, `$2` ids, `$3` namespace.
+pub(super) const INSERT: &str = "INSERT INTO highlander_leases (key, namespace, id) \
+     SELECT k, $3::text, i FROM unnest($1::bigint[], $2::text[]) AS r(k, i) ORDER BY k \
+     ON CONFLICT (key) DO NOTHING";
+
+/// The batched claim: one statement for every id this node waits for.
+///
+/// A row may be taken when it is free (`owner IS NULL`), already this
+/// session's, or its owner's presence lock is free: the owner's session has
+/// ended, so it can never come back (owners are drawn afresh per session).
+/// Liveness is checked once per distinct owner with a shared,
+/// transaction-scoped try-lock, which fails while the owner holds its
+/// exclusive session lock and otherwise blocks that owner number from being
+/// drawn again until this statement ends. Rows are locked in key order, as
+/// by every other statement here, so claimers never deadlock.
+///
+/// `$1` keys, `$2` ids, `$3` owner, `$4` node, `$5` namespace, `$6`
+/// namespace key. Returns the granted keys and their new tokens.
+pub(super) const CLAIM: &str = "WITH r AS MATERIALIZED ( \
+        SELECT * FROM unnest($1::bigint[], $2::text[]) AS r(key, id)), \
+     owners AS MATERIALIZED ( \
+        SELECT DISTINCT l.owner FROM highlander_leases l JOIN r ON l.key = r.key \
+        WHERE l.owner IS NOT NULL AND l.owner <> $3::int4), \
+     dead AS MATERIALIZED ( \
+        SELECT owner FROM owners WHERE pg_try_advisory_xact_lock_shared($6::int4, owner)), \
+     c AS ( \
+        SELECT l.key FROM highlander_leases l JOIN r ON l.key = r.key AND l.id = r.id \
+        WHERE l.namespace = $5::text \
+          AND (l.owner IS NULL OR l.owner = $3::int4 OR l.owner IN (SELECT owner FROM dead)) \
+        ORDER BY l.key FOR UPDATE OF l) \
+     UPDATE highlander_leases t \
+        SET token = t.token + 1, owner = $3::int4, node = $4::text, claimed_at = now() \
+       FROM c WHERE t.key = c.key \
+     RETURNING t.key, t.token";
+
+/// Who holds each requested id now, read after the claim (a fresh
+/// snapshot, sent right behind it on the same connection). `$1` keys.
+pub(super) const STATUS: &str = "SELECT key, namespace, id, owner, node, token \
+     FROM highlander_leases WHERE key = ANY($1::bigint[])";
+
+/// Which of the owners a node waits for have lost their presence lock
+/// (their session ended). With an empty array it is just a heartbeat.
+/// `$1` owners, `$2` namespace key.
+pub(super) const PROBE: &str = "SELECT o FROM unnest($1::int4[]) AS o \
+     WHERE pg_try_advisory_xact_lock_shared($2::int4, o)";
+
+/// Releases this session's rows among `$1` (key order, like the claim) and,
+/// when any was released, notifies the namespace's channel with the owner,
+/// so waiting nodes retry at once. The notification is delivered when the
+/// statement commits. `$1` keys, `$2` owner, `$3` channel.
+pub(super) const RELEASE: &str = "WITH c AS ( \
+        SELECT key FROM highlander_leases WHERE key = ANY($1::bigint[]) AND owner = $2::int4 \
+        ORDER BY key FOR UPDATE), \
+     u AS ( \
+        UPDATE highlander_leases t SET owner = NULL, node = NULL FROM c WHERE t.key = c.key \
+        RETURNING t.key) \
+     SELECT (SELECT count(*) FROM u)::bigint, pg_notify($3::text, $2::int4::text)::text \
+     WHERE EXISTS (SELECT 1 FROM u)";
+
+/// The holder of one id: its row, and the session that holds the row's
+/// presence lock, found in `pg_locks` and named by `pg_stat_activity`
+/// (application_name is the node name). No session: nobody holds it.
+/// `$1` key, `$2` namespace key (as an unsigned 32-bit number).
+pub(super) const HOLDER: &str = "SELECT t.token, h.application_name, t.node \
+     FROM highlander_leases t \
+     JOIN LATERAL ( \
+        SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+        WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
+          AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+          AND l.classid::bigint = $2::bigint \
+          AND l.objid::bigint = (t.owner::bigint & 4294967295) \
+        LIMIT 1) h ON true \
+     WHERE t.key = $1::bigint AND t.owner IS NOT NULL";
+
+/// The nodes of this namespace connected now: sessions holding a presence
+/// lock with this namespace key. `$1` namespace key (unsigned).
+pub(super) const MEMBERS: &str = "SELECT DISTINCT a.application_name, a.client_addr::text \
+     FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+     WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
+       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+       AND l.classid::bigint = $1::bigint";

@@ -1,0 +1,794 @@
+//! The core, driven through the public API: several runtimes on one
+//! `MemoryCluster`, the original library's scenarios and more. Time is
+//! tokio's paused clock, so waits are instant and deterministic.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use highlander::{
+    ChildSpec, Context, Error, MemoryCluster, Restart, Runtime, RuntimeHandle, Service,
+    ShutdownReason, SingletonState,
+};
+
+/// What the test services did, in order.
+#[derive(Clone, Default)]
+struct Log(Arc<Mutex<Vec<String>>>);
+
+impl Log {
+    fn push(&self, line: String) {
+        self.0.lock().unwrap().push(line);
+    }
+    fn lines(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+    fn count(&self, prefix: &str) -> usize {
+        self.lines()
+            .iter()
+            .filter(|l| l.starts_with(prefix))
+            .count()
+    }
+}
+
+/// How a probe instance behaves once started.
+#[derive(Clone, Copy)]
+enum Behave {
+    Wait,
+    ReturnOk,
+    Fail,
+    Panic,
+}
+
+struct Probe {
+    log: Log,
+    behave: Behave,
+    node: String,
+    id: String,
+}
+
+impl Service for Probe {
+    async fn run(&mut self, ctx: &Context) -> highlander::Result<()> {
+        self.node = ctx.node().to_string();
+        self.id = ctx.id().to_string();
+        self.log.push(format!(
+            "start {} {} {}",
+            self.id,
+            self.node,
+            ctx.fencing_token()
+        ));
+        match self.behave {
+            Behave::Wait => {
+                ctx.cancelled().await;
+                Ok(())
+            }
+            Behave::ReturnOk => Ok(()),
+            Behave::Fail => Err(Error::msg("boom")),
+            Behave::Panic => panic!("kaboom"),
+        }
+    }
+
+    async fn terminate(&mut self, reason: ShutdownReason) {
+        self.log
+            .push(format!("terminate {} {} {reason}", self.id, self.node));
+    }
+}
+
+fn probe(id: &str, log: &Log, behave: Behave) -> ChildSpec {
+    let log = log.clone();
+    ChildSpec::new(id, move |_ctx| {
+        let log = log.clone();
+        async move {
+            Ok(Probe {
+                log,
+                behave,
+                node: String::new(),
+                id: String::new(),
+            })
+        }
+    })
+}
+
+async fn node(cluster: &MemoryCluster, name: &str, specs: Vec<ChildSpec>) -> RuntimeHandle {
+    highlander_tests::init_tracing();
+    let mut builder = Runtime::builder()
+        .node(name)
+        .backend(cluster.clone())
+        .without_registered();
+    for spec in specs {
+        builder = builder.child(spec);
+    }
+    builder.start().await.expect("runtime starts")
+}
+
+async fn running(handle: &RuntimeHandle, id: &str) {
+    handle.wait_until(|s| s.is_running(id)).await;
+}
+
+async fn waiting(handle: &RuntimeHandle, id: &str) {
+    handle
+        .wait_until(|s| matches!(s.get(id), Some(SingletonState::Waiting { .. })))
+        .await;
+}
+
+/// Waits until exactly one of `nodes` runs `id`, and returns its index.
+async fn single_holder(nodes: &[&RuntimeHandle], id: &str) -> usize {
+    loop {
+        let holders: Vec<usize> = (0..nodes.len())
+            .filter(|&i| nodes[i].status().is_running(id))
+            .collect();
+        let settled = nodes.iter().all(|n| {
+            matches!(
+                n.status().get(id),
+                Some(SingletonState::Running { .. } | SingletonState::Waiting { .. })
+            )
+        });
+        if holders.len() == 1 && settled {
+            return holders[0];
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_ids_both_run() {
+    let cluster = MemoryCluster::new();
+    let log = Log::default();
+    let a = node(
+        &cluster,
+        "a",
+        vec![
+            probe("one", &log, Behave::Wait),
+            probe("two", &log, Behave::Wait),
+        ],
+    )
+    .await;
+    running(&a, "one").await;
+    running(&a, "two").await;
+    assert_eq!(a.status().running().count(), 2);
+    a.shutdown().await;
+    assert_eq!(log.count("terminate one a node shutdown"), 1);
+    assert_eq!(log.count("terminate two a node shutdown"), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_id_on_three_nodes_runs_once() {
+    let cluster = MemoryCluster::new();
+    let log = Log::default();
+    let a = node(&cluster, "a", vec![probe("solo", &log, Behave::Wait)]).await;
+    let b = node(&cluster, "b", vec![probe("solo", &log, Behave::Wait)]).await;
+    let c = node(&cluster, "c", vec![probe("solo", &log, Behave::Wait)]).await;
+    let holder = single_holder(&[&a, &b, &c], "solo").await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(log.count("start solo"), 1, "{:?}", log.lines());
+    assert_eq!(cluster.holders("solo").len(), 1);
+    let others: Vec<&RuntimeHandle> = [&a, &b, &c]
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| *i != holder)
+        .map(|(_, h)| h)
+        .collect();
+    for other in others {
+        match other.status().get("solo") {
+            Some(SingletonState::Waiting { holder: Some(h) }) => {
+                assert_eq!(h.node, [&a, &b, &c][holder].node())
+            }
+            state => panic!("expected waiting with a known holder, got {state:?}"),
+        }
+    }
+    for n in [&a, &b, &c] {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn killed_holder_is_taken_over_and_tokens_grow() {
+    let cluster = MemoryCluster::new();
+    let log = Log::default();
+    let a = node(&cluster, "a", vec![probe("solo", &log, Behave::Wait)]).await;
+    running(&a, "solo").await;
+    let b = node(&cluster, "b", vec![probe("solo", &log, Behave::Wait)]).await;
+    let c = node(&cluster, "c", vec![probe("solo", &log, Behave::Wait)]).await;
+    waiting(&b, "solo").await;
+    waiting(&c, "solo").await;
+    let first = cluster.holders("solo")[0].token.unwrap();
+
+    a.abort();
+    let next = single_holder(&[&b, &c], "solo").await;
+    let second = cluster.holders("solo")[0].token.unwrap();
+    assert!(second > first, "token {second} after {first}");
+    // A crash runs no terminate.
+    assert_eq!(log.count("terminate solo a"), 0, "{:?}", log.lines());
+
+    // And once more: kill the new holder, the last node takes over.
+    [&b, &c][next].abort();
+    let last = [&b, &c][1 - next];
+    running(last, "solo").await;
+    let third = cluster.holders("solo")[0].token.unwrap();
+    assert!(third > second);
+    last.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn graceful_shutdown_releases_and_standby_takes_over_at_once() {
+    let cluster = MemoryCluster::new();
+    let log = Log::default();
+    let a = node(&cluster, "a", vec![probe("solo", &log, Behave::Wait)]).await;
+    running(&a, "solo").await;
+    let b = node(&cluster, "b", vec![probe("solo", &log, Behave::Wait)]).await;
+    waiting(&b, "solo").await;
+    let before = tokio::time::Instant::now();
+    a.shutdown().await;
+    running(&b, "solo").await;
+    // Paused clock: no timer had to fire for the handoff.
+    assert_eq!(tokio::time::Instant::now(), before);
+    assert_eq!(a.status().get("solo"), Some(&SingletonState::Stopped));
+    assert_eq!(log.lines()[1], "terminate solo a node shutdown");
+    b.shutdown().await;
+    assert!(cluster.holders("solo").is_empty());
+    assert!(cluster.nodes().is_empty());
+}
+
+/// A singleton supervision tree: three child tasks that all restart when one fails.
+struct Tree {
+    log: Log,
+}
+
+impl Service for Tree {
+    async fn run(&mut self, ctx: &Context) -> highlander::Result<()> {
+        let generation = ctx.state::<Generation>()?.next();
+        for name in ["fetch", "transform", "store"] {
+            let child = ctx.clone();
+            let log = self.log.clone();
+            ctx.spawn(name, async move {
+                log.push(format!("child {name} up gen{generation}"));
+                if name == "transform" && generation == 0 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    return Err(Error::msg("bad record"));
+                }
+                child.cancelled().await;
+                tokio::time::sleep(Duration::from_millis(50)).await; // cleanup takes time
+                log.push(format!("child {name} down gen{generation}"));
+                Ok(())
+            });
+        }
+        ctx.cancelled().await;
+        Ok(())
+    }
+
+    async fn terminate(&mut self, reason: ShutdownReason) {
+        self.log.push(format!("terminate {reason}"));
+    }
+}
+
+#[derive(Default)]
+struct Generation(std::sync::atomic::AtomicU32);
+
+impl Generation {
+    fn next(&self) -> u32 {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn supervision_tree_restarts_all_children_together() {
+    let cluster = MemoryCluster::new();
+    let log = Log::default();
+    let tree_log = log.clone();
+    let a = Runtime::builder()
+        .node("a")
+        .backend(cluster.clone())
+        .without_registered()
+        .state(Generation::default())
+        .singleton("tree", move |_ctx| {
+            let log = tree_log.clone();
+            async move { Ok(Tree { log }) }
+        })
+        .start()
+        .await
+        .unwrap();
+    // Generation 0 fails through its `transform` child; generation 1 runs on.
+    loop {
+        if log.count("child") >= 6 + 2 {
+            break;
+        }
+        a.changed().await;
+    }
+    a.wait_until(|s| {
+        matches!(
+            s.get("tree"),
+            Some(SingletonState::Running { restarts: 1, .. })
+        )
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    a.shutdown().await;
+    let lines = log.lines();
+    let pos = |needle: &str| {
+        lines
+            .iter()
+            .position(|l| l == needle)
+            .unwrap_or_else(|| panic!("{needle} in {lines:?}"))
+    };
+    // Every generation-0 child was stopped and awaited before terminate ran, and
+    // before any generation-1 child started.
+    let first_terminate = pos("terminate error: child task `transform` failed: bad record");
+    for name in ["fetch", "store"] {
+        assert!(
+            pos(&format!("child {name} down gen0")) < first_terminate,
+            "{lines:?}"
+        );
+    }
+    for name in ["fetch", "transform", "store"] {
+        assert!(
+            pos(&format!("child {name} up gen1")) > first_terminate,
+            "{lines:?}"
+        );
+        assert!(
+            pos(&format!("child {name} down gen1")) < pos("terminate node shutdown"),
+            "{lines:?}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn restart_policies() {
+    let cluster = MemoryCluster::new();
+    let log = Log::default();
+    let a = node(
+        &cluster,
+        "a",
+        vec![
+            probe("perm-ok", &log, Behave::ReturnOk)
+                .restart(Restart::Permanent)
+                .intensity(1000, Duration::from_secs(1)),
+            probe("trans-ok", &log, Behave::ReturnOk).restart(Restart::Transient),
+            probe("trans-err", &log, Behave::Fail)
+                .restart(Restart::Transient)
+                .intensity(2, Duration::from_secs(60)),
+            probe("temp-err", &log, Behave::Fail).restart(Restart::Temporary),
+        ],
+    )
+    .await;
+    a.wait_until(|s| {
+        matches!(
+            s.get("trans-ok"),
+            Some(SingletonState::Finished {
+                reason: ShutdownReason::Normal,
+                ..
+            })
+        ) && matches!(
+            s.get("temp-err"),
+            Some(SingletonState::Finished {
+                reason: ShutdownReason::Error(_),
+                ..
+            })
+        ) && matches!(s.get("trans-err"), Some(SingletonState::SteppedDown))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // permanent restarts even after a normal return
+    assert!(log.count("start perm-ok") >= 3, "{:?}", log.lines());
+    // transient: a normal return ends it; temporary: even an error does
+    assert_eq!(log.count("start trans-ok"), 1);
+    assert_eq!(log.count("start temp-err"), 1);
+    assert_eq!(log.count("terminate temp-err a error: boom"), 1);
+    // transient after errors: restarted until the intensity (2 in 60 s) is exceeded
+    assert_eq!(log.count("start trans-err"), 3);
+    // A finished singleton still holds its id: nobody else runs it.
+    let b = node(
+        &cluster,
+        "b",
+        vec![probe("trans-ok", &log, Behave::ReturnOk).restart(Restart::Transient)],
+    )
+    .await;
+    waiting(&b, "trans-ok").await;
+    a.shutdown().await;
+    b.wait_until(|s| matches!(s.get("trans-ok"), Some(SingletonState::Finished { .. })))
+        .await;
+    assert_eq!(log.count("start trans-ok"), 2);
+    b.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn intensity_exceeded_steps_down_and_another_node_takes_over() {
+    let cluster = MemoryCluster::new();
+    let log = Log::default();
+    let a = node(&cluster, "a", vec![probe("flaky", &log, Behave::Panic)]).await;
+    running(&a, "flaky").await;
+    let ok_log = Log::default();
+    let b = node(&cluster, "b", vec![probe("flaky", &ok_log, Behave::Wait)]).await;
+    // a: 1 start + 3 restarts (default intensity 3 in 5 s), then it steps down
+    a.wait_until(|s| matches!(s.get("flaky"), Some(SingletonState::SteppedDown)))
+        .await;
+    running(&b, "flaky").await;
+    assert_eq!(log.count("start flaky a"), 4, "{:?}", log.lines());
+    // every panic became Error and still ran terminate
+    assert_eq!(
+        log.count("terminate flaky a error: panicked: kaboom"),
+        4,
+        "{:?}",
+        log.lines()
+    );
+    // after its step-down delay, a waits for b instead of grabbing the id back
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    waiting(&a, "flaky").await;
+    assert!(b.status().is_running("flaky"));
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn panic_in_run_is_an_error_and_the_guardian_lives_on() {
+    let cluster = MemoryCluster::new();
+    let log = Log::default();
+    let a = node(
+        &cluster,
+        "a",
+        vec![probe("p", &log, Behave::Panic).intensity(1, Duration::from_secs(1))],
+    )
+    .await;
+    a.wait_until(|s| matches!(s.get("p"), Some(SingletonState::SteppedDown)))
+        .await;
+    assert_eq!(log.count("terminate p a error: panicked: kaboom"), 2);
+    // The guardian is alive: after the delay it claims again and runs it again.
+    a.wait_until(|s| s.is_running("p")).await;
+    a.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn step_down_moves_the_singleton() {
+    let cluster = MemoryCluster::new();
+    let log = Log::default();
+    let a = node(&cluster, "a", vec![probe("solo", &log, Behave::Wait)]).await;
+    running(&a, "solo").await;
+    let b = node(&cluster, "b", vec![probe("solo", &log, Behave::Wait)]).await;
+    waiting(&b, "solo").await;
+    a.step_down("solo").unwrap();
+    running(&b, "solo").await;
+    assert_eq!(log.count("terminate solo a stepdown"), 1);
+    assert!(a.step_down("nope").is_err());
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// Simulates a netsplit on `names.len()` nodes split into `sides`, heals, and
+/// checks one instance per side during the split and one after, with the loser
+/// seeing Conflict and the oldest tenure surviving.
+async fn split_and_heal(names: &[&str], sides: &[&[&str]]) {
+    let cluster = MemoryCluster::new();
+    let log = Log::default();
+    let mut nodes = Vec::new();
+    for name in names {
+        let n = node(&cluster, name, vec![probe("solo", &log, Behave::Wait)]).await;
+        if nodes.is_empty() {
+            running(&n, "solo").await;
+        }
+        nodes.push(n);
+    }
+    for n in &nodes[1..] {
+        waiting(n, "solo").await;
+    }
+    let original = nodes[0].node().to_string();
+
+    cluster.partition(sides);
+    // each side without the holder takes over: one instance per side
+    for side in sides {
+        let on_side: Vec<&RuntimeHandle> =
+            nodes.iter().filter(|n| side.contains(&n.node())).collect();
+        single_holder(&on_side, "solo").await;
+    }
+    assert_eq!(cluster.holders("solo").len(), sides.len());
+    let running_during: usize = nodes
+        .iter()
+        .filter(|n| n.status().is_running("solo"))
+        .count();
+    assert_eq!(running_during, sides.len());
+
+    cluster.heal();
+    let survivor = single_holder(&nodes.iter().collect::<Vec<_>>(), "solo").await;
+    assert_eq!(
+        nodes[survivor].node(),
+        original,
+        "the longest tenure survives"
+    );
+    assert_eq!(cluster.holders("solo").len(), 1);
+    assert_eq!(
+        log.count("terminate solo"),
+        sides.len() - 1,
+        "{:?}",
+        log.lines()
+    );
+    assert_eq!(
+        log.count("terminate solo"),
+        log.lines()
+            .iter()
+            .filter(|l| l.ends_with(" conflict"))
+            .count()
+    );
+    for n in &nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_node_split_runs_one_per_side_and_heal_keeps_one() {
+    split_and_heal(&["a", "b"], &[&["a"], &["b"]]).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn ten_node_split_4_6_then_heal() {
+    let names = ["n0", "n1", "n2", "n3", "n4", "n5", "n6", "n7", "n8", "n9"];
+    split_and_heal(
+        &names,
+        &[
+            &["n0", "n1", "n2", "n3"],
+            &["n4", "n5", "n6", "n7", "n8", "n9"],
+        ],
+    )
+    .await;
+    // and with the holder on the majority side
+    split_and_heal(
+        &names,
+        &[
+            &["n6", "n7", "n8", "n9"],
+            &["n0", "n1", "n2", "n3", "n4", "n5"],
+        ],
+    )
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn heal_tie_goes_to_the_lower_node_name() {
+    // Both sides claim at the same instant (paused clock): the lower name wins.
+    let cluster = MemoryCluster::new();
+    let log = Log::default();
+    cluster.partition(&[&["b"], &["a"]]);
+    let b = node(&cluster, "b", vec![probe("solo", &log, Behave::Wait)]).await;
+    let a = node(&cluster, "a", vec![probe("solo", &log, Behave::Wait)]).await;
+    running(&a, "solo").await;
+    running(&b, "solo").await;
+    cluster.heal();
+    let survivor = single_holder(&[&a, &b], "solo").await;
+    assert_eq!(survivor, 0, "a wins the tie");
+    assert_eq!(
+        log.count("terminate solo b conflict"),
+        1,
+        "{:?}",
+        log.lines()
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn runtime_ids_per_tenant() {
+    let cluster = MemoryCluster::new();
+    let log = Log::default();
+    let tenants = ["acme", "globex", "initech"];
+    let specs = |log: &Log| {
+        tenants
+            .iter()
+            .map(|t| probe(&format!("tenant/{t}"), log, Behave::Wait))
+            .collect::<Vec<_>>()
+    };
+    let a = node(&cluster, "a", specs(&log)).await;
+    let b = node(&cluster, "b", specs(&log)).await;
+    for t in tenants {
+        single_holder(&[&a, &b], &format!("tenant/{t}")).await;
+    }
+    assert_eq!(log.count("start tenant/"), 3);
+    a.shutdown().await;
+    for t in tenants {
+        running(&b, &format!("tenant/{t}")).await;
+    }
+    b.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn bad_runtime_ids_and_duplicates_are_refused() {
+    let cluster = MemoryCluster::new();
+    let log = Log::default();
+    let err = Runtime::builder()
+        .node("a")
+        .backend(cluster.clone())
+        .without_registered()
+        .child(probe("has space", &log, Behave::Wait))
+        .start()
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid singleton id `has space`: an id may only contain A-Z a-z 0-9 and . _ : / -"
+    );
+    let err = Runtime::builder()
+        .node("a")
+        .backend(cluster.clone())
+        .without_registered()
+        .child(probe("same", &log, Behave::Wait))
+        .child(probe("same", &log, Behave::Fail))
+        .start()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::DuplicateId { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with("duplicate singleton id `same`: it is used by both"),
+        "{err}"
+    );
+    // nothing was left connected
+    assert!(cluster.nodes().is_empty());
+    // two runtimes with one node name on one cluster
+    let a = node(&cluster, "a", vec![]).await;
+    let err = Runtime::builder()
+        .node("a")
+        .backend(cluster.clone())
+        .without_registered()
+        .start()
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("node name `a` is already connected"),
+        "{err}"
+    );
+    a.shutdown().await;
+}
+
+struct Stubborn;
+
+impl Service for Stubborn {
+    async fn run(&mut self, _ctx: &Context) -> highlander::Result<()> {
+        // ignores cancellation
+        std::future::pending::<()>().await;
+        Ok(())
+    }
+    async fn terminate(&mut self, _reason: ShutdownReason) {
+        panic!("terminate must not run after the budget is spent");
+    }
+}
+
+struct SlowTerminate(Log);
+
+impl Service for SlowTerminate {
+    async fn run(&mut self, ctx: &Context) -> highlander::Result<()> {
+        ctx.cancelled().await;
+        Ok(())
+    }
+    async fn terminate(&mut self, _reason: ShutdownReason) {
+        self.0.push("terminate began".into());
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        self.0.push("terminate finished".into());
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_budget_bounds_a_stuck_instance() {
+    let cluster = MemoryCluster::new();
+    let log = Log::default();
+    let slow_log = log.clone();
+    let a = Runtime::builder()
+        .node("a")
+        .backend(cluster.clone())
+        .without_registered()
+        .child(
+            ChildSpec::new("stubborn", |_ctx| async { Ok(Stubborn) })
+                .shutdown(Duration::from_secs(2)),
+        )
+        .child(
+            ChildSpec::new("slow", move |_ctx| {
+                let log = slow_log.clone();
+                async move { Ok(SlowTerminate(log)) }
+            })
+            .shutdown(Duration::from_secs(3)),
+        )
+        .start()
+        .await
+        .unwrap();
+    running(&a, "stubborn").await;
+    running(&a, "slow").await;
+    let t0 = tokio::time::Instant::now();
+    a.shutdown().await;
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+    assert_eq!(log.lines(), vec!["terminate began".to_string()]);
+}
+
+struct WithInit {
+    greeting: String,
+}
+
+impl Service for WithInit {
+    async fn run(&mut self, ctx: &Context) -> highlander::Result<()> {
+        ctx.state::<Log>()?.push(self.greeting.clone());
+        ctx.cancelled().await;
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn shared_state_and_missing_state() {
+    let cluster = MemoryCluster::new();
+    let log = Log::default();
+    let a = Runtime::builder()
+        .node("a")
+        .backend(cluster.clone())
+        .without_registered()
+        .state(log.clone())
+        .singleton("hello", |ctx: &Context| {
+            let greeting = format!(
+                "hello from {} with token {}",
+                ctx.node(),
+                ctx.fencing_token()
+            );
+            async move { Ok(WithInit { greeting }) }
+        })
+        .start()
+        .await
+        .unwrap();
+    running(&a, "hello").await;
+    a.wait_until(|_| !log.lines().is_empty()).await;
+    assert_eq!(log.lines(), vec!["hello from a with token 1".to_string()]);
+    a.shutdown().await;
+
+    // Without the state, run fails with an error that says what to do.
+    let b = Runtime::builder()
+        .node("b")
+        .backend(cluster.clone())
+        .without_registered()
+        .child(
+            ChildSpec::new("hello", |_ctx: &Context| async {
+                Ok(WithInit {
+                    greeting: String::new(),
+                })
+            })
+            .restart(Restart::Temporary),
+        )
+        .start()
+        .await
+        .unwrap();
+    let status = b
+        .wait_until(|s| matches!(s.get("hello"), Some(SingletonState::Finished { .. })))
+        .await;
+    match status.get("hello") {
+        Some(SingletonState::Finished {
+            reason: ShutdownReason::Error(e),
+            ..
+        }) => assert!(
+            e.contains("no shared state of type") && e.contains("Runtime::builder().state(value)"),
+            "{e}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    b.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn many_ids_on_three_nodes_each_run_once() {
+    let cluster = MemoryCluster::new();
+    let log = Log::default();
+    let specs = |log: &Log| {
+        (0..300)
+            .map(|i| probe(&format!("id-{i}"), log, Behave::Wait))
+            .collect::<Vec<_>>()
+    };
+    let a = node(&cluster, "a", specs(&log)).await;
+    let b = node(&cluster, "b", specs(&log)).await;
+    let c = node(&cluster, "c", specs(&log)).await;
+    let total = || {
+        a.status().running().count() + b.status().running().count() + c.status().running().count()
+    };
+    while total() < 300 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(total(), 300);
+    assert_eq!(log.count("start"), 300);
+    a.abort();
+    while b.status().running().count() + c.status().running().count() < 300 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    b.shutdown().await;
+    c.shutdown().await;
+}
