@@ -1,1 +1,283 @@
-//! Harness for the etcd backend's tests (filled in with that backend).
+//! Real `etcd` servers for the etcd backend's tests: a single member or a
+//! 3-member cluster, started from the machine's `etcd` binary (Debian
+//! `etcd-server`) in a temp dir on free loopback ports, and stopped when the
+//! [`EtcdCluster`] is dropped.
+//!
+//! Nothing here skips: when `etcd` is missing or does not become healthy, the
+//! harness panics with the reason and the tail of the server's log.
+//!
+//! ```no_run
+//! # #[tokio::main] async fn main() {
+//! let etcd = highlander_tests::etcd::EtcdCluster::start(3).await;
+//! let url = etcd.url(); // etcd://127.0.0.1:p1,127.0.0.1:p2,127.0.0.1:p3
+//! etcd.kill_member(0);
+//! # let _ = url; }
+//! ```
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// One etcd member.
+struct Member {
+    name: String,
+    client_port: u16,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+/// A running etcd cluster of one or more members.
+pub struct EtcdCluster {
+    dir: PathBuf,
+    members: Vec<Member>,
+}
+
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
+/// A loopback port nobody listens on now.
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral loopback port");
+    listener
+        .local_addr()
+        .expect("a bound socket has an address")
+        .port()
+}
+
+/// The `etcd` binary: `$ETCD_BIN`, else `etcd` on the `PATH`.
+fn etcd_bin() -> String {
+    std::env::var("ETCD_BIN").unwrap_or_else(|_| "etcd".into())
+}
+
+/// The `etcdctl` binary: `$ETCDCTL_BIN`, else `etcdctl` on the `PATH`.
+fn etcdctl_bin() -> String {
+    std::env::var("ETCDCTL_BIN").unwrap_or_else(|_| "etcdctl".into())
+}
+
+/// Where data dirs go: tmpfs when the machine has it (fsync is what makes
+/// etcd slow on a disk), else the system temp dir.
+fn base_dir() -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    }
+}
+
+impl EtcdCluster {
+    /// Starts a single-member etcd.
+    pub async fn single() -> EtcdCluster {
+        EtcdCluster::start(1).await
+    }
+
+    /// Starts `size` members forming one cluster and waits until every one
+    /// answers. Panics with the reason when that fails.
+    pub async fn start(size: usize) -> EtcdCluster {
+        assert!(size >= 1, "an etcd cluster has at least one member");
+        let unique = format!(
+            "hl-etcd-{}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed),
+            crate::unix_nanos() % 1_000_000_000
+        );
+        let dir = base_dir().join(&unique);
+        std::fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("cannot create etcd dir {}: {e}", dir.display()));
+        let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
+        let initial_cluster = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = EtcdCluster {
+            dir: dir.clone(),
+            members: Vec::new(),
+        };
+        for (i, (client, peer)) in ports.iter().enumerate() {
+            let name = format!("m{i}");
+            let data = dir.join(format!("{name}.data"));
+            let log = dir.join(format!("{name}.log"));
+            let log_file = std::fs::File::create(&log)
+                .unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
+            let child = Command::new(etcd_bin())
+                .arg("--name")
+                .arg(&name)
+                .arg("--data-dir")
+                .arg(&data)
+                .arg("--listen-client-urls")
+                .arg(format!("http://127.0.0.1:{client}"))
+                .arg("--advertise-client-urls")
+                .arg(format!("http://127.0.0.1:{client}"))
+                .arg("--listen-peer-urls")
+                .arg(format!("http://127.0.0.1:{peer}"))
+                .arg("--initial-advertise-peer-urls")
+                .arg(format!("http://127.0.0.1:{peer}"))
+                .arg("--initial-cluster")
+                .arg(&initial_cluster)
+                .arg("--initial-cluster-state")
+                .arg("new")
+                .arg("--initial-cluster-token")
+                .arg(&unique)
+                .stdin(Stdio::null())
+                .stdout(log_file.try_clone().expect("clone a file handle"))
+                .stderr(log_file)
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "cannot start `{}` ({e}): install etcd (Debian package etcd-server; \
+                         scripts/setup does it) or set ETCD_BIN",
+                        etcd_bin()
+                    )
+                });
+            cluster.members.push(Member {
+                name,
+                client_port: *client,
+                child: Some(child),
+                log,
+            });
+        }
+        cluster.wait_healthy(Duration::from_secs(60)).await;
+        cluster
+    }
+
+    async fn wait_healthy(&mut self, limit: Duration) {
+        let started = Instant::now();
+        loop {
+            for member in &mut self.members {
+                if let Some(child) = member.child.as_mut() {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        panic!(
+                            "etcd member {} exited during start-up ({status}); its log ends:\n{}",
+                            member.name,
+                            tail(&member.log)
+                        );
+                    }
+                }
+            }
+            let all = self.members.iter().all(|m| {
+                Command::new(etcdctl_bin())
+                    .env("ETCDCTL_API", "3")
+                    .arg(format!("--endpoints=http://127.0.0.1:{}", m.client_port))
+                    .arg("--command-timeout=1s")
+                    .arg("endpoint")
+                    .arg("health")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .map(|s| s.success())
+                    .unwrap_or(false)
+            });
+            if all {
+                return;
+            }
+            if started.elapsed() > limit {
+                let logs: Vec<String> = self
+                    .members
+                    .iter()
+                    .map(|m| format!("--- {} ---\n{}", m.name, tail(&m.log)))
+                    .collect();
+                panic!(
+                    "etcd did not become healthy within {limit:?}; logs:\n{}",
+                    logs.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The client endpoints, `127.0.0.1:port` each, of every member
+    /// (killed ones included).
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .map(|m| format!("127.0.0.1:{}", m.client_port))
+            .collect()
+    }
+
+    /// The backend URL naming every member: `etcd://127.0.0.1:p1,…`.
+    pub fn url(&self) -> String {
+        format!("etcd://{}", self.endpoints().join(","))
+    }
+
+    /// The same URL with query parameters, for example `ttl=3s`.
+    pub fn url_with(&self, query: &str) -> String {
+        format!("{}/highlander?{query}", self.url())
+    }
+
+    /// Kills member `i` with SIGKILL (the others keep quorum in a cluster of
+    /// three) and waits for it to exit.
+    pub fn kill_member(&mut self, i: usize) {
+        let member = &mut self.members[i];
+        if let Some(mut child) = member.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Runs `etcdctl` against the members still running with `args`, and
+    /// returns its stdout. Panics with its stderr when it fails.
+    pub fn etcdctl(&self, args: &[&str]) -> String {
+        let endpoints: Vec<String> = self
+            .members
+            .iter()
+            .filter(|m| m.child.is_some())
+            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
+            .collect();
+        let out = Command::new(etcdctl_bin())
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", endpoints.join(",")))
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("cannot run `{}` ({e}): install etcd-client", etcdctl_bin())
+            });
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Every lease id the cluster holds now (hex, as `etcdctl` prints them).
+    pub fn leases(&self) -> Vec<String> {
+        // etcdctl 3.4 prints "found N leases", then one hex id per line.
+        self.etcdctl(&["lease", "list"])
+            .lines()
+            .skip(1)
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_hexdigit()))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The lease id (hex) that key `key` is attached to, if the key exists.
+    pub fn lease_of(&self, key: &str) -> Option<String> {
+        let out = self.etcdctl(&["get", key, "-w", "fields"]);
+        out.lines()
+            .find_map(|l| l.strip_prefix("\"Lease\" : "))
+            .map(|v| v.trim().parse::<i64>().expect("a lease id is a number"))
+            .map(|id| format!("{id:x}"))
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for member in &mut self.members {
+            if let Some(mut child) = member.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}

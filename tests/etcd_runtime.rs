@@ -1,0 +1,492 @@
+//! The etcd backend driven through the runtime, against a real etcd started
+//! by the harness: several runtimes in this process, each its own node with
+//! its own etcd lease. Deadlines here are hang guards, never timing claims.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use highlander::backend::etcd::Etcd;
+use highlander::{
+    ChildSpec, Context, Runtime, RuntimeHandle, Service, ShutdownReason, SingletonState,
+};
+use highlander_tests::etcd::EtcdCluster;
+
+/// A short TTL keeps the tests fast; the instances stop well within it.
+const TTL: Duration = Duration::from_secs(3);
+const BUDGET: Duration = Duration::from_millis(300);
+const GUARD: Duration = Duration::from_secs(60);
+
+#[derive(Clone, Default)]
+struct Log(Arc<Mutex<Vec<String>>>);
+
+impl Log {
+    fn push(&self, line: String) {
+        self.0.lock().unwrap().push(line);
+    }
+    fn lines(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+struct Probe {
+    log: Log,
+    tag: String,
+}
+
+impl Service for Probe {
+    async fn run(&mut self, ctx: &Context) -> highlander::Result<()> {
+        self.tag = format!("{} {} {}", ctx.id(), ctx.node(), ctx.fencing_token());
+        self.log.push(format!("start {}", self.tag));
+        ctx.cancelled().await;
+        Ok(())
+    }
+    async fn terminate(&mut self, reason: ShutdownReason) {
+        self.log.push(format!("stop {} {reason}", self.tag));
+    }
+}
+
+fn etcd(cluster: &EtcdCluster) -> Etcd {
+    Etcd::new(cluster.endpoints())
+        .ttl(TTL)
+        .keepalive_interval(Duration::from_millis(250))
+}
+
+async fn node(cluster: &EtcdCluster, name: &str, ids: &[String], log: &Log) -> RuntimeHandle {
+    let mut builder = Runtime::builder()
+        .node(name)
+        .backend(etcd(cluster))
+        .without_registered();
+    for id in ids {
+        let log = log.clone();
+        builder = builder.child(
+            ChildSpec::new(id.clone(), move |_ctx| {
+                let log = log.clone();
+                async move {
+                    Ok(Probe {
+                        log,
+                        tag: String::new(),
+                    })
+                }
+            })
+            .shutdown(BUDGET),
+        );
+    }
+    builder.start().await.expect("the runtime starts on etcd")
+}
+
+async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(GUARD, f)
+        .await
+        .unwrap_or_else(|_| panic!("hang guard: {what} did not happen within {GUARD:?}"))
+}
+
+fn token_of(handle: &RuntimeHandle, id: &str) -> Option<u64> {
+    handle
+        .status()
+        .running()
+        .find(|(i, _)| *i == id)
+        .map(|(_, t)| t)
+}
+
+/// The one node running `id` among `nodes`, once exactly one runs it.
+async fn sole_holder(nodes: &[&RuntimeHandle], id: &str) -> (usize, u64) {
+    within("a single holder", async {
+        loop {
+            let running: Vec<(usize, u64)> = nodes
+                .iter()
+                .enumerate()
+                .filter_map(|(i, n)| token_of(n, id).map(|t| (i, t)))
+                .collect();
+            assert!(
+                running.len() <= 1,
+                "two nodes run `{id}` at once: {running:?}"
+            );
+            if let [one] = running[..] {
+                return one;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_holder_among_three_then_takeovers_with_growing_tokens() {
+    let cluster = EtcdCluster::single().await;
+    let log = Log::default();
+    let ids = vec!["solo".to_string()];
+    let a = node(&cluster, "a", &ids, &log).await;
+    let b = node(&cluster, "b", &ids, &log).await;
+    let c = node(&cluster, "c", &ids, &log).await;
+    let nodes = [&a, &b, &c];
+    let (first, token1) = sole_holder(&nodes, "solo").await;
+    // The others wait, and know who holds it.
+    for (i, n) in nodes.iter().enumerate().filter(|(i, _)| *i != first) {
+        let status = within(
+            "waiting",
+            n.wait_until(|s| matches!(s.get("solo"), Some(SingletonState::Waiting { .. }))),
+        )
+        .await;
+        match status.get("solo") {
+            Some(SingletonState::Waiting { holder: Some(h) }) => {
+                assert_eq!(h.node, nodes[first].node(), "node {i} names the holder");
+                assert_eq!(h.token, Some(token1));
+            }
+            other => panic!("node {i}: {other:?}"),
+        }
+    }
+    let holder = a.holder("solo").await.unwrap().expect("a holder is known");
+    assert_eq!(holder.node, nodes[first].node());
+    assert_eq!(
+        cluster
+            .etcdctl(&["get", "/highlander/solo", "--print-value-only"])
+            .trim(),
+        nodes[first].node()
+    );
+
+    // Graceful stop of the holder: the id is released, another node takes it.
+    nodes[first].shutdown().await;
+    let rest: Vec<&RuntimeHandle> = nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != first)
+        .map(|(_, n)| *n)
+        .collect();
+    let (second, token2) = sole_holder(&rest, "solo").await;
+    assert!(
+        token2 > token1,
+        "tokens grow across takeovers: {token1} then {token2}"
+    );
+    assert!(
+        log.lines()
+            .iter()
+            .any(|l| l.starts_with("stop solo") && l.ends_with("node shutdown")),
+        "{:?}",
+        log.lines()
+    );
+
+    // Revoke the holder's lease from outside: it loses the id at once, and
+    // the last node takes over.
+    let lease = cluster
+        .lease_of("/highlander/solo")
+        .expect("the key has a lease");
+    cluster.etcdctl(&["lease", "revoke", &lease]);
+    let last = rest[1 - second];
+    within(
+        "takeover after revoke",
+        last.wait_until(|s| s.is_running("solo")),
+    )
+    .await;
+    let token3 = token_of(last, "solo").unwrap();
+    assert!(
+        token3 > token2,
+        "tokens grow across takeovers: {token2} then {token3}"
+    );
+    let loser = rest[second];
+    within(
+        "the revoked holder stops",
+        loser.wait_until(|s| !s.is_running("solo")),
+    )
+    .await;
+    within("the lease-lost terminate", async {
+        while !log
+            .lines()
+            .iter()
+            .any(|l| l == &format!("stop solo {} {token2} lease lost", loser.node()))
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // The node whose lease was revoked got a new lease and waits again.
+    within(
+        "the revoked node waits again",
+        loser.wait_until(|s| matches!(s.get("solo"), Some(SingletonState::Waiting { .. }))),
+    )
+    .await;
+    last.shutdown().await;
+    within(
+        "the revoked node takes over at last",
+        loser.wait_until(|s| s.is_running("solo")),
+    )
+    .await;
+    assert!(token_of(loser, "solo").unwrap() > token3);
+    loser.shutdown().await;
+    assert_eq!(
+        cluster
+            .etcdctl(&["get", "--prefix", "/highlander/", "--keys-only"])
+            .trim(),
+        "",
+        "every key is gone"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_ids_on_three_nodes_with_one_lease_each() {
+    let cluster = EtcdCluster::single().await;
+    let log = Log::default();
+    let ids: Vec<String> = (0..1000).map(|i| format!("tenant-{i}")).collect();
+    let mut nodes = Vec::new();
+    for name in ["a", "b", "c"] {
+        nodes.push(node(&cluster, name, &ids, &log).await);
+    }
+    within("every id running once", async {
+        loop {
+            let running: usize = nodes.iter().map(|n| n.status().running().count()).sum();
+            if running == ids.len() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let mut owners: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, n) in nodes.iter().enumerate() {
+        for (id, _) in n.status().running() {
+            assert!(
+                owners.insert(id.to_string(), i).is_none(),
+                "`{id}` runs twice"
+            );
+        }
+    }
+    assert_eq!(owners.len(), 1000);
+    let leases = cluster.leases();
+    assert_eq!(leases.len(), 3, "one lease per node: {leases:?}");
+    let keys = cluster.etcdctl(&["get", "--prefix", "/highlander/", "--keys-only"]);
+    assert_eq!(keys.lines().filter(|l| !l.is_empty()).count(), 1000);
+
+    // Kill (abort) the node with the most ids: the others take all of them
+    // after its lease expires.
+    let busiest = (0..3)
+        .max_by_key(|&i| nodes[i].status().running().count())
+        .unwrap();
+    let crashed = nodes.remove(busiest);
+    crashed.abort();
+    // The handle keeps the session (and so the keep-alive) alive: a crash
+    // is the handle gone too.
+    drop(crashed);
+    let survivors: Vec<&RuntimeHandle> = nodes.iter().collect();
+    within("every id running again", async {
+        loop {
+            let running: usize = survivors.iter().map(|n| n.status().running().count()).sum();
+            if running == ids.len() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    for n in survivors {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_endpoints_and_bad_urls_are_one_line_errors() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("etcd://app:hunter2@127.0.0.1:{port}?connect_timeout=1s");
+    let err = Runtime::builder()
+        .node("x")
+        .backend_url(&url)
+        .without_registered()
+        .start()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("cannot reach etcd at 127.0.0.1:{port}")),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "{err}");
+    assert!(!err.contains('\n'), "{err}");
+
+    let err = Runtime::builder()
+        .node("x")
+        .backend_url("etcd://app:hunter2@nowhere")
+        .start()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("invalid etcd URL") && !err.contains("hunter2") && !err.contains('\n'),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_and_password_auth_and_the_password_stays_hidden() {
+    let cluster = EtcdCluster::single().await;
+    cluster.etcdctl(&["user", "add", "root", "--new-user-password=r00t-Secret"]);
+    cluster.etcdctl(&["user", "grant-role", "root", "root"]);
+    cluster.etcdctl(&["auth", "enable"]);
+    let endpoints = cluster.endpoints().join(",");
+
+    let wrong = format!("etcd://root:Wr0ng-Passw0rd@{endpoints}?ttl=3s");
+    let err = Runtime::builder()
+        .node("x")
+        .backend_url(&wrong)
+        .without_registered()
+        .start()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("refused user `root`"), "{err}");
+    assert!(
+        !err.contains("Wr0ng-Passw0rd") && !err.contains('\n'),
+        "{err}"
+    );
+
+    let log = Log::default();
+    let backend = Etcd::new(cluster.endpoints())
+        .ttl(TTL)
+        .user("root", "r00t-Secret");
+    assert!(!format!("{backend:?}").contains("r00t-Secret"));
+    let handle = Runtime::builder()
+        .node("authed")
+        .backend(backend)
+        .without_registered()
+        .child(
+            ChildSpec::new("guarded", {
+                let log = log.clone();
+                move |_ctx| {
+                    let log = log.clone();
+                    async move {
+                        Ok(Probe {
+                            log,
+                            tag: String::new(),
+                        })
+                    }
+                }
+            })
+            .shutdown(BUDGET),
+        )
+        .start()
+        .await
+        .expect("the right password is accepted");
+    within(
+        "running with auth",
+        handle.wait_until(|s| s.is_running("guarded")),
+    )
+    .await;
+    assert!(!format!("{:?}", handle.status()).contains("r00t-Secret"));
+    handle.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_budget_that_does_not_fit_the_ttl_is_refused_clearly() {
+    let cluster = EtcdCluster::single().await;
+    let handle = Runtime::builder()
+        .node("slow")
+        .backend(etcd(&cluster))
+        .without_registered()
+        .child(
+            ChildSpec::new("slow-stopper", |_ctx| async {
+                Ok(Probe {
+                    log: Log::default(),
+                    tag: String::new(),
+                })
+            })
+            .shutdown(Duration::from_secs(5)),
+        )
+        .start()
+        .await
+        .unwrap();
+    let status = within(
+        "the claim is refused",
+        handle
+            .wait_until(|s| matches!(s.get("slow-stopper"), Some(SingletonState::Retrying { .. }))),
+    )
+    .await;
+    let Some(SingletonState::Retrying { error }) = status.get("slow-stopper") else {
+        unreachable!()
+    };
+    assert!(
+        error.contains("does not fit in the etcd lease TTL"),
+        "{error}"
+    );
+    assert!(
+        cluster
+            .etcdctl(&["get", "--prefix", "/highlander/", "--keys-only"])
+            .trim()
+            .is_empty()
+    );
+    handle.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_member_of_three_killed_under_load_changes_nothing_for_holders() {
+    let mut cluster = EtcdCluster::start(3).await;
+    let log = Log::default();
+    let ids: Vec<String> = (0..50).map(|i| format!("job-{i}")).collect();
+    let a = node(&cluster, "a", &ids, &log).await;
+    let b = node(&cluster, "b", &ids, &log).await;
+    let before = within("all running", async {
+        loop {
+            let mut all: Vec<(String, String, u64)> = Vec::new();
+            for n in [&a, &b] {
+                all.extend(
+                    n.status()
+                        .running()
+                        .map(|(id, t)| (id.to_string(), n.node().to_string(), t)),
+                );
+            }
+            if all.len() == ids.len() {
+                all.sort();
+                return all;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // Load: a third node keeps asking for every id while a member dies.
+    let c = node(&cluster, "c", &ids, &log).await;
+    cluster.kill_member(0);
+    // Ride through several TTLs with a member gone.
+    tokio::time::sleep(TTL * 3).await;
+    let mut after: Vec<(String, String, u64)> = Vec::new();
+    for n in [&a, &b, &c] {
+        after.extend(
+            n.status()
+                .running()
+                .map(|(id, t)| (id.to_string(), n.node().to_string(), t)),
+        );
+    }
+    after.sort();
+    assert_eq!(
+        before, after,
+        "no holder changed while one member of three died"
+    );
+    let stops: Vec<String> = log
+        .lines()
+        .into_iter()
+        .filter(|l| l.starts_with("stop"))
+        .collect();
+    assert!(stops.is_empty(), "no instance stopped: {stops:?}");
+    // Graceful handoff still works on the two survivors.
+    a.shutdown().await;
+    within("b and c take a's ids", async {
+        loop {
+            let running: HashSet<String> = [&b, &c]
+                .iter()
+                .flat_map(|n| {
+                    n.status()
+                        .running()
+                        .map(|(i, _)| i.to_string())
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            if running.len() == ids.len() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    b.shutdown().await;
+    c.shutdown().await;
+}
