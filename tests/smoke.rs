@@ -1,4 +1,4 @@
-use highlander::{highlander, Context, MemoryCluster, Runtime, Service, ShutdownReason};
+use highlander::{Context, MemoryCluster, Runtime, Service, ShutdownReason, highlander};
 use std::sync::Mutex;
 
 static LOG: Mutex<Vec<String>> = Mutex::new(Vec::new());
@@ -9,7 +9,9 @@ struct Smoke;
 
 impl Service for Smoke {
     async fn run(&mut self, ctx: &Context) -> highlander::Result<()> {
-        LOG.lock().unwrap().push(format!("run {} {}", ctx.node(), ctx.fencing_token()));
+        LOG.lock()
+            .unwrap()
+            .push(format!("run {} {}", ctx.node(), ctx.fencing_token()));
         ctx.cancelled().await;
         Ok(())
     }
@@ -21,10 +23,28 @@ impl Service for Smoke {
 #[tokio::test]
 async fn smoke() {
     let cluster = MemoryCluster::new();
-    let a = Runtime::builder().node("a").backend(cluster.clone()).service::<Smoke>().start().await.unwrap();
+    let a = Runtime::builder()
+        .node("a")
+        .backend(cluster.clone())
+        .service::<Smoke>()
+        .start()
+        .await
+        .unwrap();
     a.wait_until(|s| s.is_running("smoke")).await;
-    let b = Runtime::builder().node("b").backend(cluster.clone()).service::<Smoke>().start().await.unwrap();
-    b.wait_until(|s| matches!(s.get("smoke"), Some(highlander::SingletonState::Waiting { .. }))).await;
+    let b = Runtime::builder()
+        .node("b")
+        .backend(cluster.clone())
+        .service::<Smoke>()
+        .start()
+        .await
+        .unwrap();
+    b.wait_until(|s| {
+        matches!(
+            s.get("smoke"),
+            Some(highlander::SingletonState::Waiting { .. })
+        )
+    })
+    .await;
     a.shutdown().await;
     b.wait_until(|s| s.is_running("smoke")).await;
     b.shutdown().await;

@@ -8,7 +8,15 @@ use syn::spanned::Spanned;
 use syn::{Expr, ExprLit, Lit, Meta, Token};
 
 /// The keys the attribute accepts, in the order the docs list them.
-pub(crate) const KEYS: &[&str] = &["id", "restart", "shutdown", "intensity", "period", "init", "crate"];
+pub(crate) const KEYS: &[&str] = &[
+    "id",
+    "restart",
+    "shutdown",
+    "intensity",
+    "period",
+    "init",
+    "crate",
+];
 
 /// One value as written, with its span.
 pub(crate) struct Spanned_<T> {
@@ -26,6 +34,9 @@ pub(crate) struct Args {
     pub(crate) period: Option<Spanned_<String>>,
     pub(crate) init: Option<syn::Path>,
     pub(crate) krate: Option<syn::Path>,
+    /// `id` was written, even if its value was refused (so no second
+    /// "missing `id`" error cascades from a bad value).
+    pub(crate) id_written: bool,
 }
 
 /// Collects every error instead of stopping at the first (as serde_derive's
@@ -49,7 +60,10 @@ impl Errors {
     }
 
     pub(crate) fn to_compile_errors(&self) -> TokenStream {
-        self.errors.iter().map(syn::Error::to_compile_error).collect()
+        self.errors
+            .iter()
+            .map(syn::Error::to_compile_error)
+            .collect()
     }
 }
 
@@ -65,9 +79,16 @@ pub(crate) fn parse_args(tokens: TokenStream, errors: &mut Errors) -> Args {
     };
     for meta in metas {
         let Meta::NameValue(nv) = &meta else {
-            let name = meta.path().get_ident().map(|i| i.to_string()).unwrap_or_default();
+            let name = meta
+                .path()
+                .get_ident()
+                .map(|i| i.to_string())
+                .unwrap_or_default();
             if KEYS.contains(&name.as_str()) {
-                errors.push(meta.span(), format_args!("`{name}` needs a value: `{name} = ...`"));
+                errors.push(
+                    meta.span(),
+                    format_args!("`{name}` needs a value: `{name} = ...`"),
+                );
             } else {
                 unknown_key(errors, meta.path());
             }
@@ -75,10 +96,13 @@ pub(crate) fn parse_args(tokens: TokenStream, errors: &mut Errors) -> Args {
         };
         let Some(key) = nv.path.get_ident().map(|i| i.to_string()).or_else(|| {
             // `crate` is a keyword, so it parses as a path segment, not an ident.
-            nv.path.is_ident("crate").then(|| "crate".to_string()).or_else(|| {
-                (nv.path.segments.len() == 1 && nv.path.segments[0].ident == "crate")
-                    .then(|| "crate".to_string())
-            })
+            nv.path
+                .is_ident("crate")
+                .then(|| "crate".to_string())
+                .or_else(|| {
+                    (nv.path.segments.len() == 1 && nv.path.segments[0].ident == "crate")
+                        .then(|| "crate".to_string())
+                })
         }) else {
             unknown_key(errors, &nv.path);
             continue;
@@ -86,12 +110,37 @@ pub(crate) fn parse_args(tokens: TokenStream, errors: &mut Errors) -> Args {
         let key_span = nv.path.span();
         let value = &nv.value;
         match key.as_str() {
-            "id" => set(&mut args.id, string(value, "id", errors), key_span, "id", errors),
-            "restart" => set(&mut args.restart, string(value, "restart", errors), key_span, "restart", errors),
-            "shutdown" => {
-                set(&mut args.shutdown, string(value, "shutdown", errors), key_span, "shutdown", errors)
+            "id" => {
+                args.id_written = true;
+                set(
+                    &mut args.id,
+                    string(value, "id", errors),
+                    key_span,
+                    "id",
+                    errors,
+                )
             }
-            "period" => set(&mut args.period, string(value, "period", errors), key_span, "period", errors),
+            "restart" => set(
+                &mut args.restart,
+                string(value, "restart", errors),
+                key_span,
+                "restart",
+                errors,
+            ),
+            "shutdown" => set(
+                &mut args.shutdown,
+                string(value, "shutdown", errors),
+                key_span,
+                "shutdown",
+                errors,
+            ),
+            "period" => set(
+                &mut args.period,
+                string(value, "period", errors),
+                key_span,
+                "period",
+                errors,
+            ),
             "intensity" => {
                 let parsed = integer(value, errors);
                 set(&mut args.intensity, parsed, key_span, "intensity", errors)
@@ -117,11 +166,50 @@ fn unknown_key(errors: &mut Errors, path: &syn::Path) {
         .map(|s| s.ident.to_string())
         .collect::<Vec<_>>()
         .join("::");
-    let valid = KEYS.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ");
-    errors.push(path.span(), format_args!("unknown key `{name}`: expected one of {valid}"));
+    let valid = KEYS
+        .iter()
+        .map(|k| format!("`{k}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    match KEYS.iter().find(|k| edit_distance(k, &name) <= 2) {
+        Some(close) => errors.push(
+            path.span(),
+            format_args!("unknown key `{name}` (did you mean `{close}`?): expected one of {valid}"),
+        ),
+        None => errors.push(
+            path.span(),
+            format_args!("unknown key `{name}`: expected one of {valid}"),
+        ),
+    }
 }
 
-fn set<T>(slot: &mut Option<Spanned_<T>>, value: Option<Spanned_<T>>, key_span: Span, key: &str, errors: &mut Errors) {
+/// Levenshtein distance, for "did you mean".
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = if ca == *cb {
+                prev
+            } else {
+                1 + prev.min(row[j]).min(cur)
+            };
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+fn set<T>(
+    slot: &mut Option<Spanned_<T>>,
+    value: Option<Spanned_<T>>,
+    key_span: Span,
+    key: &str,
+    errors: &mut Errors,
+) {
     if slot.is_some() {
         errors.push(key_span, format_args!("`{key}` set multiple times"));
     } else if value.is_some() {
@@ -129,7 +217,13 @@ fn set<T>(slot: &mut Option<Spanned_<T>>, value: Option<Spanned_<T>>, key_span: 
     }
 }
 
-fn set_path(slot: &mut Option<syn::Path>, value: Option<syn::Path>, key_span: Span, key: &str, errors: &mut Errors) {
+fn set_path(
+    slot: &mut Option<syn::Path>,
+    value: Option<syn::Path>,
+    key_span: Span,
+    key: &str,
+    errors: &mut Errors,
+) {
     if slot.is_some() {
         errors.push(key_span, format_args!("`{key}` set multiple times"));
     } else if value.is_some() {
@@ -139,9 +233,17 @@ fn set_path(slot: &mut Option<syn::Path>, value: Option<syn::Path>, key_span: Sp
 
 fn string(value: &Expr, key: &str, errors: &mut Errors) -> Option<Spanned_<String>> {
     match value {
-        Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) => Some(Spanned_ { value: s.value(), span: s.span() }),
+        Expr::Lit(ExprLit {
+            lit: Lit::Str(s), ..
+        }) => Some(Spanned_ {
+            value: s.value(),
+            span: s.span(),
+        }),
         other => {
-            errors.push(other.span(), format_args!("`{key}` must be a string literal: `{key} = \"...\"`"));
+            errors.push(
+                other.span(),
+                format_args!("`{key}` must be a string literal: `{key} = \"...\"`"),
+            );
             None
         }
     }
@@ -149,15 +251,26 @@ fn string(value: &Expr, key: &str, errors: &mut Errors) -> Option<Spanned_<Strin
 
 fn integer(value: &Expr, errors: &mut Errors) -> Option<Spanned_<u32>> {
     match value {
-        Expr::Lit(ExprLit { lit: Lit::Int(i), .. }) => match i.base10_parse::<u32>() {
-            Ok(n) => Some(Spanned_ { value: n, span: i.span() }),
+        Expr::Lit(ExprLit {
+            lit: Lit::Int(i), ..
+        }) => match i.base10_parse::<u32>() {
+            Ok(n) => Some(Spanned_ {
+                value: n,
+                span: i.span(),
+            }),
             Err(_) => {
-                errors.push(i.span(), "`intensity` must be a whole number of restarts, like `intensity = 3`");
+                errors.push(
+                    i.span(),
+                    "`intensity` must be a whole number of restarts, like `intensity = 3`",
+                );
                 None
             }
         },
         other => {
-            errors.push(other.span(), "`intensity` must be a whole number of restarts, like `intensity = 3`");
+            errors.push(
+                other.span(),
+                "`intensity` must be a whole number of restarts, like `intensity = 3`",
+            );
             None
         }
     }
@@ -166,15 +279,23 @@ fn integer(value: &Expr, errors: &mut Errors) -> Option<Spanned_<u32>> {
 fn path(value: &Expr, key: &str, errors: &mut Errors) -> Option<syn::Path> {
     match value {
         Expr::Path(p) if p.qself.is_none() && p.attrs.is_empty() => Some(p.path.clone()),
-        Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) => match s.parse::<syn::Path>() {
+        Expr::Lit(ExprLit {
+            lit: Lit::Str(s), ..
+        }) => match s.parse::<syn::Path>() {
             Ok(p) => Some(p),
             Err(_) => {
-                errors.push(s.span(), format_args!("`{key}` must be a path, like `{key} = my::path`"));
+                errors.push(
+                    s.span(),
+                    format_args!("`{key}` must be a path, like `{key} = my::path`"),
+                );
                 None
             }
         },
         other => {
-            errors.push(other.span(), format_args!("`{key}` must be a path, like `{key} = my::path`"));
+            errors.push(
+                other.span(),
+                format_args!("`{key}` must be a path, like `{key} = my::path`"),
+            );
             None
         }
     }

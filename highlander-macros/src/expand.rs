@@ -43,9 +43,11 @@ fn expand(target: &Target, checked: &Checked) -> TokenStream {
     let period_ms = checked.period_ms;
     let p = quote!(#krate::__private);
     let construct = match &checked.init {
-        Some(init) => quote_spanned! {init.segments.last().map(|s| s.ident.span()).unwrap_or_else(proc_macro2::Span::call_site)=>
-            let service: #ident = #init(ctx).await?;
-        },
+        Some(init) => {
+            quote_spanned! {init.segments.last().map(|s| s.ident.span()).unwrap_or_else(proc_macro2::Span::call_site)=>
+                let service: #ident = #init(ctx).await?;
+            }
+        }
         None => quote_spanned! {ident.span()=>
             let service: #ident = <#ident as #p::core::default::Default>::default();
         },

@@ -26,6 +26,7 @@ pub(crate) struct Target {
 
 pub(crate) fn check_args(args: Args, errors: &mut Errors) -> Option<Checked> {
     let id = match args.id {
+        None if args.id_written => None,
         None => {
             errors.push(
                 Span::call_site(),
@@ -55,7 +56,9 @@ pub(crate) fn check_args(args: Args, errors: &mut Errors) -> Option<Checked> {
     let shutdown_ms = duration(args.shutdown, "shutdown", 5_000, errors);
     let period_ms = duration(args.period, "period", 5_000, errors);
     let intensity = args.intensity.map(|i| i.value).unwrap_or(3);
-    let krate = args.krate.unwrap_or_else(|| syn::parse_quote!(::highlander));
+    let krate = args
+        .krate
+        .unwrap_or_else(|| syn::parse_quote!(::highlander));
     Some(Checked {
         id: id?,
         restart: restart?,
@@ -73,10 +76,16 @@ fn check_id(id: &str, span: Span, errors: &mut Errors) -> bool {
         return false;
     }
     if id.len() > MAX_ID_LEN {
-        errors.push(span, format_args!("`id` is {} bytes long; the limit is {MAX_ID_LEN}", id.len()));
+        errors.push(
+            span,
+            format_args!("`id` is {} bytes long; the limit is {MAX_ID_LEN}", id.len()),
+        );
         return false;
     }
-    if let Some(bad) = id.chars().find(|c| !(c.is_ascii_alphanumeric() || "._:/-".contains(*c))) {
+    if let Some(bad) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "._:/-".contains(*c)))
+    {
         errors.push(
             span,
             format_args!("`id` contains {bad:?}: use only A-Z a-z 0-9 and . _ : / -"),
@@ -92,7 +101,9 @@ fn duration(
     default_ms: u64,
     errors: &mut Errors,
 ) -> Option<u64> {
-    let Some(value) = value else { return Some(default_ms) };
+    let Some(value) = value else {
+        return Some(default_ms);
+    };
     match parse_duration_ms(&value.value) {
         Some(ms) => Some(ms),
         None => {
@@ -146,7 +157,9 @@ pub(crate) fn check_item(item: &syn::Item, errors: &mut Errors) -> Option<Target
         );
         return None;
     }
-    Some(Target { ident: ident.clone() })
+    Some(Target {
+        ident: ident.clone(),
+    })
 }
 
 fn item_keyword_span(item: &syn::Item) -> Span {

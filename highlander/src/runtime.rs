@@ -418,8 +418,10 @@ impl RuntimeHandle {
     /// `terminate` runs, nothing is released explicitly; the backend sees
     /// the node disappear. For tests and demos of failover.
     pub fn abort(&self) {
+        // Dropping the main task drops the guardians' JoinSet, which aborts
+        // every guardian mid-flight; the shutdown token stays untouched so
+        // no instance is stopped gracefully.
         self.inner.main.abort();
-        self.inner.shutdown.cancel();
         self.inner.done.cancel();
     }
 

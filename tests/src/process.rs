@@ -51,7 +51,14 @@ pub fn parse_event(line: &str) -> Option<Event> {
     let id = parts.next()?.to_string();
     let token = parts.next()?.parse().ok()?;
     let reason = parts.next().map(str::to_string);
-    Some(Event { kind, at_nanos, node, id, token, reason })
+    Some(Event {
+        kind,
+        at_nanos,
+        node,
+        id,
+        token,
+        reason,
+    })
 }
 
 /// A running `node` process.
@@ -82,7 +89,10 @@ impl Fleet {
         Fleet {
             bin: bin.as_ref().to_path_buf(),
             backend: backend.to_string(),
-            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             tx,
             rx,
             history: Vec::new(),
@@ -126,33 +136,48 @@ impl Fleet {
             .await
             .unwrap_or_else(|_| panic!("node {name} did not print READY within 60 s"))
             .unwrap_or_else(|_| panic!("node {name} exited before it was ready"));
-        NodeProcess { name: name.to_string(), child, pid }
+        NodeProcess {
+            name: name.to_string(),
+            child,
+            pid,
+        }
     }
 
     /// The next event from any node, or `None` after `timeout`.
     pub async fn next_event(&mut self, timeout: Duration) -> Option<Event> {
-        let event = tokio::time::timeout(timeout, self.rx.recv()).await.ok().flatten()?;
+        let event = tokio::time::timeout(timeout, self.rx.recv())
+            .await
+            .ok()
+            .flatten()?;
         self.history.push(event.clone());
         Some(event)
     }
 
     /// Waits for the first event matching `pred`; panics with the history
     /// after `timeout` (a guard against hangs, not a timing assertion).
-    pub async fn wait_for(&mut self, timeout: Duration, mut pred: impl FnMut(&Event) -> bool) -> Event {
+    pub async fn wait_for(
+        &mut self,
+        timeout: Duration,
+        mut pred: impl FnMut(&Event) -> bool,
+    ) -> Event {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             match self.next_event(left).await {
                 Some(e) if pred(&e) => return e,
                 Some(_) => {}
-                None => panic!("no matching event within {timeout:?}; history: {:#?}", self.history),
+                None => panic!(
+                    "no matching event within {timeout:?}; history: {:#?}",
+                    self.history
+                ),
             }
         }
     }
 
     /// Waits for a `START` of `id` on any node.
     pub async fn wait_start(&mut self, id: &str, timeout: Duration) -> Event {
-        self.wait_for(timeout, |e| e.kind == EventKind::Start && e.id == id).await
+        self.wait_for(timeout, |e| e.kind == EventKind::Start && e.id == id)
+            .await
     }
 
     /// Reads events until none arrives for `quiet`.

@@ -38,7 +38,13 @@ impl Service for Probe {
     }
 
     async fn terminate(&mut self, reason: ShutdownReason) {
-        emit(&event_line("STOP", &self.node, &self.id, self.token, Some(&reason)));
+        emit(&event_line(
+            "STOP",
+            &self.node,
+            &self.id,
+            self.token,
+            Some(&reason),
+        ));
     }
 }
 
@@ -66,8 +72,7 @@ fn ids() -> Vec<String> {
 async fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -82,7 +87,13 @@ async fn main() {
         builder = builder.child(
             ChildSpec::new(id, move |_ctx| {
                 let id = spec_id.clone();
-                async move { Ok(Probe { id, token: 0, node: String::new() }) }
+                async move {
+                    Ok(Probe {
+                        id,
+                        token: 0,
+                        node: String::new(),
+                    })
+                }
             })
             .shutdown(budget),
         );

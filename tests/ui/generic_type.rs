@@ -1,0 +1,10 @@
+#![allow(dead_code)]
+use highlander::highlander;
+
+#[highlander(id = "sweeper")]
+#[derive(Default)]
+struct Sweeper<T> {
+    inner: T,
+}
+
+fn main() {}

@@ -1,0 +1,7 @@
+#![allow(dead_code)]
+use highlander::highlander;
+
+#[highlander(id = "sweeper")]
+fn sweeper() {}
+
+fn main() {}
