@@ -65,7 +65,7 @@ use tokio_postgres::config::SslMode;
 
 use super::{Backend, Session};
 use crate::service::BoxFuture;
-use crate::{DEFAULT_SHUTDOWN, Error, Result, redact_url};
+use crate::{Error, Result, redact_url};
 
 mod keys;
 mod session;
@@ -326,7 +326,7 @@ impl Timing {
     /// configured one, raised so that the client still vouches for at least
     /// three heartbeats. Whole seconds (keepalive settings are seconds).
     pub(crate) fn server_timeout_for(&self, budget: Duration) -> Duration {
-        let min_vouch = (self.heartbeat * 3).max(Duration::from_secs(2));
+        let min_vouch = (self.heartbeat * 3).max(Duration::from_millis(500));
         let needed =
             (budget + self.margin + min_vouch).div_f64(1.0 - f64::from(self.drift_ppm) / 1e6);
         let x = self.server_timeout.max(needed);
@@ -349,10 +349,10 @@ impl Timing {
         }
     }
 
-    /// The first server timeout a session asks for: enough for the default
-    /// shutdown budget.
+    /// The first server timeout a session asks for: the configured one (in
+    /// whole seconds). A claim whose budget needs more raises it first.
     pub(crate) fn initial_server_timeout(&self) -> Duration {
-        self.server_timeout_for(DEFAULT_SHUTDOWN)
+        self.server_timeout_for(Duration::ZERO)
     }
 }
 
@@ -529,6 +529,7 @@ fn target_of(pg: &tokio_postgres::Config) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::DEFAULT_SHUTDOWN;
 
     #[test]
     fn url_errors_hide_the_password() {
@@ -582,6 +583,8 @@ mod tests {
         let t = Timing::default();
         let x = t.initial_server_timeout();
         assert_eq!(x, Duration::from_secs(15));
+        // The default budget needs no more than the default timeout.
+        assert_eq!(t.server_timeout_for(DEFAULT_SHUTDOWN), x);
         let p = Timing::server_params(x);
         assert_eq!(
             p,

@@ -1,0 +1,256 @@
+//! The lease inequality, tested: when the network between the holder and
+//! the server goes silent (no packet either way, nothing closed), the holder
+//! must have stopped its instance before the server could free its ids.
+//!
+//! The holder reaches Postgres through a proxy the test controls. The test
+//! silences the proxy (it keeps both sockets open and forwards nothing,
+//! like a dead link), and closes the server side exactly `X` after the last
+//! byte it forwarded from the holder, `X` being the dead-peer detection the
+//! holder asked the server for: the earliest moment a real server could end
+//! the session. A second node, connected directly, then takes over. The
+//! holder's `terminate(LeaseLost)` must come before that moment.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use highlander::backend::postgres::Postgres;
+use highlander::{ChildSpec, Context, Runtime, Service, ShutdownReason, SingletonState};
+use highlander_tests::postgres::PgServer;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::time::{Instant, timeout};
+
+const GUARD: Duration = Duration::from_secs(60);
+/// The holder's settings: heartbeat 200 ms, server timeout 3 s, margin
+/// 200 ms, stop budget 1 s: it vouches for 3 s × 0.99 − 1 s − 0.2 s =
+/// 1.77 s after its last successful round trip.
+const SERVER_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Clone, Default)]
+struct Times(Arc<Mutex<Vec<(String, Instant)>>>);
+
+impl Times {
+    fn mark(&self, what: String) {
+        self.0.lock().unwrap().push((what, Instant::now()));
+    }
+    fn at(&self, what: &str) -> Option<Instant> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(w, _)| w == what)
+            .map(|(_, t)| *t)
+    }
+}
+
+struct Probe {
+    times: Times,
+    node: String,
+}
+
+impl Service for Probe {
+    async fn run(&mut self, ctx: &Context) -> highlander::Result<()> {
+        self.node = ctx.node().to_string();
+        self.times.mark(format!("start {}", self.node));
+        ctx.cancelled().await;
+        Ok(())
+    }
+    async fn terminate(&mut self, reason: ShutdownReason) {
+        self.times.mark(format!("stop {} {reason}", self.node));
+    }
+}
+
+fn spec(times: &Times) -> ChildSpec {
+    let times = times.clone();
+    ChildSpec::new("guarded", move |_ctx| {
+        let times = times.clone();
+        async move {
+            Ok(Probe {
+                times,
+                node: String::new(),
+            })
+        }
+    })
+    .shutdown(Duration::from_secs(1))
+}
+
+/// A TCP proxy to `target` that can go silent. After it does, it closes
+/// the server side `cut_after` past the last byte it forwarded upstream
+/// and records that moment.
+struct Proxy {
+    port: u16,
+    silent: watch::Sender<bool>,
+}
+
+impl Proxy {
+    async fn start(target: u16, cut_after: Duration, times: Times) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (silent, _) = watch::channel(false);
+        let silent_tx = silent.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let silent = silent_tx.subscribe();
+                if *silent.borrow() {
+                    // A dead link: accept nothing beyond the handshake.
+                    tokio::spawn(async move {
+                        let _held = client;
+                        std::future::pending::<()>().await;
+                    });
+                    continue;
+                }
+                let server = TcpStream::connect(("127.0.0.1", target)).await.unwrap();
+                let times = times.clone();
+                tokio::spawn(relay(client, server, silent, cut_after, times));
+            }
+        });
+        Proxy { port, silent }
+    }
+
+    fn silence(&self) {
+        self.silent.send_replace(true);
+    }
+}
+
+async fn relay(
+    client: TcpStream,
+    server: TcpStream,
+    silent: watch::Receiver<bool>,
+    cut_after: Duration,
+    times: Times,
+) {
+    let (mut cr, mut cw) = client.into_split();
+    let (mut sr, mut sw) = server.into_split();
+    let last_up = Arc::new(Mutex::new(Instant::now()));
+    let up = {
+        let silent = silent.clone();
+        let last_up = last_up.clone();
+        async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = match cr.read(&mut buf).await {
+                    // Over a dead link the holder's close never arrives.
+                    Ok(0) | Err(_) if *silent.borrow() => std::future::pending().await,
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                if *silent.borrow() {
+                    continue;
+                }
+                // Noted before writing: the server hears it no earlier.
+                *last_up.lock().unwrap() = Instant::now();
+                if sw.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    };
+    let down = {
+        let silent = silent.clone();
+        async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = match sr.read(&mut buf).await {
+                    Ok(0) | Err(_) if *silent.borrow() => std::future::pending().await,
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                if *silent.borrow() {
+                    continue;
+                }
+                if cw.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    };
+    let cut = async {
+        let mut silent = silent.clone();
+        let _ = silent.wait_for(|s| *s).await;
+        let at = *last_up.lock().unwrap() + cut_after;
+        tokio::time::sleep_until(at).await;
+        // Returning drops the server side's halves: the server sees the
+        // session end, as its own dead-peer detection would make it.
+    };
+    tokio::select! {
+        _ = up => {}
+        _ = down => {}
+        _ = cut => times.mark("server cut".to_string()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_holder_stops_before_the_server_could_free_its_ids() {
+    let pg = PgServer::start();
+    let times = Times::default();
+    let proxy = Proxy::start(pg.port(), SERVER_TIMEOUT, times.clone()).await;
+    let via_proxy = pg
+        .url()
+        .replace(&format!(":{}/", pg.port()), &format!(":{}/", proxy.port));
+    let holder = Runtime::builder()
+        .node("holder")
+        .backend(
+            Postgres::new(via_proxy)
+                .heartbeat(Duration::from_millis(200))
+                .server_timeout(SERVER_TIMEOUT)
+                .margin(Duration::from_millis(200)),
+        )
+        .without_registered()
+        .child(spec(&times))
+        .start()
+        .await
+        .unwrap();
+    timeout(GUARD, holder.wait_until(|s| s.is_running("guarded")))
+        .await
+        .unwrap();
+    let standby = Runtime::builder()
+        .node("standby")
+        .backend(Postgres::new(pg.url()))
+        .without_registered()
+        .child(spec(&times))
+        .start()
+        .await
+        .unwrap();
+    timeout(
+        GUARD,
+        standby.wait_until(|s| matches!(s.get("guarded"), Some(SingletonState::Waiting { .. }))),
+    )
+    .await
+    .unwrap();
+    timeout(GUARD, async {
+        while times.at("start holder").is_none() {
+            holder.changed().await;
+        }
+    })
+    .await
+    .unwrap();
+
+    proxy.silence();
+    timeout(GUARD, standby.wait_until(|s| s.is_running("guarded")))
+        .await
+        .expect("the standby takes over once the server ends the holder's session");
+    timeout(GUARD, async {
+        while times.at("start standby").is_none() {
+            standby.changed().await;
+        }
+    })
+    .await
+    .unwrap();
+
+    let stopped = times
+        .at("stop holder lease lost")
+        .unwrap_or_else(|| panic!("the holder never gave up: {:?}", times.0.lock().unwrap()));
+    let cut = times
+        .at("server cut")
+        .expect("the proxy cut the server side");
+    let taken = times.at("start standby").unwrap();
+    assert!(
+        stopped < cut,
+        "the holder stopped {:?} after the server could free its ids",
+        stopped - cut
+    );
+    assert!(cut <= taken);
+    holder.shutdown().await;
+    standby.shutdown().await;
+}
