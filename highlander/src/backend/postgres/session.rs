@@ -1137,9 +1137,18 @@ fn classify(settings: &Settings, e: &tokio_postgres::Error) -> ConnectError {
             fatal,
         };
     }
+    let tls = e.to_string().contains("TLS");
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
         if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::{InvalidData, InvalidInput};
+            // A refused certificate arrives as an io::Error too.
+            if tls || matches!(io.kind(), InvalidData | InvalidInput) {
+                return ConnectError {
+                    message: format!("cannot connect to postgres at {target}: TLS failed: {io}"),
+                    fatal: true,
+                };
+            }
             return ConnectError {
                 message: format!("cannot reach postgres at {target}: {io}"),
                 fatal: false,
