@@ -490,3 +490,59 @@ async fn one_member_of_three_killed_under_load_changes_nothing_for_holders() {
     b.shutdown().await;
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_off_from_etcd_a_holder_gives_up_claims_nothing_and_comes_back() {
+    let mut cluster = EtcdCluster::single().await;
+    let log = Log::default();
+    let ids = vec!["solo".to_string()];
+    let a = node(&cluster, "a", &ids, &log).await;
+    within("running", a.wait_until(|s| s.is_running("solo"))).await;
+    let token = token_of(&a, "solo").unwrap();
+
+    // The only member dies: no keep-alive can succeed, so the holder stops
+    // its instance with lease_lost before the lease could expire.
+    cluster.kill_member(0);
+    within(
+        "the holder gives up",
+        a.wait_until(|s| !s.is_running("solo")),
+    )
+    .await;
+    let lost = format!("stop solo a {token} lease lost");
+    within("the lease-lost terminate", async {
+        while !log.lines().contains(&lost) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // While cut off it claims nothing: it retries, and says why.
+    let status = within(
+        "retrying while cut off",
+        a.wait_until(|s| matches!(s.get("solo"), Some(SingletonState::Retrying { .. }))),
+    )
+    .await;
+    assert!(!status.is_running("solo"));
+    tokio::time::sleep(TTL).await;
+    assert!(
+        !a.status().is_running("solo"),
+        "nothing is claimed while etcd is down"
+    );
+    assert_eq!(
+        log.lines()
+            .iter()
+            .filter(|l| l.starts_with("start"))
+            .count(),
+        1
+    );
+
+    // etcd comes back: the node reconnects, gets a new lease, and claims the
+    // id again with a larger token.
+    cluster.restart_member(0).await;
+    within(
+        "back after etcd returns",
+        a.wait_until(|s| s.is_running("solo")),
+    )
+    .await;
+    assert!(token_of(&a, "solo").unwrap() > token);
+    a.shutdown().await;
+}

@@ -26,6 +26,7 @@ struct Member {
     client_port: u16,
     child: Option<Child>,
     log: PathBuf,
+    args: Vec<String>,
 }
 
 /// A running etcd cluster of one or more members.
@@ -100,43 +101,34 @@ impl EtcdCluster {
             let name = format!("m{i}");
             let data = dir.join(format!("{name}.data"));
             let log = dir.join(format!("{name}.log"));
-            let log_file = std::fs::File::create(&log)
-                .unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
-            let child = Command::new(etcd_bin())
-                .arg("--name")
-                .arg(&name)
-                .arg("--data-dir")
-                .arg(&data)
-                .arg("--listen-client-urls")
-                .arg(format!("http://127.0.0.1:{client}"))
-                .arg("--advertise-client-urls")
-                .arg(format!("http://127.0.0.1:{client}"))
-                .arg("--listen-peer-urls")
-                .arg(format!("http://127.0.0.1:{peer}"))
-                .arg("--initial-advertise-peer-urls")
-                .arg(format!("http://127.0.0.1:{peer}"))
-                .arg("--initial-cluster")
-                .arg(&initial_cluster)
-                .arg("--initial-cluster-state")
-                .arg("new")
-                .arg("--initial-cluster-token")
-                .arg(&unique)
-                .stdin(Stdio::null())
-                .stdout(log_file.try_clone().expect("clone a file handle"))
-                .stderr(log_file)
-                .spawn()
-                .unwrap_or_else(|e| {
-                    panic!(
-                        "cannot start `{}` ({e}): install etcd (Debian package etcd-server; \
-                         scripts/setup does it) or set ETCD_BIN",
-                        etcd_bin()
-                    )
-                });
+            let args: Vec<String> = [
+                "--name".to_string(),
+                name.clone(),
+                "--data-dir".into(),
+                data.display().to_string(),
+                "--listen-client-urls".into(),
+                format!("http://127.0.0.1:{client}"),
+                "--advertise-client-urls".into(),
+                format!("http://127.0.0.1:{client}"),
+                "--listen-peer-urls".into(),
+                format!("http://127.0.0.1:{peer}"),
+                "--initial-advertise-peer-urls".into(),
+                format!("http://127.0.0.1:{peer}"),
+                "--initial-cluster".into(),
+                initial_cluster.clone(),
+                "--initial-cluster-state".into(),
+                "new".into(),
+                "--initial-cluster-token".into(),
+                unique.clone(),
+            ]
+            .into();
+            let child = spawn_etcd(&args, &log);
             cluster.members.push(Member {
                 name,
                 client_port: *client,
                 child: Some(child),
                 log,
+                args,
             });
         }
         cluster.wait_healthy(Duration::from_secs(60)).await;
@@ -157,7 +149,7 @@ impl EtcdCluster {
                     }
                 }
             }
-            let all = self.members.iter().all(|m| {
+            let all = self.members.iter().filter(|m| m.child.is_some()).all(|m| {
                 Command::new(etcdctl_bin())
                     .env("ETCDCTL_API", "3")
                     .arg(format!("--endpoints=http://127.0.0.1:{}", m.client_port))
@@ -217,6 +209,15 @@ impl EtcdCluster {
         }
     }
 
+    /// Starts member `i` again after [`EtcdCluster::kill_member`], on the
+    /// same ports and data, and waits until every running member answers.
+    pub async fn restart_member(&mut self, i: usize) {
+        let member = &mut self.members[i];
+        assert!(member.child.is_none(), "member {i} is running");
+        member.child = Some(spawn_etcd(&member.args, &member.log));
+        self.wait_healthy(Duration::from_secs(60)).await;
+    }
+
     /// Runs `etcdctl` against the members still running with `args`, and
     /// returns its stdout. Panics with its stderr when it fails.
     pub fn etcdctl(&self, args: &[&str]) -> String {
@@ -274,6 +275,27 @@ impl Drop for EtcdCluster {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+fn spawn_etcd(args: &[String], log: &Path) -> Child {
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap_or_else(|e| panic!("cannot open {}: {e}", log.display()));
+    Command::new(etcd_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().expect("clone a file handle"))
+        .stderr(log_file)
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start `{}` ({e}): install etcd (Debian package etcd-server; \
+                 scripts/setup does it) or set ETCD_BIN",
+                etcd_bin()
+            )
+        })
 }
 
 fn tail(path: &Path) -> String {

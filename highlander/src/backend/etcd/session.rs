@@ -410,26 +410,23 @@ impl Inner {
         tokio::spawn(async move { inner.revoke_until_gone(lease).await });
     }
 
+    /// Revokes an abandoned lease as soon as etcd answers (with backoff),
+    /// so other nodes need not wait for it to expire.
     async fn revoke_until_gone(self: Arc<Self>, lease: NodeLease) {
-        let give_up = lease.last_ok + lease.ttl + Duration::from_secs(5);
+        let mut client = self.client.lease_client();
         let mut retry = RETRY_MIN;
-        while Instant::now() < give_up && !self.stop.is_cancelled() {
-            match timeout(
-                self.request_timeout,
-                self.client.lease_client().revoke(lease.id),
-            )
-            .await
-            {
+        loop {
+            match timeout(self.request_timeout, client.revoke(lease.id)).await {
                 Ok(Ok(_)) => break,
                 Ok(Err(e)) if lease_not_found(&e) => break,
                 _ => {}
             }
-            tokio::select! {
-                _ = self.stop.cancelled() => return,
-                _ = sleep(retry) => {}
+            if !self.pause(retry).await {
+                return;
             }
             retry = (retry * 2).min(RETRY_MAX);
         }
+        debug!(node = %self.node, lease = format_args!("{:x}", lease.id), "abandoned etcd lease revoked");
         self.lock().ours.remove(&lease.id);
     }
 
