@@ -214,3 +214,68 @@ async fn pump(
     }
     let _ = to.shutdown().await;
 }
+
+/// A `cluster://` URL for a node listening on `listen` with `seeds`, and
+/// advertising `advertise` when given.
+pub fn cluster_url(listen: &str, advertise: Option<&str>, seeds: &[String]) -> String {
+    let mut url = format!("cluster://{listen}?seeds={}", seeds.join(","));
+    if let Some(a) = advertise {
+        url.push_str(&format!("&advertise={a}"));
+    }
+    url
+}
+
+/// `(name, HIGHLANDER_BACKEND)` for nodes that each listen on a free port
+/// of 127.0.0.1, every node a seed of every other.
+pub fn direct_nodes(names: &[&str]) -> Vec<(String, String)> {
+    let addrs: Vec<String> = free_ports(names.len())
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect();
+    names
+        .iter()
+        .zip(&addrs)
+        .map(|(n, a)| (n.to_string(), cluster_url(a, None, &addrs)))
+        .collect()
+}
+
+/// `(name, HIGHLANDER_BACKEND)` for nodes behind `partitioner`'s proxies:
+/// node `i` listens on `node_ip(i)` and advertises its proxy.
+pub async fn proxied_nodes(names: &[&str], partitioner: &mut Partitioner) -> Vec<(String, String)> {
+    let mut listens = Vec::new();
+    let mut proxies = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let ip = node_ip(i);
+        let listen = SocketAddr::new(IpAddr::V4(ip), free_port_on(ip));
+        proxies.push(partitioner.add(name, listen).await.to_string());
+        listens.push(listen.to_string());
+    }
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            (
+                n.to_string(),
+                cluster_url(&listens[i], Some(&proxies[i]), &proxies),
+            )
+        })
+        .collect()
+}
+
+/// Which nodes run each id, from a history of `node` events.
+pub fn live(history: &[crate::process::Event]) -> HashMap<String, Vec<String>> {
+    use crate::process::EventKind;
+    let mut live: HashMap<String, Vec<String>> = HashMap::new();
+    for e in history {
+        let nodes = live.entry(e.id.clone()).or_default();
+        match e.kind {
+            EventKind::Start => nodes.push(e.node.clone()),
+            EventKind::Stop => {
+                if let Some(i) = nodes.iter().position(|n| *n == e.node) {
+                    nodes.remove(i);
+                }
+            }
+        }
+    }
+    live
+}

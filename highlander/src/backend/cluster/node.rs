@@ -110,6 +110,10 @@ struct State {
     own: HashMap<Arc<str>, Own>,
     ids: HashMap<Arc<str>, IdView>,
     pending: HashMap<Arc<str>, Pending>,
+    /// Incarnations that said goodbye: never taken back as members.
+    left: HashSet<(Arc<str>, u64)>,
+    /// Claim requests received while this node was still joining.
+    deferred: Vec<(Arc<str>, Arc<str>)>,
     ready: bool,
     closed: bool,
     logged: HashSet<String>,
@@ -295,6 +299,11 @@ pub(super) async fn start(settings: Arc<Settings>, name: &str) -> Result<Arc<Nod
         let up = st.members.iter().filter(|(_, p)| p.synced()).count();
         info!(node = %node.name, members_up = up, "joined the cluster");
         node.broadcast(&st, Msg::Ready.encode());
+        for (peer, id) in std::mem::take(&mut st.deferred) {
+            if st.members.get(&peer).is_some_and(Peer::synced) {
+                node.on_claim_req(&mut st, &peer, id);
+            }
+        }
     }
     node.bump_epoch();
     Ok(node)
@@ -316,10 +325,14 @@ async fn resolve(addr: &str) -> Result<SocketAddr> {
 impl State {
     fn joined(&self) -> bool {
         let member_synced = |n: &Arc<str>| self.members.get(n).is_some_and(Peer::synced);
-        self.seeds
-            .iter()
-            .all(|s| s.is_self || s.name.as_ref().is_some_and(member_synced))
-            && self.members.values().all(Peer::synced)
+        let addr_synced = |a: &str| {
+            self.members
+                .values()
+                .any(|p| p.synced() && p.addr.as_deref() == Some(a))
+        };
+        self.seeds.iter().all(|s| {
+            s.is_self || s.name.as_ref().is_some_and(member_synced) || addr_synced(&s.addr)
+        }) && self.members.values().all(Peer::synced)
     }
 
     fn tx(&self, peer: &str) -> Option<&mpsc::UnboundedSender<Bytes>> {
@@ -366,12 +379,13 @@ impl Node {
 
     // ---- the registry -------------------------------------------------
 
-    /// The node that settles claims: the lowest-named ready member this
-    /// node is connected to, itself included.
+    /// The node that settles claims: the lowest-named member this node is
+    /// connected to, itself included. A member still joining holds the
+    /// requests it gets until it has joined (and so sees every holder).
     fn arbiter(&self, st: &State) -> Arc<str> {
         let mut best = self.name.clone();
         for (name, peer) in &st.members {
-            if peer.synced() && peer.ready && **name < *best {
+            if peer.reachable() && **name < *best {
                 best = name.clone();
             }
         }
@@ -632,7 +646,9 @@ impl Node {
             Msg::Leave => {
                 info!(node = %self.name, peer = %peer, "member left the cluster");
                 self.member_down(&mut st, peer);
-                st.members.remove(peer);
+                if let Some(p) = st.members.remove(peer) {
+                    st.left.insert((peer.clone(), p.incarnation));
+                }
             }
             Msg::Superseded => {
                 if let Some(p) = st.members.get_mut(peer) {
@@ -771,6 +787,10 @@ impl Node {
     }
 
     fn on_claim_req(&self, st: &mut State, peer: &Arc<str>, id: Arc<str>) {
+        if !st.ready {
+            st.deferred.push((peer.clone(), id));
+            return;
+        }
         let deny = if let Some(own) = st.own.get(&id) {
             Some(Some((self.name.clone(), own.token)))
         } else {
@@ -838,7 +858,7 @@ impl Node {
     }
 
     fn learn(&self, st: &mut State, m: MemberInfo) {
-        if m.name == self.name {
+        if m.name == self.name || st.left.contains(&(m.name.clone(), m.incarnation)) {
             return;
         }
         match st.members.get_mut(&m.name) {
@@ -938,7 +958,7 @@ impl Node {
         stop: CancellationToken,
     ) -> std::result::Result<u64, RejectReason> {
         let mut st = self.lock();
-        if st.closed {
+        if st.closed || st.left.contains(&(info.name.clone(), info.incarnation)) {
             return Err(RejectReason::Duplicate);
         }
         let lower_dialed = if dialed_by_me {
