@@ -10,8 +10,9 @@
 //!   holds: lease traffic is O(1) however many ids the node runs.
 //! - **Claim** = a transaction: put `/{namespace}/{id}` = node name, attached
 //!   to the node's lease, if the key's create revision is 0. Claims from many
-//!   guardians are batched into one transaction (at most 128 per
-//!   transaction, a few transactions in flight).
+//!   guardians are batched into one transaction (at most 127 per
+//!   transaction: etcd's limit is 128 operations, nested ones included; a
+//!   few transactions in flight).
 //! - **Fencing token** = the key's create revision: etcd's revision only
 //!   grows, so every tenure of an id gets a larger token than the one before.
 //! - **Waiting**: one watch stream per node over the namespace prefix wakes a

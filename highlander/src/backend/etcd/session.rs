@@ -684,10 +684,12 @@ impl Inner {
                     .get(id)
                     .is_some_and(|h| (h.token as i64) < revision)
             }
+            // A key created after ours means ours is gone (a lagging watch
+            // may still deliver older keys' events: those do not count).
             EventType::Put => state
                 .held
                 .get(id)
-                .is_some_and(|h| h.token as i64 != kv.create_revision()),
+                .is_some_and(|h| kv.create_revision() > h.token as i64),
         };
         if lost {
             if let Some(held) = state.held.remove(id) {
@@ -699,8 +701,8 @@ impl Inner {
         }
     }
 
-    /// Gathers the guardians' calls into transactions of at most 128
-    /// operations, a few in flight at once.
+    /// Gathers the guardians' calls into transactions of at most
+    /// [`MAX_OPS_PER_TXN`] operations, [`TXNS_IN_FLIGHT`] in flight at once.
     async fn batcher(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Op>) {
         let permits = Arc::new(Semaphore::new(TXNS_IN_FLIGHT));
         let mut queue: VecDeque<Op> = VecDeque::new();
@@ -728,7 +730,14 @@ impl Inner {
             let mut ids = HashSet::new();
             let mut later = VecDeque::new();
             while let Some(op) = queue.pop_front() {
-                if batch.len() < MAX_OPS_PER_TXN && ids.insert(op.id().clone()) {
+                if batch.len() == MAX_OPS_PER_TXN {
+                    later.push_back(op);
+                    later.append(&mut queue);
+                    break;
+                }
+                // One operation per key per transaction (etcd refuses
+                // duplicates); a second one waits for the next.
+                if ids.insert(op.id().clone()) {
                     batch.push(op);
                 } else {
                     later.push_back(op);
