@@ -538,7 +538,10 @@ async fn a_thousand_ids_on_three_nodes_with_one_connection_each() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clear_errors_without_the_password() {
     let pg = PgServer::start();
-    let no_pw = |e: &str| assert!(!e.contains(PASSWORD), "password in `{e}`");
+    let no_pw = |e: &str| {
+        println!("error: {e}");
+        assert!(!e.contains(PASSWORD), "password in `{e}`")
+    };
 
     // Bad URL: rejected at once.
     let bad = format!(
@@ -564,6 +567,7 @@ async fn clear_errors_without_the_password() {
         .start()
         .await;
     let e = e.expect_err("wrong password fails").to_string();
+    println!("error: {e}");
     assert!(e.contains("authentication failed"), "{e}");
     assert!(!e.contains("not-it"), "{e}");
 

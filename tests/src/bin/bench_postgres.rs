@@ -121,6 +121,14 @@ async fn single_id(pg: &PgServer, runs: usize, graceful: bool) {
             })
             .await;
         from_signal.push(ms(next.at_nanos.saturating_sub(t0)));
+        if graceful && stop_at.is_none() {
+            // The two processes' lines can be read out of order.
+            let old = holder.node.clone();
+            let stop = fleet
+                .wait_for(GUARD, |e| e.kind == EventKind::Stop && e.node == old)
+                .await;
+            stop_at = Some(stop.at_nanos);
+        }
         if let Some(stop) = stop_at {
             from_stop.push(ms(next.at_nanos.saturating_sub(stop)));
         }

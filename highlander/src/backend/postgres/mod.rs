@@ -464,7 +464,15 @@ fn parse_url(url: &str) -> std::result::Result<Parsed, String> {
         base.push('?');
         base.push_str(&rest.join("&"));
     }
-    let pg: tokio_postgres::Config = base.parse().map_err(|e: tokio_postgres::Error| bad(&e))?;
+    let pg: tokio_postgres::Config = base.parse().map_err(|e: tokio_postgres::Error| {
+        let mut why = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            why = format!("{why}: {s}");
+            source = s.source();
+        }
+        bad(&why)
+    })?;
     if pg.get_hosts().is_empty() {
         return Err(bad(&"no host"));
     }
@@ -542,6 +550,7 @@ mod tests {
         ] {
             let err = Postgres::new(url).settings().err().expect(url).to_string();
             assert!(!err.contains("hunter2"), "{err}");
+            assert!(!err.ends_with("invalid connection string"), "{err}");
             assert!(err.contains("app:***@db"), "{err}");
         }
     }
