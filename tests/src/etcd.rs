@@ -33,6 +33,23 @@ struct Member {
 pub struct EtcdCluster {
     dir: PathBuf,
     members: Vec<Member>,
+    tls: Option<TlsFiles>,
+}
+
+/// PEM files for an etcd that serves clients over TLS and requires client
+/// certificates signed by `ca`.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The CA that signed both certificates.
+    pub ca: PathBuf,
+    /// The server's certificate (valid for `localhost` and `127.0.0.1`).
+    pub server_cert: PathBuf,
+    /// The server's key.
+    pub server_key: PathBuf,
+    /// A client certificate for `etcdctl` and the backend.
+    pub client_cert: PathBuf,
+    /// The client key.
+    pub client_key: PathBuf,
 }
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -76,6 +93,16 @@ impl EtcdCluster {
     /// Starts `size` members forming one cluster and waits until every one
     /// answers. Panics with the reason when that fails.
     pub async fn start(size: usize) -> EtcdCluster {
+        EtcdCluster::start_with(size, None).await
+    }
+
+    /// Starts a single member that serves clients over TLS only, with
+    /// client-certificate authentication.
+    pub async fn single_tls(tls: TlsFiles) -> EtcdCluster {
+        EtcdCluster::start_with(1, Some(tls)).await
+    }
+
+    async fn start_with(size: usize, tls: Option<TlsFiles>) -> EtcdCluster {
         assert!(size >= 1, "an etcd cluster has at least one member");
         let unique = format!(
             "hl-etcd-{}-{}-{}",
@@ -93,9 +120,11 @@ impl EtcdCluster {
             .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
             .collect::<Vec<_>>()
             .join(",");
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let mut cluster = EtcdCluster {
             dir: dir.clone(),
             members: Vec::new(),
+            tls: tls.clone(),
         };
         for (i, (client, peer)) in ports.iter().enumerate() {
             let name = format!("m{i}");
@@ -107,9 +136,9 @@ impl EtcdCluster {
                 "--data-dir".into(),
                 data.display().to_string(),
                 "--listen-client-urls".into(),
-                format!("http://127.0.0.1:{client}"),
+                format!("{scheme}://127.0.0.1:{client}"),
                 "--advertise-client-urls".into(),
-                format!("http://127.0.0.1:{client}"),
+                format!("{scheme}://127.0.0.1:{client}"),
                 "--listen-peer-urls".into(),
                 format!("http://127.0.0.1:{peer}"),
                 "--initial-advertise-peer-urls".into(),
@@ -122,6 +151,18 @@ impl EtcdCluster {
                 unique.clone(),
             ]
             .into();
+            let mut args = args;
+            if let Some(tls) = &tls {
+                for (flag, path) in [
+                    ("--cert-file", &tls.server_cert),
+                    ("--key-file", &tls.server_key),
+                    ("--trusted-ca-file", &tls.ca),
+                ] {
+                    args.push(flag.into());
+                    args.push(path.display().to_string());
+                }
+                args.push("--client-cert-auth".into());
+            }
             let child = spawn_etcd(&args, &log);
             cluster.members.push(Member {
                 name,
@@ -150,9 +191,8 @@ impl EtcdCluster {
                 }
             }
             let all = self.members.iter().filter(|m| m.child.is_some()).all(|m| {
-                Command::new(etcdctl_bin())
-                    .env("ETCDCTL_API", "3")
-                    .arg(format!("--endpoints=http://127.0.0.1:{}", m.client_port))
+                self.etcdctl_command()
+                    .arg(format!("--endpoints={}", self.client_url(m.client_port)))
                     .arg("--command-timeout=1s")
                     .arg("endpoint")
                     .arg("health")
@@ -191,7 +231,8 @@ impl EtcdCluster {
 
     /// The backend URL naming every member: `etcd://127.0.0.1:p1,…`.
     pub fn url(&self) -> String {
-        format!("etcd://{}", self.endpoints().join(","))
+        let scheme = if self.tls.is_some() { "etcds" } else { "etcd" };
+        format!("{scheme}://{}", self.endpoints().join(","))
     }
 
     /// The same URL with query parameters, for example `ttl=3s`.
@@ -225,10 +266,10 @@ impl EtcdCluster {
             .members
             .iter()
             .filter(|m| m.child.is_some())
-            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
+            .map(|m| self.client_url(m.client_port))
             .collect();
-        let out = Command::new(etcdctl_bin())
-            .env("ETCDCTL_API", "3")
+        let out = self
+            .etcdctl_command()
             .arg(format!("--endpoints={}", endpoints.join(",")))
             .args(args)
             .output()
@@ -241,6 +282,23 @@ impl EtcdCluster {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn client_url(&self, port: u16) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{port}")
+    }
+
+    fn etcdctl_command(&self) -> Command {
+        let mut command = Command::new(etcdctl_bin());
+        command.env("ETCDCTL_API", "3");
+        if let Some(tls) = &self.tls {
+            command
+                .arg(format!("--cacert={}", tls.ca.display()))
+                .arg(format!("--cert={}", tls.client_cert.display()))
+                .arg(format!("--key={}", tls.client_key.display()));
+        }
+        command
     }
 
     /// Every lease id the cluster holds now (hex, as `etcdctl` prints them).

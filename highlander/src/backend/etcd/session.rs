@@ -280,6 +280,12 @@ pub(super) async fn connect(config: Etcd, node: String) -> Result<Arc<EtcdSessio
                     "etcd at {shown} does not let this user read and write `{prefix}` ({describe}): {why}"
                 )));
             }
+            if why.contains("certificate") || why.contains("Cancelled") || why.contains("tls") {
+                return Err(unreachable(format!(
+                    "{why} (a TLS mismatch? use etcds:// for a TLS server, with ca= its CA \
+                     and cert=/key= when it requires client certificates)"
+                )));
+            }
             return Err(unreachable(why));
         }
         Ok(Ok(resp)) => resp.header().map(|h| h.revision()).unwrap_or(0),

@@ -1,0 +1,154 @@
+//! The etcd backend over TLS against a real etcd that serves clients over
+//! TLS only and requires client certificates (a throwaway CA from rcgen):
+//! the right CA and client certificate connect, a foreign CA or no client
+//! certificate are refused at start-up with one-line errors.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use highlander::{ChildSpec, Context, Runtime, RuntimeHandle, Service};
+use highlander_tests::etcd::{EtcdCluster, TlsFiles};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+
+struct Idle;
+
+impl Service for Idle {
+    async fn run(&mut self, ctx: &Context) -> highlander::Result<()> {
+        ctx.cancelled().await;
+        Ok(())
+    }
+}
+
+struct Pki {
+    ca: String,
+    server: (String, String),
+    client: (String, String),
+}
+
+/// A CA, a server certificate for localhost / 127.0.0.1 and a client
+/// certificate, all signed by it.
+fn pki() -> Pki {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "highlander etcd test CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let sign = |names: Vec<String>, cn: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(names).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    Pki {
+        ca: ca_cert.pem(),
+        server: sign(vec!["localhost".into(), "127.0.0.1".into()], "etcd"),
+        client: sign(Vec::new(), "highlander"),
+    }
+}
+
+fn write(dir: &std::path::Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+async fn try_start(url: &str) -> highlander::Result<RuntimeHandle> {
+    Runtime::builder()
+        .node("tls")
+        .backend_url(url)
+        .without_registered()
+        .child(
+            ChildSpec::new("tls-job", |_ctx| async { Ok(Idle) })
+                .shutdown(Duration::from_millis(300)),
+        )
+        .start()
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_client_certificates() {
+    let dir = std::env::temp_dir().join(format!("hl-etcd-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let other = pki();
+    let pki = pki();
+    let files = TlsFiles {
+        ca: write(&dir, "ca.pem", &pki.ca),
+        server_cert: write(&dir, "server.pem", &pki.server.0),
+        server_key: write(&dir, "server-key.pem", &pki.server.1),
+        client_cert: write(&dir, "client.pem", &pki.client.0),
+        client_key: write(&dir, "client-key.pem", &pki.client.1),
+    };
+    let foreign_ca = write(&dir, "other-ca.pem", &other.ca);
+    let etcd = EtcdCluster::single_tls(files.clone()).await;
+    let endpoint = etcd.endpoints()[0].clone();
+    let url = |ca: &std::path::Path, with_client: bool, extra: &str| {
+        let mut url = format!(
+            "etcds://{endpoint}?ttl=3s&connect_timeout=3s&ca={}",
+            ca.display()
+        );
+        if with_client {
+            url.push_str(&format!(
+                "&cert={}&key={}",
+                files.client_cert.display(),
+                files.client_key.display()
+            ));
+        }
+        url.push_str(extra);
+        url
+    };
+
+    // The right CA and a client certificate: it runs.
+    let handle = try_start(&url(&files.ca, true, ""))
+        .await
+        .expect("TLS with the right CA connects");
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        handle.wait_until(|s| s.is_running("tls-job")),
+    )
+    .await
+    .expect("hang guard: running over TLS");
+    assert!(handle.status().backend.starts_with("etcds://"));
+    handle.shutdown().await;
+
+    // The name to verify can be given when the endpoint is an address.
+    let handle = try_start(&url(&files.ca, true, "&domain=localhost"))
+        .await
+        .expect("domain=localhost verifies");
+    handle.shutdown().await;
+
+    // A server certificate from another CA is refused, in one line.
+    let err = try_start(&url(&foreign_ca, true, ""))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("cannot reach etcd") && err.contains("TLS mismatch"),
+        "{err}"
+    );
+    assert!(!err.contains('\n'), "{err}");
+
+    // No client certificate: the server refuses the handshake.
+    let err = try_start(&url(&files.ca, false, ""))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("cannot reach etcd") && err.contains("TLS mismatch"),
+        "{err}"
+    );
+
+    // Plain etcd:// against the TLS port does not work either.
+    let err = try_start(&format!("etcd://{endpoint}?connect_timeout=2s"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("cannot reach etcd") && err.contains("TLS mismatch"),
+        "{err}"
+    );
+    drop(etcd);
+    let _ = std::fs::remove_dir_all(&dir);
+}
