@@ -8,7 +8,7 @@
 //!
 //! ```no_run
 //! # #[tokio::main] async fn main() {
-//! let etcd = highlander_tests::etcd::EtcdCluster::start(3).await;
+//! let mut etcd = highlander_tests::etcd::EtcdCluster::start(3).await;
 //! let url = etcd.url(); // etcd://127.0.0.1:p1,127.0.0.1:p2,127.0.0.1:p3
 //! etcd.kill_member(0);
 //! # let _ = url; }
