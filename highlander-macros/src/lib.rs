@@ -2,8 +2,8 @@
 //! which re-exports it and documents every key.
 //!
 //! The work is split in three stages, each testable alone:
-//! [`ast`] parses the attribute into a plain model, [`valid`] checks it and
-//! collects every error with its span, [`expand`] writes the code.
+//! `ast` parses the attribute into a plain model, `valid` checks it and
+//! collects every error with its span, `expand` writes the code.
 
 use proc_macro::TokenStream;
 

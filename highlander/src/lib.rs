@@ -31,7 +31,10 @@
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> highlander::Result<()> {
 //! // In `main`: `highlander::run().await` runs every #[highlander] service
 //! // until SIGTERM or Ctrl-C. Here, a started runtime stopped by hand:
-//! let handle = highlander::Runtime::builder().start().await?;
+//! let handle = highlander::Runtime::builder()
+//!     .service::<InvoiceSweeper>() // just this one; `run()` takes every registered service
+//!     .start()
+//!     .await?;
 //! handle.wait_until(|s| s.is_running("invoice-sweeper")).await;
 //! handle.shutdown().await;
 //! # Ok(()) }
@@ -71,11 +74,11 @@ pub use spec::{
 /// ```
 /// use highlander::{highlander, Context, Service};
 ///
-/// #[highlander(id = "reporter", restart = "transient", shutdown = "10s")]
+/// #[highlander(id = "nightly-report", restart = "transient", shutdown = "10s")]
 /// #[derive(Default)]
-/// struct Reporter;
+/// struct NightlyReport;
 ///
-/// impl Service for Reporter {
+/// impl Service for NightlyReport {
 ///     async fn run(&mut self, ctx: &Context) -> highlander::Result<()> {
 ///         ctx.cancelled().await;
 ///         Ok(())

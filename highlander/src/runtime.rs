@@ -67,6 +67,7 @@ impl Runtime {
     /// let mut builder = Runtime::builder()
     ///     .node("node-a")
     ///     .backend(MemoryCluster::new())
+    ///     .without_registered() // only the singletons added below
     ///     .state(Db { url: "postgres://db/app".into() });
     /// for tenant in ["acme", "globex"] {
     ///     let name = tenant.to_string();

@@ -110,6 +110,10 @@ where
     Arc::new(f)
 }
 
+/// The build glue `#[highlander]` generates. Not public API.
+#[doc(hidden)]
+pub(crate) type BuildFnPtr = for<'a> fn(&'a Context) -> BoxFuture<'a, Result<Box<dyn DynService>>>;
+
 type BuildFn =
     dyn for<'a> Fn(&'a Context) -> BoxFuture<'a, Result<Box<dyn DynService>>> + Send + Sync;
 
@@ -268,7 +272,7 @@ pub fn __spec(
     restart: Restart,
     shutdown: Duration,
     intensity: Intensity,
-    build: for<'a> fn(&'a Context) -> BoxFuture<'a, Result<Box<dyn DynService>>>,
+    build: BuildFnPtr,
 ) -> ChildSpec {
     ChildSpec {
         id: Arc::from(id),
