@@ -109,6 +109,22 @@ async fn waiting(handle: &RuntimeHandle, id: &str) {
         .await;
 }
 
+/// Starts one node per name, each configured with the `solo` probe: the
+/// first holds it, every other one waits.
+async fn solo_nodes(cluster: &MemoryCluster, log: &Log, names: &[&str]) -> Vec<RuntimeHandle> {
+    let mut nodes = Vec::new();
+    for name in names {
+        let n = node(cluster, name, vec![probe("solo", log, Behave::Wait)]).await;
+        if nodes.is_empty() {
+            running(&n, "solo").await;
+        } else {
+            waiting(&n, "solo").await;
+        }
+        nodes.push(n);
+    }
+    nodes
+}
+
 /// Waits until exactly one of `nodes` runs `id`, and returns its index.
 async fn single_holder(nodes: &[&RuntimeHandle], id: &str) -> usize {
     loop {
@@ -183,12 +199,10 @@ async fn one_id_on_three_nodes_runs_once() {
 async fn killed_holder_is_taken_over_and_tokens_grow() {
     let cluster = MemoryCluster::new();
     let log = Log::default();
-    let a = node(&cluster, "a", vec![probe("solo", &log, Behave::Wait)]).await;
-    running(&a, "solo").await;
-    let b = node(&cluster, "b", vec![probe("solo", &log, Behave::Wait)]).await;
-    let c = node(&cluster, "c", vec![probe("solo", &log, Behave::Wait)]).await;
-    waiting(&b, "solo").await;
-    waiting(&c, "solo").await;
+    let [a, b, c]: [RuntimeHandle; 3] = solo_nodes(&cluster, &log, &["a", "b", "c"])
+        .await
+        .try_into()
+        .unwrap();
     let first = cluster.holders("solo")[0].token.unwrap();
 
     a.abort();
@@ -211,10 +225,10 @@ async fn killed_holder_is_taken_over_and_tokens_grow() {
 async fn graceful_shutdown_releases_and_standby_takes_over_at_once() {
     let cluster = MemoryCluster::new();
     let log = Log::default();
-    let a = node(&cluster, "a", vec![probe("solo", &log, Behave::Wait)]).await;
-    running(&a, "solo").await;
-    let b = node(&cluster, "b", vec![probe("solo", &log, Behave::Wait)]).await;
-    waiting(&b, "solo").await;
+    let [a, b]: [RuntimeHandle; 2] = solo_nodes(&cluster, &log, &["a", "b"])
+        .await
+        .try_into()
+        .unwrap();
     let before = tokio::time::Instant::now();
     a.shutdown().await;
     running(&b, "solo").await;
@@ -438,10 +452,10 @@ async fn panic_in_run_is_an_error_and_the_guardian_lives_on() {
 async fn step_down_moves_the_singleton() {
     let cluster = MemoryCluster::new();
     let log = Log::default();
-    let a = node(&cluster, "a", vec![probe("solo", &log, Behave::Wait)]).await;
-    running(&a, "solo").await;
-    let b = node(&cluster, "b", vec![probe("solo", &log, Behave::Wait)]).await;
-    waiting(&b, "solo").await;
+    let [a, b]: [RuntimeHandle; 2] = solo_nodes(&cluster, &log, &["a", "b"])
+        .await
+        .try_into()
+        .unwrap();
     a.step_down("solo").unwrap();
     running(&b, "solo").await;
     assert_eq!(log.count("terminate solo a stepdown"), 1);
@@ -456,17 +470,7 @@ async fn step_down_moves_the_singleton() {
 async fn split_and_heal(names: &[&str], sides: &[&[&str]]) {
     let cluster = MemoryCluster::new();
     let log = Log::default();
-    let mut nodes = Vec::new();
-    for name in names {
-        let n = node(&cluster, name, vec![probe("solo", &log, Behave::Wait)]).await;
-        if nodes.is_empty() {
-            running(&n, "solo").await;
-        }
-        nodes.push(n);
-    }
-    for n in &nodes[1..] {
-        waiting(n, "solo").await;
-    }
+    let nodes = solo_nodes(&cluster, &log, names).await;
     let original = nodes[0].node().to_string();
 
     cluster.partition(sides);

@@ -19,7 +19,7 @@ pub(crate) const KEYS: &[&str] = &[
 ];
 
 /// One value as written, with its span.
-pub(crate) struct Spanned_<T> {
+pub(crate) struct WithSpan<T> {
     pub(crate) value: T,
     pub(crate) span: Span,
 }
@@ -27,11 +27,11 @@ pub(crate) struct Spanned_<T> {
 /// The attribute's arguments, not yet validated.
 #[derive(Default)]
 pub(crate) struct Args {
-    pub(crate) id: Option<Spanned_<String>>,
-    pub(crate) restart: Option<Spanned_<String>>,
-    pub(crate) shutdown: Option<Spanned_<String>>,
-    pub(crate) intensity: Option<Spanned_<u32>>,
-    pub(crate) period: Option<Spanned_<String>>,
+    pub(crate) id: Option<WithSpan<String>>,
+    pub(crate) restart: Option<WithSpan<String>>,
+    pub(crate) shutdown: Option<WithSpan<String>>,
+    pub(crate) intensity: Option<WithSpan<u32>>,
+    pub(crate) period: Option<WithSpan<String>>,
     pub(crate) init: Option<syn::Path>,
     pub(crate) krate: Option<syn::Path>,
     /// `id` was written, even if its value was refused (so no second
@@ -147,11 +147,11 @@ pub(crate) fn parse_args(tokens: TokenStream, errors: &mut Errors) -> Args {
             }
             "init" => {
                 let parsed = path(value, "init", errors);
-                set_path(&mut args.init, parsed, key_span, "init", errors)
+                set(&mut args.init, parsed, key_span, "init", errors)
             }
             "crate" => {
                 let parsed = path(value, "crate", errors);
-                set_path(&mut args.krate, parsed, key_span, "crate", errors)
+                set(&mut args.krate, parsed, key_span, "crate", errors)
             }
             _ => unknown_key(errors, &nv.path),
         }
@@ -203,13 +203,8 @@ fn edit_distance(a: &str, b: &str) -> usize {
     row[b.len()]
 }
 
-fn set<T>(
-    slot: &mut Option<Spanned_<T>>,
-    value: Option<Spanned_<T>>,
-    key_span: Span,
-    key: &str,
-    errors: &mut Errors,
-) {
+/// Stores the first value of a key; a second occurrence is an error at its key.
+fn set<T>(slot: &mut Option<T>, value: Option<T>, key_span: Span, key: &str, errors: &mut Errors) {
     if slot.is_some() {
         errors.push(key_span, format_args!("`{key}` set multiple times"));
     } else if value.is_some() {
@@ -217,25 +212,11 @@ fn set<T>(
     }
 }
 
-fn set_path(
-    slot: &mut Option<syn::Path>,
-    value: Option<syn::Path>,
-    key_span: Span,
-    key: &str,
-    errors: &mut Errors,
-) {
-    if slot.is_some() {
-        errors.push(key_span, format_args!("`{key}` set multiple times"));
-    } else if value.is_some() {
-        *slot = value;
-    }
-}
-
-fn string(value: &Expr, key: &str, errors: &mut Errors) -> Option<Spanned_<String>> {
+fn string(value: &Expr, key: &str, errors: &mut Errors) -> Option<WithSpan<String>> {
     match value {
         Expr::Lit(ExprLit {
             lit: Lit::Str(s), ..
-        }) => Some(Spanned_ {
+        }) => Some(WithSpan {
             value: s.value(),
             span: s.span(),
         }),
@@ -249,12 +230,12 @@ fn string(value: &Expr, key: &str, errors: &mut Errors) -> Option<Spanned_<Strin
     }
 }
 
-fn integer(value: &Expr, errors: &mut Errors) -> Option<Spanned_<u32>> {
+fn integer(value: &Expr, errors: &mut Errors) -> Option<WithSpan<u32>> {
     match value {
         Expr::Lit(ExprLit {
             lit: Lit::Int(i), ..
         }) => match i.base10_parse::<u32>() {
-            Ok(n) => Some(Spanned_ {
+            Ok(n) => Some(WithSpan {
                 value: n,
                 span: i.span(),
             }),

@@ -96,7 +96,7 @@ fn check_id(id: &str, span: Span, errors: &mut Errors) -> bool {
 }
 
 fn duration(
-    value: Option<crate::ast::Spanned_<String>>,
+    value: Option<crate::ast::WithSpan<String>>,
     key: &str,
     default_ms: u64,
     errors: &mut Errors,

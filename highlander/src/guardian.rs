@@ -140,7 +140,7 @@ impl Guardian {
                     retry = RETRY_MIN;
                     let holder_node = holder.as_ref().map(|h| h.node.clone());
                     if holder_node != last_holder {
-                        info!(
+                        debug!(
                             holder = holder_node.as_deref().unwrap_or("unknown"),
                             "waiting: held elsewhere"
                         );
@@ -203,7 +203,7 @@ impl Guardian {
             .release(&self.slot.spec.id, lease.token)
             .await
         {
-            Ok(()) => info!(token = lease.token, "released"),
+            Ok(()) => debug!(token = lease.token, "released"),
             Err(e) => {
                 warn!(token = lease.token, error = %e, "release failed; the backend frees the id when this node's session ends")
             }
