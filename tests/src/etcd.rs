@@ -240,6 +240,36 @@ impl EtcdCluster {
         format!("{}/highlander?{query}", self.url())
     }
 
+    /// The index of the member that is the raft leader now, as the running
+    /// members report it.
+    pub fn leader(&self) -> usize {
+        let field = |out: &str, name: &str| -> Option<u64> {
+            out.lines()
+                .find_map(|l| l.trim().strip_prefix(&format!("\"{name}\" : ")))
+                .and_then(|v| v.trim().parse().ok())
+        };
+        for (i, m) in self
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.child.is_some())
+        {
+            let out = self
+                .etcdctl_command()
+                .arg(format!("--endpoints={}", self.client_url(m.client_port)))
+                .args(["endpoint", "status", "-w", "fields"])
+                .output()
+                .expect("etcdctl runs");
+            let out = String::from_utf8_lossy(&out.stdout);
+            if let (Some(id), Some(leader)) = (field(&out, "MemberID"), field(&out, "Leader")) {
+                if id == leader {
+                    return i;
+                }
+            }
+        }
+        panic!("no running etcd member says it is the leader")
+    }
+
     /// Kills member `i` with SIGKILL (the others keep quorum in a cluster of
     /// three) and waits for it to exit.
     pub fn kill_member(&mut self, i: usize) {
