@@ -13,7 +13,7 @@ use highlander::backend::postgres::Postgres;
 use highlander::{
     ChildSpec, Context, Runtime, RuntimeHandle, Service, ShutdownReason, SingletonState,
 };
-use highlander_tests::postgres::{PASSWORD, PgServer};
+use highlander_tests::postgres::{PASSWORD, PgServer, wait_all};
 use tokio::time::timeout;
 
 const GUARD: Duration = Duration::from_secs(60);
@@ -225,45 +225,24 @@ fn is_waiting(s: &highlander::Status, id: &str) -> bool {
     matches!(s.get(id), Some(SingletonState::Waiting { .. }))
 }
 
-/// The one runtime among `handles` that runs `id`, once exactly one does.
+/// The one runtime among `handles` that runs `id`, once exactly one does
+/// and every other waits for it.
 async fn sole_holder<'a>(handles: &'a [&'a RuntimeHandle], id: &str) -> &'a RuntimeHandle {
-    timeout(GUARD, async {
-        loop {
-            let holders: Vec<&RuntimeHandle> = handles
-                .iter()
-                .copied()
-                .filter(|h| h.status().is_running(id))
-                .collect();
-            let waiting = handles
-                .iter()
-                .filter(|h| is_waiting(&h.status(), id))
-                .count();
-            if holders.len() == 1 && waiting == handles.len() - 1 {
-                return holders[0];
-            }
-            assert!(holders.len() <= 1, "{id} runs on {} nodes", holders.len());
-            // Event-driven: wake at the next state change of any node.
-            let changes: Vec<_> = handles.iter().map(|h| Box::pin(h.changed())).collect();
-            futures_select_all(changes).await;
-        }
+    wait_all(handles, GUARD, &format!("one holder of {id}"), || {
+        let holders = handles.iter().filter(|h| h.status().is_running(id)).count();
+        assert!(holders <= 1, "{id} runs on {holders} nodes");
+        let waiting = handles
+            .iter()
+            .filter(|h| is_waiting(&h.status(), id))
+            .count();
+        holders == 1 && waiting == handles.len() - 1
     })
-    .await
-    .unwrap_or_else(|_| panic!("{id}: no single holder within {GUARD:?}"))
-}
-
-async fn futures_select_all(
-    futures: Vec<std::pin::Pin<Box<impl std::future::Future<Output = ()>>>>,
-) {
-    let mut futures = futures;
-    std::future::poll_fn(move |cx| {
-        for f in futures.iter_mut() {
-            if f.as_mut().poll(cx).is_ready() {
-                return std::task::Poll::Ready(());
-            }
-        }
-        std::task::Poll::Pending
-    })
-    .await
+    .await;
+    handles
+        .iter()
+        .copied()
+        .find(|h| h.status().is_running(id))
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -491,22 +470,18 @@ async fn a_thousand_ids_on_three_nodes_with_one_connection_each() {
             .map(|h| h.status().running().count())
             .sum::<usize>()
     };
-    timeout(GUARD, async {
-        while total(&all) != 1_000
-            || all.iter().any(|h| {
-                h.status().singletons.iter().any(|s| {
-                    matches!(
+    wait_all(&all, GUARD, "1,000 ids running, the rest waiting", || {
+        total(&all) == 1_000
+            && all.iter().all(|h| {
+                h.status().singletons.iter().all(|s| {
+                    !matches!(
                         s.state,
                         SingletonState::Claiming | SingletonState::Retrying { .. }
                     )
                 })
             })
-        {
-            futures_select_all(all.iter().map(|h| Box::pin(h.changed())).collect()).await;
-        }
     })
-    .await
-    .expect("1,000 ids run");
+    .await;
     for name in ["a", "b", "c"] {
         assert_eq!(pg.sessions_of(name).await, 1, "{name} keeps one connection");
     }
@@ -522,13 +497,7 @@ async fn a_thousand_ids_on_three_nodes_with_one_connection_each() {
     assert_eq!(pg.terminate(&name).await, 1);
     busiest.shutdown().await;
     let rest: Vec<&RuntimeHandle> = all.iter().copied().filter(|h| h.node() != name).collect();
-    timeout(GUARD, async {
-        while total(&rest) != 1_000 {
-            futures_select_all(rest.iter().map(|h| Box::pin(h.changed())).collect()).await;
-        }
-    })
-    .await
-    .expect("every id moves");
+    wait_all(&rest, GUARD, "every id moved", || total(&rest) == 1_000).await;
     for h in rest {
         h.shutdown().await;
     }

@@ -27,12 +27,35 @@ const GUARD: Duration = Duration::from_secs(60);
 /// 1.77 s after its last successful round trip.
 const SERVER_TIMEOUT: Duration = Duration::from_secs(3);
 
-#[derive(Clone, Default)]
-struct Times(Arc<Mutex<Vec<(String, Instant)>>>);
+#[derive(Clone)]
+struct Times(Arc<Mutex<Vec<(String, Instant)>>>, watch::Sender<usize>);
+
+impl Default for Times {
+    fn default() -> Self {
+        Times(Arc::default(), watch::Sender::new(0))
+    }
+}
 
 impl Times {
     fn mark(&self, what: String) {
         self.0.lock().unwrap().push((what, Instant::now()));
+        self.1.send_modify(|n| *n += 1);
+    }
+
+    /// Waits (event-driven, hang-guarded) until `what` has been marked.
+    async fn wait(&self, what: &str) -> Instant {
+        let mut rx = self.1.subscribe();
+        timeout(GUARD, async {
+            loop {
+                rx.borrow_and_update();
+                if let Some(at) = self.at(what) {
+                    return at;
+                }
+                let _ = rx.changed().await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no `{what}` within {GUARD:?}: {:?}", self.0.lock().unwrap()))
     }
     fn at(&self, what: &str) -> Option<Instant> {
         self.0
@@ -218,25 +241,13 @@ async fn a_silent_holder_stops_before_the_server_could_free_its_ids() {
     )
     .await
     .unwrap();
-    timeout(GUARD, async {
-        while times.at("start holder").is_none() {
-            holder.changed().await;
-        }
-    })
-    .await
-    .unwrap();
+    times.wait("start holder").await;
 
     proxy.silence();
     timeout(GUARD, standby.wait_until(|s| s.is_running("guarded")))
         .await
         .expect("the standby takes over once the server ends the holder's session");
-    timeout(GUARD, async {
-        while times.at("start standby").is_none() {
-            standby.changed().await;
-        }
-    })
-    .await
-    .unwrap();
+    times.wait("start standby").await;
 
     let stopped = times
         .at("stop holder lease lost")

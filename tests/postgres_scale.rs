@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use highlander::backend::postgres::Postgres;
 use highlander::{ChildSpec, Context, Runtime, RuntimeHandle, Service};
-use highlander_tests::postgres::PgServer;
+use highlander_tests::postgres::{PgServer, wait_all};
 use tokio::time::timeout;
 
 const IDS: usize = 40_000;
@@ -42,28 +42,12 @@ async fn start(url: &str, node: &str, starts: &Arc<AtomicUsize>) -> RuntimeHandl
 
 /// Waits, at each state change, until `handles` run `n` ids between them.
 async fn wait_running(handles: &[&RuntimeHandle], n: usize) {
-    timeout(GUARD, async {
-        loop {
-            let changed: Vec<_> = handles.iter().map(|h| Box::pin(h.changed())).collect();
-            let running: usize = handles.iter().map(|h| h.status().running().count()).sum();
-            if running == n {
-                return;
-            }
-            assert!(running < n, "{running} running, more than {n} ids");
-            let mut changed = changed;
-            std::future::poll_fn(move |cx| {
-                for f in changed.iter_mut() {
-                    if f.as_mut().poll(cx).is_ready() {
-                        return std::task::Poll::Ready(());
-                    }
-                }
-                std::task::Poll::Pending
-            })
-            .await;
-        }
+    wait_all(handles, GUARD, &format!("{n} ids running"), || {
+        let running: usize = handles.iter().map(|h| h.status().running().count()).sum();
+        assert!(running <= n, "{running} running, more than {n} ids");
+        running == n
     })
-    .await
-    .unwrap_or_else(|_| panic!("not {n} ids running within {GUARD:?}"));
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -460,3 +460,51 @@ impl Drop for PgServer {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Waits until `cond` holds, checking it at every state change of any of
+/// `handles` (no polling). Panics after `guard`, a hang guard.
+///
+/// Each round subscribes to every handle's changes *before* it checks, so
+/// a change between the check and the wait is never missed.
+pub async fn wait_all(
+    handles: &[&highlander::RuntimeHandle],
+    guard: Duration,
+    what: &str,
+    mut cond: impl FnMut() -> bool,
+) {
+    use std::future::{Future, poll_fn};
+    use std::task::Poll;
+    let waited = tokio::time::timeout(guard, async {
+        loop {
+            let mut changes: Vec<_> = handles.iter().map(|h| Box::pin(h.changed())).collect();
+            let mut woke = false;
+            poll_fn(|cx| {
+                for change in changes.iter_mut() {
+                    woke |= change.as_mut().poll(cx).is_ready();
+                }
+                Poll::Ready(())
+            })
+            .await;
+            if cond() {
+                return;
+            }
+            if woke {
+                continue;
+            }
+            poll_fn(|cx| {
+                for change in changes.iter_mut() {
+                    if change.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(());
+                    }
+                }
+                Poll::Pending
+            })
+            .await;
+        }
+    })
+    .await;
+    if waited.is_err() {
+        let status: Vec<_> = handles.iter().map(|h| h.status()).collect();
+        panic!("not {what} within {guard:?}; status: {status:#?}");
+    }
+}
