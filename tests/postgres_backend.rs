@@ -573,3 +573,62 @@ async fn clear_errors_without_the_password() {
     h.shutdown().await;
     assert!(log.events().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_stop_budget_and_holder_lookups() {
+    let pg = PgServer::start();
+    let log = Log::default();
+    // A 40 s budget needs more than the default 15 s server timeout: the
+    // session raises it (set_config) before it claims, and the claim works.
+    let (id, spec_log) = ("slow".to_string(), log.clone());
+    let slow = ChildSpec::new(id.clone(), move |_ctx| {
+        let (id, log) = (id.clone(), spec_log.clone());
+        async move {
+            Ok(Probe {
+                log,
+                id,
+                node: String::new(),
+                token: 0,
+            })
+        }
+    })
+    .shutdown(Duration::from_secs(40));
+    let a = timeout(
+        GUARD,
+        Runtime::builder()
+            .node("a")
+            .backend(Postgres::new(pg.url()))
+            .without_registered()
+            .child(slow)
+            .start(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    wait(&a, "running slow", |s| s.is_running("slow")).await;
+
+    // Another node looks holders up. (It runs a singleton of its own: a
+    // runtime with none drops its session at once, see the report.)
+    let own = vec!["observer-own".to_string()];
+    let observer = start(Postgres::new(pg.url()), "observer", &own, &log).await;
+    let holder = observer
+        .holder("slow")
+        .await
+        .unwrap()
+        .expect("a holds slow");
+    assert_eq!((holder.node.as_str(), holder.token), ("a", Some(1)));
+    assert_eq!(observer.holder("never-claimed").await.unwrap(), None);
+    log.wait_start("a", "slow").await;
+    a.shutdown().await;
+    assert_eq!(observer.holder("slow").await.unwrap(), None);
+    let members: Vec<String> = observer
+        .members()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.node)
+        .collect();
+    assert_eq!(members, ["observer"]);
+    observer.shutdown().await;
+    log.assert_one_at_a_time();
+}
