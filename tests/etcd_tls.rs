@@ -135,20 +135,16 @@ async fn tls_with_client_certificates() {
         .await
         .unwrap_err()
         .to_string();
-    assert!(
-        err.contains("cannot reach etcd") && err.contains("TLS mismatch"),
-        "{err}"
-    );
+    assert!(err.contains("cannot reach etcd"), "{err}");
+    assert!(!err.contains('\n'), "{err}");
 
     // Plain etcd:// against the TLS port does not work either.
     let err = try_start(&format!("etcd://{endpoint}?connect_timeout=2s"))
         .await
         .unwrap_err()
         .to_string();
-    assert!(
-        err.contains("cannot reach etcd") && err.contains("TLS mismatch"),
-        "{err}"
-    );
+    assert!(err.contains("cannot reach etcd"), "{err}");
+    assert!(!err.contains('\n'), "{err}");
     drop(etcd);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -280,7 +280,15 @@ pub(super) async fn connect(config: Etcd, node: String) -> Result<Arc<EtcdSessio
                     "etcd at {shown} does not let this user read and write `{prefix}` ({describe}): {why}"
                 )));
             }
-            if why.contains("certificate") || why.contains("Cancelled") || why.contains("tls") {
+            let tls_like = [
+                "certificate",
+                "Cancelled",
+                "tls",
+                "TLS",
+                "handshake",
+                "transport error",
+            ];
+            if tls_like.iter().any(|t| why.contains(t)) && !why.contains("onnection refused") {
                 return Err(unreachable(format!(
                     "{why} (a TLS mismatch? use etcds:// for a TLS server, with ca= its CA \
                      and cert=/key= when it requires client certificates)"
