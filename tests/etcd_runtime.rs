@@ -568,3 +568,34 @@ async fn cut_off_from_etcd_a_holder_gives_up_claims_nothing_and_comes_back() {
     assert!(token_of(&a, "solo").unwrap() > token);
     a.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_node_waits_for_the_watch_and_does_not_spin() {
+    let cluster = EtcdCluster::single().await;
+    let log = Log::default();
+    let ids = vec!["solo".to_string()];
+    let a = node(&cluster, "a", &ids, &log).await;
+    within("a runs", a.wait_until(|s| s.is_running("solo"))).await;
+    let b = node(&cluster, "b", &ids, &log).await;
+    within(
+        "b waits",
+        b.wait_until(|s| matches!(s.get("solo"), Some(SingletonState::Waiting { .. }))),
+    )
+    .await;
+    // A waiter that retried without a change would flip between Claiming
+    // and Waiting: no state change may happen while nothing changes in etcd.
+    let quiet = tokio::time::timeout(TTL, b.changed()).await;
+    assert!(
+        quiet.is_err(),
+        "b's state changed while the holder held on: {:?}",
+        b.status()
+    );
+    // Writes to other keys of the namespace wake nobody either.
+    cluster.etcdctl(&["put", "/highlander/unrelated", "x"]);
+    cluster.etcdctl(&["del", "/highlander/unrelated"]);
+    let quiet = tokio::time::timeout(Duration::from_millis(500), b.changed()).await;
+    assert!(quiet.is_err(), "an unrelated key woke b: {:?}", b.status());
+    a.shutdown().await;
+    within("b takes over", b.wait_until(|s| s.is_running("solo"))).await;
+    b.shutdown().await;
+}
