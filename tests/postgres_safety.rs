@@ -265,3 +265,162 @@ async fn a_silent_holder_stops_before_the_server_could_free_its_ids() {
     holder.shutdown().await;
     standby.shutdown().await;
 }
+
+/// A proxy that can stall: while stalled it forwards nothing but keeps
+/// every byte (and a close) in order, and delivers them on resume, like a
+/// link that stops for a while and comes back.
+struct StallProxy {
+    port: u16,
+    stalled: watch::Sender<bool>,
+}
+
+impl StallProxy {
+    async fn start(target: u16) -> StallProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stalled = watch::Sender::new(false);
+        let tx = stalled.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let server = TcpStream::connect(("127.0.0.1", target)).await.unwrap();
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(pump(cr, sw, tx.subscribe()));
+                tokio::spawn(pump(sr, cw, tx.subscribe()));
+            }
+        });
+        StallProxy { port, stalled }
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut stalled: watch::Receiver<bool>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut queue: Vec<u8> = Vec::new();
+    let mut eof = false;
+    loop {
+        let is_stalled = *stalled.borrow_and_update();
+        if !is_stalled {
+            if !queue.is_empty() {
+                if to.write_all(&queue).await.is_err() {
+                    return;
+                }
+                queue.clear();
+            }
+            if eof {
+                let _ = to.shutdown().await;
+                return;
+            }
+        }
+        tokio::select! {
+            read = from.read(&mut buf), if !eof => match read {
+                Ok(0) | Err(_) => eof = true,
+                Ok(n) if *stalled.borrow() => queue.extend_from_slice(&buf[..n]),
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            },
+            changed = stalled.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Stops slowly: `terminate` takes most of the 1 s budget.
+struct SlowStop {
+    times: Times,
+    node: String,
+}
+
+impl Service for SlowStop {
+    async fn run(&mut self, ctx: &Context) -> highlander::Result<()> {
+        self.node = ctx.node().to_string();
+        self.times.mark(format!("start {}", self.node));
+        ctx.cancelled().await;
+        Ok(())
+    }
+    async fn terminate(&mut self, reason: ShutdownReason) {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        self.times.mark(format!("stopped {} {reason}", self.node));
+    }
+}
+
+/// The link stalls for longer than the holder's deadline but less than the
+/// server timeout, then comes back. The holder gives up at its deadline;
+/// its instance takes 800 ms to stop. The connection must stay open until
+/// then: closing it at once would let the server free the ids the moment
+/// the link returns, while the old instance is still stopping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_that_gives_up_keeps_its_ids_until_its_instance_has_stopped() {
+    let pg = PgServer::start();
+    let times = Times::default();
+    let proxy = StallProxy::start(pg.port()).await;
+    let via_proxy = pg
+        .url()
+        .replace(&format!(":{}/", pg.port()), &format!(":{}/", proxy.port));
+    let slow = |times: &Times| {
+        let times = times.clone();
+        ChildSpec::new("slow-stop", move |_ctx| {
+            let times = times.clone();
+            async move {
+                Ok(SlowStop {
+                    times,
+                    node: String::new(),
+                })
+            }
+        })
+        .shutdown(Duration::from_secs(1))
+    };
+    let holder = Runtime::builder()
+        .node("holder")
+        .backend(
+            Postgres::new(via_proxy)
+                .heartbeat(Duration::from_millis(200))
+                .server_timeout(SERVER_TIMEOUT)
+                .margin(Duration::from_millis(200)),
+        )
+        .without_registered()
+        .child(slow(&times))
+        .start()
+        .await
+        .unwrap();
+    times.wait("start holder").await;
+    let standby = Runtime::builder()
+        .node("standby")
+        .backend(Postgres::new(pg.url()))
+        .without_registered()
+        .child(slow(&times))
+        .start()
+        .await
+        .unwrap();
+    timeout(
+        GUARD,
+        standby.wait_until(|s| matches!(s.get("slow-stop"), Some(SingletonState::Waiting { .. }))),
+    )
+    .await
+    .unwrap();
+
+    // Stall past the holder's 1.77 s deadline, within the 3 s server timeout.
+    proxy.stalled.send_replace(true);
+    tokio::time::sleep(Duration::from_millis(2_300)).await;
+    proxy.stalled.send_replace(false);
+
+    let taken = times.wait("start standby").await;
+    let stopped = times.at("stopped holder lease lost").unwrap_or_else(|| {
+        panic!(
+            "the holder had not stopped when the standby started: {:?}",
+            times.0.lock().unwrap()
+        )
+    });
+    assert!(stopped < taken);
+    holder.shutdown().await;
+    standby.shutdown().await;
+}

@@ -4,7 +4,7 @@
 //! scenario; asserts nothing.
 //!
 //! ```text
-//! cargo build --release -p highlander-tests --bins
+//! cargo build --release -p highlander-tests --bin node --bin bench_postgres
 //! target/release/bench_postgres            # 50 runs each, 100,000 ids once
 //! target/release/bench_postgres --runs 10 --huge-runs 0
 //! ```
@@ -66,7 +66,7 @@ fn node_bin() -> PathBuf {
         .with_file_name("node");
     assert!(
         bin.is_file(),
-        "{} is missing: build it first with `cargo build --release -p highlander-tests --bins`",
+        "{} is missing: build it first with `cargo build --release -p highlander-tests --bin node --bin bench_postgres`",
         bin.display()
     );
     bin

@@ -51,7 +51,10 @@
 //! - `sslmode=disable|prefer|require|verify-ca|verify-full` and
 //!   `sslrootcert=/path/ca.pem`: TLS through rustls. `require` and
 //!   `verify-ca` check the certificate chain against the CA file,
-//!   `verify-full` also the host name. TLS modes need a CA file.
+//!   `verify-full` also the host name. TLS modes need a CA file;
+//! - `server_timeout=15s`, `heartbeat=1s`, `presence_poll=20ms`,
+//!   `margin=1s`: the timing of the lease argument (see the methods of
+//!   [`Postgres`] of the same names; set in code, they win).
 //!
 //! Use a direct connection or a session-pooling proxy: transaction pooling
 //! (PgBouncer's `pool_mode = transaction`) breaks session-level locks.
@@ -107,7 +110,16 @@ pub struct Postgres {
     url: String,
     namespace: Option<String>,
     ca_file: Option<PathBuf>,
-    timing: Timing,
+    timing: TimingSet,
+}
+
+/// Timing set in code, which wins over the URL's parameters.
+#[derive(Debug, Clone, Copy, Default)]
+struct TimingSet {
+    heartbeat: Option<Duration>,
+    poll: Option<Duration>,
+    server_timeout: Option<Duration>,
+    margin: Option<Duration>,
 }
 
 impl Postgres {
@@ -118,7 +130,7 @@ impl Postgres {
             url: url.into(),
             namespace: None,
             ca_file: None,
-            timing: Timing::default(),
+            timing: TimingSet::default(),
         }
     }
 
@@ -140,7 +152,7 @@ impl Postgres {
 
     /// How often an idle session proves it is alive (default 1 s).
     pub fn heartbeat(mut self, every: Duration) -> Self {
-        self.timing.heartbeat = every.max(Duration::from_millis(10));
+        self.timing.heartbeat = Some(every);
         self
     }
 
@@ -148,7 +160,7 @@ impl Postgres {
     /// still connected (default 20 ms). One small query per interval per
     /// waiting node, whatever the number of ids.
     pub fn presence_poll(mut self, every: Duration) -> Self {
-        self.timing.poll = every.max(Duration::from_millis(1));
+        self.timing.poll = Some(every);
         self
     }
 
@@ -157,13 +169,13 @@ impl Postgres {
     /// freeing its ids for others. Raised automatically when a singleton's
     /// shutdown budget needs more.
     pub fn server_timeout(mut self, timeout: Duration) -> Self {
-        self.timing.server_timeout = timeout.max(Duration::from_secs(1));
+        self.timing.server_timeout = Some(timeout);
         self
     }
 
     /// Slack for scheduling delays in the lease deadline (default 1 s).
     pub fn margin(mut self, margin: Duration) -> Self {
-        self.timing.margin = margin;
+        self.timing.margin = Some(margin);
         self
     }
 
@@ -208,7 +220,21 @@ impl Postgres {
             namespace,
             pg,
             tls,
-            timing: self.timing,
+            timing: {
+                let mut t = parsed.timing;
+                let set = self.timing;
+                t.heartbeat = set
+                    .heartbeat
+                    .unwrap_or(t.heartbeat)
+                    .max(Duration::from_millis(10));
+                t.poll = set.poll.unwrap_or(t.poll).max(Duration::from_millis(1));
+                t.server_timeout = set
+                    .server_timeout
+                    .unwrap_or(t.server_timeout)
+                    .max(Duration::from_secs(1));
+                t.margin = set.margin.unwrap_or(t.margin);
+                t
+            },
             batch: 5_000,
         })
     }
@@ -407,6 +433,25 @@ struct Parsed {
     namespace: Option<String>,
     ca_file: Option<PathBuf>,
     mode: Mode,
+    timing: Timing,
+}
+
+/// `250ms`, `3s`, `1.5s`, `2m`.
+fn parse_duration(value: &str) -> std::result::Result<Duration, String> {
+    let split = value
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(value.len());
+    let (number, unit) = value.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("`{value}` is not a duration like 250ms, 3s or 2m"))?;
+    let secs = match unit {
+        "ms" => number / 1000.0,
+        "s" | "" => number,
+        "m" => number * 60.0,
+        _ => return Err(format!("`{value}` is not a duration like 250ms, 3s or 2m")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("`{value}`: {e}"))
 }
 
 /// Splits off the parameters this backend reads itself and hands the rest
@@ -426,6 +471,7 @@ fn parse_url(url: &str) -> std::result::Result<Parsed, String> {
     let mut namespace = None;
     let mut ca_file = None;
     let mut mode = Mode::Prefer;
+    let mut timing = Timing::default();
     let mut rest = Vec::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -448,6 +494,12 @@ fn parse_url(url: &str) -> std::result::Result<Parsed, String> {
                     }
                 }
             }
+            "heartbeat" => timing.heartbeat = parse_duration(value).map_err(|e| bad(&e))?,
+            "presence_poll" => timing.poll = parse_duration(value).map_err(|e| bad(&e))?,
+            "server_timeout" => {
+                timing.server_timeout = parse_duration(value).map_err(|e| bad(&e))?
+            }
+            "margin" => timing.margin = parse_duration(value).map_err(|e| bad(&e))?,
             "sslcert" | "sslkey" | "sslpassword" | "sslcrl" => {
                 return Err(bad(&format!(
                     "`{key}` (client certificates) is not supported"
@@ -481,6 +533,7 @@ fn parse_url(url: &str) -> std::result::Result<Parsed, String> {
         namespace,
         ca_file,
         mode,
+        timing,
     })
 }
 
@@ -612,6 +665,29 @@ mod tests {
         let x30 = t.server_timeout_for(Duration::from_secs(30));
         assert!(t.vouch(x30, Duration::from_secs(30)) >= Duration::from_secs(3));
         assert!(x30 < Duration::from_secs(36));
+    }
+
+    #[test]
+    fn timing_from_url_and_builder() {
+        let s = Postgres::new(
+            "postgres://a@h/d?server_timeout=3s&heartbeat=200ms&presence_poll=5ms&margin=0.5s",
+        )
+        .settings()
+        .unwrap();
+        assert_eq!(s.timing.server_timeout, Duration::from_secs(3));
+        assert_eq!(s.timing.heartbeat, Duration::from_millis(200));
+        assert_eq!(s.timing.poll, Duration::from_millis(5));
+        assert_eq!(s.timing.margin, Duration::from_millis(500));
+        let s = Postgres::new("postgres://a@h/d?server_timeout=3s")
+            .server_timeout(Duration::from_secs(20))
+            .settings()
+            .unwrap();
+        assert_eq!(s.timing.server_timeout, Duration::from_secs(20));
+        assert!(
+            Postgres::new("postgres://a@h/d?heartbeat=soon")
+                .settings()
+                .is_err()
+        );
     }
 
     #[test]

@@ -407,7 +407,7 @@ async fn drive(inner: Arc<Inner>, mut first: Option<Live>) {
             });
             st.last_error = None;
         }
-        let why = run_epoch(&inner, &mut live).await;
+        let Ended { why, drain } = run_epoch(&inner, &mut live).await;
         lose(&inner, &why);
         if inner.stop.is_cancelled() {
             // Graceful: let the connection say goodbye (Terminate) before
@@ -423,6 +423,17 @@ async fn drive(inner: Arc<Inner>, mut first: Option<Live>) {
             return;
         }
         warn!(node = %inner.node, "lost the postgres session ({why}): every tenure of this node has ended; reconnecting");
+        if !drain.is_zero() {
+            // This node gave up while its session may still be alive on the
+            // server. Keep the connection (and so its ids) until the
+            // instances have had their stop budget: closing it now would let
+            // another node start before they stopped.
+            tokio::select! {
+                _ = inner.stop.cancelled() => {}
+                _ = &mut live.conn.0 => {}
+                _ = sleep(drain) => {}
+            }
+        }
         drop(live);
     }
 }
@@ -481,8 +492,16 @@ struct ProbeDone {
     result: std::result::Result<Vec<i32>, tokio_postgres::Error>,
 }
 
-/// Runs one connection until it is lost; returns why.
-async fn run_epoch(inner: &Arc<Inner>, live: &mut Live) -> String {
+/// How an epoch ended: why, and how long to keep the connection open
+/// before closing it (zero when the server already ended the session, or
+/// on a graceful close).
+struct Ended {
+    why: String,
+    drain: Duration,
+}
+
+/// Runs one connection until it is lost.
+async fn run_epoch(inner: &Arc<Inner>, live: &mut Live) -> Ended {
     let timing = inner.settings.timing;
     let mut claim: Pending<ClaimDone> = None;
     let mut release: Pending<ReleaseDone> = None;
@@ -505,28 +524,35 @@ async fn run_epoch(inner: &Arc<Inner>, live: &mut Live) -> String {
                 timing.heartbeat
             };
         let deadline = live.deadline(&timing, budget);
+        let given_up = |why: String, budget: Duration| Ended {
+            why,
+            drain: budget + timing.margin,
+        };
         tokio::select! {
             biased;
-            _ = inner.stop.cancelled() => return "the session was closed".to_string(),
+            _ = inner.stop.cancelled() => {
+                return Ended { why: "the session was closed".to_string(), drain: Duration::ZERO };
+            }
             _ = sleep_until(deadline) => {
-                return format!(
+                return given_up(format!(
                     "no answer for {:?} since the last successful round trip: this node can no longer vouch that it still holds its ids",
                     Instant::now().duration_since(live.last_ok)
-                );
+                ), budget);
             }
             why = &mut live.conn.0 => {
-                return why.unwrap_or_else(|e| format!("the connection task failed: {e}"));
+                let why = why.unwrap_or_else(|e| format!("the connection task failed: {e}"));
+                return Ended { why, drain: Duration::ZERO };
             }
             done = maybe(&mut claim) => {
                 claim = None;
                 if let Err(why) = finish_claims(inner, live, done, &mut budget) {
-                    return why;
+                    return given_up(why, budget);
                 }
             }
             done = maybe(&mut release) => {
                 release = None;
                 if let Err(why) = finish_releases(inner, live, done) {
-                    return why;
+                    return given_up(why, budget);
                 }
             }
             done = maybe(&mut probe) => {
