@@ -1074,7 +1074,10 @@ async fn read_handshake(rd: &mut Reader) -> Option<Handshake> {
 
 impl Node {
     fn log_once(&self, key: String, message: impl FnOnce()) {
-        if self.lock().logged.insert(key) {
+        let mut st = self.lock();
+        // Bounded: a flood of distinct refused peers cannot grow it forever.
+        if st.logged.len() < 1024 && st.logged.insert(key) {
+            drop(st);
             message();
         }
     }
