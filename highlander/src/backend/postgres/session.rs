@@ -180,6 +180,13 @@ impl PgSession {
         });
         let first = match open(&inner).await {
             Ok(live) => {
+                // Connected from the first moment: claims and lookups made
+                // right after start-up must not find the session "not
+                // connected" while the driver task is being scheduled.
+                inner.lock().live = Some(LiveInfo {
+                    client: live.client.clone(),
+                    stmts: live.stmts.clone(),
+                });
                 info!(node = %inner.node, backend = %inner.settings.describe, owner = live.me, "connected to postgres");
                 Some(live)
             }
