@@ -479,11 +479,34 @@ impl RuntimeHandle {
         self.session()?.members().await
     }
 
-    /// Completes at the next change of any singleton's state on this node.
-    pub async fn changed(&self) {
+    /// A future that completes at the first change of any singleton's state
+    /// on this node *after this call* (not after the future is first
+    /// polled), or when the runtime has stopped. So calling it before
+    /// checking a condition never misses a change that happens between the
+    /// check and the await, also across several runtimes:
+    ///
+    /// ```
+    /// # use highlander::{MemoryCluster, Runtime};
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> highlander::Result<()> {
+    /// # let cluster = MemoryCluster::new();
+    /// # let a = Runtime::builder().node("a").backend(cluster.clone()).without_registered().start().await?;
+    /// # let b = Runtime::builder().node("b").backend(cluster.clone()).without_registered().start().await?;
+    /// loop {
+    ///     let (ca, cb) = (a.changed(), b.changed()); // armed first
+    ///     if a.status().running().count() + b.status().running().count() == 0 {
+    ///         break;
+    ///     }
+    ///     tokio::select! { _ = ca => {}, _ = cb => {} }
+    /// }
+    /// # a.shutdown().await; b.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub fn changed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let mut rx = self.inner.version.clone();
         rx.borrow_and_update();
-        let _ = rx.changed().await;
+        async move {
+            let _ = rx.changed().await;
+        }
     }
 
     /// Waits until `condition` holds for this node's [`Status`], checking at
