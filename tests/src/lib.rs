@@ -6,6 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use highlander::ShutdownReason;
 
+pub mod chaos;
 pub mod cluster;
 pub mod etcd;
 pub mod postgres;

@@ -6,7 +6,11 @@
 //! - `HIGHLANDER_BACKEND`, `HIGHLANDER_NODE`: as for any highlander program;
 //! - `HL_IDS`: comma-separated singleton ids (default `solo`);
 //! - `HL_ID_COUNT` + `HL_ID_PREFIX`: instead, ids `{prefix}{0..count}`;
-//! - `HL_SHUTDOWN_MS`: the shutdown budget (default 2000).
+//! - `HL_SHUTDOWN_MS`: the shutdown budget (default 2000);
+//! - `HL_FENCE_ADDR` (optional): a fence register (`host:port`, see
+//!   `highlander_tests::chaos::fence`). Each instance then writes
+//!   `W <id> <token> <node>` to it once before it prints `START`, and again
+//!   every `HL_FENCE_MS` (default 50) until it is stopped.
 //!
 //! Output on stdout, one line per event, flushed at once:
 //! ```text
@@ -32,9 +36,15 @@ impl Service for Probe {
     async fn run(&mut self, ctx: &Context) -> highlander::Result<()> {
         self.token = ctx.fencing_token();
         self.node = ctx.node().to_string();
-        emit(&event_line("START", &self.node, &self.id, self.token, None));
-        ctx.cancelled().await;
-        Ok(())
+        let Ok(addr) = std::env::var("HL_FENCE_ADDR") else {
+            emit(&event_line("START", &self.node, &self.id, self.token, None));
+            ctx.cancelled().await;
+            return Ok(());
+        };
+        tokio::select! {
+            () = ctx.cancelled() => Ok(()),
+            () = self.fenced_writes(&addr) => Ok(()),
+        }
     }
 
     async fn terminate(&mut self, reason: ShutdownReason) {
@@ -45,6 +55,65 @@ impl Service for Probe {
             self.token,
             Some(&reason),
         ));
+    }
+}
+
+impl Probe {
+    /// Writes to the fence register before `START`, then every
+    /// `HL_FENCE_MS`; a refused write is logged to stderr (a stale token was
+    /// kept out). Returns only if the register cannot be reached.
+    async fn fenced_writes(&self, addr: &str) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let every = std::env::var("HL_FENCE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis)
+            .unwrap_or(Duration::from_millis(50));
+        let stream = match tokio::net::TcpStream::connect(addr).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("node {}: cannot reach the fence at {addr}: {e}", self.node);
+                emit(&event_line("START", &self.node, &self.id, self.token, None));
+                return std::future::pending().await;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (read, mut write) = stream.into_split();
+        let mut answers = BufReader::new(read).lines();
+        let line = format!("W {} {} {}\n", self.id, self.token, self.node);
+        let mut first = true;
+        let mut refused = false;
+        loop {
+            let ok = write.write_all(line.as_bytes()).await.is_ok();
+            let answer = if ok {
+                answers.next_line().await.ok().flatten()
+            } else {
+                None
+            };
+            match answer.as_deref() {
+                Some("OK") => {}
+                Some(other) if !refused => {
+                    refused = true;
+                    eprintln!(
+                        "node {}: fence answered {other} to {} token {}",
+                        self.node, self.id, self.token
+                    )
+                }
+                Some(_) => {}
+                None => {
+                    eprintln!("node {}: the fence connection broke", self.node);
+                    if first {
+                        emit(&event_line("START", &self.node, &self.id, self.token, None));
+                    }
+                    return std::future::pending().await;
+                }
+            }
+            if first {
+                emit(&event_line("START", &self.node, &self.id, self.token, None));
+                first = false;
+            }
+            tokio::time::sleep(every).await;
+        }
     }
 }
 
