@@ -17,9 +17,11 @@
 pub mod checker;
 pub mod fence;
 pub mod history;
+pub mod measure;
 pub mod proxy;
 pub mod run;
 pub mod schedule;
+pub mod svg;
 
 pub use checker::{Bounds, Model, Verdict, Violation, check};
 pub use history::{Fault, FaultKind, FenceWrite, History, Tenure};

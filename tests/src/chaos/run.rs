@@ -182,6 +182,8 @@ pub struct RunConfig {
     pub node_bin: PathBuf,
     /// Print each fault as it happens.
     pub verbose: bool,
+    /// Aim every fault at the holder of the first id (for measurements).
+    pub always_holder: bool,
 }
 
 impl RunConfig {
@@ -198,6 +200,7 @@ impl RunConfig {
             quick: false,
             node_bin,
             verbose: false,
+            always_holder: false,
         }
     }
 }
@@ -347,7 +350,7 @@ async fn drive<D: Driver>(
     for (i, step) in steps.iter().enumerate() {
         let h = snapshot(&d, &cfg.ids, &faults);
         let holder = holders(&h, &cfg.ids[0]).into_iter().next();
-        let target = match (step.at_holder, holder) {
+        let target = match (step.at_holder || cfg.always_holder, holder) {
             (true, Some(h)) => h,
             _ => nodes[step.node_pick % nodes.len()].clone(),
         };
