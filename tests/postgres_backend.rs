@@ -632,3 +632,37 @@ async fn a_long_stop_budget_and_holder_lookups() {
     observer.shutdown().await;
     log.assert_one_at_a_time();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stepping_down_one_id_hands_over_only_that_one() {
+    let pg = PgServer::start();
+    let log = Log::default();
+    let ids = vec!["x".to_string(), "y".to_string()];
+    let a = start(Postgres::new(pg.url()), "a", &ids, &log).await;
+    wait(&a, "running x and y", |s| s.running().count() == 2).await;
+    let b = start(Postgres::new(pg.url()), "b", &ids, &log).await;
+    wait(&b, "waiting for x and y", |s| {
+        is_waiting(s, "x") && is_waiting(s, "y")
+    })
+    .await;
+    log.wait_start("a", "x").await;
+
+    // The release notifies with the released key: b takes x at once, and
+    // y stays where it is.
+    a.step_down("x").unwrap();
+    wait(&b, "running x", |s| s.is_running("x")).await;
+    log.wait_start("b", "x").await;
+    assert!(a.status().is_running("y"));
+    assert!(is_waiting(&b.status(), "y"));
+    let stops: Vec<Event> = log
+        .events()
+        .into_iter()
+        .filter(|e| matches!(e.kind, Kind::Stop(_)))
+        .collect();
+    assert_eq!(stops.len(), 1, "{stops:?}");
+    assert_eq!(stops[0].kind, Kind::Stop(ShutdownReason::Stepdown));
+    a.shutdown().await;
+    wait(&b, "running y", |s| s.is_running("y")).await;
+    b.shutdown().await;
+    log.assert_one_at_a_time();
+}

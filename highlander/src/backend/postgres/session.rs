@@ -64,7 +64,7 @@ struct State {
     /// Tenures of this node, by lock key.
     held: HashMap<i64, Held>,
     /// Waiting claims, by the owner (presence number) that holds their id.
-    waiters: HashMap<i32, Vec<oneshot::Sender<()>>>,
+    waiters: HashMap<i32, Vec<(i64, oneshot::Sender<()>)>>,
     /// The sequence number of the last release or death seen per owner.
     events: HashMap<i32, u64>,
     seq: u64,
@@ -567,9 +567,16 @@ async fn run_epoch(inner: &Arc<Inner>, live: &mut Live) -> Ended {
                 finish_probe(inner, live, done);
             }
             Some(payload) = live.notifications.recv() => {
-                if let Ok(owner) = payload.trim().parse::<i32>() {
+                // `owner`, or `owner:key,key,…` when it released a few ids.
+                let (owner, keys) = match payload.split_once(':') {
+                    Some((owner, keys)) => (owner, Some(keys)),
+                    None => (payload.as_str(), None),
+                };
+                let keys: Option<HashSet<i64>> =
+                    keys.map(|k| k.split(',').filter_map(|k| k.parse().ok()).collect());
+                if let Ok(owner) = owner.trim().parse::<i32>() {
                     if owner != live.me {
-                        owner_changed(&mut inner.lock(), owner);
+                        owner_changed(&mut inner.lock(), owner, keys.as_ref());
                     }
                 }
             }
@@ -582,16 +589,33 @@ async fn run_epoch(inner: &Arc<Inner>, live: &mut Live) -> Ended {
     }
 }
 
-/// Something happened to `owner` (it released ids, or its session ended):
-/// wake every claim waiting on it.
-fn owner_changed(st: &mut State, owner: i32) {
+/// Something happened to `owner`: it released `keys` (or some ids, when
+/// `None`), or its session ended (`None`). Wakes the claims waiting on
+/// those ids.
+fn owner_changed(st: &mut State, owner: i32, keys: Option<&HashSet<i64>>) {
     st.seq += 1;
     let seq = st.seq;
+    // Claims in flight that saw this owner retry at once (at worst once
+    // for nothing, when it released other ids).
     st.events.insert(owner, seq);
-    if let Some(waiters) = st.waiters.remove(&owner) {
-        for waiter in waiters {
-            let _ = waiter.send(());
+    let Some(waiters) = st.waiters.get_mut(&owner) else {
+        return;
+    };
+    let woken: Vec<(i64, oneshot::Sender<()>)> = match keys {
+        None => std::mem::take(waiters),
+        Some(keys) => {
+            let (woken, kept) = std::mem::take(waiters)
+                .into_iter()
+                .partition(|(key, _)| keys.contains(key));
+            *waiters = kept;
+            woken
         }
+    };
+    if waiters.is_empty() {
+        st.waiters.remove(&owner);
+    }
+    for (_, waiter) in woken {
+        let _ = waiter.send(());
     }
 }
 
@@ -760,7 +784,7 @@ fn finish_claims(
                         Box::pin(async {})
                     } else {
                         let (tx, rx) = oneshot::channel();
-                        st.waiters.entry(owner).or_default().push(tx);
+                        st.waiters.entry(owner).or_default().push((c.key, tx));
                         Box::pin(async move {
                             let _ = rx.await;
                         })
@@ -878,7 +902,7 @@ fn finish_probe(inner: &Arc<Inner>, live: &mut Live, done: ProbeDone) {
                 let mut st = inner.lock();
                 for owner in dead {
                     debug!(node = %inner.node, owner, "a holder's session ended: retrying its ids");
-                    owner_changed(&mut st, owner);
+                    owner_changed(&mut st, owner, None);
                 }
             }
         }

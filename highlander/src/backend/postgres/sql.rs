@@ -107,17 +107,22 @@ pub(super) const PROBE: &str = "SELECT o FROM unnest($1::int4[]) AS o \
      WHERE pg_try_advisory_xact_lock_shared($2::int4, o)";
 
 /// Releases this session's rows among `$1` (key order, like the claim) and,
-/// when any was released, notifies the namespace's channel with the owner,
-/// so waiting nodes retry at once. The notification is delivered when the
-/// statement commits. `$1` keys, `$2` owner, `$3` channel.
+/// when any was released, notifies the namespace's channel, so waiting
+/// nodes retry at once. The payload is the owner, followed by the released
+/// keys when they are few (`owner:key,key`; a payload must stay under
+/// 8,000 bytes), so that releasing one id does not wake the waiters of all
+/// the others. The notification is delivered when the statement commits.
+/// `$1` keys, `$2` owner, `$3` channel.
 pub(super) const RELEASE: &str = "WITH c AS ( \
         SELECT key FROM highlander_leases WHERE key = ANY($1::bigint[]) AND owner = $2::int4 \
         ORDER BY key FOR UPDATE), \
      u AS ( \
         UPDATE highlander_leases t SET owner = NULL, node = NULL FROM c WHERE t.key = c.key \
         RETURNING t.key) \
-     SELECT (SELECT count(*) FROM u)::bigint, pg_notify($3::text, $2::int4::text)::text \
-     WHERE EXISTS (SELECT 1 FROM u)";
+     SELECT s.n, pg_notify($3::text, $2::int4::text || \
+            CASE WHEN s.n <= 300 THEN ':' || s.keys ELSE '' END)::text \
+     FROM (SELECT count(*)::bigint AS n, string_agg(key::text, ',') AS keys FROM u) s \
+     WHERE s.n > 0";
 
 /// The holder of one id: its row, and the session that holds the row's
 /// presence lock, found in `pg_locks` and named by `pg_stat_activity`
