@@ -29,7 +29,7 @@
 //!   sends its holdings; where two tenures of one id meet, the one that
 //!   started **earliest** keeps the id, ties to the **lower node name**, and
 //!   the other ends with [`LeaseEnd::Conflict`](crate::backend::LeaseEnd::Conflict).
-//! - **Leave.** [`Session::close`](crate::backend::Session::close) releases
+//! - **Leave.** [`Session::close`] releases
 //!   every id and says goodbye to every member before the process exits.
 //! - **Fencing tokens** are `counter << 10 | hash(node) & 1023`, the counter
 //!   one above the highest token seen for the id (from holders and from the
