@@ -2,8 +2,9 @@
 //! failover / handoff / takeover / heal scenarios side by side (measured
 //! from seeded chaos runs of the node processes), their own scale
 //! benchmarks (`bench_*`, run as they are), and, where `elixir` is
-//! installed, the BEAM's own mechanism (`tests/beam/`) through the same
-//! scenarios. Writes `docs/report/REPORT.md` and its SVG plots; nothing in
+//! installed, the BEAM's own mechanism (`tests/beam/node.exs`: `:global`,
+//! monitors, a conflict resolver that stops the loser with `:shutdown`) on
+//! three BEAM nodes through the same chaos driver and checker. Writes `docs/report/REPORT.md` and its SVG plots; nothing in
 //! the report is typed by hand.
 //!
 //! ```text
@@ -172,42 +173,6 @@ async fn measure(backend: Backend, a: &Args, node_bin: &Path) -> Measured {
     }
 }
 
-/// Runs the BEAM comparison (`tests/beam/bench.exs`); each output line
-/// `SAMPLE <scenario>|<ms>` is one sample.
-fn beam(runs: usize) -> Option<Measured> {
-    let version = output("elixir", &["--version"])?;
-    eprintln!("report: BEAM ({version})");
-    let script = workspace().join("tests/beam/bench.exs");
-    let out = Command::new("elixir")
-        .arg(&script)
-        .arg(runs.to_string())
-        .current_dir(workspace().join("tests/beam"))
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        eprintln!(
-            "report: the BEAM run failed: {}{}",
-            text,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        return None;
-    }
-    let mut samples: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-    for line in text.lines() {
-        if let Some((scenario, ms)) = line.strip_prefix("SAMPLE ").and_then(|l| l.split_once('|')) {
-            if let Ok(v) = ms.trim().parse() {
-                samples.entry(scenario.to_string()).or_default().push(v);
-            }
-        }
-    }
-    Some(Measured {
-        backend: "BEAM :global (Elixir)".into(),
-        samples,
-        verdicts: Vec::new(),
-    })
-}
-
 fn bench(bin: &Path, args: &[&str]) -> String {
     eprintln!("report: {} {}", bin.display(), args.join(" "));
     match Command::new(bin).args(args).output() {
@@ -248,7 +213,13 @@ async fn main() {
     for &backend in &a.backends {
         measured.push(measure(backend, &a, &node_bin).await);
     }
-    let beam_result = if a.beam { beam(a.runs) } else { None };
+    let beam_result = if a.beam && Backend::Beam.available() {
+        let mut m = measure(Backend::Beam, &a, &node_bin).await;
+        m.backend = "BEAM :global".into();
+        Some(m)
+    } else {
+        None
+    };
     let mut benches = Vec::new();
     if a.bench {
         let r = a.bench_runs.to_string();
@@ -263,7 +234,7 @@ async fn main() {
                     vec!["--only", "many", "--runs", &r, "--ttl", "3"],
                 ),
                 Backend::Cluster => ("bench_cluster", vec!["--only", "many", "--many-runs", &r]),
-                Backend::Memory => continue,
+                Backend::Memory | Backend::Beam => continue,
             };
             let text = bench(&dir.join(bin), &args);
             benches.push((b.name(), format!("{bin} {}", args.join(" ")), text));
@@ -272,10 +243,10 @@ async fn main() {
 
     // ------------------------------------------------------------ write
     std::fs::create_dir_all(&a.out).expect("create the report directory");
-    let mut all: Vec<&Measured> = measured.iter().collect();
-    if let Some(b) = &beam_result {
-        all.push(b);
+    if let Some(b) = beam_result {
+        measured.push(b);
     }
+    let all: Vec<&Measured> = measured.iter().collect();
     let mut md = String::new();
     let commit = output(
         "git",
@@ -321,7 +292,8 @@ async fn main() {
     }
     let _ = writeln!(
         md,
-        "- 3 node processes (memory: 3 runtimes in one process) on loopback, shutdown budget 500 ms, etcd TTL 3 s, Postgres and cluster backends with their defaults\n"
+        "- 3 node processes (memory: 3 runtimes in one process) on loopback, shutdown budget 500 ms, etcd TTL 3 s, Postgres and cluster backends with their defaults; \
+         BEAM: 3 Elixir nodes (`tests/beam/node.exs`), `net_ticktime` 4 s (the default 60 s would make every pause take over a minute), a peer reconnect every 20 ms as a cluster manager would do\n"
     );
     let _ = writeln!(md, "## Side by side (p50 / p99 / max in ms)\n");
     let _ = writeln!(
@@ -472,7 +444,7 @@ async fn main() {
             );
         }
     }
-    if a.beam && beam_result.is_none() {
+    if a.beam && !Backend::Beam.available() {
         let _ = writeln!(
             md,
             "The BEAM comparison did not run (no `elixir` on this machine, or its run failed); install it with `apt-get install elixir` and run the report again.\n"

@@ -40,10 +40,14 @@ pub enum Backend {
     Etcd,
     /// Node processes forming an embedded cluster.
     Cluster,
+    /// For comparison: BEAM nodes running the original mechanism
+    /// (`:global`, monitors, conflict resolver; `tests/beam/node.exs`).
+    /// Needs `elixir`; not part of [`Backend::ALL`].
+    Beam,
 }
 
 impl Backend {
-    /// Every backend.
+    /// Every highlander backend.
     pub const ALL: [Backend; 4] = [
         Backend::Memory,
         Backend::Postgres,
@@ -58,19 +62,23 @@ impl Backend {
             Backend::Postgres => "postgres",
             Backend::Etcd => "etcd",
             Backend::Cluster => "cluster",
+            Backend::Beam => "beam",
         }
     }
 
     /// The backend named `name`.
     pub fn parse(name: &str) -> Option<Backend> {
-        Backend::ALL.into_iter().find(|b| b.name() == name)
+        Backend::ALL
+            .into_iter()
+            .chain([Backend::Beam])
+            .find(|b| b.name() == name)
     }
 
     /// The promise it makes.
     pub fn model(self) -> Model {
         match self {
             Backend::Postgres | Backend::Etcd => Model::Cp,
-            Backend::Memory | Backend::Cluster => Model::Ap,
+            Backend::Memory | Backend::Cluster | Backend::Beam => Model::Ap,
         }
     }
 
@@ -87,7 +95,9 @@ impl Backend {
                 (Partition, 2),
                 (BackendRestart, 1),
             ],
-            Backend::Cluster => vec![(Kill, 3), (Pause, 2), (Restart, 2), (Partition, 3)],
+            Backend::Cluster | Backend::Beam => {
+                vec![(Kill, 3), (Pause, 2), (Restart, 2), (Partition, 3)]
+            }
         }
     }
 
@@ -100,6 +110,9 @@ impl Backend {
         match self {
             Backend::Memory => (ms(100), ms(800)),
             Backend::Cluster => (ms(1300), ms(2500)),
+            // Past the net tick (4 s here; a silent node is down after
+            // 4–5 s).
+            Backend::Beam => (ms(5500), ms(6500)),
             Backend::Etcd => (ms(ETCD_TTL_S * 1000 + 500), ms(ETCD_TTL_S * 1000 + 2000)),
             Backend::Postgres if quick => (ms(1000), ms(3000)),
             Backend::Postgres => (ms(15_500), ms(18_000)),
@@ -142,20 +155,40 @@ impl Backend {
                 (Pause, ms(1_100)),
                 (Partition, ms(1_100)),
             ],
+            // A dead connection is seen at once; the monitors fire and the
+            // standbys register; a pause is seen after the net tick.
+            Backend::Beam => vec![
+                (Kill, ms(100)),
+                (Restart, ms(100)),
+                (Pause, ms(5_000)),
+                (Partition, ms(100)),
+            ],
         };
         Bounds {
             clock_error: ms(1),
             failover: failover.into_iter().map(|(k, d)| (k, d + slack)).collect(),
-            heal: ms(200) + slack,
+            // :global resolves a conflict within about 210 ms of the heal.
+            heal: if self == Backend::Beam {
+                ms(500)
+            } else {
+                ms(200)
+            } + slack,
             wake_grace: ms(SHUTDOWN_MS) + slack,
         }
     }
 
-    /// Whether this build has the backend (every one of them does: the
-    /// tests package enables all features); kept for the report and the
-    /// binary to ask.
+    /// Whether it can run here: every highlander backend can (the tests
+    /// package enables all features); the BEAM needs `elixir`.
     pub fn available(self) -> bool {
-        true
+        match self {
+            Backend::Beam => std::process::Command::new("elixir")
+                .arg("--version")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success()),
+            _ => true,
+        }
     }
 }
 
@@ -425,6 +458,7 @@ enum Server {
     Postgres(crate::postgres::PgServer),
     Etcd(crate::etcd::EtcdCluster),
     Cluster(crate::cluster::Partitioner),
+    Beam { epmd_port: u16, ctl_dir: PathBuf },
 }
 
 struct ProcessDriver {
@@ -485,20 +519,45 @@ impl ProcessDriver {
                 }
                 Server::Cluster(partitioner)
             }
+            Backend::Beam => {
+                let ctl_dir = std::env::temp_dir().join(format!(
+                    "hl-beam-{}-{}",
+                    std::process::id(),
+                    unix_nanos() % 1_000_000_000
+                ));
+                std::fs::create_dir_all(&ctl_dir).expect("create the BEAM control dir");
+                for n in &names {
+                    urls.insert(n.clone(), "beam".to_string());
+                }
+                Server::Beam {
+                    epmd_port: crate::cluster::free_port(),
+                    ctl_dir,
+                }
+            }
             Backend::Memory => unreachable!("memory runs in-process"),
         };
         let shutdown = SHUTDOWN_MS.to_string();
         let fence_addr = fence_server.addr.to_string();
-        let fleet = Fleet::new(
-            &cfg.node_bin,
-            "",
-            &[
-                ("HL_IDS", &cfg.ids.join(",")),
-                ("HL_SHUTDOWN_MS", &shutdown),
-                ("HL_FENCE_ADDR", &fence_addr),
-                ("HIGHLANDER_COOKIE", COOKIE),
-            ],
-        );
+        let mut env: Vec<(String, String)> = vec![
+            ("HL_IDS".into(), cfg.ids.join(",")),
+            ("HL_SHUTDOWN_MS".into(), shutdown),
+            ("HL_FENCE_ADDR".into(), fence_addr),
+            ("HIGHLANDER_COOKIE".into(), COOKIE.into()),
+        ];
+        let mut bin = cfg.node_bin.clone();
+        if let Server::Beam { epmd_port, ctl_dir } = &server {
+            bin = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("beam/node.sh");
+            let peers: Vec<String> = names.iter().map(|n| format!("{n}@127.0.0.1")).collect();
+            env.extend([
+                ("HL_PEERS".into(), peers.join(",")),
+                ("HL_CTL_DIR".into(), ctl_dir.display().to_string()),
+                ("ERL_EPMD_PORT".into(), epmd_port.to_string()),
+                ("ERL_EPMD_ADDRESS".into(), "127.0.0.1".into()),
+            ]);
+        }
+        let env_refs: Vec<(&str, &str)> =
+            env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let fleet = Fleet::new(&bin, "", &env_refs);
         let mut driver = ProcessDriver {
             backend: cfg.backend,
             fleet,
@@ -597,11 +656,17 @@ impl Driver for ProcessDriver {
                 let others: Vec<&str> = others.iter().map(String::as_str).collect();
                 p.partition(&[&[node], &others]);
             }
+            Server::Beam { ctl_dir, .. } => {
+                std::fs::write(ctl_dir.join(node), "cut").expect("write the BEAM control file")
+            }
             _ => self.proxies[node].cut(),
         }
         self.collect(hold).await;
         match &self.server {
             Server::Cluster(p) => p.heal(),
+            Server::Beam { ctl_dir, .. } => {
+                std::fs::write(ctl_dir.join(node), "heal").expect("write the BEAM control file")
+            }
             _ => self.proxies[node].heal(),
         }
         Fault {
@@ -620,7 +685,7 @@ impl Driver for ProcessDriver {
                 etcd.kill_member(0);
                 etcd.restart_member(0).await;
             }
-            Server::Cluster(_) => {}
+            Server::Cluster(_) | Server::Beam { .. } => {}
         }
         let _ = self.backend;
         Fault {
@@ -657,6 +722,16 @@ impl Driver for ProcessDriver {
                 node: name,
                 problem,
             });
+        }
+        if let Server::Beam { epmd_port, ctl_dir } = &self.server {
+            // The first node started epmd as a daemon: stop it too.
+            let _ = std::process::Command::new("epmd")
+                .arg("-kill")
+                .env("ERL_EPMD_PORT", epmd_port.to_string())
+                .env("ERL_EPMD_ADDRESS", "127.0.0.1")
+                .stdout(std::process::Stdio::null())
+                .status();
+            let _ = std::fs::remove_dir_all(ctl_dir);
         }
         exits
     }

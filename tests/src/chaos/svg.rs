@@ -109,7 +109,12 @@ pub fn timeline(title: &str, history: &History, id: &str) -> String {
         .into_iter()
         .filter(|t| t.id == id)
         .collect();
-    let mut nodes: Vec<String> = tenures.iter().map(|t| t.node.clone()).collect();
+    let mut nodes: Vec<String> = history
+        .events
+        .iter()
+        .map(|e| e.node.clone())
+        .chain(history.faults.iter().filter_map(|f| f.node.clone()))
+        .collect();
     nodes.sort();
     nodes.dedup();
     let t0 = tenures
