@@ -38,7 +38,10 @@ fn duplicate_runtime_ids() {
     let (code, err) = node(&[("HL_IDS", "mailer,mailer")]);
     assert_eq!(code, 1);
     let line = one_line(&err);
-    assert!(line.starts_with("error: duplicate singleton id `mailer`: it is used by both"), "{line}");
+    assert!(
+        line.starts_with("error: duplicate singleton id `mailer`: it is used by both"),
+        "{line}"
+    );
 }
 
 #[test]
@@ -55,5 +58,8 @@ fn invalid_runtime_id() {
 fn invalid_node_name() {
     let (code, err) = node(&[("HIGHLANDER_NODE", "node one")]);
     assert_eq!(code, 1);
-    assert!(one_line(&err).starts_with("error: invalid node name `node one`"), "{err}");
+    assert!(
+        one_line(&err).starts_with("error: invalid node name `node one`"),
+        "{err}"
+    );
 }

@@ -31,7 +31,12 @@ idle_service!(DailyReport, WeeklyReport, Cleanup);
 #[tokio::test]
 async fn duplicate_registered_ids_name_both_types() {
     let cluster = MemoryCluster::new();
-    let err = Runtime::builder().node("a").backend(cluster.clone()).start().await.unwrap_err();
+    let err = Runtime::builder()
+        .node("a")
+        .backend(cluster.clone())
+        .start()
+        .await
+        .unwrap_err();
     match &err {
         Error::DuplicateId { id, first, second } => {
             assert_eq!(id, "report");
@@ -45,7 +50,10 @@ async fn duplicate_registered_ids_name_both_types() {
         "duplicate singleton id `report`: it is used by both `registry::DailyReport` and \
          `registry::WeeklyReport`; give one of them another id"
     );
-    assert!(cluster.nodes().is_empty(), "nothing connects when start-up fails");
+    assert!(
+        cluster.nodes().is_empty(),
+        "nothing connects when start-up fails"
+    );
 }
 
 #[tokio::test]
