@@ -279,3 +279,59 @@ async fn a_node_restarted_under_the_same_name_is_a_new_incarnation() {
         assert_ne!(after.node, next.node);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_over_at_once() {
+    let _turn = TURN.lock().await;
+    let mut fleet = fleet("solo");
+    let mut procs = spawn_all(&mut fleet, &direct_nodes(&["a", "b", "c"])).await;
+    let first = fleet.wait_start("solo", GUARD).await;
+    fleet.drain(Duration::from_millis(300)).await;
+    let mut old = procs.remove(&first.node).unwrap();
+    old.signal("TERM");
+    let stop = fleet
+        .wait_for(GUARD, |e| e.kind == EventKind::Stop && e.node == first.node)
+        .await;
+    assert_eq!(stop.reason.as_deref(), Some("node_shutdown"));
+    let next = fleet.wait_start("solo", GUARD).await;
+    assert_ne!(next.node, first.node);
+    assert!(next.token > first.token);
+    assert!(
+        old.wait_exit(GUARD).await.success(),
+        "a SIGTERMed node exits 0"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_with_another_cookie_is_refused() {
+    let _turn = TURN.lock().await;
+    let nodes = direct_nodes(&["a", "b", "x"]);
+    let mut fleet = fleet("solo");
+    let mut procs = HashMap::new();
+    for (name, url) in &nodes {
+        let cookie = if name == "x" {
+            "another-cookie"
+        } else {
+            COOKIE
+        };
+        let env = [
+            ("HIGHLANDER_BACKEND", url.as_str()),
+            ("HIGHLANDER_COOKIE", cookie),
+        ];
+        procs.insert(name.clone(), fleet.spawn(name, &env).await);
+    }
+    // x cannot join: it runs its own instance, and a and b share one.
+    until(&mut fleet, "x alone and a|b together", |l| {
+        l.get("solo")
+            .is_some_and(|n| n.len() == 2 && n.iter().any(|x| x == "x"))
+    })
+    .await;
+    fleet.drain(Duration::from_millis(1500)).await;
+    let now = running(&fleet, "solo");
+    assert_eq!(now.len(), 2, "{now:?}");
+    assert!(
+        conflicts(&fleet).is_empty(),
+        "x never met the others: {:#?}",
+        fleet.history
+    );
+}
