@@ -599,3 +599,67 @@ async fn a_waiting_node_waits_for_the_watch_and_does_not_spin() {
     within("b takes over", b.wait_until(|s| s.is_running("solo"))).await;
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_nodes_lease_ends_all_its_tenures_at_once() {
+    let cluster = EtcdCluster::single().await;
+    let log = Log::default();
+    let ids: Vec<String> = (0..20).map(|i| format!("part-{i}")).collect();
+    let a = node(&cluster, "a", &ids, &log).await;
+    within(
+        "a runs all",
+        a.wait_until(|s| s.running().count() == ids.len()),
+    )
+    .await;
+    let b = node(&cluster, "b", &ids, &log).await;
+    within(
+        "b waits for all",
+        b.wait_until(|s| {
+            s.singletons
+                .iter()
+                .all(|x| matches!(x.state, SingletonState::Waiting { .. }))
+        }),
+    )
+    .await;
+    let leases = cluster.leases();
+    let a_lease = cluster
+        .lease_of("/highlander/part-0")
+        .expect("a's key has a lease");
+    assert!(leases.contains(&a_lease), "{leases:?}");
+    cluster.etcdctl(&["lease", "revoke", &a_lease]);
+    within(
+        "b runs all",
+        b.wait_until(|s| s.running().count() == ids.len()),
+    )
+    .await;
+    within("a stopped all with lease lost", async {
+        loop {
+            let lost = log
+                .lines()
+                .iter()
+                .filter(|l| {
+                    l.starts_with("stop part-") && l.contains(" a ") && l.ends_with("lease lost")
+                })
+                .count();
+            if lost == ids.len() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(a.status().running().count(), 0);
+    // a got a new lease and waits for every id again.
+    within(
+        "a waits again",
+        a.wait_until(|s| {
+            s.singletons
+                .iter()
+                .all(|x| matches!(x.state, SingletonState::Waiting { .. }))
+        }),
+    )
+    .await;
+    assert!(!cluster.leases().contains(&a_lease));
+    b.shutdown().await;
+    a.shutdown().await;
+}

@@ -349,7 +349,7 @@ impl EtcdCluster {
         out.lines()
             .find_map(|l| l.strip_prefix("\"Lease\" : "))
             .map(|v| v.trim().parse::<i64>().expect("a lease id is a number"))
-            .map(|id| format!("{id:x}"))
+            .map(|id| format!("{id:016x}"))
     }
 }
 
