@@ -49,8 +49,10 @@ fn hash(namespace: &str, id: &str) -> u64 {
 }
 
 /// The lock key of `id` in `namespace`: the primary key of the id's row in
-/// the `highlander_leases` table. Stable forever (see the module docs of
-/// [`postgres`](crate::backend::postgres) for the definition).
+/// the `highlander_leases` table. Stable forever: FNV-1a 64 over
+/// `namespace ‖ 0xFF ‖ id`, then the MurmurHash3 `fmix64` finalizer, read
+/// as a signed 64-bit integer (`docs/postgres.md` has a reference
+/// implementation and test vectors).
 ///
 /// ```
 /// use highlander::backend::postgres::lock_key;
@@ -63,7 +65,9 @@ pub fn lock_key(namespace: &str, id: &str) -> i64 {
 
 /// The namespace key: the first half of every presence lock of a node in
 /// `namespace` (`pg_advisory_lock(namespace_key, session)`), so
-/// `pg_locks.classid` tells which namespace a session belongs to.
+/// `pg_locks.classid` tells which namespace a session belongs to. The upper
+/// 32 bits of the same hash over `namespace ‖ 0xFF`, read as a signed
+/// 32-bit integer.
 ///
 /// ```
 /// use highlander::backend::postgres::namespace_key;
