@@ -666,3 +666,30 @@ async fn stepping_down_one_id_hands_over_only_that_one() {
     b.shutdown().await;
     log.assert_one_at_a_time();
 }
+
+/// Rows are never deleted by highlander; if an operator deletes one anyway,
+/// the next claim inserts it again instead of failing forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_row_is_recreated() {
+    let pg = PgServer::start();
+    let log = Log::default();
+    let a = Runtime::builder()
+        .node("a")
+        .backend(Postgres::new(pg.url()))
+        .without_registered()
+        .stepdown_delay(Duration::from_millis(100))
+        .child(spec("gone", &log))
+        .start()
+        .await
+        .unwrap();
+    wait(&a, "running gone", |s| s.is_running("gone")).await;
+    log.wait_start("a", "gone").await;
+    a.step_down("gone").unwrap();
+    wait(&a, "stepped down", |s| !s.is_running("gone")).await;
+    pg.sql("DELETE FROM highlander_leases").await;
+    log.wait_for("gone running again", |events| {
+        events.iter().filter(|e| e.kind == Kind::Start).count() == 2
+    })
+    .await;
+    a.shutdown().await;
+}

@@ -752,6 +752,9 @@ fn finish_claims(
             continue;
         }
         let Some(row) = status.get(&c.key) else {
+            // Someone deleted it (rows are never deleted by highlander):
+            // insert it again on the next try.
+            st.known.remove(&c.key);
             let _ = c.reply.send(Err(Error::Backend(format!(
                 "postgres at {}: the row of id `{}` is missing from {}",
                 settings.target,
