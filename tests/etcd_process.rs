@@ -46,15 +46,19 @@ async fn a_paused_holder_gives_up_before_anyone_else_starts() {
         second.token
     );
 
-    // No overlap: the paused holder's tenure ended, by construction, no later
-    // than last_keepalive_sent + TTL·(1 − 1 %) − margin, and its last
-    // keep-alive was sent before the pause. The new tenure began after that.
-    let old_end_bound = paused_at + (TTL - TTL / 100).as_nanos() - MARGIN.as_nanos();
+    // No overlap. The paused holder's deadline to begin stopping is
+    // last_keepalive_sent + TTL·(1 − 1 %) − margin − budget, and its last
+    // keep-alive was sent before the pause, so that deadline is at most
+    // `deadline` below. The new tenure must begin after it: from then on the
+    // paused node may no longer act as holder, and it was frozen meanwhile;
+    // on waking its first act is to stop (checked below).
+    let budget = Duration::from_millis(BUDGET_MS.parse().unwrap());
+    let deadline = paused_at + (TTL - TTL / 100 - MARGIN - budget).as_nanos();
     assert!(
-        second.at_nanos > old_end_bound,
-        "b started {} ms after the pause, before a's tenure had to end ({} ms)",
+        second.at_nanos > deadline,
+        "b started {} ms after the pause, before a's deadline ({} ms)",
         (second.at_nanos - paused_at) / 1_000_000,
-        (old_end_bound - paused_at) / 1_000_000
+        (deadline - paused_at) / 1_000_000
     );
 
     // Wake the holder: the first thing it does is stop with lease_lost.
