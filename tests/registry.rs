@@ -73,3 +73,39 @@ async fn naming_services_runs_exactly_those() {
     assert_eq!(ids, ["cleanup", "report"]);
     a.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_runtime_without_singletons_can_still_look_up_holders() {
+    let cluster = MemoryCluster::new();
+    let observer = Runtime::builder()
+        .node("observer")
+        .backend(cluster.clone())
+        .without_registered()
+        .start()
+        .await
+        .unwrap();
+    let worker = Runtime::builder()
+        .node("worker")
+        .backend(cluster.clone())
+        .service::<Cleanup>()
+        .start()
+        .await
+        .unwrap();
+    worker.wait_until(|s| s.is_running("cleanup")).await;
+    let holder = observer.holder("cleanup").await.unwrap().expect("a holder");
+    assert_eq!(holder.node, "worker");
+    let members: Vec<String> = observer
+        .members()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.node)
+        .collect();
+    assert_eq!(members, ["observer", "worker"]);
+    worker.shutdown().await;
+    observer.shutdown().await;
+    assert!(
+        observer.holder("cleanup").await.is_err(),
+        "a stopped runtime has no session"
+    );
+}

@@ -242,6 +242,10 @@ impl Builder {
             let session = session.clone();
             let shutdown = shutdown.clone();
             let node = node.clone();
+            // The main task keeps the shared state (and so the session) alive
+            // for as long as the runtime runs, with or without singletons;
+            // aborting it is what drops them.
+            let shared = shared.clone();
             tokio::spawn(async move {
                 shutdown.cancelled().await;
                 while let Some(result) = guardians.join_next().await {
@@ -252,6 +256,7 @@ impl Builder {
                     }
                 }
                 session.close().await;
+                drop(shared);
                 info!(node = %node, "highlander stopped: every id released");
                 done.cancel();
             })
