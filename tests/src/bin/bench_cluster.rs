@@ -19,8 +19,9 @@
 //!   fault-injecting proxy, wait for the takeover, heal; time from the heal
 //!   until the loser has stopped (one instance left);
 //! - `many`: `--ids` ids over 3 processes: time from starting the processes
-//!   until every id runs, the bytes per second each node writes while idle
-//!   (from `/proc/<pid>/io`), then SIGKILL the node holding the most and the
+//!   until every id runs, the TCP payload bytes per second each node sends
+//!   while idle (the kernel's socket counters, via `ss`), then SIGKILL the
+//!   node holding the most and the
 //!   time until every one of its ids runs again.
 
 use std::collections::HashMap;
@@ -253,21 +254,41 @@ async fn heal(runs: usize) {
     report("heal -> one instance (loser stopped)", &mut healed);
 }
 
-fn wchar(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/io"))
-        .ok()
-        .and_then(|io| {
-            io.lines()
-                .find_map(|l| l.strip_prefix("wchar:").and_then(|v| v.trim().parse().ok()))
-        })
-        .unwrap_or(0)
+/// Bytes and segments sent by process `pid` over its TCP sockets, from the
+/// kernel's per-socket counters (`ss -tnpi`); `None` when `ss` is missing.
+/// (`/proc/<pid>/io` does not count `sendto`, which tokio uses.)
+fn sent(pid: u32) -> Option<(u64, u64)> {
+    let out = std::process::Command::new("ss")
+        .args(["-tnpi"])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let tag = format!("pid={pid},");
+    let (mut bytes, mut segs, mut mine) = (0u64, 0u64, false);
+    for line in text.lines() {
+        if !line.starts_with(char::is_whitespace) {
+            mine = line.contains(&tag);
+            continue;
+        }
+        if mine {
+            for field in line.split_whitespace() {
+                if let Some(v) = field.strip_prefix("bytes_sent:") {
+                    bytes += v.parse::<u64>().unwrap_or(0);
+                } else if let Some(v) = field.strip_prefix("segs_out:") {
+                    segs += v.parse::<u64>().unwrap_or(0);
+                }
+            }
+        }
+    }
+    Some((bytes, segs))
 }
 
 /// `ids` ids over 3 processes: bring-up, idle traffic, failover of the
 /// node holding the most.
 async fn many(runs: usize, ids: usize) {
     let count = ids.to_string();
-    let (mut up, mut over, mut idle) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut up, mut over) = (Vec::new(), Vec::new());
+    let mut idle: Vec<(f64, f64)> = Vec::new();
     let mut spread = String::new();
     for _ in 0..runs {
         let nodes = direct_nodes(&["a", "b", "c"]);
@@ -291,11 +312,18 @@ async fn many(runs: usize, ids: usize) {
         up.push(ms(last.saturating_sub(t0)));
         // Idle: nothing to claim, only heartbeats.
         fleet.drain(Duration::from_millis(500)).await;
-        let before: Vec<(u32, u64)> = procs.values().map(|p| (p.pid(), wchar(p.pid()))).collect();
+        let before: Vec<(u32, Option<(u64, u64)>)> =
+            procs.values().map(|p| (p.pid(), sent(p.pid()))).collect();
         let window = Duration::from_secs(3);
         tokio::time::sleep(window).await;
-        for (pid, w0) in before {
-            idle.push((wchar(pid) - w0) as f64 / window.as_secs_f64());
+        for (pid, b0) in before {
+            if let (Some((b0, s0)), Some((b1, s1))) = (b0, sent(pid)) {
+                let secs = window.as_secs_f64();
+                idle.push((
+                    b1.saturating_sub(b0) as f64 / secs,
+                    s1.saturating_sub(s0) as f64 / secs,
+                ));
+            }
         }
         let mut per_node: HashMap<&str, usize> = HashMap::new();
         for n in owner.values() {
@@ -339,14 +367,22 @@ async fn many(runs: usize, ids: usize) {
         &format!("{ids} ids: all failed over after SIGKILL"),
         &mut over,
     );
-    idle.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
-    println!(
-        "{:<44} n={:<3} p50={:>9.0} B/s  max={:>9.0} B/s   (last spread {spread})",
-        "idle bytes written per node",
-        idle.len(),
-        idle[idle.len() / 2],
-        idle[idle.len() - 1]
-    );
+    if idle.is_empty() {
+        println!("idle traffic per node: not measured (`ss` is missing)");
+    } else {
+        idle.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+        let mut segs: Vec<f64> = idle.iter().map(|i| i.1).collect();
+        segs.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+        println!(
+            "{:<44} n={:<3} p50={:>6.0} B/s  max={:>6.0} B/s  (TCP payload; segments p50 {:.1}/s)",
+            "idle traffic sent per node",
+            idle.len(),
+            idle[idle.len() / 2].0,
+            idle[idle.len() - 1].0,
+            segs[segs.len() / 2]
+        );
+    }
+    println!("(spread of the last run: {spread})");
 }
 
 #[tokio::main]
