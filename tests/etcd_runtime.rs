@@ -663,3 +663,54 @@ async fn revoking_a_nodes_lease_ends_all_its_tenures_at_once() {
     b.shutdown().await;
     a.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_endpoint_in_the_list_neither_stops_a_start_nor_a_holder() {
+    let cluster = EtcdCluster::single().await;
+    let dead = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("127.0.0.1:{}", listener.local_addr().unwrap().port())
+    };
+    let log = Log::default();
+    let mut nodes = Vec::new();
+    for name in ["a", "b", "c", "d"] {
+        let backend = Etcd::new([dead.clone(), cluster.endpoints()[0].clone()])
+            .ttl(TTL)
+            .keepalive_interval(Duration::from_millis(250));
+        let log = log.clone();
+        let handle = Runtime::builder()
+            .node(name)
+            .backend(backend)
+            .without_registered()
+            .child(
+                ChildSpec::new("solo", move |_ctx| {
+                    let log = log.clone();
+                    async move {
+                        Ok(Probe {
+                            log,
+                            tag: String::new(),
+                        })
+                    }
+                })
+                .shutdown(BUDGET),
+            )
+            .start()
+            .await
+            .expect("a node starts when one of its two endpoints is dead");
+        nodes.push(handle);
+    }
+    let refs: Vec<&RuntimeHandle> = nodes.iter().collect();
+    let (holder, token) = sole_holder(&refs, "solo").await;
+    // Keep-alives that land on the dead endpoint are retried on the live
+    // one: two TTLs later the same tenure still runs.
+    tokio::time::sleep(TTL * 2).await;
+    assert_eq!(token_of(refs[holder], "solo"), Some(token));
+    assert!(
+        !log.lines().iter().any(|l| l.starts_with("stop")),
+        "{:?}",
+        log.lines()
+    );
+    for n in &nodes {
+        n.shutdown().await;
+    }
+}

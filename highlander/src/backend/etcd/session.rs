@@ -228,8 +228,62 @@ fn options(config: &Etcd) -> Result<ConnectOptions> {
     Ok(options)
 }
 
+/// Errors that retrying cannot fix.
+fn terminal(why: &str) -> bool {
+    [
+        "authentication failed",
+        "Unauthenticated",
+        "PermissionDenied",
+        "permission denied",
+        "certificate",
+    ]
+    .iter()
+    .any(|t| why.contains(t))
+}
+
+/// Runs `attempt` until it succeeds, fails for good, or `deadline` passes;
+/// each attempt gets a third of the time at most, so one member that hangs
+/// or refuses does not decide the outcome while others may answer.
+async fn at_start<T, F, Fut>(
+    deadline: Instant,
+    limit: Duration,
+    mut attempt: F,
+) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let per_attempt = (limit / 3).max(Duration::from_millis(500));
+    let mut retry = RETRY_MIN;
+    let mut last: Option<String> = None;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(match last {
+                Some(why) => format!("{why} (still failing after {limit:?})"),
+                None => format!("no answer within {limit:?}"),
+            });
+        }
+        match timeout(left.min(per_attempt), attempt()).await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(e)) => {
+                let why = reason(&e);
+                if terminal(&why) {
+                    return Err(why);
+                }
+                last = Some(why);
+            }
+            Err(_) => {}
+        }
+        sleep(retry.min(deadline.saturating_duration_since(Instant::now()))).await;
+        retry = (retry * 2).min(Duration::from_millis(500));
+    }
+}
+
 /// Connects one node: authenticates, learns the current revision (the
 /// watch starts there), is granted the node's lease, and starts the tasks.
+/// Each step is retried until the connect timeout, so a dead member among
+/// the endpoints does not fail the start.
 pub(super) async fn connect(config: Etcd, node: String) -> Result<Arc<EtcdSession>> {
     let describe = config.describe();
     let endpoints: Vec<String> = config
@@ -240,63 +294,61 @@ pub(super) async fn connect(config: Etcd, node: String) -> Result<Arc<EtcdSessio
         .collect();
     let shown = endpoints.join(",");
     let limit = config.connect_timeout;
-    let unreachable =
-        |why: String| Error::Backend(format!("cannot reach etcd at {shown} ({describe}): {why}"));
-    let options = options(&config)?;
-    let client = match timeout(limit, Client::connect(&endpoints, Some(options))).await {
-        Err(_) => return Err(unreachable(format!("no answer within {limit:?}"))),
-        Ok(Err(e)) => {
-            let why = reason(&e);
-            if why.contains("authentication failed") || why.contains("Unauthenticated") {
-                let user = config.user.as_ref().map(|(u, _)| u.as_str()).unwrap_or("");
-                return Err(Error::Config(format!(
-                    "etcd at {shown} refused user `{user}` ({describe}): {why}"
-                )));
-            }
-            return Err(unreachable(why));
+    let deadline = Instant::now() + limit;
+    let unreachable = |why: String| {
+        let tls_like = [
+            "certificate",
+            "Cancelled",
+            "tls",
+            "TLS",
+            "handshake",
+            "transport error",
+        ];
+        if tls_like.iter().any(|t| why.contains(t)) && !why.contains("onnection refused") {
+            return Error::Backend(format!(
+                "cannot reach etcd at {shown} ({describe}): {why} (a TLS mismatch? use etcds:// \
+                 for a TLS server, with ca= its CA and cert=/key= when it requires client \
+                 certificates)"
+            ));
         }
-        Ok(Ok(client)) => client,
+        Error::Backend(format!("cannot reach etcd at {shown} ({describe}): {why}"))
+    };
+    let options = options(&config)?;
+    let connected = at_start(deadline, limit, || {
+        Client::connect(&endpoints, Some(options.clone()))
+    })
+    .await;
+    let client = match connected {
+        Ok(client) => client,
+        Err(why) if why.contains("authentication failed") || why.contains("Unauthenticated") => {
+            let user = config.user.as_ref().map(|(u, _)| u.as_str()).unwrap_or("");
+            return Err(Error::Config(format!(
+                "etcd at {shown} refused user `{user}` ({describe}): {why}"
+            )));
+        }
+        Err(why) => return Err(unreachable(why)),
     };
     let prefix = format!("/{}/", config.namespace);
-    let mut kv = client.kv_client();
-    let first = timeout(
-        limit,
-        kv.get(
-            prefix.clone(),
-            Some(
-                GetOptions::new()
-                    .with_prefix()
-                    .with_keys_only()
-                    .with_limit(1),
-            ),
-        ),
-    );
-    let revision = match first.await {
-        Err(_) => return Err(unreachable(format!("no answer within {limit:?}"))),
-        Ok(Err(e)) => {
-            let why = reason(&e);
-            if why.contains("PermissionDenied") || why.contains("permission denied") {
-                return Err(Error::Config(format!(
-                    "etcd at {shown} does not let this user read and write `{prefix}` ({describe}): {why}"
-                )));
-            }
-            let tls_like = [
-                "certificate",
-                "Cancelled",
-                "tls",
-                "TLS",
-                "handshake",
-                "transport error",
-            ];
-            if tls_like.iter().any(|t| why.contains(t)) && !why.contains("onnection refused") {
-                return Err(unreachable(format!(
-                    "{why} (a TLS mismatch? use etcds:// for a TLS server, with ca= its CA \
-                     and cert=/key= when it requires client certificates)"
-                )));
-            }
-            return Err(unreachable(why));
+    let first = at_start(deadline, limit, || {
+        let mut kv = client.kv_client();
+        let prefix = prefix.clone();
+        async move {
+            let options = GetOptions::new()
+                .with_prefix()
+                .with_keys_only()
+                .with_limit(1);
+            kv.get(prefix, Some(options)).await
         }
-        Ok(Ok(resp)) => resp.header().map(|h| h.revision()).unwrap_or(0),
+    })
+    .await;
+    let revision = match first {
+        Ok(resp) => resp.header().map(|h| h.revision()).unwrap_or(0),
+        Err(why) if why.contains("PermissionDenied") || why.contains("permission denied") => {
+            return Err(Error::Config(format!(
+                "etcd at {shown} does not let this user read and write `{prefix}` ({describe}): {why}"
+            )));
+        }
+        Err(why) => return Err(unreachable(why)),
     };
     let ttl_secs = config.ttl_secs();
     let interval = config.keepalive_in_effect();
@@ -316,15 +368,16 @@ pub(super) async fn connect(config: Etcd, node: String) -> Result<Arc<EtcdSessio
         ops: ops_tx,
         stop: CancellationToken::new(),
     });
-    let sent = Instant::now();
-    match timeout(limit, inner.client.lease_client().grant(ttl_secs, None)).await {
-        Err(_) => {
-            return Err(unreachable(format!(
-                "no answer to a lease grant within {limit:?}"
-            )));
-        }
-        Ok(Err(e)) => return Err(unreachable(reason(&e))),
-        Ok(Ok(resp)) => inner.install_lease(resp.id(), resp.ttl(), sent),
+    let mut sent = Instant::now();
+    let granted = at_start(deadline, limit, || {
+        let mut leases = inner.client.lease_client();
+        sent = Instant::now();
+        async move { leases.grant(ttl_secs, None).await }
+    })
+    .await;
+    match granted {
+        Ok(resp) => inner.install_lease(resp.id(), resp.ttl(), sent),
+        Err(why) => return Err(unreachable(why)),
     }
     tokio::spawn(inner.clone().keeper());
     tokio::spawn(inner.clone().watchdog());
