@@ -714,3 +714,58 @@ async fn a_dead_endpoint_in_the_list_neither_stops_a_start_nor_a_holder() {
         n.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_member_of_three_changes_nothing_for_holders() {
+    let cluster = EtcdCluster::start(3).await;
+    let log = Log::default();
+    let ids: Vec<String> = (0..30).map(|i| format!("task-{i}")).collect();
+    let a = node_with(&cluster, "a", &ids, &log, MEMBER_TTL).await;
+    let b = node_with(&cluster, "b", &ids, &log, MEMBER_TTL).await;
+    let running = |nodes: &[&RuntimeHandle]| {
+        let mut all: Vec<(String, String, u64)> = Vec::new();
+        for n in nodes {
+            all.extend(
+                n.status()
+                    .running()
+                    .map(|(id, t)| (id.to_string(), n.node().to_string(), t)),
+            );
+        }
+        all.sort();
+        all
+    };
+    let before = within("all running", async {
+        loop {
+            let all = running(&[&a, &b]);
+            if all.len() == ids.len() {
+                return all;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // A member that stops answering but keeps its connections open (the
+    // leader: the worst case) is detected by request timeouts.
+    let hung = cluster.leader();
+    cluster.signal_member(hung, "STOP");
+    tokio::time::sleep(MEMBER_TTL * 3).await;
+    assert_eq!(
+        before,
+        running(&[&a, &b]),
+        "no holder changed while a member hung"
+    );
+    let stops: Vec<String> = log
+        .lines()
+        .into_iter()
+        .filter(|l| l.starts_with("stop"))
+        .collect();
+    assert!(stops.is_empty(), "no instance stopped: {stops:?}");
+    cluster.signal_member(hung, "CONT");
+    a.shutdown().await;
+    within(
+        "b takes a's ids",
+        b.wait_until(|s| s.running().count() == ids.len()),
+    )
+    .await;
+    b.shutdown().await;
+}

@@ -280,6 +280,18 @@ impl EtcdCluster {
         }
     }
 
+    /// Sends `signal` (`STOP`, `CONT`) to member `i`: a stopped member
+    /// keeps its connections open but answers nothing, like a hung host.
+    pub fn signal_member(&self, i: usize, signal: &str) {
+        let child = self.members[i].child.as_ref().expect("the member runs");
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(child.id().to_string())
+            .status()
+            .expect("kill(1) runs");
+        assert!(status.success(), "kill -{signal} of etcd member {i} failed");
+    }
+
     /// Starts member `i` again after [`EtcdCluster::kill_member`], on the
     /// same ports and data, and waits until every running member answers.
     pub async fn restart_member(&mut self, i: usize) {
