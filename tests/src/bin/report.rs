@@ -116,8 +116,25 @@ fn postgres_version() -> Option<String> {
     output(&bin, &["--version"])
 }
 
+/// `Erlang/OTP <release> [erts-…] · Elixir <version>`, from
+/// `elixir --version`.
+fn elixir_version() -> Option<String> {
+    let out = Command::new("elixir").arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let otp = text
+        .lines()
+        .find(|l| l.starts_with("Erlang/OTP"))?
+        .split(" [")
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" [");
+    let elixir = text.lines().find(|l| l.starts_with("Elixir"))?;
+    Some(format!("{otp}] · {elixir}"))
+}
+
 struct Measured {
     backend: String,
+    slug: String,
     samples: BTreeMap<String, Vec<f64>>,
     verdicts: Vec<(String, Outcome)>,
 }
@@ -168,6 +185,7 @@ async fn measure(backend: Backend, a: &Args, node_bin: &Path) -> Measured {
     }
     Measured {
         backend: backend.name().to_string(),
+        slug: backend.name().to_string(),
         samples,
         verdicts,
     }
@@ -283,7 +301,7 @@ async fn main() {
     for v in [
         postgres_version(),
         output("etcd", &["--version"]),
-        output("elixir", &["--version"]).map(|v| format!("Elixir: {v}")),
+        elixir_version(),
     ]
     .into_iter()
     .flatten()
@@ -416,7 +434,7 @@ async fn main() {
     let _ = writeln!(md, "### Timelines of the mixed runs (id `chaos-0`)\n");
     for m in &measured {
         if let Some((_, o)) = m.verdicts.iter().find(|(n, _)| n == "mixed faults") {
-            let file = format!("timeline-{}.svg", m.backend);
+            let file = format!("timeline-{}.svg", m.slug);
             let title = format!(
                 "{}: who ran chaos-0 during {} seeded faults",
                 m.backend,

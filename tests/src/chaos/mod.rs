@@ -4,12 +4,12 @@
 //!
 //! - [`history`]: what a run records (tenure events, faults, fenced writes);
 //! - [`checker`]: the properties each backend promises, checked on a history;
-//! - [`schedule`]: the seeded fault schedule;
+//! - [`schedule`](mod@schedule): the seeded fault schedule;
 //! - [`fence`]: the downstream register that accepts a write only with a
 //!   token at least the highest it has seen for the id;
 //! - [`proxy`]: a TCP proxy between one node and its backend server that can
 //!   go silent like a cut link (and end the server side as the server would);
-//! - [`run`]: the drivers, one for node processes and one in-process for the
+//! - [`run`](mod@run): the drivers, one for node processes and one in-process for the
 //!   memory backend;
 //!
 //! See `docs/chaos.md` for how to run it and what the bounds are.

@@ -30,8 +30,10 @@ pub fn distribution(title: &str, rows: &[(String, Vec<f64>)]) -> String {
     let lo = all.iter().copied().fold(f64::INFINITY, f64::min).max(0.01);
     let hi = all.iter().copied().fold(0.0, f64::max).max(lo * 10.0);
     let (lo_dec, hi_dec) = (lo.log10().floor(), hi.log10().ceil());
-    let x =
-        |v: f64| left + (v.max(lo).log10() - lo_dec) / (hi_dec - lo_dec) * (width - left - right);
+    let floor = 10f64.powf(lo_dec);
+    let x = |v: f64| {
+        left + (v.max(floor).log10() - lo_dec) / (hi_dec - lo_dec) * (width - left - right)
+    };
     let mut svg = String::new();
     let _ = write!(
         svg,
@@ -82,18 +84,21 @@ pub fn distribution(title: &str, rows: &[(String, Vec<f64>)]) -> String {
             );
         }
         if let Some((p50, p99, _)) = percentiles(samples) {
+            // Labels near the right edge go to the left of the tick.
+            let flip = x(p50) > width - 260.0;
             let _ = write!(
                 svg,
-                r##"<line x1="{0:.1}" y1="{1}" x2="{0:.1}" y2="{2}" stroke="#222" stroke-width="3"/><line x1="{3:.1}" y1="{1}" x2="{3:.1}" y2="{2}" stroke="#222" stroke-width="1"/><text x="{4:.1}" y="{5}" fill="#222">p50 {6:.1} ms · p99 {7:.1} ms · n={8}</text>"##,
+                r##"<line x1="{0:.1}" y1="{1}" x2="{0:.1}" y2="{2}" stroke="#222" stroke-width="3"/><line x1="{3:.1}" y1="{1}" x2="{3:.1}" y2="{2}" stroke="#222" stroke-width="1"/><text x="{4:.1}" y="{5}" fill="#222" text-anchor="{9}">p50 {6:.1} ms · p99 {7:.1} ms · n={8}</text>"##,
                 x(p50),
                 y - 16.0,
                 y + 16.0,
                 x(p99),
-                x(p50) + 6.0,
+                if flip { x(p50) - 6.0 } else { x(p50) + 6.0 },
                 y - 17.0,
                 p50,
                 p99,
-                samples.len()
+                samples.len(),
+                if flip { "end" } else { "start" }
             );
         }
     }
