@@ -23,7 +23,11 @@ struct InvoiceSweeper {
 
 impl Service for InvoiceSweeper {
     async fn run(&mut self, ctx: &Context) -> highlander::Result<()> {
-        tracing::info!(node = ctx.node(), token = ctx.fencing_token(), "sweeper running here");
+        tracing::info!(
+            node = ctx.node(),
+            token = ctx.fencing_token(),
+            "sweeper running here"
+        );
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {

@@ -60,8 +60,13 @@ async fn main() -> Result<(), highlander::Error> {
         .state(Generations::default())
         .start()
         .await?;
-    node.wait_until(|s| matches!(s.get("pipeline"), Some(highlander::SingletonState::Running { restarts: 1, .. })))
-        .await;
+    node.wait_until(|s| {
+        matches!(
+            s.get("pipeline"),
+            Some(highlander::SingletonState::Running { restarts: 1, .. })
+        )
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     println!("shutting the node down");
     node.shutdown().await;

@@ -17,7 +17,12 @@ struct BillingSync {
 
 impl Service for BillingSync {
     async fn run(&mut self, ctx: &Context) -> highlander::Result<()> {
-        println!("{:>8}: billing sync for {} (token {})", ctx.node(), self.tenant, ctx.fencing_token());
+        println!(
+            "{:>8}: billing sync for {} (token {})",
+            ctx.node(),
+            self.tenant,
+            ctx.fencing_token()
+        );
         ctx.cancelled().await;
         Ok(())
     }
@@ -25,8 +30,14 @@ impl Service for BillingSync {
 
 const TENANTS: &[&str] = &["acme", "globex", "initech", "umbrella", "hooli"];
 
-async fn start(cluster: &MemoryCluster, node: &str) -> highlander::Result<highlander::RuntimeHandle> {
-    let mut builder = Runtime::builder().node(node).backend(cluster.clone()).without_registered();
+async fn start(
+    cluster: &MemoryCluster,
+    node: &str,
+) -> highlander::Result<highlander::RuntimeHandle> {
+    let mut builder = Runtime::builder()
+        .node(node)
+        .backend(cluster.clone())
+        .without_registered();
     for tenant in TENANTS {
         let name = tenant.to_string();
         builder = builder.singleton(format!("billing-sync/{tenant}"), move |_ctx| {
@@ -42,9 +53,23 @@ async fn main() -> highlander::Result<()> {
     let cluster = MemoryCluster::new();
     let a = start(&cluster, "a").await?;
     let b = start(&cluster, "b").await?;
-    a.wait_until(|s| s.singletons.iter().all(|x| x.state != highlander::SingletonState::Claiming)).await;
-    b.wait_until(|s| s.singletons.iter().all(|x| x.state != highlander::SingletonState::Claiming)).await;
-    println!("a runs {}, b runs {}", a.status().running().count(), b.status().running().count());
+    a.wait_until(|s| {
+        s.singletons
+            .iter()
+            .all(|x| x.state != highlander::SingletonState::Claiming)
+    })
+    .await;
+    b.wait_until(|s| {
+        s.singletons
+            .iter()
+            .all(|x| x.state != highlander::SingletonState::Claiming)
+    })
+    .await;
+    println!(
+        "a runs {}, b runs {}",
+        a.status().running().count(),
+        b.status().running().count()
+    );
     println!("-- a shuts down --");
     a.shutdown().await;
     b.wait_until(|s| s.running().count() == TENANTS.len()).await;

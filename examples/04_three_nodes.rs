@@ -20,7 +20,9 @@
 
 use std::time::{Duration, Instant};
 
-use highlander::{ChildSpec, Context, MemoryCluster, Runtime, RuntimeHandle, Service, ShutdownReason};
+use highlander::{
+    ChildSpec, Context, MemoryCluster, Runtime, RuntimeHandle, Service, ShutdownReason,
+};
 
 struct ReportMailer {
     node: String,
@@ -29,13 +31,20 @@ struct ReportMailer {
 impl Service for ReportMailer {
     async fn run(&mut self, ctx: &Context) -> highlander::Result<()> {
         self.node = ctx.node().to_string();
-        say(&format!("  {} ▶ report-mailer started (fencing token {})", self.node, ctx.fencing_token()));
+        say(&format!(
+            "  {} ▶ report-mailer started (fencing token {})",
+            self.node,
+            ctx.fencing_token()
+        ));
         ctx.cancelled().await;
         Ok(())
     }
 
     async fn terminate(&mut self, reason: ShutdownReason) {
-        say(&format!("  {} ■ report-mailer terminate({reason})", self.node));
+        say(&format!(
+            "  {} ■ report-mailer terminate({reason})",
+            self.node
+        ));
     }
 }
 
@@ -51,14 +60,22 @@ async fn start(cluster: &MemoryCluster, name: &str) -> highlander::Result<Runtim
         .node(name)
         .backend(cluster.clone())
         .without_registered()
-        .child(ChildSpec::new("report-mailer", |_ctx| async { Ok(ReportMailer { node: String::new() }) }))
+        .child(ChildSpec::new("report-mailer", |_ctx| async {
+            Ok(ReportMailer {
+                node: String::new(),
+            })
+        }))
         .start()
         .await
 }
 
 /// Who runs the singleton, as the nodes themselves report it.
 fn holders(nodes: &[&RuntimeHandle]) -> Vec<String> {
-    nodes.iter().filter(|n| n.status().is_running("report-mailer")).map(|n| n.node().to_string()).collect()
+    nodes
+        .iter()
+        .filter(|n| n.status().is_running("report-mailer"))
+        .map(|n| n.node().to_string())
+        .collect()
 }
 
 /// Waits until exactly `count` of `nodes` run the singleton.
@@ -82,18 +99,35 @@ async fn main() -> highlander::Result<()> {
     let b = start(&cluster, "b").await?;
     let c = start(&cluster, "c").await?;
     settle(&[&a, &b, &c], 1).await;
-    say(&format!("   running on {:?}; b and c wait", holders(&[&a, &b, &c])));
+    say(&format!(
+        "   running on {:?}; b and c wait",
+        holders(&[&a, &b, &c])
+    ));
 
     say("2. node a crashes (no terminate runs on a crash)");
     a.abort();
     settle(&[&b, &c], 1).await;
-    say(&format!("   taken over: running on {:?}", holders(&[&b, &c])));
-    let (holder, other) = if b.status().is_running("report-mailer") { (&b, &c) } else { (&c, &b) };
+    say(&format!(
+        "   taken over: running on {:?}",
+        holders(&[&b, &c])
+    ));
+    let (holder, other) = if b.status().is_running("report-mailer") {
+        (&b, &c)
+    } else {
+        (&c, &b)
+    };
 
-    say(&format!("3. netsplit: {} | {}", holder.node(), other.node()));
+    say(&format!(
+        "3. netsplit: {} | {}",
+        holder.node(),
+        other.node()
+    ));
     cluster.partition(&[&[holder.node()], &[other.node()]]);
     settle(&[&b, &c], 2).await;
-    say(&format!("   each side runs its own instance: {:?}", holders(&[&b, &c])));
+    say(&format!(
+        "   each side runs its own instance: {:?}",
+        holders(&[&b, &c])
+    ));
 
     tokio::time::sleep(Duration::from_millis(50)).await;
     say("4. the split heals: the longest-running instance survives");
@@ -101,7 +135,10 @@ async fn main() -> highlander::Result<()> {
     settle(&[&b, &c], 1).await;
     say(&format!("   one instance again: {:?}", holders(&[&b, &c])));
 
-    say(&format!("5. {} shuts down gracefully: handoff without waiting", holder.node()));
+    say(&format!(
+        "5. {} shuts down gracefully: handoff without waiting",
+        holder.node()
+    ));
     holder.shutdown().await;
     settle(&[other], 1).await;
     say(&format!("   running on {:?}", holders(&[other])));
