@@ -40,3 +40,44 @@ async fn etcd_chaos() {
 async fn cluster_chaos() {
     chaos(Backend::Cluster, 24, 7).await;
 }
+
+/// The checker fails a real recorded history once it is doctored: the
+/// second tenure of an id moved to begin while the first still ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_doctored_history_fails_the_check() {
+    use highlander_tests::chaos::{FaultKind, Model, check};
+    use highlander_tests::process::EventKind;
+    let _turn = TURN.lock().await;
+    let mut cfg = RunConfig::new(Backend::Memory, 6, 3, env!("CARGO_BIN_EXE_node").into());
+    cfg.kinds = Some(vec![FaultKind::Kill]);
+    cfg.always_holder = true;
+    let outcome = run(&cfg).await;
+    assert!(outcome.verdict.passed(), "{}", outcome.summary());
+    let mut history = outcome.history.clone();
+    let tenures: Vec<_> = history
+        .tenures()
+        .into_iter()
+        .filter(|t| t.id == "chaos-0")
+        .collect();
+    assert!(tenures.len() >= 2, "a kill of the holder moved chaos-0");
+    let (first, second) = (&tenures[0], &tenures[1]);
+    let start = history
+        .events
+        .iter_mut()
+        .find(|e| {
+            e.kind == EventKind::Start
+                && e.id == second.id
+                && e.node == second.node
+                && e.token == second.token
+        })
+        .expect("the second tenure's START");
+    start.at_nanos = first.start + (first.end - first.start) / 2;
+    for model in [Model::Cp, Model::Ap] {
+        let verdict = check(&history, model, &outcome.bounds);
+        assert!(
+            verdict.violations.iter().any(|v| v.rule == "overlap"),
+            "{model:?}: {:?}",
+            verdict.violations
+        );
+    }
+}
