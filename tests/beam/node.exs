@@ -159,7 +159,6 @@ peers =
 :gen_event.delete_handler(:erl_signal_server, :erl_signal_handler, :ok)
 :ok = :gen_event.add_handler(:erl_signal_server, HlBeam.Signals, [])
 Enum.each(peers, &Node.connect/1)
-:global.sync()
 
 {:ok, _} =
   Supervisor.start_link(Enum.map(ids, &HlBeam.Singleton.child_spec/1),

@@ -129,12 +129,16 @@ impl Backend {
             // Release and takeover happen in the same call.
             Backend::Memory => vec![(Kill, ms(100)), (Restart, ms(100)), (Partition, ms(100))],
             // A killed holder's presence lock is free within a millisecond
-            // and probed every 20 ms; a graceful release NOTIFYs. After a
-            // cut or a server restart, reconnecting backs off up to 5 s.
+            // and probed every 20 ms; a graceful release NOTIFYs. A holder
+            // that wakes past its deadline gives up at once but keeps its
+            // connection (and so its ids) for its stop budget + the 1 s
+            // margin, so that no one starts before its instances stopped
+            // (docs/postgres.md). After a cut or a server restart,
+            // reconnecting backs off up to 5 s.
             Backend::Postgres => vec![
                 (Kill, ms(200)),
                 (Restart, ms(200)),
-                (Pause, ms(200)),
+                (Pause, ms(SHUTDOWN_MS + 1_000 + 200)),
                 (Partition, ms(5_500)),
                 (BackendRestart, ms(5_500)),
             ],
@@ -458,7 +462,33 @@ enum Server {
     Postgres(crate::postgres::PgServer),
     Etcd(crate::etcd::EtcdCluster),
     Cluster(crate::cluster::Partitioner),
-    Beam { epmd_port: u16, ctl_dir: PathBuf },
+    Beam {
+        epmd_port: u16,
+        ctl_dir: PathBuf,
+        _epmd: Epmd,
+    },
+}
+
+/// Stops the epmd daemon that the first BEAM node started on its port, at
+/// the end of the run or when the run panics.
+struct Epmd(u16);
+
+impl Epmd {
+    fn kill(&self) {
+        let _ = std::process::Command::new("epmd")
+            .arg("-kill")
+            .env("ERL_EPMD_PORT", self.0.to_string())
+            .env("ERL_EPMD_ADDRESS", "127.0.0.1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+impl Drop for Epmd {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
 
 struct ProcessDriver {
@@ -529,9 +559,11 @@ impl ProcessDriver {
                 for n in &names {
                     urls.insert(n.clone(), "beam".to_string());
                 }
+                let epmd_port = crate::cluster::free_port();
                 Server::Beam {
-                    epmd_port: crate::cluster::free_port(),
+                    epmd_port,
                     ctl_dir,
+                    _epmd: Epmd(epmd_port),
                 }
             }
             Backend::Memory => unreachable!("memory runs in-process"),
@@ -545,7 +577,10 @@ impl ProcessDriver {
             ("HIGHLANDER_COOKIE".into(), COOKIE.into()),
         ];
         let mut bin = cfg.node_bin.clone();
-        if let Server::Beam { epmd_port, ctl_dir } = &server {
+        if let Server::Beam {
+            epmd_port, ctl_dir, ..
+        } = &server
+        {
             bin = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("beam/node.sh");
             let peers: Vec<String> = names.iter().map(|n| format!("{n}@127.0.0.1")).collect();
             env.extend([
@@ -723,14 +758,9 @@ impl Driver for ProcessDriver {
                 problem,
             });
         }
-        if let Server::Beam { epmd_port, ctl_dir } = &self.server {
+        if let Server::Beam { ctl_dir, _epmd, .. } = &self.server {
             // The first node started epmd as a daemon: stop it too.
-            let _ = std::process::Command::new("epmd")
-                .arg("-kill")
-                .env("ERL_EPMD_PORT", epmd_port.to_string())
-                .env("ERL_EPMD_ADDRESS", "127.0.0.1")
-                .stdout(std::process::Stdio::null())
-                .status();
+            _epmd.kill();
             let _ = std::fs::remove_dir_all(ctl_dir);
         }
         exits
