@@ -21,8 +21,8 @@
 //!
 //! ```text
 //! export DATABASE_URL=postgres://app:secret@localhost:5432/app
-//! HIGHLANDER_NODE=a cargo run -p highlander-examples --example 05_postgres_fencing
-//! HIGHLANDER_NODE=b cargo run -p highlander-examples --example 05_postgres_fencing
+//! HIGHLANDER_NODE=a cargo run -p highlander-examples --features postgres --example 05_postgres_fencing
+//! HIGHLANDER_NODE=b cargo run -p highlander-examples --features postgres --example 05_postgres_fencing
 //! ```
 
 use std::sync::Arc;
