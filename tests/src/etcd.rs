@@ -14,7 +14,6 @@
 //! # let _ = url; }
 //! ```
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -54,14 +53,7 @@ pub struct TlsFiles {
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
 
-/// A loopback port nobody listens on now.
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral loopback port");
-    listener
-        .local_addr()
-        .expect("a bound socket has an address")
-        .port()
-}
+use crate::free_port;
 
 /// The `etcd` binary: `$ETCD_BIN`, else `etcd` on the `PATH`.
 fn etcd_bin() -> String {

@@ -6,6 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use highlander::ShutdownReason;
 
+pub mod bench;
 pub mod chaos;
 pub mod cluster;
 pub mod etcd;
@@ -43,4 +44,25 @@ pub fn init_tracing() {
             .with_test_writer()
             .try_init();
     }
+}
+
+/// A loopback port nobody listens on now.
+pub fn free_port() -> u16 {
+    free_ports(1)[0]
+}
+
+/// `n` distinct ports on 127.0.0.1 that were free a moment ago (all bound
+/// at once, then released, so they differ from each other).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free loopback port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| {
+            l.local_addr()
+                .expect("a bound socket has an address")
+                .port()
+        })
+        .collect()
 }

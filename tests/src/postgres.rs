@@ -19,7 +19,6 @@
 //! # let _ = url; }
 //! ```
 
-use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -50,13 +49,7 @@ pub struct TlsFiles {
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
 
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral loopback port");
-    listener
-        .local_addr()
-        .expect("a bound socket has an address")
-        .port()
-}
+use crate::free_port;
 
 /// `/usr/lib/postgresql/<major>/bin` with the highest major version that has
 /// a `postgres` binary, or `$PG_BIN`.

@@ -27,6 +27,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use highlander_tests::bench::{ms, report, sibling_bin};
 use highlander_tests::cluster::{Partitioner, direct_nodes, proxied_nodes};
 use highlander_tests::process::{Event, EventKind, Fleet, NodeProcess};
 use highlander_tests::unix_nanos;
@@ -65,22 +66,10 @@ fn args() -> Args {
     args
 }
 
-/// The `node` binary, built beside this one.
-fn node_bin() -> std::path::PathBuf {
-    let me = std::env::current_exe().expect("the path of this binary");
-    let node = me.with_file_name("node");
-    assert!(
-        node.exists(),
-        "{} is missing: build it too (cargo build --release -p highlander-tests --bin node --bin bench_cluster)",
-        node.display()
-    );
-    node
-}
-
 fn fleet(ids: &[(&str, &str)]) -> Fleet {
     let mut env = vec![("HIGHLANDER_COOKIE", COOKIE), ("HL_SHUTDOWN_MS", "1000")];
     env.extend_from_slice(ids);
-    Fleet::new(node_bin(), "", &env)
+    Fleet::new(sibling_bin("node"), "", &env)
 }
 
 async fn spawn(fleet: &mut Fleet, name: &str, url: &str) -> NodeProcess {
@@ -93,27 +82,6 @@ async fn spawn_all(fleet: &mut Fleet, nodes: &[(String, String)]) -> HashMap<Str
         procs.insert(name.clone(), spawn(fleet, name, url).await);
     }
     procs
-}
-
-fn ms(nanos: u128) -> f64 {
-    nanos as f64 / 1e6
-}
-
-fn report(name: &str, samples: &mut [f64]) {
-    if samples.is_empty() {
-        println!("{name:<44} n=0");
-        return;
-    }
-    samples.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
-    let pick =
-        |p: f64| samples[((p * samples.len() as f64).ceil() as usize).clamp(1, samples.len()) - 1];
-    println!(
-        "{name:<44} n={:<3} p50={:>9.2} ms  p99={:>9.2} ms  max={:>9.2} ms",
-        samples.len(),
-        pick(0.50),
-        pick(0.99),
-        samples[samples.len() - 1]
-    );
 }
 
 /// Sleeps a pseudo-random 0–250 ms, so that a disruption does not always
@@ -155,7 +123,7 @@ async fn kill(runs: usize) {
         // Let the restarted node join before the next run.
         fleet.drain(Duration::from_millis(700)).await;
     }
-    report("SIGKILL failover (signal -> start)", &mut samples);
+    report("SIGKILL failover (signal -> start)", &samples);
 }
 
 /// SIGTERM the holder; it comes back as a standby.
@@ -181,8 +149,8 @@ async fn graceful(runs: usize) {
         holder = start.node;
         fleet.drain(Duration::from_millis(700)).await;
     }
-    report("graceful handoff (old stop -> new start)", &mut from_stop);
-    report("graceful handoff (SIGTERM -> new start)", &mut from_signal);
+    report("graceful handoff (old stop -> new start)", &from_stop);
+    report("graceful handoff (SIGTERM -> new start)", &from_signal);
 }
 
 /// SIGSTOP the holder until another node runs the id, then SIGCONT.
@@ -213,8 +181,8 @@ async fn stop(runs: usize) {
             holder = start.node;
         }
     }
-    report("SIGSTOP takeover (signal -> start)", &mut takeover);
-    report("SIGCONT -> one instance (conflict stop)", &mut settle);
+    report("SIGSTOP takeover (signal -> start)", &takeover);
+    report("SIGCONT -> one instance (conflict stop)", &settle);
 }
 
 /// Partition the holder away through the proxy, wait for the takeover, heal.
@@ -250,8 +218,8 @@ async fn heal(runs: usize) {
             holder = start.node;
         }
     }
-    report("netsplit: takeover on the holder-less side", &mut split);
-    report("heal -> one instance (loser stopped)", &mut healed);
+    report("netsplit: takeover on the holder-less side", &split);
+    report("heal -> one instance (loser stopped)", &healed);
 }
 
 /// Bytes and segments sent by process `pid` over its TCP sockets, from the
@@ -361,12 +329,9 @@ async fn many(runs: usize, ids: usize) {
     }
     report(
         &format!("{ids} ids on 3 nodes: all running (from spawn)"),
-        &mut up,
+        &up,
     );
-    report(
-        &format!("{ids} ids: all failed over after SIGKILL"),
-        &mut over,
-    );
+    report(&format!("{ids} ids: all failed over after SIGKILL"), &over);
     if idle.is_empty() {
         println!("idle traffic per node: not measured (`ss` is missing)");
     } else {

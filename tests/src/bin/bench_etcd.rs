@@ -18,6 +18,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use highlander_tests::bench::{ms, report, sibling_bin};
 use highlander_tests::etcd::EtcdCluster;
 use highlander_tests::process::{EventKind, Fleet, NodeProcess};
 use highlander_tests::unix_nanos;
@@ -54,35 +55,6 @@ fn args() -> Args {
     args
 }
 
-/// The `node` binary, built beside this one (`cargo build --bin node`).
-fn node_bin() -> std::path::PathBuf {
-    let me = std::env::current_exe().expect("the path of this binary");
-    let node = me.with_file_name("node");
-    assert!(
-        node.exists(),
-        "{} is missing: build it too (cargo build --release -p highlander-tests --bin node --bin bench_etcd)",
-        node.display()
-    );
-    node
-}
-
-fn ms(nanos: u128) -> f64 {
-    nanos as f64 / 1e6
-}
-
-fn report(name: &str, mut samples: Vec<f64>) {
-    samples.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
-    let n = samples.len();
-    if n == 0 {
-        println!("{name}: no samples");
-        return;
-    }
-    let p50 = samples[(n - 1) / 2];
-    let p99 = samples[((n as f64 * 0.99).ceil() as usize).clamp(1, n) - 1];
-    let max = samples[n - 1];
-    println!("{name:<48} n={n:<3} p50={p50:>9.1} ms  p99={p99:>9.1} ms  max={max:>9.1} ms");
-}
-
 fn url(etcd: &EtcdCluster, ttl: Option<u64>) -> String {
     match ttl {
         Some(ttl) => etcd.url_with(&format!("ttl={ttl}s")),
@@ -93,7 +65,11 @@ fn url(etcd: &EtcdCluster, ttl: Option<u64>) -> String {
 /// Kill-and-replace rounds on one id: the holder is killed, the standby
 /// takes over, the killed node comes back as the new standby.
 async fn crash(etcd: &EtcdCluster, args: &Args) {
-    let mut fleet = Fleet::new(node_bin(), &url(etcd, args.ttl), &[("HL_IDS", "solo")]);
+    let mut fleet = Fleet::new(
+        sibling_bin("node"),
+        &url(etcd, args.ttl),
+        &[("HL_IDS", "solo")],
+    );
     let mut nodes: HashMap<String, NodeProcess> = HashMap::new();
     nodes.insert("a".into(), fleet.spawn("a", &[]).await);
     let mut holder = fleet.wait_start("solo", GUARD).await.node;
@@ -110,11 +86,15 @@ async fn crash(etcd: &EtcdCluster, args: &Args) {
         nodes.insert(holder.clone(), fleet.spawn(&holder, &[]).await);
         holder = start.node;
     }
-    report("crash failover (SIGKILL -> standby START)", samples);
+    report("crash failover (SIGKILL -> standby START)", &samples);
 }
 
 async fn graceful(etcd: &EtcdCluster, args: &Args) {
-    let mut fleet = Fleet::new(node_bin(), &url(etcd, args.ttl), &[("HL_IDS", "solo")]);
+    let mut fleet = Fleet::new(
+        sibling_bin("node"),
+        &url(etcd, args.ttl),
+        &[("HL_IDS", "solo")],
+    );
     let mut nodes: HashMap<String, NodeProcess> = HashMap::new();
     nodes.insert("a".into(), fleet.spawn("a", &[]).await);
     let mut holder = fleet.wait_start("solo", GUARD).await.node;
@@ -135,8 +115,8 @@ async fn graceful(etcd: &EtcdCluster, args: &Args) {
         tokio::time::sleep(Duration::from_millis(300)).await;
         holder = start.node;
     }
-    report("graceful handoff (old STOP -> new START)", from_stop);
-    report("graceful handoff (SIGTERM -> new START)", from_signal);
+    report("graceful handoff (old STOP -> new START)", &from_stop);
+    report("graceful handoff (SIGTERM -> new START)", &from_signal);
 }
 
 async fn many(etcd: &EtcdCluster, args: &Args) {
@@ -148,7 +128,7 @@ async fn many(etcd: &EtcdCluster, args: &Args) {
             ("HL_ID_COUNT", count.as_str()),
             ("HL_ID_PREFIX", prefix.as_str()),
         ];
-        let mut fleet = Fleet::new(node_bin(), &url(etcd, args.ttl), &env);
+        let mut fleet = Fleet::new(sibling_bin("node"), &url(etcd, args.ttl), &env);
         let began = unix_nanos();
         let mut nodes = Vec::new();
         for name in ["a", "b", "c"] {
@@ -201,10 +181,10 @@ async fn many(etcd: &EtcdCluster, args: &Args) {
         drop(nodes);
         etcd.etcdctl(&["del", "--prefix", "/highlander/"]);
     }
-    report(&format!("{} ids over 3 nodes: bring-up", args.ids), up);
+    report(&format!("{} ids over 3 nodes: bring-up", args.ids), &up);
     report(
         &format!("{} ids: failover of all of the killed node's", args.ids),
-        over,
+        &over,
     );
 }
 

@@ -20,9 +20,9 @@
 //! - 100,000 ids on 3 nodes: the same, fewer runs.
 
 use std::collections::HashSet;
-use std::path::PathBuf;
 use std::time::Duration;
 
+use highlander_tests::bench::{ms, report, sibling_bin};
 use highlander_tests::postgres::PgServer;
 use highlander_tests::process::{EventKind, Fleet, NodeProcess};
 use highlander_tests::unix_nanos;
@@ -60,34 +60,6 @@ fn args() -> Args {
     args
 }
 
-fn node_bin() -> PathBuf {
-    let bin = std::env::current_exe()
-        .expect("the current executable")
-        .with_file_name("node");
-    assert!(
-        bin.is_file(),
-        "{} is missing: build it first with `cargo build --release -p highlander-tests --bin node --bin bench_postgres`",
-        bin.display()
-    );
-    bin
-}
-
-fn ms(nanos: u128) -> f64 {
-    nanos as f64 / 1e6
-}
-
-fn report(name: &str, mut samples: Vec<f64>) {
-    if samples.is_empty() {
-        return;
-    }
-    samples.sort_by(|a, b| a.total_cmp(b));
-    let n = samples.len();
-    let p50 = samples[(n - 1) / 2];
-    let p99 = samples[((n as f64 * 0.99).ceil() as usize).clamp(1, n) - 1];
-    let max = samples[n - 1];
-    println!("{name:<46} n={n:<4} p50 {p50:>9.1} ms   p99 {p99:>9.1} ms   max {max:>9.1} ms");
-}
-
 fn pick<'a>(nodes: &'a mut [NodeProcess], name: &str) -> &'a mut NodeProcess {
     nodes
         .iter_mut()
@@ -99,7 +71,7 @@ fn pick<'a>(nodes: &'a mut [NodeProcess], name: &str) -> &'a mut NodeProcess {
 /// start a fresh node in its place.
 async fn single_id(pg: &PgServer, runs: usize, graceful: bool) {
     let kind = if graceful { "term" } else { "kill" };
-    let mut fleet = Fleet::new(node_bin(), &pg.url(), &[("HL_IDS", "bench-solo")]);
+    let mut fleet = Fleet::new(sibling_bin("node"), &pg.url(), &[("HL_IDS", "bench-solo")]);
     let mut nodes = Vec::new();
     for i in 0..3 {
         nodes.push(fleet.spawn(&format!("{kind}-{i}"), &[]).await);
@@ -138,10 +110,10 @@ async fn single_id(pg: &PgServer, runs: usize, graceful: bool) {
         holder = next;
     }
     if graceful {
-        report("graceful handoff: old STOP -> new START", from_stop);
-        report("graceful handoff: SIGTERM -> new START", from_signal);
+        report("graceful handoff: old STOP -> new START", &from_stop);
+        report("graceful handoff: SIGTERM -> new START", &from_signal);
     } else {
-        report("crash failover: SIGKILL -> new START", from_signal);
+        report("crash failover: SIGKILL -> new START", &from_signal);
     }
     for node in &nodes {
         node.signal("TERM");
@@ -161,7 +133,7 @@ async fn many_ids(pg: &PgServer, count: usize, runs: usize) {
     for run in 0..runs {
         let count_s = count.to_string();
         let mut fleet = Fleet::new(
-            node_bin(),
+            sibling_bin("node"),
             &pg.url(),
             &[("HL_ID_COUNT", &count_s), ("HL_ID_PREFIX", &prefix)],
         );
@@ -223,10 +195,10 @@ async fn many_ids(pg: &PgServer, count: usize, runs: usize) {
         }
     }
     let moved = moved_counts.iter().sum::<usize>() / moved_counts.len().max(1);
-    report(&format!("{count} ids on 3 nodes: all running"), bring_up);
+    report(&format!("{count} ids on 3 nodes: all running"), &bring_up);
     report(
         &format!("{count} ids: SIGKILL node with ~{moved} -> all moved"),
-        failover,
+        &failover,
     );
 }
 
@@ -241,7 +213,7 @@ async fn main() {
     println!("postgres (default configuration): {settings}");
     println!(
         "node binary: {}, {} runs (1 id), {} runs (10,000 ids), {} runs (100,000 ids)",
-        node_bin().display(),
+        sibling_bin("node").display(),
         args.runs,
         args.big_runs,
         args.huge_runs
