@@ -2,7 +2,6 @@
 //! loopback TCP, with links cut and healed through `Faults`. Deadlines are
 //! hang guards, never timing assertions.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use highlander::backend::cluster::{Cluster, Faults};
@@ -12,25 +11,7 @@ use highlander::{
 
 const GUARD: Duration = Duration::from_secs(20);
 
-/// What the probes did, in order: `start <id> <node> <token>` and
-/// `stop <id> <node> <token> <reason>`.
-#[derive(Clone, Default)]
-struct Log(Arc<Mutex<Vec<String>>>);
-
-impl Log {
-    fn push(&self, line: String) {
-        self.0.lock().unwrap().push(line);
-    }
-    fn lines(&self) -> Vec<String> {
-        self.0.lock().unwrap().clone()
-    }
-    fn matching(&self, prefix: &str) -> Vec<String> {
-        self.lines()
-            .into_iter()
-            .filter(|l| l.starts_with(prefix))
-            .collect()
-    }
-}
+use highlander_tests::log::Log;
 
 struct Probe {
     log: Log,

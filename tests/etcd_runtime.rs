@@ -3,7 +3,6 @@
 //! its own etcd lease. Deadlines here are hang guards, never timing claims.
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use highlander::backend::etcd::Etcd;
@@ -17,17 +16,7 @@ const TTL: Duration = Duration::from_secs(3);
 const BUDGET: Duration = Duration::from_millis(300);
 const GUARD: Duration = Duration::from_secs(60);
 
-#[derive(Clone, Default)]
-struct Log(Arc<Mutex<Vec<String>>>);
-
-impl Log {
-    fn push(&self, line: String) {
-        self.0.lock().unwrap().push(line);
-    }
-    fn lines(&self) -> Vec<String> {
-        self.0.lock().unwrap().clone()
-    }
-}
+use highlander_tests::log::Log;
 
 struct Probe {
     log: Log,

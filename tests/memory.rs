@@ -2,7 +2,6 @@
 //! `MemoryCluster`, the original library's scenarios and more. Time is
 //! tokio's paused clock, so waits are instant and deterministic.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use highlander::{
@@ -10,24 +9,7 @@ use highlander::{
     ShutdownReason, SingletonState,
 };
 
-/// What the test services did, in order.
-#[derive(Clone, Default)]
-struct Log(Arc<Mutex<Vec<String>>>);
-
-impl Log {
-    fn push(&self, line: String) {
-        self.0.lock().unwrap().push(line);
-    }
-    fn lines(&self) -> Vec<String> {
-        self.0.lock().unwrap().clone()
-    }
-    fn count(&self, prefix: &str) -> usize {
-        self.lines()
-            .iter()
-            .filter(|l| l.starts_with(prefix))
-            .count()
-    }
-}
+use highlander_tests::log::Log;
 
 /// How a probe instance behaves once started.
 #[derive(Clone, Copy)]

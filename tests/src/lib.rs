@@ -10,6 +10,7 @@ pub mod bench;
 pub mod chaos;
 pub mod cluster;
 pub mod etcd;
+pub mod log;
 pub mod postgres;
 pub mod process;
 
