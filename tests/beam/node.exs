@@ -105,7 +105,13 @@ defmodule HlBeam.Signals do
 
   def handle_event(:sigterm, s) do
     spawn(fn ->
-      Supervisor.stop(HlBeam.Sup, :shutdown)
+      try do
+        Supervisor.stop(HlBeam.Sup, :shutdown)
+      catch
+        # Not started yet (still syncing with the cluster): nothing to stop.
+        _, _ -> :ok
+      end
+
       :erlang.halt(0)
     end)
 
@@ -158,7 +164,13 @@ peers =
 
 :gen_event.delete_handler(:erl_signal_server, :erl_signal_handler, :ok)
 :ok = :gen_event.add_handler(:erl_signal_server, HlBeam.Signals, [])
+HlBeam.emit("READY #{HlBeam.node_name()}")
 Enum.each(peers, &Node.connect/1)
+# Learn the names the cluster holds before registering any: without this a
+# node that has just connected registers an id the others hold and :global
+# settles the conflict a moment later. (After READY: while a peer is cut
+# off the sync can wait until the heal.)
+:global.sync()
 
 {:ok, _} =
   Supervisor.start_link(Enum.map(ids, &HlBeam.Singleton.child_spec/1),
@@ -167,8 +179,6 @@ Enum.each(peers, &Node.connect/1)
     max_seconds: 1,
     name: HlBeam.Sup
   )
-
-HlBeam.emit("READY #{HlBeam.node_name()}")
 
 case System.get_env("HL_CTL_DIR") do
   nil -> Process.sleep(:infinity)
