@@ -79,11 +79,14 @@ fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
-/// The sibling binaries (`node`, `bench_*`), built in this profile when
-/// missing (`cargo run --bin report` builds only the report).
+/// The sibling binaries (`node`, `bench_*`), built in this profile:
+/// `cargo run --bin report` builds only the report, so under `cargo run`
+/// (which sets `CARGO`) they are always brought up to date (a no-op when
+/// they are), otherwise only when missing.
 fn ensure_bins(dir: &Path) {
     let wanted = ["node", "bench_postgres", "bench_etcd", "bench_cluster"];
-    if wanted.iter().all(|b| dir.join(b).is_file()) {
+    let under_cargo = std::env::var_os("CARGO").is_some();
+    if !under_cargo && wanted.iter().all(|b| dir.join(b).is_file()) {
         return;
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -129,7 +132,7 @@ fn elixir_version() -> Option<String> {
         .collect::<Vec<_>>()
         .join(" [");
     let elixir = text.lines().find(|l| l.starts_with("Elixir"))?;
-    Some(format!("{otp}] · {elixir}"))
+    Some(format!("{otp} · {elixir}"))
 }
 
 struct Measured {
