@@ -499,3 +499,76 @@ async fn restarted_node_is_a_new_incarnation() {
     b.shutdown().await;
     assert_eq!(log.matching("start solo").len(), 2, "{:?}", log.lines());
 }
+
+/// A heal reaches the nodes of a side one connection at a time. Here the
+/// node that took over during the split (`x`) reconnects to the old holder
+/// first, loses the conflict and releases; its neighbour (`y`, its own
+/// arbiter), still cut off from the old holder, must not see the id free
+/// and start a second tenure that the old holder would end with a second
+/// conflict a moment later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heal_reaching_one_node_first_ends_in_one_conflict() {
+    let log = Log::default();
+    let faults = Faults::new();
+    let nodes = cluster_of(&["a", "b", "c"], &faults, &["solo"], &log).await;
+    let holder = wait_runners(&nodes, "solo", 1).await.remove(0);
+    let mut others: Vec<&str> = ["a", "b", "c"]
+        .into_iter()
+        .filter(|n| *n != holder)
+        .collect();
+    others.sort();
+    let (y, x) = (others[0], others[1]);
+    let handle = |name: &str| nodes.iter().find(|n| n.node() == name).unwrap();
+
+    // x alone takes over; y still sees the holder.
+    faults.cut(&holder, x);
+    faults.cut(y, x);
+    wait_runners(&nodes, "solo", 2).await;
+    assert!(runners(&nodes, "solo").contains(&x));
+    // y joins x, then loses the holder: y waits for x's tenure.
+    faults.heal(y, x);
+    wait_members(handle(y), 3).await;
+    faults.cut(&holder, y);
+    wait_members(handle(y), 2).await;
+    tokio::time::timeout(GUARD, async {
+        while handle(y).holder("solo").await.unwrap().map(|h| h.node) != Some(x.to_string()) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("y sees x hold the id");
+
+    // Only x's link to the old holder comes back.
+    faults.heal(&holder, x);
+    tokio::time::timeout(GUARD, async {
+        while !log
+            .matching(&format!("stop solo {x} "))
+            .iter()
+            .any(|l| l.ends_with("conflict"))
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("x stops with Conflict");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    faults.heal_all();
+    let survivor = wait_runners(&nodes, "solo", 1).await;
+    assert_eq!(survivor, vec![holder.clone()]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        log.matching(&format!("start solo {y} ")).is_empty(),
+        "{y} took the id while its neighbour {x} saw {holder} hold it: {:?}",
+        log.matching("")
+    );
+    let conflicts: Vec<String> = log
+        .matching("stop solo")
+        .into_iter()
+        .filter(|l| l.ends_with("conflict"))
+        .collect();
+    assert_eq!(conflicts.len(), 1, "exactly one conflict: {conflicts:?}");
+    assert_eq!(runners(&nodes, "solo"), vec![holder.as_str()]);
+    for n in &nodes {
+        n.shutdown().await;
+    }
+}

@@ -185,6 +185,10 @@ struct RemoteHold {
     node: Arc<str>,
     token: u64,
     since: u64,
+    /// Learned from a conflict's loser (`Ceded`), not from the holder: it
+    /// counts until the holder's own word replaces it, or for at most the
+    /// failure timeout.
+    relayed: bool,
 }
 
 struct Pending {
@@ -503,6 +507,28 @@ impl Node {
         }
     }
 
+    /// Ends this node's tenure of `id` because `winner`'s older tenure
+    /// keeps it, and tells every member who holds it now.
+    fn cede(&self, st: &mut State, id: &Arc<str>, winner: &Arc<str>, token: u64, since: u64) {
+        if let Some(own) = st.own.remove(id) {
+            own.signal.end(LeaseEnd::Conflict {
+                winner: Some(winner.to_string()),
+            });
+            self.broadcast(
+                st,
+                Msg::Ceded {
+                    id: id.clone(),
+                    token: own.token,
+                    winner: winner.clone(),
+                    winner_token: token,
+                    winner_since: since,
+                }
+                .encode(),
+            );
+            self.touch(st, id);
+        }
+    }
+
     fn try_claim_now(
         self: &Arc<Self>,
         id: &Arc<str>,
@@ -598,24 +624,16 @@ impl Node {
             }
             Msg::MemberUp(m) => self.learn(&mut st, m),
             Msg::Held(hold) => self.on_held(&mut st, peer, hold),
-            Msg::Released { id, token } => {
-                let mut changed = false;
-                if let Some(view) = st.ids.get_mut(&id) {
-                    let before = view.holders.len();
-                    view.holders
-                        .retain(|h| !(h.node == *peer && h.token == token));
-                    changed = view.holders.len() != before;
-                    if view.reservation.as_ref() == Some(peer) {
-                        view.reservation = None;
-                        changed = true;
-                    }
-                }
-                if let Some(p) = st.members.get_mut(peer) {
-                    p.holdings.remove(&id);
-                }
-                if changed {
-                    self.touch(&mut st, &id);
-                }
+            Msg::Released { id, token } => self.on_released(&mut st, peer, &id, token),
+            Msg::Ceded {
+                id,
+                token,
+                winner,
+                winner_token,
+                winner_since,
+            } => {
+                self.on_relayed_hold(&mut st, &id, winner, winner_token, winner_since);
+                self.on_released(&mut st, peer, &id, token);
             }
             Msg::ClaimReq { id } => self.on_claim_req(&mut st, peer, id),
             Msg::Grant { id, floor } => self.on_grant(&mut st, peer, id, floor),
@@ -659,6 +677,84 @@ impl Node {
                 self.spawn_switch_timer(peer.clone(), conn);
             }
         }
+    }
+
+    fn on_released(&self, st: &mut State, peer: &Arc<str>, id: &Arc<str>, token: u64) {
+        let mut changed = false;
+        if let Some(view) = st.ids.get_mut(id) {
+            let before = view.holders.len();
+            view.holders
+                .retain(|h| !(h.node == *peer && h.token == token));
+            changed = view.holders.len() != before;
+            if view.reservation.as_ref() == Some(peer) {
+                view.reservation = None;
+                changed = true;
+            }
+        }
+        if let Some(p) = st.members.get_mut(peer) {
+            p.holdings.remove(id);
+        }
+        if changed {
+            self.touch(st, id);
+        }
+    }
+
+    /// A conflict's loser says `winner` keeps `id`. The loser is connected
+    /// to the winner; this node may not be yet (a heal reaches the nodes
+    /// of a side one connection at a time). Without this, the loser's
+    /// release would show the id free here, and this node would start a
+    /// second tenure that the winner ends with another conflict a moment
+    /// later. The relayed hold counts until the winner's own `Sync` or
+    /// `Held` replaces it, or for the failure timeout: a winner this node
+    /// still cannot reach by then is on the other side of a split.
+    fn on_relayed_hold(
+        &self,
+        st: &mut State,
+        id: &Arc<str>,
+        winner: Arc<str>,
+        token: u64,
+        since: u64,
+    ) {
+        if winner == self.name {
+            return;
+        }
+        let view = st.ids.entry(id.clone()).or_default();
+        view.max_token = view.max_token.max(token);
+        if view.holders.iter().any(|h| h.node == winner) {
+            return;
+        }
+        view.holders.push(RemoteHold {
+            node: winner.clone(),
+            token,
+            since,
+            relayed: true,
+        });
+        if let Some(p) = st.members.get_mut(&winner) {
+            p.holdings.insert(id.clone());
+        }
+        debug!(node = %self.name, id = %id, holder = %winner, "holder relayed by a conflict's loser");
+        self.touch(st, id);
+        let after = self.settings.failure_timeout;
+        let Some(node) = self.weak.upgrade() else {
+            return;
+        };
+        let id = id.clone();
+        tokio::spawn(async move {
+            sleep(after).await;
+            let mut st = node.lock();
+            let Some(view) = st.ids.get_mut(&id) else {
+                return;
+            };
+            let before = view.holders.len();
+            view.holders
+                .retain(|h| !(h.relayed && h.node == winner && h.token == token));
+            if view.holders.len() != before {
+                if let Some(p) = st.members.get_mut(&winner) {
+                    p.holdings.remove(&id);
+                }
+                node.touch(&mut st, &id);
+            }
+        });
     }
 
     fn spawn_switch_timer(&self, peer: Arc<str>, conn: u64) {
@@ -752,11 +848,13 @@ impl Node {
             Some(h) => {
                 h.token = hold.token;
                 h.since = hold.since;
+                h.relayed = false;
             }
             None => view.holders.push(RemoteHold {
                 node: peer.clone(),
                 token: hold.token,
                 since: hold.since,
+                relayed: false,
             }),
         }
         view.max_token = view.max_token.max(hold.token);
@@ -772,13 +870,7 @@ impl Node {
                     node = %self.name, id = %hold.id, winner = %peer,
                     "conflict: {peer} has held this id longer; stopping the instance here"
                 );
-                self.drop_own(
-                    st,
-                    &hold.id,
-                    Some(LeaseEnd::Conflict {
-                        winner: Some(peer.to_string()),
-                    }),
-                );
+                self.cede(st, &hold.id, peer, hold.token, hold.since);
             } else {
                 debug!(node = %self.name, id = %hold.id, loser = %peer, "conflict: this node keeps the id");
             }

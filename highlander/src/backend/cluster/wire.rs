@@ -13,7 +13,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 /// Bumped on any incompatible change of the frames below.
-pub(super) const PROTOCOL_VERSION: u8 = 1;
+pub(super) const PROTOCOL_VERSION: u8 = 2;
 /// Largest frame accepted (a full sync of a node holding many ids).
 pub(super) const MAX_FRAME: usize = 64 << 20;
 /// Largest frame accepted before the peer has authenticated.
@@ -124,6 +124,16 @@ pub(super) enum Msg {
     Held(Hold),
     /// The sender gave up its tenure of an id.
     Released { id: Arc<str>, token: u64 },
+    /// The sender's tenure of an id ended in a conflict that `winner`
+    /// (node, token, since) won: a `Released` that also says who holds the
+    /// id, for receivers not yet connected to the winner.
+    Ceded {
+        id: Arc<str>,
+        token: u64,
+        winner: Arc<str>,
+        winner_token: u64,
+        winner_since: u64,
+    },
     /// Asks the receiver, as arbiter, for an id.
     ClaimReq { id: Arc<str> },
     /// The arbiter reserved the id for the receiver; `floor` is the highest
@@ -410,6 +420,20 @@ impl Msg {
             }
             Msg::Leave => buf.put_u8(12),
             Msg::Superseded => buf.put_u8(13),
+            Msg::Ceded {
+                id,
+                token,
+                winner,
+                winner_token,
+                winner_since,
+            } => {
+                buf.put_u8(14);
+                put_str(buf, id);
+                buf.put_u64(*token);
+                put_str(buf, winner);
+                buf.put_u64(*winner_token);
+                buf.put_u64(*winner_since);
+            }
         })
     }
 
@@ -455,6 +479,13 @@ impl Msg {
             11 => Msg::Free { id: r.arc_str()? },
             12 => Msg::Leave,
             13 => Msg::Superseded,
+            14 => Msg::Ceded {
+                id: r.arc_str()?,
+                token: r.u64()?,
+                winner: r.arc_str()?,
+                winner_token: r.u64()?,
+                winner_since: r.u64()?,
+            },
             _ => return Err(Malformed("unknown message tag")),
         };
         r.end()?;
@@ -543,6 +574,13 @@ mod tests {
             floor: 4,
         });
         roundtrip(Msg::Superseded);
+        roundtrip(Msg::Ceded {
+            id: "x".into(),
+            token: 3,
+            winner: "a".into(),
+            winner_token: 2,
+            winner_since: 1,
+        });
     }
 
     #[test]
