@@ -34,17 +34,7 @@ pub fn distribution(title: &str, rows: &[(String, Vec<f64>)]) -> String {
     let x = |v: f64| {
         left + (v.max(floor).log10() - lo_dec) / (hi_dec - lo_dec) * (width - left - right)
     };
-    let mut svg = String::new();
-    let _ = write!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = write!(
-        svg,
-        r##"<rect width="100%" height="100%" fill="white"/><text x="{}" y="24" font-size="15" text-anchor="middle">{}</text>"##,
-        width / 2.0,
-        esc(title)
-    );
+    let mut svg = svg_open(width, height, title, 24.0);
     let axis_y = top + row_h * rows.len() as f64;
     let mut dec = lo_dec;
     while dec <= hi_dec {
@@ -134,17 +124,7 @@ pub fn timeline(title: &str, history: &History, id: &str) -> String {
     let height = top + lane * (nodes.len() as f64 + 1.0) + 60.0;
     let x =
         |t: u128| left + (t.saturating_sub(t0)) as f64 / (t1 - t0) as f64 * (width - left - right);
-    let mut svg = String::new();
-    let _ = write!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = write!(
-        svg,
-        r##"<rect width="100%" height="100%" fill="white"/><text x="{}" y="22" font-size="15" text-anchor="middle">{}</text>"##,
-        width / 2.0,
-        esc(title)
-    );
+    let mut svg = svg_open(width, height, title, 22.0);
     let lanes_bottom = top + lane * nodes.len() as f64;
     let fault_colors: BTreeMap<FaultKind, &str> = [
         (FaultKind::Kill, "#e15759"),
@@ -257,5 +237,22 @@ pub fn timeline(title: &str, history: &History, id: &str) -> String {
         lx + 8.0
     );
     svg.push_str("</svg>\n");
+    svg
+}
+
+/// The opening of a plot: the `<svg>` element, a white background and the
+/// title centred at `title_y`.
+fn svg_open(width: f64, height: f64, title: &str, title_y: f64) -> String {
+    let mut svg = String::new();
+    let _ = write!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = write!(
+        svg,
+        r##"<rect width="100%" height="100%" fill="white"/><text x="{}" y="{title_y}" font-size="15" text-anchor="middle">{}</text>"##,
+        width / 2.0,
+        esc(title)
+    );
     svg
 }
