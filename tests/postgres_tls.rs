@@ -1,13 +1,17 @@
 //! TLS against a real server with `ssl = on` and a certificate from a
 //! throwaway CA: `sslmode=require` with the CA file verifies the chain,
 //! `verify-full` also the host name, and a certificate from another CA is
-//! refused with a clear error at start-up.
+//! refused with a clear error at start-up. A server that wants client
+//! certificates gets one from `sslcert`/`sslkey` (or the builder), and
+//! `sslrootcert=system` trusts what the system trusts, through a `node`
+//! process whose `SSL_CERT_FILE` names the test CA.
 
 use std::time::Duration;
 
 use highlander::backend::postgres::Postgres;
 use highlander::{ChildSpec, Context, Runtime, Service};
 use highlander_tests::postgres::{PASSWORD, PgServer, TlsFiles, USER};
+use highlander_tests::process::Fleet;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 
 struct Idle;
@@ -19,26 +23,36 @@ impl Service for Idle {
     }
 }
 
-/// A CA, and a server certificate it signed for `names`.
-fn pki(names: &[&str]) -> (String, TlsFiles) {
+/// A throwaway CA: its certificate (PEM) and what signs with it.
+fn ca(name: &str) -> (String, Issuer<'static, KeyPair>) {
     let ca_key = KeyPair::generate().unwrap();
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "highlander test CA");
+    ca.distinguished_name.push(DnType::CommonName, name);
     let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca, ca_key);
+    (ca_cert.pem(), Issuer::new(ca, ca_key))
+}
+
+/// A certificate `issuer` signed for `names` (common name `cn`), and its key.
+fn leaf(issuer: &Issuer<'static, KeyPair>, names: &[&str], cn: &str) -> (String, String) {
     let key = KeyPair::generate().unwrap();
     let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-    let cert = CertificateParams::new(names)
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
+    let mut params = CertificateParams::new(names).unwrap();
+    params.distinguished_name.push(DnType::CommonName, cn);
+    let cert = params.signed_by(&key, issuer).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+/// A CA, and a server certificate it signed for `names`.
+fn pki(names: &[&str]) -> (String, TlsFiles) {
+    let (ca_pem, issuer) = ca("highlander test CA");
+    let (cert_pem, key_pem) = leaf(&issuer, names, "highlander test server");
     (
-        ca_cert.pem(),
+        ca_pem,
         TlsFiles {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
+            cert_pem,
+            key_pem,
+            client_ca_pem: None,
         },
     )
 }
@@ -142,4 +156,108 @@ async fn tls_with_a_ca_file() {
     }
     let _ = std::fs::remove_file(ca);
     let _ = std::fs::remove_file(other_ca);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_and_system_roots() {
+    let (ca_pem, mut files) = pki(&["localhost"]);
+    let (client_ca_pem, client_issuer) = ca("highlander test client CA");
+    let (client_cert_pem, client_key_pem) = leaf(&client_issuer, &[], "highlander-app");
+    files.client_ca_pem = Some(client_ca_pem);
+    let pg = PgServer::start_tls(&files);
+    let ca = temp_file("mtls-ca.pem", &ca_pem);
+    let client_cert = temp_file("client.crt", &client_cert_pem);
+    let client_key = temp_file("client.key", &client_key_pem);
+    let port = pg.port();
+    let base = format!("postgres://{USER}:{PASSWORD}@localhost:{port}/{USER}?sslmode=verify-full");
+
+    // Without a client certificate the server refuses, and says why.
+    let e = try_start(
+        "mtls-none",
+        Postgres::new(format!("{base}&sslrootcert={}", ca.display())),
+    )
+    .await
+    .expect_err("no client certificate, no session")
+    .to_string();
+    assert!(e.contains("sslcert= and sslkey="), "{e}");
+    assert!(!e.contains(PASSWORD), "{e}");
+
+    // With one, from the URL: the session runs and the server saw it.
+    let a = try_start(
+        "mtls-url",
+        Postgres::new(format!(
+            "{base}&sslrootcert={}&sslcert={}&sslkey={}",
+            ca.display(),
+            client_cert.display(),
+            client_key.display()
+        )),
+    )
+    .await
+    .expect("sslcert + sslkey connect");
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        a.wait_until(|s| s.is_running("tls-job")),
+    )
+    .await
+    .unwrap();
+    let dn = pg
+        .sql(
+            "SELECT s.client_dn FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.application_name = 'mtls-url'",
+        )
+        .await;
+    assert_eq!(dn, [[Some("/CN=highlander-app".to_string())]]);
+
+    // The builder's client_cert is the same; a key file that is not one is
+    // named in the error, and its content never shown.
+    let b = try_start(
+        "mtls-builder",
+        Postgres::new(&base)
+            .ca_file(&ca)
+            .client_cert(&client_cert, &client_key),
+    )
+    .await
+    .expect("client_cert works like sslcert/sslkey");
+    let e = try_start(
+        "mtls-bad-key",
+        Postgres::new(&base)
+            .ca_file(&ca)
+            .client_cert(&client_cert, &ca),
+    )
+    .await
+    .expect_err("a certificate is not a key")
+    .to_string();
+    assert!(e.contains("(sslkey"), "{e}");
+    assert!(!e.contains("BEGIN"), "{e}");
+
+    // sslrootcert=system: the node binary, as a user would run it, with the
+    // system's CA list replaced by the test CA through SSL_CERT_FILE.
+    let url = format!(
+        "postgres://{USER}:{PASSWORD}@localhost:{port}/{USER}?sslrootcert=system&sslcert={}&sslkey={}",
+        client_cert.display(),
+        client_key.display()
+    );
+    let ca_path = ca.display().to_string();
+    let mut fleet = Fleet::new(
+        env!("CARGO_BIN_EXE_node"),
+        &url,
+        &[("HL_IDS", "system-roots"), ("SSL_CERT_FILE", &ca_path)],
+    );
+    let mut node = fleet.spawn("mtls-system", &[]).await;
+    let start = fleet
+        .wait_start("system-roots", Duration::from_secs(60))
+        .await;
+    assert_eq!(start.node, "mtls-system");
+    node.signal("TERM");
+    assert!(
+        node.wait_exit(Duration::from_secs(60)).await.success(),
+        "the node exits cleanly"
+    );
+
+    for h in [a, b] {
+        h.shutdown().await;
+    }
+    for f in [ca, client_cert, client_key] {
+        let _ = std::fs::remove_file(f);
+    }
 }

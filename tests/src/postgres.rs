@@ -45,6 +45,10 @@ pub struct TlsFiles {
     pub cert_pem: String,
     /// The server's private key.
     pub key_pem: String,
+    /// A CA for client certificates: when set, the server accepts TCP
+    /// connections only over TLS with a client certificate it signed
+    /// (`hostssl ... clientcert=verify-ca`, the password still checked).
+    pub client_ca_pem: Option<String>,
 }
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -187,6 +191,21 @@ impl PgServer {
                 cert.display(),
                 key.display()
             ));
+            if let Some(client_ca) = &tls.client_ca_pem {
+                let ca = server.dir.join("client-ca.crt");
+                std::fs::write(&ca, client_ca).expect("write client-ca.crt");
+                server.chown(&ca);
+                conf.push_str(&format!("ssl_ca_file = '{}'\n", ca.display()));
+                // The first matching line wins: TLS with a client certificate
+                // (and the password), nothing else over TCP.
+                let hba_path = data.join("pg_hba.conf");
+                let hba = std::fs::read_to_string(&hba_path).expect("read pg_hba.conf");
+                let hba = format!(
+                    "hostssl all all 127.0.0.1/32 scram-sha-256 clientcert=verify-ca\n\
+                     host all all 127.0.0.1/32 reject\n{hba}"
+                );
+                std::fs::write(&hba_path, hba).expect("write pg_hba.conf");
+            }
         }
         let conf_path = data.join("postgresql.conf");
         let mut text = std::fs::read_to_string(&conf_path).expect("read postgresql.conf");

@@ -51,7 +51,14 @@
 //! - `sslmode=disable|prefer|require|verify-ca|verify-full` and
 //!   `sslrootcert=/path/ca.pem`: TLS through rustls. `require` and
 //!   `verify-ca` check the certificate chain against the CA file,
-//!   `verify-full` also the host name. TLS modes need a CA file;
+//!   `verify-full` also the host name. TLS modes need a CA file, or
+//!   `sslrootcert=system` (as in libpq 16): the system's trusted CAs (read
+//!   by `rustls-native-certs`, which honours `SSL_CERT_FILE` and
+//!   `SSL_CERT_DIR`), always with `verify-full`;
+//! - `sslcert=/path/client.crt&sslkey=/path/client.key`: a client
+//!   certificate (PEM; the key in PKCS#8, PKCS#1 or SEC1) for servers that
+//!   ask for one (`clientcert=verify-ca` or the `cert` method in
+//!   `pg_hba.conf`). It needs TLS, so a CA as above;
 //! - `server_timeout=15s`, `heartbeat=1s`, `presence_poll=20ms`,
 //!   `margin=1s`: the timing of the lease argument (see the methods of
 //!   [`Postgres`] of the same names; set in code, they win).
@@ -110,6 +117,7 @@ pub struct Postgres {
     url: String,
     namespace: Option<String>,
     ca_file: Option<PathBuf>,
+    client_cert: Option<(PathBuf, PathBuf)>,
     timing: TimingSet,
 }
 
@@ -130,6 +138,7 @@ impl Postgres {
             url: url.into(),
             namespace: None,
             ca_file: None,
+            client_cert: None,
             timing: TimingSet::default(),
         }
     }
@@ -143,10 +152,28 @@ impl Postgres {
     }
 
     /// The CA certificate file (PEM) that signed the server's certificate;
-    /// the same as `sslrootcert=` in the URL. Turns TLS on (`sslmode=prefer`
-    /// becomes a verified TLS connection).
+    /// the same as `sslrootcert=` in the URL, `"system"` included. Turns TLS
+    /// on (`sslmode=prefer` becomes a verified TLS connection).
     pub fn ca_file(mut self, path: impl Into<PathBuf>) -> Self {
         self.ca_file = Some(path.into());
+        self
+    }
+
+    /// A client certificate chain and its private key (PEM files), for a
+    /// server that authenticates clients by certificate; the same as
+    /// `sslcert=` and `sslkey=` in the URL. Needs TLS (a CA, see
+    /// [`ca_file`](Self::ca_file)).
+    ///
+    /// ```
+    /// use highlander::backend::postgres::Postgres;
+    ///
+    /// let backend = Postgres::new("postgres://app@db.internal/app?sslmode=verify-full")
+    ///     .ca_file("/etc/ssl/db-ca.pem")
+    ///     .client_cert("/etc/ssl/app.crt", "/etc/ssl/app.key");
+    /// # let _ = backend;
+    /// ```
+    pub fn client_cert(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.client_cert = Some((cert.into(), key.into()));
         self
     }
 
@@ -188,21 +215,60 @@ impl Postgres {
             .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string());
         validate_namespace(&namespace)?;
         let ca_file = self.ca_file.clone().or(parsed.ca_file);
-        let mut pg = parsed.pg;
-        let tls = match (parsed.mode, &ca_file) {
-            (Mode::Disable, _) => None,
-            (Mode::Prefer, None) => None,
-            (mode, None) => {
+        let client_cert = match (&self.client_cert, parsed.client_cert, parsed.client_key) {
+            (Some(set), _, _) => Some(set.clone()),
+            (None, Some(cert), Some(key)) => Some((cert, key)),
+            (None, None, None) => None,
+            (None, _, _) => {
                 return Err(Error::Config(format!(
-                    "postgres URL `{}`: sslmode={} needs the CA that signed the server's certificate: \
-                     add sslrootcert=/path/to/ca.pem (or Postgres::ca_file)",
+                    "postgres URL `{}`: a client certificate needs both sslcert= and sslkey=",
+                    redact_url(&self.url)
+                )));
+            }
+        };
+        let roots = ca_file.map(|path| {
+            if path.as_os_str() == "system" {
+                tls::Roots::System
+            } else {
+                tls::Roots::File(path)
+            }
+        });
+        let mode = match (&roots, parsed.mode) {
+            // As libpq 16: the system's CAs vouch for names, not for chains alone.
+            (Some(tls::Roots::System), Mode::Prefer) => Mode::VerifyFull,
+            (Some(tls::Roots::System), mode @ (Mode::Require | Mode::VerifyCa | Mode::Disable)) => {
+                return Err(Error::Config(format!(
+                    "postgres URL `{}`: sslrootcert=system checks the server's name: use sslmode=verify-full, not {}",
                     redact_url(&self.url),
                     mode.name()
                 )));
             }
-            (mode, Some(ca)) => {
+            (_, mode) => mode,
+        };
+        let mut pg = parsed.pg;
+        let tls = match (mode, &roots) {
+            (Mode::Disable, _) | (Mode::Prefer, None) => {
+                if client_cert.is_some() {
+                    return Err(Error::Config(format!(
+                        "postgres URL `{}`: a client certificate (sslcert/sslkey) needs TLS: \
+                         add sslmode=verify-full and sslrootcert=/path/to/ca.pem (or sslrootcert=system)",
+                        redact_url(&self.url)
+                    )));
+                }
+                None
+            }
+            (mode, None) => {
+                return Err(Error::Config(format!(
+                    "postgres URL `{}`: sslmode={} needs the CA that signed the server's certificate: \
+                     add sslrootcert=/path/to/ca.pem (or sslrootcert=system for the system's CAs)",
+                    redact_url(&self.url),
+                    mode.name()
+                )));
+            }
+            (mode, Some(roots)) => {
                 let config =
-                    tls::client_config(ca, mode == Mode::VerifyFull).map_err(Error::Config)?;
+                    tls::client_config(roots, mode == Mode::VerifyFull, client_cert.as_ref())
+                        .map_err(Error::Config)?;
                 pg.ssl_mode(if mode == Mode::Prefer {
                     SslMode::Prefer
                 } else {
@@ -246,6 +312,7 @@ impl fmt::Debug for Postgres {
             .field("url", &redact_url(&self.url))
             .field("namespace", &self.namespace)
             .field("ca_file", &self.ca_file)
+            .field("client_cert", &self.client_cert)
             .field("timing", &self.timing)
             .finish()
     }
@@ -432,6 +499,8 @@ struct Parsed {
     pg: tokio_postgres::Config,
     namespace: Option<String>,
     ca_file: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
     mode: Mode,
     timing: Timing,
 }
@@ -470,6 +539,8 @@ fn parse_url(url: &str) -> std::result::Result<Parsed, String> {
     };
     let mut namespace = None;
     let mut ca_file = None;
+    let mut client_cert = None;
+    let mut client_key = None;
     let mut mode = Mode::Prefer;
     let mut timing = Timing::default();
     let mut rest = Vec::new();
@@ -500,9 +571,15 @@ fn parse_url(url: &str) -> std::result::Result<Parsed, String> {
                 timing.server_timeout = parse_duration(value).map_err(|e| bad(&e))?
             }
             "margin" => timing.margin = parse_duration(value).map_err(|e| bad(&e))?,
-            "sslcert" | "sslkey" | "sslpassword" | "sslcrl" => {
+            "sslcert" => {
+                client_cert = Some(PathBuf::from(percent_decode(value).map_err(|e| bad(&e))?))
+            }
+            "sslkey" => {
+                client_key = Some(PathBuf::from(percent_decode(value).map_err(|e| bad(&e))?))
+            }
+            "sslpassword" | "sslcrl" | "sslcrldir" => {
                 return Err(bad(&format!(
-                    "`{key}` (client certificates) is not supported"
+                    "`{key}` is not supported: use an unencrypted client key file, and no CRL"
                 )));
             }
             _ => rest.push(pair),
@@ -532,6 +609,8 @@ fn parse_url(url: &str) -> std::result::Result<Parsed, String> {
         pg,
         namespace,
         ca_file,
+        client_cert,
+        client_key,
         mode,
         timing,
     })
@@ -599,13 +678,57 @@ mod tests {
             "postgres://app:hunter2@db:notaport/app",
             "postgres://app:hunter2@db/app?sslmode=sometimes",
             "postgres://app:hunter2@db/app?sslmode=require",
+            "postgres://app:hunter2@db/app?sslpassword=hunter2",
             "postgres://app:hunter2@db/app?sslcert=/x",
+            "postgres://app:hunter2@db/app?sslcert=/x&sslkey=/y",
+            "postgres://app:hunter2@db/app?sslrootcert=system&sslmode=require",
         ] {
             let err = Postgres::new(url).settings().err().expect(url).to_string();
             assert!(!err.contains("hunter2"), "{err}");
             assert!(!err.ends_with("invalid connection string"), "{err}");
             assert!(err.contains("app:***@db"), "{err}");
         }
+    }
+
+    #[test]
+    fn missing_tls_files_are_named() {
+        let base = "postgres://app:hunter2@db/app?sslmode=verify-full";
+        let err = |pg: Postgres| pg.settings().err().expect("an error").to_string();
+        let e = err(Postgres::new(format!(
+            "{base}&sslrootcert=/nonexistent/ca.pem"
+        )));
+        assert!(e.contains("/nonexistent/ca.pem (sslrootcert)"), "{e}");
+        let ca = std::env::temp_dir().join(format!("hl-unit-ca-{}.pem", std::process::id()));
+        std::fs::write(&ca, "not a certificate\n").unwrap();
+        let e = err(Postgres::new(base).ca_file(&ca));
+        assert!(e.contains("holds no PEM certificate"), "{e}");
+        let e = err(Postgres::new(base)
+            .ca_file("system")
+            .client_cert("/nonexistent/c.crt", "/nonexistent/c.key"));
+        assert!(
+            e.contains("/nonexistent/c.crt (sslcert)") || e.contains("sslrootcert=system found no"),
+            "{e}"
+        );
+        let e = err(Postgres::new("postgres://app:hunter2@db/app").client_cert("/c.crt", "/c.key"));
+        assert!(e.contains("needs TLS"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+        let _ = std::fs::remove_file(ca);
+    }
+
+    #[test]
+    fn system_roots_mean_verify_full() {
+        let s = Postgres::new("postgres://a@h/d?sslrootcert=system").settings();
+        match s {
+            // A machine without CA bundle says so; with one, TLS is on.
+            Ok(s) => assert!(s.tls.is_some()),
+            Err(e) => assert!(e.to_string().contains("found no trusted CA"), "{e}"),
+        }
+        let e = Postgres::new("postgres://a@h/d?sslrootcert=system&sslmode=verify-ca")
+            .settings()
+            .err()
+            .expect("verify-ca with system roots is refused")
+            .to_string();
+        assert!(e.contains("use sslmode=verify-full"), "{e}");
     }
 
     #[test]

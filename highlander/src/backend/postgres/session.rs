@@ -1189,11 +1189,15 @@ fn classify(settings: &Settings, e: &tokio_postgres::Error) -> ConnectError {
             }
             _ => ("the server refused", true),
         };
+        let text = error_text(e);
+        // pg_hba.conf asks for a certificate this client did not present.
+        let hint = if text.contains("client certificate") {
+            " (give one with sslcert= and sslkey=, or Postgres::client_cert)"
+        } else {
+            ""
+        };
         return ConnectError {
-            message: format!(
-                "cannot connect to postgres at {target}: {what}: {}",
-                error_text(e)
-            ),
+            message: format!("cannot connect to postgres at {target}: {what}: {text}{hint}"),
             fatal,
         };
     }

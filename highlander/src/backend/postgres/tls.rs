@@ -1,52 +1,132 @@
-//! TLS through rustls (with the `ring` provider): a CA file, and libpq's
-//! `verify-ca` / `verify-full` meanings.
+//! TLS through rustls (with the `ring` provider): a CA file or the system's
+//! CAs, libpq's `verify-ca` / `verify-full` meanings, and client
+//! certificates.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
 
-/// A client configuration that trusts the CAs in `ca_file` (PEM). With
-/// `check_hostname` false (libpq's `verify-ca`, and `require` with a CA
-/// file), the chain is verified but the name in the certificate is not.
-pub(super) fn client_config(ca_file: &Path, check_hostname: bool) -> Result<ClientConfig, String> {
-    let shown = ca_file.display();
-    let certs = CertificateDer::pem_file_iter(ca_file)
-        .map_err(|e| format!("cannot read the CA file {shown} (sslrootcert): {e}"))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("cannot read the CA file {shown} (sslrootcert): {e}"))?;
-    let mut roots = RootCertStore::empty();
-    for cert in certs {
-        roots
-            .add(cert)
-            .map_err(|e| format!("bad certificate in the CA file {shown}: {e}"))?;
-    }
-    if roots.is_empty() {
-        return Err(format!(
-            "the CA file {shown} (sslrootcert) holds no PEM certificate"
-        ));
-    }
+/// Where the CAs that vouch for the server come from.
+#[derive(Debug, Clone)]
+pub(super) enum Roots {
+    /// A PEM file (`sslrootcert=/path`).
+    File(PathBuf),
+    /// The system's trusted CAs (`sslrootcert=system`).
+    System,
+}
+
+/// A client configuration that trusts `roots`. With `check_hostname` false
+/// (libpq's `verify-ca`, and `require` with a CA file), the chain is
+/// verified but the name in the certificate is not. `client` is a
+/// certificate chain and key (PEM files) to present when the server asks.
+pub(super) fn client_config(
+    roots: &Roots,
+    check_hostname: bool,
+    client: Option<&(PathBuf, PathBuf)>,
+) -> Result<ClientConfig, String> {
+    let roots = Arc::new(root_store(roots)?);
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS setup failed: {e}"))?;
-    let roots = Arc::new(roots);
-    if check_hostname {
-        return Ok(builder.with_root_certificates(roots).with_no_client_auth());
+    let builder = if check_hostname {
+        builder.with_root_certificates(roots)
+    } else {
+        let inner = WebPkiServerVerifier::builder_with_provider(roots, provider)
+            .build()
+            .map_err(|e| format!("TLS setup failed: {e}"))?;
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(ChainOnly(inner)))
+    };
+    match client {
+        None => Ok(builder.with_no_client_auth()),
+        Some((cert_file, key_file)) => {
+            let (chain, key) = client_identity(cert_file, key_file)?;
+            builder.with_client_auth_cert(chain, key).map_err(|e| {
+                format!(
+                    "the client certificate {} does not fit the key {}: {e}",
+                    cert_file.display(),
+                    key_file.display()
+                )
+            })
+        }
     }
-    let inner = WebPkiServerVerifier::builder_with_provider(roots, provider)
-        .build()
-        .map_err(|e| format!("TLS setup failed: {e}"))?;
-    Ok(builder
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(ChainOnly(inner)))
-        .with_no_client_auth())
+}
+
+fn root_store(roots: &Roots) -> Result<RootCertStore, String> {
+    let mut store = RootCertStore::empty();
+    match roots {
+        Roots::File(ca_file) => {
+            let shown = ca_file.display();
+            let certs = CertificateDer::pem_file_iter(ca_file)
+                .map_err(|e| format!("cannot read the CA file {shown} (sslrootcert): {e}"))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("cannot read the CA file {shown} (sslrootcert): {e}"))?;
+            for cert in certs {
+                store
+                    .add(cert)
+                    .map_err(|e| format!("bad certificate in the CA file {shown}: {e}"))?;
+            }
+            if store.is_empty() {
+                return Err(format!(
+                    "the CA file {shown} (sslrootcert) holds no PEM certificate"
+                ));
+            }
+        }
+        Roots::System => {
+            let found = rustls_native_certs::load_native_certs();
+            // Bundles carry the odd certificate rustls cannot use; skip those.
+            let (_added, _skipped) = store.add_parsable_certificates(found.certs);
+            if store.is_empty() {
+                let why = found
+                    .errors
+                    .first()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default();
+                return Err(format!(
+                    "sslrootcert=system found no trusted CA on this system{why} \
+                     (install ca-certificates, set SSL_CERT_FILE, or give sslrootcert=/path/to/ca.pem)"
+                ));
+            }
+        }
+    }
+    Ok(store)
+}
+
+fn client_identity(
+    cert: &Path,
+    key: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| {
+            format!(
+                "cannot read the client certificate {} (sslcert): {e}",
+                cert.display()
+            )
+        })?;
+    if chain.is_empty() {
+        return Err(format!(
+            "the client certificate file {} (sslcert) holds no PEM certificate",
+            cert.display()
+        ));
+    }
+    // The key's bytes never reach a message: only its path does.
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+        format!(
+            "cannot read the client key {} (sslkey; PEM, PKCS#8, PKCS#1 or SEC1, unencrypted): {e}",
+            key.display()
+        )
+    })?;
+    Ok((chain, key))
 }
 
 /// Verifies the chain up to a trusted CA and accepts any server name, as
