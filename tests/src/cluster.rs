@@ -56,9 +56,11 @@ impl Cuts {
     }
 }
 
-/// One proxy per node; cuts and heals links between named nodes.
+/// One proxy per node; cuts and heals links between named nodes, and can
+/// record what crosses them and corrupt it.
 pub struct Partitioner {
     cuts: Arc<Mutex<Cuts>>,
+    tap: Arc<Tap>,
     by_ip: Arc<Mutex<HashMap<IpAddr, String>>>,
     proxies: HashMap<String, SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
@@ -75,6 +77,7 @@ impl Partitioner {
     pub fn new() -> Self {
         Partitioner {
             cuts: Arc::default(),
+            tap: Arc::default(),
             by_ip: Arc::default(),
             proxies: HashMap::new(),
             tasks: Vec::new(),
@@ -95,6 +98,7 @@ impl Partitioner {
             .insert(target.ip(), name.to_string());
         self.proxies.insert(name.to_string(), addr);
         let cuts = self.cuts.clone();
+        let tap = self.tap.clone();
         let by_ip = self.by_ip.clone();
         let dest = name.to_string();
         self.tasks.push(tokio::spawn(async move {
@@ -113,6 +117,7 @@ impl Partitioner {
                     continue;
                 }
                 let cuts = cuts.clone();
+                let tap = tap.clone();
                 let dest = dest.clone();
                 tokio::spawn(async move {
                     let Ok(outbound) = TcpStream::connect(target).await else {
@@ -123,15 +128,15 @@ impl Partitioner {
                     let poisoned = Arc::new(std::sync::atomic::AtomicBool::new(false));
                     let (ri, wi) = inbound.into_split();
                     let (ro, wo) = outbound.into_split();
-                    let a = pump(
-                        ri,
-                        wo,
-                        cuts.clone(),
-                        source.clone(),
-                        dest.clone(),
-                        poisoned.clone(),
-                    );
-                    let b = pump(ro, wi, cuts, source, dest, poisoned);
+                    let link = Link {
+                        cuts,
+                        tap,
+                        source,
+                        dest,
+                        poisoned,
+                    };
+                    let a = pump(ri, wo, &link);
+                    let b = pump(ro, wi, &link);
                     tokio::join!(a, b);
                 });
             }
@@ -162,6 +167,41 @@ impl Partitioner {
     pub fn heal(&self) {
         self.cuts.lock().unwrap().pairs.clear();
     }
+
+    /// Every byte that crossed any proxy so far (the first 16 MiB), both
+    /// directions interleaved: what someone on the network would see.
+    pub fn captured(&self) -> Vec<u8> {
+        self.tap.bytes.lock().unwrap().clone()
+    }
+
+    /// Flips one bit in the next chunk any proxy forwards: an attacker or a
+    /// faulty middlebox altering a frame on the way.
+    pub fn corrupt_next(&self) {
+        self.tap
+            .corrupt
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// How many chunks [`corrupt_next`](Self::corrupt_next) has altered.
+    pub fn corrupted(&self) -> usize {
+        self.tap.corrupted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[derive(Default)]
+struct Tap {
+    bytes: Mutex<Vec<u8>>,
+    corrupt: std::sync::atomic::AtomicBool,
+    corrupted: std::sync::atomic::AtomicUsize,
+}
+
+/// One proxied connection, as both of its pumps see it.
+struct Link {
+    cuts: Arc<Mutex<Cuts>>,
+    tap: Arc<Tap>,
+    source: String,
+    dest: String,
+    poisoned: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Drop for Partitioner {
@@ -175,23 +215,33 @@ impl Drop for Partitioner {
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
-    cuts: Arc<Mutex<Cuts>>,
-    source: String,
-    dest: String,
-    poisoned: Arc<std::sync::atomic::AtomicBool>,
+    link: &Link,
 ) {
     use std::sync::atomic::Ordering;
+    let poisoned = &link.poisoned;
     let mut buf = vec![0u8; 64 << 10];
     loop {
         let n = match from.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        if !poisoned.load(Ordering::SeqCst) && cuts.lock().unwrap().is_cut(&source, &dest) {
+        if !poisoned.load(Ordering::SeqCst)
+            && link.cuts.lock().unwrap().is_cut(&link.source, &link.dest)
+        {
             poisoned.store(true, Ordering::SeqCst);
         }
         if poisoned.load(Ordering::SeqCst) {
             continue;
+        }
+        {
+            let mut seen = link.tap.bytes.lock().unwrap();
+            let room = (16usize << 20).saturating_sub(seen.len());
+            seen.extend_from_slice(&buf[..n.min(room)]);
+        }
+        if link.tap.corrupt.swap(false, Ordering::SeqCst) {
+            // The chunk's last byte ends a frame: its MAC, or its payload.
+            buf[n - 1] ^= 0x01;
+            link.tap.corrupted.fetch_add(1, Ordering::SeqCst);
         }
         if to.write_all(&buf[..n]).await.is_err() {
             break;

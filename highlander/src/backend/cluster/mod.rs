@@ -18,6 +18,9 @@
 //!   challenge-response over fresh nonces from both sides: the cookie itself
 //!   never crosses the wire. A peer with another cookie is refused and the
 //!   refusal logged once. Without a cookie a node only listens on loopback.
+//!   Every frame after the handshake is sealed with ChaCha20-Poly1305 under
+//!   keys derived from the cookie and that handshake: unreadable on the
+//!   path, and an altered or replayed frame closes the connection.
 //! - **Registry.** Claims are settled by an *arbiter*: the lowest-named
 //!   ready member a node is connected to. A claim is granted only when
 //!   neither the claimant nor the arbiter sees a holder, and the arbiter
@@ -48,6 +51,7 @@ use crate::service::BoxFuture;
 use crate::{Error, Result, redact_url};
 
 mod node;
+mod seal;
 mod wire;
 
 /// The embedded cluster backend: configuration for one node, given to

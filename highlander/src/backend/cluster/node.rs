@@ -29,6 +29,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::Settings;
+use super::seal;
 use super::wire::{
     Handshake, Hold, MAC_LEN, MAX_FRAME, MAX_HANDSHAKE_FRAME, MemberInfo, Msg, NONCE_LEN,
     PROTOCOL_VERSION, RejectReason, Role, proof,
@@ -1157,6 +1158,13 @@ fn codec(max: usize) -> LengthDelimitedCodec {
 
 type Reader = FramedRead<OwnedReadHalf, LengthDelimitedCodec>;
 
+/// An authenticated connection: its two halves and its frame seals.
+struct Wire {
+    rd: Reader,
+    wr: OwnedWriteHalf,
+    sealed: (seal::Sealer, seal::Opener),
+}
+
 async fn read_handshake(rd: &mut Reader) -> Option<Handshake> {
     match rd.next().await {
         Some(Ok(frame)) => Handshake::decode(&frame).ok(),
@@ -1273,6 +1281,14 @@ impl Node {
             addr,
             ..dialer.clone()
         };
+        let sealed = seal::channel(
+            &self.key,
+            Role::Acceptor,
+            &dialer,
+            &dialer_nonce,
+            &self.me,
+            &nonce,
+        );
         let (tx, rx) = mpsc::unbounded_channel();
         let stop = CancellationToken::new();
         let conn = match self.adopt(&info, false, tx, stop.clone()) {
@@ -1301,8 +1317,10 @@ impl Node {
             self.conn_closed(&info.name, conn);
             return;
         }
-        rd.decoder_mut().set_max_frame_length(MAX_FRAME);
-        self.spawn_conn(info.name, conn, rd, wr, rx, stop);
+        rd.decoder_mut()
+            .set_max_frame_length(MAX_FRAME + seal::TAG_LEN);
+        let wire = Wire { rd, wr, sealed };
+        self.spawn_conn(info.name, conn, wire, rx, stop);
     }
 
     async fn dial_loop(self: Arc<Self>) {
@@ -1475,6 +1493,14 @@ impl Node {
             }
             _ => return Dialed::Failed,
         }
+        let mut sealed = seal::channel(
+            &self.key,
+            Role::Dialer,
+            &self.me,
+            &nonce,
+            &acceptor,
+            &acceptor_nonce,
+        );
         let info = MemberInfo {
             addr: acceptor.addr.clone().or(Some(addr)),
             ..acceptor
@@ -1483,15 +1509,19 @@ impl Node {
         let stop = CancellationToken::new();
         match self.adopt(&info, true, tx, stop.clone()) {
             Ok(conn) => {
-                rd.decoder_mut().set_max_frame_length(MAX_FRAME);
+                rd.decoder_mut()
+                    .set_max_frame_length(MAX_FRAME + seal::TAG_LEN);
                 let name = info.name.clone();
-                self.spawn_conn(info.name, conn, rd, wr, rx, stop);
+                let wire = Wire { rd, wr, sealed };
+                self.spawn_conn(info.name, conn, wire, rx, stop);
                 Dialed::Connected(name)
             }
             Err(_) => {
                 // The acceptor took this connection; tell it a better one
                 // exists so it does not count the close as a failure.
-                let _ = wr.write_all(&Msg::Superseded.encode()).await;
+                let _ = wr
+                    .write_all(&sealed.0.seal(&Msg::Superseded.encode()))
+                    .await;
                 Dialed::Rejected(RejectReason::Duplicate)
             }
         }
@@ -1518,11 +1548,15 @@ impl Node {
         self: &Arc<Self>,
         peer: Arc<str>,
         conn: u64,
-        mut rd: Reader,
-        mut wr: OwnedWriteHalf,
+        wire: Wire,
         mut rx: mpsc::UnboundedReceiver<Bytes>,
         stop: CancellationToken,
     ) {
+        let Wire {
+            mut rd,
+            mut wr,
+            sealed: (mut sealer, mut opener),
+        } = wire;
         // Writer: batches queued frames, sends a heartbeat when idle, and
         // on a closed channel flushes and closes its half.
         let node = self.clone();
@@ -1542,21 +1576,29 @@ impl Node {
                             break;
                         }
                         Some(frame) => {
-                            buf.extend_from_slice(&frame);
+                            // A cut link (fault injection) drops frames before
+                            // they are sealed, so the sequence stays whole.
+                            let cut = node.cut(&writer_peer);
+                            if !cut {
+                                sealer.seal_into(&frame, &mut buf);
+                            }
                             while buf.len() < BATCH_BYTES {
                                 match rx.try_recv() {
-                                    Ok(frame) => buf.extend_from_slice(&frame),
+                                    Ok(frame) if !cut => sealer.seal_into(&frame, &mut buf),
+                                    Ok(_) => {}
                                     Err(_) => break,
                                 }
                             }
-                            if !node.cut(&writer_peer) && wr.write_all(&buf).await.is_err() {
+                            if !buf.is_empty() && wr.write_all(&buf).await.is_err() {
                                 break;
                             }
                             buf.clear();
                         }
                     },
                     _ = sleep(heartbeat) => {
-                        if !node.cut(&writer_peer) && wr.write_all(&Msg::Ping.encode()).await.is_err() {
+                        if !node.cut(&writer_peer)
+                            && wr.write_all(&sealer.seal(&Msg::Ping.encode())).await.is_err()
+                        {
                             break;
                         }
                     }
@@ -1587,7 +1629,14 @@ impl Node {
                         debug!(node = %node.name, peer = %peer, error = %e, "connection lost");
                         break;
                     }
-                    Ok(Some(Ok(frame))) => {
+                    Ok(Some(Ok(sealed))) => {
+                        let frame = match opener.open(sealed) {
+                            Ok(frame) => frame,
+                            Err(e) => {
+                                warn!(node = %node.name, peer = %peer, error = %e, "closing the connection");
+                                break;
+                            }
+                        };
                         if node.cut(&peer) {
                             continue;
                         }

@@ -13,7 +13,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 /// Bumped on any incompatible change of the frames below.
-pub(super) const PROTOCOL_VERSION: u8 = 2;
+pub(super) const PROTOCOL_VERSION: u8 = 3;
 /// Largest frame accepted (a full sync of a node holding many ids).
 pub(super) const MAX_FRAME: usize = 64 << 20;
 /// Largest frame accepted before the peer has authenticated.
@@ -511,12 +511,26 @@ pub(super) fn proof(
     acceptor: &MemberInfo,
     acceptor_nonce: &[u8; NONCE_LEN],
 ) -> Hmac<Sha256> {
-    let mut mac =
-        <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes keys of any length");
-    mac.update(match role {
+    let label: &[u8] = match role {
         Role::Dialer => b"highlander-cluster/1 dialer\0",
         Role::Acceptor => b"highlander-cluster/1 acceptor",
-    });
+    };
+    transcript(key, label, dialer, dialer_nonce, acceptor, acceptor_nonce)
+}
+
+/// HMAC-SHA256 keyed with the cookie over `label` and the handshake's
+/// transcript: both identities and both nonces.
+pub(super) fn transcript(
+    key: &[u8],
+    label: &[u8],
+    dialer: &MemberInfo,
+    dialer_nonce: &[u8; NONCE_LEN],
+    acceptor: &MemberInfo,
+    acceptor_nonce: &[u8; NONCE_LEN],
+) -> Hmac<Sha256> {
+    let mut mac =
+        <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes keys of any length");
+    mac.update(label);
     for (m, nonce) in [(dialer, dialer_nonce), (acceptor, acceptor_nonce)] {
         mac.update(&(m.name.len() as u64).to_be_bytes());
         mac.update(m.name.as_bytes());
