@@ -5,6 +5,8 @@
 //! - `03_runtime_ids.rs`: one singleton per tenant, ids known at run time;
 //! - `04_three_nodes.rs`: three nodes in one process, a takeover, a split and a heal;
 //! - `05_postgres_fencing.rs`: fenced writes with the Postgres backend
-//!   (`--features postgres`).
+//!   (`--features postgres`);
+//! - `06_three_processes.rs`: three OS processes on the embedded cluster
+//!   (`cluster://` on loopback): kill, pause, resume, graceful stop.
 //!
 //! Run one with `cargo run --example 04_three_nodes`.
