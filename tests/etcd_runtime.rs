@@ -706,6 +706,7 @@ async fn a_dead_endpoint_in_the_list_neither_stops_a_start_nor_a_holder() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_member_of_three_changes_nothing_for_holders() {
+    highlander_tests::init_tracing();
     let cluster = EtcdCluster::start(3).await;
     let log = Log::default();
     let ids: Vec<String> = (0..30).map(|i| format!("task-{i}")).collect();

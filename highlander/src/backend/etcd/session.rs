@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
-    PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
+    LeaseClient, PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::time::{Instant, sleep, sleep_until, timeout};
@@ -313,7 +313,15 @@ pub(super) async fn connect(config: Etcd, node: String) -> Result<Arc<EtcdSessio
         }
         Error::Backend(format!("cannot reach etcd at {shown} ({describe}): {why}"))
     };
-    let options = options(&config)?;
+    let ttl_secs = config.ttl_secs();
+    let interval = config.keepalive_in_effect();
+    let request_timeout = (Duration::from_secs(ttl_secs as u64) / 4)
+        .clamp(Duration::from_millis(500), Duration::from_secs(3));
+    // HTTP/2 pings on every connection: a member that hangs with its
+    // connections open (paused, overloaded) gets its connections closed, so
+    // streams on it (the watch, a keep-alive) break and reopen elsewhere
+    // instead of going quiet.
+    let options = options(&config)?.with_keep_alive(interval, request_timeout);
     let connected = at_start(deadline, limit, || {
         Client::connect(&endpoints, Some(options.clone()))
     })
@@ -350,10 +358,7 @@ pub(super) async fn connect(config: Etcd, node: String) -> Result<Arc<EtcdSessio
         }
         Err(why) => return Err(unreachable(why)),
     };
-    let ttl_secs = config.ttl_secs();
-    let interval = config.keepalive_in_effect();
-    let request_timeout = (Duration::from_secs(ttl_secs as u64) / 4)
-        .clamp(Duration::from_millis(500), Duration::from_secs(3));
+    let pinned = Pinned::new(&client, endpoints, options);
     let (ops_tx, ops_rx) = mpsc::unbounded_channel();
     let inner = Arc::new(Inner {
         client,
@@ -379,11 +384,74 @@ pub(super) async fn connect(config: Etcd, node: String) -> Result<Arc<EtcdSessio
         Ok(resp) => inner.install_lease(resp.id(), resp.ttl(), sent),
         Err(why) => return Err(unreachable(why)),
     }
-    tokio::spawn(inner.clone().keeper());
+    tokio::spawn(inner.clone().keeper(pinned));
     tokio::spawn(inner.clone().watchdog());
     tokio::spawn(inner.clone().watcher(revision + 1));
     tokio::spawn(inner.clone().batcher(ops_rx));
     Ok(Arc::new(EtcdSession { inner }))
+}
+
+/// Lease clients pinned to one endpoint each, for the keep-alive. The
+/// shared client balances requests over the members at random, so a member
+/// that hangs with its connections open would take a share of the
+/// keep-alives, each lost for a whole request timeout. Pinned, the keeper
+/// stays on a member that answers, and after a keep-alive went unanswered
+/// it moves to another member and avoids the silent one for a while.
+struct Pinned {
+    endpoints: Vec<String>,
+    options: ConnectOptions,
+    clients: Vec<Option<LeaseClient>>,
+    /// Until when each member is avoided after it left a request unanswered.
+    avoid_until: Vec<Option<Instant>>,
+    at: usize,
+}
+
+impl Pinned {
+    fn new(shared: &Client, endpoints: Vec<String>, options: ConnectOptions) -> Pinned {
+        let n = endpoints.len().max(1);
+        let mut clients = vec![None; n];
+        if endpoints.len() <= 1 {
+            // One member: nothing to choose, no second connection.
+            clients[0] = Some(shared.lease_client());
+        }
+        Pinned {
+            endpoints,
+            options,
+            clients,
+            avoid_until: vec![None; n],
+            at: 0,
+        }
+    }
+
+    /// The lease client of the current member, connecting on first use.
+    async fn current(&mut self, limit: Duration) -> Option<LeaseClient> {
+        if self.clients[self.at].is_none() {
+            let endpoint = [self.endpoints[self.at].clone()];
+            let connect = Client::connect(endpoint, Some(self.options.clone()));
+            if let Ok(Ok(client)) = timeout(limit, connect).await {
+                self.clients[self.at] = Some(client.lease_client());
+            }
+        }
+        self.clients[self.at].clone()
+    }
+
+    /// The current member failed a request: move to the next member not
+    /// avoided (or simply the next when all are). `silent` (it did not
+    /// answer at all) also avoids it for `avoid`; its connection is dropped
+    /// so that a later use reconnects.
+    fn next(&mut self, silent: bool, avoid: Duration) {
+        let n = self.clients.len();
+        if silent && n > 1 {
+            self.avoid_until[self.at] = Some(Instant::now() + avoid);
+            self.clients[self.at] = None;
+        }
+        let now = Instant::now();
+        let usable = |i: usize| self.avoid_until[i].is_none_or(|t| t <= now);
+        self.at = (1..=n)
+            .map(|step| (self.at + step) % n)
+            .find(|&i| usable(i))
+            .unwrap_or((self.at + 1) % n);
+    }
 }
 
 impl Inner {
@@ -500,11 +568,20 @@ impl Inner {
     /// The one keep-alive task: grants the node's lease when it has none,
     /// keeps it alive every `interval` over one stream, and reopens the
     /// stream (on another endpoint when one is down) with backoff.
-    async fn keeper(self: Arc<Self>) {
+    async fn keeper(self: Arc<Self>, mut pinned: Pinned) {
         let mut changes = self.changes.subscribe();
-        let mut leases = self.client.lease_client();
         let mut retry = RETRY_MIN;
+        let avoid = Duration::from_secs(self.ttl_secs.max(1) as u64);
         'outer: while !self.stop.is_cancelled() {
+            let Some(mut leases) = pinned.current(self.request_timeout).await else {
+                debug!(node = %self.node, retry_in = ?retry, "cannot connect to this etcd member; trying the next");
+                pinned.next(true, avoid);
+                if !self.pause(retry).await {
+                    break;
+                }
+                retry = (retry * 2).min(self.interval.max(RETRY_MIN));
+                continue;
+            };
             let current = self.lock().lease;
             let Some(lease) = current else {
                 let sent = Instant::now();
@@ -515,6 +592,7 @@ impl Inner {
                         retry = RETRY_MIN;
                     }
                     outcome => {
+                        pinned.next(outcome.is_err(), avoid);
                         let why = match outcome {
                             Ok(Err(e)) => reason(&e),
                             Ok(Ok(_)) => "granted with no TTL".into(),
@@ -546,6 +624,7 @@ impl Inner {
                     continue;
                 }
                 outcome => {
+                    pinned.next(outcome.is_err(), avoid);
                     let why = match outcome {
                         Ok(Err(e)) => reason(&e),
                         _ => "timed out".into(),
@@ -573,6 +652,7 @@ impl Inner {
                 next = Instant::now() + self.interval;
                 let sent = Instant::now();
                 if keeper.keep_alive().await.is_err() {
+                    pinned.next(false, avoid);
                     continue 'outer;
                 }
                 let answer = tokio::select! {
@@ -588,12 +668,13 @@ impl Inner {
                         continue 'outer;
                     }
                     outcome => {
+                        pinned.next(outcome.is_err(), avoid);
                         let why = match outcome {
                             Ok(Err(e)) => reason(&e),
                             Ok(Ok(None)) => "stream closed".into(),
                             _ => "timed out".into(),
                         };
-                        debug!(node = %self.node, %why, "etcd keep-alive failed; reopening the stream");
+                        debug!(node = %self.node, %why, "etcd keep-alive failed; reopening the stream on the next member");
                         continue 'outer;
                     }
                 }
