@@ -428,6 +428,7 @@ async fn a_shutdown_budget_that_does_not_fit_the_ttl_is_refused_clearly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_member_of_three_killed_under_load_changes_nothing_for_holders() {
+    highlander_tests::init_tracing();
     let mut cluster = EtcdCluster::start(3).await;
     let log = Log::default();
     let ids: Vec<String> = (0..50).map(|i| format!("job-{i}")).collect();
@@ -757,5 +758,51 @@ async fn a_hung_member_of_three_changes_nothing_for_holders() {
         b.wait_until(|s| s.running().count() == ids.len()),
     )
     .await;
+    b.shutdown().await;
+}
+
+/// A graceful handoff while a member hangs with its connections open (the
+/// leader, the worst case): the old holder's releases and the waiting
+/// node's watch must not stay stuck on the silent member. Whichever member
+/// each node's requests and watch happen to use, the waiting node runs every
+/// id before the member comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handoff_while_a_member_hangs_completes() {
+    highlander_tests::init_tracing();
+    let cluster = EtcdCluster::start(3).await;
+    let log = Log::default();
+    let ids: Vec<String> = (0..30).map(|i| format!("job-{i}")).collect();
+    let a = node_with(&cluster, "a", &ids, &log, MEMBER_TTL).await;
+    within(
+        "a runs every id",
+        a.wait_until(|s| s.running().count() == ids.len()),
+    )
+    .await;
+    let b = node_with(&cluster, "b", &ids, &log, MEMBER_TTL).await;
+    within(
+        "b waits for every id",
+        b.wait_until(|s| {
+            ids.iter()
+                .all(|id| matches!(s.get(id), Some(SingletonState::Waiting { .. })))
+        }),
+    )
+    .await;
+    let hung = cluster.leader();
+    cluster.signal_member(hung, "STOP");
+    // Let the others elect a new leader, then hand over.
+    tokio::time::sleep(MEMBER_TTL).await;
+    let started = std::time::Instant::now();
+    a.shutdown().await;
+    within(
+        "b takes every id while a member hangs",
+        b.wait_until(|s| s.running().count() == ids.len()),
+    )
+    .await;
+    eprintln!(
+        "handoff of {} ids with a hung member: {:?}",
+        ids.len(),
+        started.elapsed()
+    );
+    cluster.signal_member(hung, "CONT");
     b.shutdown().await;
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
-    LeaseClient, PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
+    PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::time::{Instant, sleep, sleep_until, timeout};
@@ -133,6 +133,7 @@ impl Op {
 
 struct Inner {
     client: Client,
+    members: Members,
     node: String,
     prefix: String,
     ttl_secs: i64,
@@ -226,6 +227,27 @@ fn options(config: &Etcd) -> Result<ConnectOptions> {
         options = options.with_tls(tls_options);
     }
     Ok(options)
+}
+
+/// Whether a failed request says its member is out of reach: no answer in
+/// time, or no connection at all. Such a member is avoided for a while.
+fn out_of_reach<T>(
+    outcome: &std::result::Result<
+        std::result::Result<T, etcd_client::Error>,
+        tokio::time::error::Elapsed,
+    >,
+) -> bool {
+    match outcome {
+        Err(_) => true,
+        Ok(Err(e)) => refused(e),
+        Ok(Ok(_)) => false,
+    }
+}
+
+/// The member could not be connected to at all.
+fn refused(e: &etcd_client::Error) -> bool {
+    let why = reason(e);
+    why.contains("tcp connect error") || why.contains("onnection refused")
 }
 
 /// Errors that retrying cannot fix.
@@ -358,10 +380,16 @@ pub(super) async fn connect(config: Etcd, node: String) -> Result<Arc<EtcdSessio
         }
         Err(why) => return Err(unreachable(why)),
     };
-    let pinned = Pinned::new(&client, endpoints, options);
+    let members = Members::new(
+        client.clone(),
+        endpoints,
+        options,
+        Duration::from_secs(ttl_secs.max(1) as u64),
+    );
     let (ops_tx, ops_rx) = mpsc::unbounded_channel();
     let inner = Arc::new(Inner {
         client,
+        members,
         node,
         prefix,
         ttl_secs,
@@ -384,73 +412,116 @@ pub(super) async fn connect(config: Etcd, node: String) -> Result<Arc<EtcdSessio
         Ok(resp) => inner.install_lease(resp.id(), resp.ttl(), sent),
         Err(why) => return Err(unreachable(why)),
     }
-    tokio::spawn(inner.clone().keeper(pinned));
+    tokio::spawn(inner.clone().keeper());
     tokio::spawn(inner.clone().watchdog());
     tokio::spawn(inner.clone().watcher(revision + 1));
     tokio::spawn(inner.clone().batcher(ops_rx));
     Ok(Arc::new(EtcdSession { inner }))
 }
 
-/// Lease clients pinned to one endpoint each, for the keep-alive. The
-/// shared client balances requests over the members at random, so a member
-/// that hangs with its connections open would take a share of the
-/// keep-alives, each lost for a whole request timeout. Pinned, the keeper
-/// stays on a member that answers, and after a keep-alive went unanswered
-/// it moves to another member and avoids the silent one for a while.
-struct Pinned {
-    endpoints: Vec<String>,
-    options: ConnectOptions,
-    clients: Vec<Option<LeaseClient>>,
-    /// Until when each member is avoided after it left a request unanswered.
-    avoid_until: Vec<Option<Instant>>,
-    at: usize,
+/// What a request to etcd is for: each use keeps its own member, and they
+/// share what they learn about members that do not answer.
+#[derive(Debug, Clone, Copy)]
+enum Use {
+    KeepAlive = 0,
+    Watch = 1,
+    Request = 2,
 }
 
-impl Pinned {
-    fn new(shared: &Client, endpoints: Vec<String>, options: ConnectOptions) -> Pinned {
+/// The members, each reached through a client of its own. The shared client
+/// of `etcd-client` picks a member at random per request, so a member that
+/// hangs with its connections open (paused, overloaded) would take a share of
+/// every kind of request, each lost for a whole request timeout. Here each
+/// use stays on a member that answers, moves to the next one after a
+/// failure, and avoids a member that left a request unanswered.
+struct Members {
+    endpoints: Vec<String>,
+    options: ConnectOptions,
+    /// The shared client: used as is when there is a single endpoint.
+    shared: Client,
+    /// How long a member that did not answer is avoided.
+    avoid_for: Duration,
+    state: Mutex<MembersState>,
+}
+
+struct MembersState {
+    clients: Vec<Option<Client>>,
+    avoid_until: Vec<Option<Instant>>,
+    /// The current member of each [`Use`].
+    at: [usize; 3],
+}
+
+impl Members {
+    fn new(
+        shared: Client,
+        endpoints: Vec<String>,
+        options: ConnectOptions,
+        ttl: Duration,
+    ) -> Members {
         let n = endpoints.len().max(1);
-        let mut clients = vec![None; n];
-        if endpoints.len() <= 1 {
-            // One member: nothing to choose, no second connection.
-            clients[0] = Some(shared.lease_client());
-        }
-        Pinned {
+        Members {
             endpoints,
             options,
-            clients,
-            avoid_until: vec![None; n],
-            at: 0,
+            shared,
+            avoid_for: ttl,
+            state: Mutex::new(MembersState {
+                clients: vec![None; n],
+                avoid_until: vec![None; n],
+                at: [0; 3],
+            }),
         }
     }
 
-    /// The lease client of the current member, connecting on first use.
-    async fn current(&mut self, limit: Duration) -> Option<LeaseClient> {
-        if self.clients[self.at].is_none() {
-            let endpoint = [self.endpoints[self.at].clone()];
-            let connect = Client::connect(endpoint, Some(self.options.clone()));
-            if let Ok(Ok(client)) = timeout(limit, connect).await {
-                self.clients[self.at] = Some(client.lease_client());
-            }
-        }
-        self.clients[self.at].clone()
+    fn lock(&self) -> MutexGuard<'_, MembersState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The current member failed a request: move to the next member not
-    /// avoided (or simply the next when all are). `silent` (it did not
-    /// answer at all) also avoids it for `avoid`; its connection is dropped
-    /// so that a later use reconnects.
-    fn next(&mut self, silent: bool, avoid: Duration) {
-        let n = self.clients.len();
-        if silent && n > 1 {
-            self.avoid_until[self.at] = Some(Instant::now() + avoid);
-            self.clients[self.at] = None;
+    fn several(&self) -> bool {
+        self.endpoints.len() > 1
+    }
+
+    /// The client of `use_`'s current member, connecting on first use;
+    /// `None` when that member cannot be reached within `limit`.
+    async fn client(&self, use_: Use, limit: Duration) -> Option<Client> {
+        if !self.several() {
+            return Some(self.shared.clone());
+        }
+        let (at, existing) = {
+            let state = self.lock();
+            let at = state.at[use_ as usize];
+            (at, state.clients[at].clone())
+        };
+        if existing.is_some() {
+            return existing;
+        }
+        let endpoint = [self.endpoints[at].clone()];
+        let connect = Client::connect(endpoint, Some(self.options.clone()));
+        let client = timeout(limit, connect).await.ok()?.ok()?;
+        let mut state = self.lock();
+        Some(state.clients[at].get_or_insert(client).clone())
+    }
+
+    /// `use_`'s current member failed a request: move that use to another
+    /// member, one not avoided when there is one. `silent` (no answer, or
+    /// no connection) also makes every use avoid that member for a while,
+    /// and drops its connection so that a later use reconnects.
+    fn failed(&self, use_: Use, silent: bool) {
+        if !self.several() {
+            return;
+        }
+        let mut state = self.lock();
+        let n = state.clients.len();
+        let at = state.at[use_ as usize];
+        if silent {
+            state.avoid_until[at] = Some(Instant::now() + self.avoid_for);
+            state.clients[at] = None;
         }
         let now = Instant::now();
-        let usable = |i: usize| self.avoid_until[i].is_none_or(|t| t <= now);
-        self.at = (1..=n)
-            .map(|step| (self.at + step) % n)
-            .find(|&i| usable(i))
-            .unwrap_or((self.at + 1) % n);
+        let next = (1..n)
+            .map(|step| (at + step) % n)
+            .find(|&i| state.avoid_until[i].is_none_or(|t| t <= now))
+            .unwrap_or((at + 1) % n);
+        state.at[use_ as usize] = next;
     }
 }
 
@@ -548,10 +619,10 @@ impl Inner {
     /// Revokes an abandoned lease as soon as etcd answers (with backoff),
     /// so other nodes need not wait for it to expire.
     async fn revoke_until_gone(self: Arc<Self>, lease: NodeLease) {
-        let mut client = self.client.lease_client();
         let mut retry = RETRY_MIN;
         loop {
-            match timeout(self.request_timeout, client.revoke(lease.id)).await {
+            let send = |c: Client| async move { c.lease_client().revoke(lease.id).await };
+            match self.request(send).await {
                 Ok(Ok(_)) => break,
                 Ok(Err(e)) if lease_not_found(&e) => break,
                 _ => {}
@@ -568,20 +639,24 @@ impl Inner {
     /// The one keep-alive task: grants the node's lease when it has none,
     /// keeps it alive every `interval` over one stream, and reopens the
     /// stream (on another endpoint when one is down) with backoff.
-    async fn keeper(self: Arc<Self>, mut pinned: Pinned) {
+    async fn keeper(self: Arc<Self>) {
         let mut changes = self.changes.subscribe();
         let mut retry = RETRY_MIN;
-        let avoid = Duration::from_secs(self.ttl_secs.max(1) as u64);
         'outer: while !self.stop.is_cancelled() {
-            let Some(mut leases) = pinned.current(self.request_timeout).await else {
+            let Some(client) = self
+                .members
+                .client(Use::KeepAlive, self.request_timeout)
+                .await
+            else {
                 debug!(node = %self.node, retry_in = ?retry, "cannot connect to this etcd member; trying the next");
-                pinned.next(true, avoid);
+                self.members.failed(Use::KeepAlive, true);
                 if !self.pause(retry).await {
                     break;
                 }
                 retry = (retry * 2).min(self.interval.max(RETRY_MIN));
                 continue;
             };
+            let mut leases = client.lease_client();
             let current = self.lock().lease;
             let Some(lease) = current else {
                 let sent = Instant::now();
@@ -592,7 +667,7 @@ impl Inner {
                         retry = RETRY_MIN;
                     }
                     outcome => {
-                        pinned.next(outcome.is_err(), avoid);
+                        self.members.failed(Use::KeepAlive, out_of_reach(&outcome));
                         let why = match outcome {
                             Ok(Err(e)) => reason(&e),
                             Ok(Ok(_)) => "granted with no TTL".into(),
@@ -624,7 +699,7 @@ impl Inner {
                     continue;
                 }
                 outcome => {
-                    pinned.next(outcome.is_err(), avoid);
+                    self.members.failed(Use::KeepAlive, out_of_reach(&outcome));
                     let why = match outcome {
                         Ok(Err(e)) => reason(&e),
                         _ => "timed out".into(),
@@ -652,7 +727,7 @@ impl Inner {
                 next = Instant::now() + self.interval;
                 let sent = Instant::now();
                 if keeper.keep_alive().await.is_err() {
-                    pinned.next(false, avoid);
+                    self.members.failed(Use::KeepAlive, false);
                     continue 'outer;
                 }
                 let answer = tokio::select! {
@@ -668,7 +743,7 @@ impl Inner {
                         continue 'outer;
                     }
                     outcome => {
-                        pinned.next(outcome.is_err(), avoid);
+                        self.members.failed(Use::KeepAlive, out_of_reach(&outcome));
                         let why = match outcome {
                             Ok(Err(e)) => reason(&e),
                             Ok(Ok(None)) => "stream closed".into(),
@@ -679,6 +754,55 @@ impl Inner {
                     }
                 }
             }
+        }
+    }
+
+    /// One request through `Use::Request`'s member, within the request
+    /// timeout. A member that does not answer, or cannot be reached, moves
+    /// the next request elsewhere; a request the transport could not deliver
+    /// (nothing reached etcd, so nothing can have been applied) is sent
+    /// once more to the next member. `Err` is a timeout.
+    async fn request<T, F, Fut>(
+        &self,
+        mut send: F,
+    ) -> Result<std::result::Result<T, etcd_client::Error>, tokio::time::error::Elapsed>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        let deadline = Instant::now() + self.request_timeout;
+        let mut tries = if self.members.several() { 2 } else { 1 };
+        loop {
+            tries -= 1;
+            let left = deadline.saturating_duration_since(Instant::now());
+            let attempt = async {
+                match self.members.client(Use::Request, left).await {
+                    Some(client) => Some(send(client).await),
+                    None => None,
+                }
+            };
+            let outcome = match tokio::time::timeout_at(deadline, attempt).await {
+                Ok(Some(answer)) => Ok(answer),
+                Ok(None) | Err(_) => {
+                    self.members.failed(Use::Request, true);
+                    // Unreachable member or no answer: a timeout to the caller.
+                    if tries > 0 && Instant::now() < deadline {
+                        continue;
+                    }
+                    return tokio::time::timeout_at(deadline, std::future::pending()).await;
+                }
+            };
+            if let Ok(Err(e)) = &outcome {
+                let undelivered = matches!(e, etcd_client::Error::TransportError(_))
+                    || reason(e).contains("Unavailable");
+                if undelivered {
+                    self.members.failed(Use::Request, refused(e));
+                    if tries > 0 {
+                        continue;
+                    }
+                }
+            }
+            return outcome;
         }
     }
 
@@ -724,9 +848,17 @@ impl Inner {
     /// The one watch over the namespace: wakes waiters when a key is
     /// deleted, and ends a tenure whose key was deleted from outside.
     async fn watcher(self: Arc<Self>, mut next: i64) {
-        let mut watches = self.client.watch_client();
         let mut retry = RETRY_MIN;
         while !self.stop.is_cancelled() {
+            let Some(client) = self.members.client(Use::Watch, self.request_timeout).await else {
+                self.members.failed(Use::Watch, true);
+                if !self.pause(retry).await {
+                    return;
+                }
+                retry = (retry * 2).min(RETRY_MAX);
+                continue;
+            };
+            let mut watches = client.watch_client();
             let options = WatchOptions::new()
                 .with_prefix()
                 .with_start_revision(next)
@@ -738,6 +870,7 @@ impl Inner {
             let mut stream = match opened {
                 Ok(Ok(stream)) => stream,
                 outcome => {
+                    self.members.failed(Use::Watch, out_of_reach(&outcome));
                     let why = match outcome {
                         Ok(Err(e)) => reason(&e),
                         _ => "timed out".into(),
@@ -777,9 +910,16 @@ impl Inner {
                             }
                         }
                     }
-                    Ok(None) => break,
+                    Ok(None) => {
+                        self.members.failed(Use::Watch, false);
+                        break;
+                    }
                     Err(e) => {
-                        debug!(node = %self.node, why = %reason(&e), "etcd watch broke; reopening");
+                        // A broken stream: the member may have lost its
+                        // leader (watches need one), restarted, or stopped
+                        // answering HTTP/2 pings. Another member, then.
+                        self.members.failed(Use::Watch, refused(&e));
+                        debug!(node = %self.node, why = %reason(&e), "etcd watch broke; reopening on the next member");
                         break;
                     }
                 }
@@ -966,11 +1106,11 @@ impl Inner {
         }
         self.bump();
         let lease_id = lease.map(|l| l.id).unwrap_or_default();
-        let sent = timeout(
-            self.request_timeout,
-            self.client.kv_client().txn(Txn::new().and_then(ops)),
-        )
-        .await;
+        let send = |c: Client| {
+            let txn = Txn::new().and_then(ops.clone());
+            async move { c.kv_client().txn(txn).await }
+        };
+        let sent = self.request(send).await;
         let resp = match sent {
             Ok(Ok(resp)) => resp,
             outcome => {
@@ -1102,7 +1242,11 @@ impl Inner {
                 token,
             )])
             .and_then([TxnOp::delete(key, None)]);
-        match timeout(self.request_timeout, self.client.kv_client().txn(txn)).await {
+        let send = |c: Client| {
+            let txn = txn.clone();
+            async move { c.kv_client().txn(txn).await }
+        };
+        match self.request(send).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(Error::Backend(format!(
                 "etcd ({}) cannot be asked now: {}",
@@ -1206,12 +1350,11 @@ impl Session for EtcdSession {
         let key = self.inner.key(id);
         Box::pin(async move {
             let inner = &self.inner;
-            match timeout(
-                inner.request_timeout,
-                inner.client.kv_client().get(key, None),
-            )
-            .await
-            {
+            let send = |c: Client| {
+                let key = key.clone();
+                async move { c.kv_client().get(key, None).await }
+            };
+            match inner.request(send).await {
                 Ok(Ok(resp)) => Ok(resp.kvs().first().map(|kv| Holder {
                     node: String::from_utf8_lossy(kv.value()).into_owned(),
                     token: Some(kv.create_revision() as u64),
@@ -1243,10 +1386,9 @@ impl Session for EtcdSession {
                 state.ours.drain().collect()
             };
             inner.stop.cancel();
-            let mut client = inner.client.lease_client();
             for id in leases {
-                let revoke = client.revoke(id);
-                match timeout(inner.request_timeout, revoke).await {
+                let send = |c: Client| async move { c.lease_client().revoke(id).await };
+                match inner.request(send).await {
                     Ok(Ok(_)) => {
                         debug!(node = %inner.node, lease = format_args!("{id:x}"), "etcd lease revoked")
                     }
