@@ -17,7 +17,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
-use hmac::Mac;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -31,8 +30,8 @@ use tracing::{debug, info, warn};
 use super::Settings;
 use super::seal;
 use super::wire::{
-    Handshake, Hold, MAC_LEN, MAX_FRAME, MAX_HANDSHAKE_FRAME, MemberInfo, Msg, NONCE_LEN,
-    PROTOCOL_VERSION, RejectReason, Role, proof,
+    Handshake, Hold, MAX_FRAME, MAX_HANDSHAKE_FRAME, MemberInfo, Msg, NONCE_LEN, PROTOCOL_VERSION,
+    RejectReason, Role, Transcript,
 };
 use crate::backend::{Claim, ClaimRequest, Holder, Lease, LeaseEnd, LeaseSignal, Member, Session};
 use crate::service::BoxFuture;
@@ -1255,15 +1254,14 @@ impl Node {
         let Some(Handshake::Response { mac }) = read_handshake(&mut rd).await else {
             return;
         };
-        let expected = proof(
-            &self.key,
-            Role::Dialer,
-            &dialer,
-            &dialer_nonce,
-            &self.me,
-            &nonce,
-        );
-        if expected.verify_slice(&mac).is_err() {
+        let me = self.me.clone();
+        let transcript = Transcript {
+            dialer: &dialer,
+            dialer_nonce: &dialer_nonce,
+            acceptor: &me,
+            acceptor_nonce: &nonce,
+        };
+        if !transcript.verify(&self.key, Role::Dialer, &mac) {
             self.log_once(format!("cookie:{}@{}", dialer.name, remote.ip()), || {
                 warn!(
                     node = %self.name, peer = %dialer.name, %remote,
@@ -1281,14 +1279,7 @@ impl Node {
             addr,
             ..dialer.clone()
         };
-        let sealed = seal::channel(
-            &self.key,
-            Role::Acceptor,
-            &dialer,
-            &dialer_nonce,
-            &self.me,
-            &nonce,
-        );
+        let sealed = seal::channel(&self.key, Role::Acceptor, &transcript);
         let (tx, rx) = mpsc::unbounded_channel();
         let stop = CancellationToken::new();
         let conn = match self.adopt(&info, false, tx, stop.clone()) {
@@ -1298,17 +1289,7 @@ impl Node {
                 return;
             }
         };
-        let mac: [u8; MAC_LEN] = proof(
-            &self.key,
-            Role::Acceptor,
-            &dialer,
-            &dialer_nonce,
-            &self.me,
-            &nonce,
-        )
-        .finalize()
-        .into_bytes()
-        .into();
+        let mac = transcript.proof(&self.key, Role::Acceptor);
         if wr
             .write_all(&Handshake::Welcome { mac }.encode())
             .await
@@ -1456,17 +1437,14 @@ impl Node {
         if self.cut(&acceptor.name) {
             return Dialed::Failed;
         }
-        let mac: [u8; MAC_LEN] = proof(
-            &self.key,
-            Role::Dialer,
-            &self.me,
-            &nonce,
-            &acceptor,
-            &acceptor_nonce,
-        )
-        .finalize()
-        .into_bytes()
-        .into();
+        let me = self.me.clone();
+        let transcript = Transcript {
+            dialer: &me,
+            dialer_nonce: &nonce,
+            acceptor: &acceptor,
+            acceptor_nonce: &acceptor_nonce,
+        };
+        let mac = transcript.proof(&self.key, Role::Dialer);
         if wr
             .write_all(&Handshake::Response { mac }.encode())
             .await
@@ -1476,15 +1454,7 @@ impl Node {
         }
         match read_handshake(&mut rd).await {
             Some(Handshake::Welcome { mac }) => {
-                let expected = proof(
-                    &self.key,
-                    Role::Acceptor,
-                    &self.me,
-                    &nonce,
-                    &acceptor,
-                    &acceptor_nonce,
-                );
-                if expected.verify_slice(&mac).is_err() {
+                if !transcript.verify(&self.key, Role::Acceptor, &mac) {
                     return self.rejected(&addr, Some(&acceptor.name), RejectReason::BadCookie);
                 }
             }
@@ -1493,14 +1463,7 @@ impl Node {
             }
             _ => return Dialed::Failed,
         }
-        let mut sealed = seal::channel(
-            &self.key,
-            Role::Dialer,
-            &self.me,
-            &nonce,
-            &acceptor,
-            &acceptor_nonce,
-        );
+        let mut sealed = seal::channel(&self.key, Role::Dialer, &transcript);
         let info = MemberInfo {
             addr: acceptor.addr.clone().or(Some(addr)),
             ..acceptor

@@ -13,7 +13,7 @@ use chacha20poly1305::aead::AeadInPlace;
 use chacha20poly1305::{ChaCha20Poly1305, Key, KeyInit, Nonce, Tag};
 use hmac::Mac;
 
-use super::wire::{MemberInfo, NONCE_LEN, Role, transcript};
+use super::wire::{Role, Transcript};
 
 /// Bytes a sealed frame adds to its payload.
 pub(super) const TAG_LEN: usize = 16;
@@ -89,22 +89,11 @@ impl Opener {
     }
 }
 
-/// The two directions' ciphers for a connection whose handshake had these
-/// identities and nonces, as seen from `me`.
-pub(super) fn channel(
-    key: &[u8],
-    me: Role,
-    dialer: &MemberInfo,
-    dialer_nonce: &[u8; NONCE_LEN],
-    acceptor: &MemberInfo,
-    acceptor_nonce: &[u8; NONCE_LEN],
-) -> (Sealer, Opener) {
+/// The two directions' ciphers of the connection whose handshake was
+/// `transcript`, as seen from `me`.
+pub(super) fn channel(key: &[u8], me: Role, transcript: &Transcript<'_>) -> (Sealer, Opener) {
     let derive = |label: &[u8]| {
-        let bytes: [u8; 32] =
-            transcript(key, label, dialer, dialer_nonce, acceptor, acceptor_nonce)
-                .finalize()
-                .into_bytes()
-                .into();
+        let bytes: [u8; 32] = transcript.mac(key, label).finalize().into_bytes().into();
         ChaCha20Poly1305::new(&Key::from(bytes))
     };
     let to_acceptor = derive(b"highlander-cluster/3 key dialer->acceptor");
@@ -128,7 +117,7 @@ pub(super) fn channel(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::cluster::wire::Msg;
+    use crate::backend::cluster::wire::{MemberInfo, Msg, NONCE_LEN};
     use std::sync::Arc;
 
     fn pair(key_a: &[u8], key_b: &[u8]) -> ((Sealer, Opener), (Sealer, Opener)) {
@@ -143,9 +132,15 @@ mod tests {
             addr: None,
         };
         let (na, nb) = ([1u8; NONCE_LEN], [2u8; NONCE_LEN]);
+        let t = Transcript {
+            dialer: &a,
+            dialer_nonce: &na,
+            acceptor: &b,
+            acceptor_nonce: &nb,
+        };
         (
-            channel(key_a, Role::Dialer, &a, &na, &b, &nb),
-            channel(key_b, Role::Acceptor, &a, &na, &b, &nb),
+            channel(key_a, Role::Dialer, &t),
+            channel(key_b, Role::Acceptor, &t),
         )
     }
 

@@ -500,44 +500,52 @@ pub(super) enum Role {
     Acceptor,
 }
 
-/// The proof that a side knows the cookie: HMAC-SHA256 keyed with the cookie
-/// over both nonces and both identities, with the role so that one side's
-/// proof cannot be replayed as the other's.
-pub(super) fn proof(
-    key: &[u8],
-    role: Role,
-    dialer: &MemberInfo,
-    dialer_nonce: &[u8; NONCE_LEN],
-    acceptor: &MemberInfo,
-    acceptor_nonce: &[u8; NONCE_LEN],
-) -> Hmac<Sha256> {
-    let label: &[u8] = match role {
-        Role::Dialer => b"highlander-cluster/1 dialer\0",
-        Role::Acceptor => b"highlander-cluster/1 acceptor",
-    };
-    transcript(key, label, dialer, dialer_nonce, acceptor, acceptor_nonce)
+/// One handshake as both sides saw it: both identities and both fresh
+/// nonces. Every MAC and key of the connection is computed over it.
+pub(super) struct Transcript<'a> {
+    pub(super) dialer: &'a MemberInfo,
+    pub(super) dialer_nonce: &'a [u8; NONCE_LEN],
+    pub(super) acceptor: &'a MemberInfo,
+    pub(super) acceptor_nonce: &'a [u8; NONCE_LEN],
 }
 
-/// HMAC-SHA256 keyed with the cookie over `label` and the handshake's
-/// transcript: both identities and both nonces.
-pub(super) fn transcript(
-    key: &[u8],
-    label: &[u8],
-    dialer: &MemberInfo,
-    dialer_nonce: &[u8; NONCE_LEN],
-    acceptor: &MemberInfo,
-    acceptor_nonce: &[u8; NONCE_LEN],
-) -> Hmac<Sha256> {
-    let mut mac =
-        <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes keys of any length");
-    mac.update(label);
-    for (m, nonce) in [(dialer, dialer_nonce), (acceptor, acceptor_nonce)] {
-        mac.update(&(m.name.len() as u64).to_be_bytes());
-        mac.update(m.name.as_bytes());
-        mac.update(&m.incarnation.to_be_bytes());
-        mac.update(nonce);
+impl Transcript<'_> {
+    /// HMAC-SHA256 keyed with the cookie over `label` and the transcript.
+    pub(super) fn mac(&self, key: &[u8], label: &[u8]) -> Hmac<Sha256> {
+        let mut mac =
+            <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes keys of any length");
+        mac.update(label);
+        for (m, nonce) in [
+            (self.dialer, self.dialer_nonce),
+            (self.acceptor, self.acceptor_nonce),
+        ] {
+            mac.update(&(m.name.len() as u64).to_be_bytes());
+            mac.update(m.name.as_bytes());
+            mac.update(&m.incarnation.to_be_bytes());
+            mac.update(nonce);
+        }
+        mac
     }
-    mac
+
+    /// The proof that `role` knows the cookie, with the role in the MAC so
+    /// that one side's proof cannot be replayed as the other's.
+    pub(super) fn proof(&self, key: &[u8], role: Role) -> [u8; MAC_LEN] {
+        self.mac(key, role.label()).finalize().into_bytes().into()
+    }
+
+    /// Whether `mac` is `role`'s proof (compared in constant time).
+    pub(super) fn verify(&self, key: &[u8], role: Role, mac: &[u8]) -> bool {
+        self.mac(key, role.label()).verify_slice(mac).is_ok()
+    }
+}
+
+impl Role {
+    fn label(self) -> &'static [u8] {
+        match self {
+            Role::Dialer => b"highlander-cluster/1 dialer\0",
+            Role::Acceptor => b"highlander-cluster/1 acceptor",
+        }
+    }
 }
 
 #[cfg(test)]
@@ -619,21 +627,17 @@ mod tests {
             addr: None,
         };
         let (na, nb) = ([1u8; 32], [2u8; 32]);
-        let d = proof(b"k", Role::Dialer, &a, &na, &b, &nb)
-            .finalize()
-            .into_bytes();
-        let c = proof(b"k", Role::Acceptor, &a, &na, &b, &nb)
-            .finalize()
-            .into_bytes();
-        let other = proof(b"j", Role::Dialer, &a, &na, &b, &nb)
-            .finalize()
-            .into_bytes();
-        assert_ne!(d, c);
-        assert_ne!(d, other);
-        assert!(
-            proof(b"k", Role::Dialer, &a, &na, &b, &nb)
-                .verify_slice(&d)
-                .is_ok()
-        );
+        let t = Transcript {
+            dialer: &a,
+            dialer_nonce: &na,
+            acceptor: &b,
+            acceptor_nonce: &nb,
+        };
+        let d = t.proof(b"k", Role::Dialer);
+        assert_ne!(d, t.proof(b"k", Role::Acceptor));
+        assert_ne!(d, t.proof(b"j", Role::Dialer));
+        assert!(t.verify(b"k", Role::Dialer, &d));
+        assert!(!t.verify(b"k", Role::Acceptor, &d));
+        assert!(!t.verify(b"j", Role::Dialer, &d));
     }
 }
