@@ -31,6 +31,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use highlander::{Context, Service, ShutdownReason, highlander};
+use rustix::process::Signal;
 
 /// The singleton each process runs or waits for.
 #[highlander(id = "report-mailer", shutdown = "1s")]
@@ -171,17 +172,10 @@ impl Demo {
         self.children.insert(name, child);
     }
 
-    fn pid(&self, name: &str) -> String {
-        self.children[name].id().to_string()
-    }
-
-    fn signal(&self, name: &str, signal: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.pid(name))
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{signal} {name}");
+    fn signal(&self, name: &str, signal: Signal) {
+        let pid = rustix::process::Pid::from_child(&self.children[name]);
+        rustix::process::kill_process(pid, signal)
+            .unwrap_or_else(|e| panic!("cannot signal {name}: {e}"));
     }
 
     /// Reads node events, printing each, until `done` says so.
@@ -233,7 +227,7 @@ impl Demo {
             "2. kill -KILL {first} (no terminate runs on a crash)"
         ));
         let killed_at = Instant::now();
-        self.signal(first, "KILL");
+        self.signal(first, Signal::KILL);
         let _ = self.children.get_mut(first).map(Child::wait);
         self.running.retain(|n| n != first);
         self.until("a takeover", |e, _| matches!(e, Event::Start { .. }));
@@ -249,7 +243,7 @@ impl Demo {
         self.say(&format!(
             "3. kill -STOP {second} for about 2 s: past the 1 s failure timeout, the others see it gone"
         ));
-        self.signal(second, "STOP");
+        self.signal(second, Signal::STOP);
         self.until("a second instance during the pause", |e, running| {
             matches!(e, Event::Start { .. }) && running.len() == 2
         });
@@ -262,7 +256,7 @@ impl Demo {
         self.say(&format!(
             "4. kill -CONT {second}: the nodes meet again, the longest-running instance survives"
         ));
-        self.signal(second, "CONT");
+        self.signal(second, Signal::CONT);
         self.until(
             "the conflict's loser to stop",
             |e, _| matches!(e, Event::Stop { reason, .. } if reason == "conflict"),
@@ -274,7 +268,7 @@ impl Demo {
             "5. kill -TERM {survivor}: it releases the id as it exits"
         ));
         let term_at = Instant::now();
-        self.signal(survivor, "TERM");
+        self.signal(survivor, Signal::TERM);
         self.until("the handoff", |e, _| matches!(e, Event::Start { .. }));
         self.say(&format!(
             "   {} took over {:.1} ms after the SIGTERM",
@@ -285,7 +279,7 @@ impl Demo {
         for name in NODES {
             if let Some(child) = self.children.get_mut(name) {
                 if child.try_wait().ok().flatten().is_none() {
-                    self.signal(name, "TERM");
+                    self.signal(name, Signal::TERM);
                 }
             }
         }
