@@ -132,7 +132,6 @@ impl Op {
 }
 
 struct Inner {
-    client: Client,
     members: Members,
     node: String,
     prefix: String,
@@ -381,14 +380,13 @@ pub(super) async fn connect(config: Etcd, node: String) -> Result<Arc<EtcdSessio
         Err(why) => return Err(unreachable(why)),
     };
     let members = Members::new(
-        client.clone(),
+        client,
         endpoints,
         options,
         Duration::from_secs(ttl_secs.max(1) as u64),
     );
     let (ops_tx, ops_rx) = mpsc::unbounded_channel();
     let inner = Arc::new(Inner {
-        client,
         members,
         node,
         prefix,
@@ -403,7 +401,7 @@ pub(super) async fn connect(config: Etcd, node: String) -> Result<Arc<EtcdSessio
     });
     let mut sent = Instant::now();
     let granted = at_start(deadline, limit, || {
-        let mut leases = inner.client.lease_client();
+        let mut leases = inner.members.shared.lease_client();
         sent = Instant::now();
         async move { leases.grant(ttl_secs, None).await }
     })
@@ -785,11 +783,13 @@ impl Inner {
                 Ok(Some(answer)) => Ok(answer),
                 Ok(None) | Err(_) => {
                     self.members.failed(Use::Request, true);
-                    // Unreachable member or no answer: a timeout to the caller.
+                    // Unreachable member or no answer: a timeout to the caller
+                    // (a zero timeout on a future that never completes is
+                    // the `Elapsed` value, at once).
                     if tries > 0 && Instant::now() < deadline {
                         continue;
                     }
-                    return tokio::time::timeout_at(deadline, std::future::pending()).await;
+                    return timeout(Duration::ZERO, std::future::pending()).await;
                 }
             };
             if let Ok(Err(e)) = &outcome {
