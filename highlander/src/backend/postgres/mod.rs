@@ -546,11 +546,10 @@ fn parse_url(url: &str) -> std::result::Result<Parsed, String> {
     let mut rest = Vec::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let decoded = || percent_decode(value).map_err(|e| bad(&e));
         match key {
-            "namespace" => namespace = Some(percent_decode(value).map_err(|e| bad(&e))?),
-            "sslrootcert" => {
-                ca_file = Some(PathBuf::from(percent_decode(value).map_err(|e| bad(&e))?))
-            }
+            "namespace" => namespace = Some(decoded()?),
+            "sslrootcert" => ca_file = Some(PathBuf::from(decoded()?)),
             "sslmode" => {
                 mode = match value {
                     "disable" => Mode::Disable,
@@ -571,12 +570,8 @@ fn parse_url(url: &str) -> std::result::Result<Parsed, String> {
                 timing.server_timeout = parse_duration(value).map_err(|e| bad(&e))?
             }
             "margin" => timing.margin = parse_duration(value).map_err(|e| bad(&e))?,
-            "sslcert" => {
-                client_cert = Some(PathBuf::from(percent_decode(value).map_err(|e| bad(&e))?))
-            }
-            "sslkey" => {
-                client_key = Some(PathBuf::from(percent_decode(value).map_err(|e| bad(&e))?))
-            }
+            "sslcert" => client_cert = Some(PathBuf::from(decoded()?)),
+            "sslkey" => client_key = Some(PathBuf::from(decoded()?)),
             "sslpassword" | "sslcrl" | "sslcrldir" => {
                 return Err(bad(&format!(
                     "`{key}` is not supported: use an unencrypted client key file, and no CRL"

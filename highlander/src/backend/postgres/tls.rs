@@ -65,20 +65,10 @@ fn root_store(roots: &Roots) -> Result<RootCertStore, String> {
     let mut store = RootCertStore::empty();
     match roots {
         Roots::File(ca_file) => {
-            let shown = ca_file.display();
-            let certs = CertificateDer::pem_file_iter(ca_file)
-                .map_err(|e| format!("cannot read the CA file {shown} (sslrootcert): {e}"))?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| format!("cannot read the CA file {shown} (sslrootcert): {e}"))?;
-            for cert in certs {
-                store
-                    .add(cert)
-                    .map_err(|e| format!("bad certificate in the CA file {shown}: {e}"))?;
-            }
-            if store.is_empty() {
-                return Err(format!(
-                    "the CA file {shown} (sslrootcert) holds no PEM certificate"
-                ));
+            for cert in pem_certs(ca_file, "CA file", "sslrootcert")? {
+                store.add(cert).map_err(|e| {
+                    format!("bad certificate in the CA file {}: {e}", ca_file.display())
+                })?;
             }
         }
         Roots::System => {
@@ -101,24 +91,26 @@ fn root_store(roots: &Roots) -> Result<RootCertStore, String> {
     Ok(store)
 }
 
+/// The certificates of a PEM file, at least one; `what` and its URL
+/// parameter `param` name the file in messages.
+fn pem_certs(path: &Path, what: &str, param: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let shown = path.display();
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("cannot read the {what} {shown} ({param}): {e}"))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "the {what} {shown} ({param}) holds no PEM certificate"
+        ));
+    }
+    Ok(certs)
+}
+
 fn client_identity(
     cert: &Path,
     key: &Path,
 ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
-    let chain = CertificateDer::pem_file_iter(cert)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| {
-            format!(
-                "cannot read the client certificate {} (sslcert): {e}",
-                cert.display()
-            )
-        })?;
-    if chain.is_empty() {
-        return Err(format!(
-            "the client certificate file {} (sslcert) holds no PEM certificate",
-            cert.display()
-        ));
-    }
+    let chain = pem_certs(cert, "client certificate file", "sslcert")?;
     // The key's bytes never reach a message: only its path does.
     let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
         format!(
