@@ -1254,11 +1254,10 @@ impl Node {
         let Some(Handshake::Response { mac }) = read_handshake(&mut rd).await else {
             return;
         };
-        let me = self.me.clone();
         let transcript = Transcript {
             dialer: &dialer,
             dialer_nonce: &dialer_nonce,
-            acceptor: &me,
+            acceptor: &self.me,
             acceptor_nonce: &nonce,
         };
         if !transcript.verify(&self.key, Role::Dialer, &mac) {
@@ -1298,8 +1297,6 @@ impl Node {
             self.conn_closed(&info.name, conn);
             return;
         }
-        rd.decoder_mut()
-            .set_max_frame_length(MAX_FRAME + seal::TAG_LEN);
         let wire = Wire { rd, wr, sealed };
         self.spawn_conn(info.name, conn, wire, rx, stop);
     }
@@ -1437,9 +1434,8 @@ impl Node {
         if self.cut(&acceptor.name) {
             return Dialed::Failed;
         }
-        let me = self.me.clone();
         let transcript = Transcript {
-            dialer: &me,
+            dialer: &self.me,
             dialer_nonce: &nonce,
             acceptor: &acceptor,
             acceptor_nonce: &acceptor_nonce,
@@ -1472,8 +1468,6 @@ impl Node {
         let stop = CancellationToken::new();
         match self.adopt(&info, true, tx, stop.clone()) {
             Ok(conn) => {
-                rd.decoder_mut()
-                    .set_max_frame_length(MAX_FRAME + seal::TAG_LEN);
                 let name = info.name.clone();
                 let wire = Wire { rd, wr, sealed };
                 self.spawn_conn(info.name, conn, wire, rx, stop);
@@ -1520,6 +1514,9 @@ impl Node {
             mut wr,
             sealed: (mut sealer, mut opener),
         } = wire;
+        // Authenticated: full-size frames from now on.
+        rd.decoder_mut()
+            .set_max_frame_length(MAX_FRAME + seal::TAG_LEN);
         // Writer: batches queued frames, sends a heartbeat when idle, and
         // on a closed channel flushes and closes its half.
         let node = self.clone();
