@@ -62,9 +62,11 @@ fn url(etcd: &EtcdCluster, ttl: Option<u64>) -> String {
     }
 }
 
-/// Kill-and-replace rounds on one id: the holder is killed, the standby
-/// takes over, the killed node comes back as the new standby.
-async fn crash(etcd: &EtcdCluster, args: &Args) {
+/// Nodes `a` (which runs `solo`, named in the answer) and `b` (its standby).
+async fn holder_and_standby(
+    etcd: &EtcdCluster,
+    args: &Args,
+) -> (Fleet, HashMap<String, NodeProcess>, String) {
     let mut fleet = Fleet::new(
         sibling_bin("node"),
         &url(etcd, args.ttl),
@@ -72,8 +74,15 @@ async fn crash(etcd: &EtcdCluster, args: &Args) {
     );
     let mut nodes: HashMap<String, NodeProcess> = HashMap::new();
     nodes.insert("a".into(), fleet.spawn("a", &[]).await);
-    let mut holder = fleet.wait_start("solo", GUARD).await.node;
+    let holder = fleet.wait_start("solo", GUARD).await.node;
     nodes.insert("b".into(), fleet.spawn("b", &[]).await);
+    (fleet, nodes, holder)
+}
+
+/// Kill-and-replace rounds on one id: the holder is killed, the standby
+/// takes over, the killed node comes back as the new standby.
+async fn crash(etcd: &EtcdCluster, args: &Args) {
+    let (mut fleet, mut nodes, mut holder) = holder_and_standby(etcd, args).await;
     let mut samples = Vec::new();
     for run in 0..args.runs {
         let mut victim = nodes.remove(&holder).expect("the holder is running");
@@ -90,15 +99,7 @@ async fn crash(etcd: &EtcdCluster, args: &Args) {
 }
 
 async fn graceful(etcd: &EtcdCluster, args: &Args) {
-    let mut fleet = Fleet::new(
-        sibling_bin("node"),
-        &url(etcd, args.ttl),
-        &[("HL_IDS", "solo")],
-    );
-    let mut nodes: HashMap<String, NodeProcess> = HashMap::new();
-    nodes.insert("a".into(), fleet.spawn("a", &[]).await);
-    let mut holder = fleet.wait_start("solo", GUARD).await.node;
-    nodes.insert("b".into(), fleet.spawn("b", &[]).await);
+    let (mut fleet, mut nodes, mut holder) = holder_and_standby(etcd, args).await;
     // Let the standby settle into waiting.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (mut from_stop, mut from_signal) = (Vec::new(), Vec::new());
