@@ -277,10 +277,10 @@ impl Demo {
         ));
 
         for name in NODES {
-            if let Some(child) = self.children.get_mut(name) {
-                if child.try_wait().ok().flatten().is_none() {
-                    self.signal(name, Signal::TERM);
-                }
+            if let Some(child) = self.children.get_mut(name)
+                && child.try_wait().ok().flatten().is_none()
+            {
+                self.signal(name, Signal::TERM);
             }
         }
         for (_, mut child) in self.children.drain() {

@@ -47,6 +47,7 @@
 //!   fencing token, shared state, child tasks);
 //! - [`run`] and [`Runtime::builder`] start a node;
 //! - [`backend`] holds the coordination seam and the backends.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod context;
 mod error;

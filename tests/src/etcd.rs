@@ -172,14 +172,14 @@ impl EtcdCluster {
         let started = Instant::now();
         loop {
             for member in &mut self.members {
-                if let Some(child) = member.child.as_mut() {
-                    if let Ok(Some(status)) = child.try_wait() {
-                        panic!(
-                            "etcd member {} exited during start-up ({status}); its log ends:\n{}",
-                            member.name,
-                            tail(&member.log)
-                        );
-                    }
+                if let Some(child) = member.child.as_mut()
+                    && let Ok(Some(status)) = child.try_wait()
+                {
+                    panic!(
+                        "etcd member {} exited during start-up ({status}); its log ends:\n{}",
+                        member.name,
+                        tail(&member.log)
+                    );
                 }
             }
             let all = self.members.iter().filter(|m| m.child.is_some()).all(|m| {
@@ -253,10 +253,10 @@ impl EtcdCluster {
                 .output()
                 .expect("etcdctl runs");
             let out = String::from_utf8_lossy(&out.stdout);
-            if let (Some(id), Some(leader)) = (field(&out, "MemberID"), field(&out, "Leader")) {
-                if id == leader {
-                    return i;
-                }
+            if let (Some(id), Some(leader)) = (field(&out, "MemberID"), field(&out, "Leader"))
+                && id == leader
+            {
+                return i;
             }
         }
         panic!("no running etcd member says it is the leader")

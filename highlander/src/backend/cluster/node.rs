@@ -649,11 +649,11 @@ impl Node {
                 }
             }
             Msg::Abandon { id } => {
-                if let Some(view) = st.ids.get_mut(&id) {
-                    if view.reservation.as_ref() == Some(peer) {
-                        view.reservation = None;
-                        self.touch(&mut st, &id);
-                    }
+                if let Some(view) = st.ids.get_mut(&id)
+                    && view.reservation.as_ref() == Some(peer)
+                {
+                    view.reservation = None;
+                    self.touch(&mut st, &id);
                 }
             }
             Msg::Free { id } => {
@@ -816,10 +816,10 @@ impl Node {
             if let Some(info) = info {
                 let frame = Msg::MemberUp(info).encode();
                 for (name, other) in &st.members {
-                    if name != peer {
-                        if let Link::Up(c) = &other.link {
-                            let _ = c.tx.send(frame.clone());
-                        }
+                    if name != peer
+                        && let Link::Up(c) = &other.link
+                    {
+                        let _ = c.tx.send(frame.clone());
                     }
                 }
             }
@@ -1347,10 +1347,11 @@ impl Node {
                     .any(|p| !p.is_down() && p.addr.as_deref() == Some(addr))
         };
         for p in st.members.values() {
-            if let (true, Some(addr)) = (p.is_down(), &p.addr) {
-                if !busy_addr(&st, addr) && !targets.contains(addr) {
-                    targets.push(addr.clone());
-                }
+            if let (true, Some(addr)) = (p.is_down(), &p.addr)
+                && !busy_addr(&st, addr)
+                && !targets.contains(addr)
+            {
+                targets.push(addr.clone());
             }
         }
         for s in &st.seeds {

@@ -270,14 +270,14 @@ impl Etcd {
                 self.describe()
             )));
         }
-        if let Some(tls) = &self.tls {
-            if tls.ca.is_none() {
-                return Err(Error::Config(format!(
-                    "etcd backend `{}`: TLS needs the CA certificate that signed the server's \
+        if let Some(tls) = &self.tls
+            && tls.ca.is_none()
+        {
+            return Err(Error::Config(format!(
+                "etcd backend `{}`: TLS needs the CA certificate that signed the server's \
                      certificate: add ?ca=/path/to/ca.pem (or Etcd::tls_ca)",
-                    self.describe()
-                )));
-            }
+                self.describe()
+            )));
         }
         Ok(())
     }
@@ -475,10 +475,10 @@ fn parse_url(url: &str) -> Result<Etcd> {
             }
         }
     }
-    if let Some((cert, key)) = &tls_settings.identity {
-        if cert.as_os_str().is_empty() || key.as_os_str().is_empty() {
-            return Err(bad("a client certificate needs both `cert` and `key`"));
-        }
+    if let Some((cert, key)) = &tls_settings.identity
+        && (cert.as_os_str().is_empty() || key.as_os_str().is_empty())
+    {
+        return Err(bad("a client certificate needs both `cert` and `key`"));
     }
     match (user, password) {
         (Some(u), p) => etcd = etcd.user(u, p.unwrap_or_default()),

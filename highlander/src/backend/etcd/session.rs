@@ -835,11 +835,10 @@ impl Inner {
                 }
                 _ = expired => {
                     let now = self.lock().deadline();
-                    if let Some((id, at)) = now {
-                        if Instant::now() >= at {
+                    if let Some((id, at)) = now
+                        && Instant::now() >= at {
                             self.condemn(id);
                         }
-                    }
                 }
             }
         }
@@ -904,10 +903,11 @@ impl Inner {
                                 self.on_event(event.event_type(), kv);
                             }
                         }
-                        if resp.events().is_empty() && !resp.created() {
-                            if let Some(header) = resp.header() {
-                                next = next.max(header.revision() + 1);
-                            }
+                        if resp.events().is_empty()
+                            && !resp.created()
+                            && let Some(header) = resp.header()
+                        {
+                            next = next.max(header.revision() + 1);
                         }
                     }
                     Ok(None) => {
@@ -979,13 +979,11 @@ impl Inner {
                 .get(id)
                 .is_some_and(|h| kv.create_revision() > h.token as i64),
         };
-        if lost {
-            if let Some(held) = state.held.remove(id) {
-                held.signal.end(LeaseEnd::Lost);
-                drop(state);
-                warn!(node = %self.node, id, token = held.token, "the key of a held id was deleted or replaced in etcd: tenure ended");
-                self.bump();
-            }
+        if lost && let Some(held) = state.held.remove(id) {
+            held.signal.end(LeaseEnd::Lost);
+            drop(state);
+            warn!(node = %self.node, id, token = held.token, "the key of a held id was deleted or replaced in etcd: tenure ended");
+            self.bump();
         }
     }
 

@@ -574,11 +574,10 @@ async fn run_epoch(inner: &Arc<Inner>, live: &mut Live) -> Ended {
                 };
                 let keys: Option<HashSet<i64>> =
                     keys.map(|k| k.split(',').filter_map(|k| k.parse().ok()).collect());
-                if let Ok(owner) = owner.trim().parse::<i32>() {
-                    if owner != live.me {
+                if let Ok(owner) = owner.trim().parse::<i32>()
+                    && owner != live.me {
                         owner_changed(&mut inner.lock(), owner, keys.as_ref());
                     }
-                }
             }
             _ = sleep_until(probe_at), if probe.is_none() => {
                 last_probe = Instant::now();
