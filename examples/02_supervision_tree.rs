@@ -57,6 +57,7 @@ async fn main() -> Result<(), highlander::Error> {
     let node = Runtime::builder()
         .node("demo")
         .backend(MemoryCluster::new())
+        .registered()
         .state(Generations::default())
         .start()
         .await?;

@@ -34,10 +34,7 @@ async fn start(
     cluster: &MemoryCluster,
     node: &str,
 ) -> highlander::Result<highlander::RuntimeHandle> {
-    let mut builder = Runtime::builder()
-        .node(node)
-        .backend(cluster.clone())
-        .without_registered();
+    let mut builder = Runtime::builder().node(node).backend(cluster.clone());
     for tenant in TENANTS {
         let name = tenant.to_string();
         builder = builder.singleton(format!("billing-sync/{tenant}"), move |_ctx| {

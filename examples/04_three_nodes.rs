@@ -59,7 +59,6 @@ async fn start(cluster: &MemoryCluster, name: &str) -> highlander::Result<Runtim
     Runtime::builder()
         .node(name)
         .backend(cluster.clone())
-        .without_registered()
         .child(ChildSpec::new("report-mailer", |_ctx| async {
             Ok(ReportMailer {
                 node: String::new(),

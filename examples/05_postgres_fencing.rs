@@ -120,7 +120,6 @@ async fn main() -> highlander::Result<()> {
     Runtime::builder()
         .backend(Postgres::new(url).namespace("fencing-example"))
         .state(Db(Arc::new(client)))
-        .without_registered()
         .singleton("ledger-writer", |_ctx| async {
             Ok(LedgerWriter { written: 0 })
         })

@@ -63,10 +63,7 @@ async fn start(name: &str, cluster: Cluster, ids: &[&str], log: &Log) -> Runtime
             .with_test_writer()
             .try_init();
     }
-    let mut builder = Runtime::builder()
-        .node(name)
-        .backend(cluster)
-        .without_registered();
+    let mut builder = Runtime::builder().node(name).backend(cluster);
     for id in ids {
         builder = builder.child(probe(id, log));
     }
@@ -206,7 +203,7 @@ async fn one_instance_takeover_on_split_and_one_survivor_after_heal() {
     assert!(both.contains(&holder));
 
     // Heal: the holder's tenure is older, so it stays; the other stops with Conflict.
-    faults.heal_all();
+    faults.heal();
     let survivor = wait_runners(&nodes, "solo", 1).await;
     assert_eq!(
         survivor,
@@ -430,7 +427,6 @@ async fn no_cookie_refuses_a_public_listen_address() {
     let start = Runtime::builder()
         .node("a")
         .backend(Cluster::new("0.0.0.0:0"))
-        .without_registered()
         .start()
         .await;
     if std::env::var_os("HIGHLANDER_COOKIE").is_some_and(|c| !c.is_empty()) {
@@ -450,7 +446,6 @@ async fn no_cookie_refuses_a_public_listen_address() {
     let ok = Runtime::builder()
         .node("a")
         .backend(Cluster::new("0.0.0.0:0").cookie("k"))
-        .without_registered()
         .start()
         .await
         .expect("a cookie allows 0.0.0.0");
@@ -527,7 +522,7 @@ async fn a_heal_reaching_one_node_first_ends_in_one_conflict() {
     wait_runners(&nodes, "solo", 2).await;
     assert!(runners(&nodes, "solo").contains(&x));
     // y joins x, then loses the holder: y waits for x's tenure.
-    faults.heal(y, x);
+    faults.heal_link(y, x);
     wait_members(handle(y), 3).await;
     faults.cut(&holder, y);
     wait_members(handle(y), 2).await;
@@ -540,7 +535,7 @@ async fn a_heal_reaching_one_node_first_ends_in_one_conflict() {
     .expect("y sees x hold the id");
 
     // Only x's link to the old holder comes back.
-    faults.heal(&holder, x);
+    faults.heal_link(&holder, x);
     tokio::time::timeout(GUARD, async {
         while !log
             .matching(&format!("stop solo {x} "))
@@ -553,7 +548,7 @@ async fn a_heal_reaching_one_node_first_ends_in_one_conflict() {
     .await
     .expect("x stops with Conflict");
     tokio::time::sleep(Duration::from_millis(150)).await;
-    faults.heal_all();
+    faults.heal();
     let survivor = wait_runners(&nodes, "solo", 1).await;
     assert_eq!(survivor, vec![holder.clone()]);
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -63,8 +63,7 @@ async fn node_with(
 ) -> RuntimeHandle {
     let mut builder = Runtime::builder()
         .node(name)
-        .backend(etcd_with(cluster, ttl))
-        .without_registered();
+        .backend(etcd_with(cluster, ttl));
     for id in ids {
         let log = log.clone();
         builder = builder.child(
@@ -301,7 +300,6 @@ async fn unreachable_endpoints_and_bad_urls_are_one_line_errors() {
     let err = Runtime::builder()
         .node("x")
         .backend_url(&url)
-        .without_registered()
         .start()
         .await
         .unwrap_err()
@@ -338,7 +336,6 @@ async fn user_and_password_auth_and_the_password_stays_hidden() {
     let err = Runtime::builder()
         .node("x")
         .backend_url(&wrong)
-        .without_registered()
         .start()
         .await
         .unwrap_err()
@@ -357,7 +354,6 @@ async fn user_and_password_auth_and_the_password_stays_hidden() {
     let handle = Runtime::builder()
         .node("authed")
         .backend(backend)
-        .without_registered()
         .child(
             ChildSpec::new("guarded", {
                 let log = log.clone();
@@ -391,7 +387,6 @@ async fn a_shutdown_budget_that_does_not_fit_the_ttl_is_refused_clearly() {
     let handle = Runtime::builder()
         .node("slow")
         .backend(etcd(&cluster))
-        .without_registered()
         .child(
             ChildSpec::new("slow-stopper", |_ctx| async {
                 Ok(Probe {
@@ -671,7 +666,6 @@ async fn a_dead_endpoint_in_the_list_neither_stops_a_start_nor_a_holder() {
         let handle = Runtime::builder()
             .node(name)
             .backend(backend)
-            .without_registered()
             .child(
                 ChildSpec::new("solo", move |_ctx| {
                     let log = log.clone();

@@ -59,7 +59,6 @@ async fn try_start(url: &str) -> highlander::Result<RuntimeHandle> {
     Runtime::builder()
         .node("tls")
         .backend_url(url)
-        .without_registered()
         .child(
             ChildSpec::new("tls-job", |_ctx| async { Ok(Idle) })
                 .shutdown(Duration::from_millis(300)),

@@ -71,10 +71,7 @@ fn probe(id: &str, log: &Log, behave: Behave) -> ChildSpec {
 
 async fn node(cluster: &MemoryCluster, name: &str, specs: Vec<ChildSpec>) -> RuntimeHandle {
     highlander_tests::init_tracing();
-    let mut builder = Runtime::builder()
-        .node(name)
-        .backend(cluster.clone())
-        .without_registered();
+    let mut builder = Runtime::builder().node(name).backend(cluster.clone());
     for spec in specs {
         builder = builder.child(spec);
     }
@@ -272,7 +269,6 @@ async fn supervision_tree_restarts_all_children_together() {
     let a = Runtime::builder()
         .node("a")
         .backend(cluster.clone())
-        .without_registered()
         .state(Generation::default())
         .singleton("tree", move |_ctx| {
             let log = tree_log.clone();
@@ -576,7 +572,6 @@ async fn bad_runtime_ids_and_duplicates_are_refused() {
     let err = Runtime::builder()
         .node("a")
         .backend(cluster.clone())
-        .without_registered()
         .child(probe("has space", &log, Behave::Wait))
         .start()
         .await
@@ -588,7 +583,6 @@ async fn bad_runtime_ids_and_duplicates_are_refused() {
     let err = Runtime::builder()
         .node("a")
         .backend(cluster.clone())
-        .without_registered()
         .child(probe("same", &log, Behave::Wait))
         .child(probe("same", &log, Behave::Fail))
         .start()
@@ -607,7 +601,6 @@ async fn bad_runtime_ids_and_duplicates_are_refused() {
     let err = Runtime::builder()
         .node("a")
         .backend(cluster.clone())
-        .without_registered()
         .start()
         .await
         .unwrap_err();
@@ -654,7 +647,6 @@ async fn shutdown_budget_bounds_a_stuck_instance() {
     let a = Runtime::builder()
         .node("a")
         .backend(cluster.clone())
-        .without_registered()
         .child(
             ChildSpec::new("stubborn", |_ctx| async { Ok(Stubborn) })
                 .shutdown(Duration::from_secs(2)),
@@ -700,7 +692,6 @@ async fn shared_state_and_missing_state() {
     let a = Runtime::builder()
         .node("a")
         .backend(cluster.clone())
-        .without_registered()
         .state(log.clone())
         .singleton("hello", |ctx: &Context| {
             let greeting = format!(
@@ -722,7 +713,6 @@ async fn shared_state_and_missing_state() {
     let b = Runtime::builder()
         .node("b")
         .backend(cluster.clone())
-        .without_registered()
         .child(
             ChildSpec::new("hello", |_ctx: &Context| async {
                 Ok(WithInit {

@@ -192,10 +192,7 @@ fn spec(id: &str, log: &Log) -> ChildSpec {
 }
 
 async fn start(backend: Postgres, node: &str, ids: &[String], log: &Log) -> RuntimeHandle {
-    let mut builder = Runtime::builder()
-        .node(node)
-        .backend(backend)
-        .without_registered();
+    let mut builder = Runtime::builder().node(node).backend(backend);
     for id in ids {
         builder = builder.child(spec(id, log));
     }
@@ -532,7 +529,6 @@ async fn clear_errors_without_the_password() {
     let e = Runtime::builder()
         .node("x")
         .backend(Postgres::new(wrong))
-        .without_registered()
         .start()
         .await;
     let e = e.expect_err("wrong password fails").to_string();
@@ -544,7 +540,6 @@ async fn clear_errors_without_the_password() {
     let e = Runtime::builder()
         .node("x")
         .backend(Postgres::new(pg.url_for("nope")))
-        .without_registered()
         .start()
         .await
         .expect_err("a missing database fails")
@@ -598,7 +593,6 @@ async fn a_long_stop_budget_and_holder_lookups() {
         Runtime::builder()
             .node("a")
             .backend(Postgres::new(pg.url()))
-            .without_registered()
             .child(slow)
             .start(),
     )
@@ -676,7 +670,6 @@ async fn a_deleted_row_is_recreated() {
     let a = Runtime::builder()
         .node("a")
         .backend(Postgres::new(pg.url()))
-        .without_registered()
         .stepdown_delay(Duration::from_millis(100))
         .child(spec("gone", &log))
         .start()

@@ -219,7 +219,6 @@ async fn a_silent_holder_stops_before_the_server_could_free_its_ids() {
                 .server_timeout(SERVER_TIMEOUT)
                 .margin(Duration::from_millis(200)),
         )
-        .without_registered()
         .child(spec(&times))
         .start()
         .await
@@ -230,7 +229,6 @@ async fn a_silent_holder_stops_before_the_server_could_free_its_ids() {
     let standby = Runtime::builder()
         .node("standby")
         .backend(Postgres::new(pg.url()))
-        .without_registered()
         .child(spec(&times))
         .start()
         .await
@@ -387,7 +385,6 @@ async fn a_holder_that_gives_up_keeps_its_ids_until_its_instance_has_stopped() {
                 .server_timeout(SERVER_TIMEOUT)
                 .margin(Duration::from_millis(200)),
         )
-        .without_registered()
         .child(slow(&times))
         .start()
         .await
@@ -396,7 +393,6 @@ async fn a_holder_that_gives_up_keeps_its_ids_until_its_instance_has_stopped() {
     let standby = Runtime::builder()
         .node("standby")
         .backend(Postgres::new(pg.url()))
-        .without_registered()
         .child(slow(&times))
         .start()
         .await

@@ -26,10 +26,7 @@ impl Service for Counted {
 }
 
 async fn start(url: &str, node: &str, starts: &Arc<AtomicUsize>) -> RuntimeHandle {
-    let mut builder = Runtime::builder()
-        .node(node)
-        .backend(Postgres::new(url))
-        .without_registered();
+    let mut builder = Runtime::builder().node(node).backend(Postgres::new(url));
     for i in 0..IDS {
         let starts = starts.clone();
         builder = builder.child(ChildSpec::new(format!("big-{i}"), move |_ctx| {

@@ -67,7 +67,6 @@ async fn try_start(node: &str, backend: Postgres) -> highlander::Result<highland
     Runtime::builder()
         .node(node)
         .backend(backend)
-        .without_registered()
         .child(ChildSpec::new("tls-job", |_ctx| async { Ok(Idle) }))
         .start()
         .await

@@ -34,6 +34,7 @@ async fn duplicate_registered_ids_name_both_types() {
     let err = Runtime::builder()
         .node("a")
         .backend(cluster.clone())
+        .registered()
         .start()
         .await
         .unwrap_err();
@@ -80,7 +81,6 @@ async fn a_runtime_without_singletons_can_still_look_up_holders() {
     let observer = Runtime::builder()
         .node("observer")
         .backend(cluster.clone())
-        .without_registered()
         .start()
         .await
         .unwrap();

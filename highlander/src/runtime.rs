@@ -26,8 +26,9 @@ use crate::{Context, Error, Result, Service, redact_url};
 ///   so), `postgres://…`, `etcd://…` or `cluster://…`;
 /// - `HIGHLANDER_NODE`: this node's name (default: host name and pid).
 ///
-/// Equivalent to `Runtime::builder().run()`; use [`Runtime::builder`] for
-/// shared state, runtime ids, or a backend chosen in code.
+/// Equivalent to `Runtime::builder().registered().run()`; use
+/// [`Runtime::builder`] for shared state, runtime ids, or a backend chosen in
+/// code.
 ///
 /// ```no_run
 /// #[tokio::main]
@@ -36,7 +37,7 @@ use crate::{Context, Error, Result, Service, redact_url};
 /// }
 /// ```
 pub async fn run() -> Result<()> {
-    Runtime::builder().run().await
+    Runtime::builder().registered().run().await
 }
 
 /// Entry point for configuring a runtime: see [`Runtime::builder`].
@@ -46,8 +47,11 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    /// A builder that starts from what [`run`] does (every registered service,
-    /// backend and node name from the environment) and lets code set each part.
+    /// A builder that runs exactly the singletons added to it: call
+    /// [`Builder::registered`] for every `#[highlander]` service in the binary
+    /// (what [`run`] does), [`Builder::service`] for one of them, and
+    /// [`Builder::singleton`] or [`Builder::child`] for ids known at run time.
+    /// The backend and node name come from the environment unless set.
     ///
     /// ```
     /// use highlander::{Context, MemoryCluster, Runtime, Service};
@@ -67,7 +71,6 @@ impl Runtime {
     /// let mut builder = Runtime::builder()
     ///     .node("node-a")
     ///     .backend(MemoryCluster::new())
-    ///     .without_registered() // only the singletons added below
     ///     .state(Db { url: "postgres://db/app".into() });
     /// for tenant in ["acme", "globex"] {
     ///     let name = tenant.to_string();
@@ -86,17 +89,18 @@ impl Runtime {
     }
 }
 
-/// Configures and starts a runtime. Anything not set comes from the
-/// environment, as in [`run`].
+/// Configures and starts a runtime. The node name and backend come from the
+/// environment unless set, as in [`run`]; the singletons are exactly those
+/// added (see [`Runtime::builder`]).
 #[derive(Default)]
+#[must_use = "a builder does nothing until `start` or `run` is called"]
 pub struct Builder {
     node: Option<String>,
     backend: Option<Box<dyn Backend>>,
     backend_url: Option<String>,
     state: StateMap,
     specs: Vec<ChildSpec>,
-    explicit_services: bool,
-    no_registered: bool,
+    registered: bool,
     stepdown_delay: Option<Duration>,
 }
 
@@ -118,7 +122,9 @@ impl Builder {
         self
     }
 
-    /// Uses this backend (default: `HIGHLANDER_BACKEND`, else memory).
+    /// Uses this backend (default: `HIGHLANDER_BACKEND`, else memory). Takes
+    /// a backend type, or the `Box<dyn Backend>` that
+    /// [`backend::from_url`](crate::backend::from_url) returns.
     pub fn backend(mut self, backend: impl Backend) -> Self {
         self.backend = Some(Box::new(backend));
         self
@@ -157,20 +163,18 @@ impl Builder {
         self
     }
 
-    /// Runs the `#[highlander]` service `S`. Naming services this way
-    /// switches from "every registered service" to "exactly the services
-    /// named here", which is what tests with several runtimes want.
+    /// Runs the `#[highlander]` service `S` (one of the registered ones).
     pub fn service<S: Singleton>(mut self) -> Self {
-        self.explicit_services = true;
         self.specs.push(S::child_spec());
         self
     }
 
-    /// Runs none of the `#[highlander]` services registered in the binary,
-    /// only those added with [`Builder::singleton`], [`Builder::child`] or
-    /// [`Builder::service`].
-    pub fn without_registered(mut self) -> Self {
-        self.no_registered = true;
+    /// Runs every `#[highlander]` service in the binary, as [`run`] does.
+    /// Two of them with the same id make [`Builder::start`] fail with
+    /// [`Error::DuplicateId`] naming both types. A service also added with
+    /// [`Builder::service`] runs once.
+    pub fn registered(mut self) -> Self {
+        self.registered = true;
         self
     }
 
@@ -187,10 +191,20 @@ impl Builder {
     /// connect.
     pub async fn start(self) -> Result<RuntimeHandle> {
         let mut specs = Vec::new();
-        if !self.explicit_services && !self.no_registered {
+        if self.registered {
             specs.extend(spec::registered()?);
         }
-        specs.extend(self.specs);
+        for spec in self.specs {
+            // `.registered().service::<S>()` names S twice: run it once.
+            let again = self.registered
+                && spec.registered
+                && specs
+                    .iter()
+                    .any(|s| s.id == spec.id && s.type_name == spec.type_name);
+            if !again {
+                specs.push(spec);
+            }
+        }
         check_specs(&specs)?;
 
         let node = match self.node {
@@ -249,10 +263,10 @@ impl Builder {
             tokio::spawn(async move {
                 shutdown.cancelled().await;
                 while let Some(result) = guardians.join_next().await {
-                    if let Err(e) = result {
-                        if e.is_panic() {
-                            error!(node = %node, "a guardian panicked: this is a bug in highlander");
-                        }
+                    if let Err(e) = result
+                        && e.is_panic()
+                    {
+                        error!(node = %node, "a guardian panicked: this is a bug in highlander");
                     }
                 }
                 session.close().await;
@@ -345,10 +359,10 @@ fn validate_node(node: &str) -> Result<()> {
 }
 
 fn node_from_env() -> String {
-    if let Ok(node) = std::env::var("HIGHLANDER_NODE") {
-        if !node.is_empty() {
-            return node;
-        }
+    if let Ok(node) = std::env::var("HIGHLANDER_NODE")
+        && !node.is_empty()
+    {
+        return node;
     }
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
@@ -475,13 +489,13 @@ impl RuntimeHandle {
 
     /// Who holds `id` now, as the backend sees it from this node.
     pub async fn holder(&self, id: &str) -> Result<Option<Holder>> {
-        self.session()?.holder(id).await
+        self.live_session()?.holder(id).await
     }
 
     /// The cluster members as this node sees them (for backends that have
     /// members).
     pub async fn members(&self) -> Result<Vec<Member>> {
-        self.session()?.members().await
+        self.live_session()?.members().await
     }
 
     /// A future that completes at the first change of any singleton's state
@@ -494,8 +508,8 @@ impl RuntimeHandle {
     /// # use highlander::{MemoryCluster, Runtime};
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> highlander::Result<()> {
     /// # let cluster = MemoryCluster::new();
-    /// # let a = Runtime::builder().node("a").backend(cluster.clone()).without_registered().start().await?;
-    /// # let b = Runtime::builder().node("b").backend(cluster.clone()).without_registered().start().await?;
+    /// # let a = Runtime::builder().node("a").backend(cluster.clone()).start().await?;
+    /// # let b = Runtime::builder().node("b").backend(cluster.clone()).start().await?;
     /// loop {
     ///     let (ca, cb) = (a.changed(), b.changed()); // armed first
     ///     if a.status().running().count() + b.status().running().count() == 0 {
@@ -531,9 +545,14 @@ impl RuntimeHandle {
     }
 
     /// The session the runtime uses, for backend-specific tests; an error
-    /// once the runtime has stopped.
-    #[doc(hidden)]
+    /// once the runtime has stopped. Needs the `test-util` feature.
+    #[cfg(feature = "test-util")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
     pub fn session(&self) -> Result<Arc<dyn Session>> {
+        self.live_session()
+    }
+
+    fn live_session(&self) -> Result<Arc<dyn Session>> {
         self.inner
             .shared
             .upgrade()
@@ -544,6 +563,7 @@ impl RuntimeHandle {
 
 /// A snapshot of one node's singletons.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Status {
     /// This node's name.
     pub node: String,
@@ -578,6 +598,7 @@ impl Status {
 
 /// One singleton's state on one node.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SingletonStatus {
     /// The singleton id.
     pub id: String,

@@ -150,6 +150,8 @@ pub struct ChildSpec {
     pub(crate) shutdown: Duration,
     pub(crate) intensity: Intensity,
     pub(crate) build: Arc<BuildFn>,
+    /// Made by `#[highlander]` (so also in [`registered`]).
+    pub(crate) registered: bool,
 }
 
 impl ChildSpec {
@@ -173,6 +175,7 @@ impl ChildSpec {
             shutdown: DEFAULT_SHUTDOWN,
             intensity: Intensity::default(),
             build,
+            registered: false,
         }
     }
 
@@ -182,6 +185,7 @@ impl ChildSpec {
     }
 
     /// Sets the restart policy (default [`Restart::Permanent`]).
+    #[must_use]
     pub fn restart(mut self, restart: Restart) -> Self {
         self.restart = restart;
         self
@@ -189,6 +193,7 @@ impl ChildSpec {
 
     /// Sets how long cancellation and `terminate` may take together
     /// (default 5 s).
+    #[must_use]
     pub fn shutdown(mut self, budget: Duration) -> Self {
         self.shutdown = budget;
         self
@@ -196,6 +201,7 @@ impl ChildSpec {
 
     /// Sets the restart intensity: more than `max_restarts` restarts within
     /// `period` make the node step down (default 3 in 5 s).
+    #[must_use]
     pub fn intensity(mut self, max_restarts: u32, period: Duration) -> Self {
         self.intensity = Intensity {
             max_restarts,
@@ -281,6 +287,7 @@ pub fn __spec(
         shutdown,
         intensity,
         build: Arc::new(build),
+        registered: true,
     }
 }
 

@@ -43,8 +43,8 @@ use crate::{Error, Result};
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> highlander::Result<()> {
 /// let cluster = MemoryCluster::new();
-/// let a = Runtime::builder().node("a").backend(cluster.clone()).without_registered().start().await?;
-/// let b = Runtime::builder().node("b").backend(cluster.clone()).without_registered().start().await?;
+/// let a = Runtime::builder().node("a").backend(cluster.clone()).start().await?;
+/// let b = Runtime::builder().node("b").backend(cluster.clone()).start().await?;
 /// cluster.partition(&[&["a"], &["b"]]);
 /// cluster.heal();
 /// a.shutdown().await;

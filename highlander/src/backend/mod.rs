@@ -56,6 +56,26 @@ pub trait Backend: Send + Sync + 'static {
     fn describe(&self) -> String;
 }
 
+/// A backend chosen at run time, as [`from_url`] returns it, is a backend:
+/// `Runtime::builder().backend(from_url(url)?)`.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> highlander::Result<()> {
+/// let backend = highlander::backend::from_url("memory")?;
+/// let handle = highlander::Runtime::builder().backend(backend).start().await?;
+/// handle.shutdown().await;
+/// # Ok(()) }
+/// ```
+impl Backend for Box<dyn Backend> {
+    fn connect(&self, node: &str) -> BoxFuture<'static, Result<Arc<dyn Session>>> {
+        (**self).connect(node)
+    }
+
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+}
+
 /// One node's connection to the coordination engine.
 pub trait Session: Send + Sync + 'static {
     /// Tries to claim an id for this node. Never blocks waiting for a holder:
@@ -85,6 +105,7 @@ pub trait Session: Send + Sync + 'static {
 
 /// A request to claim one id.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ClaimRequest {
     /// The singleton id.
     pub id: Arc<str>,
@@ -94,7 +115,18 @@ pub struct ClaimRequest {
     pub stop_budget: Duration,
 }
 
+impl ClaimRequest {
+    /// A request for `id` by an instance that may take `stop_budget` to stop.
+    pub fn new(id: impl Into<Arc<str>>, stop_budget: Duration) -> Self {
+        ClaimRequest {
+            id: id.into(),
+            stop_budget,
+        }
+    }
+}
+
 /// The answer to [`Session::try_claim`].
+#[non_exhaustive]
 pub enum Claim {
     /// This node now holds the id.
     Granted(Lease),
@@ -207,6 +239,7 @@ impl fmt::Debug for LeaseSignal {
 
 /// Why a tenure ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum LeaseEnd {
     /// The backend can no longer vouch for this node's hold on the id.
     Lost,
@@ -228,6 +261,7 @@ impl From<LeaseEnd> for ShutdownReason {
 
 /// Who holds an id.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Holder {
     /// The holder's node name.
     pub node: String,
@@ -235,8 +269,19 @@ pub struct Holder {
     pub token: Option<u64>,
 }
 
+impl Holder {
+    /// The holder `node`, with its fencing token when the backend knows it.
+    pub fn new(node: impl Into<String>, token: Option<u64>) -> Self {
+        Holder {
+            node: node.into(),
+            token,
+        }
+    }
+}
+
 /// A member of the cluster, as one node sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Member {
     /// The member's node name.
     pub node: String,
@@ -244,6 +289,17 @@ pub struct Member {
     pub reachable: bool,
     /// Its address, when it has one.
     pub address: Option<String>,
+}
+
+impl Member {
+    /// The member `node`, reachable or not, at `address` when it has one.
+    pub fn new(node: impl Into<String>, reachable: bool, address: Option<String>) -> Self {
+        Member {
+            node: node.into(),
+            reachable,
+            address,
+        }
+    }
 }
 
 /// The backend named by a URL, as in `HIGHLANDER_BACKEND`:
@@ -313,10 +369,13 @@ fn missing_feature(url: &str, feature: &str) -> Result<Box<dyn Backend>> {
 }
 
 #[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod postgres;
 
 #[cfg(feature = "etcd")]
+#[cfg_attr(docsrs, doc(cfg(feature = "etcd")))]
 pub mod etcd;
 
 #[cfg(feature = "cluster")]
+#[cfg_attr(docsrs, doc(cfg(feature = "cluster")))]
 pub mod cluster;

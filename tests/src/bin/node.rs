@@ -150,7 +150,7 @@ async fn main() {
         .and_then(|v| v.parse().ok())
         .map(Duration::from_millis)
         .unwrap_or(Duration::from_secs(2));
-    let mut builder = Runtime::builder().without_registered();
+    let mut builder = Runtime::builder();
     for id in ids() {
         let spec_id = id.clone();
         builder = builder.child(

@@ -7,7 +7,7 @@
 //!   begun. One overlap is excused, because no protocol can prevent it: a
 //!   holder that was paused (SIGSTOP) past its lease may run on for a moment
 //!   after SIGCONT before it sees that its lease is gone (the "pause between
-//!   check and side effect" of `shared/notes/safety.md`); it must stop
+//!   check and side effect" of `docs/safety.md`); it must stop
 //!   within [`Bounds::wake_grace`], and the fence must keep its writes out.
 //! - **AP** (cluster, memory with partitions): two tenures of one id overlap
 //!   only if the later one began while a partition or pause was in force

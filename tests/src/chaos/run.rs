@@ -846,10 +846,7 @@ impl MemoryDriver {
     }
 
     fn builder(&self, name: &str) -> highlander::Builder {
-        let mut builder = Runtime::builder()
-            .node(name)
-            .backend(self.cluster.clone())
-            .without_registered();
+        let mut builder = Runtime::builder().node(name).backend(self.cluster.clone());
         for id in &self.ids {
             let (id2, events, fence) = (id.clone(), self.events.clone(), self.fence.clone());
             builder = builder.child(

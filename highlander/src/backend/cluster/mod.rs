@@ -43,16 +43,23 @@
 //! `docs/cluster.md` has the protocol, the numbers and the limits.
 
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::backend::{Backend, Session};
 use crate::service::BoxFuture;
 use crate::{Error, Result, redact_url};
 
+mod faults;
 mod node;
 mod seal;
 mod wire;
+
+#[cfg(feature = "test-util")]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+pub use faults::Faults;
+#[cfg(not(feature = "test-util"))]
+use faults::Faults;
 
 /// The embedded cluster backend: configuration for one node, given to
 /// [`Builder::backend`](crate::Builder::backend).
@@ -182,7 +189,9 @@ impl Cluster {
     }
 
     /// Routes this node's links through `faults`, so a test can cut and
-    /// heal them.
+    /// heal them. Needs the `test-util` feature.
+    #[cfg(feature = "test-util")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
     pub fn faults(mut self, faults: &Faults) -> Self {
         self.settings.faults = Some(faults.clone());
         self
@@ -281,89 +290,6 @@ pub(crate) fn from_url(url: &str) -> Result<Box<dyn Backend>> {
         )));
     }
     Ok(Box::new(cluster))
-}
-
-/// Fault injection for in-process cluster tests: links between named nodes
-/// can be cut (both directions go silent, as in a netsplit: frames are
-/// dropped and new connections between the two fail) and healed.
-///
-/// ```
-/// use highlander::backend::cluster::{Cluster, Faults};
-///
-/// let faults = Faults::new();
-/// let a = Cluster::new("127.0.0.1:0").faults(&faults);
-/// faults.partition(&[&["a", "b"], &["c"]]);
-/// assert!(faults.is_cut("a", "c") && !faults.is_cut("a", "b"));
-/// faults.heal_all();
-/// assert!(!faults.is_cut("a", "c"));
-/// # drop(a);
-/// ```
-#[derive(Clone, Default)]
-pub struct Faults {
-    cut: Arc<Mutex<std::collections::HashSet<(String, String)>>>,
-}
-
-impl Faults {
-    /// No link cut.
-    pub fn new() -> Self {
-        Faults::default()
-    }
-
-    fn key(a: &str, b: &str) -> (String, String) {
-        if a <= b {
-            (a.to_string(), b.to_string())
-        } else {
-            (b.to_string(), a.to_string())
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<(String, String)>> {
-        self.cut.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Cuts the link between `a` and `b`, both ways.
-    pub fn cut(&self, a: &str, b: &str) {
-        self.lock().insert(Faults::key(a, b));
-    }
-
-    /// Heals the link between `a` and `b`.
-    pub fn heal(&self, a: &str, b: &str) {
-        self.lock().remove(&Faults::key(a, b));
-    }
-
-    /// Cuts every link between nodes of different sides (links within a
-    /// side, and of nodes named in no side, are left as they are).
-    pub fn partition(&self, sides: &[&[&str]]) {
-        let mut cut = self.lock();
-        for (i, side) in sides.iter().enumerate() {
-            for other in &sides[i + 1..] {
-                for a in *side {
-                    for b in *other {
-                        cut.insert(Faults::key(a, b));
-                    }
-                }
-            }
-        }
-    }
-
-    /// Heals every link.
-    pub fn heal_all(&self) {
-        self.lock().clear();
-    }
-
-    /// Whether the link between `a` and `b` is cut.
-    pub fn is_cut(&self, a: &str, b: &str) -> bool {
-        let cut = self.lock();
-        !cut.is_empty() && cut.contains(&Faults::key(a, b))
-    }
-}
-
-impl fmt::Debug for Faults {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Faults")
-            .field("cut", &*self.lock())
-            .finish()
-    }
 }
 
 #[cfg(test)]
