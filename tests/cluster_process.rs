@@ -335,3 +335,23 @@ async fn a_process_with_another_cookie_is_refused() {
         fleet.history
     );
 }
+
+/// SIGTERM while the node is still starting (here: waiting for a seed that
+/// never answers, `join_ms=5000`) stops it cleanly with exit code 0, as after
+/// start-up, instead of killing it by the signal's default action:
+/// `highlander::run()` listens for signals before it connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_still_starting_exits_cleanly() {
+    let _turn = TURN.lock().await;
+    let [me, silent] = highlander_tests::free_ports(2)[..] else {
+        unreachable!()
+    };
+    let url = format!("cluster://127.0.0.1:{me}?seeds=127.0.0.1:{silent}&join_ms=5000");
+    let mut fleet = fleet("early");
+    let mut node = fleet.spawn("early", &[("HIGHLANDER_BACKEND", &url)]).await;
+    // READY comes just before `run()`: this lands inside the 5 s join wait.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    node.signal("TERM");
+    let status = node.wait_exit(GUARD).await;
+    assert!(status.success(), "exit status {status}");
+}

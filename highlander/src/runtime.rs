@@ -299,11 +299,22 @@ impl Builder {
     /// gracefully (every instance stopped with
     /// [`ShutdownReason::NodeShutdown`](crate::ShutdownReason::NodeShutdown),
     /// every id released) and returns.
+    ///
+    /// The signal handlers are installed before anything else, so a SIGTERM
+    /// that arrives while the runtime is still connecting stops it cleanly
+    /// too (the start is abandoned and nothing was claimed), instead of
+    /// killing the process by the signal's default action.
     pub async fn run(self) -> Result<()> {
-        let handle = self.start().await?;
+        let mut signals = ShutdownSignals::install()?;
+        let handle = tokio::select! {
+            handle = self.start() => handle?,
+            name = signals.recv() => {
+                info!(signal = name, "stopped while starting");
+                return Ok(());
+            }
+        };
         tokio::select! {
-            signal = shutdown_signal() => {
-                let name = signal?;
+            name = signals.recv() => {
                 info!(node = handle.node(), signal = name, "shutting down");
             }
             _ = handle.stopped() => return Ok(()),
@@ -313,23 +324,51 @@ impl Builder {
     }
 }
 
-async fn shutdown_signal() -> Result<&'static str> {
+/// SIGTERM and Ctrl-C (SIGINT), listened for from the moment they are
+/// installed.
+struct ShutdownSignals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate())
-            .map_err(|e| Error::Config(format!("cannot listen for SIGTERM: {e}")))?;
-        tokio::select! {
-            _ = term.recv() => Ok("SIGTERM"),
-            r = tokio::signal::ctrl_c() => r.map(|_| "Ctrl-C").map_err(|e| Error::Config(format!("cannot listen for Ctrl-C: {e}"))),
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn install() -> Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let listen = |kind: SignalKind, name: &str| {
+                signal(kind).map_err(|e| Error::Config(format!("cannot listen for {name}: {e}")))
+            };
+            Ok(ShutdownSignals {
+                term: listen(SignalKind::terminate(), "SIGTERM")?,
+                int: listen(SignalKind::interrupt(), "Ctrl-C (SIGINT)")?,
+            })
+        }
+        #[cfg(not(unix))]
+        {
+            Ok(ShutdownSignals {})
         }
     }
-    #[cfg(not(unix))]
-    {
-        tokio::signal::ctrl_c()
-            .await
-            .map(|_| "Ctrl-C")
-            .map_err(|e| Error::Config(format!("cannot listen for Ctrl-C: {e}")))
+
+    /// Completes at the next signal, with its name.
+    async fn recv(&mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.term.recv() => "SIGTERM",
+                _ = self.int.recv() => "Ctrl-C",
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            match tokio::signal::ctrl_c().await {
+                Ok(()) => "Ctrl-C",
+                // Without a way to hear Ctrl-C, run until stopped otherwise.
+                Err(_) => std::future::pending().await,
+            }
+        }
     }
 }
 

@@ -13,6 +13,7 @@ pub mod etcd;
 pub mod log;
 pub mod postgres;
 pub mod process;
+pub mod rolling;
 
 /// Nanoseconds since the Unix epoch, the one clock every process on this
 /// host shares.
