@@ -269,7 +269,11 @@ impl Demo {
         ));
         let term_at = Instant::now();
         self.signal(survivor, Signal::TERM);
-        self.until("the handoff", |e, _| matches!(e, Event::Start { .. }));
+        // The survivor's STOP and the new START come through different
+        // pipes, in either order: wait for both.
+        self.until("the handoff", |_, running| {
+            running.len() == 1 && running[0] != survivor
+        });
         self.say(&format!(
             "   {} took over {:.1} ms after the SIGTERM",
             self.holder(),
