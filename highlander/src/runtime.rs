@@ -12,7 +12,7 @@ use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use crate::backend::{self, Backend, Holder, Member, Session};
+use crate::backend::{self, Backend, HeldId, Holder, Member, Session};
 use crate::context::StateMap;
 use crate::guardian::{Guardian, Shared, SingletonState, Slot};
 use crate::spec::{self, ChildSpec, Singleton, validate_id};
@@ -529,6 +529,13 @@ impl RuntimeHandle {
     /// Who holds `id` now, as the backend sees it from this node.
     pub async fn holder(&self, id: &str) -> Result<Option<Holder>> {
         self.live_session()?.holder(id).await
+    }
+
+    /// Every id held now, as the backend sees it from this node, sorted by
+    /// id (not only this node's singletons: what the `highlander` CLI's
+    /// `status` shows). An error for a backend that cannot list holders.
+    pub async fn holders(&self) -> Result<Vec<HeldId>> {
+        self.live_session()?.holders().await
     }
 
     /// The cluster members as this node sees them (for backends that have

@@ -27,11 +27,14 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::SystemTime;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{Backend, Claim, ClaimRequest, Holder, Lease, LeaseEnd, LeaseSignal, Member, Session};
+use super::{
+    Backend, Claim, ClaimRequest, HeldId, Holder, Lease, LeaseEnd, LeaseSignal, Member, Session,
+};
 use crate::service::BoxFuture;
 use crate::{Error, Result};
 
@@ -428,6 +431,30 @@ impl Session for MemorySession {
     fn close(&self) -> BoxFuture<'_, ()> {
         self.cluster.leave(&self.node, self.session);
         Box::pin(async {})
+    }
+
+    fn holders(&self) -> BoxFuture<'_, Result<Vec<HeldId>>> {
+        let held = {
+            let state = self.cluster.lock();
+            let group = state.group_of(&self.node);
+            let now = (Instant::now(), SystemTime::now());
+            let mut held: Vec<HeldId> = state
+                .ids
+                .iter()
+                .filter_map(|(id, s)| {
+                    let c = s.claims.iter().find(|c| state.group_of(&c.node) == group)?;
+                    let since = now.1.checked_sub(now.0.duration_since(c.since));
+                    Some(HeldId::new(
+                        id.to_string(),
+                        Holder::new(c.node.clone(), Some(c.token)),
+                        since,
+                    ))
+                })
+                .collect();
+            held.sort_by(|a, b| a.id.cmp(&b.id));
+            held
+        };
+        Box::pin(async move { Ok(held) })
     }
 }
 

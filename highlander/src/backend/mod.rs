@@ -32,7 +32,7 @@
 use std::fmt;
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
@@ -96,6 +96,18 @@ pub trait Session: Send + Sync + 'static {
     /// have members (the embedded cluster, memory); empty otherwise.
     fn members(&self) -> BoxFuture<'_, Result<Vec<Member>>> {
         Box::pin(async { Ok(Vec::new()) })
+    }
+
+    /// Every id held now as far as this node can see (in its namespace, for
+    /// the backends that have one), sorted by id: what status tools such as
+    /// the `highlander` CLI show. A backend that cannot list its holders
+    /// returns an error that says so (the default).
+    fn holders(&self) -> BoxFuture<'_, Result<Vec<HeldId>>> {
+        Box::pin(async {
+            Err(Error::Config(
+                "this backend cannot list who holds which id".to_string(),
+            ))
+        })
     }
 
     /// Leaves gracefully: releases everything this node still holds and
@@ -275,6 +287,30 @@ impl Holder {
         Holder {
             node: node.into(),
             token,
+        }
+    }
+}
+
+/// One held id, as [`Session::holders`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HeldId {
+    /// The singleton id.
+    pub id: String,
+    /// Its holder and the fencing token of the tenure.
+    pub holder: Holder,
+    /// When the tenure began, on the wall clock, when the backend records
+    /// it.
+    pub since: Option<SystemTime>,
+}
+
+impl HeldId {
+    /// `id`, held by `holder` since `since` when known.
+    pub fn new(id: impl Into<String>, holder: Holder, since: Option<SystemTime>) -> Self {
+        HeldId {
+            id: id.into(),
+            holder,
+            since,
         }
     }
 }

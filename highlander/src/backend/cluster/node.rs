@@ -33,7 +33,9 @@ use super::wire::{
     Handshake, Hold, MAX_FRAME, MAX_HANDSHAKE_FRAME, MemberInfo, Msg, NONCE_LEN, PROTOCOL_VERSION,
     RejectReason, Role, Transcript,
 };
-use crate::backend::{Claim, ClaimRequest, Holder, Lease, LeaseEnd, LeaseSignal, Member, Session};
+use crate::backend::{
+    Claim, ClaimRequest, HeldId, Holder, Lease, LeaseEnd, LeaseSignal, Member, Session,
+};
 use crate::service::BoxFuture;
 use crate::{Error, Result};
 
@@ -399,6 +401,13 @@ impl Node {
     /// The holder of `id` among the members this node can see, by the heal
     /// rule: the earliest tenure, ties to the lower node name.
     fn visible_holder(&self, st: &State, id: &str) -> Option<Holder> {
+        self.visible(st, id)
+            .map(|(_, node, token)| Holder::new(node.to_string(), Some(token)))
+    }
+
+    /// The holder this node names for `id` (the earliest tenure it knows,
+    /// ties to the lower name): `(since, node, token)`.
+    fn visible(&self, st: &State, id: &str) -> Option<(u64, Arc<str>, u64)> {
         let own = st
             .own
             .get(id)
@@ -412,10 +421,6 @@ impl Node {
         own.into_iter()
             .chain(remote)
             .min_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)))
-            .map(|(_, node, token)| Holder {
-                node: node.to_string(),
-                token: Some(token),
-            })
     }
 
     fn waker(&self, st: &mut State, id: &Arc<str>) -> BoxFuture<'static, ()> {
@@ -1671,6 +1676,27 @@ impl Node {
         let st = self.lock();
         self.visible_holder(&st, id)
     }
+
+    /// Every id with a visible holder, the one `holder` would name, with
+    /// the wall-clock start of its tenure.
+    fn holders(&self) -> Vec<HeldId> {
+        let st = self.lock();
+        let ids: HashSet<&Arc<str>> = st.own.keys().chain(st.ids.keys()).collect();
+        let mut held: Vec<HeldId> = ids
+            .into_iter()
+            .filter_map(|id| {
+                let (since, node, token) = self.visible(&st, id)?;
+                let since = UNIX_EPOCH.checked_add(Duration::from_nanos(since));
+                Some(HeldId::new(
+                    id.to_string(),
+                    Holder::new(node.to_string(), Some(token)),
+                    since,
+                ))
+            })
+            .collect();
+        held.sort_by(|a, b| a.id.cmp(&b.id));
+        held
+    }
 }
 
 /// The [`Session`] of one cluster node. Dropping it without `close` is a
@@ -1701,6 +1727,11 @@ impl Session for ClusterSession {
 
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(self.node.leave())
+    }
+
+    fn holders(&self) -> BoxFuture<'_, Result<Vec<HeldId>>> {
+        let held = self.node.holders();
+        Box::pin(async move { Ok(held) })
     }
 }
 

@@ -9,7 +9,7 @@ use std::future::{Future, poll_fn};
 use std::hash::{BuildHasher, Hasher};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -22,7 +22,9 @@ use tracing::{debug, info, warn};
 
 use super::keys::lock_key;
 use super::{Settings, Timing, sql};
-use crate::backend::{Claim, ClaimRequest, Holder, Lease, LeaseEnd, LeaseSignal, Member, Session};
+use crate::backend::{
+    Claim, ClaimRequest, HeldId, Holder, Lease, LeaseEnd, LeaseSignal, Member, Session,
+};
 use crate::service::BoxFuture;
 use crate::{Error, Result};
 
@@ -285,21 +287,9 @@ impl Session for PgSession {
                 .query(&live.stmts.holder, &[&key, &ns])
                 .await
                 .map_err(|e| query_error(&inner.settings, "holder lookup", &e))?;
-            Ok(rows.first().map(|row| {
-                let token: i64 = row.get(0);
-                let app: Option<String> = row.get(1);
-                let node: Option<String> = row.get(2);
-                let app = app.unwrap_or_default();
-                // application_name is cut to 63 bytes by the server.
-                let node = match node {
-                    Some(n) if n.starts_with(&app) => n,
-                    _ => app,
-                };
-                Holder {
-                    node,
-                    token: Some(token as u64),
-                }
-            }))
+            Ok(rows
+                .first()
+                .map(|row| holder_of(row.get(0), row.get(1), row.get(2))))
         })
     }
 
@@ -327,6 +317,33 @@ impl Session for PgSession {
                 .collect();
             members.sort_by(|a, b| a.node.cmp(&b.node));
             Ok(members)
+        })
+    }
+
+    fn holders(&self) -> BoxFuture<'_, Result<Vec<HeldId>>> {
+        let inner = &self.inner;
+        let live = {
+            let st = inner.lock();
+            st.live.clone().ok_or_else(|| inner.not_connected(&st))
+        };
+        Box::pin(async move {
+            let live = live?;
+            let ns = i64::from(inner.settings.namespace_key as u32);
+            let rows = live
+                .client
+                .query(sql::HOLDERS, &[&inner.settings.namespace, &ns])
+                .await
+                .map_err(|e| query_error(&inner.settings, "holder listing", &e))?;
+            Ok(rows
+                .iter()
+                .map(|row| {
+                    HeldId::new(
+                        row.get::<_, String>(0),
+                        holder_of(row.get(1), row.get(2), row.get(3)),
+                        row.get::<_, Option<SystemTime>>(4),
+                    )
+                })
+                .collect())
         })
     }
 
@@ -1225,4 +1242,16 @@ fn classify(settings: &Settings, e: &tokio_postgres::Error) -> ConnectError {
         message: format!("cannot connect to postgres at {target}: {text}"),
         fatal,
     }
+}
+
+/// The holder named by a lease row: the node name the row records, unless
+/// the holding session's `application_name` (which the server cuts to 63
+/// bytes) says otherwise.
+fn holder_of(token: i64, app: Option<String>, node: Option<String>) -> Holder {
+    let app = app.unwrap_or_default();
+    let node = match node {
+        Some(n) if n.starts_with(&app) => n,
+        _ => app,
+    };
+    Holder::new(node, Some(token as u64))
 }

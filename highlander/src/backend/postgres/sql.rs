@@ -139,6 +139,21 @@ pub(super) const HOLDER: &str = "SELECT t.token, h.application_name, t.node \
         LIMIT 1) h ON true \
      WHERE t.key = $1::bigint AND t.owner IS NOT NULL";
 
+/// Every held id of one namespace, with the session that holds it, as
+/// [`HOLDER`] finds it for one id. `$1` namespace name, `$2` namespace key
+/// (unsigned).
+pub(super) const HOLDERS: &str = "SELECT t.id, t.token, h.application_name, t.node, t.claimed_at \
+     FROM highlander_leases t \
+     JOIN LATERAL ( \
+        SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+        WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
+          AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+          AND l.classid::bigint = $2::bigint \
+          AND l.objid::bigint = (t.owner::bigint & 4294967295) \
+        LIMIT 1) h ON true \
+     WHERE t.namespace = $1 AND t.owner IS NOT NULL \
+     ORDER BY t.id";
+
 /// The nodes of this namespace connected now: sessions holding a presence
 /// lock with this namespace key. `$1` namespace key (unsigned).
 pub(super) const MEMBERS: &str = "SELECT DISTINCT a.application_name, a.client_addr::text \
