@@ -125,7 +125,7 @@ impl PgServer {
     /// Starts a server and creates the `highlander` role (password
     /// [`PASSWORD`]) and its database. Panics with the reason when that fails.
     pub fn start() -> PgServer {
-        PgServer::start_with(None)
+        PgServer::start_with(None, None)
     }
 
     /// As [`PgServer::start`], with `ssl = on` and this certificate.
