@@ -5,14 +5,16 @@
 //! acknowledging what the client sends, and two local addresses always talk
 //! over `lo`. Here, a process started in the namespace (see
 //! [`Netns::command`]) is reached from this namespace at [`Netns::ns_ip`]
-//! across the veth pair, and [`Netns::cut`] puts `tc netem loss 100%` on
-//! both ends: every packet either way is lost on the wire, nothing is
-//! closed, nothing is answered, exactly as when a cable is pulled.
-//! [`Netns::restore`] removes the loss.
+//! across the veth pair, and [`Netns::cut`] drops every packet either way
+//! where it arrives (`iptables -j DROP` on each end's `INPUT`, so no sender
+//! is told): nothing is closed, nothing is answered, exactly as when a
+//! cable is pulled. [`Netns::restore`] removes the rules. (`tc netem` would
+//! do as well, but needs the `sch_netem` module, which not every kernel has.)
 //!
-//! Needs root (`ip`, `tc` and `nsenter` from iproute2 and util-linux). The
+//! Needs root (`ip` from iproute2, `iptables`, `nsenter` from util-linux). The
 //! names (namespace, interfaces) and the /30 subnet are unique per process
-//! and per instance, and everything is deleted when the [`Netns`] is dropped,
+//! and per instance, and everything (the namespace, the pair, the rule in
+//! this namespace's `iptables`) is deleted when the [`Netns`] is dropped,
 //! also when the test panics.
 //!
 //! ```no_run
@@ -64,8 +66,8 @@ impl Netns {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         // A /30 in 10.213.0.0/16 picked from the pid, the instance and the
         // clock, so that concurrent test processes do not share one.
-        let pick = (u128::from(pid) * 7919 + u128::from(n) * 104_729 + crate::unix_nanos())
-            % 16_384;
+        let pick =
+            (u128::from(pid) * 7919 + u128::from(n) * 104_729 + crate::unix_nanos()) % 16_384;
         let pick = pick as u32;
         let base = (10u32 << 24) | (213 << 16) | (pick << 2);
         let tag = format!("{}{n}", pid % 100_000);
@@ -81,7 +83,15 @@ impl Netns {
         run(&["ip", "netns", "add", &ns.name]);
         run(&["ip", "-n", &ns.name, "link", "set", "lo", "up"]);
         run(&[
-            "ip", "link", "add", &ns.host_if, "type", "veth", "peer", "name", &ns.ns_if,
+            "ip",
+            "link",
+            "add",
+            &ns.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &ns.ns_if,
         ]);
         run(&["ip", "link", "set", &ns.ns_if, "netns", &ns.name]);
         run(&[
@@ -157,40 +167,42 @@ impl Netns {
         command
     }
 
-    /// Cuts the link: every packet either way is dropped (netem loss 100%
-    /// on both ends). Nothing is closed or answered.
+    /// Cuts the link: every packet either way is dropped on arrival
+    /// (`iptables -j DROP` on the `INPUT` of each end's interface), so that
+    /// the sender's kernel sees nothing but silence. Nothing is closed or
+    /// answered.
     pub fn cut(&self) {
+        run(&["iptables", "-I", "INPUT", "-i", &self.host_if, "-j", "DROP"]);
         run(&[
-            "tc",
-            "qdisc",
-            "replace",
-            "dev",
-            &self.host_if,
-            "root",
-            "netem",
-            "loss",
-            "100%",
-        ]);
-        run(&[
-            "tc",
-            "-n",
+            "ip",
+            "netns",
+            "exec",
             &self.name,
-            "qdisc",
-            "replace",
-            "dev",
+            "iptables",
+            "-I",
+            "INPUT",
+            "-i",
             &self.ns_if,
-            "root",
-            "netem",
-            "loss",
-            "100%",
+            "-j",
+            "DROP",
         ]);
     }
 
     /// Brings the link back after [`cut`](Self::cut).
     pub fn restore(&self) {
-        run(&["tc", "qdisc", "del", "dev", &self.host_if, "root"]);
+        run(&["iptables", "-D", "INPUT", "-i", &self.host_if, "-j", "DROP"]);
         run(&[
-            "tc", "-n", &self.name, "qdisc", "del", "dev", &self.ns_if, "root",
+            "ip",
+            "netns",
+            "exec",
+            &self.name,
+            "iptables",
+            "-D",
+            "INPUT",
+            "-i",
+            &self.ns_if,
+            "-j",
+            "DROP",
         ]);
     }
 }
@@ -207,6 +219,8 @@ impl Drop for Netns {
                 .stderr(Stdio::null())
                 .status();
         };
+        // The rule of `cut` in this namespace (the namespace's own go with it).
+        quiet(&["iptables", "-D", "INPUT", "-i", &self.host_if, "-j", "DROP"]);
         quiet(&["ip", "link", "del", &self.host_if]);
         quiet(&["ip", "netns", "del", &self.name]);
     }
