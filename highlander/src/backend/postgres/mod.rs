@@ -61,7 +61,13 @@
 //!   `pg_hba.conf`). It needs TLS, so a CA as above;
 //! - `server_timeout=15s`, `heartbeat=1s`, `presence_poll=20ms`,
 //!   `margin=1s`: the timing of the lease argument (see the methods of
-//!   [`Postgres`] of the same names; set in code, they win).
+//!   [`Postgres`] of the same names; set in code, they win), each within a
+//!   range (1s to 24h, 10ms to 10m, 1ms to 1m, 0 to 1h), as is
+//!   `connect_timeout` (1s to 1h). `keepalives*` and `tcp_user_timeout` are
+//!   refused: the backend sets them itself.
+//!
+//! Messages and descriptions show the URL as parsed, without its password
+//! (`postgres://app@db:5432/app`), never its text.
 //!
 //! Use a direct connection or a session-pooling proxy: transaction pooling
 //! (PgBouncer's `pool_mode = transaction`) breaks session-level locks.
@@ -177,7 +183,8 @@ impl Postgres {
         self
     }
 
-    /// How often an idle session proves it is alive (default 1 s).
+    /// How often an idle session proves it is alive (default 1 s; 10 ms to
+    /// 10 min, checked at start).
     pub fn heartbeat(mut self, every: Duration) -> Self {
         self.timing.heartbeat = Some(every);
         self
@@ -185,7 +192,8 @@ impl Postgres {
 
     /// How often a waiting node checks whether the holders it waits on are
     /// still connected (default 20 ms). One small query per interval per
-    /// waiting node, whatever the number of ids.
+    /// waiting node, whatever the number of ids. 1 ms to 1 min, checked at
+    /// start.
     pub fn presence_poll(mut self, every: Duration) -> Self {
         self.timing.poll = Some(every);
         self
@@ -194,13 +202,14 @@ impl Postgres {
     /// The server's dead-peer detection (default 15 s): how long after the
     /// last word from a silently vanished node the server ends its session,
     /// freeing its ids for others. Raised automatically when a singleton's
-    /// shutdown budget needs more.
+    /// shutdown budget needs more. 1 s to 24 h, checked at start.
     pub fn server_timeout(mut self, timeout: Duration) -> Self {
         self.timing.server_timeout = Some(timeout);
         self
     }
 
-    /// Slack for scheduling delays in the lease deadline (default 1 s).
+    /// Slack for scheduling delays in the lease deadline (default 1 s; at
+    /// most 1 h, checked at start).
     pub fn margin(mut self, margin: Duration) -> Self {
         self.timing.margin = Some(margin);
         self
