@@ -70,7 +70,9 @@ impl Netns {
             (u128::from(pid) * 7919 + u128::from(n) * 104_729 + crate::unix_nanos()) % 16_384;
         let pick = pick as u32;
         let base = (10u32 << 24) | (213 << 16) | (pick << 2);
-        let tag = format!("{}{n}", pid % 100_000);
+        // pid in hex (at most 6 digits on Linux) and the instance: unique,
+        // and short enough for a 15-byte interface name.
+        let tag = format!("{pid:x}x{n}");
         let ns = Netns {
             name: format!("hl-{pid}-{n}"),
             host_if: format!("hlh{tag}"),
