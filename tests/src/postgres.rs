@@ -134,7 +134,7 @@ impl PgServer {
     }
 
     /// As [`PgServer::start`], with the server inside `netns`: it listens on
-    /// the namespace's `127.0.0.1` and on [`Netns::ns_ip`], where this
+    /// the namespace's `127.0.0.1` and on [`Netns::ns_ip`](crate::netns::Netns::ns_ip), where this
     /// namespace reaches it across the veth link ([`PgServer::url_at`]), and
     /// on its Unix socket, which every namespace reaches
     /// ([`PgServer::url_via_socket`], [`PgServer::admin`], [`PgServer::psql`]).
