@@ -297,7 +297,7 @@ impl Postgres {
                     if !range.contains(&value) {
                         return Err(Error::Config(format!(
                             "Postgres::{method}({value:?}): {}",
-                            range_text(method, range).trim_start_matches('`')
+                            range_text(method, range)
                         )));
                     }
                 }
@@ -544,7 +544,7 @@ struct Parsed {
     timing: Timing,
 }
 
-/// `250ms`, `3s`, `1.5s`, `2m`.
+/// `250ms`, `3s`, `1.5s`, `2m`, `1h`.
 fn parse_duration(value: &str) -> std::result::Result<Duration, String> {
     let split = value
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -557,6 +557,7 @@ fn parse_duration(value: &str) -> std::result::Result<Duration, String> {
         "ms" => number / 1000.0,
         "s" | "" => number,
         "m" => number * 60.0,
+        "h" => number * 3600.0,
         _ => return Err(format!("`{value}` is not a duration like 250ms, 3s or 2m")),
     };
     Duration::try_from_secs_f64(secs).map_err(|e| format!("`{value}`: {e}"))
@@ -732,11 +733,13 @@ fn range_text(option: &str, range: Range) -> String {
     )
 }
 
-/// `250ms`, `3s`, `2m`: as the URL writes them.
+/// `250ms`, `3s`, `2m`, `1h`: as the URL writes them.
 fn show_duration(d: Duration) -> String {
     if d.subsec_millis() != 0 || d.is_zero() {
         format!("{}ms", d.as_millis())
-    } else if d.as_secs() % 60 == 0 && d.as_secs() >= 60 {
+    } else if d.as_secs() % 3600 == 0 {
+        format!("{}h", d.as_secs() / 3600)
+    } else if d.as_secs() % 60 == 0 {
         format!("{}m", d.as_secs() / 60)
     } else {
         format!("{}s", d.as_secs())
@@ -966,7 +969,10 @@ mod tests {
             .err()
             .expect("a huge heartbeat")
             .to_string();
-        assert!(err.contains("heartbeat"), "{err}");
+        assert!(
+            err.contains("`heartbeat` must be a duration between 10ms and 10m"),
+            "{err}"
+        );
         let err = Postgres::new("postgres://a@h/d")
             .margin(Duration::from_secs(u64::MAX))
             .settings()
