@@ -8,6 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::future::{Future, poll_fn};
 use std::hash::{BuildHasher, Hasher};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -47,6 +48,9 @@ const MAX_EVENTS: usize = 4_096;
 const MAX_PAYLOAD: usize = 8_000;
 /// Releases name their keys only when they are at most this many.
 const MAX_PAYLOAD_KEYS: usize = 300;
+/// Parsed releases queued between the connection task and the driver; past
+/// this the task drops them and the driver wakes every waiter instead.
+const RELEASE_QUEUE: usize = 1_024;
 /// A claim that found its row free but did not get it is retried this
 /// many times at once before it waits a probe interval.
 const FREE_RETRIES: u8 = 3;
@@ -140,7 +144,7 @@ struct Live {
     /// This session's presence number: it holds `(namespace_key, me)`.
     me: i32,
     conn: ConnTask,
-    notifications: mpsc::UnboundedReceiver<String>,
+    releases: Releases,
     /// The server's dead-peer detection in force for this session.
     x: Duration,
     /// Send time of the latest successful round trip, and the detection in
@@ -160,6 +164,26 @@ impl Live {
     fn deadline(&self, timing: &Timing, budget: Duration) -> Instant {
         self.last_ok + timing.vouch(self.last_ok_x, budget)
     }
+}
+
+/// A release heard on the namespace's channel: the owner, and the keys it
+/// released when it named them.
+type Release = (i32, Option<HashSet<i64>>);
+
+/// The releases the connection task hears, parsed, in a bounded queue.
+/// When the driver falls behind (a flood of notifications, which any role
+/// may send), the task drops them and raises `lost`, and the driver wakes
+/// every waiter instead: a few retries for nothing, no missed wake-up, and
+/// no memory growing with the flood.
+struct Releases {
+    rx: mpsc::Receiver<Release>,
+    lost: Arc<Lost>,
+}
+
+#[derive(Default)]
+struct Lost {
+    flag: AtomicBool,
+    notify: Notify,
 }
 
 /// The task that drives the connection; aborted (closing the socket) when
@@ -605,14 +629,17 @@ async fn run_epoch(inner: &Arc<Inner>, live: &mut Live) -> Ended {
                 probe = None;
                 finish_probe(inner, live, done);
             }
-            Some(payload) = live.notifications.recv() => {
-                // Any role may NOTIFY the channel: what is not exactly a
-                // release's payload is ignored. A forged one that is only
-                // makes waiters retry once.
-                if let Some((owner, keys)) = parse_release(&payload) {
-                    if owner != live.me {
-                        owner_changed(&mut inner.lock(), owner, keys.as_ref());
-                    }
+            Some((owner, keys)) = live.releases.rx.recv() => {
+                // A forged release (any role may NOTIFY) only makes the
+                // named owner's waiters retry once.
+                if owner != live.me {
+                    owner_changed(&mut inner.lock(), owner, keys.as_ref());
+                }
+            }
+            _ = live.releases.lost.notify.notified() => {
+                if live.releases.lost.flag.swap(false, Ordering::AcqRel) {
+                    debug!(node = %inner.node, "notifications were dropped: every waiter retries");
+                    wake_all(&mut inner.lock());
                 }
             }
             _ = sleep_until(probe_at), if probe.is_none() => {
@@ -651,6 +678,18 @@ fn parse_release(payload: &str) -> Option<(i32, Option<HashSet<i64>>)> {
         }
     };
     Some((owner, keys))
+}
+
+/// Releases may have been missed: every waiter retries, and so does the
+/// claim in flight for any id it finds held.
+fn wake_all(st: &mut State) {
+    let owners: Vec<i32> = st.waiters.keys().copied().collect();
+    for owner in owners {
+        owner_changed(st, owner, None);
+    }
+    if st.claim_in_flight {
+        st.events_overflow = true;
+    }
 }
 
 /// Something happened to `owner`: it released `keys` (or some ids, when
@@ -1119,7 +1158,7 @@ async fn open_inner(inner: &Arc<Inner>) -> std::result::Result<Live, ConnectErro
         config.connect_timeout(Duration::from_secs(5));
     }
     let connect_err = |e: tokio_postgres::Error| classify(settings, &e);
-    let (client, conn, notifications) = match &settings.tls {
+    let (client, conn, releases) = match &settings.tls {
         Some(tls) => {
             let (client, conn) = config
                 .connect(MakeRustlsConnect::new((**tls).clone()))
@@ -1257,7 +1296,7 @@ async fn open_inner(inner: &Arc<Inner>) -> std::result::Result<Live, ConnectErro
         stmts: Arc::new(stmts),
         me,
         conn,
-        notifications,
+        releases,
         x,
         last_ok: sent,
         last_ok_x: x,
@@ -1266,22 +1305,34 @@ async fn open_inner(inner: &Arc<Inner>) -> std::result::Result<Live, ConnectErro
 
 /// Drives the connection on its own task (so that loss is seen at once,
 /// whatever the session is doing) and forwards the namespace's
-/// notifications. Ends with why the connection ended.
+/// releases heard on the namespace's channel (see [`Releases`]). Ends with
+/// why the connection ended.
 fn spawn_connection<S, T>(
     mut conn: Connection<S, T>,
     channel: String,
-) -> (JoinHandle<String>, mpsc::UnboundedReceiver<String>)
+) -> (JoinHandle<String>, Releases)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::channel(RELEASE_QUEUE);
+    let lost = Arc::new(Lost::default());
+    let lost_tx = lost.clone();
     let task = tokio::spawn(async move {
         loop {
             match poll_fn(|cx| conn.poll_message(cx)).await {
                 Some(Ok(AsyncMessage::Notification(n))) => {
-                    if n.channel() == channel {
-                        let _ = tx.send(n.payload().to_string());
+                    // Any role may NOTIFY the channel: what is not exactly a
+                    // release's payload is ignored here.
+                    let release = (n.channel() == channel)
+                        .then(|| parse_release(n.payload()))
+                        .flatten();
+                    if let Some(release) = release {
+                        // Never wait here: this task drives the connection.
+                        if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(release) {
+                            lost_tx.flag.store(true, Ordering::Release);
+                            lost_tx.notify.notify_one();
+                        }
                     }
                 }
                 Some(Ok(AsyncMessage::Notice(notice))) => {
@@ -1293,7 +1344,7 @@ where
             }
         }
     });
-    (task, rx)
+    (task, Releases { rx, lost })
 }
 
 /// The advisory lock that serializes creating the table, across every
@@ -1428,6 +1479,23 @@ mod tests {
         assert!(st.events.len() <= MAX_EVENTS, "{}", st.events.len());
         assert!(st.owner_moved(199_999, seq0));
         assert!(st.owner_moved(-5, seq0), "past the bound every owner moved");
+    }
+
+    /// When releases were dropped, every waiter is woken, and the claim in
+    /// flight retries whatever holder it finds.
+    #[test]
+    fn lost_releases_wake_every_waiter() {
+        let mut st = State::default();
+        let (tx1, mut rx1) = oneshot::channel();
+        let (tx2, mut rx2) = oneshot::channel();
+        st.waiters.entry(1).or_default().push((10, tx1));
+        st.waiters.entry(2).or_default().push((20, tx2));
+        st.claim_in_flight = true;
+        let seq0 = st.seq;
+        wake_all(&mut st);
+        assert!(rx1.try_recv().is_ok() && rx2.try_recv().is_ok());
+        assert!(st.waiters.is_empty());
+        assert!(st.owner_moved(12_345, seq0));
     }
 
     /// Only a release's exact payload counts; junk from any role is ignored.
