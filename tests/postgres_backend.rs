@@ -524,6 +524,23 @@ async fn clear_errors_without_the_password() {
     no_pw(&e);
     assert!(e.contains("nonsense"), "{e}");
 
+    // Numbers out of range: one line naming the option, no panic in start.
+    for (query, option) in [
+        ("heartbeat=10000000000000000000s", "heartbeat"),
+        ("margin=10000000000000000000s", "margin"),
+    ] {
+        let e = Runtime::builder()
+            .node("x")
+            .backend(Postgres::new(format!("{}?{query}", pg.url())))
+            .without_registered()
+            .start()
+            .await
+            .expect_err(query)
+            .to_string();
+        no_pw(&e);
+        assert!(e.contains(&format!("`{option}` must be")), "{e}");
+    }
+
     // Wrong password: start fails, saying so.
     let wrong = format!(
         "postgres://highlander:not-it@127.0.0.1:{}/highlander",

@@ -735,7 +735,9 @@ fn range_text(option: &str, range: Range) -> String {
 
 /// `250ms`, `3s`, `2m`, `1h`: as the URL writes them.
 fn show_duration(d: Duration) -> String {
-    if d.subsec_millis() != 0 || d.is_zero() {
+    if d.is_zero() {
+        "0s".to_string()
+    } else if d.subsec_millis() != 0 {
         format!("{}ms", d.as_millis())
     } else if d.as_secs() % 3600 == 0 {
         format!("{}h", d.as_secs() / 3600)
