@@ -521,6 +521,22 @@ async fn clear_errors_without_the_password() {
     no_pw(&e);
     assert!(e.contains("nonsense"), "{e}");
 
+    // Numbers out of range: one line naming the option, no panic in start.
+    for (query, option) in [
+        ("heartbeat=10000000000000000000s", "heartbeat"),
+        ("margin=10000000000000000000s", "margin"),
+    ] {
+        let e = Runtime::builder()
+            .node("x")
+            .backend(Postgres::new(format!("{}?{query}", pg.url())))
+            .start()
+            .await
+            .expect_err(query)
+            .to_string();
+        no_pw(&e);
+        assert!(e.contains(&format!("`{option}` must be")), "{e}");
+    }
+
     // Wrong password: start fails, saying so.
     let wrong = format!(
         "postgres://highlander:not-it@127.0.0.1:{}/highlander",
@@ -685,4 +701,44 @@ async fn a_deleted_row_is_recreated() {
     })
     .await;
     a.shutdown().await;
+}
+
+/// Any role may `NOTIFY` the namespace's channel. Another role floods it
+/// with junk and with well-formed releases of 100,000 made-up owners while
+/// `b` waits on `a`: nothing moves, and the real release that follows (in
+/// order, behind the flood) still hands `x` over at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_forged_notifications_changes_nothing() {
+    let pg = PgServer::start();
+    let log = Log::default();
+    let ids = vec!["x".to_string()];
+    let a = start(Postgres::new(pg.url()), "a", &ids, &log).await;
+    wait(&a, "running x", |s| s.is_running("x")).await;
+    let b = start(Postgres::new(pg.url()), "b", &ids, &log).await;
+    wait(&b, "waiting for x", |s| is_waiting(s, "x")).await;
+
+    let channel = format!(
+        "highlander_{:08x}",
+        highlander::backend::postgres::namespace_key("highlander") as u32
+    );
+    pg.sql("CREATE ROLE mallory").await;
+    pg.sql(&format!(
+        "SET ROLE mallory; \
+         SELECT count(pg_notify('{channel}', p)) FROM ( \
+           SELECT 'junk ' || g AS p FROM generate_series(1, 2000) g \
+           UNION ALL SELECT g::text || ':' || g || ',x' FROM generate_series(1, 2000) g \
+           UNION ALL SELECT repeat('7', 7000) || g FROM generate_series(1, 200) g \
+           UNION ALL SELECT g::text FROM generate_series(1, 100000) g \
+           UNION ALL SELECT g::text || ':' || (g * 7919) FROM generate_series(1, 100000) g) j; \
+         RESET ROLE"
+    ))
+    .await;
+    assert!(a.status().is_running("x"));
+    assert!(is_waiting(&b.status(), "x"));
+
+    a.step_down("x").unwrap();
+    wait(&b, "running x", |s| s.is_running("x")).await;
+    a.shutdown().await;
+    b.shutdown().await;
+    log.assert_one_at_a_time();
 }

@@ -420,3 +420,235 @@ async fn a_holder_that_gives_up_keeps_its_ids_until_its_instance_has_stopped() {
     holder.shutdown().await;
     standby.shutdown().await;
 }
+
+/// Stops slowly: `terminate` takes `stop`, within its budget, and marks
+/// `stopped <node> <reason>` when done.
+struct Slow {
+    times: Times,
+    node: String,
+    stop: Duration,
+}
+
+impl Service for Slow {
+    async fn run(&mut self, ctx: &Context) -> highlander::Result<()> {
+        self.node = ctx.node().to_string();
+        self.times.mark(format!("start {}", self.node));
+        ctx.cancelled().await;
+        Ok(())
+    }
+    async fn terminate(&mut self, reason: ShutdownReason) {
+        tokio::time::sleep(self.stop).await;
+        self.times.mark(format!("stopped {} {reason}", self.node));
+    }
+}
+
+fn slow(id: &str, times: &Times, budget: Duration, stop: Duration) -> ChildSpec {
+    let times = times.clone();
+    ChildSpec::new(id, move |_ctx| {
+        let times = times.clone();
+        async move {
+            Ok(Slow {
+                times,
+                node: String::new(),
+                stop,
+            })
+        }
+    })
+    .shutdown(budget)
+}
+
+impl Times {
+    /// The first `start …` marked after `after`, waited for (hang-guarded).
+    async fn first_start_after(&self, after: Instant) -> (String, Instant) {
+        let mut rx = self.1.subscribe();
+        timeout(GUARD, async {
+            loop {
+                rx.borrow_and_update();
+                let found = self
+                    .0
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .find(|(w, t)| w.starts_with("start ") && *t > after)
+                    .cloned();
+                if let Some(found) = found {
+                    return found;
+                }
+                let _ = rx.changed().await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no start within {GUARD:?}: {:?}", self.0.lock().unwrap()))
+    }
+}
+
+/// A shutdown budget larger than the server timeout raises the server's
+/// dead-peer detection for the session (here from 3 s to 9 s). The link to
+/// the server then really dies (every packet lost, in a network namespace)
+/// for longer than the client socket's own timeout used to be (2.77 s), and
+/// comes back before the raised server timeout. The holder gives up at its
+/// deadline and its instance takes 7 s to stop. No tenure may begin anywhere
+/// before that instance has stopped: if the client's kernel had aborted the
+/// socket meanwhile, its answer to the server's next keepalive would be a
+/// reset, and the server would free the id at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_stop_budget_survives_a_dead_link_that_comes_back() {
+    let ns = highlander_tests::netns::Netns::create();
+    let pg = PgServer::start_in(&ns);
+    let times = Times::default();
+    let budget = Duration::from_secs(8);
+    let stop = Duration::from_secs(7);
+    let holder = Runtime::builder()
+        .node("holder")
+        .backend(
+            Postgres::new(pg.url_at(ns.ns_ip()))
+                .heartbeat(Duration::from_millis(200))
+                .server_timeout(SERVER_TIMEOUT)
+                .margin(Duration::from_millis(200)),
+        )
+        .child(slow("long", &times, budget, stop))
+        .start()
+        .await
+        .unwrap();
+    times.wait("start holder").await;
+    // The standby reaches the server over its Unix socket: the cut does
+    // not touch it.
+    let standby = Runtime::builder()
+        .node("standby")
+        .backend(Postgres::new(pg.url_via_socket()))
+        .child(slow("long", &times, budget, stop))
+        .start()
+        .await
+        .unwrap();
+    timeout(
+        GUARD,
+        standby.wait_until(|s| matches!(s.get("long"), Some(SingletonState::Waiting { .. }))),
+    )
+    .await
+    .unwrap();
+
+    ns.cut();
+    let cut = Instant::now();
+    // Past the client's old socket timeout, within the raised server timeout.
+    tokio::time::sleep(Duration::from_millis(4_500)).await;
+    ns.restore();
+
+    let (who, began) = times.first_start_after(cut).await;
+    let stopped = times.at("stopped holder lease lost").unwrap_or_else(|| {
+        panic!(
+            "`{who}` began {:?} after the cut, while the old instance was still running: {:?}",
+            began - cut,
+            times.0.lock().unwrap()
+        )
+    });
+    assert!(
+        stopped < began,
+        "`{who}` began before the old instance stopped"
+    );
+    holder.shutdown().await;
+    standby.shutdown().await;
+}
+
+/// `idle_session_timeout` (Postgres 14+) set for the role would end a quiet
+/// session, and so free its ids, long before the dead-peer detection the
+/// holder vouches against. The session turns it off for itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_idle_session_timeout_does_not_end_the_session() {
+    let pg = PgServer::start();
+    pg.psql("ALTER ROLE highlander SET idle_session_timeout = '1s'");
+    let times = Times::default();
+    // A heartbeat slower than the role's idle timeout: the session is idle
+    // for 4 s at a time.
+    let holder = Runtime::builder()
+        .node("holder")
+        .backend(Postgres::new(pg.url()).heartbeat(Duration::from_secs(4)))
+        .child(spec(&times))
+        .start()
+        .await
+        .unwrap();
+    times.wait("start holder").await;
+    let pid = |rows: Vec<Vec<Option<String>>>| rows.first().and_then(|r| r[0].clone());
+    let query = "SELECT pid FROM pg_stat_activity WHERE application_name = 'holder'";
+    let before = pid(pg.sql(query).await).expect("the holder's session");
+    // Longer than the idle timeout, and past one heartbeat.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        times.at("stop holder lease lost"),
+        None,
+        "the holder lost its lease: {:?}",
+        times.0.lock().unwrap()
+    );
+    let after = pid(pg.sql(query).await);
+    assert_eq!(
+        after.as_deref(),
+        Some(before.as_str()),
+        "the session was replaced"
+    );
+    assert!(holder.status().is_running("guarded"));
+    holder.shutdown().await;
+}
+
+/// A claim whose stop budget needs a higher server timeout than the session
+/// has raises it first. When the raise fails (here the administrator revoked
+/// `set_config` from PUBLIC), the server still ends a silent session after
+/// the old timeout, too soon for that budget: the id must not be granted,
+/// neither now nor on a retry, while ids whose budget the old timeout covers
+/// are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_raise_of_the_server_timeout_is_not_recorded() {
+    let pg = PgServer::start();
+    pg.sql("REVOKE EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) FROM PUBLIC")
+        .await;
+    let times = Times::default();
+    // The 5 s budget needs a 6 s server timeout; the session has 3 s.
+    let holder = Runtime::builder()
+        .node("holder")
+        .backend(
+            Postgres::new(pg.url())
+                .heartbeat(Duration::from_millis(200))
+                .server_timeout(SERVER_TIMEOUT)
+                .margin(Duration::from_millis(200)),
+        )
+        .child(slow(
+            "long",
+            &times,
+            Duration::from_secs(5),
+            Duration::from_millis(1),
+        ))
+        .child(spec(&times))
+        .start()
+        .await
+        .unwrap();
+    // Count the failed claims of `long` (each one a Retrying state entered
+    // anew), until it has failed three times or was granted.
+    let mut failures = 0;
+    let mut was_retrying = false;
+    let status = timeout(
+        GUARD,
+        holder.wait_until(|s| {
+            let retrying = matches!(s.get("long"), Some(SingletonState::Retrying { .. }));
+            if retrying && !was_retrying {
+                failures += 1;
+            }
+            was_retrying = retrying;
+            s.is_running("long") || (failures >= 3 && s.is_running("guarded"))
+        }),
+    )
+    .await
+    .expect("`long` neither ran nor failed three times");
+    assert!(
+        !status.is_running("long"),
+        "`long` was granted with a 3 s server timeout for its 5 s stop budget: {status:#?}"
+    );
+    match status.get("long") {
+        Some(SingletonState::Retrying { error }) => {
+            assert!(error.contains("set_config"), "{error}");
+            assert!(
+                !error.contains(highlander_tests::postgres::PASSWORD),
+                "{error}"
+            );
+        }
+        other => panic!("`long`: {other:?}"),
+    }
+    holder.shutdown().await;
+}

@@ -37,6 +37,8 @@ pub struct PgServer {
     port: u16,
     owner: Option<(u32, u32)>,
     child: Option<Child>,
+    /// The network namespace the server runs in, when not this one.
+    netns: Option<PathBuf>,
 }
 
 /// TLS material for [`PgServer::start_tls`]: PEM texts.
@@ -123,15 +125,25 @@ impl PgServer {
     /// Starts a server and creates the `highlander` role (password
     /// [`PASSWORD`]) and its database. Panics with the reason when that fails.
     pub fn start() -> PgServer {
-        PgServer::start_with(None)
+        PgServer::start_with(None, None)
     }
 
     /// As [`PgServer::start`], with `ssl = on` and this certificate.
     pub fn start_tls(tls: &TlsFiles) -> PgServer {
-        PgServer::start_with(Some(tls))
+        PgServer::start_with(Some(tls), None)
     }
 
-    fn start_with(tls: Option<&TlsFiles>) -> PgServer {
+    /// As [`PgServer::start`], with the server inside `netns`: it listens on
+    /// the namespace's `127.0.0.1` and on [`Netns::ns_ip`](crate::netns::Netns::ns_ip), where this
+    /// namespace reaches it across the veth link ([`PgServer::url_at`]), and
+    /// on its Unix socket, which every namespace reaches
+    /// ([`PgServer::url_via_socket`], [`PgServer::admin`], [`PgServer::psql`]).
+    /// Drop the server before the namespace.
+    pub fn start_in(netns: &crate::netns::Netns) -> PgServer {
+        PgServer::start_with(None, Some(netns))
+    }
+
+    fn start_with(tls: Option<&TlsFiles>, netns: Option<&crate::netns::Netns>) -> PgServer {
         let bin = pg_bin();
         let owner = (effective_uid() == 0).then(postgres_user);
         let unique = format!(
@@ -149,6 +161,7 @@ impl PgServer {
             port: free_port(),
             owner,
             child: None,
+            netns: netns.map(|ns| ns.path()),
         };
         server.chown(&server.dir.clone());
         let data = server.data();
@@ -176,6 +189,16 @@ impl PgServer {
             server.port,
             server.dir.display()
         );
+        if let Some(ns) = netns {
+            conf = conf.replace(
+                "listen_addresses = '127.0.0.1'",
+                &format!("listen_addresses = '127.0.0.1,{}'", ns.ns_ip()),
+            );
+            let hba_path = data.join("pg_hba.conf");
+            let mut hba = std::fs::read_to_string(&hba_path).expect("read pg_hba.conf");
+            hba.push_str(&format!("host all all {} scram-sha-256\n", ns.subnet()));
+            std::fs::write(&hba_path, hba).expect("write pg_hba.conf");
+        }
         if let Some(tls) = tls {
             let cert = server.dir.join("server.crt");
             let key = server.dir.join("server.key");
@@ -287,6 +310,22 @@ impl PgServer {
         )
     }
 
+    /// The application's URL with the server's address given as `host`
+    /// (for a server in a network namespace: [`Netns::ns_ip`](crate::netns::Netns::ns_ip)).
+    pub fn url_at(&self, host: impl std::fmt::Display) -> String {
+        format!("postgres://{USER}:{PASSWORD}@{host}:{}/{USER}", self.port)
+    }
+
+    /// The application's URL over the server's Unix socket, which works
+    /// from any network namespace.
+    pub fn url_via_socket(&self) -> String {
+        format!(
+            "postgres://{USER}:{PASSWORD}@/{USER}?host={}&port={}",
+            self.dir.display(),
+            self.port
+        )
+    }
+
     /// The application's URL for another database (see
     /// [`PgServer::create_database`]).
     pub fn url_for(&self, database: &str) -> String {
@@ -311,8 +350,27 @@ impl PgServer {
             .open(self.log())
             .expect("open the server log");
         self.chown(&self.log());
-        let child = self
-            .command("postgres")
+        let mut command = match &self.netns {
+            Some(path) => {
+                // nsenter execs postgres: the child's pid is the server's.
+                let mut command = Command::new("nsenter");
+                command.arg(format!("--net={}", path.display()));
+                if let Some((uid, gid)) = self.owner {
+                    command
+                        .arg(format!("--setuid={uid}"))
+                        .arg(format!("--setgid={gid}"));
+                }
+                command
+                    .arg("--")
+                    .arg(self.bin.join("postgres"))
+                    .env("HOME", &self.dir)
+                    .current_dir(&self.dir)
+                    .stdin(Stdio::null());
+                command
+            }
+            None => self.command("postgres"),
+        };
+        let child = command
             .arg("-D")
             .arg(self.data())
             .stdout(log.try_clone().expect("clone a file handle"))

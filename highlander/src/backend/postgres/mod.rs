@@ -61,7 +61,13 @@
 //!   `pg_hba.conf`). It needs TLS, so a CA as above;
 //! - `server_timeout=15s`, `heartbeat=1s`, `presence_poll=20ms`,
 //!   `margin=1s`: the timing of the lease argument (see the methods of
-//!   [`Postgres`] of the same names; set in code, they win).
+//!   [`Postgres`] of the same names; set in code, they win), each within a
+//!   range (1s to 24h, 10ms to 10m, 1ms to 1m, 0 to 1h), as is
+//!   `connect_timeout` (1s to 1h). `keepalives*` and `tcp_user_timeout` are
+//!   refused: the backend sets them itself.
+//!
+//! Messages and descriptions show the URL as parsed, without its password
+//! (`postgres://app@db:5432/app`), never its text.
 //!
 //! Use a direct connection or a session-pooling proxy: transaction pooling
 //! (PgBouncer's `pool_mode = transaction`) breaks session-level locks.
@@ -75,7 +81,7 @@ use tokio_postgres::config::SslMode;
 
 use super::{Backend, Session};
 use crate::service::BoxFuture;
-use crate::{Error, Result, redact_url};
+use crate::{Error, Result};
 
 mod keys;
 mod session;
@@ -177,7 +183,8 @@ impl Postgres {
         self
     }
 
-    /// How often an idle session proves it is alive (default 1 s).
+    /// How often an idle session proves it is alive (default 1 s; 10 ms to
+    /// 10 min, checked at start).
     pub fn heartbeat(mut self, every: Duration) -> Self {
         self.timing.heartbeat = Some(every);
         self
@@ -185,7 +192,8 @@ impl Postgres {
 
     /// How often a waiting node checks whether the holders it waits on are
     /// still connected (default 20 ms). One small query per interval per
-    /// waiting node, whatever the number of ids.
+    /// waiting node, whatever the number of ids. 1 ms to 1 min, checked at
+    /// start.
     pub fn presence_poll(mut self, every: Duration) -> Self {
         self.timing.poll = Some(every);
         self
@@ -194,13 +202,14 @@ impl Postgres {
     /// The server's dead-peer detection (default 15 s): how long after the
     /// last word from a silently vanished node the server ends its session,
     /// freeing its ids for others. Raised automatically when a singleton's
-    /// shutdown budget needs more.
+    /// shutdown budget needs more. 1 s to 24 h, checked at start.
     pub fn server_timeout(mut self, timeout: Duration) -> Self {
         self.timing.server_timeout = Some(timeout);
         self
     }
 
-    /// Slack for scheduling delays in the lease deadline (default 1 s).
+    /// Slack for scheduling delays in the lease deadline (default 1 s; at
+    /// most 1 h, checked at start).
     pub fn margin(mut self, margin: Duration) -> Self {
         self.timing.margin = Some(margin);
         self
@@ -208,6 +217,7 @@ impl Postgres {
 
     fn settings(&self) -> Result<Settings> {
         let parsed = parse_url(&self.url).map_err(Error::Config)?;
+        let shown = shown_url(&parsed.pg);
         let namespace = self
             .namespace
             .clone()
@@ -221,8 +231,7 @@ impl Postgres {
             (None, None, None) => None,
             (None, _, _) => {
                 return Err(Error::Config(format!(
-                    "postgres URL `{}`: a client certificate needs both sslcert= and sslkey=",
-                    redact_url(&self.url)
+                    "postgres URL `{shown}`: a client certificate needs both sslcert= and sslkey="
                 )));
             }
         };
@@ -238,8 +247,7 @@ impl Postgres {
             (Some(tls::Roots::System), Mode::Prefer) => Mode::VerifyFull,
             (Some(tls::Roots::System), mode @ (Mode::Require | Mode::VerifyCa | Mode::Disable)) => {
                 return Err(Error::Config(format!(
-                    "postgres URL `{}`: sslrootcert=system checks the server's name: use sslmode=verify-full, not {}",
-                    redact_url(&self.url),
+                    "postgres URL `{shown}`: sslrootcert=system checks the server's name: use sslmode=verify-full, not {}",
                     mode.name()
                 )));
             }
@@ -250,18 +258,16 @@ impl Postgres {
             (Mode::Disable, _) | (Mode::Prefer, None) => {
                 if client_cert.is_some() {
                     return Err(Error::Config(format!(
-                        "postgres URL `{}`: a client certificate (sslcert/sslkey) needs TLS: \
-                         add sslmode=verify-full and sslrootcert=/path/to/ca.pem (or sslrootcert=system)",
-                        redact_url(&self.url)
+                        "postgres URL `{shown}`: a client certificate (sslcert/sslkey) needs TLS: \
+                         add sslmode=verify-full and sslrootcert=/path/to/ca.pem (or sslrootcert=system)"
                     )));
                 }
                 None
             }
             (mode, None) => {
                 return Err(Error::Config(format!(
-                    "postgres URL `{}`: sslmode={} needs the CA that signed the server's certificate: \
+                    "postgres URL `{shown}`: sslmode={} needs the CA that signed the server's certificate: \
                      add sslrootcert=/path/to/ca.pem (or sslrootcert=system for the system's CAs)",
-                    redact_url(&self.url),
                     mode.name()
                 )));
             }
@@ -278,38 +284,60 @@ impl Postgres {
             }
         };
         let target = target_of(&pg);
+        let timing = {
+            let mut t = parsed.timing;
+            let set = self.timing;
+            for (method, value, range) in [
+                ("heartbeat", set.heartbeat, HEARTBEAT_RANGE),
+                ("presence_poll", set.poll, POLL_RANGE),
+                ("server_timeout", set.server_timeout, SERVER_TIMEOUT_RANGE),
+                ("margin", set.margin, MARGIN_RANGE),
+            ] {
+                if let Some(value) = value
+                    && !range.contains(&value)
+                {
+                    return Err(Error::Config(format!(
+                        "Postgres::{method}({value:?}): {}",
+                        range_text(method, range)
+                    )));
+                }
+            }
+            t.heartbeat = set.heartbeat.unwrap_or(t.heartbeat);
+            t.poll = set.poll.unwrap_or(t.poll);
+            t.server_timeout = set.server_timeout.unwrap_or(t.server_timeout);
+            t.margin = set.margin.unwrap_or(t.margin);
+            t
+        };
         Ok(Settings {
-            describe: format!("{} (namespace {namespace})", redact_url(&self.url)),
+            describe: format!("{shown} (namespace {namespace})"),
             target,
             namespace_key: namespace_key(&namespace),
             channel: format!("highlander_{:08x}", namespace_key(&namespace) as u32),
             namespace,
             pg,
             tls,
-            timing: {
-                let mut t = parsed.timing;
-                let set = self.timing;
-                t.heartbeat = set
-                    .heartbeat
-                    .unwrap_or(t.heartbeat)
-                    .max(Duration::from_millis(10));
-                t.poll = set.poll.unwrap_or(t.poll).max(Duration::from_millis(1));
-                t.server_timeout = set
-                    .server_timeout
-                    .unwrap_or(t.server_timeout)
-                    .max(Duration::from_secs(1));
-                t.margin = set.margin.unwrap_or(t.margin);
-                t
-            },
+            timing,
             batch: 5_000,
         })
+    }
+}
+
+impl Postgres {
+    /// The URL as parsed, without the password (never the raw text, which
+    /// may hold a password its author did not escape); or a placeholder
+    /// when it does not parse.
+    fn shown(&self) -> String {
+        match parse_url(&self.url) {
+            Ok(parsed) => shown_url(&parsed.pg),
+            Err(_) => "postgres://(invalid URL)".to_string(),
+        }
     }
 }
 
 impl fmt::Debug for Postgres {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Postgres")
-            .field("url", &redact_url(&self.url))
+            .field("url", &self.shown())
             .field("namespace", &self.namespace)
             .field("ca_file", &self.ca_file)
             .field("client_cert", &self.client_cert)
@@ -331,8 +359,8 @@ impl Backend for Postgres {
     fn describe(&self) -> String {
         let namespace = self.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE);
         match &self.namespace {
-            Some(_) => format!("{} (namespace {namespace})", redact_url(&self.url)),
-            None => redact_url(&self.url),
+            Some(_) => format!("{} (namespace {namespace})", self.shown()),
+            None => self.shown(),
         }
     }
 }
@@ -418,12 +446,21 @@ impl Timing {
     /// The server-side detection needed for tenures with `budget`: the
     /// configured one, raised so that the client still vouches for at least
     /// three heartbeats. Whole seconds (keepalive settings are seconds).
-    pub(crate) fn server_timeout_for(&self, budget: Duration) -> Duration {
-        let min_vouch = (self.heartbeat * 3).max(Duration::from_millis(500));
-        let needed =
-            (budget + self.margin + min_vouch).div_f64(1.0 - f64::from(self.drift_ppm) / 1e6);
+    /// `None` when it would exceed what a server takes
+    /// ([`MAX_SERVER_TIMEOUT`]): no tenure with that budget can be vouched for.
+    pub(crate) fn server_timeout_for(&self, budget: Duration) -> Option<Duration> {
+        let min_vouch = self
+            .heartbeat
+            .saturating_mul(3)
+            .max(Duration::from_millis(500));
+        let needed = budget.saturating_add(self.margin).saturating_add(min_vouch);
+        if needed > MAX_SERVER_TIMEOUT {
+            return None;
+        }
+        let needed = needed.div_f64(1.0 - f64::from(self.drift_ppm) / 1e6);
         let x = self.server_timeout.max(needed);
-        Duration::from_secs(x.as_secs() + u64::from(x.subsec_nanos() > 0))
+        let x = Duration::from_secs(x.as_secs() + u64::from(x.subsec_nanos() > 0));
+        (x <= MAX_SERVER_TIMEOUT).then_some(x)
     }
 
     /// The per-session server settings that end a silent session no sooner
@@ -445,7 +482,9 @@ impl Timing {
     /// The first server timeout a session asks for: the configured one (in
     /// whole seconds). A claim whose budget needs more raises it first.
     pub(crate) fn initial_server_timeout(&self) -> Duration {
+        // The URL's and the builder's ranges keep this far below the limit.
         self.server_timeout_for(Duration::ZERO)
+            .unwrap_or(MAX_SERVER_TIMEOUT)
     }
 }
 
@@ -505,7 +544,7 @@ struct Parsed {
     timing: Timing,
 }
 
-/// `250ms`, `3s`, `1.5s`, `2m`.
+/// `250ms`, `3s`, `1.5s`, `2m`, `1h`.
 fn parse_duration(value: &str) -> std::result::Result<Duration, String> {
     let split = value
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -518,6 +557,7 @@ fn parse_duration(value: &str) -> std::result::Result<Duration, String> {
         "ms" => number / 1000.0,
         "s" | "" => number,
         "m" => number * 60.0,
+        "h" => number * 3600.0,
         _ => return Err(format!("`{value}` is not a duration like 250ms, 3s or 2m")),
     };
     Duration::try_from_secs_f64(secs).map_err(|e| format!("`{value}`: {e}"))
@@ -527,14 +567,21 @@ fn parse_duration(value: &str) -> std::result::Result<Duration, String> {
 /// to tokio-postgres. Every message shows the URL with its password hidden.
 fn parse_url(url: &str) -> std::result::Result<Parsed, String> {
     let url = url.trim();
-    let shown = redact_url(url);
-    let bad = |why: &dyn fmt::Display| format!("invalid postgres URL `{shown}`: {why}");
-    match url.split_once("://") {
-        Some(("postgres" | "postgresql", _)) => {}
+    // Never the URL itself: a password with an unescaped `/`, `?`, `&` or
+    // `=` would defeat any redaction of the raw text.
+    let bad = |why: &dyn fmt::Display| format!("invalid postgres URL: {why}");
+    let rest = match url.split_once("://") {
+        Some(("postgres" | "postgresql", rest)) => rest,
         _ => return Err(bad(&"it must start with postgres:// or postgresql://")),
-    }
-    let (head, query) = match url.split_once('?') {
-        Some((h, q)) => (h, q),
+    };
+    // The credentials end at the first `@` (as tokio-postgres reads them):
+    // the query starts at the first `?` after it.
+    let after_credentials = url.len() - rest.len() + rest.find('@').map_or(0, |at| at + 1);
+    let (head, query) = match url[after_credentials..].find('?') {
+        Some(q) => (
+            &url[..after_credentials + q],
+            &url[after_credentials + q + 1..],
+        ),
         None => (url, ""),
     };
     let mut namespace = None;
@@ -543,6 +590,7 @@ fn parse_url(url: &str) -> std::result::Result<Parsed, String> {
     let mut client_key = None;
     let mut mode = Mode::Prefer;
     let mut timing = Timing::default();
+    let mut connect_timeout = None;
     let mut rest = Vec::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -564,12 +612,28 @@ fn parse_url(url: &str) -> std::result::Result<Parsed, String> {
                     }
                 }
             }
-            "heartbeat" => timing.heartbeat = parse_duration(value).map_err(|e| bad(&e))?,
-            "presence_poll" => timing.poll = parse_duration(value).map_err(|e| bad(&e))?,
-            "server_timeout" => {
-                timing.server_timeout = parse_duration(value).map_err(|e| bad(&e))?
+            "heartbeat" => {
+                timing.heartbeat = ranged(key, value, HEARTBEAT_RANGE).map_err(|e| bad(&e))?
             }
-            "margin" => timing.margin = parse_duration(value).map_err(|e| bad(&e))?,
+            "presence_poll" => timing.poll = ranged(key, value, POLL_RANGE).map_err(|e| bad(&e))?,
+            "server_timeout" => {
+                timing.server_timeout =
+                    ranged(key, value, SERVER_TIMEOUT_RANGE).map_err(|e| bad(&e))?
+            }
+            "margin" => timing.margin = ranged(key, value, MARGIN_RANGE).map_err(|e| bad(&e))?,
+            "connect_timeout" => {
+                connect_timeout =
+                    Some(ranged(key, value, CONNECT_TIMEOUT_RANGE).map_err(|e| bad(&e))?)
+            }
+            "keepalives"
+            | "keepalives_idle"
+            | "keepalives_interval"
+            | "keepalives_retries"
+            | "tcp_user_timeout" => {
+                return Err(bad(&format!(
+                    "`{key}` is set by the backend itself (its dead-peer timing follows server_timeout): remove it"
+                )));
+            }
             "sslcert" => client_cert = Some(PathBuf::from(decoded()?)),
             "sslkey" => client_key = Some(PathBuf::from(decoded()?)),
             "sslpassword" | "sslcrl" | "sslcrldir" => {
@@ -588,7 +652,7 @@ fn parse_url(url: &str) -> std::result::Result<Parsed, String> {
         base.push('?');
         base.push_str(&rest.join("&"));
     }
-    let pg: tokio_postgres::Config = base.parse().map_err(|e: tokio_postgres::Error| {
+    let mut pg: tokio_postgres::Config = base.parse().map_err(|e: tokio_postgres::Error| {
         let mut why = e.to_string();
         let mut source = std::error::Error::source(&e);
         while let Some(s) = source {
@@ -599,6 +663,9 @@ fn parse_url(url: &str) -> std::result::Result<Parsed, String> {
     })?;
     if pg.get_hosts().is_empty() {
         return Err(bad(&"no host"));
+    }
+    if let Some(timeout) = connect_timeout {
+        pg.connect_timeout(timeout);
     }
     Ok(Parsed {
         pg,
@@ -633,6 +700,65 @@ fn percent_decode(s: &str) -> std::result::Result<String, String> {
         }
     }
     String::from_utf8(out).map_err(|_| "a parameter is not UTF-8".to_string())
+}
+
+/// `postgres://user@host:port/db`, rebuilt from the parsed URL: never the
+/// password, never the raw text.
+fn shown_url(pg: &tokio_postgres::Config) -> String {
+    let target = target_of(pg);
+    let (hosts, user) = target.rsplit_once(" as ").unwrap_or((&target, ""));
+    match pg.get_user() {
+        Some(_) => format!("postgres://{user}@{hosts}"),
+        None => format!("postgres://{hosts}"),
+    }
+}
+
+/// The allowed ranges of the URL's (and the builder's) numbers.
+type Range = std::ops::RangeInclusive<Duration>;
+const HEARTBEAT_RANGE: Range = Duration::from_millis(10)..=Duration::from_secs(600);
+const POLL_RANGE: Range = Duration::from_millis(1)..=Duration::from_secs(60);
+const SERVER_TIMEOUT_RANGE: Range = Duration::from_secs(1)..=Duration::from_secs(86_400);
+const MARGIN_RANGE: Range = Duration::ZERO..=Duration::from_secs(3_600);
+const CONNECT_TIMEOUT_RANGE: Range = Duration::from_secs(1)..=Duration::from_secs(3_600);
+
+/// The largest dead-peer detection a session can ask the server for:
+/// `tcp_user_timeout` is a 32-bit count of milliseconds, in whole seconds.
+pub(crate) const MAX_SERVER_TIMEOUT: Duration = Duration::from_secs(i32::MAX as u64 / 1000);
+
+fn range_text(option: &str, range: Range) -> String {
+    format!(
+        "`{option}` must be a duration between {} and {}",
+        show_duration(*range.start()),
+        show_duration(*range.end())
+    )
+}
+
+/// `250ms`, `3s`, `2m`, `1h`: as the URL writes them.
+fn show_duration(d: Duration) -> String {
+    if d.is_zero() {
+        "0s".to_string()
+    } else if d.subsec_millis() != 0 {
+        format!("{}ms", d.as_millis())
+    } else if d.as_secs().is_multiple_of(3600) {
+        format!("{}h", d.as_secs() / 3600)
+    } else if d.as_secs().is_multiple_of(60) {
+        format!("{}m", d.as_secs() / 60)
+    } else {
+        format!("{}s", d.as_secs())
+    }
+}
+
+/// A duration parameter, checked against its range: one message naming the
+/// option and the range.
+fn ranged(option: &str, value: &str, range: Range) -> std::result::Result<Duration, String> {
+    match parse_duration(value) {
+        Ok(d) if range.contains(&d) => Ok(d),
+        _ => Err(format!(
+            "{} (like 250ms, 3s or 2m), not `{}`",
+            range_text(option, range),
+            value.chars().take(40).collect::<String>()
+        )),
+    }
 }
 
 /// `host:port/db as user`, for messages (never the password).
@@ -681,7 +807,12 @@ mod tests {
             let err = Postgres::new(url).settings().err().expect(url).to_string();
             assert!(!err.contains("hunter2"), "{err}");
             assert!(!err.ends_with("invalid connection string"), "{err}");
-            assert!(err.contains("app:***@db"), "{err}");
+            // The URL as parsed (never its text), or none when it does not parse.
+            assert!(
+                err.starts_with("invalid postgres URL: ")
+                    || err.contains("`postgres://app@db:5432/app`"),
+                "{err}"
+            );
         }
     }
 
@@ -764,7 +895,7 @@ mod tests {
         let x = t.initial_server_timeout();
         assert_eq!(x, Duration::from_secs(15));
         // The default budget needs no more than the default timeout.
-        assert_eq!(t.server_timeout_for(DEFAULT_SHUTDOWN), x);
+        assert_eq!(t.server_timeout_for(DEFAULT_SHUTDOWN), Some(x));
         let p = Timing::server_params(x);
         assert_eq!(
             p,
@@ -780,7 +911,7 @@ mod tests {
         assert_eq!(t.vouch(x, DEFAULT_SHUTDOWN), Duration::from_millis(8_850));
         // A 30 s budget raises the server's timeout so the client still
         // vouches for three heartbeats.
-        let x30 = t.server_timeout_for(Duration::from_secs(30));
+        let x30 = t.server_timeout_for(Duration::from_secs(30)).unwrap();
         assert!(t.vouch(x30, Duration::from_secs(30)) >= Duration::from_secs(3));
         assert!(x30 < Duration::from_secs(36));
     }
@@ -806,6 +937,104 @@ mod tests {
                 .settings()
                 .is_err()
         );
+    }
+
+    /// Numbers out of range are one clear error naming the option and its
+    /// range, never a panic later.
+    #[test]
+    fn out_of_range_numbers_are_refused_by_name() {
+        for (query, option) in [
+            ("heartbeat=10000000000000000000s", "heartbeat"),
+            ("heartbeat=1ms", "heartbeat"),
+            ("margin=10000000000000000000s", "margin"),
+            ("presence_poll=100000000000s", "presence_poll"),
+            ("presence_poll=0ms", "presence_poll"),
+            ("server_timeout=100000000000s", "server_timeout"),
+            ("server_timeout=10ms", "server_timeout"),
+            ("connect_timeout=100000000000", "connect_timeout"),
+            ("connect_timeout=soon", "connect_timeout"),
+        ] {
+            let url = format!("postgres://app:hunter2@db/app?{query}");
+            let err = Postgres::new(url)
+                .settings()
+                .err()
+                .expect(query)
+                .to_string();
+            assert!(err.contains(&format!("`{option}`")), "{err}");
+            assert!(err.contains("between"), "{err}");
+            assert!(!err.contains("hunter2"), "{err}");
+            assert!(!err.contains('\n'), "{err}");
+        }
+        let err = Postgres::new("postgres://a@h/d")
+            .heartbeat(Duration::MAX)
+            .settings()
+            .err()
+            .expect("a huge heartbeat")
+            .to_string();
+        assert!(
+            err.contains("`heartbeat` must be a duration between 10ms and 10m"),
+            "{err}"
+        );
+        let err = Postgres::new("postgres://a@h/d")
+            .margin(Duration::from_secs(u64::MAX))
+            .settings()
+            .err()
+            .expect("a huge margin")
+            .to_string();
+        assert!(err.contains("margin"), "{err}");
+        // The backend sets these itself: refused rather than ignored.
+        for query in ["keepalives_idle=5", "tcp_user_timeout=100", "keepalives=0"] {
+            let url = format!("postgres://app:hunter2@db/app?{query}");
+            let err = Postgres::new(url)
+                .settings()
+                .err()
+                .expect(query)
+                .to_string();
+            assert!(err.contains("set by the backend"), "{err}");
+        }
+    }
+
+    /// Any stop budget: the timing arithmetic never panics.
+    #[test]
+    fn huge_budgets_do_not_panic() {
+        let t = Timing::default();
+        assert_eq!(t.server_timeout_for(Duration::MAX), None);
+        let days = Duration::from_secs(30 * 86_400);
+        assert_eq!(t.server_timeout_for(days), None);
+        let x = t
+            .server_timeout_for(Duration::from_secs(20 * 86_400))
+            .unwrap();
+        assert!(x <= MAX_SERVER_TIMEOUT);
+        let _ = t.vouch(x, Duration::MAX);
+        assert!(Timing::server_params(x).user_timeout_ms <= i32::MAX as u64);
+    }
+
+    /// Passwords with characters a URL should have escaped (`/`, `?`, `&`,
+    /// `=`) never appear in a message or description.
+    #[test]
+    fn odd_passwords_never_show() {
+        for url in [
+            "postgres://app:pa/ss?wo=rd&x@db/app?bogus=1",
+            "postgres://app:pa/ss?wo=rd&x@db/app?heartbeat=soon",
+            "postgres://app:pa/ss?wo=rd&x@db/app",
+            "postgres://app:pa?ss@db:notaport/app",
+            "postgres://app:s3cr/t@db/app?sslmode=require",
+        ] {
+            let pg = Postgres::new(url);
+            let mut shown = vec![format!("{pg:?}"), pg.describe()];
+            match pg.settings() {
+                Ok(s) => shown.push(s.describe.clone()),
+                Err(e) => shown.push(e.to_string()),
+            }
+            if let Err(e) = from_url(url) {
+                shown.push(e.to_string());
+            }
+            for text in shown {
+                for secret in ["pa/ss", "ss?wo", "wo=rd", "rd&x", "pa?ss", "s3cr"] {
+                    assert!(!text.contains(secret), "{url}: {text}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::future::{Future, poll_fn};
 use std::hash::{BuildHasher, Hasher};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -21,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::keys::lock_key;
-use super::{Settings, Timing, sql};
+use super::{MAX_SERVER_TIMEOUT, Settings, Timing, sql};
 use crate::backend::{
     Claim, ClaimRequest, HeldId, Holder, Lease, LeaseEnd, LeaseSignal, Member, Session,
 };
@@ -36,6 +37,22 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
 /// The server aborts any of our statements that runs longer, so a stuck
 /// statement cannot hold the heartbeats queued behind it past the deadline.
 const STATEMENT_TIMEOUT_MS: u64 = 5_000;
+/// The client socket's `TCP_USER_TIMEOUT`: as long as the longest
+/// dead-peer detection a session can ask the server for, so that the
+/// client's kernel never gives up on the connection before the server
+/// could. The session closes the connection itself (see `drive`).
+const CLIENT_USER_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
+/// While a claim is in flight, at most this many owners' releases and
+/// deaths are remembered one by one; past it, every owner counts as moved
+/// (waiters retry once for nothing, nothing is missed).
+const MAX_EVENTS: usize = 4_096;
+/// A notification longer than this is not ours: ignored.
+const MAX_PAYLOAD: usize = 8_000;
+/// Releases name their keys only when they are at most this many.
+const MAX_PAYLOAD_KEYS: usize = 300;
+/// Parsed releases queued between the connection task and the driver; past
+/// this the task drops them and the driver wakes every waiter instead.
+const RELEASE_QUEUE: usize = 1_024;
 /// A claim that found its row free but did not get it is retried this
 /// many times at once before it waits a probe interval.
 const FREE_RETRIES: u8 = 3;
@@ -67,11 +84,23 @@ struct State {
     held: HashMap<i64, Held>,
     /// Waiting claims, by the owner (presence number) that holds their id.
     waiters: HashMap<i32, Vec<(i64, oneshot::Sender<()>)>>,
-    /// The sequence number of the last release or death seen per owner.
+    /// While a claim is in flight: the sequence number of the last release
+    /// or death seen per owner since it was sent (at most [`MAX_EVENTS`]).
     events: HashMap<i32, u64>,
+    /// More owners moved than `events` holds: treat every owner as moved.
+    events_overflow: bool,
+    /// A claim batch is in flight (only then are `events` kept).
+    claim_in_flight: bool,
     seq: u64,
     /// Keys whose row is known to exist (rows are never deleted).
     known: HashSet<i64>,
+}
+
+impl State {
+    /// Whether `owner` released or died after a claim sent at `seq0`.
+    fn owner_moved(&self, owner: i32, seq0: u64) -> bool {
+        self.events_overflow || self.events.get(&owner).is_some_and(|&s| s > seq0)
+    }
 }
 
 #[derive(Clone)]
@@ -117,7 +146,7 @@ struct Live {
     /// This session's presence number: it holds `(namespace_key, me)`.
     me: i32,
     conn: ConnTask,
-    notifications: mpsc::UnboundedReceiver<String>,
+    releases: Releases,
     /// The server's dead-peer detection in force for this session.
     x: Duration,
     /// Send time of the latest successful round trip, and the detection in
@@ -137,6 +166,26 @@ impl Live {
     fn deadline(&self, timing: &Timing, budget: Duration) -> Instant {
         self.last_ok + timing.vouch(self.last_ok_x, budget)
     }
+}
+
+/// A release heard on the namespace's channel: the owner, and the keys it
+/// released when it named them.
+type Release = (i32, Option<HashSet<i64>>);
+
+/// The releases the connection task hears, parsed, in a bounded queue.
+/// When the driver falls behind (a flood of notifications, which any role
+/// may send), the task drops them and raises `lost`, and the driver wakes
+/// every waiter instead: a few retries for nothing, no missed wake-up, and
+/// no memory growing with the flood.
+struct Releases {
+    rx: mpsc::Receiver<Release>,
+    lost: Arc<Lost>,
+}
+
+#[derive(Default)]
+struct Lost {
+    flag: AtomicBool,
+    notify: Notify,
 }
 
 /// The task that drives the connection; aborted (closing the socket) when
@@ -482,6 +531,8 @@ fn lose(inner: &Inner, why: &str) {
     }
     st.waiters.clear();
     st.events.clear();
+    st.events_overflow = false;
+    st.claim_in_flight = false;
     st.seq += 1;
 }
 
@@ -494,14 +545,26 @@ async fn maybe<T>(fut: &mut Pending<T>) -> T {
     }
 }
 
+/// What a sent claim batch returned: the send time, the granted rows and
+/// the status rows; `None` when nothing was sent.
+type ClaimResult = std::result::Result<
+    Option<(Instant, Vec<tokio_postgres::Row>, Vec<tokio_postgres::Row>)>,
+    tokio_postgres::Error,
+>;
+
 struct ClaimDone {
+    /// The claims sent (none when the raise they all needed failed).
     batch: Vec<PendingClaim>,
+    /// Claims not sent because the raise of the server's timeout their
+    /// budget needed failed, and why.
+    refused: Vec<PendingClaim>,
+    raise_error: Option<(Duration, tokio_postgres::Error)>,
     seq0: u64,
+    /// The server timeout in force when the claims were sent.
     x: Duration,
-    result: std::result::Result<
-        (Instant, Vec<tokio_postgres::Row>, Vec<tokio_postgres::Row>),
-        tokio_postgres::Error,
-    >,
+    /// Set only when the server took the raise.
+    raised: Option<Duration>,
+    result: ClaimResult,
 }
 
 struct ReleaseDone {
@@ -583,18 +646,18 @@ async fn run_epoch(inner: &Arc<Inner>, live: &mut Live) -> Ended {
                 probe = None;
                 finish_probe(inner, live, done);
             }
-            Some(payload) = live.notifications.recv() => {
-                // `owner`, or `owner:key,key,…` when it released a few ids.
-                let (owner, keys) = match payload.split_once(':') {
-                    Some((owner, keys)) => (owner, Some(keys)),
-                    None => (payload.as_str(), None),
-                };
-                let keys: Option<HashSet<i64>> =
-                    keys.map(|k| k.split(',').filter_map(|k| k.parse().ok()).collect());
-                if let Ok(owner) = owner.trim().parse::<i32>()
-                    && owner != live.me {
-                        owner_changed(&mut inner.lock(), owner, keys.as_ref());
-                    }
+            Some((owner, keys)) = live.releases.rx.recv() => {
+                // A forged release (any role may NOTIFY) only makes the
+                // named owner's waiters retry once.
+                if owner != live.me {
+                    owner_changed(&mut inner.lock(), owner, keys.as_ref());
+                }
+            }
+            _ = live.releases.lost.notify.notified() => {
+                if live.releases.lost.flag.swap(false, Ordering::AcqRel) {
+                    debug!(node = %inner.node, "notifications were dropped: every waiter retries");
+                    wake_all(&mut inner.lock());
+                }
             }
             _ = sleep_until(probe_at), if probe.is_none() => {
                 last_probe = Instant::now();
@@ -605,15 +668,64 @@ async fn run_epoch(inner: &Arc<Inner>, live: &mut Live) -> Ended {
     }
 }
 
+/// A release's notification: `owner`, or `owner:key,key,…` (at most
+/// [`MAX_PAYLOAD_KEYS`] keys) when it released a few ids. `None` for
+/// anything else.
+fn parse_release(payload: &str) -> Option<(i32, Option<HashSet<i64>>)> {
+    if payload.len() > MAX_PAYLOAD {
+        return None;
+    }
+    let (owner, keys) = match payload.split_once(':') {
+        Some((owner, keys)) => (owner, Some(keys)),
+        None => (payload, None),
+    };
+    let owner: i32 = owner.parse().ok()?;
+    let keys = match keys {
+        None => None,
+        Some(keys) => {
+            let keys: Vec<&str> = keys.split(',').collect();
+            if keys.len() > MAX_PAYLOAD_KEYS {
+                return None;
+            }
+            Some(
+                keys.into_iter()
+                    .map(|k| k.parse::<i64>().ok())
+                    .collect::<Option<HashSet<i64>>>()?,
+            )
+        }
+    };
+    Some((owner, keys))
+}
+
+/// Releases may have been missed: every waiter retries, and so does the
+/// claim in flight for any id it finds held.
+fn wake_all(st: &mut State) {
+    let owners: Vec<i32> = st.waiters.keys().copied().collect();
+    for owner in owners {
+        owner_changed(st, owner, None);
+    }
+    if st.claim_in_flight {
+        st.events_overflow = true;
+    }
+}
+
 /// Something happened to `owner`: it released `keys` (or some ids, when
 /// `None`), or its session ended (`None`). Wakes the claims waiting on
 /// those ids.
 fn owner_changed(st: &mut State, owner: i32, keys: Option<&HashSet<i64>>) {
     st.seq += 1;
     let seq = st.seq;
-    // Claims in flight that saw this owner retry at once (at worst once
-    // for nothing, when it released other ids).
-    st.events.insert(owner, seq);
+    // The claim in flight, if it saw this owner, retries at once (at worst
+    // once for nothing, when it released other ids). Only that claim reads
+    // these, so nothing is kept while none is in flight, and never more
+    // than MAX_EVENTS owners.
+    if st.claim_in_flight {
+        if st.events.len() < MAX_EVENTS || st.events.contains_key(&owner) {
+            st.events.insert(owner, seq);
+        } else {
+            st.events_overflow = true;
+        }
+    }
     let Some(waiters) = st.waiters.get_mut(&owner) else {
         return;
     };
@@ -637,25 +749,46 @@ fn owner_changed(st: &mut State, owner: i32, keys: Option<&HashSet<i64>>) {
 
 fn start_claims(inner: &Arc<Inner>, live: &Live) -> Pending<ClaimDone> {
     let settings = &inner.settings;
+    let timing = settings.timing;
     let mut st = inner.lock();
     if st.claims.is_empty() {
         return None;
     }
     let n = st.claims.len().min(settings.batch);
-    let batch: Vec<PendingClaim> = st.claims.drain(..n).collect();
+    let mut batch: Vec<PendingClaim> = Vec::with_capacity(n);
+    for c in st.claims.drain(..n) {
+        if timing.server_timeout_for(c.budget).is_some() {
+            batch.push(c);
+            continue;
+        }
+        // No server takes a dead-peer timeout long enough to vouch for it.
+        let _ = c.reply.send(Err(Error::Backend(format!(
+            "postgres at {}: id `{}`: a stop budget of {:?} is too long for this backend: \
+             the server's dead-peer timeout would have to exceed {:?}, the most Postgres takes",
+            settings.target, c.id, c.budget, MAX_SERVER_TIMEOUT
+        ))));
+    }
+    if batch.is_empty() {
+        return None;
+    }
     let seq0 = st.seq;
-    let (new_keys, new_ids): (Vec<i64>, Vec<String>) = batch
+    // Only this claim reads the owners' events, and only those after seq0.
+    st.events.clear();
+    st.events_overflow = false;
+    st.claim_in_flight = true;
+    let new: HashSet<i64> = batch
         .iter()
         .filter(|c| !st.known.contains(&c.key))
-        .map(|c| (c.key, c.id.to_string()))
-        .unzip();
+        .map(|c| c.key)
+        .collect();
     drop(st);
-    let max_budget = batch.iter().map(|c| c.budget).max().unwrap_or_default();
-    let needed = settings.timing.server_timeout_for(max_budget);
+    let needed = batch
+        .iter()
+        .filter_map(|c| timing.server_timeout_for(c.budget))
+        .max()
+        .unwrap_or_default();
     let raise = (needed > live.x).then_some(needed);
-    let x = raise.unwrap_or(live.x);
-    let keys: Vec<i64> = batch.iter().map(|c| c.key).collect();
-    let ids: Vec<String> = batch.iter().map(|c| c.id.to_string()).collect();
+    let live_x = live.x;
     let client = live.client.clone();
     let stmts = live.stmts.clone();
     let me = live.me;
@@ -663,22 +796,46 @@ fn start_claims(inner: &Arc<Inner>, live: &Live) -> Pending<ClaimDone> {
     let namespace = settings.namespace.clone();
     let namespace_key = settings.namespace_key;
     Some(Box::pin(async move {
-        let result = async {
-            if let Some(x) = raise {
-                let p = Timing::server_params(x);
-                let values = [
-                    p.user_timeout_ms.to_string(),
-                    p.idle.to_string(),
-                    p.interval.to_string(),
-                    p.count.to_string(),
-                ];
-                client
-                    .query(
-                        sql::RAISE_TIMEOUTS,
-                        &[&values[0], &values[1], &values[2], &values[3]],
-                    )
-                    .await?;
+        let mut x = live_x;
+        let mut raised = None;
+        let mut raise_error = None;
+        if let Some(target) = raise {
+            let p = Timing::server_params(target);
+            let values = [
+                p.user_timeout_ms.to_string(),
+                p.idle.to_string(),
+                p.interval.to_string(),
+                p.count.to_string(),
+            ];
+            match client
+                .query(
+                    sql::RAISE_TIMEOUTS,
+                    &[&values[0], &values[1], &values[2], &values[3]],
+                )
+                .await
+            {
+                Ok(_) => {
+                    raised = Some(target);
+                    x = target;
+                }
+                Err(e) => raise_error = Some((target, e)),
             }
+        }
+        // Without the raise, only ids the session's timeout covers go out.
+        let (batch, refused): (Vec<PendingClaim>, Vec<PendingClaim>) = batch
+            .into_iter()
+            .partition(|c| timing.server_timeout_for(c.budget).is_some_and(|t| t <= x));
+        let result = async {
+            if batch.is_empty() {
+                return Ok(None);
+            }
+            let (new_keys, new_ids): (Vec<i64>, Vec<String>) = batch
+                .iter()
+                .filter(|c| new.contains(&c.key))
+                .map(|c| (c.key, c.id.to_string()))
+                .unzip();
+            let keys: Vec<i64> = batch.iter().map(|c| c.key).collect();
+            let ids: Vec<String> = batch.iter().map(|c| c.id.to_string()).collect();
             let sent = Instant::now();
             // Sent back to back on the one connection: insert the missing
             // rows, claim, then read who holds the rest (a fresh snapshot).
@@ -697,13 +854,16 @@ fn start_claims(inner: &Arc<Inner>, live: &Live) -> Pending<ClaimDone> {
             let claimed = client.query(&stmts.claim, &claim_params);
             let status = client.query(&stmts.status, &status_params);
             let (_, claimed, status) = tokio::try_join!(insert, claimed, status)?;
-            Ok((sent, claimed, status))
+            Ok(Some((sent, claimed, status)))
         }
         .await;
         ClaimDone {
             batch,
+            refused,
+            raise_error,
             seq0,
             x,
+            raised,
             result,
         }
     }))
@@ -718,13 +878,47 @@ fn finish_claims(
     let settings = &inner.settings;
     let ClaimDone {
         batch,
+        refused,
+        raise_error,
         seq0,
         x,
+        raised,
         result,
     } = done;
-    live.x = live.x.max(x);
+    // Recorded only once the server has taken it: a failed raise leaves the
+    // session's detection (and so every deadline) where it was.
+    if let Some(raised) = raised {
+        live.x = live.x.max(raised);
+    }
+    let result = finish_claims_sent(inner, live, batch, seq0, x, result, budget);
+    if let Some((target, e)) = raise_error {
+        let err = query_error(settings, "raising the dead-peer timeout", &e);
+        debug!(node = %inner.node, error = %err, ids = refused.len(), "raise failed");
+        for c in refused {
+            let _ = c.reply.send(Err(Error::Backend(format!(
+                "{err} (id `{}` needs the server to wait {target:?} for a silent node, for its stop budget of {:?})",
+                c.id, c.budget
+            ))));
+        }
+    }
+    inner.lock().claim_in_flight = false;
+    result
+}
+
+/// The claims that were sent: grants, waits, retries.
+fn finish_claims_sent(
+    inner: &Arc<Inner>,
+    live: &mut Live,
+    batch: Vec<PendingClaim>,
+    seq0: u64,
+    x: Duration,
+    result: ClaimResult,
+    budget: &mut Duration,
+) -> std::result::Result<(), String> {
+    let settings = &inner.settings;
     let (sent, claimed, status) = match result {
-        Ok(r) => r,
+        Ok(Some(r)) => r,
+        Ok(None) => return Ok(()),
         Err(e) => {
             let err = query_error(settings, "claim", &e);
             debug!(node = %inner.node, error = %err, ids = batch.len(), "claim batch failed");
@@ -797,17 +991,16 @@ fn finish_claims(
                     node: node.unwrap_or_default(),
                     token: Some(token as u64),
                 });
-                let wake: BoxFuture<'static, ()> =
-                    if st.events.get(&owner).is_some_and(|&s| s > seq0) {
-                        // It released or died after our snapshot: try again.
-                        Box::pin(async {})
-                    } else {
-                        let (tx, rx) = oneshot::channel();
-                        st.waiters.entry(owner).or_default().push((c.key, tx));
-                        Box::pin(async move {
-                            let _ = rx.await;
-                        })
-                    };
+                let wake: BoxFuture<'static, ()> = if st.owner_moved(owner, seq0) {
+                    // It released or died after our snapshot: try again.
+                    Box::pin(async {})
+                } else {
+                    let (tx, rx) = oneshot::channel();
+                    st.waiters.entry(owner).or_default().push((c.key, tx));
+                    Box::pin(async move {
+                        let _ = rx.await;
+                    })
+                };
                 let _ = c.reply.send(Ok(Claim::Busy { holder, wake }));
             }
             _ if c.retries < FREE_RETRIES => {
@@ -962,20 +1155,27 @@ async fn open_inner(inner: &Arc<Inner>) -> std::result::Result<Live, ConnectErro
         _ => options,
     };
     config.options(options);
-    // The client's own dead-peer detection: only makes the connection fail
-    // sooner; the lease deadline does not depend on it.
-    let vouch = timing.vouch(x, Duration::ZERO);
+    // The client's kernel must never end the connection before the server
+    // could: if it did while the link is down (a peer's unacknowledged data
+    // times out), its answer to the server's next packet once the link is
+    // back would be a reset, and the server would free the ids at once,
+    // however long the instances still need to stop. Each session raises
+    // the server's detection when a stop budget needs it, so the client's
+    // is the longest a session can ask for; with it set, Linux keepalives
+    // give up no sooner either. The session's own deadline notices a dead
+    // link, and it closes the connection itself once its instances have
+    // stopped (see `drive`).
     config
         .keepalives(true)
         .keepalives_idle(Duration::from_secs(2))
         .keepalives_interval(Duration::from_secs(1))
         .keepalives_retries(3)
-        .tcp_user_timeout(vouch);
+        .tcp_user_timeout(CLIENT_USER_TIMEOUT);
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(5));
     }
     let connect_err = |e: tokio_postgres::Error| classify(settings, &e);
-    let (client, conn, notifications) = match &settings.tls {
+    let (client, conn, releases) = match &settings.tls {
         Some(tls) => {
             let (client, conn) = config
                 .connect(MakeRustlsConnect::new((**tls).clone()))
@@ -992,15 +1192,29 @@ async fn open_inner(inner: &Arc<Inner>) -> std::result::Result<Live, ConnectErro
     };
     let client = Arc::new(client);
     let setup = async {
-        let exists: bool = client.query_one(sql::TABLE_EXISTS, &[]).await?.get(0);
+        let row = client.query_one(sql::TABLE_EXISTS, &[]).await?;
+        let (exists, version): (bool, i32) = (row.get(0), row.get(1));
         if !exists {
             client
                 .batch_execute(&sql::create_table(ddl_lock_key()))
                 .await?;
         }
+        if version >= 140_000 {
+            // Would end a quiet session (and free its ids) sooner than the
+            // dead-peer detection the node vouches against.
+            client.batch_execute(sql::NO_IDLE_TIMEOUT).await?;
+        }
         let row = client.query_one(sql::SETTINGS, &[]).await?;
-        let version: i32 = row.get(5);
         let tcp: bool = row.get(4);
+        let idle_timeout: Option<String> = row.get(6);
+        if version >= 140_000 && idle_timeout.as_deref() != Some("0") {
+            warn!(
+                node = %inner.node,
+                "postgres at {} did not take idle_session_timeout = 0 for this session (got {idle_timeout:?}): \
+                 a quiet session may be ended, and its ids freed, before this node stops its instances",
+                settings.target
+            );
+        }
         let read = |i: usize| {
             row.get::<_, Option<String>>(i)
                 .and_then(|s| s.parse::<u64>().ok())
@@ -1099,7 +1313,7 @@ async fn open_inner(inner: &Arc<Inner>) -> std::result::Result<Live, ConnectErro
         stmts: Arc::new(stmts),
         me,
         conn,
-        notifications,
+        releases,
         x,
         last_ok: sent,
         last_ok_x: x,
@@ -1108,22 +1322,34 @@ async fn open_inner(inner: &Arc<Inner>) -> std::result::Result<Live, ConnectErro
 
 /// Drives the connection on its own task (so that loss is seen at once,
 /// whatever the session is doing) and forwards the namespace's
-/// notifications. Ends with why the connection ended.
+/// releases heard on the namespace's channel (see [`Releases`]). Ends with
+/// why the connection ended.
 fn spawn_connection<S, T>(
     mut conn: Connection<S, T>,
     channel: String,
-) -> (JoinHandle<String>, mpsc::UnboundedReceiver<String>)
+) -> (JoinHandle<String>, Releases)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::channel(RELEASE_QUEUE);
+    let lost = Arc::new(Lost::default());
+    let lost_tx = lost.clone();
     let task = tokio::spawn(async move {
         loop {
             match poll_fn(|cx| conn.poll_message(cx)).await {
                 Some(Ok(AsyncMessage::Notification(n))) => {
-                    if n.channel() == channel {
-                        let _ = tx.send(n.payload().to_string());
+                    // Any role may NOTIFY the channel: what is not exactly a
+                    // release's payload is ignored here.
+                    let release = (n.channel() == channel)
+                        .then(|| parse_release(n.payload()))
+                        .flatten();
+                    if let Some(release) = release {
+                        // Never wait here: this task drives the connection.
+                        if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(release) {
+                            lost_tx.flag.store(true, Ordering::Release);
+                            lost_tx.notify.notify_one();
+                        }
                     }
                 }
                 Some(Ok(AsyncMessage::Notice(notice))) => {
@@ -1135,7 +1361,7 @@ where
             }
         }
     });
-    (task, rx)
+    (task, Releases { rx, lost })
 }
 
 /// The advisory lock that serializes creating the table, across every
@@ -1254,4 +1480,74 @@ fn holder_of(token: i64, app: Option<String>, node: Option<String>) -> Holder {
         _ => app,
     };
     Holder::new(node, Some(token as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A flood of releases by distinct owners (or of forged notifications
+    /// naming them) leaves the per-owner bookkeeping bounded: nothing is
+    /// kept while no claim is in flight, at most MAX_EVENTS owners while
+    /// one is, and past that every owner counts as moved (nothing missed).
+    #[test]
+    fn owner_events_stay_bounded() {
+        let mut st = State::default();
+        for owner in 0..200_000 {
+            owner_changed(&mut st, owner, None);
+        }
+        assert!(st.events.len() <= MAX_EVENTS, "{}", st.events.len());
+        st.claim_in_flight = true;
+        let seq0 = st.seq;
+        owner_changed(&mut st, 7, None);
+        assert!(st.owner_moved(7, seq0));
+        assert!(!st.owner_moved(8, seq0));
+        for owner in 0..200_000 {
+            owner_changed(&mut st, owner, None);
+        }
+        assert!(st.events.len() <= MAX_EVENTS, "{}", st.events.len());
+        assert!(st.owner_moved(199_999, seq0));
+        assert!(st.owner_moved(-5, seq0), "past the bound every owner moved");
+    }
+
+    /// When releases were dropped, every waiter is woken, and the claim in
+    /// flight retries whatever holder it finds.
+    #[test]
+    fn lost_releases_wake_every_waiter() {
+        let mut st = State::default();
+        let (tx1, mut rx1) = oneshot::channel();
+        let (tx2, mut rx2) = oneshot::channel();
+        st.waiters.entry(1).or_default().push((10, tx1));
+        st.waiters.entry(2).or_default().push((20, tx2));
+        st.claim_in_flight = true;
+        let seq0 = st.seq;
+        wake_all(&mut st);
+        assert!(rx1.try_recv().is_ok() && rx2.try_recv().is_ok());
+        assert!(st.waiters.is_empty());
+        assert!(st.owner_moved(12_345, seq0));
+    }
+
+    /// Only a release's exact payload counts; junk from any role is ignored.
+    #[test]
+    fn only_release_payloads_are_read() {
+        assert_eq!(parse_release("42"), Some((42, None)));
+        assert_eq!(
+            parse_release("-7:1,-2"),
+            Some((-7, Some(HashSet::from([1, -2]))))
+        );
+        for junk in [
+            "",
+            "x",
+            " 42",
+            "42:",
+            "42:1,,2",
+            "42:1,x",
+            "99999999999",
+            "1:2:3",
+            &"1".repeat(9_000),
+            &format!("1:{}", vec!["5"; 301].join(",")),
+        ] {
+            assert_eq!(parse_release(junk), None, "{junk:.40}");
+        }
+    }
 }

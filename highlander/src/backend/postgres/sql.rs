@@ -5,8 +5,16 @@
 pub(super) const TABLE: &str = "highlander_leases";
 
 /// True when the table exists (checked first, so that a role without
-/// `CREATE` on the schema can use a table an administrator made).
-pub(super) const TABLE_EXISTS: &str = "SELECT to_regclass('highlander_leases') IS NOT NULL";
+/// `CREATE` on the schema can use a table an administrator made), and the
+/// server's version number.
+pub(super) const TABLE_EXISTS: &str = "SELECT to_regclass('highlander_leases') IS NOT NULL, \
+     current_setting('server_version_num')::int";
+
+/// Postgres 14+: a session idle for `idle_session_timeout` is ended, which
+/// would free its ids long before the dead-peer detection the node vouches
+/// against. Off for this session (a plain `SET`: it needs no privilege, not
+/// even on `set_config`).
+pub(super) const NO_IDLE_TIMEOUT: &str = "SET idle_session_timeout = 0";
 
 /// Creates the table. Serialized across every node by a transaction-level
 /// advisory lock, because two concurrent `CREATE TABLE IF NOT EXISTS` can
@@ -40,15 +48,17 @@ pub(super) const PRESENCE: &str = "SELECT pg_try_advisory_lock($1::int4, $2::int
 /// Gives a presence lock back. `$1` namespace key, `$2` owner.
 pub(super) const UNLOCK: &str = "SELECT pg_advisory_unlock($1::int4, $2::int4)";
 
-/// Reads back the dead-peer settings in force for this session, and whether
-/// it runs over TCP (they are ignored on Unix sockets).
+/// Reads back the dead-peer settings in force for this session, whether it
+/// runs over TCP (they are ignored on Unix sockets), the version, and
+/// `idle_session_timeout` (NULL before Postgres 14).
 pub(super) const SETTINGS: &str = "SELECT \
      (SELECT setting FROM pg_settings WHERE name = 'tcp_user_timeout'), \
      (SELECT setting FROM pg_settings WHERE name = 'tcp_keepalives_idle'), \
      (SELECT setting FROM pg_settings WHERE name = 'tcp_keepalives_interval'), \
      (SELECT setting FROM pg_settings WHERE name = 'tcp_keepalives_count'), \
      inet_client_addr() IS NOT NULL, \
-     current_setting('server_version_num')::int";
+     current_setting('server_version_num')::int, \
+     (SELECT setting FROM pg_settings WHERE name = 'idle_session_timeout')";
 
 /// Raises the server's dead-peer detection for this session (never lowers
 /// it). `$1`..`$4`: tcp_user_timeout (ms), keepalives idle, interval (s),
