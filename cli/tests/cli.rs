@@ -51,13 +51,26 @@ fn stdout(out: &Output) -> String {
     String::from_utf8(out.stdout.clone()).expect("utf-8 output")
 }
 
-/// The holder of each id as the node processes reported it.
+/// The holder of each id as the node processes reported it (their first
+/// START each, in whatever order they come).
 async fn holders(fleet: &mut Fleet, ids: &[&str]) -> Vec<(String, String, u64)> {
-    let mut out = Vec::new();
-    for id in ids {
-        let e = fleet.wait_start(id, GUARD).await;
-        out.push((e.id, e.node, e.token));
+    let started = |fleet: &Fleet, id: &str| {
+        fleet
+            .history
+            .iter()
+            .find(|e| e.kind == EventKind::Start && e.id == id)
+            .map(|e| (e.id.clone(), e.node.clone(), e.token))
+    };
+    let deadline = tokio::time::Instant::now() + GUARD;
+    while ids.iter().any(|id| started(fleet, id).is_none()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not every id started: {:#?}",
+            fleet.history
+        );
+        fleet.next_event(Duration::from_millis(100)).await;
     }
+    let mut out: Vec<_> = ids.iter().filter_map(|id| started(fleet, id)).collect();
     out.sort();
     out
 }
