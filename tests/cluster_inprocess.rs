@@ -1098,3 +1098,32 @@ async fn a_sync_larger_than_one_frame_reaches_a_joining_node() {
     b.close().await;
     a.close().await;
 }
+
+/// A node bound to port 0 tells its address before any member list: on
+/// `0.0.0.0` it advertises none, yet another node can dial it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_on_port_zero_tells_its_bound_address() {
+    let log = Log::default();
+    let cluster = Cluster::new("0.0.0.0:0").cookie(LONG_COOKIE);
+    assert_eq!(cluster.local_addr(), None, "not started yet");
+    let a = start("a", cluster.clone(), &["solo"], &log).await;
+    let bound = cluster.local_addr().expect("the bound address");
+    assert!(bound.ip().is_unspecified() && bound.port() != 0, "{bound}");
+    let own = a.members().await.unwrap();
+    assert_eq!(own[0].address, None, "a advertises no address on 0.0.0.0");
+    let b = start(
+        "b",
+        Cluster::new("127.0.0.1:0")
+            .cookie(LONG_COOKIE)
+            .seeds([format!("127.0.0.1:{}", bound.port())]),
+        &["solo"],
+        &log,
+    )
+    .await;
+    wait_members(&a, 2).await;
+    wait_members(&b, 2).await;
+    wait_runners(&[a.clone(), b.clone()], "solo", 1).await;
+    for n in [a, b] {
+        n.shutdown().await;
+    }
+}
