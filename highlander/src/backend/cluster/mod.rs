@@ -16,8 +16,12 @@
 //!   (default 1 s; idle connections carry a heartbeat every 200 ms).
 //! - **Authentication.** Each connection starts with an HMAC-SHA256
 //!   challenge-response over fresh nonces from both sides: the cookie itself
-//!   never crosses the wire. A peer with another cookie is refused and the
-//!   refusal logged once. Without a cookie a node only listens on loopback.
+//!   never crosses the wire; the proofs cover every field of the handshake
+//!   (names, incarnations, addresses, ports, version), so none can be
+//!   rewritten on the path. A peer with another cookie is refused and the
+//!   refusal logged (at most once a minute per address). Without a cookie a
+//!   node only listens on loopback; an empty cookie is refused, and off
+//!   loopback one shorter than 16 bytes.
 //!   Every frame after the handshake is sealed with ChaCha20-Poly1305 under
 //!   keys derived from the cookie and that handshake: unreadable on the
 //!   path, and an altered or replayed frame closes the connection.
@@ -38,7 +42,9 @@
 //!   one above the highest token seen for the id (from holders and from the
 //!   arbiter) and at least the wall clock in milliseconds. Within a connected
 //!   cluster they strictly grow per id; across a split two sides may issue
-//!   tokens concurrently, which differ in their low bits.
+//!   tokens concurrently, which differ in their low bits. After a full
+//!   restart only the wall clock carries them on (nothing is kept on disk):
+//!   a clock set back can make them smaller than before the restart.
 //!
 //! `docs/cluster.md` has the protocol, the numbers and the limits.
 
