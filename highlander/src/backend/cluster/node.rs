@@ -45,8 +45,8 @@ const REFUSED_REDIAL: Duration = Duration::from_secs(2);
 /// Handshakes not yet authenticated, at most, per node and per source
 /// address: beyond them a new connection is closed at once, so strangers
 /// cannot use up the process's file descriptors or lock members out.
-const MAX_HANDSHAKES: usize = 64;
-const MAX_HANDSHAKES_PER_SOURCE: usize = 8;
+const MAX_HANDSHAKES: usize = 128;
+const MAX_HANDSHAKES_PER_SOURCE: usize = 16;
 /// A warning about a stranger is written at most this often per kind and
 /// source address.
 const WARN_EVERY: Duration = Duration::from_secs(60);
@@ -1807,6 +1807,9 @@ impl Node {
                 if self.may_warn("self-dial", addr) {
                     info!(node = %self.name, %addr, "the node at this address says it is this node, without proof; dialing it again later");
                 }
+                // Unproven: handled as any refusal, a redial after
+                // REFUSED_REDIAL (only this node's own acceptor can show a
+                // dial reached itself).
                 return Dialed::Rejected(RejectReason::Version);
             }
             RejectReason::Duplicate => {}
