@@ -324,8 +324,27 @@ pub struct IdleFlood {
 }
 
 impl IdleFlood {
-    /// Starts the flood.
+    /// Starts the flood. Raises this process's open-file limit as far as
+    /// needed (panics when the hard limit does not allow `count` sockets).
     pub fn start(target: SocketAddr, source: IpAddr, count: usize) -> IdleFlood {
+        use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+        let limit = getrlimit(Resource::Nofile);
+        let want = count as u64 + 1024;
+        if limit.current.is_some_and(|n| n < want) {
+            assert!(
+                limit.maximum.is_none_or(|max| max >= want),
+                "the flood needs {want} open files; the hard limit is {:?} (raise it with ulimit -Hn)",
+                limit.maximum
+            );
+            setrlimit(
+                Resource::Nofile,
+                Rlimit {
+                    current: Some(want),
+                    maximum: limit.maximum,
+                },
+            )
+            .expect("raise the open-file limit");
+        }
         let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let tasks = (0..count)
             .map(|_| {
