@@ -445,7 +445,7 @@ async fn no_cookie_refuses_a_public_listen_address() {
     // The same with a cookie from the builder starts.
     let ok = Runtime::builder()
         .node("a")
-        .backend(Cluster::new("0.0.0.0:0").cookie("k"))
+        .backend(Cluster::new("0.0.0.0:0").cookie(LONG_COOKIE))
         .start()
         .await
         .expect("a cookie allows 0.0.0.0");
@@ -640,6 +640,479 @@ async fn the_wire_is_sealed_against_reading_and_tampering() {
             .all(|l| l.ends_with("conflict")),
         "a broken link ends only in a conflict after the heal: {lines:?}"
     );
+    for n in [a, b] {
+        n.shutdown().await;
+    }
+}
+
+/// A cookie long enough for a non-loopback listen address.
+const LONG_COOKIE: &str = "in-process test cookie, long enough for 0.0.0.0";
+
+/// An empty cookie is an HMAC key anyone has: refused everywhere. A short
+/// one is refused on an address other nodes can reach, with the way to make
+/// a good one.
+#[tokio::test]
+async fn empty_and_short_cookies_are_refused() {
+    async fn refused(cluster: Cluster) -> String {
+        Runtime::builder()
+            .node("a")
+            .backend(cluster)
+            .start()
+            .await
+            .expect_err("a weak cookie is refused")
+            .to_string()
+    }
+    for listen in ["127.0.0.1:0", "0.0.0.0:0"] {
+        let msg = refused(Cluster::new(listen).cookie("")).await;
+        assert!(msg.contains("empty"), "{msg}");
+        assert!(!msg.contains('\n'), "one line: {msg}");
+    }
+    let msg = refused(Cluster::new("0.0.0.0:0").cookie("hunter2")).await;
+    assert!(
+        msg.contains("16 bytes") && msg.contains("head -c 32 /dev/urandom | base64"),
+        "{msg}"
+    );
+    assert!(!msg.contains("hunter2"), "the cookie is never shown: {msg}");
+    // A short cookie on loopback only keeps local clusters apart: allowed.
+    let ok = Runtime::builder()
+        .node("a")
+        .backend(Cluster::new("127.0.0.1:0").cookie("hunter2"))
+        .start()
+        .await
+        .expect("a short cookie on loopback");
+    ok.shutdown().await;
+}
+
+/// Anything answering at a seed's address can send a `Reject{SelfDial}`
+/// before any authentication: that must not make the node give the seed up.
+/// Here a fake listener answers so, then a real node takes over its port,
+/// and the first node joins it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unauthenticated_self_dial_reject_does_not_disable_a_seed() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncWriteExt;
+    let log = Log::default();
+    let fake = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let seed = fake.local_addr().unwrap();
+    let answered = Arc::new(AtomicUsize::new(0));
+    let count = answered.clone();
+    let fake_task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = fake.accept().await else {
+                continue;
+            };
+            // A 6-byte frame: length 2, tag Reject, reason SelfDial.
+            let _ = s.write_all(&[0, 0, 0, 2, 5, 3]).await;
+            count.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let a = start(
+        "a",
+        Cluster::new("127.0.0.1:0")
+            .cookie(LONG_COOKIE)
+            .seeds([seed.to_string()]),
+        &["solo"],
+        &log,
+    )
+    .await;
+    tokio::time::timeout(GUARD, async {
+        while answered.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("a dials its seed");
+    fake_task.abort();
+    let _ = fake_task.await;
+    let b = start(
+        "b",
+        Cluster::new(seed.to_string()).cookie(LONG_COOKIE),
+        &["solo"],
+        &log,
+    )
+    .await;
+    wait_members(&a, 2).await;
+    wait_members(&b, 2).await;
+    wait_runners(&[a.clone(), b.clone()], "solo", 1).await;
+    for n in [a, b] {
+        n.shutdown().await;
+    }
+}
+
+/// A proxy in front of `target` that applies `rewrite` to the payload of
+/// the first frame the dialer sends (its `Hello`) when `hello`, else to the
+/// first the acceptor answers (its `Challenge`), and reports the tag of the
+/// acceptor's verdict on each handshake (4 = Welcome, 5 = Reject).
+async fn tampering_proxy(
+    target: std::net::SocketAddr,
+    hello: bool,
+    rewrite: fn(&mut Vec<u8>),
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<u8>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    async fn frame(r: &mut tokio::net::tcp::OwnedReadHalf) -> Option<Vec<u8>> {
+        let mut len = [0u8; 4];
+        r.read_exact(&mut len).await.ok()?;
+        let mut payload = vec![0u8; u32::from_be_bytes(len) as usize];
+        r.read_exact(&mut payload).await.ok()?;
+        Some(payload)
+    }
+    async fn put(w: &mut tokio::net::tcp::OwnedWriteHalf, payload: &[u8]) -> Option<()> {
+        w.write_all(&(payload.len() as u32).to_be_bytes())
+            .await
+            .ok()?;
+        w.write_all(payload).await.ok()
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (verdicts, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok((inbound, _)) = listener.accept().await else {
+                continue;
+            };
+            let verdicts = verdicts.clone();
+            tokio::spawn(async move {
+                let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+                    return;
+                };
+                let (mut di, mut dw) = inbound.into_split();
+                let (mut ai, mut aw) = outbound.into_split();
+                let up = async move {
+                    let mut hello_frame = frame(&mut di).await?;
+                    if hello {
+                        rewrite(&mut hello_frame);
+                    }
+                    put(&mut aw, &hello_frame).await?;
+                    tokio::io::copy(&mut di, &mut aw).await.ok()
+                };
+                let down = async move {
+                    let mut first = frame(&mut ai).await?;
+                    if first.first() == Some(&5) {
+                        let _ = verdicts.send(5);
+                    }
+                    if !hello {
+                        rewrite(&mut first);
+                    }
+                    put(&mut dw, &first).await?;
+                    let verdict = frame(&mut ai).await?;
+                    let _ = verdicts.send(verdict[0]);
+                    put(&mut dw, &verdict).await?;
+                    tokio::io::copy(&mut ai, &mut dw).await.ok()
+                };
+                let _ = tokio::join!(up, down);
+            });
+        }
+    });
+    (addr, rx)
+}
+
+fn replace_once(payload: &mut [u8], from: &[u8], to: &[u8]) {
+    let at = payload
+        .windows(from.len())
+        .position(|w| w == from)
+        .expect("the field to alter is in the frame");
+    payload[at..at + to.len()].copy_from_slice(to);
+}
+
+/// One handshake altered on the way: the acceptor must refuse it, and no
+/// member may learn the altered value.
+async fn altered_handshake_is_refused(
+    dialer: Cluster,
+    hello: bool,
+    rewrite: fn(&mut Vec<u8>),
+    poisoned: &str,
+) {
+    let log = Log::default();
+    let port = highlander_tests::free_port();
+    let a = start(
+        "a",
+        Cluster::new(format!("127.0.0.1:{port}"))
+            .cookie(LONG_COOKIE)
+            .advertise("a.example:7400"),
+        &["solo"],
+        &log,
+    )
+    .await;
+    let (proxy, mut verdicts) =
+        tampering_proxy(format!("127.0.0.1:{port}").parse().unwrap(), hello, rewrite).await;
+    let b = start("b", dialer.seeds([proxy.to_string()]), &["solo"], &log).await;
+    let verdict = tokio::time::timeout(GUARD, verdicts.recv())
+        .await
+        .expect("a handshake went through the proxy")
+        .unwrap();
+    for n in [&a, &b] {
+        let members = n.members().await.unwrap();
+        assert!(
+            members
+                .iter()
+                .all(|m| m.address.as_deref() != Some(poisoned)),
+            "{} learnt the altered address {poisoned}: {members:?}",
+            n.node()
+        );
+    }
+    assert_eq!(verdict, 5, "the altered handshake was welcomed");
+    for n in [a, b] {
+        n.shutdown().await;
+    }
+}
+
+/// `addr`, `listen_port` and `version` are bound into the handshake's MACs:
+/// one rewrite on the path cannot poison the address every member learns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_altered_on_the_way_is_refused() {
+    // The dialer's advertised address, in its Hello.
+    altered_handshake_is_refused(
+        Cluster::new("127.0.0.1:0")
+            .cookie(LONG_COOKIE)
+            .advertise("b.example:7400"),
+        true,
+        |p| replace_once(p, b"b.example:7400", b"e.example:7400"),
+        "e.example:7400",
+    )
+    .await;
+    // The dialer's listen port, which the acceptor pairs with the address it
+    // sees when the dialer advertises none (it listens on 0.0.0.0).
+    altered_handshake_is_refused(
+        Cluster::new("0.0.0.0:0").cookie(LONG_COOKIE),
+        true,
+        |p| {
+            // Hello ends with the listen port (2 bytes) and the nonce (32).
+            let at = p.len() - 34;
+            p[at..at + 2].copy_from_slice(&9u16.to_be_bytes());
+        },
+        "127.0.0.1:9",
+    )
+    .await;
+    // The acceptor's advertised address, in its Challenge.
+    altered_handshake_is_refused(
+        Cluster::new("127.0.0.1:0").cookie(LONG_COOKIE),
+        false,
+        |p| replace_once(p, b"a.example:7400", b"e.example:7400"),
+        "e.example:7400",
+    )
+    .await;
+}
+
+/// Everything the `fmt` subscriber of a test writes.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// A `Hello` frame (length prefix included) as an unauthenticated stranger
+/// would send it.
+fn raw_hello(version: u8, name: &[u8]) -> Vec<u8> {
+    let mut p = vec![1, version];
+    p.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    p.extend_from_slice(name);
+    p.extend_from_slice(&7u64.to_be_bytes());
+    p.push(0);
+    p.extend_from_slice(&1u16.to_be_bytes());
+    p.extend_from_slice(&[9u8; 32]);
+    let mut f = (p.len() as u32).to_be_bytes().to_vec();
+    f.extend_from_slice(&p);
+    f
+}
+
+/// One unauthenticated handshake attempt: `hello`, and when challenged, a
+/// made-up proof; returns once the acceptor has answered or closed.
+async fn stranger(target: std::net::SocketAddr, hello: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(target).await else {
+        return;
+    };
+    if s.write_all(hello).await.is_err() {
+        return;
+    }
+    let mut len = [0u8; 4];
+    if s.read_exact(&mut len).await.is_err() {
+        return;
+    }
+    let mut payload = vec![0u8; u32::from_be_bytes(len) as usize];
+    if s.read_exact(&mut payload).await.is_err() || payload[0] != 2 {
+        return;
+    }
+    let mut response = vec![0, 0, 0, 33, 3];
+    response.extend_from_slice(&[0u8; 32]);
+    let _ = s.write_all(&response).await;
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest).await;
+}
+
+/// Strangers cannot use the warnings: a name with a line break does not
+/// forge a log line, a flood from one address is rate-limited instead of
+/// filling a table that then silences every later warning, and a real
+/// misconfigured node is still reported after the flood.
+#[tokio::test]
+async fn refusals_are_logged_rate_limited_and_without_forged_lines() {
+    use highlander::backend::Backend;
+    let captured = Captured::default();
+    let sink = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || sink.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let a = Cluster::new("127.0.0.1:0")
+        .cookie(LONG_COOKIE)
+        .connect("a")
+        .await
+        .unwrap();
+    let addr: std::net::SocketAddr = a
+        .members()
+        .await
+        .unwrap()
+        .remove(0)
+        .address
+        .unwrap()
+        .parse()
+        .unwrap();
+    // A name that would start a forged line.
+    stranger(addr, &raw_hello(4, b"x\nERROR forged: cluster compromised")).await;
+    stranger(addr, &raw_hello(3, b"x\nERROR forged: cluster compromised")).await;
+    // A flood of refusals from one address, each from its own port and with
+    // its own name.
+    for i in 0..1100 {
+        let version = if i % 2 == 0 { 99 } else { 4 };
+        stranger(addr, &raw_hello(version, format!("flood-{i}").as_bytes())).await;
+    }
+    let text = captured.text();
+    assert!(
+        !text.lines().any(|l| l.starts_with("ERROR forged")),
+        "a peer's name forged a log line: {text}"
+    );
+    let flood_lines = text
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("127.0.0.1"))
+        .count();
+    assert!(
+        flood_lines <= 6,
+        "{flood_lines} warnings for one address's flood"
+    );
+    // After the flood, a misconfigured node elsewhere is still reported.
+    let ip = highlander_tests::cluster::node_ip(1);
+    let x = Cluster::new(format!("{ip}:0"))
+        .cookie("another cookie, just as long as ours")
+        .seeds([addr.to_string()])
+        .connect("x")
+        .await
+        .unwrap();
+    tokio::time::timeout(GUARD, async {
+        loop {
+            let text = captured.text();
+            if text
+                .lines()
+                .any(|l| l.contains("WARN") && l.contains("cookie") && l.contains(&ip.to_string()))
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "no warning for the node with another cookie: {}",
+            captured.text()
+        )
+    });
+    x.close().await;
+    a.close().await;
+}
+
+/// A node holding 300,000 ids of about 220 bytes has more to send in its
+/// first `Sync` than one frame may carry (64 MiB): a joining node must still
+/// learn every holding, instead of reconnecting forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_larger_than_one_frame_reaches_a_joining_node() {
+    use highlander::backend::{Backend, Claim, ClaimRequest};
+    const IDS: usize = 300_000;
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+    // Sealing and applying 70 MB in a debug build keeps both cores busy for
+    // seconds: a failure timeout that long keeps heartbeats out of the test.
+    let cfg = || {
+        Cluster::new("127.0.0.1:0")
+            .cookie(LONG_COOKIE)
+            .failure_timeout(Duration::from_secs(60))
+    };
+    let a = cfg().connect("a").await.unwrap();
+    let pad = "p".repeat(210);
+    let id = |i: usize| -> std::sync::Arc<str> { format!("{pad}-{i:06}").into() };
+    for i in 0..IDS {
+        let request = ClaimRequest::new(id(i), Duration::from_secs(1));
+        match a.try_claim(request).await.unwrap() {
+            Claim::Granted(_) => {}
+            _ => panic!("a alone holds every id"),
+        }
+    }
+    let seed = a.members().await.unwrap().remove(0).address.unwrap();
+    let b = cfg().seeds([seed]).connect("b").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            let first = b.holder(&id(0)).await.unwrap().map(|h| h.node);
+            let last = b.holder(&id(IDS - 1)).await.unwrap().map(|h| h.node);
+            if first.as_deref() == Some("a") && last.as_deref() == Some("a") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("b learns every holding of a");
+    let members = b.members().await.unwrap();
+    assert!(members.iter().all(|m| m.reachable), "{members:?}");
+    b.close().await;
+    a.close().await;
+}
+
+/// A node bound to port 0 tells its address before any member list: on
+/// `0.0.0.0` it advertises none, yet another node can dial it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_on_port_zero_tells_its_bound_address() {
+    let log = Log::default();
+    let cluster = Cluster::new("0.0.0.0:0").cookie(LONG_COOKIE);
+    assert_eq!(cluster.local_addr(), None, "not started yet");
+    let a = start("a", cluster.clone(), &["solo"], &log).await;
+    let bound = cluster.local_addr().expect("the bound address");
+    assert!(bound.ip().is_unspecified() && bound.port() != 0, "{bound}");
+    let own = a.members().await.unwrap();
+    assert_eq!(own[0].address, None, "a advertises no address on 0.0.0.0");
+    let b = start(
+        "b",
+        Cluster::new("127.0.0.1:0")
+            .cookie(LONG_COOKIE)
+            .seeds([format!("127.0.0.1:{}", bound.port())]),
+        &["solo"],
+        &log,
+    )
+    .await;
+    wait_members(&a, 2).await;
+    wait_members(&b, 2).await;
+    wait_runners(&[a.clone(), b.clone()], "solo", 1).await;
     for n in [a, b] {
         n.shutdown().await;
     }

@@ -355,3 +355,81 @@ async fn sigterm_while_still_starting_exits_cleanly() {
     let status = node.wait_exit(GUARD).await;
     assert!(status.success(), "exit status {status}");
 }
+
+/// 2,000 connections that never say a word, kept open against a node whose
+/// open-file limit is 1,024 (and whose failure timeout is a minute, which
+/// must not let a stranger hold a connection that long): the node still
+/// takes over when the holder is killed, and a new node still joins it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_lock_out_neither_failover_nor_a_join() {
+    use highlander_tests::cluster::{IdleFlood, cluster_url, free_port_on, node_ip};
+    use std::net::SocketAddr;
+    let _turn = TURN.lock().await;
+    let addr = |i: usize| SocketAddr::new(node_ip(i).into(), free_port_on(node_ip(i)));
+    let (a, b, c) = (addr(0), addr(1), addr(2));
+    let url = |me: SocketAddr, seed: SocketAddr, extra: &str| {
+        format!(
+            "{}{extra}",
+            cluster_url(&me.to_string(), None, &[seed.to_string()])
+        )
+    };
+    let mut fleet = fleet("solo");
+    let pa = fleet
+        .spawn("a", &[("HIGHLANDER_BACKEND", &url(a, b, ""))])
+        .await;
+    fleet.wait_start("solo", GUARD).await;
+    // Each node also runs an id of its own, which starts once it has joined.
+    let _pb = fleet
+        .spawn(
+            "b",
+            &[
+                (
+                    "HIGHLANDER_BACKEND",
+                    &url(b, a, "&failure_timeout_ms=60000"),
+                ),
+                ("HL_IDS", "solo,joined-b"),
+                ("HL_NOFILE", "1024"),
+            ],
+        )
+        .await;
+    fleet.wait_start("joined-b", GUARD).await;
+    let flood = IdleFlood::start(b, std::net::Ipv4Addr::new(127, 0, 0, 99).into(), 2000);
+    // More connections open than the node has file descriptors (the rest of
+    // the 2,000 keep trying).
+    let deadline = tokio::time::Instant::now() + GUARD;
+    while flood.opened() < 1100 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the flood opened only {} connections",
+            flood.opened()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Failover: the holder dies, the flooded node takes over.
+    pa.signal("KILL");
+    let next = fleet.wait_start("solo", GUARD).await;
+    assert_eq!(next.node, "b");
+    // A join: c starts its own id only once it has joined b (its join
+    // window is longer than the guard), and never runs `solo` beside b.
+    let _pc = fleet
+        .spawn(
+            "c",
+            &[
+                ("HIGHLANDER_BACKEND", &url(c, b, "&join_ms=120000")),
+                ("HL_IDS", "solo,joined-c"),
+            ],
+        )
+        .await;
+    fleet.wait_start("joined-c", GUARD).await;
+    fleet.drain(Duration::from_millis(300)).await;
+    let alive: Vec<String> = running(&fleet, "solo")
+        .into_iter()
+        .filter(|n| n != "a")
+        .collect();
+    assert_eq!(
+        alive,
+        vec!["b".to_string()],
+        "c joined b instead of running alone"
+    );
+    drop(flood);
+}

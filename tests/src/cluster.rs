@@ -314,3 +314,70 @@ pub fn live(history: &[crate::process::Event]) -> HashMap<String, Vec<String>> {
     }
     live
 }
+
+/// Connections that open and then say nothing, as a flood of strangers
+/// would: `count` of them to `target`, from `source`, each opened again
+/// shortly after the target closes it.
+pub struct IdleFlood {
+    opened: Arc<std::sync::atomic::AtomicUsize>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl IdleFlood {
+    /// Starts the flood. Raises this process's open-file limit as far as
+    /// needed (panics when the hard limit does not allow `count` sockets).
+    pub fn start(target: SocketAddr, source: IpAddr, count: usize) -> IdleFlood {
+        use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+        let limit = getrlimit(Resource::Nofile);
+        let want = count as u64 + 1024;
+        if limit.current.is_some_and(|n| n < want) {
+            assert!(
+                limit.maximum.is_none_or(|max| max >= want),
+                "the flood needs {want} open files; the hard limit is {:?} (raise it with ulimit -Hn)",
+                limit.maximum
+            );
+            setrlimit(
+                Resource::Nofile,
+                Rlimit {
+                    current: Some(want),
+                    maximum: limit.maximum,
+                },
+            )
+            .expect("raise the open-file limit");
+        }
+        let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let tasks = (0..count)
+            .map(|_| {
+                let opened = opened.clone();
+                tokio::spawn(async move {
+                    loop {
+                        let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+                        if socket.bind(SocketAddr::new(source, 0)).is_ok()
+                            && let Ok(mut stream) = socket.connect(target).await
+                        {
+                            opened.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            // Idle: read until the target closes it.
+                            let mut buf = [0u8; 64];
+                            while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    }
+                })
+            })
+            .collect();
+        IdleFlood { opened, tasks }
+    }
+
+    /// How many connections were opened so far.
+    pub fn opened(&self) -> usize {
+        self.opened.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for IdleFlood {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}

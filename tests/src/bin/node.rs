@@ -7,6 +7,7 @@
 //! - `HL_IDS`: comma-separated singleton ids (default `solo`);
 //! - `HL_ID_COUNT` + `HL_ID_PREFIX`: instead, ids `{prefix}{0..count}`;
 //! - `HL_SHUTDOWN_MS`: the shutdown budget (default 2000);
+//! - `HL_NOFILE` (optional): the process's open-file limit (`setrlimit`);
 //! - `HL_FENCE_ADDR` (optional): a fence register (`host:port`, see
 //!   `highlander_tests::chaos::fence`). Each instance then writes
 //!   `W <id> <token> <node>` to it once before it prints `START`, and again
@@ -137,8 +138,27 @@ fn ids() -> Vec<String> {
         .collect()
 }
 
+/// Lowers the open-file limit to `HL_NOFILE`, as `ulimit -n` would.
+fn limit_open_files() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let Ok(n) = std::env::var("HL_NOFILE") else {
+        return;
+    };
+    let n: u64 = n.parse().expect("HL_NOFILE must be a number");
+    let maximum = getrlimit(Resource::Nofile).maximum;
+    setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(n),
+            maximum,
+        },
+    )
+    .expect("HL_NOFILE within the hard limit");
+}
+
 #[tokio::main]
 async fn main() {
+    limit_open_files();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),

@@ -16,8 +16,12 @@
 //!   (default 1 s; idle connections carry a heartbeat every 200 ms).
 //! - **Authentication.** Each connection starts with an HMAC-SHA256
 //!   challenge-response over fresh nonces from both sides: the cookie itself
-//!   never crosses the wire. A peer with another cookie is refused and the
-//!   refusal logged once. Without a cookie a node only listens on loopback.
+//!   never crosses the wire; the proofs cover every field of the handshake
+//!   (names, incarnations, addresses, ports, version), so none can be
+//!   rewritten on the path. A peer with another cookie is refused and the
+//!   refusal logged (at most once a minute per address). Without a cookie a
+//!   node only listens on loopback; an empty cookie is refused, and off
+//!   loopback one shorter than 16 bytes.
 //!   Every frame after the handshake is sealed with ChaCha20-Poly1305 under
 //!   keys derived from the cookie and that handshake: unreadable on the
 //!   path, and an altered or replayed frame closes the connection.
@@ -38,12 +42,15 @@
 //!   one above the highest token seen for the id (from holders and from the
 //!   arbiter) and at least the wall clock in milliseconds. Within a connected
 //!   cluster they strictly grow per id; across a split two sides may issue
-//!   tokens concurrently, which differ in their low bits.
+//!   tokens concurrently, which differ in their low bits. After a full
+//!   restart only the wall clock carries them on (nothing is kept on disk):
+//!   a clock set back can make them smaller than before the restart.
 //!
 //! `docs/cluster.md` has the protocol, the numbers and the limits.
 
 use std::fmt;
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::backend::{Backend, Session};
@@ -91,6 +98,74 @@ pub(crate) struct Settings {
     join_timeout: Duration,
     redial: Duration,
     faults: Option<Faults>,
+    /// Where the listener of the last node started from this configuration
+    /// (or a clone of it) is bound: shared by the clones.
+    bound: Arc<Mutex<Option<SocketAddr>>>,
+}
+
+/// Allowed ranges, in milliseconds: `(URL key, builder method, min, max)`.
+const HEARTBEAT_MS: (&str, &str, u64, u64) = ("heartbeat_ms", "heartbeat", 10, 60_000);
+const FAILURE_TIMEOUT_MS: (&str, &str, u64, u64) =
+    ("failure_timeout_ms", "failure_timeout", 50, 600_000);
+const JOIN_MS: (&str, &str, u64, u64) = ("join_ms", "join_timeout", 0, 600_000);
+const REDIAL_MS: (&str, &str, u64, u64) = ("redial_ms", "redial", 10, 60_000);
+/// At most this many seeds.
+const MAX_SEEDS: usize = 1024;
+/// A cookie on a listen address other hosts can reach has at least this
+/// many bytes.
+pub(crate) const MIN_PUBLIC_COOKIE: usize = 16;
+
+impl Settings {
+    /// Checks every duration and count. `url` is the redacted URL the
+    /// settings came from, to name its keys in the error; without it the
+    /// builder methods are named.
+    fn validate(&self, url: Option<&str>) -> Result<()> {
+        for ((key, method, min, max), value) in [
+            (HEARTBEAT_MS, self.heartbeat),
+            (FAILURE_TIMEOUT_MS, self.failure_timeout),
+            (JOIN_MS, self.join_timeout),
+            (REDIAL_MS, self.redial),
+        ] {
+            let range = Duration::from_millis(min)..=Duration::from_millis(max);
+            if !range.contains(&value) {
+                return Err(Error::Config(match url {
+                    Some(url) => format!(
+                        "`{url}`: {key} must be between {min} and {max} (milliseconds), got {}",
+                        value.as_millis()
+                    ),
+                    None => format!(
+                        "cluster backend: Cluster::{method} must be between {min} ms and {max} ms, \
+                         got {value:?}"
+                    ),
+                }));
+            }
+        }
+        if self.failure_timeout <= self.heartbeat {
+            return Err(Error::Config(match url {
+                Some(url) => format!(
+                    "`{url}`: failure_timeout_ms must be longer than heartbeat_ms (several heartbeats)"
+                ),
+                None => "cluster backend: Cluster::failure_timeout must be longer than \
+                         Cluster::heartbeat (several heartbeats)"
+                    .to_string(),
+            }));
+        }
+        if self.seeds.len() > MAX_SEEDS {
+            return Err(Error::Config(format!(
+                "cluster backend: {} seeds given, at most {MAX_SEEDS} are allowed; list a few \
+                 members, the others are learned from them",
+                self.seeds.len()
+            )));
+        }
+        if self.cookie.as_ref().is_some_and(|c| c.0.is_empty()) {
+            return Err(Error::Config(format!(
+                "{}the cluster cookie is empty: anyone could compute its proofs. Use a long random \
+                 secret, the same on every node, e.g. `head -c 32 /dev/urandom | base64`",
+                url.map(|u| format!("`{u}`: ")).unwrap_or_default()
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// A secret that never shows in `Debug`.
@@ -127,6 +202,7 @@ impl Cluster {
                 join_timeout: Duration::from_millis(500),
                 redial: Duration::from_millis(100),
                 faults: None,
+                bound: Arc::default(),
             },
         }
     }
@@ -188,6 +264,42 @@ impl Cluster {
         self
     }
 
+    /// The address this node's listener is bound to, once a runtime has
+    /// started it (`None` before): how to learn the port when listening on
+    /// port 0. Clones of this configuration share it; when several nodes
+    /// start from one configuration, it is the latest one's.
+    ///
+    /// ```
+    /// use highlander::backend::cluster::Cluster;
+    /// use highlander::Runtime;
+    ///
+    /// # #[tokio::main] async fn main() -> highlander::Result<()> {
+    /// let cluster = Cluster::new("127.0.0.1:0");
+    /// let first = Runtime::builder()
+    ///     .node("first")
+    ///     .backend(cluster.clone())
+    ///     .start()
+    ///     .await?;
+    /// let addr = cluster.local_addr().expect("started");
+    /// assert_ne!(addr.port(), 0);
+    /// // Another node can use it as its seed.
+    /// let second = Runtime::builder()
+    ///     .node("second")
+    ///     .backend(Cluster::new("127.0.0.1:0").seeds([addr.to_string()]))
+    ///     .start()
+    ///     .await?;
+    /// second.shutdown().await;
+    /// first.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        *self
+            .settings
+            .bound
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Routes this node's links through `faults`, so a test can cut and
     /// heal them. Needs the `test-util` feature.
     #[cfg(feature = "test-util")]
@@ -217,6 +329,7 @@ impl Backend for Cluster {
         let settings = Arc::new(self.settings.clone());
         let name = node.to_string();
         Box::pin(async move {
+            settings.validate(None)?;
             let node = node::start(settings, &name).await?;
             Ok(Arc::new(node::ClusterSession { node }) as Arc<dyn Session>)
         })
@@ -283,12 +396,7 @@ pub(crate) fn from_url(url: &str) -> Result<Box<dyn Backend>> {
             }
         };
     }
-    let s = &cluster.settings;
-    if s.heartbeat.is_zero() || s.failure_timeout <= s.heartbeat {
-        return Err(Error::Config(format!(
-            "`{shown}`: failure_timeout_ms must be longer than heartbeat_ms (several heartbeats)"
-        )));
-    }
+    cluster.settings.validate(Some(&shown))?;
     Ok(Box::new(cluster))
 }
 
@@ -312,5 +420,72 @@ mod tests {
         assert!(from_url("cluster://127.0.0.1:1?heartbeat_ms=500&failure_timeout_ms=400").is_err());
         let dbg = format!("{:?}", Cluster::new("127.0.0.1:1").cookie("hunter2"));
         assert!(!dbg.contains("hunter2"), "{dbg}");
+    }
+
+    #[test]
+    fn an_empty_cookie_in_the_url_is_refused() {
+        let err = from_url("cluster://0.0.0.0:7400?cookie=")
+            .err()
+            .expect("an empty cookie is refused")
+            .to_string();
+        assert!(err.contains("empty"), "{err}");
+    }
+
+    #[test]
+    fn numbers_out_of_range_are_refused_with_one_line() {
+        for (url, key) in [
+            (
+                "cluster://127.0.0.1:0?failure_timeout_ms=18446744073709551615",
+                "failure_timeout_ms",
+            ),
+            ("cluster://127.0.0.1:0?redial_ms=0", "redial_ms"),
+            ("cluster://127.0.0.1:0?heartbeat_ms=0", "heartbeat_ms"),
+            (
+                "cluster://127.0.0.1:0?heartbeat_ms=18446744073709551615",
+                "heartbeat_ms",
+            ),
+            (
+                "cluster://127.0.0.1:0?join_ms=18446744073709551615",
+                "join_ms",
+            ),
+            (
+                "cluster://127.0.0.1:0?redial_ms=18446744073709551615",
+                "redial_ms",
+            ),
+        ] {
+            let err = from_url(url)
+                .err()
+                .unwrap_or_else(|| panic!("{url} is refused"));
+            let err = err.to_string();
+            assert!(err.contains(key) && err.contains("between"), "{url}: {err}");
+            assert!(!err.contains('\n'), "{err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn builder_numbers_out_of_range_are_refused() {
+        for (cluster, what) in [
+            (
+                Cluster::new("127.0.0.1:0").heartbeat(Duration::ZERO),
+                "heartbeat",
+            ),
+            (Cluster::new("127.0.0.1:0").redial(Duration::ZERO), "redial"),
+            (
+                Cluster::new("127.0.0.1:0").failure_timeout(Duration::MAX),
+                "failure_timeout",
+            ),
+            (
+                Cluster::new("127.0.0.1:0").join_timeout(Duration::MAX),
+                "join_timeout",
+            ),
+        ] {
+            let err = cluster
+                .connect("a")
+                .await
+                .err()
+                .unwrap_or_else(|| panic!("{what} out of range is refused"))
+                .to_string();
+            assert!(err.contains(what) && err.contains("between"), "{err}");
+        }
     }
 }

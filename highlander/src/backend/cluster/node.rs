@@ -27,12 +27,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use super::Settings;
 use super::seal;
 use super::wire::{
     Handshake, Hold, MAX_FRAME, MAX_HANDSHAKE_FRAME, MemberInfo, Msg, NONCE_LEN, PROTOCOL_VERSION,
-    RejectReason, Role, Transcript,
+    RejectReason, Role, SYNC_CHUNK, Transcript, valid_addr, valid_name,
 };
+use super::{MIN_PUBLIC_COOKIE, Settings};
 use crate::backend::{
     Claim, ClaimRequest, HeldId, Holder, Lease, LeaseEnd, LeaseSignal, Member, Session,
 };
@@ -41,8 +41,20 @@ use crate::{Error, Result};
 
 /// Unreachable members that are not seeds are forgotten after this long.
 const FORGET_AFTER: Duration = Duration::from_secs(300);
-/// A peer that refused our cookie is redialed this rarely.
+/// A peer that refused our cookie is redialed this rarely; so is an address
+/// that sent any other refusal before authenticating (a hint, never final).
 const REFUSED_REDIAL: Duration = Duration::from_secs(2);
+/// Handshakes not yet authenticated, at most, per node and per source
+/// address: beyond them a new connection is closed at once, so strangers
+/// cannot use up the process's file descriptors or lock members out.
+const MAX_HANDSHAKES: usize = 128;
+const MAX_HANDSHAKES_PER_SOURCE: usize = 16;
+/// A warning about a stranger is written at most this often per kind and
+/// source address.
+const WARN_EVERY: Duration = Duration::from_secs(60);
+/// At most this many (kind, source) pairs are remembered for rate limiting;
+/// beyond them, one warning per kind per [`WARN_EVERY`] covers all others.
+const WARN_KEYS: usize = 1024;
 /// Writes are batched up to about this many bytes.
 const BATCH_BYTES: usize = 256 << 10;
 
@@ -118,7 +130,17 @@ struct State {
     deferred: Vec<(Arc<str>, Arc<str>)>,
     ready: bool,
     closed: bool,
-    logged: HashSet<String>,
+    /// When a warning of a kind about a source was last written.
+    warned: HashMap<(&'static str, String), Instant>,
+    /// Nonces of this node's dials in flight, with the address dialed: a
+    /// `Hello` carrying one reached this node itself (known here, never
+    /// taken from the wire).
+    dial_nonces: HashMap<[u8; NONCE_LEN], SocketAddr>,
+    /// Addresses found to reach this node itself.
+    self_addrs: HashSet<SocketAddr>,
+    /// Handshakes in progress, per source address and in all.
+    handshakes: HashMap<IpAddr, usize>,
+    handshakes_total: usize,
 }
 
 struct Seed {
@@ -152,6 +174,8 @@ struct Conn {
     lower_dialed: bool,
     synced: bool,
     stop: CancellationToken,
+    /// Holdings from `SyncPart` frames, completed by the next `Sync`.
+    partial: Vec<Hold>,
 }
 
 impl Peer {
@@ -211,7 +235,49 @@ enum Reply {
 enum Dialed {
     Connected(Arc<str>),
     Rejected(RejectReason),
+    /// Every address the target resolves to reaches this node itself.
+    OnlySelf,
     Failed,
+}
+
+/// The key of this node's MACs: the cookie, checked.
+fn cluster_key(settings: &Settings, listen: SocketAddr) -> Result<Vec<u8>> {
+    let (cookie, source) = match &settings.cookie {
+        Some(cookie) => (Some(cookie.0.clone()), "Cluster::cookie"),
+        None => (std::env::var("HIGHLANDER_COOKIE").ok(), "HIGHLANDER_COOKIE"),
+    };
+    let good = "Use a long random secret, the same on every node, e.g. \
+                `head -c 32 /dev/urandom | base64`";
+    match cookie {
+        Some(c) if c.is_empty() => Err(Error::Config(format!(
+            "the cluster cookie ({source}) is empty: anyone could compute its proofs. {good}"
+        ))),
+        Some(c) if c.len() < MIN_PUBLIC_COOKIE && !listen.ip().is_loopback() => {
+            Err(Error::Config(format!(
+                "the cluster cookie ({source}) is too short to listen on {listen}, which other \
+                 hosts can reach: use at least {MIN_PUBLIC_COOKIE} bytes. {good}"
+            )))
+        }
+        Some(c) => Ok(c.into_bytes()),
+        None if !listen.ip().is_loopback() => Err(Error::Config(format!(
+            "refusing to listen on {listen} without a cluster cookie: anyone who can reach \
+             that address could join the cluster and stop or start your singletons. Set \
+             HIGHLANDER_COOKIE (or Cluster::cookie) to the same long random secret on every \
+             node (e.g. `head -c 32 /dev/urandom | base64`), or listen on a loopback address \
+             such as 127.0.0.1"
+        ))),
+        None => {
+            info!(%listen, "no HIGHLANDER_COOKIE set: the cluster listens on loopback only, with a built-in key");
+            Ok(b"highlander-loopback-default-cookie".to_vec())
+        }
+    }
+}
+
+/// How long a handshake may take, on either side.
+fn handshake_timeout(settings: &Settings) -> Duration {
+    settings
+        .failure_timeout
+        .clamp(Duration::from_millis(500), Duration::from_secs(5))
 }
 
 /// Starts a node: binds the listener, dials the seeds, and returns once it
@@ -219,30 +285,14 @@ enum Dialed {
 /// synced) or the join timeout has passed.
 pub(super) async fn start(settings: Arc<Settings>, name: &str) -> Result<Arc<Node>> {
     let listen = resolve(&settings.listen).await?;
-    let key = match &settings.cookie {
-        Some(cookie) => cookie.0.as_bytes().to_vec(),
-        None => match std::env::var("HIGHLANDER_COOKIE") {
-            Ok(c) if !c.is_empty() => c.into_bytes(),
-            _ => {
-                if !listen.ip().is_loopback() {
-                    return Err(Error::Config(format!(
-                        "refusing to listen on {listen} without a cluster cookie: anyone who can reach \
-                         that address could join the cluster and stop or start your singletons. Set \
-                         HIGHLANDER_COOKIE (or Cluster::cookie) to the same long random secret on every \
-                         node, or listen on a loopback address such as 127.0.0.1"
-                    )));
-                }
-                info!(%listen, "no HIGHLANDER_COOKIE set: the cluster listens on loopback only, with a built-in key");
-                b"highlander-loopback-default-cookie".to_vec()
-            }
-        },
-    };
+    let key = cluster_key(&settings, listen)?;
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|e| Error::Config(format!("cluster backend cannot listen on {listen}: {e}")))?;
     let bound = listener
         .local_addr()
         .map_err(|e| Error::Backend(format!("cluster listener: {e}")))?;
+    *settings.bound.lock().unwrap_or_else(|e| e.into_inner()) = Some(bound);
     let advertise = match &settings.advertise {
         Some(a) => Some(a.clone()),
         None if !bound.ip().is_unspecified() => Some(bound.to_string()),
@@ -616,11 +666,25 @@ impl Node {
         }
         match msg {
             Msg::Ping => {}
+            Msg::SyncPart { holdings } => {
+                if let Some(Link::Up(c)) = st.members.get_mut(peer).map(|p| &mut p.link) {
+                    c.partial.extend(holdings);
+                }
+            }
             Msg::Sync {
                 ready,
                 members,
-                holdings,
-            } => self.on_sync(&mut st, peer, ready, members, holdings),
+                mut holdings,
+            } => {
+                if let Some(Link::Up(c)) = st.members.get_mut(peer).map(|p| &mut p.link)
+                    && !c.partial.is_empty()
+                {
+                    let mut all = std::mem::take(&mut c.partial);
+                    all.append(&mut holdings);
+                    holdings = all;
+                }
+                self.on_sync(&mut st, peer, ready, members, holdings)
+            }
             Msg::Ready => {
                 if let Some(p) = st.members.get_mut(peer) {
                     p.ready = true;
@@ -955,7 +1019,11 @@ impl Node {
     }
 
     fn learn(&self, st: &mut State, m: MemberInfo) {
-        if m.name == self.name || st.left.contains(&(m.name.clone(), m.incarnation)) {
+        if m.name == self.name
+            || !valid_name(&m.name)
+            || m.addr.as_deref().is_some_and(|a| !valid_addr(a))
+            || st.left.contains(&(m.name.clone(), m.incarnation))
+        {
             return;
         }
         match st.members.get_mut(&m.name) {
@@ -1070,6 +1138,7 @@ impl Node {
             lower_dialed,
             synced: false,
             stop,
+            partial: Vec::new(),
         };
         let mut was_synced = false;
         match st.members.get(&info.name) {
@@ -1112,7 +1181,32 @@ impl Node {
             // The old writer sends this, then closes its half.
             let _ = old.tx.send(Msg::Superseded.encode());
         }
-        // Our whole state first, then whatever follows.
+        // Our whole state first, then whatever follows. Holdings beyond one
+        // chunk go ahead in `SyncPart` frames: a frame stays far below the
+        // frame limit however many ids this node holds.
+        let mut holdings: Vec<Hold> = st
+            .own
+            .iter()
+            .map(|(id, o)| Hold {
+                id: id.clone(),
+                token: o.token,
+                since: o.since,
+            })
+            .collect();
+        let mut size = 0;
+        let mut part = Vec::new();
+        for hold in holdings.drain(..) {
+            size += hold.encoded_len();
+            part.push(hold);
+            if size >= SYNC_CHUNK {
+                let frame = Msg::SyncPart {
+                    holdings: std::mem::take(&mut part),
+                }
+                .encode();
+                self.send(&st, &info.name, frame);
+                size = 0;
+            }
+        }
         let sync = Msg::Sync {
             ready: st.ready,
             members: st
@@ -1125,15 +1219,7 @@ impl Node {
                     addr: p.addr.clone(),
                 })
                 .collect(),
-            holdings: st
-                .own
-                .iter()
-                .map(|(id, o)| Hold {
-                    id: id.clone(),
-                    token: o.token,
-                    since: o.since,
-                })
-                .collect(),
+            holdings: part,
         };
         self.send(&st, &info.name, sync.encode());
         let resend: Vec<Arc<str>> = st
@@ -1169,6 +1255,56 @@ struct Wire {
     sealed: (seal::Sealer, seal::Opener),
 }
 
+/// A handshake the acceptor has verified.
+struct Accepted {
+    rd: Reader,
+    wr: OwnedWriteHalf,
+    version: u8,
+    dialer: MemberInfo,
+    dialer_port: u16,
+    dialer_nonce: [u8; NONCE_LEN],
+    nonce: [u8; NONCE_LEN],
+}
+
+/// A handshake slot of [`Node::handshake_slot`], given back on drop.
+struct HandshakeSlot {
+    node: Arc<Node>,
+    ip: IpAddr,
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut st = self.node.lock();
+        st.handshakes_total = st.handshakes_total.saturating_sub(1);
+        if let Some(n) = st.handshakes.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                st.handshakes.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// The nonce of a dial in flight, registered so that this node's acceptor
+/// can tell a dial of itself; unregistered on drop.
+struct DialNonce<'a> {
+    node: &'a Node,
+    nonce: [u8; NONCE_LEN],
+}
+
+impl<'a> DialNonce<'a> {
+    fn register(node: &'a Node, nonce: [u8; NONCE_LEN], target: SocketAddr) -> Self {
+        node.lock().dial_nonces.insert(nonce, target);
+        DialNonce { node, nonce }
+    }
+}
+
+impl Drop for DialNonce<'_> {
+    fn drop(&mut self) {
+        self.node.lock().dial_nonces.remove(&self.nonce);
+    }
+}
+
 async fn read_handshake(rd: &mut Reader) -> Option<Handshake> {
     match rd.next().await {
         Some(Ok(frame)) => Handshake::decode(&frame).ok(),
@@ -1177,13 +1313,46 @@ async fn read_handshake(rd: &mut Reader) -> Option<Handshake> {
 }
 
 impl Node {
-    fn log_once(&self, key: String, message: impl FnOnce()) {
+    /// Whether a warning of `kind` about `source` may be written now: at
+    /// most one per kind and source per [`WARN_EVERY`]. Sources are
+    /// addresses (never ports or names a peer chose), and the table is
+    /// bounded: past [`WARN_KEYS`] live entries, one warning per kind per
+    /// interval stands for every other source.
+    fn may_warn(&self, kind: &'static str, source: &str) -> bool {
         let mut st = self.lock();
-        // Bounded: a flood of distinct refused peers cannot grow it forever.
-        if st.logged.len() < 1024 && st.logged.insert(key) {
-            drop(st);
-            message();
+        let now = Instant::now();
+        if st.warned.len() >= WARN_KEYS {
+            st.warned
+                .retain(|_, at| now.duration_since(*at) < WARN_EVERY);
         }
+        let key = if st.warned.len() >= WARN_KEYS {
+            (kind, String::from("*"))
+        } else {
+            (kind, source.to_string())
+        };
+        match st.warned.get(&key) {
+            Some(at) if now.duration_since(*at) < WARN_EVERY => false,
+            _ => {
+                st.warned.insert(key, now);
+                true
+            }
+        }
+    }
+
+    /// Takes a handshake slot for a connection from `ip`, or `None` when
+    /// this node or that source already has its fill of handshakes.
+    fn handshake_slot(self: &Arc<Self>, ip: IpAddr) -> Option<HandshakeSlot> {
+        let mut st = self.lock();
+        let from_ip = st.handshakes.get(&ip).copied().unwrap_or(0);
+        if st.handshakes_total >= MAX_HANDSHAKES || from_ip >= MAX_HANDSHAKES_PER_SOURCE {
+            return None;
+        }
+        st.handshakes_total += 1;
+        *st.handshakes.entry(ip).or_default() += 1;
+        Some(HandshakeSlot {
+            node: self.clone(),
+            ip,
+        })
     }
 
     async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
@@ -1194,24 +1363,92 @@ impl Node {
             };
             match accepted {
                 Ok((stream, remote)) => {
-                    let node = self.clone();
-                    let limit = self
-                        .settings
-                        .failure_timeout
-                        .max(Duration::from_millis(500));
-                    tokio::spawn(async move {
-                        let _ = timeout(limit, node.accept(stream, remote)).await;
-                    });
+                    let Some(slot) = self.handshake_slot(remote.ip()) else {
+                        // Closed at once: its file descriptor is free again.
+                        drop(stream);
+                        if self.may_warn("handshakes", &remote.ip().to_string()) {
+                            warn!(
+                                node = %self.name, remote = %remote.ip(),
+                                "too many connections still in their handshake (at most \
+                                 {MAX_HANDSHAKES_PER_SOURCE} per address, {MAX_HANDSHAKES} in all): \
+                                 closing new ones (logged at most once a minute per address)"
+                            );
+                        }
+                        continue;
+                    };
+                    tokio::spawn(self.clone().accept(stream, remote, slot));
                 }
                 Err(e) => {
-                    debug!(node = %self.name, error = %e, "accept failed");
+                    if self.may_warn("accept", "") {
+                        warn!(node = %self.name, error = %e, "cannot accept connections (logged at most once a minute)");
+                    }
                     sleep(Duration::from_millis(10)).await;
                 }
             }
         }
     }
 
-    async fn accept(self: Arc<Self>, stream: TcpStream, remote: SocketAddr) {
+    /// Serves one incoming connection: the handshake within the handshake
+    /// timeout and `slot`, then (authenticated) the connection itself.
+    async fn accept(self: Arc<Self>, stream: TcpStream, remote: SocketAddr, slot: HandshakeSlot) {
+        let limit = handshake_timeout(&self.settings);
+        let Ok(Some(hs)) = timeout(limit, self.handshake(stream, remote)).await else {
+            return;
+        };
+        drop(slot);
+        let Accepted {
+            rd,
+            mut wr,
+            version,
+            dialer,
+            dialer_port,
+            dialer_nonce,
+            nonce,
+        } = hs;
+        let transcript = Transcript {
+            version,
+            dialer: &dialer,
+            dialer_port,
+            dialer_nonce: &dialer_nonce,
+            acceptor: &self.me,
+            acceptor_port: self.listen_port,
+            acceptor_nonce: &nonce,
+        };
+        let addr = dialer
+            .addr
+            .clone()
+            .or_else(|| Some(SocketAddr::new(remote.ip(), dialer_port).to_string()));
+        let info = MemberInfo {
+            addr,
+            ..dialer.clone()
+        };
+        let sealed = seal::channel(&self.key, Role::Acceptor, &transcript);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        // Not under the handshake timeout: a node holding many ids takes a
+        // while to queue its first `Sync`, and cutting that short would
+        // leave the connection adopted but never served.
+        let conn = match self.adopt(&info, false, tx, stop.clone()) {
+            Ok(conn) => conn,
+            Err(reason) => {
+                let reject = Handshake::Reject { reason }.encode();
+                let _ = timeout(limit, wr.write_all(&reject)).await;
+                return;
+            }
+        };
+        let mac = transcript.proof(&self.key, Role::Acceptor);
+        let welcome = Handshake::Welcome { mac }.encode();
+        if !matches!(timeout(limit, wr.write_all(&welcome)).await, Ok(Ok(()))) {
+            self.conn_closed(&info.name, conn);
+            return;
+        }
+        let wire = Wire { rd, wr, sealed };
+        self.spawn_conn(info.name, conn, wire, rx, stop);
+    }
+
+    /// The acceptor's side of a handshake, up to the dialer's verified
+    /// proof; `None` when it was refused or broke off.
+    async fn handshake(&self, stream: TcpStream, remote: SocketAddr) -> Option<Accepted> {
         let _ = stream.set_nodelay(true);
         let (rd, mut wr) = stream.into_split();
         let mut rd = FramedRead::new(rd, codec(MAX_HANDSHAKE_FRAME));
@@ -1222,30 +1459,45 @@ impl Node {
             nonce: dialer_nonce,
         }) = read_handshake(&mut rd).await
         else {
-            return;
+            return None;
         };
+        let source = remote.ip().to_string();
         let reject = |reason| Handshake::Reject { reason }.encode();
         if version != PROTOCOL_VERSION {
-            self.log_once(format!("version:{remote}"), || {
-                warn!(node = %self.name, %remote, version, "refused a peer speaking another protocol version")
-            });
+            if self.may_warn("version", &source) {
+                warn!(node = %self.name, remote = %remote.ip(), version, "refused a peer speaking another protocol version (logged at most once a minute per address)");
+            }
             let _ = wr.write_all(&reject(RejectReason::Version)).await;
-            return;
+            return None;
+        }
+        if !valid_name(&dialer.name) || dialer.addr.as_deref().is_some_and(|a| !valid_addr(a)) {
+            // Its name is not shown: it could forge log lines.
+            if self.may_warn("invalid", &source) {
+                warn!(node = %self.name, remote = %remote.ip(), "refused a connection whose node name or address is not visible ASCII (logged at most once a minute per address)");
+            }
+            return None;
         }
         if dialer.name == self.name {
             let reason = if dialer.incarnation == self.me.incarnation {
+                // A dial of this very node: when the nonce is one of its own
+                // dials, the address it dialed is its own (known here, not
+                // taken from the wire).
+                let mut st = self.lock();
+                if let Some(target) = st.dial_nonces.get(&dialer_nonce).copied() {
+                    st.self_addrs.insert(target);
+                }
                 RejectReason::SelfDial
             } else {
-                self.log_once(format!("name:{remote}"), || {
-                    warn!(node = %self.name, %remote, "refused a peer that uses this node's own name: give every node its own name")
-                });
+                if self.may_warn("name", &source) {
+                    warn!(node = %self.name, remote = %remote.ip(), "refused a peer that uses this node's own name: give every node its own name (logged at most once a minute per address)");
+                }
                 RejectReason::NameTaken
             };
             let _ = wr.write_all(&reject(reason)).await;
-            return;
+            return None;
         }
         if self.cut(&dialer.name) {
-            return;
+            return None;
         }
         let nonce = random_nonce();
         let challenge = Handshake::Challenge {
@@ -1254,56 +1506,40 @@ impl Node {
             nonce,
         };
         if wr.write_all(&challenge.encode()).await.is_err() {
-            return;
+            return None;
         }
         let Some(Handshake::Response { mac }) = read_handshake(&mut rd).await else {
-            return;
+            return None;
         };
         let transcript = Transcript {
+            version,
             dialer: &dialer,
+            dialer_port: listen_port,
             dialer_nonce: &dialer_nonce,
             acceptor: &self.me,
+            acceptor_port: self.listen_port,
             acceptor_nonce: &nonce,
         };
         if !transcript.verify(&self.key, Role::Dialer, &mac) {
-            self.log_once(format!("cookie:{}@{}", dialer.name, remote.ip()), || {
+            if self.may_warn("cookie", &source) {
                 warn!(
-                    node = %self.name, peer = %dialer.name, %remote,
-                    "refused a connection: the peer's cluster cookie differs from ours (logged once per peer)"
-                )
-            });
-            let _ = wr.write_all(&reject(RejectReason::BadCookie)).await;
-            return;
-        }
-        let addr = dialer
-            .addr
-            .clone()
-            .or_else(|| Some(SocketAddr::new(remote.ip(), listen_port).to_string()));
-        let info = MemberInfo {
-            addr,
-            ..dialer.clone()
-        };
-        let sealed = seal::channel(&self.key, Role::Acceptor, &transcript);
-        let (tx, rx) = mpsc::unbounded_channel();
-        let stop = CancellationToken::new();
-        let conn = match self.adopt(&info, false, tx, stop.clone()) {
-            Ok(conn) => conn,
-            Err(reason) => {
-                let _ = wr.write_all(&reject(reason)).await;
-                return;
+                    node = %self.name, peer = %dialer.name, remote = %remote.ip(),
+                    "refused a connection: the peer's cluster cookie differs from ours, or the handshake \
+                     was altered on the way (logged at most once a minute per address)"
+                );
             }
-        };
-        let mac = transcript.proof(&self.key, Role::Acceptor);
-        if wr
-            .write_all(&Handshake::Welcome { mac }.encode())
-            .await
-            .is_err()
-        {
-            self.conn_closed(&info.name, conn);
-            return;
+            let _ = wr.write_all(&reject(RejectReason::BadCookie)).await;
+            return None;
         }
-        let wire = Wire { rd, wr, sealed };
-        self.spawn_conn(info.name, conn, wire, rx, stop);
+        Some(Accepted {
+            rd,
+            wr,
+            version,
+            dialer,
+            dialer_port: listen_port,
+            dialer_nonce,
+            nonce,
+        })
     }
 
     async fn dial_loop(self: Arc<Self>) {
@@ -1317,10 +1553,7 @@ impl Node {
             for addr in targets {
                 let node = self.clone();
                 tokio::spawn(async move {
-                    let limit = node
-                        .settings
-                        .failure_timeout
-                        .max(Duration::from_millis(500));
+                    let limit = handshake_timeout(&node.settings);
                     let outcome = timeout(limit, node.clone().dial(addr.clone()))
                         .await
                         .unwrap_or(Dialed::Failed);
@@ -1376,16 +1609,26 @@ impl Node {
         st.dialing.remove(addr);
         match outcome {
             Dialed::Connected(name) => {
+                st.retry_after.remove(addr);
                 for s in st.seeds.iter_mut().filter(|s| s.addr == addr) {
                     s.name = Some(name.clone());
                 }
             }
-            Dialed::Rejected(RejectReason::SelfDial) => {
+            Dialed::OnlySelf => {
+                // Known from this node's own nonces, not from the wire.
                 for s in st.seeds.iter_mut().filter(|s| s.addr == addr) {
                     s.is_self = true;
                 }
                 drop(st);
                 self.bump_epoch();
+            }
+            Dialed::Rejected(RejectReason::SelfDial) => {
+                // When this node's own acceptor saw the dial, the address
+                // reached is one of its own: dial the name's other addresses
+                // (or find it all self) at once. Otherwise whoever answered
+                // said so without proof: only a hint, redialed later.
+                drop(st);
+                self.kick.notify_one();
             }
             Dialed::Rejected(
                 RejectReason::BadCookie | RejectReason::NameTaken | RejectReason::Version,
@@ -1397,10 +1640,37 @@ impl Node {
         }
     }
 
-    async fn connect_to(&self, addr: &str) -> std::io::Result<TcpStream> {
-        let target = tokio::net::lookup_host(addr).await?.next().ok_or_else(|| {
-            std::io::Error::new(std::io::ErrorKind::NotFound, "address resolves to nothing")
-        })?;
+    /// Connects to the first address `addr` resolves to that is not this
+    /// node itself; `Ok(None)` when every one is.
+    async fn connect_to(&self, addr: &str) -> std::io::Result<Option<(TcpStream, SocketAddr)>> {
+        let targets: Vec<SocketAddr> = tokio::net::lookup_host(addr).await?.collect();
+        if targets.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "address resolves to nothing",
+            ));
+        }
+        let targets: Vec<SocketAddr> = {
+            let st = self.lock();
+            targets
+                .into_iter()
+                .filter(|t| !st.self_addrs.contains(t))
+                .collect()
+        };
+        let mut last = None;
+        for target in targets {
+            match self.connect_one(target).await {
+                Ok(stream) => return Ok(Some((stream, target))),
+                Err(e) => last = Some(e),
+            }
+        }
+        match last {
+            Some(e) => Err(e),
+            None => Ok(None),
+        }
+    }
+
+    async fn connect_one(&self, target: SocketAddr) -> std::io::Result<TcpStream> {
         let socket = if target.is_ipv4() {
             TcpSocket::new_v4()?
         } else {
@@ -1417,12 +1687,16 @@ impl Node {
     }
 
     async fn dial(self: Arc<Self>, addr: String) -> Dialed {
-        let Ok(stream) = self.connect_to(&addr).await else {
-            return Dialed::Failed;
+        let (stream, target) = match self.connect_to(&addr).await {
+            Ok(Some(connected)) => connected,
+            Ok(None) => return Dialed::OnlySelf,
+            Err(_) => return Dialed::Failed,
         };
         let (rd, mut wr) = stream.into_split();
         let mut rd = FramedRead::new(rd, codec(MAX_HANDSHAKE_FRAME));
         let nonce = random_nonce();
+        // Lets this node's acceptor recognise the dial as its own.
+        let _nonce = DialNonce::register(&self, nonce, target);
         let hello = Handshake::Hello {
             version: PROTOCOL_VERSION,
             me: self.me.clone(),
@@ -1432,18 +1706,37 @@ impl Node {
         if wr.write_all(&hello.encode()).await.is_err() {
             return Dialed::Failed;
         }
-        let (acceptor, acceptor_nonce) = match read_handshake(&mut rd).await {
-            Some(Handshake::Challenge { me, nonce, .. }) => (me, nonce),
-            Some(Handshake::Reject { reason }) => return self.rejected(&addr, None, reason),
+        let (acceptor, acceptor_port, acceptor_nonce) = match read_handshake(&mut rd).await {
+            Some(Handshake::Challenge {
+                me,
+                listen_port,
+                nonce,
+            }) => (me, listen_port, nonce),
+            Some(Handshake::Reject { reason }) => {
+                if reason == RejectReason::SelfDial && self.lock().self_addrs.contains(&target) {
+                    return Dialed::Rejected(reason);
+                }
+                // Nothing proves who sent it: a hint, redialed later.
+                return self.rejected(&addr, None, reason);
+            }
             _ => return Dialed::Failed,
         };
+        if !valid_name(&acceptor.name) || acceptor.addr.as_deref().is_some_and(|a| !valid_addr(a)) {
+            if self.may_warn("invalid-dial", &addr) {
+                warn!(node = %self.name, %addr, "the node at this address sent a name or address that is not visible ASCII (logged at most once a minute per address)");
+            }
+            return self.rejected(&addr, None, RejectReason::Version);
+        }
         if self.cut(&acceptor.name) {
             return Dialed::Failed;
         }
         let transcript = Transcript {
+            version: PROTOCOL_VERSION,
             dialer: &self.me,
+            dialer_port: self.listen_port,
             dialer_nonce: &nonce,
             acceptor: &acceptor,
+            acceptor_port,
             acceptor_nonce: &acceptor_nonce,
         };
         let mac = transcript.proof(&self.key, Role::Dialer);
@@ -1461,6 +1754,11 @@ impl Node {
                 }
             }
             Some(Handshake::Reject { reason }) => {
+                let reason = match reason {
+                    // After our proof, a self-dial claim is nonsense.
+                    RejectReason::SelfDial => RejectReason::Version,
+                    other => other,
+                };
                 return self.rejected(&addr, Some(&acceptor.name), reason);
             }
             _ => return Dialed::Failed,
@@ -1490,19 +1788,37 @@ impl Node {
         }
     }
 
+    /// A refusal, before or after the peer proved itself: logged (at most
+    /// once a minute per address) and answered with a redial later, never
+    /// with giving the address up.
     fn rejected(&self, addr: &str, peer: Option<&str>, reason: RejectReason) -> Dialed {
-        let peer = peer.unwrap_or("?").to_string();
+        let peer = peer.unwrap_or("?");
         match reason {
-            RejectReason::BadCookie => self.log_once(format!("cookie-dial:{addr}"), || {
-                warn!(node = %self.name, %addr, %peer, "refused by a peer: its cluster cookie differs from ours (logged once per address)")
-            }),
-            RejectReason::NameTaken => self.log_once(format!("name-dial:{addr}"), || {
-                warn!(node = %self.name, %addr, "refused by a peer: another live node uses this node's name")
-            }),
-            RejectReason::Version => self.log_once(format!("version-dial:{addr}"), || {
-                warn!(node = %self.name, %addr, "refused by a peer speaking another protocol version")
-            }),
-            RejectReason::Duplicate | RejectReason::SelfDial => {}
+            RejectReason::BadCookie => {
+                if self.may_warn("cookie-dial", addr) {
+                    warn!(node = %self.name, %addr, %peer, "refused by a peer: its cluster cookie differs from ours (logged at most once a minute per address)");
+                }
+            }
+            RejectReason::NameTaken => {
+                if self.may_warn("name-dial", addr) {
+                    warn!(node = %self.name, %addr, "refused by a peer: another live node uses this node's name (logged at most once a minute per address)");
+                }
+            }
+            RejectReason::Version => {
+                if self.may_warn("version-dial", addr) {
+                    warn!(node = %self.name, %addr, "refused by a peer speaking another protocol version (logged at most once a minute per address)");
+                }
+            }
+            RejectReason::SelfDial => {
+                if self.may_warn("self-dial", addr) {
+                    info!(node = %self.name, %addr, "the node at this address says it is this node, without proof; dialing it again later");
+                }
+                // Unproven: handled as any refusal, a redial after
+                // REFUSED_REDIAL (only this node's own acceptor can show a
+                // dial reached itself).
+                return Dialed::Rejected(RejectReason::Version);
+            }
+            RejectReason::Duplicate => {}
         }
         Dialed::Rejected(reason)
     }
@@ -1606,9 +1922,13 @@ impl Node {
                         if node.cut(&peer) {
                             continue;
                         }
-                        last = Instant::now();
                         match Msg::decode(&frame) {
-                            Ok(msg) => node.on_frame(&peer, conn, msg),
+                            Ok(msg) => {
+                                node.on_frame(&peer, conn, msg);
+                                // Time spent applying a frame (a large
+                                // `Sync`) is not the peer's silence.
+                                last = Instant::now();
+                            }
                             Err(e) => {
                                 warn!(node = %node.name, peer = %peer, error = %e, "closing the connection");
                                 break;

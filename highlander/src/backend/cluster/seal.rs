@@ -133,9 +133,12 @@ mod tests {
         };
         let (na, nb) = ([1u8; NONCE_LEN], [2u8; NONCE_LEN]);
         let t = Transcript {
+            version: crate::backend::cluster::wire::PROTOCOL_VERSION,
             dialer: &a,
+            dialer_port: 1,
             dialer_nonce: &na,
             acceptor: &b,
+            acceptor_port: 2,
             acceptor_nonce: &nb,
         };
         (

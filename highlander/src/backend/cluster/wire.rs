@@ -13,9 +13,13 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 /// Bumped on any incompatible change of the frames below.
-pub(super) const PROTOCOL_VERSION: u8 = 3;
+pub(super) const PROTOCOL_VERSION: u8 = 4;
 /// Largest frame accepted (a full sync of a node holding many ids).
 pub(super) const MAX_FRAME: usize = 64 << 20;
+/// A `Sync` whose holdings take more than this is sent in parts
+/// (`SyncPart` frames, then the `Sync` with the rest), so that no frame
+/// comes near [`MAX_FRAME`] however many ids a node holds.
+pub(super) const SYNC_CHUNK: usize = 4 << 20;
 /// Largest frame accepted before the peer has authenticated.
 pub(super) const MAX_HANDSHAKE_FRAME: usize = 4 << 10;
 /// Nonce length for the challenge-response.
@@ -38,6 +42,26 @@ pub(super) struct Hold {
     pub(super) token: u64,
     /// Start of the tenure, nanoseconds since the Unix epoch on the holder.
     pub(super) since: u64,
+}
+
+impl Hold {
+    /// Bytes this hold takes in a frame.
+    pub(super) fn encoded_len(&self) -> usize {
+        2 + self.id.len().min(u16::MAX as usize) + 16
+    }
+}
+
+/// Whether `name` is a node name as the runtime accepts them: 1 to 200
+/// visible ASCII characters. Names from the wire are checked before they
+/// are used or logged, so a stranger cannot forge log lines with them.
+pub(super) fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 200 && name.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// Whether `addr` can be an advertised `host:port` (visible ASCII, at most
+/// 255 bytes).
+pub(super) fn valid_addr(addr: &str) -> bool {
+    !addr.is_empty() && addr.len() <= 255 && addr.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// Why a handshake was refused.
@@ -116,6 +140,9 @@ pub(super) enum Msg {
         members: Vec<MemberInfo>,
         holdings: Vec<Hold>,
     },
+    /// Part of the sender's holdings, ahead of the `Sync` that completes
+    /// them (a node holding more ids than one frame carries).
+    SyncPart { holdings: Vec<Hold> },
     /// The sender finished joining and may arbitrate claims.
     Ready,
     /// The sender is now connected to this member.
@@ -375,6 +402,14 @@ impl Msg {
                     put_hold(buf, h);
                 }
             }
+            Msg::SyncPart { holdings } => {
+                buf.reserve(8 + holdings.iter().map(Hold::encoded_len).sum::<usize>());
+                buf.put_u8(15);
+                buf.put_u32(holdings.len() as u32);
+                for h in holdings {
+                    put_hold(buf, h);
+                }
+            }
             Msg::Ready => buf.put_u8(3),
             Msg::MemberUp(m) => {
                 buf.put_u8(4);
@@ -454,6 +489,11 @@ impl Msg {
                     holdings,
                 }
             }
+            15 => {
+                let n = r.count(18)?;
+                let holdings = (0..n).map(|_| r.hold()).collect::<Result<_, _>>()?;
+                Msg::SyncPart { holdings }
+            }
             3 => Msg::Ready,
             4 => Msg::MemberUp(r.member()?),
             5 => Msg::Held(r.hold()?),
@@ -500,12 +540,19 @@ pub(super) enum Role {
     Acceptor,
 }
 
-/// One handshake as both sides saw it: both identities and both fresh
-/// nonces. Every MAC and key of the connection is computed over it.
+/// One handshake as both sides saw it: the protocol version, both
+/// identities (name, incarnation, advertised address, listen port) and both
+/// fresh nonces, exactly as they crossed the wire. Every MAC and key of the
+/// connection is computed over it, so a field altered on the way makes the
+/// proofs differ and the handshake fail.
+#[derive(Clone, Copy)]
 pub(super) struct Transcript<'a> {
+    pub(super) version: u8,
     pub(super) dialer: &'a MemberInfo,
+    pub(super) dialer_port: u16,
     pub(super) dialer_nonce: &'a [u8; NONCE_LEN],
     pub(super) acceptor: &'a MemberInfo,
+    pub(super) acceptor_port: u16,
     pub(super) acceptor_nonce: &'a [u8; NONCE_LEN],
 }
 
@@ -515,13 +562,23 @@ impl Transcript<'_> {
         let mut mac =
             <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes keys of any length");
         mac.update(label);
-        for (m, nonce) in [
-            (self.dialer, self.dialer_nonce),
-            (self.acceptor, self.acceptor_nonce),
+        mac.update(&[self.version]);
+        for (m, port, nonce) in [
+            (self.dialer, self.dialer_port, self.dialer_nonce),
+            (self.acceptor, self.acceptor_port, self.acceptor_nonce),
         ] {
             mac.update(&(m.name.len() as u64).to_be_bytes());
             mac.update(m.name.as_bytes());
             mac.update(&m.incarnation.to_be_bytes());
+            match &m.addr {
+                Some(addr) => {
+                    mac.update(&[1]);
+                    mac.update(&(addr.len() as u64).to_be_bytes());
+                    mac.update(addr.as_bytes());
+                }
+                None => mac.update(&[0]),
+            }
+            mac.update(&port.to_be_bytes());
             mac.update(nonce);
         }
         mac
@@ -596,6 +653,13 @@ mod tests {
             floor: 4,
         });
         roundtrip(Msg::Superseded);
+        roundtrip(Msg::SyncPart {
+            holdings: vec![Hold {
+                id: "y".into(),
+                token: 2,
+                since: 3,
+            }],
+        });
         roundtrip(Msg::Ceded {
             id: "x".into(),
             token: 3,
@@ -628,9 +692,12 @@ mod tests {
         };
         let (na, nb) = ([1u8; 32], [2u8; 32]);
         let t = Transcript {
+            version: PROTOCOL_VERSION,
             dialer: &a,
+            dialer_port: 1,
             dialer_nonce: &na,
             acceptor: &b,
+            acceptor_port: 2,
             acceptor_nonce: &nb,
         };
         let d = t.proof(b"k", Role::Dialer);
@@ -639,5 +706,28 @@ mod tests {
         assert!(t.verify(b"k", Role::Dialer, &d));
         assert!(!t.verify(b"k", Role::Acceptor, &d));
         assert!(!t.verify(b"j", Role::Dialer, &d));
+        // Every field of the handshake is in the proof.
+        let moved = MemberInfo {
+            addr: Some("evil:1".into()),
+            ..a.clone()
+        };
+        let altered = [
+            Transcript { version: 3, ..t },
+            Transcript {
+                dialer_port: 9,
+                ..t
+            },
+            Transcript {
+                acceptor_port: 9,
+                ..t
+            },
+            Transcript {
+                dialer: &moved,
+                ..t
+            },
+        ];
+        for other in altered {
+            assert!(!other.verify(b"k", Role::Dialer, &d));
+        }
     }
 }
