@@ -65,6 +65,8 @@ use crate::backend::{Backend, Session};
 use crate::service::BoxFuture;
 use crate::{Error, Result, redact_url};
 
+mod conn;
+mod pb;
 mod session;
 
 /// The default lease TTL: 10 s.
