@@ -104,7 +104,9 @@ fn prune(fds: &mut FileDescriptorSet) -> Result<(), String> {
                     .iter()
                     .enumerate()
                     .find(|(_, method)| method.name() == *want)
-                    .ok_or_else(|| format!("no method {}.{want} in the .proto files", service.name()))?;
+                    .ok_or_else(|| {
+                        format!("no method {}.{want} in the .proto files", service.name())
+                    })?;
                 todo.push(method.input_type().to_string());
                 todo.push(method.output_type().to_string());
                 kept.push(m);
@@ -121,7 +123,9 @@ fn prune(fds: &mut FileDescriptorSet) -> Result<(), String> {
         if !seen.insert(name.clone()) {
             continue;
         }
-        let top = *owner.get(&name).ok_or_else(|| format!("unknown type {name}"))?;
+        let top = *owner
+            .get(&name)
+            .ok_or_else(|| format!("unknown type {name}"))?;
         if reached.insert(top) && top.1 == FILE_MESSAGE {
             let message = &fds.file[top.0].message_type[top.2];
             collect_types(message, &mut todo);
