@@ -1324,16 +1324,19 @@ impl Inner {
         })
     }
 
-    fn check_budget(&self, request: &ClaimRequest) -> Result<()> {
+    fn check_budget(&self, id: &str, budget: Duration) -> Result<()> {
         let ttl = Duration::from_secs(self.ttl_secs as u64);
-        let needed = request.stop_budget + self.interval * 2;
+        let needed = budget.saturating_add(self.interval.saturating_mul(2));
         if usable(ttl) < needed {
-            let want = (needed + MARGIN + ttl * CLOCK_RATE_PERCENT / 100).as_secs() + 2;
+            let want = needed
+                .saturating_add(MARGIN + ttl * CLOCK_RATE_PERCENT / 100)
+                .as_secs()
+                .saturating_add(2);
             return Err(Error::Config(format!(
                 "the shutdown budget {:?} of `{}` does not fit in the etcd lease TTL of {}s: the \
                  instance must stop within TTL − 1 % − {:?} of the last keep-alive, with room for \
                  keep-alives; raise the TTL to {want}s or more (?ttl= or Etcd::ttl) or shorten its shutdown",
-                request.stop_budget, request.id, self.ttl_secs, MARGIN
+                budget, id, self.ttl_secs, MARGIN
             )));
         }
         Ok(())
@@ -1357,7 +1360,7 @@ impl Session for EtcdSession {
     fn try_claim(&self, request: ClaimRequest) -> BoxFuture<'_, Result<Claim>> {
         Box::pin(async move {
             let inner = &self.inner;
-            inner.check_budget(&request)?;
+            inner.check_budget(&request.id, request.stop_budget)?;
             {
                 let mut state = inner.lock();
                 if state.closed {
@@ -1377,6 +1380,10 @@ impl Session for EtcdSession {
             inner.ops.send(op).map_err(|_| inner.closed_error())?;
             answer.await.map_err(|_| inner.closed_error())?
         })
+    }
+
+    fn check_stop_budget(&self, id: &str, budget: Duration) -> Result<()> {
+        self.inner.check_budget(id, budget)
     }
 
     fn release(&self, id: &str, token: u64) -> BoxFuture<'_, Result<()>> {
