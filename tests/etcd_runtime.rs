@@ -804,3 +804,55 @@ async fn a_handoff_while_a_member_hangs_completes() {
     cluster.signal_member(hung, "CONT");
     b.shutdown().await;
 }
+
+/// A probe service spec for `id`.
+fn probe(id: &str, log: &Log) -> ChildSpec {
+    let log = log.clone();
+    ChildSpec::new(id, move |_ctx| {
+        let log = log.clone();
+        async move {
+            Ok(Probe {
+                log,
+                tag: String::new(),
+            })
+        }
+    })
+    .shutdown(BUDGET)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nested_namespaces_never_share_a_key() {
+    let cluster = EtcdCluster::single().await;
+    let log = Log::default();
+    // Namespace `billing` + id `v2/x` and namespace `billing/v2` + id `x`
+    // were the same key, `/billing/v2/x`: one of the two never ran.
+    let a = Runtime::builder()
+        .node("a")
+        .backend(etcd(&cluster).namespace("billing"))
+        .without_registered()
+        .child(probe("v2/x", &log))
+        .start()
+        .await
+        .unwrap();
+    within("a runs v2/x", a.wait_until(|s| s.is_running("v2/x"))).await;
+    let b = Runtime::builder()
+        .node("b")
+        .backend(etcd(&cluster).namespace("billing/v2"))
+        .without_registered()
+        .child(probe("x", &log))
+        .start()
+        .await
+        .unwrap();
+    within("b runs x beside a", b.wait_until(|s| s.is_running("x"))).await;
+    assert!(a.status().is_running("v2/x"));
+    let keys = cluster.etcdctl(&["get", "--prefix", "", "--keys-only"]);
+    let keys: Vec<&str> = keys.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(keys.len(), 2, "two keys: {keys:?}");
+    // Each node's watch covers its own namespace only: b's release wakes
+    // nothing at a, and a's tenure goes on.
+    b.shutdown().await;
+    let quiet = tokio::time::timeout(Duration::from_millis(500), a.changed()).await;
+    assert!(quiet.is_err(), "b's release reached a: {:?}", a.status());
+    assert!(a.status().is_running("v2/x"));
+    a.shutdown().await;
+}

@@ -8,7 +8,8 @@
 //!
 //! - **One lease per node**, kept alive by one task for every id the node
 //!   holds: lease traffic is O(1) however many ids the node runs.
-//! - **Claim** = a transaction: put `/{namespace}/{id}` = node name, attached
+//! - **Claim** = a transaction: put `/{namespace}/{id}` = node name (`%` and
+//!   `/` in the namespace percent-encoded, so namespaces never nest), attached
 //!   to the node's lease, if the key's create revision is 0. Claims from many
 //!   guardians are batched into one transaction (at most 127 per
 //!   transaction: etcd's limit is 128 operations, nested ones included; a
@@ -167,8 +168,10 @@ impl Etcd {
         self
     }
 
-    /// The key prefix: ids live at `/{namespace}/{id}`. Nodes that should
-    /// compete for the same ids use the same namespace.
+    /// The key prefix: ids live at `/{namespace}/{id}`, with `%` and `/` in
+    /// the namespace percent-encoded (`billing/v2` → `/billing%2Fv2/{id}`),
+    /// so two namespaces never share a key. Nodes that should compete for
+    /// the same ids use the same namespace.
     ///
     /// ```
     /// let etcd = highlander::backend::etcd::Etcd::new(["127.0.0.1:2379"]).namespace("billing");
@@ -364,6 +367,26 @@ impl Backend for Etcd {
             self.ttl_secs()
         )
     }
+}
+
+/// The prefix of every key of `namespace`: `/{namespace}/`, with `%` and
+/// `/` in the namespace percent-encoded (`%25`, `%2F`). The namespace is
+/// thus one path segment, so no namespace's prefix is a prefix of another's
+/// keys: namespace `billing` with id `v2/x` is `/billing/v2/x`, namespace
+/// `billing/v2` with id `x` is `/billing%2Fv2/x`. (Before 0.1.0 shipped the
+/// namespace went in verbatim and those two were the same key.)
+pub(crate) fn key_prefix(namespace: &str) -> String {
+    let mut prefix = String::with_capacity(namespace.len() + 2);
+    prefix.push('/');
+    for c in namespace.chars() {
+        match c {
+            '%' => prefix.push_str("%25"),
+            '/' => prefix.push_str("%2F"),
+            c => prefix.push(c),
+        }
+    }
+    prefix.push('/');
+    prefix
 }
 
 const MIN_TTL: Duration = Duration::from_secs(2);
@@ -694,6 +717,18 @@ mod tests {
         );
         let err = parse_url("etcd://host").unwrap_err().to_string();
         assert!(err.contains("`host` is not host:port"), "{err}");
+    }
+
+    #[test]
+    fn a_namespace_is_one_key_segment() {
+        assert_eq!(key_prefix("highlander"), "/highlander/");
+        assert_eq!(key_prefix("billing/v2"), "/billing%2Fv2/");
+        assert_eq!(key_prefix("100%/x"), "/100%25%2Fx/");
+        let (a, b) = (key_prefix("billing"), key_prefix("billing/v2"));
+        assert_ne!(format!("{a}v2/x"), format!("{b}x"));
+        assert!(!b.starts_with(&a) && !a.starts_with(&b));
+        // Escaping is injective: `a%2Fb` and `a/b` differ too.
+        assert_ne!(key_prefix("a%2Fb"), key_prefix("a/b"));
     }
 
     #[test]

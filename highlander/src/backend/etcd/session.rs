@@ -24,7 +24,7 @@ use super::pb::etcdserverpb::{
     request_op, response_op, watch_request,
 };
 use super::pb::mvccpb::{KeyValue, event::EventType};
-use super::{Etcd, host_port};
+use super::{Etcd, host_port, key_prefix};
 use crate::backend::{Backend, Claim, ClaimRequest, Holder, Lease, LeaseEnd, LeaseSignal, Session};
 use crate::service::BoxFuture;
 use crate::{Error, Result};
@@ -349,8 +349,8 @@ pub(super) async fn connect(config: Etcd, node: String) -> Result<Arc<EtcdSessio
             ))
         }
         StartFailure::Denied(why) => Error::Config(format!(
-            "etcd at {shown} does not let this user read and write `/{}/` ({describe}): {why}",
-            config.namespace
+            "etcd at {shown} does not let this user read and write `{}` ({describe}): {why}",
+            key_prefix(&config.namespace)
         )),
         StartFailure::Unreachable {
             why,
@@ -364,7 +364,7 @@ pub(super) async fn connect(config: Etcd, node: String) -> Result<Arc<EtcdSessio
             Error::Backend(format!("cannot reach etcd at {shown} ({describe}): {why}"))
         }
     };
-    let prefix = format!("/{}/", config.namespace);
+    let prefix = key_prefix(&config.namespace);
     let first = at_start(&members, deadline, limit, |conn: Conn| {
         let request = conn.request(RangeRequest {
             key: prefix.as_bytes().to_vec(),
