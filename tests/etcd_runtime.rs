@@ -856,3 +856,54 @@ async fn nested_namespaces_never_share_a_key() {
     assert!(a.status().is_running("v2/x"));
     a.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_key_deleted_while_the_watch_was_away_past_a_compaction_ends_the_tenure() {
+    let mut cluster = EtcdCluster::start(3).await;
+    let member = (cluster.leader() + 1) % 3;
+    let log = Log::default();
+    // The node talks to one follower only, so while that member is down its
+    // watch has nowhere to go. The TTL is long: the lease outlives the
+    // outage by far, so nothing but the watch and what follows it can end
+    // the tenure.
+    let backend = Etcd::new([cluster.endpoints()[member].clone()])
+        .ttl(Duration::from_secs(30))
+        .keepalive_interval(Duration::from_millis(250));
+    let a = Runtime::builder()
+        .node("a")
+        .backend(backend)
+        .without_registered()
+        .child(probe("solo", &log))
+        .start()
+        .await
+        .unwrap();
+    within("a runs", a.wait_until(|s| s.is_running("solo"))).await;
+    let token = token_of(&a, "solo").unwrap();
+    cluster.kill_member(member);
+    // From outside, while a's watch is down: delete a's key, write another
+    // key, and compact the history past both, so the resumed watch starts
+    // after the deletion and never sees it.
+    cluster.etcdctl(&["del", "/highlander/solo"]);
+    let put = cluster.etcdctl(&["put", "/elsewhere", "x", "-w", "json"]);
+    let revision: u64 = put
+        .split("\"revision\":")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("a revision in {put}"));
+    cluster.etcdctl(&["compact", &revision.to_string()]);
+    cluster.restart_member(member).await;
+    let lost = format!("stop solo a {token} lease lost");
+    within("a's tenure of the deleted key ends", async {
+        while !log.lines().contains(&lost) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    within(
+        "a claims solo again, with a new token",
+        a.wait_until(|s| s.running().any(|(id, t)| id == "solo" && t > token)),
+    )
+    .await;
+    a.shutdown().await;
+}

@@ -880,6 +880,7 @@ impl Inner {
     /// deleted, and ends a tenure whose key was deleted from outside.
     async fn watcher(self: Arc<Self>, mut next: i64) {
         let mut retry = RETRY_MIN;
+        let mut resumed = false;
         let prefix = self.prefix.as_bytes().to_vec();
         let range_end = prefix_end(&prefix);
         while !self.stop.is_cancelled() {
@@ -914,7 +915,16 @@ impl Inner {
                 opened = timeout(self.request_timeout, open) => opened,
             };
             let mut stream = match opened {
-                Ok(Ok(stream)) => stream.into_inner(),
+                Ok(Ok(stream)) => {
+                    if resumed {
+                        // Events between the break and now may have been
+                        // compacted away (the watch then resumes after
+                        // them): read the held keys again.
+                        tokio::spawn(self.clone().recheck_held());
+                    }
+                    resumed = true;
+                    stream.into_inner()
+                }
                 Ok(Err(e)) if conn.renew_token(&e).await => continue,
                 outcome => {
                     self.members.failed(Use::Watch, out_of_reach(&outcome));
@@ -981,6 +991,80 @@ impl Inner {
         }
     }
 
+    /// Reads every held key (after the watch resumed: a deletion in a
+    /// compacted gap was never seen) and ends each tenure whose key is gone
+    /// or is no longer the one the tenure created. Retried until etcd
+    /// answers or the session stops.
+    async fn recheck_held(self: Arc<Self>) {
+        let held: Vec<(Arc<str>, u64)> = {
+            let state = self.lock();
+            state
+                .held
+                .iter()
+                .map(|(id, h)| (id.clone(), h.token))
+                .collect()
+        };
+        for chunk in held.chunks(MAX_OPS_PER_TXN) {
+            let txn = TxnRequest {
+                compare: Vec::new(),
+                success: chunk
+                    .iter()
+                    .map(|(id, _)| {
+                        one_op(request_op::Request::RequestRange(RangeRequest {
+                            key: self.key(id).into_bytes(),
+                            keys_only: true,
+                            ..RangeRequest::default()
+                        }))
+                    })
+                    .collect(),
+                failure: Vec::new(),
+            };
+            let mut retry = RETRY_MIN;
+            let resp = loop {
+                let send = |c: Conn| {
+                    let request = c.request(txn.clone());
+                    async move { c.kv().txn(request).await }
+                };
+                if let Ok(Ok(resp)) = self.request(send).await {
+                    break resp;
+                }
+                if !self.pause(retry).await {
+                    return;
+                }
+                retry = (retry * 2).min(RETRY_MAX);
+            };
+            let revision = resp.header.map(|h| h.revision).unwrap_or(0);
+            for ((id, token), answer) in chunk.iter().zip(resp.responses) {
+                let Some(response_op::Response::ResponseRange(range)) = answer.response else {
+                    continue;
+                };
+                let ours = range
+                    .kvs
+                    .first()
+                    .is_some_and(|kv| kv.create_revision == *token as i64);
+                // A tenure granted after this read began is not judged by it.
+                if !ours && *token as i64 <= revision {
+                    self.end_tenure(id, *token);
+                }
+            }
+        }
+    }
+
+    /// Ends the tenure of `id` with `token`, if it still runs: its key was
+    /// deleted or replaced from outside.
+    fn end_tenure(&self, id: &str, token: u64) {
+        let mut state = self.lock();
+        if state.held.get(id).is_none_or(|h| h.token != token) {
+            return;
+        }
+        if let Some(held) = state.held.remove(id) {
+            held.signal.end(LeaseEnd::Lost);
+            drop(state);
+            warn!(node = %self.node, id, token, "the key of a held id was deleted or replaced in etcd: tenure ended");
+            self.bump();
+        }
+    }
+
     /// The watch fell behind a compaction: events were lost, so every waiter
     /// retries once, and the watch resumes from the compaction revision.
     async fn after_compaction(&self, compacted: i64) -> i64 {
@@ -1030,11 +1114,10 @@ impl Inner {
                 .is_some_and(|h| kv.create_revision > h.token as i64),
         };
         if lost {
-            if let Some(held) = state.held.remove(id) {
-                held.signal.end(LeaseEnd::Lost);
-                drop(state);
-                warn!(node = %self.node, id, token = held.token, "the key of a held id was deleted or replaced in etcd: tenure ended");
-                self.bump();
+            let token = state.held.get(id).map(|h| h.token);
+            drop(state);
+            if let Some(token) = token {
+                self.end_tenure(id, token);
             }
         }
     }
