@@ -1088,7 +1088,7 @@ impl Inner {
         let Ok(id) = std::str::from_utf8(id) else {
             return;
         };
-        let mut state = self.lock();
+        let state = self.lock();
         let lost = match kind {
             EventType::Delete => {
                 let revision = kv.mod_revision;
