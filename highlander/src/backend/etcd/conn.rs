@@ -29,6 +29,12 @@ const REQUIRE_LEADER: (&str, &str) = ("hasleader", "true");
 /// The metadata key etcd reads the auth token from.
 const TOKEN: &str = "token";
 
+/// The largest message taken from etcd, as etcd's Go client
+/// (`math.MaxInt32`; tonic's default is 4 MiB): one watch response carries
+/// every event of a revision, and a lease expiry that deletes 100,000 keys
+/// is one revision.
+const MAX_RECEIVE: usize = i32::MAX as usize;
+
 /// How to connect to each member.
 pub(super) struct Dialer {
     endpoints: Vec<Endpoint>,
@@ -151,7 +157,7 @@ pub(super) struct Conn {
 
 impl Conn {
     pub(super) fn kv(&self) -> KvClient<Channel> {
-        KvClient::new(self.channel.clone())
+        KvClient::new(self.channel.clone()).max_decoding_message_size(MAX_RECEIVE)
     }
 
     pub(super) fn lease(&self) -> LeaseClient<Channel> {
@@ -159,7 +165,7 @@ impl Conn {
     }
 
     pub(super) fn watch(&self) -> WatchClient<Channel> {
-        WatchClient::new(self.channel.clone())
+        WatchClient::new(self.channel.clone()).max_decoding_message_size(MAX_RECEIVE)
     }
 
     fn current_token(&self) -> Option<AsciiMetadataValue> {

@@ -43,8 +43,9 @@
 //! etcds://…    the same over TLS
 //! ```
 //!
-//! Options: `ttl` (`10s`), `keepalive` (the keep-alive interval, default
-//! TTL/10 capped to 1 s), `connect_timeout` (`5s`), `ca`, `cert`, `key`
+//! Options: `ttl` (`10s`; 2 s to 1 day), `keepalive` (the keep-alive
+//! interval, default TTL/10 capped to 1 s; 10 ms to TTL/3),
+//! `connect_timeout` (`5s`; 100 ms to 10 min), `ca`, `cert`, `key`
 //! (PEM file paths for TLS; `ca` is required for `etcds://`), `domain` (the
 //! name to verify in the server's certificate), `user`, `password`. The
 //! namespace defaults to `highlander`.
