@@ -382,6 +382,16 @@ async fn user_and_password_auth_and_the_password_stays_hidden() {
     )
     .await;
     assert!(!format!("{:?}", handle.status()).contains("r00t-Secret"));
+    // Turning auth off and on again drops every token etcd issued ("invalid
+    // auth token"): the next request gets a new token and goes through.
+    cluster.etcdctl(&["--user=root:r00t-Secret", "auth", "disable"]);
+    cluster.etcdctl(&["auth", "enable"]);
+    let holder = handle
+        .holder("guarded")
+        .await
+        .expect("the dropped token is renewed")
+        .expect("guarded is held");
+    assert_eq!(holder.node, "authed");
     handle.shutdown().await;
 }
 
