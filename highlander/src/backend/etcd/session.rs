@@ -724,9 +724,16 @@ impl Inner {
                     self.lease_gone(lease.id);
                     continue;
                 }
-                Ok(Err(e)) if conn.renew_token(&e).await => continue,
                 outcome => {
-                    self.members.failed(Use::KeepAlive, out_of_reach(&outcome));
+                    // A refused token is renewed and the stream retried on
+                    // the same member (after the backoff: never a tight loop).
+                    let renewed = match &outcome {
+                        Ok(Err(e)) => conn.renew_token(e).await,
+                        _ => false,
+                    };
+                    if !renewed {
+                        self.members.failed(Use::KeepAlive, out_of_reach(&outcome));
+                    }
                     let why = match outcome {
                         Ok(Err(e)) => reason(&e),
                         Ok(Ok(_)) => "stream closed".into(),
@@ -809,7 +816,10 @@ impl Inner {
             let attempt = async {
                 match self.members.client(Use::Request, left).await {
                     Ok(conn) => Some(conn.call(&mut send).await),
-                    Err(_) => None,
+                    // Connected, but authenticating failed: that answer.
+                    Err(DialError::Failed(status)) => Some(Err(status)),
+                    Err(DialError::Credentials(why)) => Some(Err(Status::unauthenticated(why))),
+                    Err(DialError::Unreachable(_) | DialError::Handshake(_)) => None,
                 }
             };
             let outcome = match tokio::time::timeout_at(deadline, attempt).await {
@@ -925,9 +935,14 @@ impl Inner {
                     resumed = true;
                     stream.into_inner()
                 }
-                Ok(Err(e)) if conn.renew_token(&e).await => continue,
                 outcome => {
-                    self.members.failed(Use::Watch, out_of_reach(&outcome));
+                    let renewed = match &outcome {
+                        Ok(Err(e)) => conn.renew_token(e).await,
+                        _ => false,
+                    };
+                    if !renewed {
+                        self.members.failed(Use::Watch, out_of_reach(&outcome));
+                    }
                     let why = match outcome {
                         Ok(Err(e)) => reason(&e),
                         _ => "timed out".into(),
