@@ -378,13 +378,23 @@ async fn user_and_password_auth_and_the_password_stays_hidden() {
     )
     .await;
     assert!(!format!("{:?}", handle.status()).contains("r00t-Secret"));
+    // Turning auth off and on again drops every token etcd issued ("invalid
+    // auth token"): the next request gets a new token and goes through.
+    cluster.etcdctl(&["--user=root:r00t-Secret", "auth", "disable"]);
+    cluster.etcdctl(&["auth", "enable"]);
+    let holder = handle
+        .holder("guarded")
+        .await
+        .expect("the dropped token is renewed")
+        .expect("guarded is held");
+    assert_eq!(holder.node, "authed");
     handle.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_shutdown_budget_that_does_not_fit_the_ttl_is_refused_clearly() {
+async fn a_shutdown_budget_that_does_not_fit_the_ttl_is_refused_at_start() {
     let cluster = EtcdCluster::single().await;
-    let handle = Runtime::builder()
+    let started = Runtime::builder()
         .node("slow")
         .backend(etcd(&cluster))
         .child(
@@ -397,28 +407,26 @@ async fn a_shutdown_budget_that_does_not_fit_the_ttl_is_refused_clearly() {
             .shutdown(Duration::from_secs(5)),
         )
         .start()
-        .await
-        .unwrap();
-    let status = within(
-        "the claim is refused",
-        handle
-            .wait_until(|s| matches!(s.get("slow-stopper"), Some(SingletonState::Retrying { .. }))),
-    )
-    .await;
-    let Some(SingletonState::Retrying { error }) = status.get("slow-stopper") else {
-        unreachable!()
+        .await;
+    let Err(error) = started else {
+        panic!("a 5s shutdown budget with a 3s TTL must not start");
     };
+    let error = error.to_string();
     assert!(
-        error.contains("does not fit in the etcd lease TTL"),
+        error.contains("does not fit in the etcd lease TTL of 3s")
+            && error.contains("5s")
+            && error.contains("slow-stopper"),
         "{error}"
     );
+    assert!(!error.contains('\n'), "{error}");
     assert!(
         cluster
-            .etcdctl(&["get", "--prefix", "/highlander/", "--keys-only"])
+            .etcdctl(&["get", "--prefix", "", "--keys-only"])
             .trim()
             .is_empty()
     );
-    handle.shutdown().await;
+    // The refused start gave its lease back at once.
+    assert!(cluster.leases().is_empty(), "{:?}", cluster.leases());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -799,4 +807,104 @@ async fn a_handoff_while_a_member_hangs_completes() {
     );
     cluster.signal_member(hung, "CONT");
     b.shutdown().await;
+}
+
+/// A probe service spec for `id`.
+fn probe(id: &str, log: &Log) -> ChildSpec {
+    let log = log.clone();
+    ChildSpec::new(id, move |_ctx| {
+        let log = log.clone();
+        async move {
+            Ok(Probe {
+                log,
+                tag: String::new(),
+            })
+        }
+    })
+    .shutdown(BUDGET)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nested_namespaces_never_share_a_key() {
+    let cluster = EtcdCluster::single().await;
+    let log = Log::default();
+    // Namespace `billing` + id `v2/x` and namespace `billing/v2` + id `x`
+    // were the same key, `/billing/v2/x`: one of the two never ran.
+    let a = Runtime::builder()
+        .node("a")
+        .backend(etcd(&cluster).namespace("billing"))
+        .child(probe("v2/x", &log))
+        .start()
+        .await
+        .unwrap();
+    within("a runs v2/x", a.wait_until(|s| s.is_running("v2/x"))).await;
+    let b = Runtime::builder()
+        .node("b")
+        .backend(etcd(&cluster).namespace("billing/v2"))
+        .child(probe("x", &log))
+        .start()
+        .await
+        .unwrap();
+    within("b runs x beside a", b.wait_until(|s| s.is_running("x"))).await;
+    assert!(a.status().is_running("v2/x"));
+    let keys = cluster.etcdctl(&["get", "--prefix", "", "--keys-only"]);
+    let keys: Vec<&str> = keys.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(keys.len(), 2, "two keys: {keys:?}");
+    // Each node's watch covers its own namespace only: b's release wakes
+    // nothing at a, and a's tenure goes on.
+    b.shutdown().await;
+    let quiet = tokio::time::timeout(Duration::from_millis(500), a.changed()).await;
+    assert!(quiet.is_err(), "b's release reached a: {:?}", a.status());
+    assert!(a.status().is_running("v2/x"));
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_key_deleted_while_the_watch_was_away_past_a_compaction_ends_the_tenure() {
+    let mut cluster = EtcdCluster::start(3).await;
+    let member = (cluster.leader() + 1) % 3;
+    let log = Log::default();
+    // The node talks to one follower only, so while that member is down its
+    // watch has nowhere to go. The TTL is long: the lease outlives the
+    // outage by far, so nothing but the watch and what follows it can end
+    // the tenure.
+    let backend = Etcd::new([cluster.endpoints()[member].clone()])
+        .ttl(Duration::from_secs(30))
+        .keepalive_interval(Duration::from_millis(250));
+    let a = Runtime::builder()
+        .node("a")
+        .backend(backend)
+        .child(probe("solo", &log))
+        .start()
+        .await
+        .unwrap();
+    within("a runs", a.wait_until(|s| s.is_running("solo"))).await;
+    let token = token_of(&a, "solo").unwrap();
+    cluster.kill_member(member);
+    // From outside, while a's watch is down: delete a's key, write another
+    // key, and compact the history past both, so the resumed watch starts
+    // after the deletion and never sees it.
+    cluster.etcdctl(&["del", "/highlander/solo"]);
+    let put = cluster.etcdctl(&["put", "/elsewhere", "x", "-w", "json"]);
+    let revision: u64 = put
+        .split("\"revision\":")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("a revision in {put}"));
+    cluster.etcdctl(&["compact", &revision.to_string()]);
+    cluster.restart_member(member).await;
+    let lost = format!("stop solo a {token} lease lost");
+    within("a's tenure of the deleted key ends", async {
+        while !log.lines().contains(&lost) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    within(
+        "a claims solo again, with a new token",
+        a.wait_until(|s| s.running().any(|(id, t)| id == "solo" && t > token)),
+    )
+    .await;
+    a.shutdown().await;
 }

@@ -286,3 +286,34 @@ fn bad_input_is_one_line_without_the_password() {
     let memory = highlander(&["status", "--backend", "memory"], &[]);
     assert!(String::from_utf8_lossy(&memory.stderr).contains("one process"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_on_etcd_reads_the_keys_the_nodes_hold() {
+    let etcd = highlander_tests::etcd::EtcdCluster::single().await;
+    let url = etcd.url();
+    let mut fleet = Fleet::new(bin("node"), &url, &[("HL_IDS", "mailer,billing")]);
+    let urls: Vec<(String, String)> = ["e1", "e2"]
+        .iter()
+        .map(|n| (n.to_string(), url.clone()))
+        .collect();
+    let nodes = three(&mut fleet, &urls).await;
+    let held = holders(&mut fleet, &["billing", "mailer"]).await;
+    let json = stdout(&highlander(&["status", "--json", "--backend", &url], &[]));
+    let rows: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+    let got: Vec<(String, String, u64)> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["id"].as_str().unwrap().to_string(),
+                r["holder"].as_str().unwrap().to_string(),
+                r["token"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(got, held, "{json}");
+    for n in &nodes {
+        n.signal("TERM");
+    }
+}

@@ -219,6 +219,14 @@ impl Builder {
         };
         let description = backend.describe();
         let session = backend.connect(&node).await?;
+        // A budget the backend cannot honour would only ever be retried.
+        if let Some(refused) = specs
+            .iter()
+            .find_map(|s| session.check_stop_budget(&s.id, s.shutdown).err())
+        {
+            session.close().await;
+            return Err(refused);
+        }
         info!(node = %node, backend = %description, singletons = specs.len(), "highlander started");
 
         let node: Arc<str> = Arc::from(node);

@@ -110,6 +110,16 @@ pub trait Session: Send + Sync + 'static {
         })
     }
 
+    /// Whether this session can honour a shutdown budget of `budget` for
+    /// `id`: a backend whose leases expire (etcd) refuses a budget that does
+    /// not fit in its TTL, in one line that names both and says what to
+    /// change. The runtime asks for every service when it starts and does
+    /// not start on an error. The default accepts any budget.
+    fn check_stop_budget(&self, id: &str, budget: Duration) -> Result<()> {
+        let _ = (id, budget);
+        Ok(())
+    }
+
     /// Leaves gracefully: releases everything this node still holds and
     /// closes the connection. Called once, after every guardian has stopped.
     fn close(&self) -> BoxFuture<'_, ()>;

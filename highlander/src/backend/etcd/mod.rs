@@ -8,7 +8,8 @@
 //!
 //! - **One lease per node**, kept alive by one task for every id the node
 //!   holds: lease traffic is O(1) however many ids the node runs.
-//! - **Claim** = a transaction: put `/{namespace}/{id}` = node name, attached
+//! - **Claim** = a transaction: put `/{namespace}/{id}` = node name (`%` and
+//!   `/` in the namespace percent-encoded, so namespaces never nest), attached
 //!   to the node's lease, if the key's create revision is 0. Claims from many
 //!   guardians are batched into one transaction (at most 127 per
 //!   transaction: etcd's limit is 128 operations, nested ones included; a
@@ -42,8 +43,9 @@
 //! etcds://…    the same over TLS
 //! ```
 //!
-//! Options: `ttl` (`10s`), `keepalive` (the keep-alive interval, default
-//! TTL/10 capped to 1 s), `connect_timeout` (`5s`), `ca`, `cert`, `key`
+//! Options: `ttl` (`10s`; 2 s to 1 day), `keepalive` (the keep-alive
+//! interval, default TTL/10 capped to 1 s; 10 ms to TTL/3),
+//! `connect_timeout` (`5s`; 100 ms to 10 min), `ca`, `cert`, `key`
 //! (PEM file paths for TLS; `ca` is required for `etcds://`), `domain` (the
 //! name to verify in the server's certificate), `user`, `password`. The
 //! namespace defaults to `highlander`.
@@ -63,8 +65,10 @@ use std::time::Duration;
 
 use crate::backend::{Backend, Session};
 use crate::service::BoxFuture;
-use crate::{Error, Result, redact_url};
+use crate::{Error, Result};
 
+mod conn;
+mod pb;
 mod session;
 
 /// The default lease TTL: 10 s.
@@ -165,8 +169,10 @@ impl Etcd {
         self
     }
 
-    /// The key prefix: ids live at `/{namespace}/{id}`. Nodes that should
-    /// compete for the same ids use the same namespace.
+    /// The key prefix: ids live at `/{namespace}/{id}`, with `%` and `/` in
+    /// the namespace percent-encoded (`billing/v2` → `/billing%2Fv2/{id}`),
+    /// so two namespaces never share a key. Nodes that should compete for
+    /// the same ids use the same namespace.
     ///
     /// ```
     /// let etcd = highlander::backend::etcd::Etcd::new(["127.0.0.1:2379"]).namespace("billing");
@@ -257,11 +263,38 @@ impl Etcd {
                 self.describe()
             )));
         }
-        if self.ttl < Duration::from_secs(2) {
+        if self.ttl < MIN_TTL {
             return Err(Error::Config(format!(
-                "etcd backend `{}`: ttl {:?} is below etcd's minimum lease TTL of 2s",
+                "etcd backend `{}`: ttl {:?} is below etcd's minimum lease TTL of 2s: use a ttl \
+                 between 2s and 1 day",
                 self.describe(),
                 self.ttl
+            )));
+        }
+        if self.ttl > MAX_TTL {
+            return Err(Error::Config(format!(
+                "etcd backend: ttl {} is too long (a crashed node's ids move only after it): use \
+                 a ttl between 2s and 1 day",
+                shown(self.ttl)
+            )));
+        }
+        if let Some(keepalive) = self.keepalive {
+            let most = Duration::from_secs(self.ttl_secs() as u64) / 3;
+            if !(MIN_KEEPALIVE..=most).contains(&keepalive) {
+                return Err(Error::Config(format!(
+                    "etcd backend `{}`: keepalive {} is out of range: use a keepalive between \
+                     10ms and a third of the TTL ({most:?})",
+                    self.describe(),
+                    shown(keepalive)
+                )));
+            }
+        }
+        if !(MIN_CONNECT_TIMEOUT..=MAX_CONNECT_TIMEOUT).contains(&self.connect_timeout) {
+            return Err(Error::Config(format!(
+                "etcd backend `{}`: connect_timeout {} is out of range: use a connect_timeout \
+                 between 100ms and 10m",
+                self.describe(),
+                shown(self.connect_timeout)
             )));
         }
         if self.namespace.is_empty() || self.namespace.contains(['\0', '\n']) {
@@ -337,6 +370,41 @@ impl Backend for Etcd {
     }
 }
 
+/// The prefix of every key of `namespace`: `/{namespace}/`, with `%` and
+/// `/` in the namespace percent-encoded (`%25`, `%2F`). The namespace is
+/// thus one path segment, so no namespace's prefix is a prefix of another's
+/// keys: namespace `billing` with id `v2/x` is `/billing/v2/x`, namespace
+/// `billing/v2` with id `x` is `/billing%2Fv2/x`. (Before 0.1.0 shipped the
+/// namespace went in verbatim and those two were the same key.)
+pub(crate) fn key_prefix(namespace: &str) -> String {
+    let mut prefix = String::with_capacity(namespace.len() + 2);
+    prefix.push('/');
+    for c in namespace.chars() {
+        match c {
+            '%' => prefix.push_str("%25"),
+            '/' => prefix.push_str("%2F"),
+            c => prefix.push(c),
+        }
+    }
+    prefix.push('/');
+    prefix
+}
+
+const MIN_TTL: Duration = Duration::from_secs(2);
+const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+const MIN_KEEPALIVE: Duration = Duration::from_millis(10);
+const MIN_CONNECT_TIMEOUT: Duration = Duration::from_millis(100);
+const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A duration for an error message ("more than a year" for absurd ones).
+fn shown(d: Duration) -> String {
+    if d > Duration::from_secs(366 * 24 * 3600) {
+        "(more than a year)".to_string()
+    } else {
+        format!("{d:?}")
+    }
+}
+
 /// `host:port` of an endpoint written as `host:port`, `http://host:port` or
 /// `https://host:port`.
 fn host_port(endpoint: &str) -> Option<&str> {
@@ -346,7 +414,12 @@ fn host_port(endpoint: &str) -> Option<&str> {
         .unwrap_or(endpoint)
         .trim_end_matches('/');
     let (host, port) = rest.rsplit_once(':')?;
-    if host.is_empty() || host.contains(['/', '@', ' ']) || port.parse::<u16>().is_err() {
+    let bracketed = host.starts_with('[') && host.ends_with(']');
+    if host.is_empty()
+        || host.contains(['/', '@', ' ', '?', '#'])
+        || (host.contains(':') && !bracketed)
+        || port.parse::<u16>().is_err()
+    {
         return None;
     }
     Some(rest)
@@ -366,7 +439,11 @@ fn parse_duration(value: &str) -> Option<Duration> {
         "m" => number * 60.0,
         _ => return None,
     };
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
+    if !(secs.is_finite() && secs >= 0.0) {
+        return None;
+    }
+    // Too large for a Duration: saturate; validate() says it is out of range.
+    Some(Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX))
 }
 
 /// Decodes `%XX` escapes (for passwords with special characters).
@@ -394,8 +471,25 @@ pub(crate) fn from_url(url: &str) -> Result<Box<dyn Backend>> {
     Ok(Box::new(parse_url(url)?))
 }
 
+/// A part of `url` that may be quoted in an error: one that lies wholly
+/// after the last `@`. A password with a `/`, `?` or `#` that was not
+/// percent-encoded ends the authority early and spills into what would be
+/// the endpoints, the path or the options, so nothing before the last `@`
+/// is ever quoted (and the URL itself never is).
+fn quotable<'a>(url: &str, part: &'a str) -> Option<&'a str> {
+    let secret_end = url.rfind('@').map_or(0, |i| i + 1);
+    let offset = (part.as_ptr() as usize).checked_sub(url.as_ptr() as usize)?;
+    (offset >= secret_end && offset + part.len() <= url.len()).then_some(part)
+}
+
+/// The hint for a URL whose credentials may have spilled.
+const ENCODE_HINT: &str = "(a password with `/`, `?`, `#` or `@` must be percent-encoded: %2F, \
+                           %3F, %23, %40)";
+
 fn parse_url(url: &str) -> Result<Etcd> {
-    let bad = |why: &str| Error::Config(format!("invalid etcd URL `{}`: {why}", redact_url(url)));
+    // The message describes the problem; it never repeats the URL, whose
+    // password may not be where the parser thinks it is.
+    let bad = |why: &str| Error::Config(format!("invalid etcd URL: {why}"));
     let (scheme, rest) = url
         .split_once("://")
         .ok_or_else(|| bad("expected etcd://host:port"))?;
@@ -416,21 +510,28 @@ fn parse_url(url: &str) -> Result<Etcd> {
         Some((u, h)) => (Some(u), h),
         None => (None, authority),
     };
-    let endpoints: Vec<String> = hosts
+    let hosts: Vec<&str> = hosts
         .split(',')
         .map(str::trim)
         .filter(|h| !h.is_empty())
-        .map(str::to_string)
         .collect();
-    if endpoints.is_empty() {
+    if hosts.is_empty() {
         return Err(bad("no endpoint: expected etcd://host:port[,host:port…]"));
     }
-    for e in &endpoints {
+    for (n, e) in hosts.iter().enumerate() {
         if host_port(e).is_none() {
-            return Err(bad(&format!("endpoint `{e}` is not host:port")));
+            return Err(bad(&match quotable(url, e) {
+                Some(e) => format!("endpoint `{e}` is not host:port"),
+                None => format!("endpoint {} is not host:port {ENCODE_HINT}", n + 1),
+            }));
         }
     }
-    let mut etcd = Etcd::new(endpoints);
+    if path.contains('@') {
+        return Err(bad(&format!(
+            "an `@` after the endpoints {ENCODE_HINT}; a namespace with `@` goes in ?namespace="
+        )));
+    }
+    let mut etcd = Etcd::new(hosts.iter().map(|h| h.to_string()));
     let namespace = path.trim_matches('/');
     if !namespace.is_empty() {
         etcd = etcd.namespace(namespace);
@@ -468,9 +569,13 @@ fn parse_url(url: &str) -> Result<Etcd> {
             }
             "domain" => tls_settings.domain = Some(percent_decode(value)),
             other => {
+                let named = match quotable(url, other) {
+                    Some(other) => format!("unknown option `{other}`"),
+                    None => format!("an unknown option {ENCODE_HINT}"),
+                };
                 return Err(bad(&format!(
-                    "unknown option `{other}`: use ttl, keepalive, connect_timeout, namespace, \
-                     user, password, ca, cert, key or domain"
+                    "{named}: use ttl, keepalive, connect_timeout, namespace, user, password, \
+                     ca, cert, key or domain"
                 )));
             }
         }
@@ -546,6 +651,85 @@ mod tests {
             assert!(err.contains(want), "{url}: {err}");
             assert!(!err.contains('\n'), "{url}: {err}");
         }
+    }
+
+    #[test]
+    fn out_of_range_numbers_are_one_line_errors_not_panics() {
+        for (url, want) in [
+            ("etcd://a:2379?ttl=99999999999999999999999", "ttl"),
+            ("etcd://a:2379?ttl=100000000", "ttl"),
+            ("etcd://a:2379?keepalive=0ms", "keepalive"),
+            (
+                "etcd://a:2379?keepalive=99999999999999999999999",
+                "keepalive",
+            ),
+            ("etcd://a:2379?ttl=10s&keepalive=5s", "keepalive"),
+            ("etcd://a:2379?connect_timeout=0", "connect_timeout"),
+            (
+                "etcd://a:2379?connect_timeout=99999999999999999999999m",
+                "connect_timeout",
+            ),
+        ] {
+            let err = parse_url(url).unwrap_err().to_string();
+            assert!(
+                err.contains(want) && err.contains("between"),
+                "{url}: {err}"
+            );
+            assert!(!err.contains('\n'), "{url}: {err}");
+        }
+        // The builder is checked the same way (connect() validates).
+        for etcd in [
+            Etcd::new(["a:2379"]).ttl(Duration::MAX),
+            Etcd::new(["a:2379"]).keepalive_interval(Duration::ZERO),
+            Etcd::new(["a:2379"]).connect_timeout(Duration::MAX),
+        ] {
+            let err = etcd.validate().unwrap_err().to_string();
+            assert!(err.contains("between"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_bad_url_never_echoes_a_credential() {
+        // Passwords with characters that end the authority early (`/`, `?`)
+        // spill into what would be the endpoints, path or options.
+        for url in [
+            "etcd://app:Xq/Zk@a:2379",
+            "etcd://app:Xq?Zk@a:2379",
+            "etcd://app:12/Zk@a:2379",
+            "etcd://app:Xq:99/Zk@a:2379",
+            "etcd://app:12?Zk@a:2379",
+            "etcds://app:Xq/Zk@a:2379?ca=/ca.pem",
+        ] {
+            let err = parse_url(url).unwrap_err().to_string();
+            assert!(
+                !err.contains("Xq") && !err.contains("Zk") && !err.contains("12"),
+                "{url}: {err}"
+            );
+            assert!(err.starts_with("invalid etcd URL"), "{url}: {err}");
+            assert!(!err.contains('\n'), "{url}: {err}");
+        }
+        // Parts clear of the credentials are still named.
+        let err = parse_url("etcd://app:s3cret@a:2379?bogus=1")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("unknown option `bogus`") && !err.contains("s3cret"),
+            "{err}"
+        );
+        let err = parse_url("etcd://host").unwrap_err().to_string();
+        assert!(err.contains("`host` is not host:port"), "{err}");
+    }
+
+    #[test]
+    fn a_namespace_is_one_key_segment() {
+        assert_eq!(key_prefix("highlander"), "/highlander/");
+        assert_eq!(key_prefix("billing/v2"), "/billing%2Fv2/");
+        assert_eq!(key_prefix("100%/x"), "/100%25%2Fx/");
+        let (a, b) = (key_prefix("billing"), key_prefix("billing/v2"));
+        assert_ne!(format!("{a}v2/x"), format!("{b}x"));
+        assert!(!b.starts_with(&a) && !a.starts_with(&b));
+        // Escaping is injective: `a%2Fb` and `a/b` differ too.
+        assert_ne!(key_prefix("a%2Fb"), key_prefix("a/b"));
     }
 
     #[test]

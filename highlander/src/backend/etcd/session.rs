@@ -7,17 +7,27 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
-    PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
-};
+use futures_util::Stream;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
+use tonic::{Response, Status};
 use tracing::{debug, info, warn};
 
-use super::{Etcd, host_port};
-use crate::backend::{Backend, Claim, ClaimRequest, Holder, Lease, LeaseEnd, LeaseSignal, Session};
+use super::conn::{
+    Conn, DialError, Dialer, denied, handshake_failed, lease_not_found, reason, refused,
+    undelivered,
+};
+use super::pb::etcdserverpb::{
+    Compare, DeleteRangeRequest, LeaseGrantRequest, LeaseKeepAliveRequest, LeaseRevokeRequest,
+    PutRequest, RangeRequest, RequestOp, TxnRequest, WatchCreateRequest, WatchRequest, compare,
+    request_op, response_op, watch_request,
+};
+use super::pb::mvccpb::{KeyValue, event::EventType};
+use super::{Etcd, host_port, key_prefix};
+use crate::backend::{
+    Backend, Claim, ClaimRequest, HeldId, Holder, Lease, LeaseEnd, LeaseSignal, Session,
+};
 use crate::service::BoxFuture;
 use crate::{Error, Result};
 
@@ -159,82 +169,64 @@ impl Drop for EtcdSession {
     }
 }
 
-/// A one-line reason from an etcd client error.
-fn reason(e: &etcd_client::Error) -> String {
-    let text = match e {
-        etcd_client::Error::GRpcStatus(s) => {
-            let message = s.message();
-            if message.is_empty() {
-                format!("{:?}", s.code())
-            } else {
-                format!("{:?}: {message}", s.code())
-            }
+/// A stream of the messages sent into `rx`: the request side of a
+/// bidirectional gRPC stream, open as long as its sender lives.
+fn outbound<T: Send + 'static>(rx: mpsc::Receiver<T>) -> impl Stream<Item = T> + Send + 'static {
+    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) })
+}
+
+/// The end of the key range that holds every key starting with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
         }
-        etcd_client::Error::TransportError(t) => {
-            let mut text = t.to_string();
-            let mut source = std::error::Error::source(t);
-            while let Some(s) = source {
-                text.push_str(": ");
-                text.push_str(&s.to_string());
-                source = s.source();
-            }
-            text
-        }
-        other => other.to_string(),
-    };
-    text.replace(['\n', '\r'], " ")
-}
-
-fn lease_not_found(e: &etcd_client::Error) -> bool {
-    let text = e.to_string();
-    text.contains("lease not found")
-}
-
-fn read_pem(what: &str, path: &std::path::Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| {
-        Error::Config(format!(
-            "cannot read the etcd {what} {}: {e}",
-            path.display()
-        ))
-    })
-}
-
-fn options(config: &Etcd) -> Result<ConnectOptions> {
-    let mut options = ConnectOptions::new()
-        .with_require_leader(true)
-        .with_connect_timeout(config.connect_timeout.min(Duration::from_secs(2)));
-    if let Some((user, password)) = &config.user {
-        options = options
-            .with_user(user.clone(), password.0.clone())
-            .with_auto_token_refresh(true);
     }
-    if let Some(tls) = &config.tls {
-        let mut tls_options = TlsOptions::new();
-        if let Some(ca) = &tls.ca {
-            tls_options =
-                tls_options.ca_certificate(Certificate::from_pem(read_pem("CA certificate", ca)?));
-        }
-        if let Some((cert, key)) = &tls.identity {
-            tls_options = tls_options.identity(Identity::from_pem(
-                read_pem("client certificate", cert)?,
-                read_pem("client key", key)?,
-            ));
-        }
-        if let Some(domain) = &tls.domain {
-            tls_options = tls_options.domain_name(domain.clone());
-        }
-        options = options.with_tls(tls_options);
+    vec![0]
+}
+
+/// `if create_revision(key) == revision`.
+fn created_at(key: &[u8], revision: i64) -> Compare {
+    Compare {
+        result: compare::CompareResult::Equal as i32,
+        target: compare::CompareTarget::Create as i32,
+        key: key.to_vec(),
+        target_union: Some(compare::TargetUnion::CreateRevision(revision)),
+        ..Compare::default()
     }
-    Ok(options)
+}
+
+/// A nested transaction, as one operation of the outer one.
+fn op_txn(txn: TxnRequest) -> RequestOp {
+    one_op(request_op::Request::RequestTxn(txn))
+}
+
+fn one_op(request: request_op::Request) -> RequestOp {
+    RequestOp {
+        request: Some(request),
+    }
+}
+
+/// `if create_revision(key) == token then delete(key)`.
+fn delete_if_created_at(key: &[u8], token: i64) -> TxnRequest {
+    TxnRequest {
+        compare: vec![created_at(key, token)],
+        success: vec![one_op(request_op::Request::RequestDeleteRange(
+            DeleteRangeRequest {
+                key: key.to_vec(),
+                ..DeleteRangeRequest::default()
+            },
+        ))],
+        failure: Vec::new(),
+    }
 }
 
 /// Whether a failed request says its member is out of reach: no answer in
 /// time, or no connection at all. Such a member is avoided for a while.
 fn out_of_reach<T>(
-    outcome: &std::result::Result<
-        std::result::Result<T, etcd_client::Error>,
-        tokio::time::error::Elapsed,
-    >,
+    outcome: &std::result::Result<std::result::Result<T, Status>, tokio::time::error::Elapsed>,
 ) -> bool {
     match outcome {
         Err(_) => true,
@@ -243,58 +235,78 @@ fn out_of_reach<T>(
     }
 }
 
-/// The member could not be connected to at all.
-fn refused(e: &etcd_client::Error) -> bool {
-    let why = reason(e);
-    why.contains("tcp connect error") || why.contains("onnection refused")
+/// How a start-up step failed.
+enum StartFailure {
+    /// Still failing when the connect timeout passed: the last reason, and
+    /// whether it was a failed TLS handshake.
+    Unreachable { why: String, handshake: bool },
+    /// The user or password was refused.
+    Credentials(String),
+    /// The user may not use the namespace.
+    Denied(String),
 }
 
-/// Errors that retrying cannot fix.
-fn terminal(why: &str) -> bool {
-    [
-        "authentication failed",
-        "Unauthenticated",
-        "PermissionDenied",
-        "permission denied",
-        "certificate",
-    ]
-    .iter()
-    .any(|t| why.contains(t))
-}
-
-/// Runs `attempt` until it succeeds, fails for good, or `deadline` passes;
-/// each attempt gets a third of the time at most, so one member that hangs
-/// or refuses does not decide the outcome while others may answer.
+/// Runs one start-up step (`send` on the current member) until it
+/// succeeds, fails for good, or `deadline` passes; each attempt gets a third
+/// of the time at most and a failure moves the step to the next member, so
+/// one member that hangs or refuses does not decide the outcome while others
+/// may answer.
 async fn at_start<T, F, Fut>(
+    members: &Members,
     deadline: Instant,
     limit: Duration,
-    mut attempt: F,
-) -> Result<T, String>
+    mut send: F,
+) -> std::result::Result<T, StartFailure>
 where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    F: FnMut(Conn) -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<Response<T>, Status>>,
 {
+    enum Failed {
+        Dial(DialError),
+        Answer(Status),
+    }
     let per_attempt = (limit / 3).max(Duration::from_millis(500));
     let mut retry = RETRY_MIN;
-    let mut last: Option<String> = None;
+    let mut last: Option<(String, bool)> = None;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(match last {
-                Some(why) => format!("{why} (still failing after {limit:?})"),
-                None => format!("no answer within {limit:?}"),
+                Some((why, handshake)) => StartFailure::Unreachable {
+                    why: format!("{why} (still failing after {limit:?})"),
+                    handshake,
+                },
+                None => StartFailure::Unreachable {
+                    why: format!("no answer within {limit:?}"),
+                    handshake: false,
+                },
             });
         }
-        match timeout(left.min(per_attempt), attempt()).await {
+        let limit_now = left.min(per_attempt);
+        let attempt = async {
+            let conn = members
+                .client(Use::Request, limit_now)
+                .await
+                .map_err(Failed::Dial)?;
+            conn.call(&mut send).await.map_err(Failed::Answer)
+        };
+        match timeout(limit_now, attempt).await {
             Ok(Ok(value)) => return Ok(value),
-            Ok(Err(e)) => {
-                let why = reason(&e);
-                if terminal(&why) {
-                    return Err(why);
-                }
-                last = Some(why);
+            Ok(Err(Failed::Dial(DialError::Credentials(why)))) => {
+                return Err(StartFailure::Credentials(why));
             }
-            Err(_) => {}
+            Ok(Err(Failed::Dial(e))) => {
+                members.failed(Use::Request, !matches!(e, DialError::Failed(_)));
+                last = Some((e.reason(), matches!(e, DialError::Handshake(_))));
+            }
+            Ok(Err(Failed::Answer(status))) if denied(&status) => {
+                return Err(StartFailure::Denied(reason(&status)));
+            }
+            Ok(Err(Failed::Answer(status))) => {
+                members.failed(Use::Request, refused(&status));
+                last = Some((reason(&status), handshake_failed(&status)));
+            }
+            Err(_) => members.failed(Use::Request, true),
         }
         sleep(retry.min(deadline.saturating_duration_since(Instant::now()))).await;
         retry = (retry * 2).min(Duration::from_millis(500));
@@ -316,75 +328,80 @@ pub(super) async fn connect(config: Etcd, node: String) -> Result<Arc<EtcdSessio
     let shown = endpoints.join(",");
     let limit = config.connect_timeout;
     let deadline = Instant::now() + limit;
-    let unreachable = |why: String| {
-        let tls_like = [
-            "certificate",
-            "Cancelled",
-            "tls",
-            "TLS",
-            "handshake",
-            "transport error",
-        ];
-        if tls_like.iter().any(|t| why.contains(t)) && !why.contains("onnection refused") {
-            return Error::Backend(format!(
-                "cannot reach etcd at {shown} ({describe}): {why} (a TLS mismatch? use etcds:// \
-                 for a TLS server, with ca= its CA and cert=/key= when it requires client \
-                 certificates)"
-            ));
-        }
-        Error::Backend(format!("cannot reach etcd at {shown} ({describe}): {why}"))
-    };
     let ttl_secs = config.ttl_secs();
     let interval = config.keepalive_in_effect();
     let request_timeout = (Duration::from_secs(ttl_secs as u64) / 4)
         .clamp(Duration::from_millis(500), Duration::from_secs(3));
-    // HTTP/2 pings on every connection: a member that hangs with its
-    // connections open (paused, overloaded) gets its connections closed, so
-    // streams on it (the watch, a keep-alive) break and reopen elsewhere
-    // instead of going quiet.
-    let options = options(&config)?.with_keep_alive(interval, request_timeout);
-    let connected = at_start(deadline, limit, || {
-        Client::connect(&endpoints, Some(options.clone()))
-    })
-    .await;
-    let client = match connected {
-        Ok(client) => client,
-        Err(why) if why.contains("authentication failed") || why.contains("Unauthenticated") => {
+    // HTTP/2 pings on every connection (every keep-alive interval, answered
+    // within the request timeout): a member that hangs with its connections
+    // open (paused, overloaded) gets its connections closed, so streams on
+    // it (the watch, a keep-alive) break and reopen elsewhere instead of
+    // going quiet.
+    let dialer = Dialer::new(&config, &endpoints, interval, request_timeout)?;
+    let members = Members::new(
+        dialer,
+        endpoints.len(),
+        Duration::from_secs(ttl_secs.max(1) as u64),
+    );
+    let failed = |failure: StartFailure| match failure {
+        StartFailure::Credentials(why) => {
             let user = config.user.as_ref().map(|(u, _)| u.as_str()).unwrap_or("");
-            return Err(Error::Config(format!(
+            Error::Config(format!(
                 "etcd at {shown} refused user `{user}` ({describe}): {why}"
-            )));
+            ))
         }
-        Err(why) => return Err(unreachable(why)),
+        StartFailure::Denied(why) => Error::Config(format!(
+            "etcd at {shown} does not let this user read and write `{}` ({describe}): {why}",
+            key_prefix(&config.namespace)
+        )),
+        StartFailure::Unreachable {
+            why,
+            handshake: true,
+        } => Error::Backend(format!(
+            "cannot reach etcd at {shown} ({describe}): {why} (a TLS mismatch? use etcds:// \
+             for a TLS server, with ca= its CA and cert=/key= when it requires client \
+             certificates)"
+        )),
+        StartFailure::Unreachable { why, .. } => {
+            Error::Backend(format!("cannot reach etcd at {shown} ({describe}): {why}"))
+        }
     };
-    let prefix = format!("/{}/", config.namespace);
-    let first = at_start(deadline, limit, || {
-        let mut kv = client.kv_client();
-        let prefix = prefix.clone();
-        async move {
-            let options = GetOptions::new()
-                .with_prefix()
-                .with_keys_only()
-                .with_limit(1);
-            kv.get(prefix, Some(options)).await
-        }
+    let prefix = key_prefix(&config.namespace);
+    let first = at_start(&members, deadline, limit, |conn: Conn| {
+        let request = conn.request(RangeRequest {
+            key: prefix.as_bytes().to_vec(),
+            range_end: prefix_end(prefix.as_bytes()),
+            keys_only: true,
+            limit: 1,
+            ..RangeRequest::default()
+        });
+        async move { conn.kv().range(request).await }
     })
     .await;
     let revision = match first {
-        Ok(resp) => resp.header().map(|h| h.revision()).unwrap_or(0),
-        Err(why) if why.contains("PermissionDenied") || why.contains("permission denied") => {
-            return Err(Error::Config(format!(
-                "etcd at {shown} does not let this user read and write `{prefix}` ({describe}): {why}"
+        Ok(resp) => resp.header.map(|h| h.revision).unwrap_or(0),
+        Err(failure) => return Err(failed(failure)),
+    };
+    let mut sent = Instant::now();
+    let granted = at_start(&members, deadline, limit, |conn: Conn| {
+        sent = Instant::now();
+        let request = conn.request(LeaseGrantRequest {
+            ttl: ttl_secs,
+            id: 0,
+        });
+        async move { conn.lease().lease_grant(request).await }
+    })
+    .await;
+    let granted = match granted {
+        Ok(resp) if resp.ttl > 0 => resp,
+        Ok(resp) => {
+            return Err(Error::Backend(format!(
+                "etcd at {shown} ({describe}) did not grant a lease: {}",
+                resp.error
             )));
         }
-        Err(why) => return Err(unreachable(why)),
+        Err(failure) => return Err(failed(failure)),
     };
-    let members = Members::new(
-        client,
-        endpoints,
-        options,
-        Duration::from_secs(ttl_secs.max(1) as u64),
-    );
     let (ops_tx, ops_rx) = mpsc::unbounded_channel();
     let inner = Arc::new(Inner {
         members,
@@ -399,17 +416,7 @@ pub(super) async fn connect(config: Etcd, node: String) -> Result<Arc<EtcdSessio
         ops: ops_tx,
         stop: CancellationToken::new(),
     });
-    let mut sent = Instant::now();
-    let granted = at_start(deadline, limit, || {
-        let mut leases = inner.members.shared.lease_client();
-        sent = Instant::now();
-        async move { leases.grant(ttl_secs, None).await }
-    })
-    .await;
-    match granted {
-        Ok(resp) => inner.install_lease(resp.id(), resp.ttl(), sent),
-        Err(why) => return Err(unreachable(why)),
-    }
+    inner.install_lease(granted.id, granted.ttl, sent);
     tokio::spawn(inner.clone().keeper());
     tokio::spawn(inner.clone().watchdog());
     tokio::spawn(inner.clone().watcher(revision + 1));
@@ -426,44 +433,34 @@ enum Use {
     Request = 2,
 }
 
-/// The members, each reached through a client of its own. The shared client
-/// of `etcd-client` picks a member at random per request, so a member that
-/// hangs with its connections open (paused, overloaded) would take a share of
-/// every kind of request, each lost for a whole request timeout. Here each
+/// The members, each reached through a connection of its own. A client that
+/// balances requests over all members at random would send a share of every
+/// kind of request to a member that hangs with its connections open
+/// (paused, overloaded), each lost for a whole request timeout. Here each
 /// use stays on a member that answers, moves to the next one after a
 /// failure, and avoids a member that left a request unanswered.
 struct Members {
-    endpoints: Vec<String>,
-    options: ConnectOptions,
-    /// The shared client: used as is when there is a single endpoint.
-    shared: Client,
+    dialer: Dialer,
     /// How long a member that did not answer is avoided.
     avoid_for: Duration,
     state: Mutex<MembersState>,
 }
 
 struct MembersState {
-    clients: Vec<Option<Client>>,
+    conns: Vec<Option<Conn>>,
     avoid_until: Vec<Option<Instant>>,
     /// The current member of each [`Use`].
     at: [usize; 3],
 }
 
 impl Members {
-    fn new(
-        shared: Client,
-        endpoints: Vec<String>,
-        options: ConnectOptions,
-        ttl: Duration,
-    ) -> Members {
-        let n = endpoints.len().max(1);
+    fn new(dialer: Dialer, n: usize, ttl: Duration) -> Members {
+        let n = n.max(1);
         Members {
-            endpoints,
-            options,
-            shared,
+            dialer,
             avoid_for: ttl,
             state: Mutex::new(MembersState {
-                clients: vec![None; n],
+                conns: vec![None; n],
                 avoid_until: vec![None; n],
                 at: [0; 3],
             }),
@@ -475,28 +472,25 @@ impl Members {
     }
 
     fn several(&self) -> bool {
-        self.endpoints.len() > 1
+        self.lock().conns.len() > 1
     }
 
-    /// The client of `use_`'s current member, connecting on first use;
-    /// `None` when that member cannot be reached within `limit`.
-    async fn client(&self, use_: Use, limit: Duration) -> Option<Client> {
-        if !self.several() {
-            return Some(self.shared.clone());
-        }
+    /// The connection to `use_`'s current member, connecting (and
+    /// authenticating) on first use, within `limit`.
+    async fn client(&self, use_: Use, limit: Duration) -> std::result::Result<Conn, DialError> {
         let (at, existing) = {
             let state = self.lock();
             let at = state.at[use_ as usize];
-            (at, state.clients[at].clone())
+            (at, state.conns[at].clone())
         };
-        if existing.is_some() {
-            return existing;
+        if let Some(conn) = existing {
+            return Ok(conn);
         }
-        let endpoint = [self.endpoints[at].clone()];
-        let connect = Client::connect(endpoint, Some(self.options.clone()));
-        let client = timeout(limit, connect).await.ok()?.ok()?;
+        let conn = timeout(limit, self.dialer.dial(at))
+            .await
+            .map_err(|_| DialError::Unreachable(format!("no connection within {limit:?}")))??;
         let mut state = self.lock();
-        Some(state.clients[at].get_or_insert(client).clone())
+        Ok(state.conns[at].get_or_insert(conn).clone())
     }
 
     /// `use_`'s current member failed a request: move that use to another
@@ -504,15 +498,15 @@ impl Members {
     /// no connection) also makes every use avoid that member for a while,
     /// and drops its connection so that a later use reconnects.
     fn failed(&self, use_: Use, silent: bool) {
-        if !self.several() {
+        let mut state = self.lock();
+        let n = state.conns.len();
+        if n < 2 {
             return;
         }
-        let mut state = self.lock();
-        let n = state.clients.len();
         let at = state.at[use_ as usize];
         if silent {
             state.avoid_until[at] = Some(Instant::now() + self.avoid_for);
-            state.clients[at] = None;
+            state.conns[at] = None;
         }
         let now = Instant::now();
         let next = (1..n)
@@ -619,9 +613,8 @@ impl Inner {
     async fn revoke_until_gone(self: Arc<Self>, lease: NodeLease) {
         let mut retry = RETRY_MIN;
         loop {
-            let send = |c: Client| async move { c.lease_client().revoke(lease.id).await };
-            match self.request(send).await {
-                Ok(Ok(_)) => break,
+            match self.revoke(lease.id).await {
+                Ok(Ok(())) => break,
                 Ok(Err(e)) if lease_not_found(&e) => break,
                 _ => {}
             }
@@ -634,41 +627,62 @@ impl Inner {
         self.lock().ours.remove(&lease.id);
     }
 
+    /// Revokes lease `id` (its keys go with it).
+    async fn revoke(
+        &self,
+        id: i64,
+    ) -> std::result::Result<std::result::Result<(), Status>, tokio::time::error::Elapsed> {
+        let send = |c: Conn| {
+            let request = c.request(LeaseRevokeRequest { id });
+            async move { c.lease().lease_revoke(request).await }
+        };
+        self.request(send).await.map(|answer| answer.map(|_| ()))
+    }
+
     /// The one keep-alive task: grants the node's lease when it has none,
     /// keeps it alive every `interval` over one stream, and reopens the
-    /// stream (on another endpoint when one is down) with backoff.
+    /// stream (on another member when one is down) with backoff.
     async fn keeper(self: Arc<Self>) {
         let mut changes = self.changes.subscribe();
         let mut retry = RETRY_MIN;
         'outer: while !self.stop.is_cancelled() {
-            let Some(client) = self
+            let conn = match self
                 .members
                 .client(Use::KeepAlive, self.request_timeout)
                 .await
-            else {
-                debug!(node = %self.node, retry_in = ?retry, "cannot connect to this etcd member; trying the next");
-                self.members.failed(Use::KeepAlive, true);
-                if !self.pause(retry).await {
-                    break;
+            {
+                Ok(conn) => conn,
+                Err(e) => {
+                    debug!(node = %self.node, why = %e.reason(), retry_in = ?retry, "cannot connect to this etcd member; trying the next");
+                    self.members
+                        .failed(Use::KeepAlive, !matches!(e, DialError::Failed(_)));
+                    if !self.pause(retry).await {
+                        break;
+                    }
+                    retry = (retry * 2).min(self.interval.max(RETRY_MIN));
+                    continue;
                 }
-                retry = (retry * 2).min(self.interval.max(RETRY_MIN));
-                continue;
             };
-            let mut leases = client.lease_client();
             let current = self.lock().lease;
             let Some(lease) = current else {
                 let sent = Instant::now();
-                let grant = leases.grant(self.ttl_secs, None);
+                let grant = conn.call(|c: Conn| {
+                    let request = c.request(LeaseGrantRequest {
+                        ttl: self.ttl_secs,
+                        id: 0,
+                    });
+                    async move { c.lease().lease_grant(request).await }
+                });
                 match timeout(self.request_timeout, grant).await {
-                    Ok(Ok(resp)) if resp.ttl() > 0 => {
-                        self.install_lease(resp.id(), resp.ttl(), sent);
+                    Ok(Ok(resp)) if resp.ttl > 0 => {
+                        self.install_lease(resp.id, resp.ttl, sent);
                         retry = RETRY_MIN;
                     }
                     outcome => {
                         self.members.failed(Use::KeepAlive, out_of_reach(&outcome));
                         let why = match outcome {
                             Ok(Err(e)) => reason(&e),
-                            Ok(Ok(_)) => "granted with no TTL".into(),
+                            Ok(Ok(resp)) => format!("granted with no TTL: {}", resp.error),
                             Err(_) => "timed out".into(),
                         };
                         debug!(node = %self.node, %why, retry_in = ?retry, "cannot get an etcd lease yet");
@@ -681,26 +695,51 @@ impl Inner {
                 continue;
             };
             // Opening the stream sends one keep-alive and awaits its answer.
+            let (keeper, requests) = mpsc::channel(2);
+            let _ = keeper.try_send(LeaseKeepAliveRequest { id: lease.id });
             let sent = Instant::now();
+            let open = async {
+                let mut stream = conn
+                    .lease()
+                    .lease_keep_alive(conn.request(outbound(requests)))
+                    .await?
+                    .into_inner();
+                let first = stream.message().await?;
+                Ok::<_, Status>((stream, first))
+            };
             let opened = tokio::select! {
                 _ = self.stop.cancelled() => break,
-                opened = timeout(self.request_timeout, leases.keep_alive(lease.id)) => opened,
+                opened = timeout(self.request_timeout, open) => opened,
             };
-            let (mut keeper, mut stream) = match opened {
-                Ok(Ok(pair)) => {
-                    self.renewed(lease.id, sent, None);
+            let mut stream = match opened {
+                Ok(Ok((stream, Some(resp)))) if resp.ttl > 0 => {
+                    self.renewed(lease.id, sent, Some(resp.ttl));
                     retry = RETRY_MIN;
-                    pair
+                    stream
+                }
+                Ok(Ok((_, Some(_)))) => {
+                    // A TTL of 0: etcd no longer has the lease.
+                    self.lease_gone(lease.id);
+                    continue;
                 }
                 Ok(Err(e)) if lease_not_found(&e) => {
                     self.lease_gone(lease.id);
                     continue;
                 }
                 outcome => {
-                    self.members.failed(Use::KeepAlive, out_of_reach(&outcome));
+                    // A refused token is renewed and the stream retried on
+                    // the same member (after the backoff: never a tight loop).
+                    let renewed = match &outcome {
+                        Ok(Err(e)) => conn.renew_token(e).await,
+                        _ => false,
+                    };
+                    if !renewed {
+                        self.members.failed(Use::KeepAlive, out_of_reach(&outcome));
+                    }
                     let why = match outcome {
                         Ok(Err(e)) => reason(&e),
-                        _ => "timed out".into(),
+                        Ok(Ok(_)) => "stream closed".into(),
+                        Err(_) => "timed out".into(),
                     };
                     debug!(node = %self.node, %why, retry_in = ?retry, "etcd keep-alive failed");
                     if !self.pause(retry).await {
@@ -724,7 +763,10 @@ impl Inner {
                 }
                 next = Instant::now() + self.interval;
                 let sent = Instant::now();
-                if keeper.keep_alive().await.is_err() {
+                if keeper
+                    .try_send(LeaseKeepAliveRequest { id: lease.id })
+                    .is_err()
+                {
                     self.members.failed(Use::KeepAlive, false);
                     continue 'outer;
                 }
@@ -733,8 +775,8 @@ impl Inner {
                     answer = timeout(self.request_timeout, stream.message()) => answer,
                 };
                 match answer {
-                    Ok(Ok(Some(resp))) if resp.ttl() > 0 => {
-                        self.renewed(lease.id, sent, Some(resp.ttl()))
+                    Ok(Ok(Some(resp))) if resp.ttl > 0 => {
+                        self.renewed(lease.id, sent, Some(resp.ttl))
                     }
                     Ok(Ok(Some(_))) => {
                         self.lease_gone(lease.id);
@@ -755,18 +797,43 @@ impl Inner {
         }
     }
 
+    /// Reads `key` (or the range up to `range_end` when it is not empty):
+    /// the keys and values, or one error line naming etcd and why.
+    async fn read(&self, key: Vec<u8>, range_end: Vec<u8>) -> Result<Vec<KeyValue>> {
+        let send = |c: Conn| {
+            let request = c.request(RangeRequest {
+                key: key.clone(),
+                range_end: range_end.clone(),
+                ..RangeRequest::default()
+            });
+            async move { c.kv().range(request).await }
+        };
+        match self.request(send).await {
+            Ok(Ok(resp)) => Ok(resp.kvs),
+            Ok(Err(e)) => Err(Error::Backend(format!(
+                "etcd ({}) cannot be asked now: {}",
+                self.describe,
+                reason(&e)
+            ))),
+            Err(_) => Err(Error::Backend(format!(
+                "etcd ({}) cannot be asked now: no answer within {:?}",
+                self.describe, self.request_timeout
+            ))),
+        }
+    }
+
     /// One request through `Use::Request`'s member, within the request
     /// timeout. A member that does not answer, or cannot be reached, moves
     /// the next request elsewhere; a request the transport could not deliver
-    /// (nothing reached etcd, so nothing can have been applied) is sent
-    /// once more to the next member. `Err` is a timeout.
+    /// or the member could not serve (`Unavailable`: nothing was applied) is
+    /// sent once more to the next member. `Err` is a timeout.
     async fn request<T, F, Fut>(
         &self,
         mut send: F,
-    ) -> Result<std::result::Result<T, etcd_client::Error>, tokio::time::error::Elapsed>
+    ) -> std::result::Result<std::result::Result<T, Status>, tokio::time::error::Elapsed>
     where
-        F: FnMut(Client) -> Fut,
-        Fut: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
+        F: FnMut(Conn) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<Response<T>, Status>>,
     {
         let deadline = Instant::now() + self.request_timeout;
         let mut tries = if self.members.several() { 2 } else { 1 };
@@ -775,8 +842,11 @@ impl Inner {
             let left = deadline.saturating_duration_since(Instant::now());
             let attempt = async {
                 match self.members.client(Use::Request, left).await {
-                    Some(client) => Some(send(client).await),
-                    None => None,
+                    Ok(conn) => Some(conn.call(&mut send).await),
+                    // Connected, but authenticating failed: that answer.
+                    Err(DialError::Failed(status)) => Some(Err(status)),
+                    Err(DialError::Credentials(why)) => Some(Err(Status::unauthenticated(why))),
+                    Err(DialError::Unreachable(_) | DialError::Handshake(_)) => None,
                 }
             };
             let outcome = match tokio::time::timeout_at(deadline, attempt).await {
@@ -792,14 +862,12 @@ impl Inner {
                     return timeout(Duration::ZERO, std::future::pending()).await;
                 }
             };
-            if let Ok(Err(e)) = &outcome {
-                let undelivered = matches!(e, etcd_client::Error::TransportError(_))
-                    || reason(e).contains("Unavailable");
-                if undelivered {
-                    self.members.failed(Use::Request, refused(e));
-                    if tries > 0 {
-                        continue;
-                    }
+            if let Ok(Err(e)) = &outcome
+                && undelivered(e)
+            {
+                self.members.failed(Use::Request, refused(e));
+                if tries > 0 {
+                    continue;
                 }
             }
             return outcome;
@@ -848,28 +916,59 @@ impl Inner {
     /// deleted, and ends a tenure whose key was deleted from outside.
     async fn watcher(self: Arc<Self>, mut next: i64) {
         let mut retry = RETRY_MIN;
+        let mut resumed = false;
+        let prefix = self.prefix.as_bytes().to_vec();
+        let range_end = prefix_end(&prefix);
         while !self.stop.is_cancelled() {
-            let Some(client) = self.members.client(Use::Watch, self.request_timeout).await else {
-                self.members.failed(Use::Watch, true);
-                if !self.pause(retry).await {
-                    return;
+            let conn = match self.members.client(Use::Watch, self.request_timeout).await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    self.members
+                        .failed(Use::Watch, !matches!(e, DialError::Failed(_)));
+                    debug!(node = %self.node, why = %e.reason(), retry_in = ?retry, "cannot connect to this etcd member for the watch");
+                    if !self.pause(retry).await {
+                        return;
+                    }
+                    retry = (retry * 2).min(RETRY_MAX);
+                    continue;
                 }
-                retry = (retry * 2).min(RETRY_MAX);
-                continue;
             };
-            let mut watches = client.watch_client();
-            let options = WatchOptions::new()
-                .with_prefix()
-                .with_start_revision(next)
-                .with_progress_notify();
+            let (watches, requests) = mpsc::channel(1);
+            let create = WatchCreateRequest {
+                key: prefix.clone(),
+                range_end: range_end.clone(),
+                start_revision: next,
+                progress_notify: true,
+                ..WatchCreateRequest::default()
+            };
+            let _ = watches.try_send(WatchRequest {
+                request_union: Some(watch_request::RequestUnion::CreateRequest(create)),
+            });
+            let mut client = conn.watch();
+            let open = client.watch(conn.request(outbound(requests)));
             let opened = tokio::select! {
                 _ = self.stop.cancelled() => return,
-                opened = timeout(self.request_timeout, watches.watch(self.prefix.clone(), Some(options))) => opened,
+                opened = timeout(self.request_timeout, open) => opened,
             };
             let mut stream = match opened {
-                Ok(Ok(stream)) => stream,
+                Ok(Ok(stream)) => {
+                    if resumed {
+                        // Events between the break and now may have been
+                        // compacted away (the watch then resumes after
+                        // them): read the held keys again.
+                        tokio::spawn(self.clone().recheck_held());
+                    }
+                    resumed = true;
+                    stream.into_inner()
+                }
                 outcome => {
-                    self.members.failed(Use::Watch, out_of_reach(&outcome));
+                    let renewed = match &outcome {
+                        Ok(Err(e)) => conn.renew_token(e).await,
+                        _ => false,
+                    };
+                    if !renewed {
+                        self.members.failed(Use::Watch, out_of_reach(&outcome));
+                    }
                     let why = match outcome {
                         Ok(Err(e)) => reason(&e),
                         _ => "timed out".into(),
@@ -890,24 +989,26 @@ impl Inner {
                 match message {
                     Ok(Some(resp)) => {
                         retry = RETRY_MIN;
-                        if resp.canceled() {
-                            if resp.compact_revision() > 0 {
-                                next = self.after_compaction(resp.compact_revision()).await;
+                        if resp.canceled {
+                            if resp.compact_revision > 0 {
+                                next = self.after_compaction(resp.compact_revision).await;
+                            } else if !conn.reauthenticate().await {
+                                self.members.failed(Use::Watch, false);
                             }
-                            debug!(node = %self.node, reason = resp.cancel_reason(), "etcd watch canceled; reopening");
+                            debug!(node = %self.node, reason = resp.cancel_reason, "etcd watch canceled; reopening");
                             break;
                         }
-                        for event in resp.events() {
-                            if let Some(kv) = event.kv() {
-                                next = next.max(kv.mod_revision() + 1);
-                                self.on_event(event.event_type(), kv);
+                        for event in &resp.events {
+                            if let Some(kv) = &event.kv {
+                                next = next.max(kv.mod_revision + 1);
+                                self.on_event(event.r#type(), kv);
                             }
                         }
-                        if resp.events().is_empty()
-                            && !resp.created()
-                            && let Some(header) = resp.header()
+                        if resp.events.is_empty()
+                            && !resp.created
+                            && let Some(header) = &resp.header
                         {
-                            next = next.max(header.revision() + 1);
+                            next = next.max(header.revision + 1);
                         }
                     }
                     Ok(None) => {
@@ -924,10 +1025,85 @@ impl Inner {
                     }
                 }
             }
+            drop(watches);
             if !self.pause(retry).await {
                 return;
             }
             retry = (retry * 2).min(RETRY_MAX);
+        }
+    }
+
+    /// Reads every held key (after the watch resumed: a deletion in a
+    /// compacted gap was never seen) and ends each tenure whose key is gone
+    /// or is no longer the one the tenure created. Retried until etcd
+    /// answers or the session stops.
+    async fn recheck_held(self: Arc<Self>) {
+        let held: Vec<(Arc<str>, u64)> = {
+            let state = self.lock();
+            state
+                .held
+                .iter()
+                .map(|(id, h)| (id.clone(), h.token))
+                .collect()
+        };
+        for chunk in held.chunks(MAX_OPS_PER_TXN) {
+            let txn = TxnRequest {
+                compare: Vec::new(),
+                success: chunk
+                    .iter()
+                    .map(|(id, _)| {
+                        one_op(request_op::Request::RequestRange(RangeRequest {
+                            key: self.key(id).into_bytes(),
+                            keys_only: true,
+                            ..RangeRequest::default()
+                        }))
+                    })
+                    .collect(),
+                failure: Vec::new(),
+            };
+            let mut retry = RETRY_MIN;
+            let resp = loop {
+                let send = |c: Conn| {
+                    let request = c.request(txn.clone());
+                    async move { c.kv().txn(request).await }
+                };
+                if let Ok(Ok(resp)) = self.request(send).await {
+                    break resp;
+                }
+                if !self.pause(retry).await {
+                    return;
+                }
+                retry = (retry * 2).min(RETRY_MAX);
+            };
+            let revision = resp.header.map(|h| h.revision).unwrap_or(0);
+            for ((id, token), answer) in chunk.iter().zip(resp.responses) {
+                let Some(response_op::Response::ResponseRange(range)) = answer.response else {
+                    continue;
+                };
+                let ours = range
+                    .kvs
+                    .first()
+                    .is_some_and(|kv| kv.create_revision == *token as i64);
+                // A tenure granted after this read began is not judged by it.
+                if !ours && *token as i64 <= revision {
+                    self.end_tenure(id, *token);
+                }
+            }
+        }
+    }
+
+    /// Ends the tenure of `id` with `token`, if it still runs: its key was
+    /// deleted or replaced from outside.
+    fn end_tenure(&self, id: &str, token: u64) {
+        let mut state = self.lock();
+        if state.held.get(id).is_none_or(|h| h.token != token) {
+            return;
+        }
+        if let Some(held) = state.held.remove(id) {
+            held.signal.end(LeaseEnd::Lost);
+            drop(state);
+            warn!(node = %self.node, id, token, "the key of a held id was deleted or replaced in etcd: tenure ended");
+            self.bump();
         }
     }
 
@@ -947,17 +1123,17 @@ impl Inner {
         compacted
     }
 
-    fn on_event(&self, kind: EventType, kv: &etcd_client::KeyValue) {
-        let Some(id) = kv.key().strip_prefix(self.prefix.as_bytes()) else {
+    fn on_event(&self, kind: EventType, kv: &KeyValue) {
+        let Some(id) = kv.key.strip_prefix(self.prefix.as_bytes()) else {
             return;
         };
         let Ok(id) = std::str::from_utf8(id) else {
             return;
         };
-        let mut state = self.lock();
+        let state = self.lock();
         let lost = match kind {
             EventType::Delete => {
-                let revision = kv.mod_revision();
+                let revision = kv.mod_revision;
                 if let Some(wake) = state.wakes.get(id) {
                     wake.send_if_modified(|v| {
                         let newer = revision > *v;
@@ -977,13 +1153,14 @@ impl Inner {
             EventType::Put => state
                 .held
                 .get(id)
-                .is_some_and(|h| kv.create_revision() > h.token as i64),
+                .is_some_and(|h| kv.create_revision > h.token as i64),
         };
-        if lost && let Some(held) = state.held.remove(id) {
-            held.signal.end(LeaseEnd::Lost);
+        if lost {
+            let token = state.held.get(id).map(|h| h.token);
             drop(state);
-            warn!(node = %self.node, id, token = held.token, "the key of a held id was deleted or replaced in etcd: tenure ended");
-            self.bump();
+            if let Some(token) = token {
+                self.end_tenure(id, token);
+            }
         }
     }
 
@@ -1056,7 +1233,7 @@ impl Inner {
         let mut pending = Vec::with_capacity(batch.len());
         let mut ops = Vec::with_capacity(batch.len());
         for op in batch {
-            let key = self.key(op.id());
+            let key = self.key(op.id()).into_bytes();
             match &op {
                 Op::Claim { budget, .. } => {
                     let usable_now =
@@ -1068,16 +1245,21 @@ impl Inner {
                         )));
                         continue;
                     };
-                    ops.push(TxnOp::txn(
-                        Txn::new()
-                            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-                            .and_then([TxnOp::put(
-                                key.clone(),
-                                self.node.clone(),
-                                Some(PutOptions::new().with_lease(lease.id)),
-                            )])
-                            .or_else([TxnOp::get(key, None)]),
-                    ));
+                    let put = PutRequest {
+                        key: key.clone(),
+                        value: self.node.clone().into_bytes(),
+                        lease: lease.id,
+                        ..PutRequest::default()
+                    };
+                    let get = RangeRequest {
+                        key: key.clone(),
+                        ..RangeRequest::default()
+                    };
+                    ops.push(op_txn(TxnRequest {
+                        compare: vec![created_at(&key, 0)],
+                        success: vec![one_op(request_op::Request::RequestPut(put))],
+                        failure: vec![one_op(request_op::Request::RequestRange(get))],
+                    }));
                 }
                 Op::Release { id, token, .. } => {
                     {
@@ -1086,15 +1268,7 @@ impl Inner {
                             state.held.remove(id);
                         }
                     }
-                    ops.push(TxnOp::txn(
-                        Txn::new()
-                            .when([Compare::create_revision(
-                                key.clone(),
-                                CompareOp::Equal,
-                                *token as i64,
-                            )])
-                            .and_then([TxnOp::delete(key, None)]),
-                    ));
+                    ops.push(op_txn(delete_if_created_at(&key, *token as i64)));
                 }
             }
             pending.push(op);
@@ -1104,9 +1278,14 @@ impl Inner {
         }
         self.bump();
         let lease_id = lease.map(|l| l.id).unwrap_or_default();
-        let send = |c: Client| {
-            let txn = Txn::new().and_then(ops.clone());
-            async move { c.kv_client().txn(txn).await }
+        let txn = TxnRequest {
+            compare: Vec::new(),
+            success: ops,
+            failure: Vec::new(),
+        };
+        let send = |c: Conn| {
+            let request = c.request(txn.clone());
+            async move { c.kv().txn(request).await }
         };
         let sent = self.request(send).await;
         let resp = match sent {
@@ -1130,10 +1309,9 @@ impl Inner {
                 return;
             }
         };
-        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-        let answers = resp.op_responses();
-        for (op, answer) in pending.into_iter().zip(answers) {
-            let TxnOpResponse::Txn(answer) = answer else {
+        let revision = resp.header.map(|h| h.revision).unwrap_or(0);
+        for (op, answer) in pending.into_iter().zip(resp.responses) {
+            let Some(response_op::Response::ResponseTxn(answer)) = answer.response else {
                 op.fail(Error::Backend(
                     "etcd answered a transaction with something else".into(),
                 ));
@@ -1144,12 +1322,14 @@ impl Inner {
                     let _ = reply.send(Ok(()));
                 }
                 Op::Claim { id, budget, reply } => {
-                    if answer.succeeded() {
+                    if answer.succeeded {
                         let _ = reply.send(self.granted(&id, budget, lease_id, revision as u64));
                         continue;
                     }
-                    let kv = answer.op_responses().into_iter().find_map(|r| match r {
-                        TxnOpResponse::Get(get) => get.kvs().first().cloned(),
+                    let kv = answer.responses.into_iter().find_map(|r| match r.response {
+                        Some(response_op::Response::ResponseRange(range)) => {
+                            range.kvs.into_iter().next()
+                        }
                         _ => None,
                     });
                     let Some(kv) = kv else {
@@ -1161,14 +1341,14 @@ impl Inner {
                         }));
                         continue;
                     };
-                    let token = kv.create_revision();
+                    let token = kv.create_revision;
                     let holder = Holder {
-                        node: String::from_utf8_lossy(kv.value()).into_owned(),
+                        node: String::from_utf8_lossy(&kv.value).into_owned(),
                         token: Some(token as u64),
                     };
                     let stale = {
                         let state = self.lock();
-                        state.ours.contains(&kv.lease())
+                        state.ours.contains(&kv.lease)
                             && state.held.get(&id).is_none_or(|h| h.token != token as u64)
                     };
                     if stale {
@@ -1232,17 +1412,10 @@ impl Inner {
     }
 
     async fn delete_stale(&self, id: &str, token: i64) -> Result<()> {
-        let key = self.key(id);
-        let txn = Txn::new()
-            .when([Compare::create_revision(
-                key.clone(),
-                CompareOp::Equal,
-                token,
-            )])
-            .and_then([TxnOp::delete(key, None)]);
-        let send = |c: Client| {
-            let txn = txn.clone();
-            async move { c.kv_client().txn(txn).await }
+        let txn = delete_if_created_at(self.key(id).as_bytes(), token);
+        let send = |c: Conn| {
+            let request = c.request(txn.clone());
+            async move { c.kv().txn(request).await }
         };
         match self.request(send).await {
             Ok(Ok(_)) => Ok(()),
@@ -1276,16 +1449,19 @@ impl Inner {
         })
     }
 
-    fn check_budget(&self, request: &ClaimRequest) -> Result<()> {
+    fn check_budget(&self, id: &str, budget: Duration) -> Result<()> {
         let ttl = Duration::from_secs(self.ttl_secs as u64);
-        let needed = request.stop_budget + self.interval * 2;
+        let needed = budget.saturating_add(self.interval.saturating_mul(2));
         if usable(ttl) < needed {
-            let want = (needed + MARGIN + ttl * CLOCK_RATE_PERCENT / 100).as_secs() + 2;
+            let want = needed
+                .saturating_add(MARGIN + ttl * CLOCK_RATE_PERCENT / 100)
+                .as_secs()
+                .saturating_add(2);
             return Err(Error::Config(format!(
                 "the shutdown budget {:?} of `{}` does not fit in the etcd lease TTL of {}s: the \
                  instance must stop within TTL − 1 % − {:?} of the last keep-alive, with room for \
                  keep-alives; raise the TTL to {want}s or more (?ttl= or Etcd::ttl) or shorten its shutdown",
-                request.stop_budget, request.id, self.ttl_secs, MARGIN
+                budget, id, self.ttl_secs, MARGIN
             )));
         }
         Ok(())
@@ -1309,7 +1485,7 @@ impl Session for EtcdSession {
     fn try_claim(&self, request: ClaimRequest) -> BoxFuture<'_, Result<Claim>> {
         Box::pin(async move {
             let inner = &self.inner;
-            inner.check_budget(&request)?;
+            inner.check_budget(&request.id, request.stop_budget)?;
             {
                 let mut state = inner.lock();
                 if state.closed {
@@ -1331,6 +1507,10 @@ impl Session for EtcdSession {
         })
     }
 
+    fn check_stop_budget(&self, id: &str, budget: Duration) -> Result<()> {
+        self.inner.check_budget(id, budget)
+    }
+
     fn release(&self, id: &str, token: u64) -> BoxFuture<'_, Result<()>> {
         let id: Arc<str> = Arc::from(id);
         Box::pin(async move {
@@ -1345,28 +1525,28 @@ impl Session for EtcdSession {
     }
 
     fn holder(&self, id: &str) -> BoxFuture<'_, Result<Option<Holder>>> {
-        let key = self.inner.key(id);
+        let key = self.inner.key(id).into_bytes();
         Box::pin(async move {
-            let inner = &self.inner;
-            let send = |c: Client| {
-                let key = key.clone();
-                async move { c.kv_client().get(key, None).await }
-            };
-            match inner.request(send).await {
-                Ok(Ok(resp)) => Ok(resp.kvs().first().map(|kv| Holder {
-                    node: String::from_utf8_lossy(kv.value()).into_owned(),
-                    token: Some(kv.create_revision() as u64),
-                })),
-                Ok(Err(e)) => Err(Error::Backend(format!(
-                    "etcd ({}) cannot be asked now: {}",
-                    inner.describe,
-                    reason(&e)
-                ))),
-                Err(_) => Err(Error::Backend(format!(
-                    "etcd ({}) cannot be asked now: no answer within {:?}",
-                    inner.describe, inner.request_timeout
-                ))),
-            }
+            let kvs = self.inner.read(key, Vec::new()).await?;
+            Ok(kvs.first().map(holder_of))
+        })
+    }
+
+    fn holders(&self) -> BoxFuture<'_, Result<Vec<HeldId>>> {
+        let prefix = self.inner.prefix.as_bytes().to_vec();
+        let end = prefix_end(&prefix);
+        Box::pin(async move {
+            let kvs = self.inner.read(prefix.clone(), end).await?;
+            let mut held: Vec<HeldId> = kvs
+                .iter()
+                .filter_map(|kv| {
+                    let id = std::str::from_utf8(kv.key.strip_prefix(prefix.as_slice())?).ok()?;
+                    // etcd keeps no wall-clock time for a key.
+                    Some(HeldId::new(id, holder_of(kv), None))
+                })
+                .collect();
+            held.sort_by(|a, b| a.id.cmp(&b.id));
+            Ok(held)
         })
     }
 
@@ -1385,8 +1565,7 @@ impl Session for EtcdSession {
             };
             inner.stop.cancel();
             for id in leases {
-                let send = |c: Client| async move { c.lease_client().revoke(id).await };
-                match inner.request(send).await {
+                match inner.revoke(id).await {
                     Ok(Ok(_)) => {
                         debug!(node = %inner.node, lease = format_args!("{id:x}"), "etcd lease revoked")
                     }
@@ -1401,4 +1580,13 @@ impl Session for EtcdSession {
             }
         })
     }
+}
+
+/// The holder a lease key names: its value is the node, its create revision
+/// the fencing token.
+fn holder_of(kv: &KeyValue) -> Holder {
+    Holder::new(
+        String::from_utf8_lossy(&kv.value).into_owned(),
+        Some(kv.create_revision as u64),
+    )
 }
