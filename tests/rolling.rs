@@ -33,16 +33,6 @@ fn fleet(extra: &[(&str, &str)]) -> Fleet {
     Fleet::new(env!("CARGO_BIN_EXE_node"), "", &env)
 }
 
-fn same_url(url: &str) -> Vec<NodeSpec> {
-    NAMES
-        .iter()
-        .map(|n| NodeSpec {
-            name: n.to_string(),
-            url: url.to_string(),
-        })
-        .collect()
-}
-
 fn check(backend: &str, steps: &[Step], cp: bool) {
     print(backend, steps);
     assert_eq!(steps.len(), NAMES.len());
@@ -70,7 +60,13 @@ async fn rolling_restart_on_postgres() {
     let _turn = TURN.lock().await;
     let pg = PgServer::start();
     let mut fleet = fleet(&[]);
-    let steps = rolling_restart(&mut fleet, &same_url(&pg.url()), IDS, GUARD).await;
+    let steps = rolling_restart(
+        &mut fleet,
+        &NodeSpec::same_url(&NAMES, &pg.url()),
+        IDS,
+        GUARD,
+    )
+    .await;
     check("postgres", &steps, true);
 }
 
@@ -79,7 +75,13 @@ async fn rolling_restart_on_etcd() {
     let _turn = TURN.lock().await;
     let etcd = EtcdCluster::single().await;
     let mut fleet = fleet(&[]);
-    let steps = rolling_restart(&mut fleet, &same_url(&etcd.url()), IDS, GUARD).await;
+    let steps = rolling_restart(
+        &mut fleet,
+        &NodeSpec::same_url(&NAMES, &etcd.url()),
+        IDS,
+        GUARD,
+    )
+    .await;
     check("etcd", &steps, true);
 }
 

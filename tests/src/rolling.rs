@@ -19,6 +19,19 @@ pub struct NodeSpec {
     pub url: String,
 }
 
+impl NodeSpec {
+    /// Nodes named `names` that all use `url` (Postgres, etcd).
+    pub fn same_url(names: &[&str], url: &str) -> Vec<NodeSpec> {
+        names
+            .iter()
+            .map(|n| NodeSpec {
+                name: n.to_string(),
+                url: url.to_string(),
+            })
+            .collect()
+    }
+}
+
 /// What one step (one node restarted) did.
 #[derive(Debug, Clone)]
 pub struct Step {

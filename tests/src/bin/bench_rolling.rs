@@ -23,16 +23,6 @@ use highlander_tests::rolling::{NodeSpec, print, rolling_restart};
 const GUARD: Duration = Duration::from_secs(300);
 const NAMES: [&str; 3] = ["r1", "r2", "r3"];
 
-fn same_url(url: &str) -> Vec<NodeSpec> {
-    NAMES
-        .iter()
-        .map(|n| NodeSpec {
-            name: n.to_string(),
-            url: url.to_string(),
-        })
-        .collect()
-}
-
 #[tokio::main]
 async fn main() {
     let mut ids = 1_000usize;
@@ -62,7 +52,13 @@ async fn main() {
         let mut fleet = Fleet::new(&node, "", &env);
         print(
             "postgres",
-            &rolling_restart(&mut fleet, &same_url(&pg.url()), ids, GUARD).await,
+            &rolling_restart(
+                &mut fleet,
+                &NodeSpec::same_url(&NAMES, &pg.url()),
+                ids,
+                GUARD,
+            )
+            .await,
         );
     }
     if wanted("etcd") {
@@ -70,7 +66,13 @@ async fn main() {
         let mut fleet = Fleet::new(&node, "", &env);
         print(
             "etcd",
-            &rolling_restart(&mut fleet, &same_url(&etcd.url()), ids, GUARD).await,
+            &rolling_restart(
+                &mut fleet,
+                &NodeSpec::same_url(&NAMES, &etcd.url()),
+                ids,
+                GUARD,
+            )
+            .await,
         );
     }
     if wanted("cluster") {

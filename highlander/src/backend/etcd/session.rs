@@ -808,8 +808,17 @@ impl Inner {
             });
             async move { c.kv().range(request).await }
         };
-        match self.request(send).await {
-            Ok(Ok(resp)) => Ok(resp.kvs),
+        self.answer(self.request(send).await).map(|resp| resp.kvs)
+    }
+
+    /// What a [`request`](Self::request) came to, as this crate's result:
+    /// one error line naming etcd and why when it failed or timed out.
+    fn answer<T>(
+        &self,
+        outcome: std::result::Result<std::result::Result<T, Status>, tokio::time::error::Elapsed>,
+    ) -> Result<T> {
+        match outcome {
+            Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(Error::Backend(format!(
                 "etcd ({}) cannot be asked now: {}",
                 self.describe,
@@ -1417,18 +1426,7 @@ impl Inner {
             let request = c.request(txn.clone());
             async move { c.kv().txn(request).await }
         };
-        match self.request(send).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(Error::Backend(format!(
-                "etcd ({}) cannot be asked now: {}",
-                self.describe,
-                reason(&e)
-            ))),
-            Err(_) => Err(Error::Backend(format!(
-                "etcd ({}) cannot be asked now: no answer within {:?}",
-                self.describe, self.request_timeout
-            ))),
-        }
+        self.answer(self.request(send).await).map(drop)
     }
 
     /// Completes once the watch has seen the key of `id` deleted at a

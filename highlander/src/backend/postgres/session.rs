@@ -209,6 +209,12 @@ impl Inner {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The connection now, or why there is none.
+    fn live(&self) -> Result<LiveInfo> {
+        let st = self.lock();
+        st.live.clone().ok_or_else(|| self.not_connected(&st))
+    }
+
     fn not_connected(&self, st: &State) -> Error {
         Error::Backend(match &st.last_error {
             Some(why) => format!("not connected to postgres ({why})"),
@@ -324,10 +330,7 @@ impl Session for PgSession {
     fn holder(&self, id: &str) -> BoxFuture<'_, Result<Option<Holder>>> {
         let inner = &self.inner;
         let key = lock_key(&inner.settings.namespace, id);
-        let live = {
-            let st = inner.lock();
-            st.live.clone().ok_or_else(|| inner.not_connected(&st))
-        };
+        let live = inner.live();
         Box::pin(async move {
             let live = live?;
             let ns = i64::from(inner.settings.namespace_key as u32);
@@ -344,10 +347,7 @@ impl Session for PgSession {
 
     fn members(&self) -> BoxFuture<'_, Result<Vec<Member>>> {
         let inner = &self.inner;
-        let live = {
-            let st = inner.lock();
-            st.live.clone().ok_or_else(|| inner.not_connected(&st))
-        };
+        let live = inner.live();
         Box::pin(async move {
             let live = live?;
             let ns = i64::from(inner.settings.namespace_key as u32);
@@ -371,10 +371,7 @@ impl Session for PgSession {
 
     fn holders(&self) -> BoxFuture<'_, Result<Vec<HeldId>>> {
         let inner = &self.inner;
-        let live = {
-            let st = inner.lock();
-            st.live.clone().ok_or_else(|| inner.not_connected(&st))
-        };
+        let live = inner.live();
         Box::pin(async move {
             let live = live?;
             let ns = i64::from(inner.settings.namespace_key as u32);
