@@ -8,9 +8,14 @@ use highlander_tests::chaos::{Backend, RunConfig, run};
 static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 async fn chaos(backend: Backend, faults: usize, seed: u64) {
+    chaos_with(backend, faults, seed, false).await;
+}
+
+async fn chaos_with(backend: Backend, faults: usize, seed: u64, netns: bool) {
     let _turn = TURN.lock().await;
     let mut cfg = RunConfig::new(backend, faults, seed, env!("CARGO_BIN_EXE_node").into());
     cfg.quick = true;
+    cfg.netns = netns;
     let outcome = run(&cfg).await;
     println!("{}", outcome.summary());
     assert_eq!(
@@ -39,6 +44,14 @@ async fn etcd_chaos() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_chaos() {
     chaos(Backend::Cluster, 24, 7).await;
+}
+
+/// The cluster with every node in a network namespace of its own: the
+/// partitions are packets dropped by the kernel (`iptables`), not a proxy
+/// of the harness. Needs root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_netns_chaos() {
+    chaos_with(Backend::Cluster, 24, 7, true).await;
 }
 
 /// The checker fails a real recorded history once it is doctored: the

@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod etcd;
 pub mod log;
 pub mod netns;
+pub mod netns_cluster;
 pub mod postgres;
 pub mod process;
 pub mod rolling;

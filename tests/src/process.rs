@@ -102,7 +102,28 @@ impl Fleet {
     /// Starts one node named `name` and waits until it has printed `READY`.
     /// Its stderr goes to this process's stderr.
     pub async fn spawn(&mut self, name: &str, extra_env: &[(&str, &str)]) -> NodeProcess {
-        let mut command = Command::new(&self.bin);
+        self.spawn_in(name, extra_env, &[]).await
+    }
+
+    /// As [`spawn`](Self::spawn), with the binary run through `prefix` (a
+    /// program and its arguments that exec the binary, such as
+    /// `ip netns exec <ns>`, see
+    /// [`Topology::exec_prefix`](crate::netns_cluster::Topology::exec_prefix));
+    /// empty for none.
+    pub async fn spawn_in(
+        &mut self,
+        name: &str,
+        extra_env: &[(&str, &str)],
+        prefix: &[String],
+    ) -> NodeProcess {
+        let mut command = match prefix.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
         command
             .env("HIGHLANDER_BACKEND", &self.backend)
             .env("HIGHLANDER_NODE", name)

@@ -11,7 +11,8 @@
 //! Options: `--backend memory|postgres|etcd|cluster|all`, `--faults N`,
 //! `--seed S`, `--kinds kill,pause,restart,partition,backend-restart`,
 //! `--slack-ms MS` (added to every bound, default 1000), `--quick` (short
-//! Postgres holds), `--quiet`. See `docs/chaos.md`.
+//! Postgres holds), `--netns` (cluster nodes in network namespaces,
+//! partitions by `iptables`; needs root), `--quiet`. See `docs/chaos.md`.
 
 use std::time::Duration;
 
@@ -20,7 +21,7 @@ use highlander_tests::chaos::{Backend, FaultKind, RunConfig, run};
 fn usage(msg: &str) -> ! {
     eprintln!(
         "{msg}\nusage: chaos --backend memory|postgres|etcd|cluster|all [--faults N] [--seed S] \
-         [--kinds kill,pause,restart,partition,backend-restart] [--slack-ms MS] [--quick] [--quiet]"
+         [--kinds kill,pause,restart,partition,backend-restart] [--slack-ms MS] [--quick] [--netns] [--quiet]"
     );
     std::process::exit(2)
 }
@@ -34,6 +35,7 @@ async fn main() {
     let mut kinds = None;
     let mut slack = Duration::from_secs(1);
     let mut quick = false;
+    let mut netns = false;
     let mut verbose = true;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -69,12 +71,16 @@ async fn main() {
                 )
             }
             "--quick" => quick = true,
+            "--netns" => netns = true,
             "--quiet" => verbose = false,
             other => usage(&format!("unknown argument {other}")),
         }
     }
     if backends.is_empty() {
         usage("--backend is required");
+    }
+    if netns && !backends.contains(&Backend::Cluster) {
+        usage("--netns applies to the cluster backend only: use it with --backend cluster or all");
     }
     let node_bin = std::env::current_exe()
         .expect("the chaos binary knows its path")
@@ -91,10 +97,12 @@ async fn main() {
         cfg.kinds = kinds.clone();
         cfg.slack = slack;
         cfg.quick = quick;
+        cfg.netns = netns && backend == Backend::Cluster;
         cfg.verbose = verbose;
         eprintln!(
-            "chaos: {} with {faults} faults, seed {seed}",
-            backend.name()
+            "chaos: {}{} with {faults} faults, seed {seed}",
+            backend.name(),
+            if cfg.netns { " (netns)" } else { "" }
         );
         let outcome = run(&cfg).await;
         print!("{}", outcome.summary());

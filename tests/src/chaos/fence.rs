@@ -65,9 +65,15 @@ impl Fence {
     /// Serves the register on a free loopback port until the returned
     /// server is dropped.
     pub async fn serve(&self) -> FenceServer {
-        let listener = TcpListener::bind("127.0.0.1:0")
+        self.serve_on(std::net::Ipv4Addr::LOCALHOST.into()).await
+    }
+
+    /// As [`serve`](Self::serve), on a free port of `ip` (for nodes in
+    /// network namespaces: the host's address on their bridge).
+    pub async fn serve_on(&self, ip: std::net::IpAddr) -> FenceServer {
+        let listener = TcpListener::bind((ip, 0))
             .await
-            .expect("bind the fence register on loopback");
+            .expect("bind the fence register");
         let addr = listener
             .local_addr()
             .expect("a bound socket has an address");

@@ -221,6 +221,11 @@ pub struct RunConfig {
     pub verbose: bool,
     /// Aim every fault at the holder of the first id (for measurements).
     pub always_holder: bool,
+    /// Cluster only: run each node in a network namespace of its own
+    /// ([`Topology`](crate::netns_cluster::Topology)) and make partitions
+    /// with `iptables` there instead of the harness's TCP proxies. Needs
+    /// root.
+    pub netns: bool,
 }
 
 impl RunConfig {
@@ -238,6 +243,7 @@ impl RunConfig {
             node_bin,
             verbose: false,
             always_holder: false,
+            netns: false,
         }
     }
 }
@@ -462,6 +468,7 @@ enum Server {
     Postgres(crate::postgres::PgServer),
     Etcd(crate::etcd::EtcdCluster),
     Cluster(crate::cluster::Partitioner),
+    ClusterNetns(crate::netns_cluster::Topology),
     Beam {
         epmd_port: u16,
         ctl_dir: PathBuf,
@@ -497,6 +504,8 @@ struct ProcessDriver {
     procs: HashMap<String, NodeProcess>,
     urls: HashMap<String, String>,
     proxies: HashMap<String, BackendProxy>,
+    /// Per node, what its binary is run through (`ip netns exec <ns>`).
+    prefixes: HashMap<String, Vec<String>>,
     server: Server,
     fence: Fence,
     _fence_server: super::fence::FenceServer,
@@ -509,9 +518,18 @@ impl ProcessDriver {
         let names: Vec<String> = (0..cfg.nodes).map(|i| format!("n{i}")).collect();
         let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
         let fence = Fence::new();
-        let fence_server = fence.serve().await;
+        let mut topology = (cfg.backend == Backend::Cluster && cfg.netns).then(|| {
+            tokio::task::block_in_place(|| crate::netns_cluster::Topology::create(&name_refs))
+        });
+        // Nodes in namespaces reach the host at its address on their bridge.
+        let fence_ip = topology.as_ref().map_or_else(
+            || std::net::Ipv4Addr::LOCALHOST.into(),
+            |t| t.host_ip().into(),
+        );
+        let fence_server = fence.serve_on(fence_ip).await;
         let mut proxies = HashMap::new();
         let mut urls = HashMap::new();
+        let mut prefixes = HashMap::new();
         let server = match cfg.backend {
             Backend::Postgres => {
                 let pg = tokio::task::spawn_blocking(crate::postgres::PgServer::start)
@@ -541,6 +559,20 @@ impl ProcessDriver {
                     proxies.insert(n.clone(), proxy);
                 }
                 Server::Etcd(etcd)
+            }
+            Backend::Cluster if topology.is_some() => {
+                let topo = topology.take().expect("just checked");
+                // Every node listens on its namespace's address, seeds by name.
+                let seeds: Vec<String> = names
+                    .iter()
+                    .map(|n| format!("{}:7400", crate::netns_cluster::Topology::dns(n)))
+                    .collect();
+                for n in &names {
+                    let url = format!("cluster://{}:7400?seeds={}", topo.ip(n), seeds.join(","));
+                    urls.insert(n.clone(), url);
+                    prefixes.insert(n.clone(), topo.exec_prefix(n));
+                }
+                Server::ClusterNetns(topo)
             }
             Backend::Cluster => {
                 let mut partitioner = crate::cluster::Partitioner::new();
@@ -599,6 +631,7 @@ impl ProcessDriver {
             procs: HashMap::new(),
             urls,
             proxies,
+            prefixes,
             server,
             fence,
             _fence_server: fence_server,
@@ -611,9 +644,10 @@ impl ProcessDriver {
 
     async fn spawn(&mut self, name: &str) {
         let url = self.urls[name].clone();
+        let prefix = self.prefixes.get(name).cloned().unwrap_or_default();
         let p = self
             .fleet
-            .spawn(name, &[("HIGHLANDER_BACKEND", url.as_str())])
+            .spawn_in(name, &[("HIGHLANDER_BACKEND", url.as_str())], &prefix)
             .await;
         self.procs.insert(name.to_string(), p);
     }
@@ -691,6 +725,11 @@ impl Driver for ProcessDriver {
                 let others: Vec<&str> = others.iter().map(String::as_str).collect();
                 p.partition(&[&[node], &others]);
             }
+            Server::ClusterNetns(t) => {
+                let others: Vec<String> = self.nodes().into_iter().filter(|n| n != node).collect();
+                let others: Vec<&str> = others.iter().map(String::as_str).collect();
+                tokio::task::block_in_place(|| t.partition(&[&[node], &others]));
+            }
             Server::Beam { ctl_dir, .. } => {
                 std::fs::write(ctl_dir.join(node), "cut").expect("write the BEAM control file")
             }
@@ -699,6 +738,7 @@ impl Driver for ProcessDriver {
         self.collect(hold).await;
         match &self.server {
             Server::Cluster(p) => p.heal(),
+            Server::ClusterNetns(t) => tokio::task::block_in_place(|| t.heal()),
             Server::Beam { ctl_dir, .. } => {
                 std::fs::write(ctl_dir.join(node), "heal").expect("write the BEAM control file")
             }
@@ -720,7 +760,7 @@ impl Driver for ProcessDriver {
                 etcd.kill_member(0);
                 etcd.restart_member(0).await;
             }
-            Server::Cluster(_) | Server::Beam { .. } => {}
+            Server::Cluster(_) | Server::ClusterNetns(_) | Server::Beam { .. } => {}
         }
         let _ = self.backend;
         Fault {
