@@ -431,3 +431,66 @@ async fn thirty_percent_packet_loss_ends_with_one_instance() {
         c.fleet.history
     );
 }
+
+/// DNS discovery: three nodes whose only seed is `cluster.test`, a name that
+/// resolves to all their addresses (each node's own among them), form one
+/// cluster: one instance of the singleton. Then a fourth node starts whose
+/// only seed is its own name, so it cannot find anyone by itself and runs
+/// its own instance; once `cluster.test` also names it, the first three
+/// find it by resolving the name again, without a restart, and the two
+/// instances settle to one (the loser's reason is `conflict`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_find_each_other_through_one_name_and_a_new_address_is_found_again() {
+    let _turn = TURN.lock().await;
+    let all = ["a", "b", "c", "d"];
+    let topo = tokio::task::block_in_place(|| Topology::create(&all));
+    topo.name_cluster(&["a", "b", "c"]);
+    let mut fleet = Fleet::new(
+        env!("CARGO_BIN_EXE_node"),
+        "",
+        &[
+            ("HIGHLANDER_COOKIE", COOKIE),
+            ("HL_IDS", "solo"),
+            ("HL_SHUTDOWN_MS", "1000"),
+        ],
+    );
+    let mut procs = HashMap::new();
+    for n in ["a", "b", "c"] {
+        let url = format!(
+            "cluster://{}:{PORT}?seeds={CLUSTER_NAME}:{PORT}",
+            topo.ip(n)
+        );
+        let p = fleet
+            .spawn_in(n, &[("HIGHLANDER_BACKEND", &url)], &topo.exec_prefix(n))
+            .await;
+        procs.insert(n.to_string(), p);
+    }
+    let mut cluster = Cluster {
+        fleet,
+        _procs: procs,
+        topo,
+    };
+    cluster.first_holder().await;
+
+    let url = format!(
+        "cluster://{}:{PORT}?seeds={}:{PORT}",
+        cluster.topo.ip("d"),
+        Topology::dns("d")
+    );
+    let prefix = cluster.topo.exec_prefix("d");
+    let d = cluster
+        .fleet
+        .spawn_in("d", &[("HIGHLANDER_BACKEND", &url)], &prefix)
+        .await;
+    cluster._procs.insert("d".into(), d);
+    cluster
+        .until("d alone runs its own instance", |c| {
+            c.running("solo").contains(&"d".to_string())
+        })
+        .await;
+    cluster.topo.name_cluster(&all);
+    cluster.settle_to_one().await;
+    let stops = cluster.stops();
+    assert_eq!(stops.len(), 1, "history: {:#?}", cluster.fleet.history);
+    cluster.assert_only_conflict_stops();
+}

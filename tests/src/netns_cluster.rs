@@ -276,15 +276,35 @@ impl Topology {
     }
 
     fn hosts_file(&self) -> String {
+        let all: Vec<&str> = self.nodes.iter().map(|n| n.name.as_str()).collect();
+        self.hosts_naming(&all)
+    }
+
+    /// The hosts file with `cluster.test` standing for `members` only.
+    fn hosts_naming(&self, members: &[&str]) -> String {
         let mut hosts = String::from("127.0.0.1 localhost\n::1 localhost\n");
         hosts.push_str(&format!("{} host.test\n", self.host_ip()));
         for node in &self.nodes {
             hosts.push_str(&format!("{} {}\n", node.ip, Self::dns(&node.name)));
         }
-        for node in &self.nodes {
+        for node in self
+            .nodes
+            .iter()
+            .filter(|n| members.contains(&n.name.as_str()))
+        {
             hosts.push_str(&format!("{} {CLUSTER_NAME}\n", node.ip));
         }
         hosts
+    }
+
+    /// Rewrites every namespace's hosts file so that `cluster.test` resolves
+    /// to the addresses of `members` only, as DNS does when pods come and go
+    /// behind a headless Service.
+    pub fn name_cluster(&self, members: &[&str]) {
+        let hosts = self.hosts_naming(members);
+        for node in &self.nodes {
+            write_hosts(&node.ns, &hosts);
+        }
     }
 
     /// The DNS name of node `name` inside the namespaces: `<name>.node.test`.

@@ -41,6 +41,10 @@ use crate::{Error, Result};
 
 /// Unreachable members that are not seeds are forgotten after this long.
 const FORGET_AFTER: Duration = Duration::from_secs(300);
+/// Seed names are resolved again this often (and after a failed dial), so
+/// addresses that join a name (a new pod behind a headless Service) are
+/// dialed and vanished ones stop being seeds.
+const RESOLVE_EVERY: Duration = Duration::from_secs(5);
 /// A peer that refused our cookie is redialed this rarely; so is an address
 /// that sent any other refusal before authenticating (a hint, never final).
 const REFUSED_REDIAL: Duration = Duration::from_secs(2);
@@ -110,6 +114,8 @@ pub(super) struct Node {
     epoch: watch::Sender<u64>,
     /// Wakes the dialer at once (a member was learned).
     kick: Notify,
+    /// Wakes the seed resolver at once (a dial to a seed failed).
+    resolve_now: Notify,
     cancel: CancellationToken,
     writers: TaskTracker,
     next_conn: AtomicU64,
@@ -305,12 +311,11 @@ pub(super) async fn start(settings: Arc<Settings>, name: &str) -> Result<Arc<Nod
         incarnation: unix_nanos(),
         addr: advertise,
     };
-    let seeds = settings
-        .seeds
-        .iter()
-        .filter(|s| !s.is_empty())
-        .map(|s| Seed {
-            addr: s.clone(),
+    let seeds = seed_addresses(&settings.seeds)
+        .await
+        .into_iter()
+        .map(|addr| Seed {
+            addr,
             name: None,
             is_self: false,
         })
@@ -329,6 +334,7 @@ pub(super) async fn start(settings: Arc<Settings>, name: &str) -> Result<Arc<Nod
         }),
         epoch: watch::Sender::new(0),
         kick: Notify::new(),
+        resolve_now: Notify::new(),
         cancel: CancellationToken::new(),
         writers: TaskTracker::new(),
         next_conn: AtomicU64::new(1),
@@ -337,6 +343,9 @@ pub(super) async fn start(settings: Arc<Settings>, name: &str) -> Result<Arc<Nod
     info!(node = %node.name, %bound, advertise = node.me.addr.as_deref().unwrap_or("(peer-seen address)"), "cluster node listening");
     tokio::spawn(node.clone().accept_loop(listener));
     tokio::spawn(node.clone().dial_loop());
+    if settings_have_names(&node.settings.seeds) {
+        tokio::spawn(node.clone().resolve_loop());
+    }
 
     let deadline = Instant::now() + node.settings.join_timeout;
     let mut epoch = node.epoch.subscribe();
@@ -353,7 +362,14 @@ pub(super) async fn start(settings: Arc<Settings>, name: &str) -> Result<Arc<Nod
         let mut st = node.lock();
         st.ready = true;
         let up = st.members.iter().filter(|(_, p)| p.synced()).count();
-        info!(node = %node.name, members_up = up, "joined the cluster");
+        if up == 0 && st.seeds.iter().all(|s| s.is_self) {
+            info!(
+                node = %node.name,
+                "no other member in view (every seed address is this node's own): running alone"
+            );
+        } else {
+            info!(node = %node.name, members_up = up, "joined the cluster");
+        }
         node.broadcast(&st, Msg::Ready.encode());
         for (peer, id) in std::mem::take(&mut st.deferred) {
             if st.members.get(&peer).is_some_and(Peer::synced) {
@@ -363,6 +379,45 @@ pub(super) async fn start(settings: Arc<Settings>, name: &str) -> Result<Arc<Nod
     }
     node.bump_epoch();
     Ok(node)
+}
+
+/// Every address the configured seeds stand for: an `ip:port` as it is, a
+/// `name:port` as every address the name resolves to now (a Kubernetes
+/// headless Service, a Compose service name, Consul DNS), or the name
+/// itself when it resolves to nothing yet (dialing it resolves it again).
+async fn seed_addresses(configured: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for seed in configured.iter().filter(|s| !s.is_empty()) {
+        let resolved: Vec<String> = if seed.parse::<SocketAddr>().is_ok() {
+            vec![seed.clone()]
+        } else {
+            match tokio::net::lookup_host(seed.as_str()).await {
+                Ok(addrs) => addrs.map(|a| a.to_string()).collect(),
+                Err(e) => {
+                    debug!(seed = %seed, error = %e, "seed name does not resolve now");
+                    Vec::new()
+                }
+            }
+        };
+        let resolved = if resolved.is_empty() {
+            vec![seed.clone()]
+        } else {
+            resolved
+        };
+        for addr in resolved {
+            if !out.contains(&addr) {
+                out.push(addr);
+            }
+        }
+    }
+    out
+}
+
+/// Whether any seed is a name (so worth resolving again).
+fn settings_have_names(configured: &[String]) -> bool {
+    configured
+        .iter()
+        .any(|s| !s.is_empty() && s.parse::<SocketAddr>().is_err())
 }
 
 async fn resolve(addr: &str) -> Result<SocketAddr> {
@@ -1563,6 +1618,44 @@ impl Node {
         }
     }
 
+    /// Resolves the seed names again every [`RESOLVE_EVERY`] and after a
+    /// failed dial: a new address becomes a seed and is dialed at once; a
+    /// vanished one stops being a seed (its member, if any, is forgotten
+    /// once its connection is gone, as any member that is not a seed).
+    async fn resolve_loop(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => break,
+                _ = sleep(RESOLVE_EVERY) => {}
+                _ = self.resolve_now.notified() => {
+                    // Many failed dials at once resolve once.
+                    sleep(self.settings.redial).await;
+                }
+            }
+            let now = seed_addresses(&self.settings.seeds).await;
+            let mut st = self.lock();
+            let before = st.seeds.len();
+            st.seeds.retain(|s| now.contains(&s.addr));
+            let vanished = before - st.seeds.len();
+            let mut added = 0;
+            for addr in now {
+                if !st.seeds.iter().any(|s| s.addr == addr) {
+                    st.seeds.push(Seed {
+                        addr,
+                        name: None,
+                        is_self: false,
+                    });
+                    added += 1;
+                }
+            }
+            drop(st);
+            if added + vanished > 0 {
+                info!(node = %self.name, added, vanished, "seed names resolved to other addresses");
+                self.kick.notify_one();
+            }
+        }
+    }
+
     fn dial_targets(&self) -> Vec<String> {
         let mut st = self.lock();
         if st.closed {
@@ -1636,7 +1729,12 @@ impl Node {
                 st.retry_after
                     .insert(addr.to_string(), Instant::now() + REFUSED_REDIAL);
             }
-            Dialed::Rejected(RejectReason::Duplicate) | Dialed::Failed => {}
+            Dialed::Rejected(RejectReason::Duplicate) => {}
+            Dialed::Failed => {
+                if st.seeds.iter().any(|s| s.addr == addr) {
+                    self.resolve_now.notify_one();
+                }
+            }
         }
     }
 
