@@ -11,6 +11,7 @@ pub mod chaos;
 pub mod cluster;
 pub mod etcd;
 pub mod log;
+pub mod ops;
 pub mod postgres;
 pub mod process;
 
