@@ -94,7 +94,21 @@ async fn every_instance_line_names_id_node_and_token() {
         .await;
     a.shutdown().await; // b takes over: two tenures, each logged
     b.wait_until(|s| s.is_running("chatty")).await;
+    // A split: a fresh node takes the id on its side, and loses it at the
+    // heal (the later tenure): its lease ends with a conflict.
+    let c = Runtime::builder()
+        .node("c")
+        .backend(cluster.clone())
+        .child(spec())
+        .start()
+        .await
+        .unwrap();
+    cluster.partition(&[&["b"], &["c"]]);
+    c.wait_until(|s| s.is_running("chatty")).await;
+    cluster.heal();
+    c.wait_until(|s| !s.is_running("chatty")).await;
     b.shutdown().await;
+    c.shutdown().await;
 
     let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
     let lines: Vec<Value> = text
@@ -122,6 +136,8 @@ async fn every_instance_line_names_id_node_and_token() {
         }
         instance_lines += usize::from(from_instance);
     }
-    // run, child hello, child bye, terminate, on each of the two nodes.
-    assert_eq!(instance_lines, 8, "{text}");
+    // run, child hello, child bye, terminate, for each of the four
+    // tenures (a, b, c during the split, c again when b shuts down).
+    assert_eq!(instance_lines, 16, "{text}");
+    assert!(text.contains("tenure ended"), "the conflict was logged");
 }

@@ -178,7 +178,7 @@ impl Guardian {
                             break;
                         }
                         Outcome::Lost(reason) => {
-                            info!(%reason, "tenure ended");
+                            info!(token = lease.token, %reason, "tenure ended");
                         }
                         Outcome::Stepdown => {
                             self.release(&lease).await;
@@ -199,7 +199,7 @@ impl Guardian {
                                     break;
                                 }
                                 end = lease.ended() => {
-                                    info!(reason = %ShutdownReason::from(end), "tenure ended");
+                                    info!(token = lease.token, reason = %ShutdownReason::from(end), "tenure ended");
                                 }
                             }
                         }
