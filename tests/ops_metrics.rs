@@ -1,47 +1,113 @@
 //! Metrics on the memory backend, read from a real in-process recorder
-//! (metrics-util's `DebuggingRecorder`, installed before any runtime
-//! starts): failover, step-down, restarts and stops move the gauges and
+//! (a small `metrics::Recorder` installed before any runtime starts): failover, step-down, restarts and stops move the gauges and
 //! counters as docs/operations.md says. Each test uses its own node names,
 //! so tests that share the process-wide recorder read only their series.
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use highlander::ops::metrics as m;
 use highlander::{ChildSpec, Context, MemoryCluster, Restart, Runtime, Service};
-use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+use metrics::{
+    Counter, Gauge, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder, SharedString, Unit,
+};
 
-fn snapshotter() -> &'static Snapshotter {
-    static SNAP: OnceLock<Snapshotter> = OnceLock::new();
-    SNAP.get_or_init(|| {
-        let recorder = DebuggingRecorder::new();
-        let snapshotter = recorder.snapshotter();
-        recorder.install().expect("no other recorder in this test binary");
-        snapshotter
+/// A small in-process recorder that keeps every value (metrics-util's
+/// `DebuggingRecorder` resets values on each snapshot, which tests that
+/// share the process-wide recorder cannot use).
+#[derive(Default)]
+struct Keeper {
+    counters: Mutex<HashMap<Key, Arc<AtomicU64>>>,
+    gauges: Mutex<HashMap<Key, Arc<AtomicU64>>>,
+    histograms: Mutex<HashMap<Key, Arc<Samples>>>,
+}
+
+#[derive(Default)]
+struct Samples(Mutex<Vec<f64>>);
+
+impl HistogramFn for Samples {
+    fn record(&self, value: f64) {
+        self.0.lock().unwrap().push(value);
+    }
+}
+
+impl Recorder for Keeper {
+    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+        let mut map = self.counters.lock().unwrap();
+        Counter::from_arc(map.entry(key.clone()).or_default().clone())
+    }
+    fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+        let mut map = self.gauges.lock().unwrap();
+        Gauge::from_arc(map.entry(key.clone()).or_default().clone())
+    }
+    fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
+        let mut map = self.histograms.lock().unwrap();
+        Histogram::from_arc(map.entry(key.clone()).or_default().clone())
+    }
+}
+
+fn keeper() -> &'static Arc<Keeper> {
+    static KEEPER: OnceLock<Arc<Keeper>> = OnceLock::new();
+    KEEPER.get_or_init(|| {
+        let keeper = Arc::new(Keeper::default());
+        metrics::set_global_recorder(ArcRecorder(keeper.clone()))
+            .expect("no other recorder in this test binary");
+        keeper
     })
 }
 
-/// The series now, as (name, sorted labels, value). Histograms give their
-/// sample count (this recorder keeps no history between snapshots, so a
-/// test reads each histogram once).
+struct ArcRecorder(Arc<Keeper>);
+
+impl Recorder for ArcRecorder {
+    fn describe_counter(&self, k: KeyName, u: Option<Unit>, d: SharedString) {
+        self.0.describe_counter(k, u, d)
+    }
+    fn describe_gauge(&self, k: KeyName, u: Option<Unit>, d: SharedString) {
+        self.0.describe_gauge(k, u, d)
+    }
+    fn describe_histogram(&self, k: KeyName, u: Option<Unit>, d: SharedString) {
+        self.0.describe_histogram(k, u, d)
+    }
+    fn register_counter(&self, key: &Key, m: &Metadata<'_>) -> Counter {
+        self.0.register_counter(key, m)
+    }
+    fn register_gauge(&self, key: &Key, m: &Metadata<'_>) -> Gauge {
+        self.0.register_gauge(key, m)
+    }
+    fn register_histogram(&self, key: &Key, m: &Metadata<'_>) -> Histogram {
+        self.0.register_histogram(key, m)
+    }
+}
+
+/// Every series now, as (name, sorted labels, value); a histogram gives
+/// its number of samples.
 #[derive(Debug)]
 struct Series(Vec<(String, Vec<(String, String)>, f64)>);
 
 fn read() -> Series {
+    let k = keeper();
     let mut out = Vec::new();
-    for (key, _, _, value) in snapshotter().snapshot().into_vec() {
-        let key = key.key();
+    let mut push = |key: &Key, v: f64| {
         let mut labels: Vec<(String, String)> = key
             .labels()
             .map(|l| (l.key().to_string(), l.value().to_string()))
             .collect();
         labels.sort();
-        let v = match value {
-            DebugValue::Counter(c) => c as f64,
-            DebugValue::Gauge(g) => g.into_inner(),
-            DebugValue::Histogram(h) => h.len() as f64,
-        };
         out.push((key.name().to_string(), labels, v));
+    };
+    for (key, c) in k.counters.lock().unwrap().iter() {
+        push(key, c.load(Ordering::SeqCst) as f64);
+    }
+    for (key, g) in k.gauges.lock().unwrap().iter() {
+        push(key, f64::from_bits(g.load(Ordering::SeqCst)));
+    }
+    for (key, h) in k.histograms.lock().unwrap().iter() {
+        push(key, h.0.lock().unwrap().len() as f64);
     }
     Series(out)
 }
@@ -98,7 +164,7 @@ fn idle(id: &str) -> ChildSpec {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_and_step_down_move_the_series() {
-    snapshotter();
+    keeper();
     let cluster = MemoryCluster::new();
     let start = |node: &'static str| {
         Runtime::builder()
@@ -183,7 +249,7 @@ async fn failover_and_step_down_move_the_series() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarts_and_errors_are_counted() {
-    snapshotter();
+    keeper();
     let spec = ChildSpec::new("flaky", |_ctx| async { Ok(AlwaysFails) })
         .restart(Restart::Permanent)
         .intensity(10, Duration::from_secs(60));
@@ -207,7 +273,7 @@ async fn restarts_and_errors_are_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_per_id_series_the_node_sums() {
-    snapshotter();
+    keeper();
     let mut builder = Runtime::builder()
         .node("agg-a")
         .backend(MemoryCluster::new())

@@ -123,7 +123,8 @@ impl NodeOps {
         SlotOps {
             track: Mutex::new(Track {
                 since: SystemTime::now(),
-                claim_started: None,
+                // Every slot starts in `Claiming`: the first attempt is now.
+                claim_started: Some(Instant::now()),
             }),
             restarts: AtomicU32::new(0),
             #[cfg(feature = "metrics")]
