@@ -514,7 +514,7 @@ impl RuntimeHandle {
         Status {
             node: self.inner.node.to_string(),
             backend: self.inner.backend.clone(),
-            at: SystemTime::now(),
+            at: crate::ops::wall_ms(),
             session_up: !self.inner.done.is_cancelled() && ops.session_up(),
             members: ops.members(),
             singletons,

@@ -122,7 +122,7 @@ impl NodeOps {
         let _ = (id, self.per_id);
         SlotOps {
             track: Mutex::new(Track {
-                since: SystemTime::now(),
+                since: wall_ms(),
                 // Every slot starts in `Claiming`: the first attempt is now.
                 claim_started: Some(Instant::now()),
             }),
@@ -238,7 +238,7 @@ impl SlotOps {
         let mut track = self.lock();
         let same_state = discriminant(old) == discriminant(new) && token(old) == token(new);
         if !same_state {
-            track.since = SystemTime::now();
+            track.since = wall_ms();
         }
         match (
             matches!(old, Retrying { .. }),
@@ -286,6 +286,16 @@ impl SlotOps {
         self.metrics.stopped(reason);
         #[cfg(not(feature = "metrics"))]
         let _ = reason;
+    }
+}
+
+/// The wall clock to the millisecond: what the JSON form keeps, so a
+/// status survives a round trip through it unchanged.
+pub(crate) fn wall_ms() -> SystemTime {
+    let now = SystemTime::now();
+    match now.duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => std::time::UNIX_EPOCH + Duration::from_millis(d.as_millis() as u64),
+        Err(_) => now,
     }
 }
 
