@@ -53,7 +53,9 @@ impl Backend for Switchable {
 impl SwitchableSession {
     fn check(&self) -> highlander::Result<()> {
         if self.down.load(Ordering::SeqCst) {
-            return Err(Error::Backend("the engine is unreachable (test switch)".into()));
+            return Err(Error::Backend(
+                "the engine is unreachable (test switch)".into(),
+            ));
         }
         Ok(())
     }
@@ -128,14 +130,21 @@ async fn endpoints_answer_and_step_down_needs_the_token() {
         .start()
         .await
         .unwrap();
-    b.wait_until(|s| s.singletons.iter().all(|s| matches!(s.state, highlander::SingletonState::Waiting { .. })))
-        .await;
+    b.wait_until(|s| {
+        s.singletons
+            .iter()
+            .all(|s| matches!(s.state, highlander::SingletonState::Waiting { .. }))
+    })
+    .await;
     let addr = a.http_addr().expect("serving");
     assert!(addr.ip().is_loopback() && addr.port() != 0);
 
     let health = get(addr, "/healthz").await.unwrap();
     assert_eq!(health.status, 200, "{}", health.body);
-    assert_eq!(until_status(addr, "/readyz", 200).await.trim(), "ready: the backend session is up");
+    assert_eq!(
+        until_status(addr, "/readyz", 200).await.trim(),
+        "ready: the backend session is up"
+    );
 
     // /status is the Rust API's Status, as JSON.
     let body = get(addr, "/status").await.unwrap();
@@ -152,11 +161,18 @@ async fn endpoints_answer_and_step_down_needs_the_token() {
         serde_json::from_str(&get(b.http_addr().unwrap(), "/status").await.unwrap().body).unwrap();
     let web = b_status.singletons.iter().find(|s| s.id == "web").unwrap();
     assert_eq!(web.holder("http-b").unwrap().node, "http-a");
-    assert_eq!(web.holder("http-b").unwrap().token, status.singletons[0].token());
+    assert_eq!(
+        web.holder("http-b").unwrap().token,
+        status.singletons[0].token()
+    );
 
     let page = get(addr, "/").await.unwrap();
     assert_eq!(page.status, 200);
-    assert!(page.header("content-type").unwrap().starts_with("text/html"));
+    assert!(
+        page.header("content-type")
+            .unwrap()
+            .starts_with("text/html")
+    );
     assert!(page.body.contains("<script>") && page.body.contains("fetch(\"status\""));
 
     let metrics = get(addr, "/metrics").await.unwrap();
@@ -170,7 +186,9 @@ async fn endpoints_answer_and_step_down_needs_the_token() {
         metrics.body
     );
 
-    let holders = request(addr, "POST", "/holders", &[], r#"["web","nope"]"#).await.unwrap();
+    let holders = request(addr, "POST", "/holders", &[], r#"["web","nope"]"#)
+        .await
+        .unwrap();
     let holders: serde_json::Value = serde_json::from_str(&holders.body).unwrap();
     assert_eq!(holders["web"]["node"], "http-a");
     assert!(holders["nope"].is_null());
@@ -178,20 +196,36 @@ async fn endpoints_answer_and_step_down_needs_the_token() {
     // Step-down: disabled without a token (b has none), refused without
     // or with a wrong one, done with the right one.
     let b_addr = b.http_addr().unwrap();
-    let off = request(b_addr, "POST", "/step-down/web", &[], "").await.unwrap();
+    let off = request(b_addr, "POST", "/step-down/web", &[], "")
+        .await
+        .unwrap();
     assert_eq!(off.status, 403);
     assert_eq!(off.body.lines().count(), 1, "{}", off.body);
     assert!(off.body.contains("HIGHLANDER_HTTP_TOKEN"), "{}", off.body);
-    let none = request(addr, "POST", "/step-down/web", &[], "").await.unwrap();
+    let none = request(addr, "POST", "/step-down/web", &[], "")
+        .await
+        .unwrap();
     assert_eq!(none.status, 401);
     assert_eq!(none.header("www-authenticate"), Some("Bearer"));
-    let wrong = request(addr, "POST", "/step-down/web", &["Authorization: Bearer s3cret-tokem"], "")
-        .await
-        .unwrap();
+    let wrong = request(
+        addr,
+        "POST",
+        "/step-down/web",
+        &["Authorization: Bearer s3cret-tokem"],
+        "",
+    )
+    .await
+    .unwrap();
     assert_eq!(wrong.status, 401);
-    let unknown = request(addr, "POST", "/step-down/nope", &["Authorization: Bearer s3cret-token"], "")
-        .await
-        .unwrap();
+    let unknown = request(
+        addr,
+        "POST",
+        "/step-down/nope",
+        &["Authorization: Bearer s3cret-token"],
+        "",
+    )
+    .await
+    .unwrap();
     assert_eq!(unknown.status, 404);
     assert!(a.status().is_running("web"), "no step-down yet");
     let ok = request(
@@ -219,7 +253,10 @@ async fn endpoints_answer_and_step_down_needs_the_token() {
 
     a.shutdown().await;
     b.shutdown().await;
-    assert!(get(addr, "/healthz").await.is_err(), "the listener is closed after shutdown");
+    assert!(
+        get(addr, "/healthz").await.is_err(),
+        "the listener is closed after shutdown"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -241,8 +278,15 @@ async fn readiness_follows_the_backend_session() {
     until_status(addr, "/readyz", 200).await;
     down.store(true, Ordering::SeqCst);
     let body = until_status(addr, "/readyz", 503).await;
-    assert_eq!(body.trim(), "not ready: the backend session is down (see /status)");
-    assert_eq!(get(addr, "/healthz").await.unwrap().status, 200, "alive all the same");
+    assert_eq!(
+        body.trim(),
+        "not ready: the backend session is down (see /status)"
+    );
+    assert_eq!(
+        get(addr, "/healthz").await.unwrap().status,
+        200,
+        "alive all the same"
+    );
     assert!(!h.status().session_up);
     down.store(false, Ordering::SeqCst);
     until_status(addr, "/readyz", 200).await;
@@ -259,7 +303,10 @@ async fn bad_addresses_fail_start_up_with_one_line() {
         .await
         .unwrap_err();
     let msg = e.to_string();
-    assert!(msg.starts_with("Builder::http: cannot use `example.com:80`"), "{msg}");
+    assert!(
+        msg.starts_with("Builder::http: cannot use `example.com:80`"),
+        "{msg}"
+    );
     assert!(!msg.contains('\n'));
 
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

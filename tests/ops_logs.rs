@@ -90,8 +90,12 @@ async fn every_instance_line_names_id_node_and_token() {
         .start()
         .await
         .unwrap();
-    b.wait_until(|s| !s.singletons.is_empty() && s.get("chatty").is_some_and(|st| !matches!(st, highlander::SingletonState::Claiming)))
-        .await;
+    b.wait_until(|s| {
+        !s.singletons.is_empty()
+            && s.get("chatty")
+                .is_some_and(|st| !matches!(st, highlander::SingletonState::Claiming))
+    })
+    .await;
     a.shutdown().await; // b takes over: two tenures, each logged
     b.wait_until(|s| s.is_running("chatty")).await;
     // A split: a fresh node takes the id on its side, and loses it at the

@@ -137,7 +137,10 @@ async fn eventually(what: &str, mut check: impl FnMut(&Series) -> bool) -> Serie
         if check(&s) {
             return s;
         }
-        assert!(tokio::time::Instant::now() < deadline, "never: {what}\n{s:#?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never: {what}\n{s:#?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -179,8 +182,13 @@ async fn failover_and_step_down_move_the_series() {
     let b = start("fo-b").await.unwrap();
     let c = start("fo-c").await.unwrap();
     for h in [&b, &c] {
-        h.wait_until(|s| matches!(s.get("fo"), Some(highlander::SingletonState::Waiting { .. })))
-            .await;
+        h.wait_until(|s| {
+            matches!(
+                s.get("fo"),
+                Some(highlander::SingletonState::Waiting { .. })
+            )
+        })
+        .await;
     }
     let id = |node| [("node", node), ("id", "fo")];
     let s = read();
@@ -203,7 +211,11 @@ async fn failover_and_step_down_move_the_series() {
         tokio::select! { _ = cb => {}, _ = cc => {} }
     };
     let s = read();
-    assert_eq!(s.get(m::RUNNING, &id("fo-a")), 0.0, "the crashed node runs nothing");
+    assert_eq!(
+        s.get(m::RUNNING, &id("fo-a")),
+        0.0,
+        "the crashed node runs nothing"
+    );
     assert_eq!(s.get(m::RUNNING, &id(new.node())), 1.0);
     assert_eq!(s.get(m::RUNNING, &id(other.node())), 0.0);
     assert_eq!(s.get(m::TENURES_STARTED, &id(new.node())), 1.0);
@@ -218,7 +230,10 @@ async fn failover_and_step_down_move_the_series() {
     let s = read();
     assert_eq!(s.get(m::STEPDOWNS, &id(new.node())), 1.0);
     assert_eq!(
-        s.get(m::STOPS, &[("node", new.node()), ("id", "fo"), ("reason", "stepdown")]),
+        s.get(
+            m::STOPS,
+            &[("node", new.node()), ("id", "fo"), ("reason", "stepdown")]
+        ),
         1.0
     );
     assert_eq!(s.get(m::RUNNING, &id(new.node())), 0.0);
@@ -241,7 +256,14 @@ async fn failover_and_step_down_move_the_series() {
     })
     .await;
     assert_eq!(
-        s.get(m::STOPS, &[("node", other.node()), ("id", "fo"), ("reason", "node_shutdown")]),
+        s.get(
+            m::STOPS,
+            &[
+                ("node", other.node()),
+                ("id", "fo"),
+                ("reason", "node_shutdown")
+            ]
+        ),
         1.0
     );
     assert_eq!(s.get(m::RUNNING, &id(other.node())), 0.0);
@@ -265,9 +287,16 @@ async fn restarts_and_errors_are_counted() {
     let labels = [("node", "rs-a"), ("id", "flaky")];
     assert!(s.get(m::RESTARTS, &labels) >= 3.0);
     assert!(
-        s.get(m::STOPS, &[("node", "rs-a"), ("id", "flaky"), ("reason", "error")]) >= 3.0
+        s.get(
+            m::STOPS,
+            &[("node", "rs-a"), ("id", "flaky"), ("reason", "error")]
+        ) >= 3.0
     );
-    assert_eq!(s.get(m::TENURES_STARTED, &labels), 1.0, "restarts are one tenure");
+    assert_eq!(
+        s.get(m::TENURES_STARTED, &labels),
+        1.0,
+        "restarts are one tenure"
+    );
     h.shutdown().await;
 }
 

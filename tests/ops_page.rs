@@ -9,7 +9,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use highlander::{ChildSpec, Context, MemoryCluster, Runtime, RuntimeHandle, Service, SingletonState};
+use highlander::{
+    ChildSpec, Context, MemoryCluster, Runtime, RuntimeHandle, Service, SingletonState,
+};
 use highlander_tests::ops::{chromium, chromium_run};
 
 struct Idle;
@@ -55,7 +57,11 @@ fn rows(dom: &str) -> Vec<(String, String, String)> {
         .skip(1)
         .filter_map(|tr| {
             let tag = &tr[..tr.find('>')?];
-            Some((attr(tag, "data-id")?, attr(tag, "data-state")?, attr(tag, "data-holder")?))
+            Some((
+                attr(tag, "data-id")?,
+                attr(tag, "data-state")?,
+                attr(tag, "data-holder")?,
+            ))
         })
         .collect()
 }
@@ -66,9 +72,15 @@ async fn load(addr: SocketAddr, q: &str) -> (String, Vec<(String, String, String
         "this test needs Debian's chromium: apt-get install -y --no-install-recommends chromium (scripts/setup installs it)",
     );
     let url = format!("http://{addr}/?q={q}");
-    let dom = chromium_run(&browser, &url, "--dump-dom", Duration::from_millis(2500), &[])
-        .await
-        .unwrap();
+    let dom = chromium_run(
+        &browser,
+        &url,
+        "--dump-dom",
+        Duration::from_millis(2500),
+        &[],
+    )
+    .await
+    .unwrap();
     assert!(
         dom.contains("data-refreshes=\"") && !dom.contains("data-refreshes=\"0\""),
         "the page's script never loaded /status:\n{dom}"
@@ -85,8 +97,12 @@ async fn the_page_shows_the_real_holder_before_and_after_failover() {
     let b = node(&cluster, "node-b").await;
     let c = node(&cluster, "node-c").await;
     for h in [&b, &c] {
-        h.wait_until(|s| s.singletons.iter().all(|s| matches!(s.state, SingletonState::Waiting { .. })))
-            .await;
+        h.wait_until(|s| {
+            s.singletons
+                .iter()
+                .all(|s| matches!(s.state, SingletonState::Waiting { .. }))
+        })
+        .await;
     }
     // Spread the ids: a gives two of them up, b or c takes each.
     for id in ["mailer", "tenant-sync/globex"] {
@@ -111,25 +127,40 @@ async fn the_page_shows_the_real_holder_before_and_after_failover() {
     // Wait until every node has seen the holders settle (b and c are
     // woken when a releases; the page reads c's view).
     c.wait_until(|s| {
-        s.singletons
-            .iter()
-            .all(|st| st.holder("node-c").is_some_and(|h| Some(h.node) == settled(&st.id)))
+        s.singletons.iter().all(|st| {
+            st.holder("node-c")
+                .is_some_and(|h| Some(h.node) == settled(&st.id))
+        })
     })
     .await;
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while c.status().members.len() < 3 {
-        assert!(tokio::time::Instant::now() < deadline, "c never saw three members");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "c never saw three members"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let addr = c.http_addr().unwrap();
     let (dom, shown) = load(addr, "").await;
     assert_eq!(shown.len(), IDS.len(), "{dom}");
     for (id, state, holder) in &shown {
-        assert_eq!(*holder, real(id), "{id} ({state}) before the failover:\n{dom}");
+        assert_eq!(
+            *holder,
+            real(id),
+            "{id} ({state}) before the failover:\n{dom}"
+        );
     }
-    assert!(dom.contains(">node-a (this node)<") || dom.contains("data-node=\"node-a\""), "members listed");
-    assert_eq!(dom.matches("data-reachable=\"true\"").count(), 3, "three live members:\n{dom}");
+    assert!(
+        dom.contains(">node-a (this node)<") || dom.contains("data-node=\"node-a\""),
+        "members listed"
+    );
+    assert_eq!(
+        dom.matches("data-reachable=\"true\"").count(),
+        3,
+        "three live members:\n{dom}"
+    );
 
     // The search box narrows the table.
     let (_, only) = load(addr, "tenant").await;
@@ -162,17 +193,100 @@ async fn the_page_shows_the_real_holder_before_and_after_failover() {
     // that a has gone (hang guard only).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while c.status().members.iter().any(|m| m.node == "node-a") {
-        assert!(tokio::time::Instant::now() < deadline, "node-a never left the members");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node-a never left the members"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (dom, shown) = load(addr, "").await;
     assert_eq!(shown.len(), IDS.len(), "{dom}");
     for (id, state, holder) in &shown {
-        assert_ne!(holder, "node-a", "{id} still shown on the crashed node:\n{dom}");
-        assert_eq!(*holder, real(id), "{id} ({state}) after the failover:\n{dom}");
+        assert_ne!(
+            holder, "node-a",
+            "{id} still shown on the crashed node:\n{dom}"
+        );
+        assert_eq!(
+            *holder,
+            real(id),
+            "{id} ({state}) after the failover:\n{dom}"
+        );
     }
-    assert_eq!(dom.matches("data-reachable=\"true\"").count(), 2, "a has left:\n{dom}");
+    assert_eq!(
+        dom.matches("data-reachable=\"true\"").count(),
+        2,
+        "a has left:\n{dom}"
+    );
 
     b.shutdown().await;
     c.shutdown().await;
+}
+
+/// Stops only when the test lets it, whatever its context says (within
+/// its shutdown budget): a slow `terminate`-like stop.
+struct Stubborn(std::sync::Arc<tokio::sync::Semaphore>);
+impl Service for Stubborn {
+    async fn run(&mut self, ctx: &Context) -> highlander::Result<()> {
+        ctx.cancelled().await;
+        let _ = self.0.acquire().await;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_that_runs_twice_is_highlighted() {
+    let cluster = MemoryCluster::new();
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let start = |name: &'static str| {
+        let gate = gate.clone();
+        Runtime::builder()
+            .node(name)
+            .backend(cluster.clone())
+            .http("127.0.0.1:0")
+            .child(
+                ChildSpec::new("dup", move |_ctx| {
+                    let gate = gate.clone();
+                    async move { Ok(Stubborn(gate)) }
+                })
+                .shutdown(Duration::from_secs(120)),
+            )
+            .child(ChildSpec::new("single", |_ctx| async { Ok(Idle) }))
+            .start()
+    };
+    let x = start("node-x").await.unwrap();
+    x.wait_until(|s| s.running().count() == 2).await;
+    let y = start("node-y").await.unwrap();
+    // A split: y takes both ids on its side; at the heal x's earlier
+    // tenure wins, y's instance of `dup` is told to stop (conflict) but
+    // takes its time, so for now both nodes run it.
+    cluster.partition(&[&["node-x"], &["node-y"]]);
+    y.wait_until(|s| s.running().count() == 2).await;
+    cluster.heal();
+    y.wait_until(|s| !s.is_running("single")).await;
+    assert!(y.status().is_running("dup"), "still stopping");
+    assert_eq!(cluster.holders("dup")[0].node, "node-x");
+
+    let (dom, shown) = load(y.http_addr().unwrap(), "").await;
+    let row = |id: &str| {
+        let start = dom
+            .find(&format!("<tr data-id=\"{id}\""))
+            .unwrap_or_else(|| panic!("no row {id}:\n{dom}"));
+        dom[start..start + dom[start..].find('>').unwrap()].to_string()
+    };
+    assert!(
+        row("dup").contains("data-twice=\"node-x\""),
+        "{}",
+        row("dup")
+    );
+    assert!(!row("single").contains("twice"), "{}", row("single"));
+    assert_eq!(shown.len(), 2);
+    assert!(
+        dom.contains("id=\"n-twice\">1<"),
+        "the summary counts it:\n{dom}"
+    );
+
+    gate.add_permits(1);
+    y.wait_until(|s| !s.is_running("dup")).await;
+    x.shutdown().await;
+    y.shutdown().await;
 }

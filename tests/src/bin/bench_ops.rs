@@ -99,7 +99,10 @@ async fn status_scenario(ids: usize, runs: usize) {
         lat.push(t.elapsed().as_secs_f64() * 1e3);
         size = a.body.len();
     }
-    report(&format!("GET /status, {ids} ids ({} KiB)", size / 1024), &lat);
+    report(
+        &format!("GET /status, {ids} ids ({} KiB)", size / 1024),
+        &lat,
+    );
     let mut lat = Vec::new();
     for _ in 0..runs {
         let t = Instant::now();
