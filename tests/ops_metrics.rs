@@ -87,7 +87,9 @@ impl Recorder for ArcRecorder {
 /// Every series now, as (name, sorted labels, value); a histogram gives
 /// its number of samples.
 #[derive(Debug)]
-struct Series(Vec<(String, Vec<(String, String)>, f64)>);
+struct Series(Vec<(String, Labels, f64)>);
+
+type Labels = Vec<(String, String)>;
 
 fn read() -> Series {
     let k = keeper();
