@@ -1,17 +1,23 @@
-//! Operating a node: what the status, the metrics and the HTTP endpoint
-//! read, kept per singleton (when its state began, how often it restarted)
-//! and per node (members, whether the backend session is up).
+//! Operating a node: status, metrics, and the HTTP endpoint.
 //!
-//! The guardian calls into this module at every state change
-//! ([`SlotOps::transition`]) and when an instance stops
-//! ([`SlotOps::stopped`]); a probe task per runtime asks the backend for its
-//! members and lease deadline once a second. Everything else here is read by
-//! [`RuntimeHandle::status`](crate::RuntimeHandle::status), the metrics and
-//! the HTTP endpoint.
+//! - [`RuntimeHandle::status`](crate::RuntimeHandle::status): per id the
+//!   state (with the holder while waiting and the fencing token while
+//!   running), since when, and restarts; per node the members with their
+//!   liveness and whether the backend session is up. With the `serde`
+//!   feature the [`Status`](crate::Status) types are `Serialize` and
+//!   `Deserialize`.
+//! - `ops::metrics` (feature `metrics`): every metric name, label and
+//!   unit, in one table.
+//! - The HTTP endpoint (feature `http`): `Builder::http` for `/healthz`,
+//!   `/readyz`, `/status`, `/metrics`, the status page at `/`, and
+//!   `POST /step-down/{id}` with `Builder::http_token`.
 //!
-//! - [`metrics`] (feature `metrics`): every metric name, label and unit;
-//! - the HTTP endpoint (feature `http`): [`Builder::http`](crate::Builder::http)
-//!   and `docs/operations.md`.
+//! `docs/operations.md` has the whole picture, with the status page, JSON
+//! logs and measured costs.
+//!
+//! Inside, the guardian reports every state change and every stopped
+//! instance here; a probe task per runtime asks the backend for its
+//! members and lease deadline once a second.
 
 use std::mem::discriminant;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
