@@ -198,7 +198,11 @@ async fn failover_and_step_down_move_the_series() {
     assert_eq!(s.get(m::RUNNING, &id("fo-b")), 0.0);
     assert_eq!(s.get(m::TENURES_STARTED, &id("fo-a")), 1.0);
     assert_eq!(s.get(m::TENURES_STARTED, &id("fo-b")), 0.0);
-    assert_eq!(s.get(m::CLAIM_LATENCY, &id("fo-a")), 1.0, "one claim timed");
+    assert_eq!(
+        s.get(m::CLAIM_LATENCY, &[("node", "fo-a")]),
+        1.0,
+        "one claim timed"
+    );
 
     // Crash the holder: one of the others takes over, a's gauge drops.
     a.abort();
@@ -221,7 +225,7 @@ async fn failover_and_step_down_move_the_series() {
     assert_eq!(s.get(m::RUNNING, &id(new.node())), 1.0);
     assert_eq!(s.get(m::RUNNING, &id(other.node())), 0.0);
     assert_eq!(s.get(m::TENURES_STARTED, &id(new.node())), 1.0);
-    assert_eq!(s.get(m::CLAIM_LATENCY, &id(new.node())), 1.0);
+    assert_eq!(s.get(m::CLAIM_LATENCY, &[("node", new.node())]), 1.0);
 
     // Step down by hand: counted, the instance stops for `stepdown`, and
     // the last node takes over.

@@ -123,13 +123,15 @@ async fn metrics_child(mode: &str, ids: usize, rounds: usize) {
     let (mut up, mut over) = (Vec::new(), Vec::new());
     let mut render = Vec::new();
     let mut size = 0;
-    for round in 0..rounds {
+    for _ in 0..rounds {
         let cluster = MemoryCluster::new();
         let t = Instant::now();
-        let a = start(&cluster, &format!("a{round}"), ids, http, per_id).await;
+        // The same names every round, as one process would have: the
+        // recorder keeps each series it has seen.
+        let a = start(&cluster, "a", ids, http, per_id).await;
         a.wait_until(|s| s.running().count() == ids).await;
         up.push(t.elapsed().as_secs_f64() * 1e3);
-        let b = start(&cluster, &format!("b{round}"), ids, false, per_id).await;
+        let b = start(&cluster, "b", ids, false, per_id).await;
         b.wait_until(|s| {
             s.singletons
                 .iter()
