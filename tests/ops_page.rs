@@ -290,3 +290,41 @@ async fn an_id_that_runs_twice_is_highlighted() {
     x.shutdown().await;
     y.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_ids_are_searched_and_paged() {
+    let mut b = Runtime::builder()
+        .node("big")
+        .backend(MemoryCluster::new())
+        .http("127.0.0.1:0");
+    for i in 0..10_000 {
+        b = b.child(ChildSpec::new(format!("job-{i:05}"), |_ctx| async {
+            Ok(Idle)
+        }));
+    }
+    let h = b.start().await.unwrap();
+    h.wait_until(|s| s.running().count() == 10_000).await;
+    let addr = h.http_addr().unwrap();
+
+    let (dom, shown) = load(addr, "").await;
+    assert_eq!(shown.len(), 50, "one page of rows");
+    assert!(
+        dom.contains("page 1 of 200 · 10000 ids"),
+        "{}",
+        &dom[..dom.len().min(4000)]
+    );
+    assert!(dom.contains("id=\"n-running\">10000<"));
+
+    // "job-004" matches job-00400 … job-00499: two pages.
+    let (dom, shown) = load(addr, "job-004").await;
+    assert!(dom.contains("page 1 of 2 · 100 ids"));
+    let ids: Vec<&str> = shown.iter().map(|r| r.0.as_str()).collect();
+    let want: Vec<String> = (400..450).map(|i| format!("job-{i:05}")).collect();
+    assert_eq!(ids, want);
+    assert!(
+        shown
+            .iter()
+            .all(|(_, state, holder)| state == "running" && holder == "big")
+    );
+    h.shutdown().await;
+}
