@@ -333,3 +333,37 @@ async fn bad_addresses_fail_start_up_with_one_line() {
     assert!(h.http_addr().unwrap().ip().is_loopback());
     h.shutdown().await;
 }
+
+/// Readiness on a real Postgres server: down while the server is stopped,
+/// up again once the backend has reconnected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_a_real_postgres_server() {
+    let mut pg = highlander_tests::postgres::PgServer::start();
+    let h = Runtime::builder()
+        .node("ready-pg")
+        .backend_url(pg.url())
+        .child(idle("pg-ready"))
+        .http("127.0.0.1:0")
+        .start()
+        .await
+        .unwrap();
+    h.wait_until(|s| s.is_running("pg-ready")).await;
+    let addr = h.http_addr().unwrap();
+    until_status(addr, "/readyz", 200).await;
+    let status: Status = serde_json::from_str(&get(addr, "/status").await.unwrap().body).unwrap();
+    assert!(
+        status.members.iter().any(|m| m.node == "ready-pg"),
+        "{:?}",
+        status.members
+    );
+
+    tokio::task::block_in_place(|| pg.stop());
+    let body = until_status(addr, "/readyz", 503).await;
+    assert!(body.starts_with("not ready"), "{body}");
+    assert_eq!(get(addr, "/healthz").await.unwrap().status, 200);
+
+    tokio::task::block_in_place(|| pg.start_again());
+    until_status(addr, "/readyz", 200).await;
+    h.wait_until(|s| s.is_running("pg-ready")).await;
+    h.shutdown().await;
+}

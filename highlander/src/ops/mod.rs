@@ -109,6 +109,13 @@ impl NodeOps {
     pub(crate) fn new(node: Arc<str>, config: &OpsConfig) -> Arc<NodeOps> {
         #[cfg(not(feature = "metrics"))]
         let _ = node;
+        #[cfg(not(feature = "http"))]
+        if std::env::var_os("HIGHLANDER_HTTP").is_some_and(|v| !v.is_empty()) {
+            tracing::warn!(
+                "HIGHLANDER_HTTP is set but highlander was built without its `http` feature: not serving; \
+                 enable it with `features = [\"http\"]` in Cargo.toml"
+            );
+        }
         Arc::new(NodeOps {
             #[cfg(feature = "metrics")]
             metrics: metrics::NodeMetrics::new(&node, config.metrics_per_id),
