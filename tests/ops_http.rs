@@ -185,6 +185,14 @@ async fn endpoints_answer_and_step_down_needs_the_token() {
         "{}",
         metrics.body
     );
+    assert!(
+        metrics
+            .body
+            .contains(r#"highlander_claim_latency_seconds_bucket{node="http-a",le="0.005"}"#),
+        "{}",
+        metrics.body
+    );
+    assert!(metrics.body.contains("# HELP highlander_running "));
 
     let holders = request(addr, "POST", "/holders", &[], r#"["web","nope"]"#)
         .await
