@@ -111,7 +111,8 @@ async fn every_instance_line_names_id_node_and_token() {
     c.wait_until(|s| s.is_running("chatty")).await;
     cluster.heal();
     c.wait_until(|s| !s.is_running("chatty")).await;
-    b.shutdown().await;
+    b.shutdown().await; // c, waiting again, takes over
+    c.wait_until(|s| s.is_running("chatty")).await;
     c.shutdown().await;
 
     let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();

@@ -263,7 +263,13 @@ async fn an_id_that_runs_twice_is_highlighted() {
     y.wait_until(|s| s.running().count() == 2).await;
     cluster.heal();
     y.wait_until(|s| !s.is_running("single")).await;
-    assert!(y.status().is_running("dup"), "still stopping");
+    assert!(
+        y.status().is_running("dup"),
+        "still stopping: {:?} / x: {:?} / holders {:?}",
+        y.status().singletons,
+        x.status().singletons,
+        cluster.holders("dup")
+    );
     assert_eq!(cluster.holders("dup")[0].node, "node-x");
 
     let (dom, shown) = load(y.http_addr().unwrap(), "").await;
