@@ -48,6 +48,9 @@ struct Inner {
     reason: OnceLock<ShutdownReason>,
     state: Arc<StateMap>,
     children: Arc<Children>,
+    /// The instance's spans (`singleton` with `id` and `node`, `tenure`
+    /// with `token`), so child tasks log with them too.
+    span: tracing::Span,
 }
 
 /// A child task that failed, reported to the instance runner.
@@ -108,6 +111,7 @@ impl Context {
             reason: OnceLock::new(),
             state,
             children,
+            span: tracing::Span::current(),
         };
         (
             Context {
@@ -224,6 +228,7 @@ impl Context {
         let children = &self.inner.children;
         let failures = children.failures.clone();
         let cancel = self.inner.cancel.clone();
+        let future = tracing::Instrument::instrument(future, self.inner.span.clone());
         let task = children.tracker.spawn(async move {
             let why = match AssertUnwindSafe(future).catch_unwind().await {
                 Ok(Ok(())) => return,

@@ -25,7 +25,17 @@ const RETRY_MIN: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Where one singleton stands on this node.
+///
+/// With the `serde` feature it is an object tagged by `"state"` in
+/// snake case: `{"state": "running", "token": 7, "restarts": 0}`,
+/// `{"state": "waiting", "holder": {"node": "b", "token": 3}}`,
+/// `{"state": "claiming"}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(tag = "state", rename_all = "snake_case")
+)]
 #[non_exhaustive]
 pub enum SingletonState {
     /// Asking the backend for the id.
@@ -66,6 +76,7 @@ pub(crate) struct Slot {
     pub(crate) spec: ChildSpec,
     pub(crate) state: Mutex<SingletonState>,
     pub(crate) step_down: Notify,
+    pub(crate) ops: crate::ops::SlotOps,
 }
 
 /// Runtime-wide things every guardian uses.
@@ -77,6 +88,7 @@ pub(crate) struct Shared {
     pub(crate) stepdown_delay: Duration,
     /// Bumped on every state change, for `RuntimeHandle::changed`.
     pub(crate) version: watch::Sender<u64>,
+    pub(crate) ops: Arc<crate::ops::NodeOps>,
 }
 
 /// How a tenure's supervision ended.
@@ -96,6 +108,7 @@ impl Guardian {
     fn set(&self, state: SingletonState) {
         let mut current = self.slot.state.lock().unwrap_or_else(|e| e.into_inner());
         if *current != state {
+            self.slot.ops.transition(&self.shared.ops, &current, &state);
             *current = state;
             drop(current);
             self.shared.version.send_modify(|v| *v = v.wrapping_add(1));
@@ -105,6 +118,7 @@ impl Guardian {
     /// Runs until the node shuts down.
     pub(crate) async fn run(self) {
         let span = info_span!("singleton", id = %self.slot.spec.id, node = %self.shared.node);
+        let _exit = crate::ops::ExitGuard::new(&self.slot, &self.shared.ops);
         self.guard().instrument(span).await;
     }
 
@@ -164,7 +178,7 @@ impl Guardian {
                             break;
                         }
                         Outcome::Lost(reason) => {
-                            info!(%reason, "tenure ended");
+                            info!(token = lease.token, %reason, "tenure ended");
                         }
                         Outcome::Stepdown => {
                             self.release(&lease).await;
@@ -185,7 +199,7 @@ impl Guardian {
                                     break;
                                 }
                                 end = lease.ended() => {
-                                    info!(reason = %ShutdownReason::from(end), "tenure ended");
+                                    info!(token = lease.token, reason = %ShutdownReason::from(end), "tenure ended");
                                 }
                             }
                         }
@@ -224,6 +238,7 @@ impl Guardian {
             });
             let started = Instant::now();
             let reason = self.run_instance(lease).await;
+            self.slot.ops.stopped(&reason);
             let restart = match &reason {
                 ShutdownReason::NodeShutdown => return Outcome::Shutdown,
                 ShutdownReason::LeaseLost | ShutdownReason::Conflict => {

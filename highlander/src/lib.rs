@@ -52,6 +52,7 @@
 mod context;
 mod error;
 mod guardian;
+pub mod ops;
 mod reason;
 mod runtime;
 mod service;

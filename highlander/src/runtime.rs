@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::{Notify, watch};
 use tokio::task::{AbortHandle, JoinSet};
@@ -15,6 +15,7 @@ use tracing::{error, info};
 use crate::backend::{self, Backend, HeldId, Holder, Member, Session};
 use crate::context::StateMap;
 use crate::guardian::{Guardian, Shared, SingletonState, Slot};
+use crate::ops::{NodeOps, OpsConfig};
 use crate::spec::{self, ChildSpec, Singleton, validate_id};
 use crate::{Context, Error, Result, Service, redact_url};
 
@@ -102,6 +103,7 @@ pub struct Builder {
     specs: Vec<ChildSpec>,
     registered: bool,
     stepdown_delay: Option<Duration>,
+    pub(crate) ops: OpsConfig,
 }
 
 impl fmt::Debug for Builder {
@@ -212,6 +214,8 @@ impl Builder {
             None => node_from_env(),
         };
         validate_node(&node)?;
+        #[cfg(feature = "http")]
+        let listener = crate::ops::http::bind(&self.ops).await?;
         let backend: Box<dyn Backend> = match (self.backend, self.backend_url) {
             (Some(backend), _) => backend,
             (None, Some(url)) => backend::from_url(&url)?,
@@ -230,6 +234,7 @@ impl Builder {
         info!(node = %node, backend = %description, singletons = specs.len(), "highlander started");
 
         let node: Arc<str> = Arc::from(node);
+        let ops = NodeOps::new(node.clone(), &self.ops);
         let shutdown = CancellationToken::new();
         let shared = Arc::new(Shared {
             node: node.clone(),
@@ -238,11 +243,13 @@ impl Builder {
             shutdown: shutdown.clone(),
             stepdown_delay: self.stepdown_delay.unwrap_or(Duration::from_secs(5)),
             version: watch::Sender::new(0),
+            ops: ops.clone(),
         });
         let slots: Vec<Arc<Slot>> = specs
             .into_iter()
             .map(|spec| {
                 Arc::new(Slot {
+                    ops: ops.slot(&spec.id),
                     spec,
                     state: Mutex::new(SingletonState::Claiming),
                     step_down: Notify::new(),
@@ -251,6 +258,7 @@ impl Builder {
             .collect();
 
         let done = CancellationToken::new();
+        crate::ops::spawn_probe(&ops, &shared, done.clone()).await;
         let mut guardians = JoinSet::new();
         for slot in &slots {
             let guardian = Guardian {
@@ -288,8 +296,9 @@ impl Builder {
             .enumerate()
             .map(|(i, s)| (s.spec.id.clone(), i))
             .collect();
-        Ok(RuntimeHandle {
+        let handle = RuntimeHandle {
             inner: Arc::new(HandleInner {
+                ops,
                 node,
                 backend: description,
                 version: shared.version.subscribe(),
@@ -300,7 +309,10 @@ impl Builder {
                 done,
                 main: main.abort_handle(),
             }),
-        })
+        };
+        #[cfg(feature = "http")]
+        crate::ops::http::serve(listener, &handle);
+        Ok(handle)
     }
 
     /// Starts the runtime, runs until SIGTERM or Ctrl-C, then shuts it down
@@ -444,6 +456,7 @@ pub struct RuntimeHandle {
 }
 
 struct HandleInner {
+    ops: Arc<NodeOps>,
     node: Arc<str>,
     backend: String,
     /// Weak, so that an aborted runtime drops its session (a crash, as the
@@ -471,6 +484,17 @@ impl RuntimeHandle {
     /// This node's name.
     pub fn node(&self) -> &str {
         &self.inner.node
+    }
+
+    #[cfg(feature = "http")]
+    pub(crate) fn ops(&self) -> &NodeOps {
+        &self.inner.ops
+    }
+
+    /// True once shutdown has begun (or the runtime has stopped).
+    #[cfg(feature = "http")]
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.inner.shutdown.is_cancelled() || self.inner.done.is_cancelled()
     }
 
     /// Stops every instance with `NodeShutdown` (each within its shutdown
@@ -516,20 +540,30 @@ impl RuntimeHandle {
             .ok_or_else(|| Error::Config(format!("no singleton `{id}` is configured on this node")))
     }
 
-    /// What every singleton on this node is doing now.
+    /// What every singleton on this node is doing now, with the members
+    /// and session state as of the last probe (at most a second old).
     pub fn status(&self) -> Status {
         let singletons = self
             .inner
             .slots
             .iter()
-            .map(|slot| SingletonStatus {
-                id: slot.spec.id.to_string(),
-                state: slot.state.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            .map(|slot| {
+                let state = slot.state.lock().unwrap_or_else(|e| e.into_inner());
+                SingletonStatus {
+                    id: slot.spec.id.to_string(),
+                    state: state.clone(),
+                    since: slot.ops.since(),
+                    restarts: slot.ops.restarts(),
+                }
             })
             .collect();
+        let ops = &self.inner.ops;
         Status {
             node: self.inner.node.to_string(),
             backend: self.inner.backend.clone(),
+            at: crate::ops::wall_ms(),
+            session_up: !self.inner.done.is_cancelled() && ops.session_up(),
+            members: ops.members(),
             singletons,
         }
     }
@@ -615,14 +649,46 @@ impl RuntimeHandle {
     }
 }
 
-/// A snapshot of one node's singletons.
+/// A snapshot of one node: its singletons, the members it sees, and
+/// whether its backend session is up.
+///
+/// With the `serde` feature (which `http` turns on) it is `Serialize` and
+/// `Deserialize`; `GET /status` serves it as JSON. Times are milliseconds
+/// since the Unix epoch (`at_unix_ms`, `since_unix_ms`), the state is an
+/// object tagged by `"state"`:
+///
+/// ```json
+/// { "node": "a", "backend": "memory", "at_unix_ms": 1764498000000, "session_up": true,
+///   "members": [ { "node": "a", "reachable": true, "address": null } ],
+///   "singletons": [
+///     { "id": "mailer", "state": { "state": "running", "token": 7, "restarts": 0 },
+///       "since_unix_ms": 1764497990000, "restarts": 0 },
+///     { "id": "sweeper", "state": { "state": "waiting", "holder": { "node": "b", "token": 3 } },
+///       "since_unix_ms": 1764497991000, "restarts": 0 } ] }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[non_exhaustive]
 pub struct Status {
     /// This node's name.
     pub node: String,
     /// The backend, with any credential hidden.
     pub backend: String,
+    /// When this snapshot was taken (wall clock).
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "at_unix_ms", with = "crate::ops::unix_ms")
+    )]
+    pub at: SystemTime,
+    /// Whether the backend session is up: the last probe (once a second)
+    /// reached the backend, no singleton is retrying because the backend
+    /// could not be asked, and the backend's lease deadline, when it reports
+    /// one, is ahead. What `GET /readyz` answers. False once the runtime
+    /// has stopped.
+    pub session_up: bool,
+    /// The cluster members as this node saw them at the last probe (for
+    /// backends that have members; empty otherwise), with their liveness.
+    pub members: Vec<Member>,
     /// One entry per configured singleton, in start-up order.
     pub singletons: Vec<SingletonStatus>,
 }
@@ -652,10 +718,46 @@ impl Status {
 
 /// One singleton's state on one node.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[non_exhaustive]
 pub struct SingletonStatus {
     /// The singleton id.
     pub id: String,
-    /// What this node is doing with it.
+    /// What this node is doing with it: the holder while waiting, the
+    /// fencing token while running.
     pub state: SingletonState,
+    /// When the current state began (wall clock): for a running id, when
+    /// this tenure began; restarts within a tenure do not move it.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "since_unix_ms", with = "crate::ops::unix_ms")
+    )]
+    pub since: SystemTime,
+    /// Restarts of this id's instance on this node since the runtime
+    /// started, over all tenures.
+    pub restarts: u32,
+}
+
+impl SingletonStatus {
+    /// The fencing token of this node's tenure, while it holds the id.
+    pub fn token(&self) -> Option<u64> {
+        match self.state {
+            SingletonState::Running { token, .. } | SingletonState::Finished { token, .. } => {
+                Some(token)
+            }
+            _ => None,
+        }
+    }
+
+    /// Who holds the id, as far as this node knows: this node while it
+    /// holds it, the holder the backend named while waiting.
+    pub fn holder(&self, node: &str) -> Option<Holder> {
+        match &self.state {
+            SingletonState::Running { token, .. } | SingletonState::Finished { token, .. } => {
+                Some(Holder::new(node, Some(*token)))
+            }
+            SingletonState::Waiting { holder } => holder.clone(),
+            _ => None,
+        }
+    }
 }

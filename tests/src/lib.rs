@@ -13,6 +13,7 @@ pub mod etcd;
 pub mod log;
 pub mod netns;
 pub mod netns_cluster;
+pub mod ops;
 pub mod postgres;
 pub mod process;
 pub mod rolling;

@@ -123,6 +123,16 @@ pub trait Session: Send + Sync + 'static {
     /// Leaves gracefully: releases everything this node still holds and
     /// closes the connection. Called once, after every guardian has stopped.
     fn close(&self) -> BoxFuture<'_, ()>;
+
+    /// For backends with time-bound leases (Postgres, etcd): the moment
+    /// this node must give up every lease it holds unless the engine
+    /// confirms its hold again before then. Exported as the
+    /// `highlander_lease_deadline_seconds` gauge and checked by readiness.
+    /// `None` (the default) when the backend has no such deadline or does
+    /// not report it.
+    fn lease_deadline(&self) -> Option<std::time::Instant> {
+        None
+    }
 }
 
 /// A request to claim one id.
@@ -283,6 +293,7 @@ impl From<LeaseEnd> for ShutdownReason {
 
 /// Who holds an id.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[non_exhaustive]
 pub struct Holder {
     /// The holder's node name.
@@ -327,6 +338,7 @@ impl HeldId {
 
 /// A member of the cluster, as one node sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[non_exhaustive]
 pub struct Member {
     /// The member's node name.

@@ -1,0 +1,437 @@
+//! The operations endpoint (feature `http`): health, readiness, status as
+//! JSON, Prometheus text, the status page, and step-down with a bearer
+//! token. One axum router on one listener, bound at start-up so that a bad
+//! address or a port in use fails [`Builder::start`](crate::Builder::start)
+//! with one clear line.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use super::OpsConfig;
+use crate::{Builder, Error, Result, RuntimeHandle};
+
+/// The status page: one self-contained file.
+const PAGE: &str = include_str!("page.html");
+/// The most ids one `POST /holders` asks the backend about.
+const MAX_HOLDERS: usize = 500;
+
+impl Builder {
+    /// Serves the operations endpoint on `addr` (default:
+    /// `HIGHLANDER_HTTP`; not served when neither is set). `addr` is
+    /// `IP:PORT` (`127.0.0.1:9400`, `[::1]:9400`, `0.0.0.0:9400`),
+    /// `localhost:PORT`, or a port alone, which means loopback. Port 0 lets
+    /// the system choose: read it with [`RuntimeHandle::http_addr`]. A
+    /// non-loopback address is used only when given explicitly like this.
+    /// A bad address or one in use makes [`Builder::start`] fail.
+    ///
+    /// Routes: `GET /healthz`, `/readyz`, `/status` (JSON of
+    /// [`Status`](crate::Status)), `/metrics` (Prometheus text, with the
+    /// `metrics` feature), `/` (the status page), `POST /holders`, and
+    /// `POST /step-down/{id}` (needs [`Builder::http_token`]). Needs the
+    /// `http` feature.
+    #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+    pub fn http(mut self, addr: impl Into<String>) -> Self {
+        self.ops.http = Some(addr.into());
+        self
+    }
+
+    /// The bearer token that `POST /step-down/{id}` requires (default:
+    /// `HIGHLANDER_HTTP_TOKEN`). Without one, step-down over HTTP is
+    /// disabled (403). Needs the `http` feature.
+    #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+    pub fn http_token(mut self, token: impl Into<String>) -> Self {
+        self.ops.http_token = Some(token.into());
+        self
+    }
+}
+
+/// A listener bound at start-up, waiting for the handle.
+pub(crate) struct Bound {
+    listener: TcpListener,
+    token: Option<Arc<str>>,
+}
+
+/// Parses an address the way `HIGHLANDER_HTTP` takes it.
+pub(crate) fn parse_addr(text: &str) -> std::result::Result<SocketAddr, String> {
+    let text = text.trim();
+    let loopback = |port: &str| {
+        port.parse::<u16>()
+            .map(|p| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), p))
+            .map_err(|_| format!("`{port}` is not a port (0 to 65535)"))
+    };
+    if let Some(port) = text.strip_prefix(':') {
+        return loopback(port);
+    }
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return loopback(text);
+    }
+    if let Some(port) = text.strip_prefix("localhost:") {
+        return loopback(port);
+    }
+    text.parse::<SocketAddr>().map_err(|_| {
+        format!(
+            "cannot use `{}`: give IP:PORT (127.0.0.1:9400, [::1]:9400), localhost:PORT, or a port alone for loopback",
+            text.chars().take(60).collect::<String>()
+        )
+    })
+}
+
+/// Binds the listener when an address is configured (builder, else
+/// `HIGHLANDER_HTTP`). With the `metrics` feature, also installs the
+/// Prometheus recorder when the application has none, before any metric is
+/// registered.
+pub(crate) async fn bind(config: &OpsConfig) -> Result<Option<Bound>> {
+    let (source, text) = match &config.http {
+        Some(addr) => ("Builder::http", addr.clone()),
+        None => match std::env::var("HIGHLANDER_HTTP") {
+            Ok(addr) if !addr.trim().is_empty() => ("HIGHLANDER_HTTP", addr),
+            _ => return Ok(None),
+        },
+    };
+    let addr = parse_addr(&text).map_err(|why| Error::Config(format!("{source}: {why}")))?;
+    let token = match &config.http_token {
+        Some(token) => Some(token.clone()),
+        None => std::env::var("HIGHLANDER_HTTP_TOKEN").ok(),
+    }
+    .filter(|t| !t.is_empty())
+    .map(Arc::from);
+    let listener = TcpListener::bind(addr).await.map_err(|e| {
+        let what = match e.kind() {
+            std::io::ErrorKind::AddrInUse => {
+                "the address is in use (another process listens there): pick another port, or 0 for any".to_string()
+            }
+            std::io::ErrorKind::AddrNotAvailable => {
+                "no interface of this machine has that address".to_string()
+            }
+            std::io::ErrorKind::PermissionDenied => {
+                "permission denied (ports below 1024 need privileges)".to_string()
+            }
+            _ => e.to_string(),
+        };
+        Error::Config(format!("{source}: cannot listen on {addr}: {what}"))
+    })?;
+    #[cfg(feature = "metrics")]
+    let _ = prometheus::handle();
+    Ok(Some(Bound { listener, token }))
+}
+
+#[derive(Clone)]
+struct App {
+    handle: RuntimeHandle,
+    token: Option<Arc<str>>,
+}
+
+/// Serves until the runtime has stopped.
+pub(crate) fn serve(bound: Option<Bound>, handle: &RuntimeHandle) {
+    let Some(Bound { listener, token }) = bound else {
+        return;
+    };
+    let addr = match listener.local_addr() {
+        Ok(addr) => addr,
+        Err(e) => {
+            warn!(error = %e, "the HTTP listener has no address: not serving");
+            return;
+        }
+    };
+    *handle.ops().http.lock().unwrap_or_else(|e| e.into_inner()) = Some(addr);
+    if addr.ip().is_loopback() {
+        info!(node = handle.node(), %addr, "HTTP endpoint: http://{addr}/");
+    } else {
+        warn!(
+            node = handle.node(),
+            %addr,
+            "HTTP endpoint on a non-loopback address: anyone who reaches it reads the status{}",
+            if token.is_some() { ", and the step-down token travels in clear text unless a TLS proxy fronts it" } else { "" }
+        );
+    }
+    let app = App {
+        handle: handle.clone(),
+        token,
+    };
+    let router = Router::new()
+        .route("/", get(page))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .route("/holders", post(holders))
+        .route("/step-down/{*id}", post(step_down))
+        .with_state(app);
+    let stopped = handle.clone();
+    tokio::spawn(async move {
+        let server = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { stopped.stopped().await });
+        if let Err(e) = server.await {
+            warn!(error = %e, "the HTTP endpoint stopped");
+        }
+    });
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Response {
+    let mut body = body.into();
+    body.push('\n');
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        body,
+    )
+        .into_response()
+}
+
+async fn page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        PAGE,
+    )
+        .into_response()
+}
+
+async fn healthz(State(app): State<App>) -> Response {
+    text(
+        StatusCode::OK,
+        format!("ok: node {} is running", app.handle.node()),
+    )
+}
+
+async fn readyz(State(app): State<App>) -> Response {
+    if app.handle.is_stopping() {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the node is shutting down",
+        );
+    }
+    if !app.handle.ops().session_up() {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the backend session is down (see /status)",
+        );
+    }
+    text(StatusCode::OK, "ready: the backend session is up")
+}
+
+async fn status(State(app): State<App>) -> Response {
+    json(&app.handle.status())
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Response {
+    match serde_json::to_vec(value) {
+        Ok(body) => (
+            [
+                (header::CONTENT_TYPE, "application/json"),
+                (header::CACHE_CONTROL, "no-store"),
+            ],
+            body,
+        )
+            .into_response(),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot encode: {e}"),
+        ),
+    }
+}
+
+/// `POST /holders` with a JSON array of ids: who holds each, as the backend
+/// sees it from this node (`null` when nobody or unknown). The status page
+/// asks for the rows it shows, to highlight ids that run here while the
+/// backend names another holder.
+async fn holders(State(app): State<App>, body: Bytes) -> Response {
+    let ids: Vec<String> = match serde_json::from_slice(&body) {
+        Ok(ids) => ids,
+        Err(e) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!("the body must be a JSON array of ids: {e}"),
+            );
+        }
+    };
+    if ids.len() > MAX_HOLDERS {
+        return text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("at most {MAX_HOLDERS} ids per request"),
+        );
+    }
+    let lookups = ids.iter().map(|id| app.handle.holder(id));
+    let answers = futures_util::future::join_all(lookups).await;
+    let map: serde_json::Map<String, serde_json::Value> = ids
+        .into_iter()
+        .zip(answers)
+        .map(|(id, answer)| {
+            let value = match answer {
+                Ok(Some(holder)) => serde_json::to_value(holder).unwrap_or_default(),
+                Ok(None) => serde_json::Value::Null,
+                Err(e) => serde_json::json!({ "error": e.to_string() }),
+            };
+            (id, value)
+        })
+        .collect();
+    json(&map)
+}
+
+async fn step_down(State(app): State<App>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    let Some(expected) = &app.token else {
+        return text(
+            StatusCode::FORBIDDEN,
+            "step-down over HTTP is disabled: set HIGHLANDER_HTTP_TOKEN (or Builder::http_token) to enable it",
+        );
+    };
+    if !authorized(headers.get(header::AUTHORIZATION), expected) {
+        let mut response = text(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong token: send `Authorization: Bearer <HIGHLANDER_HTTP_TOKEN>`",
+        );
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return response;
+    }
+    let running = app.handle.status().is_running(&id);
+    match app.handle.step_down(&id) {
+        Err(_) => text(
+            StatusCode::NOT_FOUND,
+            format!("no singleton `{id}` is configured on this node"),
+        ),
+        Ok(()) if running => {
+            info!(node = app.handle.node(), id = %id, "step-down asked over HTTP");
+            text(StatusCode::OK, format!("stepping down `{id}`"))
+        }
+        Ok(()) => text(
+            StatusCode::CONFLICT,
+            format!("`{id}` does not run on this node: nothing to step down"),
+        ),
+    }
+}
+
+/// Compares the bearer token in constant time (for tokens of equal length).
+fn authorized(header: Option<&HeaderValue>, expected: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    let Some(given) = header
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    given.trim().as_bytes().ct_eq(expected.as_bytes()).into()
+}
+
+async fn metrics() -> Response {
+    #[cfg(feature = "metrics")]
+    {
+        match prometheus::handle() {
+            Some(handle) => (
+                [(
+                    header::CONTENT_TYPE,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )],
+                handle.render(),
+            )
+                .into_response(),
+            None => text(
+                StatusCode::NOT_FOUND,
+                "the application installed its own metrics recorder: scrape the exporter it chose (highlander records into it)",
+            ),
+        }
+    }
+    #[cfg(not(feature = "metrics"))]
+    text(
+        StatusCode::NOT_FOUND,
+        "metrics are off: build highlander with the `metrics` feature",
+    )
+}
+
+#[cfg(feature = "metrics")]
+mod prometheus {
+    use std::sync::OnceLock;
+
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+    /// Buckets of `highlander_claim_latency_seconds`.
+    const LATENCY_BUCKETS: &[f64] = &[
+        0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    ];
+
+    /// The Prometheus recorder highlander installed, once per process; `None`
+    /// when the application had installed a recorder of its own first.
+    pub(super) fn handle() -> Option<PrometheusHandle> {
+        static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+        HANDLE
+            .get_or_init(|| {
+                let builder = PrometheusBuilder::new();
+                let builder = builder
+                    .set_buckets_for_metric(
+                        Matcher::Full(crate::ops::metrics::CLAIM_LATENCY.to_string()),
+                        LATENCY_BUCKETS,
+                    )
+                    .unwrap_or_else(|_| PrometheusBuilder::new());
+                let recorder = builder.build_recorder();
+                let handle = recorder.handle();
+                match metrics::set_global_recorder(recorder) {
+                    Ok(()) => {
+                        tracing::info!("installed the Prometheus recorder: GET /metrics renders it");
+                        Some(handle)
+                    }
+                    Err(_) => {
+                        tracing::info!(
+                            "the application installed its own metrics recorder: highlander records into it, and GET /metrics answers 404"
+                        );
+                        None
+                    }
+                }
+            })
+            .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        assert_eq!(parse_addr("9400").unwrap().to_string(), "127.0.0.1:9400");
+        assert_eq!(parse_addr(":0").unwrap().to_string(), "127.0.0.1:0");
+        assert_eq!(
+            parse_addr("localhost:81").unwrap().to_string(),
+            "127.0.0.1:81"
+        );
+        assert_eq!(parse_addr("[::1]:9").unwrap().to_string(), "[::1]:9");
+        assert_eq!(
+            parse_addr("0.0.0.0:9400").unwrap().to_string(),
+            "0.0.0.0:9400"
+        );
+        for bad in ["", "99999", "example.com:80", "127.0.0.1", "x:y"] {
+            let e = parse_addr(bad).unwrap_err();
+            assert!(!e.contains('\n'), "{e}");
+        }
+    }
+
+    #[test]
+    fn bearer_tokens() {
+        let ok = HeaderValue::from_static("Bearer s3cret");
+        assert!(authorized(Some(&ok), "s3cret"));
+        for bad in [
+            "Bearer s3cre",
+            "Bearer s3cretx",
+            "Basic s3cret",
+            "s3cret",
+            "Bearer ",
+        ] {
+            assert!(
+                !authorized(Some(&HeaderValue::from_static(bad)), "s3cret"),
+                "{bad}"
+            );
+        }
+        assert!(!authorized(None, "s3cret"));
+    }
+}

@@ -1,0 +1,243 @@
+//! Metrics through the [`metrics`](https://docs.rs/metrics) facade: the
+//! application installs the recorder (exporter) it wants, highlander only
+//! records. Install it **before** starting the runtime: handles are taken
+//! from the recorder installed at start-up, so metrics recorded into no
+//! recorder are lost. With the `http` feature, `GET /metrics` renders
+//! Prometheus text from a recorder highlander installs itself when the
+//! application installed none (see `docs/operations.md`).
+//!
+//! # Every metric
+//!
+//! | name | type | labels | unit | what |
+//! |---|---|---|---|---|
+//! | `highlander_running` | gauge | `node`, `id` | instances | 1 while the id's instance runs on this node, else 0; without the `id` label (see below) the number of ids running on the node |
+//! | `highlander_tenures_started_total` | counter | `node`, `id` | tenures | claims that succeeded: this node began holding the id |
+//! | `highlander_stops_total` | counter | `node`, `id`, `reason` | instances | instances that stopped, by `reason`: `normal`, `error` (error or panic in `init`, `run` or a child), `conflict`, `lease_lost`, `stepdown`, `node_shutdown` |
+//! | `highlander_restarts_total` | counter | `node`, `id` | restarts | instances restarted by policy within a tenure |
+//! | `highlander_stepdowns_total` | counter | `node`, `id` | step-downs | times this node gave the id up to wait (restart intensity exceeded, or asked to with `step_down`) |
+//! | `highlander_claim_latency_seconds` | histogram | `node` | seconds | from the moment an id may be free (the first claim attempt, or the wake after waiting on a holder) to "running here", over the node's ids |
+//! | `highlander_session_up` | gauge | `node` | 0 or 1 | 1 while the backend session is up (what `/readyz` answers): the last probe reached the backend, no id is retrying, the lease deadline is ahead |
+//! | `highlander_members` | gauge | `node` | members | cluster members this node sees, reachable or not (0 for backends without members) |
+//! | `highlander_members_reachable` | gauge | `node` | members | of those, the ones this node can reach now |
+//! | `highlander_lease_deadline_seconds` | gauge | `node` | seconds | time left before this node must give up its leases unless the backend confirms them again; only for backends that report it ([`Session::lease_deadline`](crate::backend::Session::lease_deadline)) |
+//!
+//! The node gauges are updated by a probe once a second; the per-id series
+//! at every state change.
+//!
+//! # Label cardinality
+//!
+//! `node` is one value per process. `reason` has the six values above.
+//! **`id` is a label**: every configured id adds five series (one more per
+//! stop reason seen) to each scrape. The claim-latency histogram is per
+//! node only: with buckets, one per id would add some 16 series per id. For fleets of many
+//! ids (say 100,000), turn the per-id series off with
+//! [`Builder::metrics_per_id(false)`](crate::Builder::metrics_per_id): the
+//! same names are then recorded without the `id` label, summed over the
+//! node's ids (`highlander_running` becomes the number of ids running on
+//! the node).
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use ::metrics::{
+    Counter, Gauge, Histogram, Unit, describe_counter, describe_gauge, describe_histogram,
+};
+
+use crate::ShutdownReason;
+use crate::guardian::SingletonState;
+
+/// `highlander_running`: see the [table](self).
+pub const RUNNING: &str = "highlander_running";
+/// `highlander_tenures_started_total`: see the [table](self).
+pub const TENURES_STARTED: &str = "highlander_tenures_started_total";
+/// `highlander_stops_total`: see the [table](self).
+pub const STOPS: &str = "highlander_stops_total";
+/// `highlander_restarts_total`: see the [table](self).
+pub const RESTARTS: &str = "highlander_restarts_total";
+/// `highlander_stepdowns_total`: see the [table](self).
+pub const STEPDOWNS: &str = "highlander_stepdowns_total";
+/// `highlander_claim_latency_seconds`: see the [table](self).
+pub const CLAIM_LATENCY: &str = "highlander_claim_latency_seconds";
+/// `highlander_session_up`: see the [table](self).
+pub const SESSION_UP: &str = "highlander_session_up";
+/// `highlander_members`: see the [table](self).
+pub const MEMBERS: &str = "highlander_members";
+/// `highlander_members_reachable`: see the [table](self).
+pub const MEMBERS_REACHABLE: &str = "highlander_members_reachable";
+/// `highlander_lease_deadline_seconds`: see the [table](self).
+pub const LEASE_DEADLINE: &str = "highlander_lease_deadline_seconds";
+
+fn describe() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        describe_gauge!(
+            RUNNING,
+            Unit::Count,
+            "1 while the id's instance runs on this node"
+        );
+        describe_counter!(TENURES_STARTED, Unit::Count, "tenures begun on this node");
+        describe_counter!(STOPS, Unit::Count, "instances stopped, by reason");
+        describe_counter!(RESTARTS, Unit::Count, "instances restarted within a tenure");
+        describe_counter!(STEPDOWNS, Unit::Count, "times this node gave an id up");
+        describe_histogram!(
+            CLAIM_LATENCY,
+            Unit::Seconds,
+            "from the id may be free to running here"
+        );
+        describe_gauge!(SESSION_UP, "1 while the backend session is up");
+        describe_gauge!(MEMBERS, Unit::Count, "cluster members this node sees");
+        describe_gauge!(
+            MEMBERS_REACHABLE,
+            Unit::Count,
+            "members this node can reach"
+        );
+        describe_gauge!(
+            LEASE_DEADLINE,
+            Unit::Seconds,
+            "time left before this node must give up its leases"
+        );
+    });
+}
+
+/// The per-node series, and the shared per-id handles when ids are not
+/// labels.
+pub(crate) struct NodeMetrics {
+    session_up: Gauge,
+    members: Gauge,
+    reachable: Gauge,
+    lease_deadline: Gauge,
+    /// With `metrics_per_id(false)`: the one set of handles every id uses.
+    shared: Option<Arc<Handles>>,
+    /// Per node in both modes.
+    claim_latency: Histogram,
+}
+
+impl NodeMetrics {
+    pub(crate) fn new(node: &str, per_id: bool) -> NodeMetrics {
+        describe();
+        let node = node.to_string();
+        NodeMetrics {
+            session_up: ::metrics::gauge!(SESSION_UP, "node" => node.clone()),
+            members: ::metrics::gauge!(MEMBERS, "node" => node.clone()),
+            reachable: ::metrics::gauge!(MEMBERS_REACHABLE, "node" => node.clone()),
+            lease_deadline: ::metrics::gauge!(LEASE_DEADLINE, "node" => node.clone()),
+            claim_latency: ::metrics::histogram!(CLAIM_LATENCY, "node" => node.clone()),
+            shared: (!per_id).then(|| Arc::new(Handles::new(&node, None))),
+        }
+    }
+
+    pub(crate) fn for_id(&self, node: &str, id: &str) -> IdMetrics {
+        let handles = match &self.shared {
+            Some(shared) => shared.clone(),
+            None => Arc::new(Handles::new(node, Some(id))),
+        };
+        IdMetrics {
+            handles,
+            claim_latency: self.claim_latency.clone(),
+        }
+    }
+
+    /// After each probe.
+    pub(crate) fn probed(&self, ops: &super::NodeOps, deadline: Option<std::time::Instant>) {
+        self.session_up
+            .set(if ops.session_up() { 1.0 } else { 0.0 });
+        let members = ops.members();
+        self.members.set(members.len() as f64);
+        self.reachable
+            .set(members.iter().filter(|m| m.reachable).count() as f64);
+        if let Some(deadline) = deadline {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            self.lease_deadline.set(left.as_secs_f64());
+        }
+    }
+
+    /// When the runtime has stopped.
+    pub(crate) fn stopped(&self) {
+        self.session_up.set(0.0);
+    }
+}
+
+struct Handles {
+    node: String,
+    id: Option<String>,
+    running: Gauge,
+    tenures: Counter,
+    restarts: Counter,
+    stepdowns: Counter,
+}
+
+impl Handles {
+    fn new(node: &str, id: Option<&str>) -> Handles {
+        let mut labels = vec![("node", node.to_string())];
+        if let Some(id) = id {
+            labels.push(("id", id.to_string()));
+        }
+        let labels: Vec<::metrics::Label> = labels
+            .into_iter()
+            .map(|(k, v)| ::metrics::Label::new(k, v))
+            .collect();
+        Handles {
+            node: node.to_string(),
+            id: id.map(str::to_string),
+            running: ::metrics::gauge!(RUNNING, labels.clone()),
+            tenures: ::metrics::counter!(TENURES_STARTED, labels.clone()),
+            restarts: ::metrics::counter!(RESTARTS, labels.clone()),
+            stepdowns: ::metrics::counter!(STEPDOWNS, labels),
+        }
+    }
+}
+
+/// One id's handles (or the node's shared ones).
+pub(crate) struct IdMetrics {
+    handles: Arc<Handles>,
+    claim_latency: Histogram,
+}
+
+impl IdMetrics {
+    pub(crate) fn transition(
+        &self,
+        old: &SingletonState,
+        new: &SingletonState,
+        restarted: bool,
+        tenure_latency: Option<Option<Duration>>,
+    ) {
+        let h = &self.handles;
+        let was = matches!(old, SingletonState::Running { .. });
+        let is = matches!(new, SingletonState::Running { .. });
+        if is && !was {
+            h.running.increment(1.0);
+        } else if was && !is {
+            h.running.decrement(1.0);
+        }
+        if let Some(latency) = tenure_latency {
+            h.tenures.increment(1);
+            if let Some(latency) = latency {
+                self.claim_latency.record(latency.as_secs_f64());
+            }
+        }
+        if restarted {
+            h.restarts.increment(1);
+        }
+        if matches!(new, SingletonState::SteppedDown) {
+            h.stepdowns.increment(1);
+        }
+    }
+
+    /// The guardian is gone without a last state change (its runtime was
+    /// aborted): what it ran no longer runs.
+    pub(crate) fn gone(&self, state: &SingletonState) {
+        if matches!(state, SingletonState::Running { .. }) {
+            self.handles.running.decrement(1.0);
+        }
+    }
+
+    pub(crate) fn stopped(&self, reason: &ShutdownReason) {
+        let h = &self.handles;
+        let reason = super::reason_label(reason);
+        match &h.id {
+            Some(id) => ::metrics::counter!(STOPS, "node" => h.node.clone(), "id" => id.clone(), "reason" => reason),
+            None => ::metrics::counter!(STOPS, "node" => h.node.clone(), "reason" => reason),
+        }
+        .increment(1);
+    }
+}
