@@ -4,6 +4,7 @@
 //! docs/operations.md shows.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use highlander::{ChildSpec, Context, MemoryCluster, Runtime, Service, ShutdownReason};
@@ -28,9 +29,27 @@ impl Write for Buffer {
 
 struct Chatty;
 
+/// How many instances have begun `run`: "running" in the status comes a
+/// moment before `run` is first polled, and an instance stopped in that
+/// moment logs nothing of its own, so the test waits for this instead.
+static RUNS: AtomicUsize = AtomicUsize::new(0);
+
+/// Waits until `n` instances have begun `run` (a guard against hangs).
+async fn runs(n: usize) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while RUNS.load(Ordering::SeqCst) < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "instance {n} never ran"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
 impl Service for Chatty {
     async fn run(&mut self, ctx: &Context) -> highlander::Result<()> {
         info!("run says hello");
+        RUNS.fetch_add(1, Ordering::SeqCst);
         let child = ctx.clone();
         ctx.spawn("helper", async move {
             info!("child says hello");
@@ -83,6 +102,7 @@ async fn every_instance_line_names_id_node_and_token() {
         .await
         .unwrap();
     a.wait_until(|s| s.is_running("chatty")).await;
+    runs(1).await;
     let b = Runtime::builder()
         .node("b")
         .backend(cluster.clone())
@@ -98,6 +118,7 @@ async fn every_instance_line_names_id_node_and_token() {
     .await;
     a.shutdown().await; // b takes over: two tenures, each logged
     b.wait_until(|s| s.is_running("chatty")).await;
+    runs(2).await;
     // A split: a fresh node takes the id on its side, and loses it at the
     // heal (the later tenure): its lease ends with a conflict.
     let c = Runtime::builder()
@@ -109,10 +130,12 @@ async fn every_instance_line_names_id_node_and_token() {
         .unwrap();
     cluster.partition(&[&["b"], &["c"]]);
     c.wait_until(|s| s.is_running("chatty")).await;
+    runs(3).await;
     cluster.heal();
     c.wait_until(|s| !s.is_running("chatty")).await;
     b.shutdown().await; // c, waiting again, takes over
     c.wait_until(|s| s.is_running("chatty")).await;
+    runs(4).await;
     c.shutdown().await;
 
     let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
