@@ -82,7 +82,11 @@ async fn a_paused_holder_gives_up_before_anyone_else_starts() {
         .await;
     assert_eq!(b_stop.reason.as_deref(), Some("node_shutdown"));
     b.wait_exit(GUARD).await;
-    let third = fleet.wait_start("solo", GUARD).await;
+    let third = fleet
+        .seen_or_wait(GUARD, |e| {
+            e.kind == EventKind::Start && e.token > second.token
+        })
+        .await;
     assert_eq!(third.node, "a");
     assert!(third.token > second.token);
     let starts: Vec<u64> = fleet

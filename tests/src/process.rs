@@ -195,6 +195,22 @@ impl Fleet {
         }
     }
 
+    /// The first event already recorded that matches `pred`, else the next
+    /// one to arrive (a guard against hangs after `timeout`). Events of
+    /// different nodes come through different pipes, in either order: a
+    /// test waiting for a STOP may already have read the START that came
+    /// after it.
+    pub async fn seen_or_wait(
+        &mut self,
+        timeout: Duration,
+        mut pred: impl FnMut(&Event) -> bool,
+    ) -> Event {
+        if let Some(e) = self.history.iter().find(|e| pred(e)) {
+            return e.clone();
+        }
+        self.wait_for(timeout, pred).await
+    }
+
     /// Waits for a `START` of `id` on any node.
     pub async fn wait_start(&mut self, id: &str, timeout: Duration) -> Event {
         self.wait_for(timeout, |e| e.kind == EventKind::Start && e.id == id)
