@@ -908,3 +908,26 @@ async fn a_held_key_deleted_while_the_watch_was_away_past_a_compaction_ends_the_
     .await;
     a.shutdown().await;
 }
+
+/// The session reports when this node must give its ids up if etcd stays
+/// silent (the `highlander_lease_deadline_seconds` gauge): nothing while it
+/// holds nothing, then a moment within one TTL that every keep-alive moves
+/// forward.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_deadline_is_reported_while_ids_are_held() {
+    let cluster = EtcdCluster::single().await;
+    let log = Log::default();
+    let observer = node(&cluster, "observer", &[], &log).await;
+    let holder = node(&cluster, "holder", &["deadline".to_string()], &log).await;
+    holder.wait_until(|s| s.is_running("deadline")).await;
+    assert_eq!(observer.session().unwrap().lease_deadline(), None);
+    let session = holder.session().unwrap();
+    let first = session.lease_deadline().expect("a deadline while holding");
+    let now = std::time::Instant::now();
+    assert!(first > now && first < now + TTL, "{:?}", first - now);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let later = session.lease_deadline().expect("still held");
+    assert!(later > first, "keep-alives move the deadline forward");
+    holder.shutdown().await;
+    observer.shutdown().await;
+}

@@ -742,3 +742,36 @@ async fn a_flood_of_forged_notifications_changes_nothing() {
     b.shutdown().await;
     log.assert_one_at_a_time();
 }
+
+/// The session reports when this node must give its ids up if the server
+/// stays silent (the `highlander_lease_deadline_seconds` gauge): nothing
+/// while it holds nothing, then a moment within one server timeout that
+/// moves forward with every heartbeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_deadline_is_reported_while_ids_are_held() {
+    let pg = PgServer::start();
+    let log = Log::default();
+    let backend = Postgres::new(pg.url()).heartbeat(Duration::from_millis(100));
+    let observer = start(backend.clone(), "observer", &[], &log).await;
+    let quiet = observer.session().unwrap();
+    let holder = start(backend, "holder", &ids("deadline", 1), &log).await;
+    wait(&holder, "running", |s| s.running().count() == 1).await;
+    assert_eq!(
+        quiet.lease_deadline(),
+        None,
+        "a node that holds nothing has no deadline"
+    );
+    let session = holder.session().unwrap();
+    let first = session.lease_deadline().expect("a deadline while holding");
+    let now = std::time::Instant::now();
+    assert!(
+        first > now && first < now + Duration::from_secs(15),
+        "{:?}",
+        first - now
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let later = session.lease_deadline().expect("still held");
+    assert!(later > first, "heartbeats move the deadline forward");
+    holder.shutdown().await;
+    observer.shutdown().await;
+}

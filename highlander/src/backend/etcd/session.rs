@@ -1550,6 +1550,10 @@ impl Session for EtcdSession {
 
     /// Revokes every lease of this node: each key it still holds is deleted
     /// in one step, so a standby takes over on one watch event.
+    fn lease_deadline(&self) -> Option<std::time::Instant> {
+        self.inner.lock().deadline().map(|(_, at)| at.into_std())
+    }
+
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             let inner = &self.inner;

@@ -92,6 +92,9 @@ struct State {
     /// A claim batch is in flight (only then are `events` kept).
     claim_in_flight: bool,
     seq: u64,
+    /// While this node holds ids: when it must give them all up unless a
+    /// round trip succeeds first (published by the driver on every turn).
+    deadline: Option<Instant>,
     /// Keys whose row is known to exist (rows are never deleted).
     known: HashSet<i64>,
 }
@@ -393,6 +396,14 @@ impl Session for PgSession {
         })
     }
 
+    fn lease_deadline(&self) -> Option<std::time::Instant> {
+        let st = self.inner.lock();
+        match (&st.live, st.deadline) {
+            (Some(_), Some(at)) if !st.held.is_empty() => Some(at.into_std()),
+            _ => None,
+        }
+    }
+
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             let inner = &self.inner;
@@ -600,14 +611,18 @@ async fn run_epoch(inner: &Arc<Inner>, live: &mut Live) -> Ended {
         if release.is_none() {
             release = start_releases(inner, live);
         }
-        let waiting = !inner.lock().waiters.is_empty();
+        let deadline = live.deadline(&timing, budget);
+        let waiting = {
+            let mut st = inner.lock();
+            st.deadline = (!st.held.is_empty()).then_some(deadline);
+            !st.waiters.is_empty()
+        };
         let probe_at = last_probe
             + if waiting {
                 timing.poll
             } else {
                 timing.heartbeat
             };
-        let deadline = live.deadline(&timing, budget);
         let given_up = |why: String, budget: Duration| Ended {
             why,
             drain: budget + timing.margin,
