@@ -1117,3 +1117,41 @@ async fn a_node_on_port_zero_tells_its_bound_address() {
         n.shutdown().await;
     }
 }
+
+/// The cluster over IPv6: three nodes listening on `[::1]`, seeded with the
+/// first one's IPv6 address, form one cluster (one instance), advertise
+/// IPv6 addresses, and a crash of the holder moves the id to another node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_works_over_ipv6_loopback() {
+    let log = Log::default();
+    let faults = Faults::new();
+    let v6 = |seeds: &[String]| {
+        Cluster::new("[::1]:0")
+            .cookie("in-process test cookie")
+            .faults(&faults)
+            .seeds(seeds.iter().cloned())
+    };
+    let first_cfg = v6(&[]);
+    let first = start("a", first_cfg.clone(), &["v6"], &log).await;
+    let seed = first_cfg.local_addr().expect("bound").to_string();
+    assert!(seed.starts_with("[::1]:"), "{seed}");
+    let mut nodes = vec![first];
+    for name in ["b", "c"] {
+        nodes.push(start(name, v6(std::slice::from_ref(&seed)), &["v6"], &log).await);
+    }
+    for node in &nodes {
+        wait_members(node, 3).await;
+        for m in node.members().await.unwrap() {
+            let addr = m.address.expect("every member has an address");
+            assert!(addr.starts_with("[::1]:"), "{addr}");
+        }
+    }
+    let runners = wait_runners(&nodes, "v6", 1).await;
+    let holder = nodes.iter().position(|n| n.node() == runners[0]).unwrap();
+    nodes.remove(holder).abort();
+    let next = wait_runners(&nodes, "v6", 1).await;
+    assert_ne!(next, runners);
+    for n in &nodes {
+        n.shutdown().await;
+    }
+}
