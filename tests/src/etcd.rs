@@ -33,6 +33,12 @@ pub struct EtcdCluster {
     dir: PathBuf,
     members: Vec<Member>,
     tls: Option<TlsFiles>,
+    /// The address every member listens on (`127.0.0.1`, or its network
+    /// namespace's).
+    host: String,
+    /// Runs each member inside a network namespace (`ip netns exec NS`),
+    /// or nothing.
+    prefix: Vec<String>,
 }
 
 /// PEM files for an etcd that serves clients over TLS and requires client
@@ -85,16 +91,28 @@ impl EtcdCluster {
     /// Starts `size` members forming one cluster and waits until every one
     /// answers. Panics with the reason when that fails.
     pub async fn start(size: usize) -> EtcdCluster {
-        EtcdCluster::start_with(size, None).await
+        EtcdCluster::start_with(size, None, Vec::new(), "127.0.0.1").await
+    }
+
+    /// Starts a single member inside a network namespace: `prefix` runs a
+    /// program there (`ip netns exec NS`), and the member listens on
+    /// `host`, that namespace's address, which this process must reach.
+    pub async fn single_in(prefix: Vec<String>, host: std::net::Ipv4Addr) -> EtcdCluster {
+        EtcdCluster::start_with(1, None, prefix, &host.to_string()).await
     }
 
     /// Starts a single member that serves clients over TLS only, with
     /// client-certificate authentication.
     pub async fn single_tls(tls: TlsFiles) -> EtcdCluster {
-        EtcdCluster::start_with(1, Some(tls)).await
+        EtcdCluster::start_with(1, Some(tls), Vec::new(), "127.0.0.1").await
     }
 
-    async fn start_with(size: usize, tls: Option<TlsFiles>) -> EtcdCluster {
+    async fn start_with(
+        size: usize,
+        tls: Option<TlsFiles>,
+        prefix: Vec<String>,
+        host: &str,
+    ) -> EtcdCluster {
         assert!(size >= 1, "an etcd cluster has at least one member");
         let unique = format!(
             "hl-etcd-{}-{}-{}",
@@ -109,7 +127,7 @@ impl EtcdCluster {
         let initial_cluster = ports
             .iter()
             .enumerate()
-            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .map(|(i, (_, peer))| format!("m{i}=http://{host}:{peer}"))
             .collect::<Vec<_>>()
             .join(",");
         let scheme = if tls.is_some() { "https" } else { "http" };
@@ -117,6 +135,8 @@ impl EtcdCluster {
             dir: dir.clone(),
             members: Vec::new(),
             tls: tls.clone(),
+            host: host.to_string(),
+            prefix,
         };
         for (i, (client, peer)) in ports.iter().enumerate() {
             let name = format!("m{i}");
@@ -128,13 +148,13 @@ impl EtcdCluster {
                 "--data-dir".into(),
                 data.display().to_string(),
                 "--listen-client-urls".into(),
-                format!("{scheme}://127.0.0.1:{client}"),
+                format!("{scheme}://{host}:{client}"),
                 "--advertise-client-urls".into(),
-                format!("{scheme}://127.0.0.1:{client}"),
+                format!("{scheme}://{host}:{client}"),
                 "--listen-peer-urls".into(),
-                format!("http://127.0.0.1:{peer}"),
+                format!("http://{host}:{peer}"),
                 "--initial-advertise-peer-urls".into(),
-                format!("http://127.0.0.1:{peer}"),
+                format!("http://{host}:{peer}"),
                 "--initial-cluster".into(),
                 initial_cluster.clone(),
                 "--initial-cluster-state".into(),
@@ -155,7 +175,7 @@ impl EtcdCluster {
                 }
                 args.push("--client-cert-auth".into());
             }
-            let child = spawn_etcd(&args, &log);
+            let child = spawn_etcd(&cluster.prefix, &args, &log);
             cluster.members.push(Member {
                 name,
                 client_port: *client,
@@ -217,7 +237,7 @@ impl EtcdCluster {
     pub fn endpoints(&self) -> Vec<String> {
         self.members
             .iter()
-            .map(|m| format!("127.0.0.1:{}", m.client_port))
+            .map(|m| format!("{}:{}", self.host, m.client_port))
             .collect()
     }
 
@@ -289,7 +309,7 @@ impl EtcdCluster {
     pub async fn restart_member(&mut self, i: usize) {
         let member = &mut self.members[i];
         assert!(member.child.is_none(), "member {i} is running");
-        member.child = Some(spawn_etcd(&member.args, &member.log));
+        member.child = Some(spawn_etcd(&self.prefix, &member.args, &member.log));
         self.wait_healthy(Duration::from_secs(60)).await;
     }
 
@@ -320,7 +340,7 @@ impl EtcdCluster {
 
     fn client_url(&self, port: u16) -> String {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
-        format!("{scheme}://127.0.0.1:{port}")
+        format!("{scheme}://{}:{port}", self.host)
     }
 
     fn etcdctl_command(&self) -> Command {
@@ -369,13 +389,21 @@ impl Drop for EtcdCluster {
     }
 }
 
-fn spawn_etcd(args: &[String], log: &Path) -> Child {
+fn spawn_etcd(prefix: &[String], args: &[String], log: &Path) -> Child {
     let log_file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .unwrap_or_else(|e| panic!("cannot open {}: {e}", log.display()));
-    Command::new(etcd_bin())
+    let mut command = match prefix.split_first() {
+        Some((program, rest)) => {
+            let mut c = Command::new(program);
+            c.args(rest).arg(etcd_bin());
+            c
+        }
+        None => Command::new(etcd_bin()),
+    };
+    command
         .args(args)
         .stdin(Stdio::null())
         .stdout(log_file.try_clone().expect("clone a file handle"))
