@@ -494,3 +494,47 @@ async fn nodes_find_each_other_through_one_name_and_a_new_address_is_found_again
     assert_eq!(stops.len(), 1, "history: {:#?}", cluster.fleet.history);
     cluster.assert_only_conflict_stops();
 }
+
+/// Dual-stack names: each node listens on `[::]` (IPv4 and IPv6) and its
+/// seeds are names that resolve to both an IPv4 and an IPv6 address. The
+/// nodes form one cluster (one instance), and a crash of the holder moves
+/// the id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dual_stack_names_form_one_cluster_and_fail_over() {
+    let _turn = TURN.lock().await;
+    let topo = tokio::task::block_in_place(|| Topology::create(&NODES));
+    let seeds: Vec<String> = NODES
+        .iter()
+        .map(|n| format!("{}:{PORT}", Topology::dual_dns(n)))
+        .collect();
+    let mut fleet = Fleet::new(
+        env!("CARGO_BIN_EXE_node"),
+        "",
+        &[
+            ("HIGHLANDER_COOKIE", COOKIE),
+            ("HL_IDS", "solo"),
+            ("HL_SHUTDOWN_MS", "1000"),
+        ],
+    );
+    let url = format!("cluster://[::]:{PORT}?seeds={}", seeds.join(","));
+    let mut procs = HashMap::new();
+    for n in NODES {
+        let p = fleet
+            .spawn_in(n, &[("HIGHLANDER_BACKEND", &url)], &topo.exec_prefix(n))
+            .await;
+        procs.insert(n.to_string(), p);
+    }
+    let mut cluster = Cluster {
+        fleet,
+        _procs: procs,
+        topo,
+    };
+    let holder = cluster.first_holder().await;
+    cluster._procs[&holder].signal("KILL");
+    cluster
+        .until("another node takes over", |c| {
+            let r = c.running("solo");
+            r.iter().any(|n| *n != holder)
+        })
+        .await;
+}

@@ -263,6 +263,12 @@ impl Topology {
             run(&["ip", "-n", hub, "link", "set", &port, "up"]);
             let cidr = format!("{}/24", node.ip);
             run(&["ip", "-n", ns, "addr", "add", &cidr, "dev", "eth0"]);
+            // An IPv6 address too (no duplicate detection: usable at once),
+            // for dual-stack names.
+            let cidr6 = format!("{}/64", topo.ip6(&node.name));
+            run(&[
+                "ip", "-n", ns, "addr", "add", &cidr6, "dev", "eth0", "nodad",
+            ]);
             run(&["ip", "-n", ns, "link", "set", "eth0", "up"]);
             let path = ns_path(ns);
             let net = format!("--net={path}");
@@ -286,6 +292,14 @@ impl Topology {
         hosts.push_str(&format!("{} host.test\n", self.host_ip()));
         for node in &self.nodes {
             hosts.push_str(&format!("{} {}\n", node.ip, Self::dns(&node.name)));
+        }
+        for node in &self.nodes {
+            let dual = Self::dual_dns(&node.name);
+            hosts.push_str(&format!(
+                "{} {dual}\n{} {dual}\n",
+                node.ip,
+                self.ip6(&node.name)
+            ));
         }
         for node in self
             .nodes
@@ -337,6 +351,28 @@ impl Topology {
     /// Node `name`'s address.
     pub fn ip(&self, name: &str) -> Ipv4Addr {
         self.node(name).ip
+    }
+
+    /// Node `name`'s IPv6 address (a unique local address beside its IPv4
+    /// one on the same bridge).
+    pub fn ip6(&self, name: &str) -> std::net::Ipv6Addr {
+        let v4 = self.node(name).ip.octets();
+        std::net::Ipv6Addr::new(
+            0xfd15,
+            u16::from(v4[0]),
+            u16::from(v4[1]),
+            u16::from(v4[2]),
+            0,
+            0,
+            0,
+            u16::from(v4[3]),
+        )
+    }
+
+    /// A dual-stack DNS name of node `name` inside the namespaces:
+    /// `<name>.dual.test`, resolving to its IPv4 and its IPv6 address.
+    pub fn dual_dns(name: &str) -> String {
+        format!("{name}.dual.test")
     }
 
     /// Node `name`'s namespace (as `ip netns list` shows it).
