@@ -256,6 +256,11 @@ pub struct Member {
 /// let memory = highlander::backend::from_url("memory").unwrap();
 /// assert_eq!(memory.describe(), "memory");
 /// let err = highlander::backend::from_url("redis://:hunter2@cache:6379").err().unwrap();
+/// assert_eq!(
+///     err.to_string(),
+///     "unknown backend scheme `redis://`: use memory, postgres://…, etcd://… or cluster://…"
+/// );
+/// let err = highlander::backend::from_url("host=db password=hunter2").err().unwrap();
 /// assert!(!err.to_string().contains("hunter2"));
 /// ```
 pub fn from_url(url: &str) -> Result<Box<dyn Backend>> {
@@ -266,11 +271,28 @@ pub fn from_url(url: &str) -> Result<Box<dyn Backend>> {
         "postgres" | "postgresql" => postgres_from_url(url),
         "etcd" | "etcds" => etcd_from_url(url),
         "cluster" => cluster_from_url(url),
-        _ => Err(Error::Config(format!(
-            "unknown backend `{}`: use memory, postgres://…, etcd://… or cluster://…",
-            redact_url(url)
-        ))),
+        _ => Err(unknown_backend(url)),
     }
+}
+
+/// The error for a URL no backend takes. It names the scheme only when the
+/// value has one that is spelled like a scheme; the rest of the value (which
+/// may hold a password in any shape) is never echoed.
+fn unknown_backend(url: &str) -> Error {
+    const USE: &str = "use memory, postgres://…, etcd://… or cluster://…";
+    let scheme = url.split_once("://").map(|(s, _)| s);
+    let plain = |s: &str| {
+        (1..=32).contains(&s.len())
+            && s.starts_with(|c: char| c.is_ascii_alphabetic())
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    };
+    Error::Config(match scheme {
+        Some(s) if plain(s) => format!("unknown backend scheme `{s}://`: {USE}"),
+        _ => format!(
+            "the backend is not a URL this crate knows (the value is not shown, it may hold a password): {USE}"
+        ),
+    })
 }
 
 #[cfg(feature = "postgres")]
@@ -320,3 +342,38 @@ pub mod etcd;
 
 #[cfg(feature = "cluster")]
 pub mod cluster;
+
+#[cfg(test)]
+mod tests {
+    use super::from_url;
+
+    #[test]
+    fn unknown_backends_never_echo_the_value() {
+        let nasty = [
+            ("redis://:hunter2@cache:6379", Some("redis")),
+            ("redis://u:hunter2/x@cache", Some("redis")),
+            ("host=db password=hunter2", None),
+            ("user:hunter2@db:5432", None),
+            ("post gres://u:hunter2@db", None),
+            ("hunter2://db", Some("hunter2")),
+            ("x;hunter2://db", None),
+            ("a?password=hunter2://x", None),
+            ("", None),
+        ];
+        for (url, scheme) in nasty {
+            let err = from_url(url).err().expect("refused").to_string();
+            match scheme {
+                Some(s) => assert_eq!(
+                    err,
+                    format!(
+                        "unknown backend scheme `{s}://`: use memory, postgres://…, etcd://… or cluster://…"
+                    )
+                ),
+                None => {
+                    assert!(!err.contains("hunter2"), "{url:?} gave {err}");
+                    assert!(err.contains("use memory, postgres://…"), "{err}");
+                }
+            }
+        }
+    }
+}
