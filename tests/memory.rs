@@ -1170,3 +1170,98 @@ async fn children_are_refused_once_the_instance_stops() {
         "no late child ran"
     );
 }
+
+// ---------------------------------------------------------------------------
+// The last resort: should the guardian itself panic (here: a backend whose
+// release panics once), it releases its tenure, says so, and claims again.
+
+/// A memory backend whose sessions panic in their first `release`.
+struct PanickyRelease(MemoryCluster);
+
+struct PanickyReleaseSession {
+    inner: std::sync::Arc<dyn highlander::backend::Session>,
+    panicked: std::sync::atomic::AtomicBool,
+}
+
+impl highlander::backend::Backend for PanickyRelease {
+    fn connect(
+        &self,
+        node: &str,
+    ) -> highlander::BoxFuture<
+        'static,
+        highlander::Result<std::sync::Arc<dyn highlander::backend::Session>>,
+    > {
+        let connect = self.0.connect(node);
+        Box::pin(async move {
+            let session: std::sync::Arc<dyn highlander::backend::Session> =
+                std::sync::Arc::new(PanickyReleaseSession {
+                    inner: connect.await?,
+                    panicked: Default::default(),
+                });
+            Ok(session)
+        })
+    }
+
+    fn describe(&self) -> String {
+        "memory, panicking in its first release".into()
+    }
+}
+
+impl highlander::backend::Session for PanickyReleaseSession {
+    fn try_claim(
+        &self,
+        request: highlander::backend::ClaimRequest,
+    ) -> highlander::BoxFuture<'_, highlander::Result<highlander::backend::Claim>> {
+        self.inner.try_claim(request)
+    }
+
+    fn release(&self, id: &str, token: u64) -> highlander::BoxFuture<'_, highlander::Result<()>> {
+        if !self
+            .panicked
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            panic!("release: a bug in the backend");
+        }
+        self.inner.release(id, token)
+    }
+
+    fn holder(
+        &self,
+        id: &str,
+    ) -> highlander::BoxFuture<'_, highlander::Result<Option<highlander::backend::Holder>>> {
+        self.inner.holder(id)
+    }
+
+    fn close(&self) -> highlander::BoxFuture<'_, ()> {
+        self.inner.close()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_guardian_releases_its_tenure_and_claims_again() {
+    highlander_tests::init_tracing();
+    let cluster = MemoryCluster::new();
+    let log = Log::default();
+    let a = Runtime::builder()
+        .node("a")
+        .backend(PanickyRelease(cluster.clone()))
+        .without_registered()
+        .child(probe("solo", &log, Behave::Wait))
+        .start()
+        .await
+        .unwrap();
+    running(&a, "solo").await;
+    let b = node(&cluster, "b", vec![probe("solo", &log, Behave::Wait)]).await;
+    waiting(&b, "solo").await;
+    // The step-down's release panics inside a's guardian.
+    a.step_down("solo").unwrap();
+    hang_guard("b takes over", running(&b, "solo")).await;
+    assert_eq!(log.count("terminate solo a stepdown"), 1);
+    assert_eq!(a.status().get("solo"), Some(&SingletonState::SteppedDown));
+    // a's guardian lives on: it waits for b, and takes over when b goes.
+    hang_guard("a waits", waiting(&a, "solo")).await;
+    hang_guard("b stops", b.shutdown()).await;
+    hang_guard("a takes over", running(&a, "solo")).await;
+    hang_guard("a stops", a.shutdown()).await;
+    assert!(cluster.holders("solo").is_empty());
+}

@@ -129,23 +129,73 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// assert_eq!(redact_url("host=db password=s3cret"), "***");
 /// ```
 pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
+    let Some((hidden, empty_secret)) = mask(url) else {
         return if is_word(url) {
             url.to_string()
         } else {
             "***".to_string()
         };
     };
-    if !is_scheme(&url[..scheme_end]) {
-        return "***".to_string();
+    let mut out = String::with_capacity(url.len());
+    let mut in_run = false;
+    for (pos, ch) in url.char_indices() {
+        if empty_secret[pos] && !in_run {
+            out.push_str("***");
+            in_run = true;
+        }
+        if hidden[pos] {
+            if !in_run {
+                out.push_str("***");
+                in_run = true;
+            }
+        } else {
+            out.push(ch);
+            in_run = false;
+        }
     }
-    let after = scheme_end + 3;
+    if empty_secret[url.len()] && !in_run {
+        out.push_str("***");
+    }
+    out
+}
+
+/// The parts of `url` that [`redact_url`] hides, each run whole (the whole
+/// value when it is neither a URL nor a single word).
+pub(crate) fn secrets(url: &str) -> Vec<&str> {
+    let Some((hidden, _)) = mask(url) else {
+        return if is_word(url) { Vec::new() } else { vec![url] };
+    };
+    let mut runs = Vec::new();
+    let mut start = None;
+    let ends = url.char_indices().map(|(pos, _)| pos).chain([url.len()]);
+    for pos in ends {
+        match (start, pos < url.len() && hidden[pos]) {
+            (None, true) => start = Some(pos),
+            (Some(s), false) => {
+                runs.push(&url[s..pos]);
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    runs
+}
+
+/// Which bytes of `url` are secret (each run prints as `***`), and where an
+/// empty secret sits (it prints as `***` too, so the output never tells
+/// whether or how a secret was set). `None` when `url` has no `://`; all of
+/// it is secret when what precedes `://` is not a scheme.
+fn mask(url: &str) -> Option<(Vec<bool>, Vec<bool>)> {
+    let scheme_end = url.find("://")?;
     let bytes = url.as_bytes();
-    // Which bytes of `url` are hidden; each run of hidden bytes prints as
-    // `***`. An empty secret also prints as `***` (marked at its position),
-    // so the output never tells whether or how a secret was set.
     let mut hidden = vec![false; bytes.len()];
     let mut empty_secret = vec![false; bytes.len() + 1];
+    if !is_scheme(&url[..scheme_end]) {
+        hidden.fill(true);
+        empty_secret[0] = true;
+        return Some((hidden, empty_secret));
+    }
+    let after = scheme_end + 3;
 
     // The userinfo: up to the last `@` anywhere after `scheme://`.
     if let Some(at) = url[after..].rfind('@').map(|i| after + i) {
@@ -161,7 +211,8 @@ pub fn redact_url(url: &str) -> String {
         }
     }
 
-    // Secret parameters, wherever a `?`, `&`, `;` or `#` starts one.
+    // Secret parameters, wherever a `?`, `&`, `;` or `#` starts one (also
+    // inside what the userinfo rule took: drivers differ on where it ends).
     let mut i = after;
     while i < bytes.len() {
         if matches!(bytes[i], b'?' | b'&' | b';' | b'#') {
@@ -185,28 +236,7 @@ pub fn redact_url(url: &str) -> String {
         }
         i += 1;
     }
-
-    let mut out = String::with_capacity(url.len());
-    let mut in_run = false;
-    for (pos, ch) in url.char_indices() {
-        if empty_secret[pos] && !in_run {
-            out.push_str("***");
-            in_run = true;
-        }
-        if hidden[pos] {
-            if !in_run {
-                out.push_str("***");
-                in_run = true;
-            }
-        } else {
-            out.push(ch);
-            in_run = false;
-        }
-    }
-    if empty_secret[url.len()] && !in_run {
-        out.push_str("***");
-    }
-    out
+    Some((hidden, empty_secret))
 }
 
 /// `scheme` as RFC 3986 spells it: a letter, then letters, digits, `+ - .`.

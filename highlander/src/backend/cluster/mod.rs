@@ -54,6 +54,10 @@ mod node;
 mod seal;
 mod wire;
 
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzz;
+
 /// The embedded cluster backend: configuration for one node, given to
 /// [`Builder::backend`](crate::Builder::backend).
 ///
