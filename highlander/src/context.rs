@@ -210,7 +210,9 @@ impl Context {
     /// error or panics, the whole instance is stopped with
     /// [`ShutdownReason::Error`] and restarted by its policy. When the
     /// instance stops, the context is cancelled and every child is awaited
-    /// (within the shutdown budget) before `terminate` runs. A child that
+    /// before `terminate` runs: until three quarters of the shutdown budget
+    /// are spent, then the rest are aborted (see
+    /// [`ChildSpec::shutdown`](crate::ChildSpec::shutdown)). A child that
     /// returns `Ok(())` simply ends.
     ///
     /// Returns whether the child was started. Once the instance is stopping

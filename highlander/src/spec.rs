@@ -161,7 +161,10 @@ pub struct ChildSpec {
 impl ChildSpec {
     /// A spec for `id` whose instances `factory` builds. The factory runs at
     /// the start of every tenure and every restart, with the instance's
-    /// [`Context`].
+    /// [`Context`]. A panic in it, also in its synchronous part before the
+    /// future it returns, stops that attempt with
+    /// [`ShutdownReason::Error`](crate::ShutdownReason::Error) like an error
+    /// does.
     pub fn new<S, F, Fut>(id: impl Into<String>, factory: F) -> Self
     where
         S: Service,
