@@ -1,6 +1,7 @@
 //! `backend::from_url` for every scheme: never panics, and its errors never
-//! show the password (nor any piece of it of 4 characters or more between `/ ? # @ : & ; =`, the same rule
-//! `from_url` applies to what the backends say).
+//! show the password, nor any piece of it (between `/ ? # @ : & ; =`) of 4
+//! characters or more: `from_url` hides every run of 4 or more characters of
+//! a secret that a backend's message quotes.
 //!
 //! Input: one byte choosing the scheme, then `user \0 password \0 rest`.
 

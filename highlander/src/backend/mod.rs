@@ -29,6 +29,7 @@
 //!   [`LeaseEnd::Conflict`] when a healed split finds two holders and this one
 //!   loses: the holder with the earliest claim wins, ties to the lower node name.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
@@ -265,50 +266,68 @@ pub struct Member {
 /// ```
 pub fn from_url(url: &str) -> Result<Box<dyn Backend>> {
     let url = url.trim();
-    select(url).map_err(|e| scrub(e, url))
-}
-
-/// The backend for `url`, by its scheme.
-fn select(url: &str) -> Result<Box<dyn Backend>> {
     let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or(url);
-    match scheme {
-        "memory" | "mem" => Ok(Box::new(MemoryCluster::global())),
+    let parsed = match scheme {
+        "memory" | "mem" => return Ok(Box::new(MemoryCluster::global())),
         "postgres" | "postgresql" => postgres_from_url(url),
         "etcd" | "etcds" => etcd_from_url(url),
         "cluster" => cluster_from_url(url),
-        _ => Err(unknown_backend(url)),
-    }
+        _ => return Err(unknown_backend(url)),
+    };
+    parsed.map_err(|e| scrub(e, url))
 }
 
-/// Defence in depth for the backends' own messages: every secret of `url`
-/// (what [`redact_url`] hides), and every piece of one between
-/// `/ ? # @ : & ; =` that is 4 characters or longer, is replaced by `***`
-/// should a message quote it (say, a parser that ended the authority at a `?`
-/// inside the password and quoted the "host" it found).
+/// Defence in depth for the backends' own messages: any run of 4 or more
+/// characters of a secret of `url` (what [`redact_url`] hides) that a message
+/// quotes is replaced by `***`, say from a parser that ended the authority at
+/// a `?` inside the password and quoted the "host" it found, or quoted a
+/// parameter whose value swallowed a `password=`.
 fn scrub(error: Error, url: &str) -> Error {
-    let mut pieces: Vec<&str> = crate::error::secrets(url)
+    const N: usize = 4;
+    let secret: HashSet<&str> = crate::error::secrets(url)
         .into_iter()
-        .flat_map(|secret| {
-            std::iter::once(secret).chain(secret.split(['/', '?', '#', '@', ':', '&', ';', '=']))
-        })
-        .map(str::trim)
-        .filter(|piece| piece.chars().count() >= 4)
+        .flat_map(|run| windows(run, N))
         .collect();
-    pieces.sort_by_key(|piece| std::cmp::Reverse(piece.len()));
-    pieces.dedup();
-    let hide = |mut message: String| {
-        for piece in &pieces {
-            if message.contains(piece) {
-                message = message.replace(piece, "***");
+    if secret.is_empty() {
+        return error;
+    }
+    let hide = |message: String| {
+        let starts: Vec<usize> = message
+            .char_indices()
+            .map(|(i, _)| i)
+            .chain([message.len()])
+            .collect();
+        let mut hidden = vec![false; starts.len()];
+        for k in 0..starts.len().saturating_sub(N) {
+            if secret.contains(&message[starts[k]..starts[k + N]]) {
+                hidden[k..k + N].fill(true);
             }
         }
-        message
+        let mut out = String::with_capacity(message.len());
+        for (k, ch) in message.chars().enumerate() {
+            if !hidden[k] {
+                out.push(ch);
+            } else if k == 0 || !hidden[k - 1] {
+                out.push_str("***");
+            }
+        }
+        out
     };
     match error {
         Error::Config(message) => Error::Config(hide(message)),
         Error::Backend(message) => Error::Backend(hide(message)),
         other => other,
     }
+}
+
+/// Every run of `n` characters of `text`.
+fn windows(text: &str, n: usize) -> impl Iterator<Item = &str> {
+    let starts: Vec<usize> = text
+        .char_indices()
+        .map(|(i, _)| i)
+        .chain([text.len()])
+        .collect();
+    (0..starts.len().saturating_sub(n)).map(move |k| &text[starts[k]..starts[k + n]])
 }
 
 /// The error for a URL no backend takes. It names the scheme only when the
@@ -388,17 +407,24 @@ mod tests {
     /// endpoint.
     #[test]
     fn backend_errors_never_quote_a_piece_of_the_password() {
-        for url in [
-            "etcds://root:s3cr?et42@a:2379",
-            "etcd://root:s3cr/et42@a:2379",
-            "postgres://app:s3cr?et42@db/app?sslmode=nope",
-            "postgres://app:s3cr/et42@db:notaport/app",
-            "cluster://u:s3cr?et42@0.0.0.0:7400?seeds=",
+        for (url, password) in [
+            ("etcds://root:s3cr?et42@a:2379", "s3cr?et42"),
+            ("etcd://root:s3cr/et42@a:2379", "s3cr/et42"),
+            ("postgres://app:s3cr?et42@db/app?sslmode=nope", "s3cr?et42"),
+            ("postgres://app:s3cr/et42@db:notaport/app", "s3cr/et42"),
+            ("cluster://u:s3cr?et42@0.0.0.0:7400?seeds=", "s3cr?et42"),
+            // Found by the fuzz target too: postgres quoted the `sslmode`
+            // value, which ran on over a second `?` into `password=`.
+            (
+                "postgres://\u{1}\u{1}\0\0/&bd\0pwddb:pp?sslmode=xe=//:@7?password=app/ab",
+                "app/ab",
+            ),
         ] {
-            if let Err(e) = from_url(url) {
-                let e = e.to_string();
-                assert!(!e.contains("s3cr"), "{url}: {e}");
-                assert!(!e.contains("et42"), "{url}: {e}");
+            let Err(e) = from_url(url) else { continue };
+            let e = e.to_string();
+            assert!(!e.contains(password), "{url}: {e}");
+            for piece in password.split(['/', '?']).filter(|p| p.len() >= 4) {
+                assert!(!e.contains(piece), "{url}: {e}");
             }
         }
     }
