@@ -57,7 +57,9 @@ fuzz_target!(|data: &[u8]| {
     let pieces = std::iter::once(password).chain(password.split(['/', '?', '#', '@', ':', '&', ';', '=']));
     for piece in pieces {
         let piece = piece.trim();
-        if piece.chars().count() < 4 || public.contains(piece) {
+        // `*` is what hidden text becomes: a piece holding it cannot be told
+        // apart from the redaction marker.
+        if piece.chars().count() < 4 || public.contains(piece) || piece.contains('*') {
             continue;
         }
         if !neutral.contains(piece) {
