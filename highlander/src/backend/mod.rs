@@ -429,6 +429,15 @@ mod tests {
         }
     }
 
+    /// Found by the `from_url` fuzz target: a huge `ttl` panicked in
+    /// `Duration::from_secs_f64`.
+    #[test]
+    fn huge_durations_are_an_error_not_a_panic() {
+        let ttl = format!("1{}", "0".repeat(25));
+        assert!(from_url(&format!("etcd://a:2379?ttl={ttl}")).is_err());
+        assert!(from_url("etcd://a:2379?ttl=1e300s").is_err());
+    }
+
     #[test]
     fn unknown_backends_never_echo_the_value() {
         let nasty = [

@@ -366,7 +366,7 @@ fn parse_duration(value: &str) -> Option<Duration> {
         "m" => number * 60.0,
         _ => return None,
     };
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
+    Duration::try_from_secs_f64(secs).ok()
 }
 
 /// Decodes `%XX` escapes (for passwords with special characters).
