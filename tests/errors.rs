@@ -28,8 +28,17 @@ fn unknown_backend_scheme() {
     assert_eq!(code, 1);
     assert_eq!(
         one_line(&err),
-        "error: HIGHLANDER_BACKEND: unknown backend `redis://app:***@cache:6379/0`: \
+        "error: HIGHLANDER_BACKEND: unknown backend scheme `redis://`: \
          use memory, postgres://…, etcd://… or cluster://…"
+    );
+    // Not a URL at all (a libpq key/value string): nothing of it is echoed.
+    let (code, err) = node(&[("HIGHLANDER_BACKEND", "host=db password=hunter2")]);
+    assert_eq!(code, 1);
+    let line = one_line(&err);
+    assert!(
+        line.starts_with("error: HIGHLANDER_BACKEND: the backend is not a URL")
+            && !line.contains("hunter2"),
+        "{line}"
     );
 }
 

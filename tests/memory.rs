@@ -612,7 +612,7 @@ async fn bad_runtime_ids_and_duplicates_are_refused() {
     a.shutdown().await;
 }
 
-struct Stubborn;
+struct Stubborn(Log);
 
 impl Service for Stubborn {
     async fn run(&mut self, _ctx: &Context) -> highlander::Result<()> {
@@ -620,8 +620,8 @@ impl Service for Stubborn {
         std::future::pending::<()>().await;
         Ok(())
     }
-    async fn terminate(&mut self, _reason: ShutdownReason) {
-        panic!("terminate must not run after the budget is spent");
+    async fn terminate(&mut self, reason: ShutdownReason) {
+        self.0.push(format!("stubborn terminate {reason}"));
     }
 }
 
@@ -644,12 +644,16 @@ async fn shutdown_budget_bounds_a_stuck_instance() {
     let cluster = MemoryCluster::new();
     let log = Log::default();
     let slow_log = log.clone();
+    let stubborn_log = log.clone();
     let a = Runtime::builder()
         .node("a")
         .backend(cluster.clone())
         .child(
-            ChildSpec::new("stubborn", |_ctx| async { Ok(Stubborn) })
-                .shutdown(Duration::from_secs(2)),
+            ChildSpec::new("stubborn", move |_ctx| {
+                let log = stubborn_log.clone();
+                async move { Ok(Stubborn(log)) }
+            })
+            .shutdown(Duration::from_secs(2)),
         )
         .child(
             ChildSpec::new("slow", move |_ctx| {
@@ -670,7 +674,17 @@ async fn shutdown_budget_bounds_a_stuck_instance() {
         took >= Duration::from_secs(3) && took < Duration::from_secs(4),
         "{took:?}"
     );
-    assert_eq!(log.lines(), vec!["terminate began".to_string()]);
+    // The stuck `run` was abandoned with the terminate reserve left, and
+    // terminate ran; the slow terminate was cut at the end of its budget.
+    let mut lines = log.lines();
+    lines.sort();
+    assert_eq!(
+        lines,
+        vec![
+            "stubborn terminate node shutdown".to_string(),
+            "terminate began".to_string()
+        ]
+    );
 }
 
 struct WithInit {
@@ -767,4 +781,473 @@ async fn many_ids_on_three_nodes_each_run_once() {
     }
     b.shutdown().await;
     c.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------
+// A panic anywhere in user code is an error that follows the restart policy;
+// the guardian never dies with the lease held.
+
+/// Where a [`Panicky`] service panics.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Site {
+    /// The factory's synchronous part (before its `async move`).
+    Factory,
+    /// The service's `Drop`, after a normal return.
+    Drop,
+    /// The synchronous part of `run` (before its first `.await`).
+    RunSync,
+    /// The synchronous part of `terminate`, after a normal return.
+    TerminateSync,
+    /// A child task spawned with `ctx.spawn` fails with an error whose
+    /// `Display` panics.
+    Child,
+}
+
+/// Shared state only node `b` has.
+struct Cfg;
+
+struct Panicky {
+    site: Site,
+    log: Log,
+}
+
+/// An error whose `Display` panics.
+#[derive(Debug)]
+struct BadDisplay;
+
+impl std::fmt::Display for BadDisplay {
+    fn fmt(&self, _f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        panic!("display")
+    }
+}
+
+impl std::error::Error for BadDisplay {}
+
+impl Service for Panicky {
+    #[allow(clippy::manual_async_fn)]
+    fn run(
+        &mut self,
+        ctx: &Context,
+    ) -> impl std::future::Future<Output = highlander::Result<()>> + Send {
+        self.log.push(format!("start {}", ctx.node()));
+        if self.site == Site::RunSync {
+            panic!("sync run");
+        }
+        let site = self.site;
+        async move {
+            if site == Site::Child {
+                ctx.spawn("child", async { Err(Error::service(BadDisplay)) });
+                ctx.cancelled().await;
+            }
+            Ok(())
+        }
+    }
+
+    #[allow(clippy::manual_async_fn)]
+    fn terminate(
+        &mut self,
+        reason: ShutdownReason,
+    ) -> impl std::future::Future<Output = ()> + Send {
+        self.log.push(format!("terminate {reason}"));
+        if self.site == Site::TerminateSync {
+            panic!("sync terminate");
+        }
+        async {}
+    }
+}
+
+impl Drop for Panicky {
+    fn drop(&mut self) {
+        if self.site == Site::Drop && !std::thread::panicking() {
+            panic!("drop");
+        }
+    }
+}
+
+/// The spec of a [`Panicky`] service: on a node without [`Cfg`] it panics at
+/// `site`; with it (node `b`), it runs until cancelled.
+fn panicky(site: Site, log: &Log) -> ChildSpec {
+    let log = log.clone();
+    ChildSpec::new("x", move |ctx: &Context| {
+        log.push(format!("factory {}", ctx.node()));
+        let healthy = ctx.state::<Cfg>().is_ok();
+        if site == Site::Factory && !healthy {
+            // The synchronous part of the factory: no `async` block yet.
+            let _cfg: &Cfg = ctx.state::<Cfg>().unwrap();
+        }
+        let log = log.clone();
+        async move {
+            if healthy {
+                Ok(Panicky {
+                    site: Site::Child,
+                    log,
+                })
+            } else {
+                Ok(Panicky { site, log })
+            }
+        }
+    })
+}
+
+/// Bounds a wait that hangs on a broken guardian (virtual time: instant).
+async fn hang_guard<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(3600), future)
+        .await
+        .unwrap_or_else(|_| panic!("hung: {what}"))
+}
+
+/// Checks one panic site two ways: as `temporary` the instance finishes
+/// with an error naming the panic; as `transient` with an intensity of 1 on a
+/// 2-node cluster, node `a` restarts it once, then steps down and `b` (where
+/// it does not panic) takes over.
+async fn panic_site(site: Site, expected: &str) {
+    highlander_tests::init_tracing();
+    // temporary: the reason says what panicked
+    let cluster = MemoryCluster::new();
+    let log = Log::default();
+    let a = node(
+        &cluster,
+        "a",
+        vec![panicky(site, &log).restart(Restart::Temporary)],
+    )
+    .await;
+    let status = hang_guard(
+        "the instance finishes",
+        a.wait_until(|s| matches!(s.get("x"), Some(SingletonState::Finished { .. }))),
+    )
+    .await;
+    match status.get("x") {
+        Some(SingletonState::Finished {
+            reason: ShutdownReason::Error(e),
+            ..
+        }) => assert_eq!(e, expected, "{site:?}"),
+        other => panic!("{site:?}: {other:?}"),
+    }
+    hang_guard("shutdown", a.shutdown()).await;
+    assert!(cluster.holders("x").is_empty(), "{site:?}: released");
+
+    // transient on two nodes: restarted by policy, then taken over
+    let cluster = MemoryCluster::new();
+    let log = Log::default();
+    let bad = panicky(site, &log)
+        .restart(Restart::Transient)
+        .intensity(1, Duration::from_secs(60));
+    let a = node(&cluster, "a", vec![bad.clone()]).await;
+    hang_guard(
+        "a claims",
+        a.wait_until(|s| !matches!(s.get("x"), Some(SingletonState::Claiming))),
+    )
+    .await;
+    let b = Runtime::builder()
+        .node("b")
+        .backend(cluster.clone())
+        .state(Cfg)
+        .child(bad)
+        .start()
+        .await
+        .unwrap();
+    hang_guard("b takes over", running(&b, "x")).await;
+    hang_guard(
+        "a stepped down",
+        a.wait_until(|s| {
+            matches!(
+                s.get("x"),
+                Some(SingletonState::SteppedDown | SingletonState::Waiting { .. })
+            )
+        }),
+    )
+    .await;
+    assert_eq!(log.count("factory a"), 2, "{site:?}: {:?}", log.lines());
+    assert_eq!(cluster.holders("x")[0].node, "b");
+    hang_guard("shutdown a", a.shutdown()).await;
+    hang_guard("shutdown b", b.shutdown()).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn panic_in_the_sync_part_of_a_factory_is_an_error() {
+    panic_site(
+        Site::Factory,
+        "init panicked: called `Result::unwrap()` on an `Err` value: MissingState { type_name: \"memory::Cfg\" }",
+    )
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn panic_in_the_drop_of_a_service_is_an_error() {
+    panic_site(Site::Drop, "dropping the service panicked: drop").await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn panic_in_the_sync_part_of_run_is_an_error() {
+    panic_site(Site::RunSync, "panicked: sync run").await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn panic_in_the_sync_part_of_terminate_is_an_error() {
+    panic_site(Site::TerminateSync, "terminate panicked: sync terminate").await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn panic_in_the_error_of_a_child_is_an_error() {
+    panic_site(
+        Site::Child,
+        "child task `child` failed: (the error's Display panicked: display)",
+    )
+    .await;
+}
+
+// ---------------------------------------------------------------------------
+// terminate always runs, also after `run` or a child overran the budget, and
+// no child starts once the instance stops.
+
+/// A service whose `run` and one child ignore cancellation.
+struct Deaf {
+    log: Log,
+    run_too: bool,
+}
+
+/// Logs when the future holding it is dropped.
+struct DropLog(Log, &'static str);
+
+impl Drop for DropLog {
+    fn drop(&mut self) {
+        self.0.push(format!("dropped {}", self.1));
+    }
+}
+
+impl Service for Deaf {
+    async fn run(&mut self, ctx: &Context) -> highlander::Result<()> {
+        let guard = DropLog(self.log.clone(), "child");
+        ctx.spawn("deaf", async move {
+            let _guard = guard;
+            std::future::pending::<()>().await;
+            Ok(())
+        });
+        let _guard = DropLog(self.log.clone(), "run");
+        if self.run_too {
+            std::future::pending::<()>().await;
+        }
+        ctx.cancelled().await;
+        Ok(())
+    }
+
+    async fn terminate(&mut self, reason: ShutdownReason) {
+        self.log.push(format!("terminate {reason}"));
+    }
+}
+
+async fn deaf(run_too: bool) -> Vec<String> {
+    let cluster = MemoryCluster::new();
+    let log = Log::default();
+    let deaf_log = log.clone();
+    let a = Runtime::builder()
+        .node("a")
+        .backend(cluster.clone())
+        .child(
+            ChildSpec::new("deaf", move |_ctx| {
+                let log = deaf_log.clone();
+                async move { Ok(Deaf { log, run_too }) }
+            })
+            .shutdown(Duration::from_secs(4)),
+        )
+        .start()
+        .await
+        .unwrap();
+    running(&a, "deaf").await;
+    hang_guard("shutdown", a.shutdown()).await;
+    log.lines()
+}
+
+#[tokio::test(start_paused = true)]
+async fn terminate_runs_after_a_child_overran_the_budget() {
+    let lines = deaf(false).await;
+    // run returned, the child was aborted, then terminate ran
+    assert_eq!(
+        lines,
+        ["dropped run", "dropped child", "terminate node shutdown"],
+        "{lines:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn terminate_runs_after_run_overran_the_budget() {
+    let lines = deaf(true).await;
+    // run was dropped, the child aborted, and terminate still ran
+    assert_eq!(
+        lines,
+        ["dropped run", "dropped child", "terminate node shutdown"],
+        "{lines:?}"
+    );
+}
+
+/// Tries to start children once it is stopping: from `run` after
+/// cancellation, from a child, and from `terminate` through a kept context.
+struct LateSpawner {
+    log: Log,
+    ctx: Option<Context>,
+}
+
+fn late_child(
+    log: &Log,
+    from: &str,
+) -> impl std::future::Future<Output = highlander::Result<()>> + Send + 'static {
+    let log = log.clone();
+    let from = from.to_string();
+    async move {
+        log.push(format!("late child from {from} ran"));
+        Ok(())
+    }
+}
+
+impl Service for LateSpawner {
+    async fn run(&mut self, ctx: &Context) -> highlander::Result<()> {
+        self.ctx = Some(ctx.clone());
+        let (child_ctx, log) = (ctx.clone(), self.log.clone());
+        ctx.spawn("lingering", async move {
+            child_ctx.cancelled().await;
+            let started = child_ctx.spawn("late", late_child(&log, "child"));
+            log.push(format!("spawn from child returned {started:?}"));
+            Ok(())
+        });
+        ctx.cancelled().await;
+        let started = ctx.spawn("late", late_child(&self.log, "run"));
+        self.log
+            .push(format!("spawn from run returned {started:?}"));
+        Ok(())
+    }
+
+    async fn terminate(&mut self, _reason: ShutdownReason) {
+        if let Some(ctx) = &self.ctx {
+            let started = ctx.spawn("late", late_child(&self.log, "terminate"));
+            self.log
+                .push(format!("spawn from terminate returned {started:?}"));
+        }
+        // Give a wrongly started child every chance to run.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn children_are_refused_once_the_instance_stops() {
+    let cluster = MemoryCluster::new();
+    let log = Log::default();
+    let spawner_log = log.clone();
+    let a = Runtime::builder()
+        .node("a")
+        .backend(cluster.clone())
+        .singleton("late", move |_ctx| {
+            let log = spawner_log.clone();
+            async move { Ok(LateSpawner { log, ctx: None }) }
+        })
+        .start()
+        .await
+        .unwrap();
+    running(&a, "late").await;
+    hang_guard("shutdown", a.shutdown()).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut lines = log.lines();
+    lines.sort();
+    assert_eq!(
+        lines,
+        [
+            "spawn from child returned false",
+            "spawn from run returned false",
+            "spawn from terminate returned false",
+        ],
+        "no late child ran"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// The last resort: should the guardian itself panic (here: a backend whose
+// release panics once), it releases its tenure, says so, and claims again.
+
+/// A memory backend whose sessions panic in their first `release`.
+struct PanickyRelease(MemoryCluster);
+
+struct PanickyReleaseSession {
+    inner: std::sync::Arc<dyn highlander::backend::Session>,
+    panicked: std::sync::atomic::AtomicBool,
+}
+
+impl highlander::backend::Backend for PanickyRelease {
+    fn connect(
+        &self,
+        node: &str,
+    ) -> highlander::BoxFuture<
+        'static,
+        highlander::Result<std::sync::Arc<dyn highlander::backend::Session>>,
+    > {
+        let connect = self.0.connect(node);
+        Box::pin(async move {
+            let session: std::sync::Arc<dyn highlander::backend::Session> =
+                std::sync::Arc::new(PanickyReleaseSession {
+                    inner: connect.await?,
+                    panicked: Default::default(),
+                });
+            Ok(session)
+        })
+    }
+
+    fn describe(&self) -> String {
+        "memory, panicking in its first release".into()
+    }
+}
+
+impl highlander::backend::Session for PanickyReleaseSession {
+    fn try_claim(
+        &self,
+        request: highlander::backend::ClaimRequest,
+    ) -> highlander::BoxFuture<'_, highlander::Result<highlander::backend::Claim>> {
+        self.inner.try_claim(request)
+    }
+
+    fn release(&self, id: &str, token: u64) -> highlander::BoxFuture<'_, highlander::Result<()>> {
+        if !self
+            .panicked
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            panic!("release: a bug in the backend");
+        }
+        self.inner.release(id, token)
+    }
+
+    fn holder(
+        &self,
+        id: &str,
+    ) -> highlander::BoxFuture<'_, highlander::Result<Option<highlander::backend::Holder>>> {
+        self.inner.holder(id)
+    }
+
+    fn close(&self) -> highlander::BoxFuture<'_, ()> {
+        self.inner.close()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_guardian_releases_its_tenure_and_claims_again() {
+    highlander_tests::init_tracing();
+    let cluster = MemoryCluster::new();
+    let log = Log::default();
+    let a = Runtime::builder()
+        .node("a")
+        .backend(PanickyRelease(cluster.clone()))
+        .child(probe("solo", &log, Behave::Wait))
+        .start()
+        .await
+        .unwrap();
+    running(&a, "solo").await;
+    let b = node(&cluster, "b", vec![probe("solo", &log, Behave::Wait)]).await;
+    waiting(&b, "solo").await;
+    // The step-down's release panics inside a's guardian.
+    a.step_down("solo").unwrap();
+    hang_guard("b takes over", running(&b, "solo")).await;
+    assert_eq!(log.count("terminate solo a stepdown"), 1);
+    assert_eq!(a.status().get("solo"), Some(&SingletonState::SteppedDown));
+    // a's guardian lives on: it waits for b, and takes over when b goes.
+    hang_guard("a waits", waiting(&a, "solo")).await;
+    hang_guard("b stops", b.shutdown()).await;
+    hang_guard("a takes over", running(&a, "solo")).await;
+    hang_guard("a stops", a.shutdown()).await;
+    assert!(cluster.holders("solo").is_empty());
 }

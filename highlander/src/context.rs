@@ -62,8 +62,16 @@ pub(crate) struct ChildFailure {
 /// The instance's child tasks.
 pub(crate) struct Children {
     tracker: TaskTracker,
-    aborts: Mutex<Vec<AbortHandle>>,
+    /// Abort handles of the children, and whether new ones are still taken.
+    /// One lock for both, so no child can start after `close` or slip past
+    /// `abort_all`.
+    handles: Mutex<Handles>,
     failures: mpsc::UnboundedSender<ChildFailure>,
+}
+
+struct Handles {
+    aborts: Vec<AbortHandle>,
+    open: bool,
 }
 
 impl Children {
@@ -73,14 +81,16 @@ impl Children {
         self.tracker.wait().await;
     }
 
-    /// Aborts every child task still running.
+    /// Refuses every child spawned from now on.
+    fn close(&self) {
+        self.handles.lock().unwrap_or_else(|e| e.into_inner()).open = false;
+    }
+
+    /// Aborts every child task still running, and refuses new ones.
     pub(crate) fn abort_all(&self) {
-        for handle in self
-            .aborts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-        {
+        let mut handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
+        handles.open = false;
+        for handle in handles.aborts.drain(..) {
             handle.abort();
         }
     }
@@ -100,7 +110,10 @@ impl Context {
         let (tx, rx) = mpsc::unbounded_channel();
         let children = Arc::new(Children {
             tracker: TaskTracker::new(),
-            aborts: Mutex::new(Vec::new()),
+            handles: Mutex::new(Handles {
+                aborts: Vec::new(),
+                open: true,
+            }),
             failures: tx,
         });
         let inner = Inner {
@@ -125,9 +138,11 @@ impl Context {
         &self.inner.children
     }
 
-    /// Records why the instance stops (the first reason wins) and cancels it.
+    /// Records why the instance stops (the first reason wins), refuses new
+    /// children and cancels it.
     pub(crate) fn stop(&self, reason: ShutdownReason) {
         let _ = self.inner.reason.set(reason);
+        self.inner.children.close();
         self.inner.cancel.cancel();
     }
 
@@ -199,8 +214,16 @@ impl Context {
     /// error or panics, the whole instance is stopped with
     /// [`ShutdownReason::Error`] and restarted by its policy. When the
     /// instance stops, the context is cancelled and every child is awaited
-    /// (within the shutdown budget) before `terminate` runs. A child that
+    /// before `terminate` runs: until three quarters of the shutdown budget
+    /// are spent, then the rest are aborted (see
+    /// [`ChildSpec::shutdown`](crate::ChildSpec::shutdown)). A child that
     /// returns `Ok(())` simply ends.
+    ///
+    /// Returns whether the child was started. Once the instance is stopping
+    /// (its context is cancelled, so also from `terminate` or from a child
+    /// that outlives `run`), a new child is refused: `spawn` returns `false`
+    /// and drops `future` without ever polling it, so nothing outlives its
+    /// instance.
     ///
     /// ```
     /// use highlander::{Context, Service};
@@ -220,28 +243,40 @@ impl Context {
     ///     }
     /// }
     /// ```
-    pub fn spawn<F>(&self, name: impl Into<String>, future: F)
+    pub fn spawn<F>(&self, name: impl Into<String>, future: F) -> bool
     where
         F: Future<Output = Result<()>> + Send + 'static,
     {
         let name = name.into();
         let children = &self.inner.children;
+        let mut handles = children.handles.lock().unwrap_or_else(|e| e.into_inner());
+        if !handles.open || self.is_cancelled() {
+            drop(handles);
+            tracing::debug!(child = %name, "the instance is stopping: child task refused");
+            return false;
+        }
         let failures = children.failures.clone();
         let cancel = self.inner.cancel.clone();
         let future = tracing::Instrument::instrument(future, self.inner.span.clone());
         let task = children.tracker.spawn(async move {
-            let why = match AssertUnwindSafe(future).catch_unwind().await {
+            // The future is awaited inside the guarded block, so it is also
+            // dropped there; the error's text (its `Display`, user code) is
+            // taken under `catch_unwind` as well.
+            let outcome = AssertUnwindSafe(async move { future.await.map_err(describe_error) })
+                .catch_unwind()
+                .await;
+            let why = match outcome {
                 Ok(Ok(())) => return,
-                Ok(Err(e)) => e.to_string(),
-                Err(panic) => format!("panicked: {}", panic_message(&*panic)),
+                Ok(Err(why)) => why,
+                Err(panic) => format!("panicked: {}", panic_text(panic)),
             };
             if !cancel.is_cancelled() {
                 let _ = failures.send(ChildFailure { name, why });
             }
         });
-        let mut aborts = children.aborts.lock().unwrap_or_else(|e| e.into_inner());
-        aborts.retain(|h| !h.is_finished());
-        aborts.push(task.abort_handle());
+        handles.aborts.retain(|h| !h.is_finished());
+        handles.aborts.push(task.abort_handle());
+        true
     }
 }
 
@@ -255,6 +290,28 @@ impl fmt::Debug for Context {
             .field("reason", &self.inner.reason.get())
             .finish_non_exhaustive()
     }
+}
+
+/// Runs `f`, turning a panic into its message.
+pub(crate) fn catch<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(panic_text)
+}
+
+/// The text of a caught panic. The payload is dropped under `catch_unwind`
+/// too (a payload is user code); one whose drop panics again is leaked.
+pub(crate) fn panic_text(payload: Box<dyn Any + Send>) -> String {
+    let text = panic_message(&*payload);
+    if let Err(again) = std::panic::catch_unwind(AssertUnwindSafe(move || drop(payload))) {
+        std::mem::forget(again);
+    }
+    text
+}
+
+/// The text of an error from user code: its `Display` and its `Drop` are user
+/// code, so both run under `catch_unwind`.
+pub(crate) fn describe_error(error: Error) -> String {
+    catch(move || error.to_string())
+        .unwrap_or_else(|panic| format!("(the error's Display panicked: {panic})"))
 }
 
 /// The text of a panic payload.

@@ -2,19 +2,23 @@
 //! supervisor, watch the lease, release, and take over when the holder goes.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use futures_util::FutureExt;
 use tokio::sync::{Notify, watch};
 use tokio::time::{Instant, sleep, timeout_at};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::backend::{Claim, ClaimRequest, Holder, Lease, Session};
-use crate::context::{Children, StateMap, panic_message};
-use crate::spec::{ChildSpec, Restart};
+use crate::context::{Children, StateMap, catch, describe_error, panic_text};
+use crate::service::BoxFuture;
+use crate::spec::{ChildSpec, Restart, terminate_reserve};
 use crate::{Context, ShutdownReason};
 
 /// The first restart waits this long; each further one twice as long.
@@ -116,13 +120,43 @@ impl Guardian {
     }
 
     /// Runs until the node shuts down.
+    ///
+    /// User code never unwinds into the guardian (see [`Guarded`]); this is
+    /// the last resort should the guardian itself panic: the tenure it holds
+    /// is released, the status says it stepped down, and after the step-down
+    /// delay it claims again. A guardian never ends with a lease held.
     pub(crate) async fn run(self) {
         let span = info_span!("singleton", id = %self.slot.spec.id, node = %self.shared.node);
         let _exit = crate::ops::ExitGuard::new(&self.slot, &self.shared.ops);
-        self.guard().instrument(span).await;
+        async {
+            let held = Mutex::new(None);
+            loop {
+                match AssertUnwindSafe(self.guard(&held)).catch_unwind().await {
+                    Ok(()) => break,
+                    Err(panic) => {
+                        let panic = panic_text(panic);
+                        error!(%panic, "the guardian panicked (a bug in highlander): releasing the id and claiming again");
+                        let token = held.lock().unwrap_or_else(|e| e.into_inner()).take();
+                        if let Some(token) = token {
+                            self.release(token).await;
+                        }
+                        self.set(SingletonState::SteppedDown);
+                        tokio::select! {
+                            _ = self.shared.shutdown.cancelled() => break,
+                            _ = sleep(self.shared.stepdown_delay) => {}
+                        }
+                    }
+                }
+            }
+            self.set(SingletonState::Stopped);
+        }
+        .instrument(span)
+        .await;
     }
 
-    async fn guard(&self) {
+    /// Claims, supervises and releases until the node shuts down. `held`
+    /// names the tenure this node holds, for [`Guardian::run`].
+    async fn guard(&self, held: &Mutex<Option<u64>>) {
         let shutdown = self.shared.shutdown.clone();
         let session = self.shared.session.clone();
         let request = ClaimRequest {
@@ -167,6 +201,7 @@ impl Guardian {
                     }
                 }
                 Ok(Claim::Granted(lease)) => {
+                    *held.lock().unwrap_or_else(|e| e.into_inner()) = Some(lease.token);
                     retry = RETRY_MIN;
                     last_holder = None;
                     let tenure = info_span!("tenure", token = lease.token);
@@ -174,14 +209,14 @@ impl Guardian {
                     let outcome = self.supervise(&lease).instrument(tenure).await;
                     match outcome {
                         Outcome::Shutdown => {
-                            self.release(&lease).await;
+                            self.release(lease.token).await;
                             break;
                         }
                         Outcome::Lost(reason) => {
                             info!(token = lease.token, %reason, "tenure ended");
                         }
                         Outcome::Stepdown => {
-                            self.release(&lease).await;
+                            self.release(lease.token).await;
                             self.set(SingletonState::SteppedDown);
                             tokio::select! {
                                 _ = shutdown.cancelled() => break,
@@ -195,7 +230,7 @@ impl Guardian {
                             });
                             tokio::select! {
                                 _ = shutdown.cancelled() => {
-                                    self.release(&lease).await;
+                                    self.release(lease.token).await;
                                     break;
                                 }
                                 end = lease.ended() => {
@@ -204,22 +239,18 @@ impl Guardian {
                             }
                         }
                     }
+                    *held.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 }
             }
         }
         self.set(SingletonState::Stopped);
     }
 
-    async fn release(&self, lease: &Lease) {
-        match self
-            .shared
-            .session
-            .release(&self.slot.spec.id, lease.token)
-            .await
-        {
-            Ok(()) => debug!(token = lease.token, "released"),
+    async fn release(&self, token: u64) {
+        match self.shared.session.release(&self.slot.spec.id, token).await {
+            Ok(()) => debug!(token, "released"),
             Err(e) => {
-                warn!(token = lease.token, error = %e, "release failed; the backend frees the id when this node's session ends")
+                warn!(token, error = %e, "release failed; the backend frees the id when this node's session ends")
             }
         }
     }
@@ -285,8 +316,14 @@ impl Guardian {
     }
 
     /// Builds and runs one instance, and always ends it the same way:
-    /// cancel, await `run`, await every child, `terminate(reason)`, all within
-    /// the shutdown budget. Returns why it stopped.
+    /// cancel, await `run` and every child until the terminate reserve is all
+    /// that is left of the shutdown budget (abandoning what still runs), then
+    /// `terminate(reason)` with the rest. Returns why it stopped.
+    ///
+    /// Every call into user code (the factory, `run`, `terminate`, dropping
+    /// their futures and the service, an error's `Display`) goes through
+    /// [`Guarded`] or [`catch`], so a panic anywhere in it becomes
+    /// [`ShutdownReason::Error`] and never unwinds into the guardian.
     async fn run_instance(&self, lease: &Lease) -> ShutdownReason {
         let spec = &self.slot.spec;
         let (ctx, mut failures) = Context::new(
@@ -297,6 +334,7 @@ impl Guardian {
         );
         let children = ctx.children().clone();
         let _abort_children = AbortOnDrop(children.clone());
+        let late = LatePanic::default();
 
         let stop_trigger = async {
             tokio::select! {
@@ -310,45 +348,46 @@ impl Guardian {
         };
         tokio::pin!(stop_trigger);
 
-        // Build the instance.
+        // Build the instance: the factory is called inside the guarded poll,
+        // so a panic in its synchronous part is caught too.
+        let mut build = Guarded::new("the factory", || (spec.build)(&ctx), &late);
         let built = tokio::select! {
-            built = AssertUnwindSafe((spec.build)(&ctx)).catch_unwind() => built,
+            built = &mut build => built,
             reason = &mut stop_trigger => {
                 ctx.stop(reason.clone());
+                drop(build);
                 let deadline = Instant::now() + spec.shutdown;
-                stop_children(&children, deadline).await;
-                return reason;
+                stop_children(&children, deadline, deadline).await;
+                return late.after(reason);
             }
         };
+        drop(build);
         let mut service = match built {
             Ok(Ok(service)) => service,
-            Ok(Err(e)) => {
-                let reason = ShutdownReason::Error(format!("init failed: {e}"));
+            failed => {
+                let reason = ShutdownReason::Error(match failed {
+                    Ok(Err(e)) => format!("init failed: {}", describe_error(e)),
+                    Err(panic) => format!("init panicked: {panic}"),
+                    Ok(Ok(_)) => unreachable!("matched above"),
+                });
                 warn!(%reason, "instance could not be built");
                 ctx.stop(reason.clone());
-                stop_children(&children, Instant::now() + spec.shutdown).await;
-                return reason;
-            }
-            Err(panic) => {
-                let reason =
-                    ShutdownReason::Error(format!("init panicked: {}", panic_message(&*panic)));
-                warn!(%reason, "instance could not be built");
-                ctx.stop(reason.clone());
-                stop_children(&children, Instant::now() + spec.shutdown).await;
+                let deadline = Instant::now() + spec.shutdown;
+                stop_children(&children, deadline, deadline).await;
                 return reason;
             }
         };
 
-        // Run it until it returns or something stops it.
+        // Run it until it returns or something stops it. `run` and the
+        // children may use the budget up to the terminate reserve.
         let (reason, deadline) = {
-            let run = AssertUnwindSafe(service.run_dyn(&ctx)).catch_unwind();
-            tokio::pin!(run);
+            let mut run = Guarded::new("run", || service.run_dyn(&ctx), &late);
             let (reason, returned) = tokio::select! {
                 result = &mut run => {
                     let reason = match result {
                         Ok(Ok(())) => ctx.reason().unwrap_or(ShutdownReason::Normal),
-                        Ok(Err(e)) => ShutdownReason::Error(e.to_string()),
-                        Err(panic) => ShutdownReason::Error(format!("panicked: {}", panic_message(&*panic))),
+                        Ok(Err(e)) => ShutdownReason::Error(describe_error(e)),
+                        Err(panic) => ShutdownReason::Error(format!("panicked: {panic}")),
                     };
                     (reason, true)
                 }
@@ -357,57 +396,172 @@ impl Guardian {
             ctx.stop(reason.clone());
             let reason = ctx.reason().unwrap_or(reason);
             let deadline = Instant::now() + spec.shutdown;
+            let abandon_at = deadline - terminate_reserve(spec.shutdown);
             if !returned {
                 debug!(%reason, "stopping instance");
-                match timeout_at(deadline, &mut run).await {
+                match timeout_at(abandon_at, &mut run).await {
                     Ok(Ok(Ok(()))) => {}
-                    Ok(Ok(Err(e))) => debug!(error = %e, "run returned an error while stopping"),
-                    Ok(Err(panic)) => {
-                        warn!(panic = %panic_message(&*panic), "run panicked while stopping")
+                    Ok(Ok(Err(e))) => {
+                        debug!(error = %describe_error(e), "run returned an error while stopping")
                     }
+                    Ok(Err(panic)) => warn!(%panic, "run panicked while stopping"),
                     Err(_) => {
                         warn!(
                             budget = ?spec.shutdown,
                             %reason,
-                            "run did not return within the shutdown budget: dropped without terminate"
+                            "run did not return within its share of the shutdown budget: dropped; terminate runs now"
                         );
-                        children.abort_all();
-                        return reason;
                     }
                 }
             }
+            // An unfinished `run` is dropped here (guarded), before
+            // `terminate` borrows the service.
+            drop(run);
+            if !stop_children(&children, abandon_at, deadline).await {
+                debug!("terminate runs with the budget's reserve");
+            }
             (reason, deadline)
         };
-        if !stop_children(&children, deadline).await {
-            return reason;
-        }
-        match timeout_at(
-            deadline,
-            AssertUnwindSafe(service.terminate_dyn(reason.clone())).catch_unwind(),
-        )
-        .await
-        {
+
+        let mut terminate =
+            Guarded::new("terminate", || service.terminate_dyn(reason.clone()), &late);
+        match timeout_at(deadline, &mut terminate).await {
             Ok(Ok(())) => {}
-            Ok(Err(panic)) => warn!(panic = %panic_message(&*panic), "terminate panicked"),
+            Ok(Err(panic)) => {
+                warn!(%panic, "terminate panicked");
+                late.record(format!("terminate panicked: {panic}"));
+            }
             Err(_) => {
                 warn!(budget = ?spec.shutdown, %reason, "terminate overran the shutdown budget: dropped")
             }
         }
-        reason
+        drop(terminate);
+        if let Err(panic) = catch(move || drop(service)) {
+            warn!(%panic, "dropping the service panicked");
+            late.record(format!("dropping the service panicked: {panic}"));
+        }
+        late.after(reason)
     }
 }
 
-/// Awaits every child until `deadline`, then aborts the rest. Returns false
-/// when the budget ran out.
-async fn stop_children(children: &Children, deadline: Instant) -> bool {
-    if timeout_at(deadline, children.wait()).await.is_ok() {
+/// The first panic that happened after the instance's reason was known: in
+/// `terminate`, or while dropping the service or an unfinished future.
+#[derive(Default)]
+struct LatePanic(Mutex<Option<String>>);
+
+impl LatePanic {
+    fn record(&self, why: String) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(why);
+    }
+
+    /// The instance's final reason: a late panic turns a normal stop into an
+    /// error (so `transient` restarts it). Any other reason stands: the
+    /// instance was stopping for it anyway, and an error already says so.
+    fn after(&self, reason: ShutdownReason) -> ShutdownReason {
+        let late = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match (reason, late) {
+            (ShutdownReason::Normal, Some(why)) => ShutdownReason::Error(why),
+            (reason, Some(why)) => {
+                debug!(%reason, panic = %why, "panic while stopping; the reason stands");
+                reason
+            }
+            (reason, None) => reason,
+        }
+    }
+}
+
+/// A future of user code that cannot unwind into the guardian: the call that
+/// creates it (the synchronous part of a factory, `run` or `terminate`), every
+/// poll, and dropping it, finished or not, all run under `catch_unwind`. A
+/// panic while polling or finishing is its output, `Err(message)`; a panic
+/// while dropping it unfinished is recorded in the instance's [`LatePanic`].
+struct Guarded<'a, F, T> {
+    what: &'static str,
+    make: Option<F>,
+    future: Option<BoxFuture<'a, T>>,
+    late: &'a LatePanic,
+}
+
+impl<'a, F, T> Guarded<'a, F, T>
+where
+    F: FnOnce() -> BoxFuture<'a, T> + Unpin,
+{
+    fn new(what: &'static str, make: F, late: &'a LatePanic) -> Self {
+        Guarded {
+            what,
+            make: Some(make),
+            future: None,
+            late,
+        }
+    }
+}
+
+impl<'a, F, T> Future for Guarded<'a, F, T>
+where
+    F: FnOnce() -> BoxFuture<'a, T> + Unpin,
+{
+    type Output = Result<T, String>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let polled = catch(|| {
+            if this.future.is_none() {
+                let make = this.make.take()?;
+                this.future = Some(make());
+            }
+            this.future.as_mut().map(|f| f.as_mut().poll(cx))
+        });
+        match polled {
+            Ok(Some(Poll::Pending)) => Poll::Pending,
+            Ok(Some(Poll::Ready(value))) => {
+                let future = this.future.take();
+                match catch(move || drop(future)) {
+                    Ok(()) => Poll::Ready(Ok(value)),
+                    Err(panic) => {
+                        let _ = catch(move || drop(value));
+                        Poll::Ready(Err(format!("dropping {} panicked: {panic}", this.what)))
+                    }
+                }
+            }
+            Ok(None) => Poll::Ready(Err(format!("{} was polled after it finished", this.what))),
+            Err(panic) => {
+                let future = this.future.take();
+                let _ = catch(move || drop(future));
+                Poll::Ready(Err(panic))
+            }
+        }
+    }
+}
+
+impl<F, T> Drop for Guarded<'_, F, T> {
+    fn drop(&mut self) {
+        let future = self.future.take();
+        if let Err(panic) = catch(move || drop(future)) {
+            warn!(%panic, "dropping unfinished {} panicked", self.what);
+            self.late.record(format!(
+                "dropping unfinished {} panicked: {panic}",
+                self.what
+            ));
+        }
+    }
+}
+
+/// Awaits every child until `abandon_at`, then aborts the rest and awaits
+/// their end (an aborted task ends at its next turn; bounded by `deadline`).
+/// Returns false when the children overran their share of the budget.
+async fn stop_children(children: &Children, abandon_at: Instant, deadline: Instant) -> bool {
+    if timeout_at(abandon_at, children.wait()).await.is_ok() {
         return true;
     }
     warn!(
         running = children.running(),
-        "child tasks overran the shutdown budget: aborted"
+        "child tasks overran their share of the shutdown budget: aborted"
     );
     children.abort_all();
+    let _ = timeout_at(deadline, children.wait()).await;
     false
 }
 

@@ -44,9 +44,13 @@ pub trait Service: Send + 'static {
     /// Called exactly once after every instance stops, however it stopped:
     /// conflict after a healed split, lost lease, node shutdown, its own error
     /// or panic, step-down, or a normal return. Children spawned with
-    /// [`Context::spawn`] have all finished by then. Must finish within the
-    /// service's `shutdown` budget (default 5 s), or the instance is dropped
-    /// and the overrun is logged.
+    /// [`Context::spawn`] have all finished by then, or were aborted: `run`
+    /// and the children get the first three quarters of the service's
+    /// `shutdown` budget (default 5 s), and `terminate` runs even when they
+    /// overran it, with the rest of the budget (at least a quarter). Past the
+    /// end of the budget `terminate` is dropped and the overrun logged.
+    /// A panic in `terminate` (or in the service's `Drop`) turns a normal
+    /// stop into [`ShutdownReason::Error`], restarted by the policy.
     fn terminate(&mut self, reason: ShutdownReason) -> impl Future<Output = ()> + Send {
         let _ = reason;
         async {}

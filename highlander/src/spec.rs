@@ -63,6 +63,12 @@ impl Default for Intensity {
 /// The default shutdown budget: how long cancellation plus `terminate` may take.
 pub const DEFAULT_SHUTDOWN: Duration = Duration::from_secs(5);
 
+/// The part of a shutdown budget kept for `terminate`: a quarter. `run` and
+/// the children are abandoned when only this much of the budget is left.
+pub(crate) fn terminate_reserve(budget: Duration) -> Duration {
+    budget / 4
+}
+
 /// Longest singleton id in bytes.
 pub const MAX_ID_LEN: usize = 200;
 
@@ -157,7 +163,10 @@ pub struct ChildSpec {
 impl ChildSpec {
     /// A spec for `id` whose instances `factory` builds. The factory runs at
     /// the start of every tenure and every restart, with the instance's
-    /// [`Context`].
+    /// [`Context`]. A panic in it, also in its synchronous part before the
+    /// future it returns, stops that attempt with
+    /// [`ShutdownReason::Error`](crate::ShutdownReason::Error) like an error
+    /// does.
     pub fn new<S, F, Fut>(id: impl Into<String>, factory: F) -> Self
     where
         S: Service,
@@ -193,6 +202,14 @@ impl ChildSpec {
 
     /// Sets how long cancellation and `terminate` may take together
     /// (default 5 s).
+    ///
+    /// The budget counts from the moment the instance is cancelled. `run` and
+    /// the children spawned with [`Context::spawn`] get the first three
+    /// quarters of it; whatever of them still runs then is dropped (children
+    /// aborted) and the overrun logged. `terminate` always runs next, with
+    /// the rest of the budget: at least the last quarter (the terminate
+    /// reserve), more when `run` and the children stopped early. A
+    /// `terminate` that overruns the end of the budget is dropped.
     #[must_use]
     pub fn shutdown(mut self, budget: Duration) -> Self {
         self.shutdown = budget;

@@ -67,6 +67,9 @@ mod wire;
 pub use faults::Faults;
 #[cfg(not(feature = "test-util"))]
 use faults::Faults;
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzz;
 
 /// The embedded cluster backend: configuration for one node, given to
 /// [`Builder::backend`](crate::Builder::backend).
