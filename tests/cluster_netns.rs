@@ -40,6 +40,20 @@ async fn start(ids: &str) -> Cluster {
         .iter()
         .map(|n| format!("{}:{PORT}", Topology::dns(n)))
         .collect();
+    start_on(topo, &NODES, ids, |topo, n| {
+        format!("cluster://{}:{PORT}?seeds={}", topo.ip(n), seeds.join(","))
+    })
+    .await
+}
+
+/// One `node` process per name in `nodes`, inside its namespace of `topo`,
+/// each with `HIGHLANDER_BACKEND` = `url(topo, name)`.
+async fn start_on(
+    topo: Topology,
+    nodes: &[&str],
+    ids: &str,
+    url: impl Fn(&Topology, &str) -> String,
+) -> Cluster {
     let mut fleet = Fleet::new(
         env!("CARGO_BIN_EXE_node"),
         "",
@@ -50,8 +64,8 @@ async fn start(ids: &str) -> Cluster {
         ],
     );
     let mut procs = HashMap::new();
-    for n in NODES {
-        let url = format!("cluster://{}:{PORT}?seeds={}", topo.ip(n), seeds.join(","));
+    for n in nodes {
+        let url = url(&topo, n);
         let p = fleet
             .spawn_in(n, &[("HIGHLANDER_BACKEND", &url)], &topo.exec_prefix(n))
             .await;
@@ -63,7 +77,6 @@ async fn start(ids: &str) -> Cluster {
         topo,
     }
 }
-
 impl Cluster {
     /// Reads events until `done` holds for what is running, or panics after
     /// the guard.
@@ -445,31 +458,13 @@ async fn nodes_find_each_other_through_one_name_and_a_new_address_is_found_again
     let all = ["a", "b", "c", "d"];
     let topo = tokio::task::block_in_place(|| Topology::create(&all));
     topo.name_cluster(&["a", "b", "c"]);
-    let mut fleet = Fleet::new(
-        env!("CARGO_BIN_EXE_node"),
-        "",
-        &[
-            ("HIGHLANDER_COOKIE", COOKIE),
-            ("HL_IDS", "solo"),
-            ("HL_SHUTDOWN_MS", "1000"),
-        ],
-    );
-    let mut procs = HashMap::new();
-    for n in ["a", "b", "c"] {
-        let url = format!(
+    let mut cluster = start_on(topo, &["a", "b", "c"], "solo", |topo, n| {
+        format!(
             "cluster://{}:{PORT}?seeds={CLUSTER_NAME}:{PORT}",
             topo.ip(n)
-        );
-        let p = fleet
-            .spawn_in(n, &[("HIGHLANDER_BACKEND", &url)], &topo.exec_prefix(n))
-            .await;
-        procs.insert(n.to_string(), p);
-    }
-    let mut cluster = Cluster {
-        fleet,
-        _procs: procs,
-        topo,
-    };
+        )
+    })
+    .await;
     cluster.first_holder().await;
 
     let url = format!(
@@ -507,28 +502,8 @@ async fn dual_stack_names_form_one_cluster_and_fail_over() {
         .iter()
         .map(|n| format!("{}:{PORT}", Topology::dual_dns(n)))
         .collect();
-    let mut fleet = Fleet::new(
-        env!("CARGO_BIN_EXE_node"),
-        "",
-        &[
-            ("HIGHLANDER_COOKIE", COOKIE),
-            ("HL_IDS", "solo"),
-            ("HL_SHUTDOWN_MS", "1000"),
-        ],
-    );
     let url = format!("cluster://[::]:{PORT}?seeds={}", seeds.join(","));
-    let mut procs = HashMap::new();
-    for n in NODES {
-        let p = fleet
-            .spawn_in(n, &[("HIGHLANDER_BACKEND", &url)], &topo.exec_prefix(n))
-            .await;
-        procs.insert(n.to_string(), p);
-    }
-    let mut cluster = Cluster {
-        fleet,
-        _procs: procs,
-        topo,
-    };
+    let mut cluster = start_on(topo, &NODES, "solo", |_, _| url.clone()).await;
     let holder = cluster.first_holder().await;
     cluster._procs[&holder].signal("KILL");
     cluster
