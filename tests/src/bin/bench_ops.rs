@@ -10,7 +10,8 @@
 //! - `status`: one node runs `--ids` ids (then `--big` ids, 0 to skip) and
 //!   serves HTTP on loopback; `GET /status` `--runs` times: latency and
 //!   body size; and `RuntimeHandle::status()` in-process;
-//! - `metrics`: `--ids` ids on two nodes of one memory cluster: time from
+//! - `metrics`: `--ids` ids on two nodes of one memory cluster, and again
+//!   on two nodes of the embedded cluster backend over loopback TCP: time from
 //!   start until the first node runs them all, then SIGKILL-like abort of
 //!   that node and time until the second runs them all; over `--rounds`
 //!   rounds, in a child process per mode (the global recorder cannot be
@@ -22,6 +23,8 @@
 
 use std::time::Instant;
 
+use highlander::backend::Backend;
+use highlander::backend::cluster::Cluster;
 use highlander::{ChildSpec, Context, MemoryCluster, Runtime, RuntimeHandle, Service};
 use highlander_tests::bench::report;
 use highlander_tests::ops::get;
@@ -40,6 +43,7 @@ struct Args {
     runs: usize,
     rounds: usize,
     child: Option<String>,
+    backend: String,
 }
 
 fn args() -> Args {
@@ -49,6 +53,7 @@ fn args() -> Args {
         runs: 30,
         rounds: 5,
         child: None,
+        backend: "memory".to_string(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -58,6 +63,7 @@ fn args() -> Args {
             "--big" => a.big = value().parse().expect("--big N"),
             "--runs" => a.runs = value().parse().expect("--runs N"),
             "--rounds" => a.rounds = value().parse().expect("--rounds N"),
+            "--backend" => a.backend = value(),
             "--child" => a.child = Some(value()),
             other => panic!("unknown flag {other}: use --ids, --big, --runs, --rounds"),
         }
@@ -66,7 +72,7 @@ fn args() -> Args {
 }
 
 async fn start(
-    cluster: &MemoryCluster,
+    backend: impl Backend,
     node: &str,
     ids: usize,
     http: bool,
@@ -74,7 +80,7 @@ async fn start(
 ) -> RuntimeHandle {
     let mut b = Runtime::builder()
         .node(node)
-        .backend(cluster.clone())
+        .backend(backend)
         .metrics_per_id(per_id);
     if http {
         b = b.http("127.0.0.1:0");
@@ -88,7 +94,7 @@ async fn start(
 }
 
 async fn status_scenario(ids: usize, runs: usize) {
-    let h = start(&MemoryCluster::new(), "status-a", ids, true, true).await;
+    let h = start(MemoryCluster::new(), "status-a", ids, true, true).await;
     h.wait_until(|s| s.running().count() == ids).await;
     let addr = h.http_addr().expect("serving");
     let mut lat = Vec::new();
@@ -113,7 +119,51 @@ async fn status_scenario(ids: usize, runs: usize) {
     h.shutdown().await;
 }
 
-async fn metrics_child(mode: &str, ids: usize, rounds: usize) {
+/// The two nodes' backends: one memory cluster, or two embedded-cluster
+/// nodes on loopback, the second seeded with the first's bound address.
+struct Pair {
+    memory: Option<MemoryCluster>,
+    first: Option<Cluster>,
+}
+
+const COOKIE: &str = "bench-ops-cookie-not-a-secret";
+
+impl Pair {
+    fn new(backend: &str) -> Pair {
+        match backend {
+            "memory" => Pair {
+                memory: Some(MemoryCluster::new()),
+                first: None,
+            },
+            "cluster" => Pair {
+                memory: None,
+                first: Some(Cluster::new("127.0.0.1:0").cookie(COOKIE)),
+            },
+            other => panic!("unknown backend `{other}`: use memory or cluster"),
+        }
+    }
+
+    fn a(&self) -> Box<dyn Backend> {
+        match (&self.memory, &self.first) {
+            (Some(m), _) => Box::new(m.clone()),
+            (_, Some(c)) => Box::new(c.clone()),
+            _ => unreachable!(),
+        }
+    }
+
+    fn b(&self) -> Box<dyn Backend> {
+        match (&self.memory, &self.first) {
+            (Some(m), _) => Box::new(m.clone()),
+            (_, Some(c)) => {
+                let seed = c.local_addr().expect("the first node is bound").to_string();
+                Box::new(Cluster::new("127.0.0.1:0").cookie(COOKIE).seeds([seed]))
+            }
+            _ => unreachable!(),
+        }
+    }
+}
+
+async fn metrics_child(backend: &str, mode: &str, ids: usize, rounds: usize) {
     let (http, per_id) = match mode {
         "none" => (false, true),
         "prometheus" => (true, true),
@@ -124,14 +174,14 @@ async fn metrics_child(mode: &str, ids: usize, rounds: usize) {
     let mut render = Vec::new();
     let mut size = 0;
     for _ in 0..rounds {
-        let cluster = MemoryCluster::new();
+        let pair = Pair::new(backend);
         let t = Instant::now();
         // The same names every round, as one process would have: the
         // recorder keeps each series it has seen.
-        let a = start(&cluster, "a", ids, http, per_id).await;
+        let a = start(pair.a(), "a", ids, http, per_id).await;
         a.wait_until(|s| s.running().count() == ids).await;
         up.push(t.elapsed().as_secs_f64() * 1e3);
-        let b = start(&cluster, "b", ids, false, per_id).await;
+        let b = start(pair.b(), "b", ids, false, per_id).await;
         b.wait_until(|s| {
             s.singletons
                 .iter()
@@ -150,8 +200,11 @@ async fn metrics_child(mode: &str, ids: usize, rounds: usize) {
         over.push(t.elapsed().as_secs_f64() * 1e3);
         b.shutdown().await;
     }
-    report(&format!("{ids} ids up, metrics={mode}"), &up);
-    report(&format!("{ids} ids failed over, metrics={mode}"), &over);
+    report(&format!("{backend}: {ids} ids up, metrics={mode}"), &up);
+    report(
+        &format!("{backend}: {ids} ids failed over, metrics={mode}"),
+        &over,
+    );
     if !render.is_empty() {
         report(
             &format!("GET /metrics, metrics={mode} ({} KiB)", size / 1024),
@@ -164,7 +217,7 @@ async fn metrics_child(mode: &str, ids: usize, rounds: usize) {
 async fn main() {
     let a = args();
     if let Some(mode) = a.child {
-        metrics_child(&mode, a.ids, a.rounds).await;
+        metrics_child(&a.backend, &mode, a.ids, a.rounds).await;
         return;
     }
     status_scenario(a.ids, a.runs).await;
@@ -172,12 +225,14 @@ async fn main() {
         status_scenario(a.big, a.runs.min(10)).await;
     }
     let me = std::env::current_exe().expect("this binary");
-    for mode in ["none", "prometheus", "prometheus-per-node"] {
-        let status = std::process::Command::new(&me)
-            .args(["--child", mode, "--ids", &a.ids.to_string()])
-            .args(["--rounds", &a.rounds.to_string()])
-            .status()
-            .expect("run the child");
-        assert!(status.success(), "the {mode} child failed");
+    for backend in ["memory", "cluster"] {
+        for mode in ["none", "prometheus", "prometheus-per-node"] {
+            let status = std::process::Command::new(&me)
+                .args(["--child", mode, "--ids", &a.ids.to_string()])
+                .args(["--rounds", &a.rounds.to_string(), "--backend", backend])
+                .status()
+                .expect("run the child");
+            assert!(status.success(), "the {backend} {mode} child failed");
+        }
     }
 }
