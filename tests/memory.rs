@@ -1251,3 +1251,39 @@ async fn a_panicking_guardian_releases_its_tenure_and_claims_again() {
     hang_guard("a stops", a.shutdown()).await;
     assert!(cluster.holders("solo").is_empty());
 }
+
+/// A step-down asked for the moment `run` has begun is never lost: the
+/// instance may not yet listen for it then (its first poll can come after
+/// `run` started), so the request waits for it. 200 tenures, each stepped
+/// down from inside its own `run`'s first moment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_down_right_after_run_begins_is_not_lost() {
+    struct Eager(tokio::sync::mpsc::UnboundedSender<()>);
+    impl Service for Eager {
+        async fn run(&mut self, ctx: &Context) -> highlander::Result<()> {
+            let _ = self.0.send(());
+            ctx.cancelled().await;
+            Ok(())
+        }
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let handle = Runtime::builder()
+        .node("a")
+        .backend(MemoryCluster::new())
+        .stepdown_delay(Duration::from_millis(1))
+        .child(ChildSpec::new("eager", move |_ctx| {
+            let tx = tx.clone();
+            async move { Ok(Eager(tx)) }
+        }))
+        .start()
+        .await
+        .unwrap();
+    for round in 0..200 {
+        tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: the instance never ran again"))
+            .expect("the runtime runs");
+        handle.step_down("eager").unwrap();
+    }
+    handle.shutdown().await;
+}

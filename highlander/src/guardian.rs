@@ -262,6 +262,8 @@ impl Guardian {
         let mut restarts: VecDeque<Instant> = VecDeque::new();
         let mut total_restarts = 0u32;
         let mut backoff = RESTART_BACKOFF_MIN;
+        // A step-down asked for during an earlier tenure is not for this one.
+        let _ = self.slot.step_down.notified().now_or_never();
         loop {
             self.set(SingletonState::Running {
                 token: lease.token,

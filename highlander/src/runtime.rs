@@ -528,7 +528,18 @@ impl RuntimeHandle {
     /// here.
     pub fn step_down(&self, id: &str) -> Result<()> {
         let slot = self.slot(id)?;
-        slot.step_down.notify_waiters();
+        let running = matches!(
+            *slot.state.lock().unwrap_or_else(|e| e.into_inner()),
+            SingletonState::Running { .. }
+        );
+        if running {
+            // A permit, not a wake-up of current waiters: the instance may
+            // not yet be listening (its first poll may come after `run`
+            // has begun), and the request must not be lost then. A permit
+            // left when the tenure ends otherwise is dropped when the next
+            // tenure begins.
+            slot.step_down.notify_one();
+        }
         Ok(())
     }
 
