@@ -42,19 +42,29 @@ pub struct Netns {
     ns_ip: Ipv4Addr,
 }
 
-/// Runs a command and panics with its output when it fails.
-fn run(args: &[&str]) {
+/// Runs a command, returns its stdout, and panics with its output when it
+/// fails (for every network-namespace harness of this crate).
+pub(crate) fn run(args: &[&str]) -> String {
     let out = Command::new(args[0])
         .args(&args[1..])
         .stdin(Stdio::null())
         .output()
         .unwrap_or_else(|e| panic!("cannot run `{}`: {e}", args.join(" ")));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // `ip -n` and `ip netns exec` remount / as a slave first, which fails
+    // when / is not a mount point: inside a chroot.
+    let hint = if stderr.contains("make-rslave") {
+        "; / is not a mount point here (a chroot?): network namespaces need a real root"
+    } else {
+        ""
+    };
     assert!(
         out.status.success(),
-        "`{}` failed (netns tests need root, iproute2 and util-linux): {}",
+        "`{}` failed (netns tests need root, iproute2, iptables and util-linux{hint}): {}",
         args.join(" "),
-        String::from_utf8_lossy(&out.stderr).trim()
+        stderr.trim()
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 impl Netns {

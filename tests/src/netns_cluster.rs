@@ -70,6 +70,8 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use crate::netns::run;
+
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// Namespace names of this harness start with this, then `<pid>-`.
@@ -95,22 +97,6 @@ pub struct Topology {
     host_if: String,
     net: [u8; 3],
     nodes: Vec<NodeNs>,
-}
-
-/// Runs a command and panics with its output when it fails.
-fn run(args: &[&str]) -> String {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run `{}`: {e}", args.join(" ")));
-    assert!(
-        out.status.success(),
-        "`{}` failed (netns tests need root, iproute2, iptables and util-linux): {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Runs a command, ignoring whether it works (clean-up of what may not exist).
