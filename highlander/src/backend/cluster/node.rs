@@ -45,6 +45,8 @@ const FORGET_AFTER: Duration = Duration::from_secs(300);
 /// addresses that join a name (a new pod behind a headless Service) are
 /// dialed and vanished ones stop being seeds.
 const RESOLVE_EVERY: Duration = Duration::from_secs(5);
+/// After a failed dial to a seed, its names are resolved again this soon.
+const RESOLVE_AFTER_FAILURE: Duration = Duration::from_secs(1);
 /// A peer that refused our cookie is redialed this rarely; so is an address
 /// that sent any other refusal before authenticating (a hint, never final).
 const REFUSED_REDIAL: Duration = Duration::from_secs(2);
@@ -1628,8 +1630,9 @@ impl Node {
                 _ = self.cancel.cancelled() => break,
                 _ = sleep(RESOLVE_EVERY) => {}
                 _ = self.resolve_now.notified() => {
-                    // Many failed dials at once resolve once.
-                    sleep(self.settings.redial).await;
+                    // Many failed dials resolve once, and a dead seed
+                    // redialed every 100 ms asks DNS at most once a second.
+                    sleep(self.settings.redial.max(RESOLVE_AFTER_FAILURE)).await;
                 }
             }
             let now = seed_addresses(&self.settings.seeds).await;
