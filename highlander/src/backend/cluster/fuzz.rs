@@ -5,7 +5,7 @@
 use bytes::BytesMut;
 
 use super::seal;
-use super::wire::{Handshake, MemberInfo, Msg, NONCE_LEN, Role, Transcript};
+use super::wire::{Handshake, MemberInfo, Msg, NONCE_LEN, PROTOCOL_VERSION, Role, Transcript};
 
 /// Decodes `payload` as a frame after the handshake (a peer controls every
 /// byte of it); a frame that decodes encodes back to the same message.
@@ -41,9 +41,12 @@ pub fn open(sealed: &[u8]) {
     };
     let (dialer_nonce, acceptor_nonce) = ([1u8; NONCE_LEN], [2u8; NONCE_LEN]);
     let transcript = Transcript {
+        version: PROTOCOL_VERSION,
         dialer: &dialer,
+        dialer_port: 7401,
         dialer_nonce: &dialer_nonce,
         acceptor: &acceptor,
+        acceptor_port: 7400,
         acceptor_nonce: &acceptor_nonce,
     };
     let (mut sealer, _) = seal::channel(b"cookie", Role::Dialer, &transcript);
