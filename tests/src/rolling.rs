@@ -78,7 +78,7 @@ impl Running {
             && self
                 .by_id
                 .values()
-                .all(|nodes| nodes.iter().any(|n| Some(n.as_str()) != except) && !nodes.is_empty())
+                .all(|nodes| nodes.iter().any(|n| Some(n.as_str()) != except))
     }
 
     fn held_by(&self, node: &str) -> usize {
