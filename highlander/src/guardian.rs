@@ -273,7 +273,9 @@ impl Guardian {
             let reason = self.run_instance(lease).await;
             self.slot.ops.stopped(&reason);
             let restart = match &reason {
-                ShutdownReason::NodeShutdown => return Outcome::Shutdown,
+                ShutdownReason::NodeShutdown | ShutdownReason::Moved | ShutdownReason::Removed => {
+                    return Outcome::Shutdown;
+                }
                 ShutdownReason::LeaseLost | ShutdownReason::Conflict => {
                     return Outcome::Lost(reason);
                 }
@@ -574,5 +576,56 @@ struct AbortOnDrop(Arc<Children>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{Backend, MemoryCluster};
+    use crate::spec::ChildSpec;
+
+    struct Idle;
+    impl crate::Service for Idle {
+        async fn run(&mut self, ctx: &Context) -> crate::Result<()> {
+            ctx.cancelled().await;
+            Ok(())
+        }
+    }
+
+    /// The futures every id keeps in memory: the guardian's (one task per
+    /// id, waiting or running) and a running instance's. Printed with
+    /// `--nocapture`; bounded so that growth is a deliberate choice.
+    #[tokio::test]
+    async fn future_sizes() {
+        let session = MemoryCluster::new().connect("a").await.unwrap();
+        let node: Arc<str> = Arc::from("a");
+        let ops = crate::ops::NodeOps::new(node.clone(), &crate::ops::OpsConfig::default());
+        let spec = ChildSpec::new("sizes", |_ctx| async { Ok(Idle) });
+        let shared = Arc::new(Shared {
+            node,
+            session,
+            state: Arc::new(StateMap::new()),
+            shutdown: CancellationToken::new(),
+            stepdown_delay: Duration::from_secs(5),
+            version: watch::Sender::new(0),
+            ops: ops.clone(),
+        });
+        let slot = Arc::new(Slot {
+            ops: ops.slot(&spec.id),
+            spec,
+            state: Mutex::new(SingletonState::Claiming),
+            step_down: Notify::new(),
+        });
+        let guardian = Guardian { slot, shared };
+        let (lease, _signal) = Lease::new(1);
+        let instance = std::mem::size_of_val(&guardian.run_instance(&lease));
+        let supervise = std::mem::size_of_val(&guardian.supervise(&lease));
+        let held = Mutex::new(None);
+        let guard = std::mem::size_of_val(&guardian.guard(&held));
+        let task = std::mem::size_of_val(&guardian.run());
+        println!(
+            "guardian task future {task} B, guard {guard} B, supervise {supervise} B, instance {instance} B"
+        );
     }
 }

@@ -53,6 +53,7 @@ mod context;
 mod error;
 mod guardian;
 pub mod ops;
+pub mod placement;
 mod reason;
 mod runtime;
 mod service;
@@ -97,6 +98,8 @@ pub use spec::{
 /// | `shutdown` | how long cancellation plus `terminate` may take: `"500ms"`, `"5s"`, `"2m"`; `run` and the children get the first three quarters, then `terminate` always runs with the rest | `"5s"` |
 /// | `intensity` | restarts allowed within `period` before the node steps down | `3` |
 /// | `period` | the window for `intensity` | `"5s"` |
+/// | `prefer` | node names or labels (`["node-a", "zone=eu"]`) where the service would rather run; see [`placement`] | none |
+/// | `avoid` | node names or labels where it runs only when no other node can | none |
 /// | `init` | path to `async fn(&Context) -> highlander::Result<Self>`, used instead of `Default` | `Default::default()` |
 /// | `crate` | path to the `highlander` crate, for re-exporters | `::highlander` |
 pub use highlander_macros::highlander;
@@ -105,7 +108,7 @@ pub use highlander_macros::highlander;
 #[doc(hidden)]
 pub mod __private {
     pub use crate::service::{BoxFuture, DynService};
-    pub use crate::spec::{__spec, Registration};
+    pub use crate::spec::{__affinity, __spec, Registration};
     pub use ::core;
     pub use ::inventory;
     pub use ::std;

@@ -12,6 +12,7 @@ use std::fmt;
 /// assert!(r.is_error());
 /// assert_eq!(r.to_string(), "error: disk full");
 /// assert_eq!(ShutdownReason::Conflict.to_string(), "conflict");
+/// assert!(!ShutdownReason::Moved.is_error());
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -36,6 +37,16 @@ pub enum ShutdownReason {
     Stepdown,
     /// `run` returned `Ok(())` on its own, without being cancelled.
     Normal,
+    /// The id is handed over to another node in good order: this node is
+    /// draining ([`RuntimeHandle::drain`](crate::RuntimeHandle::drain)), or
+    /// the id belongs elsewhere now. Once `terminate` has run, this node
+    /// releases the id and another node starts it; nothing failed.
+    Moved,
+    /// The id was removed from this node
+    /// ([`RuntimeHandle::remove`](crate::RuntimeHandle::remove)): once
+    /// `terminate` has run, this node releases the id and no longer
+    /// competes for it. Another node configured with the id may take it.
+    Removed,
 }
 
 impl ShutdownReason {
@@ -54,6 +65,8 @@ impl fmt::Display for ShutdownReason {
             ShutdownReason::Error(e) => write!(f, "error: {e}"),
             ShutdownReason::Stepdown => f.write_str("stepdown"),
             ShutdownReason::Normal => f.write_str("normal"),
+            ShutdownReason::Moved => f.write_str("moved"),
+            ShutdownReason::Removed => f.write_str("removed"),
         }
     }
 }

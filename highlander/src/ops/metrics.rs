@@ -12,7 +12,7 @@
 //! |---|---|---|---|---|
 //! | `highlander_running` | gauge | `node`, `id` | instances | 1 while the id's instance runs on this node, else 0; without the `id` label (see below) the number of ids running on the node |
 //! | `highlander_tenures_started_total` | counter | `node`, `id` | tenures | claims that succeeded: this node began holding the id |
-//! | `highlander_stops_total` | counter | `node`, `id`, `reason` | instances | instances that stopped, by `reason`: `normal`, `error` (error or panic in `init`, `run` or a child), `conflict`, `lease_lost`, `stepdown`, `node_shutdown` |
+//! | `highlander_stops_total` | counter | `node`, `id`, `reason` | instances | instances that stopped, by `reason`: `normal`, `error` (error or panic in `init`, `run` or a child), `conflict`, `lease_lost`, `stepdown`, `node_shutdown`, `moved` (handed over: drain), `removed` (`RuntimeHandle::remove`) |
 //! | `highlander_restarts_total` | counter | `node`, `id` | restarts | instances restarted by policy within a tenure |
 //! | `highlander_stepdowns_total` | counter | `node`, `id` | step-downs | times this node gave the id up to wait (restart intensity exceeded, or asked to with `step_down`) |
 //! | `highlander_claim_latency_seconds` | histogram | `node` | seconds | from the moment an id may be free (the first claim attempt, or the wake after waiting on a holder) to "running here", over the node's ids |
@@ -26,7 +26,7 @@
 //!
 //! # Label cardinality
 //!
-//! `node` is one value per process. `reason` has the six values above.
+//! `node` is one value per process. `reason` has the eight values above.
 //! **`id` is a label**: every configured id adds five series (one more per
 //! stop reason seen) to each scrape. The claim-latency histogram is per
 //! node only: with buckets, one per id would add some 16 series per id. For fleets of many

@@ -331,6 +331,8 @@ pub(crate) fn reason_label(reason: &ShutdownReason) -> &'static str {
         ShutdownReason::Error(_) => "error",
         ShutdownReason::Stepdown => "stepdown",
         ShutdownReason::Normal => "normal",
+        ShutdownReason::Moved => "moved",
+        ShutdownReason::Removed => "removed",
     }
 }
 

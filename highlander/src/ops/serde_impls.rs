@@ -42,12 +42,14 @@ impl<'de> Deserialize<'de> for ShutdownReason {
             "node shutdown" => ShutdownReason::NodeShutdown,
             "stepdown" => ShutdownReason::Stepdown,
             "normal" => ShutdownReason::Normal,
+            "moved" => ShutdownReason::Moved,
+            "removed" => ShutdownReason::Removed,
             other => match other.strip_prefix("error: ") {
                 Some(why) => ShutdownReason::Error(why.to_string()),
                 None => {
                     return Err(serde::de::Error::custom(format!(
                         "unknown shutdown reason `{other}`: expected conflict, lease lost, \
-                         node shutdown, stepdown, normal or `error: …`"
+                         node shutdown, stepdown, normal, moved, removed or `error: …`"
                     )));
                 }
             },
@@ -67,6 +69,8 @@ mod tests {
             ShutdownReason::NodeShutdown,
             ShutdownReason::Stepdown,
             ShutdownReason::Normal,
+            ShutdownReason::Moved,
+            ShutdownReason::Removed,
             ShutdownReason::Error("disk: full".into()),
         ] {
             let json = serde_json::to_string(&reason).unwrap();
