@@ -14,6 +14,8 @@ pub(crate) const KEYS: &[&str] = &[
     "shutdown",
     "intensity",
     "period",
+    "prefer",
+    "avoid",
     "init",
     "crate",
 ];
@@ -32,6 +34,10 @@ pub(crate) struct Args {
     pub(crate) shutdown: Option<WithSpan<String>>,
     pub(crate) intensity: Option<WithSpan<u32>>,
     pub(crate) period: Option<WithSpan<String>>,
+    /// `prefer = [..]`: each entry with its span.
+    pub(crate) prefer: Option<WithSpan<Vec<WithSpan<String>>>>,
+    /// `avoid = [..]`: each entry with its span.
+    pub(crate) avoid: Option<WithSpan<Vec<WithSpan<String>>>>,
     pub(crate) init: Option<syn::Path>,
     pub(crate) krate: Option<syn::Path>,
     /// `id` was written, even if its value was refused (so no second
@@ -57,6 +63,10 @@ impl Errors {
 
     pub(crate) fn is_empty(&self) -> bool {
         self.errors.is_empty()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.errors.len()
     }
 
     pub(crate) fn to_compile_errors(&self) -> TokenStream {
@@ -139,6 +149,20 @@ pub(crate) fn parse_args(tokens: TokenStream, errors: &mut Errors) -> Args {
                 string(value, "period", errors),
                 key_span,
                 "period",
+                errors,
+            ),
+            "prefer" => set(
+                &mut args.prefer,
+                strings(value, "prefer", errors),
+                key_span,
+                "prefer",
+                errors,
+            ),
+            "avoid" => set(
+                &mut args.avoid,
+                strings(value, "avoid", errors),
+                key_span,
+                "avoid",
                 errors,
             ),
             "intensity" => {
@@ -228,6 +252,55 @@ fn string(value: &Expr, key: &str, errors: &mut Errors) -> Option<WithSpan<Strin
             None
         }
     }
+}
+
+/// `["a", "b"]`, or one string alone. Every element that is not a string
+/// literal is an error at its span.
+fn strings(
+    value: &Expr,
+    key: &str,
+    errors: &mut Errors,
+) -> Option<WithSpan<Vec<WithSpan<String>>>> {
+    let elems: Vec<&Expr> = match value {
+        Expr::Array(array) => array.elems.iter().collect(),
+        Expr::Lit(ExprLit {
+            lit: Lit::Str(_), ..
+        }) => vec![value],
+        other => {
+            errors.push(
+                other.span(),
+                format_args!(
+                    "`{key}` must be a list of node names or labels: `{key} = [\"node-a\", \"zone=eu\"]`"
+                ),
+            );
+            return None;
+        }
+    };
+    let mut entries = Vec::new();
+    let mut ok = true;
+    for elem in elems {
+        match elem {
+            Expr::Lit(ExprLit {
+                lit: Lit::Str(s), ..
+            }) => entries.push(WithSpan {
+                value: s.value(),
+                span: s.span(),
+            }),
+            other => {
+                errors.push(
+                    other.span(),
+                    format_args!(
+                        "each `{key}` entry must be a string literal: `{key} = [\"node-a\", \"zone=eu\"]`"
+                    ),
+                );
+                ok = false;
+            }
+        }
+    }
+    ok.then(|| WithSpan {
+        value: entries,
+        span: value.span(),
+    })
 }
 
 fn integer(value: &Expr, errors: &mut Errors) -> Option<WithSpan<u32>> {

@@ -42,6 +42,10 @@ fn expand(target: &Target, checked: &Checked) -> TokenStream {
     let intensity = checked.intensity;
     let period_ms = checked.period_ms;
     let p = quote!(#krate::__private);
+    let affinity = (!checked.prefer.is_empty() || !checked.avoid.is_empty()).then(|| {
+        let (prefer, avoid) = (&checked.prefer, &checked.avoid);
+        quote!(let spec = #p::__affinity(spec, &[#(#prefer),*], &[#(#avoid),*]);)
+    });
     let construct = match &checked.init {
         Some(init) => {
             quote_spanned! {init.segments.last().map(|s| s.ident.span()).unwrap_or_else(proc_macro2::Span::call_site)=>
@@ -68,7 +72,7 @@ fn expand(target: &Target, checked: &Checked) -> TokenStream {
                             #p::core::result::Result::Ok(#p::boxed(service))
                         })
                     }
-                    #p::__spec(
+                    let spec = #p::__spec(
                         #id,
                         #p::core::concat!(#p::core::module_path!(), "::", #p::core::stringify!(#ident)),
                         #krate::Restart::#restart,
@@ -78,7 +82,9 @@ fn expand(target: &Target, checked: &Checked) -> TokenStream {
                             period: #p::core::time::Duration::from_millis(#period_ms),
                         },
                         build,
-                    )
+                    );
+                    #affinity
+                    spec
                 }
             }
 

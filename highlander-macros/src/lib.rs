@@ -7,6 +7,7 @@
 
 use proc_macro::TokenStream;
 
+mod affinity;
 mod ast;
 mod expand;
 mod valid;

@@ -15,6 +15,8 @@ pub(crate) struct Checked {
     pub(crate) shutdown_ms: u64,
     pub(crate) intensity: u32,
     pub(crate) period_ms: u64,
+    pub(crate) prefer: Vec<String>,
+    pub(crate) avoid: Vec<String>,
     pub(crate) init: Option<syn::Path>,
     pub(crate) krate: syn::Path,
 }
@@ -56,15 +58,19 @@ pub(crate) fn check_args(args: Args, errors: &mut Errors) -> Option<Checked> {
     let shutdown_ms = duration(args.shutdown, "shutdown", 5_000, errors);
     let period_ms = duration(args.period, "period", 5_000, errors);
     let intensity = args.intensity.map(|i| i.value).unwrap_or(3);
+    let affinity = crate::affinity::check(args.prefer, args.avoid, errors);
     let krate = args
         .krate
         .unwrap_or_else(|| syn::parse_quote!(::highlander));
+    let (prefer, avoid) = affinity?;
     Some(Checked {
         id: id?,
         restart: restart?,
         shutdown_ms: shutdown_ms?,
         intensity,
         period_ms: period_ms?,
+        prefer,
+        avoid,
         init: args.init,
         krate,
     })
