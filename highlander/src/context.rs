@@ -9,7 +9,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use futures_util::FutureExt;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tokio_util::task::TaskTracker;
@@ -62,16 +62,19 @@ pub(crate) struct ChildFailure {
 /// The instance's child tasks.
 pub(crate) struct Children {
     tracker: TaskTracker,
-    /// Abort handles of the children, and whether new ones are still taken.
-    /// One lock for both, so no child can start after `close` or slip past
-    /// `abort_all`.
+    /// Abort handles of the children, whether new ones are still taken, and
+    /// the first failure. One lock for all, so no child can start after
+    /// `close` or slip past `abort_all`.
     handles: Mutex<Handles>,
-    failures: mpsc::UnboundedSender<ChildFailure>,
+    /// A permit once `handles.failure` is set. Only the first failure
+    /// matters (it stops the instance), so one slot does, not a channel.
+    failed: Notify,
 }
 
 struct Handles {
     aborts: Vec<AbortHandle>,
     open: bool,
+    failure: Option<ChildFailure>,
 }
 
 impl Children {
@@ -98,23 +101,44 @@ impl Children {
     pub(crate) fn running(&self) -> usize {
         self.tracker.len()
     }
+
+    /// Completes at the first child failure, with it.
+    pub(crate) async fn failed(&self) -> ChildFailure {
+        loop {
+            self.failed.notified().await;
+            let failure = self
+                .handles
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .failure
+                .take();
+            if let Some(failure) = failure {
+                return failure;
+            }
+        }
+    }
+
+    /// Records a child's failure; the first one wins.
+    fn fail(&self, failure: ChildFailure) {
+        let mut handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
+        if handles.failure.is_none() {
+            handles.failure = Some(failure);
+            drop(handles);
+            self.failed.notify_one();
+        }
+    }
 }
 
 impl Context {
-    pub(crate) fn new(
-        id: Arc<str>,
-        node: Arc<str>,
-        token: u64,
-        state: Arc<StateMap>,
-    ) -> (Context, mpsc::UnboundedReceiver<ChildFailure>) {
-        let (tx, rx) = mpsc::unbounded_channel();
+    pub(crate) fn new(id: Arc<str>, node: Arc<str>, token: u64, state: Arc<StateMap>) -> Context {
         let children = Arc::new(Children {
             tracker: TaskTracker::new(),
             handles: Mutex::new(Handles {
                 aborts: Vec::new(),
                 open: true,
+                failure: None,
             }),
-            failures: tx,
+            failed: Notify::new(),
         });
         let inner = Inner {
             id,
@@ -126,12 +150,9 @@ impl Context {
             children,
             span: tracing::Span::current(),
         };
-        (
-            Context {
-                inner: Arc::new(inner),
-            },
-            rx,
-        )
+        Context {
+            inner: Arc::new(inner),
+        }
     }
 
     pub(crate) fn children(&self) -> &Arc<Children> {
@@ -255,7 +276,7 @@ impl Context {
             tracing::debug!(child = %name, "the instance is stopping: child task refused");
             return false;
         }
-        let failures = children.failures.clone();
+        let report = children.clone();
         let cancel = self.inner.cancel.clone();
         let future = tracing::Instrument::instrument(future, self.inner.span.clone());
         let task = children.tracker.spawn(async move {
@@ -271,7 +292,7 @@ impl Context {
                 Err(panic) => format!("panicked: {}", panic_text(panic)),
             };
             if !cancel.is_cancelled() {
-                let _ = failures.send(ChildFailure { name, why });
+                report.fail(ChildFailure { name, why });
             }
         });
         handles.aborts.retain(|h| !h.is_finished());

@@ -5,7 +5,8 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
@@ -33,7 +34,7 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 /// With the `serde` feature it is an object tagged by `"state"` in
 /// snake case: `{"state": "running", "token": 7, "restarts": 0}`,
 /// `{"state": "waiting", "holder": {"node": "b", "token": 3}}`,
-/// `{"state": "claiming"}`.
+/// `{"state": "claiming"}`, `{"state": "draining"}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(
     feature = "serde",
@@ -66,6 +67,12 @@ pub enum SingletonState {
     },
     /// This node gave the id up and waits before claiming it again.
     SteppedDown,
+    /// This node is draining
+    /// ([`RuntimeHandle::drain`](crate::RuntimeHandle::drain)): it neither
+    /// holds nor claims the id until
+    /// [`RuntimeHandle::resume`](crate::RuntimeHandle::resume); another
+    /// node may hold it.
+    Draining,
     /// The backend could not be asked; retrying.
     Retrying {
         /// The backend's error.
@@ -75,12 +82,102 @@ pub enum SingletonState {
     Stopped,
 }
 
+/// Why a handle asks a running instance to stop and give its id up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Ask {
+    /// [`RuntimeHandle::step_down`](crate::RuntimeHandle::step_down).
+    Stepdown = 1,
+    /// A handoff: the id moves to another node (a drain).
+    Moved = 2,
+}
+
 /// The state of one guardian, shared with the runtime handle.
 pub(crate) struct Slot {
     pub(crate) spec: ChildSpec,
     pub(crate) state: Mutex<SingletonState>,
-    pub(crate) step_down: Notify,
+    /// A permit to stop the instance and give the id up; `asked` says why.
+    step_down: Notify,
+    /// The strongest [`Ask`] since the permit was last taken (0: none).
+    asked: AtomicU8,
+    /// Cancelled when the node shuts down (a child of the runtime's token)
+    /// or the id is removed from this node.
+    pub(crate) cancel: CancellationToken,
+    /// Set before `cancel` when the id is removed.
+    removed: AtomicBool,
+    /// The tenure a drain last asked to move, so each tenure is asked once.
+    pub(crate) moving: AtomicU64,
     pub(crate) ops: crate::ops::SlotOps,
+}
+
+impl Slot {
+    pub(crate) fn new(spec: ChildSpec, shared: &Shared) -> Slot {
+        Slot {
+            ops: shared.ops.slot(&spec.id),
+            spec,
+            state: Mutex::new(SingletonState::Claiming),
+            step_down: Notify::new(),
+            asked: AtomicU8::new(0),
+            cancel: shared.shutdown.child_token(),
+            removed: AtomicBool::new(false),
+            moving: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, SingletonState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Asks the current tenure's instance to stop and give the id up.
+    ///
+    /// A permit, not a wake-up of current waiters: the instance may not yet
+    /// be listening (its first poll may come after `run` has begun), and
+    /// the request must not be lost then. A permit left when the tenure
+    /// ends otherwise is dropped when the next tenure begins.
+    pub(crate) fn ask(&self, ask: Ask) {
+        self.asked.fetch_max(ask as u8, Ordering::SeqCst);
+        self.step_down.notify_one();
+    }
+
+    /// Why the instance was asked to stop, once the permit is taken.
+    fn asked_reason(&self) -> ShutdownReason {
+        match self.asked.swap(0, Ordering::SeqCst) {
+            x if x == Ask::Moved as u8 => ShutdownReason::Moved,
+            _ => ShutdownReason::Stepdown,
+        }
+    }
+
+    /// Drops a permit left from an earlier tenure.
+    fn clear_asks(&self) {
+        let _ = self.step_down.notified().now_or_never();
+        self.asked.store(0, Ordering::SeqCst);
+    }
+
+    /// Withdraws the id from this node: its instance stops with
+    /// [`ShutdownReason::Removed`], the id is released and the guardian ends.
+    pub(crate) fn remove(&self) {
+        self.removed.store(true, Ordering::SeqCst);
+        self.cancel.cancel();
+    }
+
+    /// Why the instance stops once `cancel` is cancelled.
+    fn cancel_reason(&self) -> ShutdownReason {
+        if self.removed.load(Ordering::SeqCst) {
+            ShutdownReason::Removed
+        } else {
+            ShutdownReason::NodeShutdown
+        }
+    }
+
+    /// The token of the tenure this node holds, if it holds the id.
+    pub(crate) fn held_token(&self) -> Option<u64> {
+        match *self.lock() {
+            SingletonState::Running { token, .. } | SingletonState::Finished { token, .. } => {
+                Some(token)
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Runtime-wide things every guardian uses.
@@ -93,29 +190,79 @@ pub(crate) struct Shared {
     /// Bumped on every state change, for `RuntimeHandle::changed`.
     pub(crate) version: watch::Sender<u64>,
     pub(crate) ops: Arc<crate::ops::NodeOps>,
+    /// True while the node drains: guardians do not claim.
+    pub(crate) draining: watch::Sender<bool>,
+    /// How many ids a drain hands over per second.
+    pub(crate) handoff_rate: u32,
+}
+
+impl Shared {
+    pub(crate) fn bump(&self) {
+        self.version.send_modify(|v| *v = v.wrapping_add(1));
+    }
 }
 
 /// How a tenure's supervision ended.
 enum Outcome {
+    /// The node shuts down or the id was removed: release and end.
     Shutdown,
     Lost(ShutdownReason),
     Stepdown,
+    /// Handed over: release and compete again (not while draining).
+    Moved,
     Finished(ShutdownReason),
 }
 
 pub(crate) struct Guardian {
     pub(crate) slot: Arc<Slot>,
     pub(crate) shared: Arc<Shared>,
+    /// The guardian of the same id removed before this one was added: it
+    /// may still be stopping its instance, so this one waits for its end.
+    pub(crate) after: Option<Arc<Slot>>,
 }
 
 impl Guardian {
     fn set(&self, state: SingletonState) {
-        let mut current = self.slot.state.lock().unwrap_or_else(|e| e.into_inner());
+        self.set_locked(self.slot.lock(), state);
+    }
+
+    fn set_locked(&self, mut current: MutexGuard<'_, SingletonState>, state: SingletonState) {
         if *current != state {
             self.slot.ops.transition(&self.shared.ops, &current, &state);
             *current = state;
             drop(current);
-            self.shared.version.send_modify(|v| *v = v.wrapping_add(1));
+            self.shared.bump();
+        }
+    }
+
+    /// Shows `Claiming` and returns true, or, while the node drains, shows
+    /// `Draining` and returns false. Under the state lock, so a drain that
+    /// has begun sees either this guardian claiming or one that will not.
+    fn may_claim(&self) -> bool {
+        let state = self.slot.lock();
+        let draining = *self.shared.draining.borrow();
+        let next = if draining {
+            SingletonState::Draining
+        } else {
+            SingletonState::Claiming
+        };
+        self.set_locked(state, next);
+        !draining
+    }
+
+    /// Waits until the guardian this one replaces has ended; false if this
+    /// one is cancelled first.
+    async fn wait_for(&self, previous: &Slot) -> bool {
+        let mut version = self.shared.version.subscribe();
+        loop {
+            version.borrow_and_update();
+            if matches!(*previous.lock(), SingletonState::Stopped) {
+                return true;
+            }
+            tokio::select! {
+                _ = self.slot.cancel.cancelled() => return false,
+                changed = version.changed() => if changed.is_err() { return false },
+            }
         }
     }
 
@@ -125,10 +272,17 @@ impl Guardian {
     /// the last resort should the guardian itself panic: the tenure it holds
     /// is released, the status says it stepped down, and after the step-down
     /// delay it claims again. A guardian never ends with a lease held.
-    pub(crate) async fn run(self) {
+    pub(crate) async fn run(mut self) {
         let span = info_span!("singleton", id = %self.slot.spec.id, node = %self.shared.node);
         let _exit = crate::ops::ExitGuard::new(&self.slot, &self.shared.ops);
+        let after = self.after.take();
         async {
+            if let Some(previous) = after
+                && !self.wait_for(&previous).await
+            {
+                self.set(SingletonState::Stopped);
+                return;
+            }
             let held = Mutex::new(None);
             loop {
                 match AssertUnwindSafe(self.guard(&held)).catch_unwind().await {
@@ -142,7 +296,7 @@ impl Guardian {
                         }
                         self.set(SingletonState::SteppedDown);
                         tokio::select! {
-                            _ = self.shared.shutdown.cancelled() => break,
+                            _ = self.slot.cancel.cancelled() => break,
                             _ = sleep(self.shared.stepdown_delay) => {}
                         }
                     }
@@ -154,11 +308,12 @@ impl Guardian {
         .await;
     }
 
-    /// Claims, supervises and releases until the node shuts down. `held`
-    /// names the tenure this node holds, for [`Guardian::run`].
+    /// Claims, supervises and releases until the node shuts down or the id
+    /// is removed. `held` names the tenure this node holds, for
+    /// [`Guardian::run`].
     async fn guard(&self, held: &Mutex<Option<u64>>) {
-        let shutdown = self.shared.shutdown.clone();
-        let session = self.shared.session.clone();
+        let cancel = &self.slot.cancel;
+        let session = &self.shared.session;
         let request = ClaimRequest {
             id: self.slot.spec.id.clone(),
             stop_budget: self.slot.spec.shutdown,
@@ -166,10 +321,18 @@ impl Guardian {
         let mut retry = RETRY_MIN;
         let mut last_holder: Option<String> = None;
         loop {
-            self.set(SingletonState::Claiming);
+            if !self.may_claim() {
+                let mut draining = self.shared.draining.subscribe();
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => break,
+                    _ = draining.wait_for(|d| !*d) => {}
+                }
+                continue;
+            }
             let claim = tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => break,
+                _ = cancel.cancelled() => break,
                 claim = session.try_claim(request.clone()) => claim,
             };
             match claim {
@@ -179,8 +342,8 @@ impl Guardian {
                         error: e.to_string(),
                     });
                     tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = sleep(retry) => {}
+                        _ = cancel.cancelled() => break,
+                        _ = Box::pin(sleep(retry)) => {}
                     }
                     retry = (retry * 2).min(RETRY_MAX);
                 }
@@ -196,7 +359,7 @@ impl Guardian {
                     }
                     self.set(SingletonState::Waiting { holder });
                     tokio::select! {
-                        _ = shutdown.cancelled() => break,
+                        _ = cancel.cancelled() => break,
                         _ = wake => {}
                     }
                 }
@@ -206,7 +369,9 @@ impl Guardian {
                     last_holder = None;
                     let tenure = info_span!("tenure", token = lease.token);
                     tenure.in_scope(|| info!("claimed: running here"));
-                    let outcome = self.supervise(&lease).instrument(tenure).await;
+                    // Boxed: only the ids held here pay for a running
+                    // instance's state; a waiting guardian stays small.
+                    let outcome = Box::pin(self.supervise(&lease).instrument(tenure)).await;
                     match outcome {
                         Outcome::Shutdown => {
                             self.release(lease.token).await;
@@ -219,23 +384,22 @@ impl Guardian {
                             self.release(lease.token).await;
                             self.set(SingletonState::SteppedDown);
                             tokio::select! {
-                                _ = shutdown.cancelled() => break,
-                                _ = sleep(self.shared.stepdown_delay) => {}
+                                _ = cancel.cancelled() => break,
+                                _ = Box::pin(sleep(self.shared.stepdown_delay)) => {}
                             }
+                        }
+                        Outcome::Moved => {
+                            self.release(lease.token).await;
+                            info!(token = lease.token, "handed over");
                         }
                         Outcome::Finished(reason) => {
                             self.set(SingletonState::Finished {
                                 token: lease.token,
                                 reason,
                             });
-                            tokio::select! {
-                                _ = shutdown.cancelled() => {
-                                    self.release(lease.token).await;
-                                    break;
-                                }
-                                end = lease.ended() => {
-                                    info!(token = lease.token, reason = %ShutdownReason::from(end), "tenure ended");
-                                }
+                            // Boxed: a rare state, kept out of every task.
+                            if Box::pin(self.hold_finished(&lease)).await {
+                                break;
                             }
                         }
                     }
@@ -244,6 +408,33 @@ impl Guardian {
             }
         }
         self.set(SingletonState::Stopped);
+    }
+
+    /// Keeps a finished tenure until the lease ends, the id is handed
+    /// over, or the guardian is cancelled (then the id is released and true
+    /// returned: the guardian ends).
+    async fn hold_finished(&self, lease: &Lease) -> bool {
+        loop {
+            tokio::select! {
+                _ = self.slot.cancel.cancelled() => {
+                    self.release(lease.token).await;
+                    return true;
+                }
+                end = lease.ended() => {
+                    info!(token = lease.token, reason = %ShutdownReason::from(end), "tenure ended");
+                    return false;
+                }
+                _ = self.slot.step_down.notified() => {
+                    // Only a handoff releases a finished id; a step-down
+                    // permit is for a running one.
+                    if self.slot.asked_reason() == ShutdownReason::Moved {
+                        self.release(lease.token).await;
+                        info!(token = lease.token, "handed over");
+                        return false;
+                    }
+                }
+            }
+        }
     }
 
     async fn release(&self, token: u64) {
@@ -258,12 +449,11 @@ impl Guardian {
     /// Runs instances while the lease holds, restarting them by policy.
     async fn supervise(&self, lease: &Lease) -> Outcome {
         let spec = &self.slot.spec;
-        let shutdown = &self.shared.shutdown;
         let mut restarts: VecDeque<Instant> = VecDeque::new();
         let mut total_restarts = 0u32;
         let mut backoff = RESTART_BACKOFF_MIN;
         // A step-down asked for during an earlier tenure is not for this one.
-        let _ = self.slot.step_down.notified().now_or_never();
+        self.slot.clear_asks();
         loop {
             self.set(SingletonState::Running {
                 token: lease.token,
@@ -273,9 +463,8 @@ impl Guardian {
             let reason = self.run_instance(lease).await;
             self.slot.ops.stopped(&reason);
             let restart = match &reason {
-                ShutdownReason::NodeShutdown | ShutdownReason::Moved | ShutdownReason::Removed => {
-                    return Outcome::Shutdown;
-                }
+                ShutdownReason::NodeShutdown | ShutdownReason::Removed => return Outcome::Shutdown,
+                ShutdownReason::Moved => return Outcome::Moved,
                 ShutdownReason::LeaseLost | ShutdownReason::Conflict => {
                     return Outcome::Lost(reason);
                 }
@@ -310,9 +499,14 @@ impl Guardian {
             total_restarts += 1;
             info!(%reason, restart_in = ?backoff, "instance stopped; restarting");
             tokio::select! {
-                _ = shutdown.cancelled() => return Outcome::Shutdown,
+                _ = self.slot.cancel.cancelled() => return Outcome::Shutdown,
                 end = lease.ended() => return Outcome::Lost(end.into()),
-                _ = self.slot.step_down.notified() => return Outcome::Stepdown,
+                _ = self.slot.step_down.notified() => {
+                    return match self.slot.asked_reason() {
+                        ShutdownReason::Moved => Outcome::Moved,
+                        _ => Outcome::Stepdown,
+                    };
+                }
                 _ = sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(RESTART_BACKOFF_MAX);
@@ -330,7 +524,7 @@ impl Guardian {
     /// [`ShutdownReason::Error`] and never unwinds into the guardian.
     async fn run_instance(&self, lease: &Lease) -> ShutdownReason {
         let spec = &self.slot.spec;
-        let (ctx, mut failures) = Context::new(
+        let ctx = Context::new(
             spec.id.clone(),
             self.shared.node.clone(),
             lease.token,
@@ -342,10 +536,10 @@ impl Guardian {
 
         let stop_trigger = async {
             tokio::select! {
-                _ = self.shared.shutdown.cancelled() => ShutdownReason::NodeShutdown,
+                _ = self.slot.cancel.cancelled() => self.slot.cancel_reason(),
                 end = lease.ended() => end.into(),
-                _ = self.slot.step_down.notified() => ShutdownReason::Stepdown,
-                Some(f) = failures.recv() => {
+                _ = self.slot.step_down.notified() => self.slot.asked_reason(),
+                f = children.failed() => {
                     ShutdownReason::Error(format!("child task `{}` failed: {}", f.name, f.why))
                 }
             }
@@ -361,7 +555,7 @@ impl Guardian {
                 ctx.stop(reason.clone());
                 drop(build);
                 let deadline = Instant::now() + spec.shutdown;
-                stop_children(&children, deadline, deadline).await;
+                Box::pin(stop_children(&children, deadline, deadline)).await;
                 return late.after(reason);
             }
         };
@@ -377,7 +571,7 @@ impl Guardian {
                 warn!(%reason, "instance could not be built");
                 ctx.stop(reason.clone());
                 let deadline = Instant::now() + spec.shutdown;
-                stop_children(&children, deadline, deadline).await;
+                Box::pin(stop_children(&children, deadline, deadline)).await;
                 return reason;
             }
         };
@@ -400,51 +594,93 @@ impl Guardian {
             ctx.stop(reason.clone());
             let reason = ctx.reason().unwrap_or(reason);
             let deadline = Instant::now() + spec.shutdown;
-            let abandon_at = deadline - terminate_reserve(spec.shutdown);
-            if !returned {
-                debug!(%reason, "stopping instance");
-                match timeout_at(abandon_at, &mut run).await {
-                    Ok(Ok(Ok(()))) => {}
-                    Ok(Ok(Err(e))) => {
-                        debug!(error = %describe_error(e), "run returned an error while stopping")
-                    }
-                    Ok(Err(panic)) => warn!(%panic, "run panicked while stopping"),
-                    Err(_) => {
-                        warn!(
-                            budget = ?spec.shutdown,
-                            %reason,
-                            "run did not return within its share of the shutdown budget: dropped; terminate runs now"
-                        );
-                    }
-                }
-            }
-            // An unfinished `run` is dropped here (guarded), before
-            // `terminate` borrows the service.
-            drop(run);
-            if !stop_children(&children, abandon_at, deadline).await {
-                debug!("terminate runs with the budget's reserve");
-            }
+            // Boxed, as is `terminate` below: only an instance that is
+            // stopping pays for the timers of its stop.
+            Box::pin(stop_run(
+                run,
+                returned,
+                &reason,
+                &children,
+                deadline,
+                spec.shutdown,
+            ))
+            .await;
             (reason, deadline)
         };
 
-        let mut terminate =
-            Guarded::new("terminate", || service.terminate_dyn(reason.clone()), &late);
-        match timeout_at(deadline, &mut terminate).await {
-            Ok(Ok(())) => {}
-            Ok(Err(panic)) => {
-                warn!(%panic, "terminate panicked");
-                late.record(format!("terminate panicked: {panic}"));
-            }
-            Err(_) => {
-                warn!(budget = ?spec.shutdown, %reason, "terminate overran the shutdown budget: dropped")
-            }
-        }
-        drop(terminate);
+        Box::pin(terminate(
+            &mut *service,
+            &reason,
+            deadline,
+            spec.shutdown,
+            &late,
+        ))
+        .await;
         if let Err(panic) = catch(move || drop(service)) {
             warn!(%panic, "dropping the service panicked");
             late.record(format!("dropping the service panicked: {panic}"));
         }
         late.after(reason)
+    }
+}
+
+/// Stops `run` once the instance is cancelled: awaits it until only the
+/// terminate reserve is left of the budget (unless it has returned), drops
+/// it (guarded), then awaits the children likewise.
+async fn stop_run<'a, F>(
+    mut run: Guarded<'a, F, crate::Result<()>>,
+    returned: bool,
+    reason: &ShutdownReason,
+    children: &Children,
+    deadline: Instant,
+    budget: Duration,
+) where
+    F: FnOnce() -> BoxFuture<'a, crate::Result<()>> + Unpin,
+{
+    let abandon_at = deadline - terminate_reserve(budget);
+    if !returned {
+        debug!(%reason, "stopping instance");
+        match timeout_at(abandon_at, &mut run).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => {
+                debug!(error = %describe_error(e), "run returned an error while stopping")
+            }
+            Ok(Err(panic)) => warn!(%panic, "run panicked while stopping"),
+            Err(_) => {
+                warn!(
+                    ?budget,
+                    %reason,
+                    "run did not return within its share of the shutdown budget: dropped; terminate runs now"
+                );
+            }
+        }
+    }
+    // An unfinished `run` is dropped here (guarded), before `terminate`
+    // borrows the service.
+    drop(run);
+    if !stop_children(children, abandon_at, deadline).await {
+        debug!("terminate runs with the budget's reserve");
+    }
+}
+
+/// Runs `terminate(reason)` until the end of the budget.
+async fn terminate(
+    service: &mut dyn crate::service::DynService,
+    reason: &ShutdownReason,
+    deadline: Instant,
+    budget: Duration,
+    late: &LatePanic,
+) {
+    let mut terminate = Guarded::new("terminate", || service.terminate_dyn(reason.clone()), late);
+    match timeout_at(deadline, &mut terminate).await {
+        Ok(Ok(())) => {}
+        Ok(Err(panic)) => {
+            warn!(%panic, "terminate panicked");
+            late.record(format!("terminate panicked: {panic}"));
+        }
+        Err(_) => {
+            warn!(?budget, %reason, "terminate overran the shutdown budget: dropped")
+        }
     }
 }
 
@@ -609,15 +845,16 @@ mod tests {
             shutdown: CancellationToken::new(),
             stepdown_delay: Duration::from_secs(5),
             version: watch::Sender::new(0),
-            ops: ops.clone(),
+            ops,
+            draining: watch::Sender::new(false),
+            handoff_rate: 1_000,
         });
-        let slot = Arc::new(Slot {
-            ops: ops.slot(&spec.id),
-            spec,
-            state: Mutex::new(SingletonState::Claiming),
-            step_down: Notify::new(),
-        });
-        let guardian = Guardian { slot, shared };
+        let slot = Arc::new(Slot::new(spec, &shared));
+        let guardian = Guardian {
+            slot,
+            shared,
+            after: None,
+        };
         let (lease, _signal) = Lease::new(1);
         let instance = std::mem::size_of_val(&guardian.run_instance(&lease));
         let supervise = std::mem::size_of_val(&guardian.supervise(&lease));

@@ -1,23 +1,29 @@
 //! The runtime: builder, start-up, status, and shutdown.
 
 use std::any::{Any, TypeId};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::Future;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{debug, error, info, warn};
 
 use crate::backend::{self, Backend, HeldId, Holder, Member, Session};
 use crate::context::StateMap;
-use crate::guardian::{Guardian, Shared, SingletonState, Slot};
+use crate::guardian::{Ask, Guardian, Shared, SingletonState, Slot};
 use crate::ops::{NodeOps, OpsConfig};
-use crate::spec::{self, ChildSpec, Singleton, validate_id};
+use crate::placement::{self, DEFAULT_WEIGHT};
+use crate::spec::{self, ChildSpec, Singleton};
 use crate::{Context, Error, Result, Service, redact_url};
+
+/// How many ids a drain hands over per second unless set.
+pub(crate) const DEFAULT_HANDOFF_RATE: u32 = 1_000;
+/// A drain hands ids over in batches, one batch per tick.
+const HANDOFF_TICK: Duration = Duration::from_millis(100);
 
 /// Runs every `#[highlander]` service in the binary until SIGTERM or Ctrl-C,
 /// then stops them all and releases their ids.
@@ -25,7 +31,11 @@ use crate::{Context, Error, Result, Service, redact_url};
 /// Configuration comes from the environment:
 /// - `HIGHLANDER_BACKEND`: `memory` (the default, with one info line saying
 ///   so), `postgres://…`, `etcd://…` or `cluster://…`;
-/// - `HIGHLANDER_NODE`: this node's name (default: host name and pid).
+/// - `HIGHLANDER_NODE`: this node's name (default: host name and pid);
+/// - `HIGHLANDER_NODE_WEIGHT`: this node's weight for placement (default 1;
+///   0: host an id only when no other node can);
+/// - `HIGHLANDER_NODE_LABELS`: this node's labels, comma-separated
+///   (`zone=eu,ssd`), which services name in `prefer` and `avoid`.
 ///
 /// Equivalent to `Runtime::builder().registered().run()`; use
 /// [`Runtime::builder`] for shared state, runtime ids, or a backend chosen in
@@ -103,6 +113,10 @@ pub struct Builder {
     specs: Vec<ChildSpec>,
     registered: bool,
     stepdown_delay: Option<Duration>,
+    weight: Option<u32>,
+    labels: Option<Vec<String>>,
+    drain_on_shutdown: bool,
+    handoff_rate: Option<u32>,
     pub(crate) ops: OpsConfig,
 }
 
@@ -113,6 +127,9 @@ impl fmt::Debug for Builder {
             .field("backend", &self.backend.as_ref().map(|b| b.describe()))
             .field("backend_url", &self.backend_url.as_deref().map(redact_url))
             .field("specs", &self.specs)
+            .field("weight", &self.weight)
+            .field("labels", &self.labels)
+            .field("drain_on_shutdown", &self.drain_on_shutdown)
             .finish_non_exhaustive()
     }
 }
@@ -187,10 +204,60 @@ impl Builder {
         self
     }
 
+    /// This node's weight for placement (default: `HIGHLANDER_NODE_WEIGHT`,
+    /// else 1). A node of weight 2 is the place for twice as many ids as a
+    /// node of weight 1; a node of weight 0 hosts an id only when no node of
+    /// positive weight can. See [`placement`](crate::placement).
+    pub fn weight(mut self, weight: u32) -> Self {
+        self.weight = Some(weight);
+        self
+    }
+
+    /// This node's labels (default: `HIGHLANDER_NODE_LABELS`, else none):
+    /// `key=value` or a bare word (`["zone=eu", "ssd"]`), which services name
+    /// in their `prefer` and `avoid` lists. Each is 1 to 200 visible ASCII
+    /// characters without a comma, given once; checked by
+    /// [`Builder::start`].
+    pub fn labels<I, S>(mut self, labels: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.labels = Some(labels.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Whether [`Builder::run`] (and so [`run`]) drains the node at SIGTERM
+    /// or Ctrl-C before it shuts down: every id is handed over
+    /// ([`RuntimeHandle::drain`], its instance stopped with
+    /// [`ShutdownReason::Moved`](crate::ShutdownReason::Moved)) and only then
+    /// is the runtime stopped. A second signal cuts the drain short.
+    ///
+    /// Off by default: a shutdown then stops every instance at once with
+    /// [`ShutdownReason::NodeShutdown`](crate::ShutdownReason::NodeShutdown)
+    /// and releases every id, which is the fastest way out and what
+    /// services written against earlier versions expect in `terminate`. A
+    /// drain hands ids over at the handoff rate
+    /// ([`Builder::handoff_rate`]), so it takes longer with many ids: turn it
+    /// on when the orchestrator's grace period leaves room for it (some
+    /// `ids / rate` seconds plus the longest shutdown budget).
+    pub fn drain_on_shutdown(mut self, drain: bool) -> Self {
+        self.drain_on_shutdown = drain;
+        self
+    }
+
+    /// How many ids per second a drain hands over (default 1,000, at least
+    /// 1): each handoff stops an instance and frees its id for other nodes
+    /// to claim, so 10,000 ids do not all move in the same instant.
+    pub fn handoff_rate(mut self, ids_per_second: u32) -> Self {
+        self.handoff_rate = Some(ids_per_second.max(1));
+        self
+    }
+
     /// Starts the runtime and returns at once with a handle; the runtime runs
     /// until [`RuntimeHandle::shutdown`]. Fails on a duplicate id, an invalid
-    /// id, a backend URL that cannot be used, or a backend that refuses to
-    /// connect.
+    /// id or affinity entry, a bad weight or label, a backend URL that
+    /// cannot be used, or a backend that refuses to connect.
     pub async fn start(self) -> Result<RuntimeHandle> {
         let mut specs = Vec::new();
         if self.registered {
@@ -214,6 +281,7 @@ impl Builder {
             None => node_from_env(),
         };
         validate_node(&node)?;
+        let (weight, labels) = node_placement(self.weight, self.labels)?;
         #[cfg(feature = "http")]
         let listener = crate::ops::http::bind(&self.ops).await?;
         let backend: Box<dyn Backend> = match (self.backend, self.backend_url) {
@@ -244,45 +312,43 @@ impl Builder {
             stepdown_delay: self.stepdown_delay.unwrap_or(Duration::from_secs(5)),
             version: watch::Sender::new(0),
             ops: ops.clone(),
+            draining: watch::Sender::new(false),
+            handoff_rate: self.handoff_rate.unwrap_or(DEFAULT_HANDOFF_RATE),
         });
-        let slots: Vec<Arc<Slot>> = specs
-            .into_iter()
-            .map(|spec| {
-                Arc::new(Slot {
-                    ops: ops.slot(&spec.id),
-                    spec,
-                    state: Mutex::new(SingletonState::Claiming),
-                    step_down: Notify::new(),
-                })
-            })
-            .collect();
 
         let done = CancellationToken::new();
         crate::ops::spawn_probe(&ops, &shared, done.clone()).await;
-        let mut guardians = JoinSet::new();
-        for slot in &slots {
-            let guardian = Guardian {
-                slot: slot.clone(),
-                shared: shared.clone(),
-            };
-            guardians.spawn(guardian.run());
+        let registry = Arc::new(Mutex::new(Registry {
+            slots: BTreeMap::new(),
+            by_id: HashMap::new(),
+            next: 0,
+            tasks: Some(JoinSet::new()),
+            leaving: HashMap::new(),
+            drain: None,
+        }));
+        let rt = tokio::runtime::Handle::current();
+        {
+            let mut reg = lock(&registry);
+            for spec in specs {
+                reg.insert(spec, &shared, &rt);
+            }
         }
         let main = {
             let done = done.clone();
             let session = session.clone();
             let shutdown = shutdown.clone();
             let node = node.clone();
+            let registry = registry.clone();
             // The main task keeps the shared state (and so the session) alive
             // for as long as the runtime runs, with or without singletons;
-            // aborting it is what drops them.
+            // aborting it (and dropping the guardians) is what drops them.
             let shared = shared.clone();
             tokio::spawn(async move {
                 shutdown.cancelled().await;
-                while let Some(result) = guardians.join_next().await {
-                    if let Err(e) = result
-                        && e.is_panic()
-                    {
-                        error!(node = %node, "a guardian panicked: this is a bug in highlander");
+                let tasks = lock(&registry).tasks.take();
+                if let Some(mut tasks) = tasks {
+                    while let Some(result) = tasks.join_next().await {
+                        report_panic(&node, result);
                     }
                 }
                 session.close().await;
@@ -291,11 +357,6 @@ impl Builder {
                 done.cancel();
             })
         };
-        let by_id = slots
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.spec.id.clone(), i))
-            .collect();
         let handle = RuntimeHandle {
             inner: Arc::new(HandleInner {
                 ops,
@@ -303,8 +364,10 @@ impl Builder {
                 backend: description,
                 version: shared.version.subscribe(),
                 shared: Arc::downgrade(&shared),
-                slots,
-                by_id,
+                registry,
+                rt,
+                weight,
+                labels,
                 shutdown,
                 done,
                 main: main.abort_handle(),
@@ -325,6 +388,7 @@ impl Builder {
     /// too (the start is abandoned and nothing was claimed), instead of
     /// killing the process by the signal's default action.
     pub async fn run(self) -> Result<()> {
+        let drain = self.drain_on_shutdown;
         let mut signals = ShutdownSignals::install()?;
         let handle = tokio::select! {
             handle = self.start() => handle?,
@@ -339,8 +403,142 @@ impl Builder {
             }
             _ = handle.stopped() => return Ok(()),
         }
+        if drain {
+            info!(
+                node = handle.node(),
+                "draining first: handing every id over (a second signal shuts down at once)"
+            );
+            tokio::select! {
+                drained = handle.drain() => match drained {
+                    Ok(()) => info!(node = handle.node(), "drained: every id handed over"),
+                    Err(e) => warn!(node = handle.node(), error = %e, "the drain did not finish"),
+                },
+                name = signals.recv() => {
+                    info!(node = handle.node(), signal = name, "shutting down without finishing the drain");
+                }
+                _ = handle.stopped() => return Ok(()),
+            }
+        }
         handle.shutdown().await;
         Ok(())
+    }
+}
+
+/// Logs a guardian task that panicked.
+fn report_panic(node: &str, result: std::result::Result<(), tokio::task::JoinError>) {
+    if let Err(e) = result
+        && e.is_panic()
+    {
+        error!(node = %node, "a guardian panicked: this is a bug in highlander");
+    }
+}
+
+fn lock(registry: &Mutex<Registry>) -> MutexGuard<'_, Registry> {
+    registry.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The singletons of a runtime, in the order they were added, and the
+/// tasks that guard them.
+struct Registry {
+    /// By the order of adding.
+    slots: BTreeMap<u64, Arc<Slot>>,
+    by_id: HashMap<Arc<str>, u64>,
+    next: u64,
+    /// The guardians (and a drain's handoff task); `None` once the runtime
+    /// stops, so nothing more is spawned.
+    tasks: Option<JoinSet<()>>,
+    /// Removed ids whose guardian may still be stopping the instance: one
+    /// added again waits for it.
+    leaving: HashMap<Arc<str>, Arc<Slot>>,
+    /// The running drain's handoff task, to call off.
+    drain: Option<CancellationToken>,
+}
+
+impl Registry {
+    /// Adds a checked spec and starts its guardian at once.
+    fn insert(&mut self, spec: ChildSpec, shared: &Arc<Shared>, rt: &tokio::runtime::Handle) {
+        let Some(tasks) = self.tasks.as_mut() else {
+            return;
+        };
+        // Finished guardians (removed ids) are reaped here, so a runtime
+        // that adds and removes ids for ever does not collect them.
+        while let Some(result) = tasks.try_join_next() {
+            report_panic(&shared.node, result);
+        }
+        self.leaving
+            .retain(|_, s| !matches!(*s.lock(), SingletonState::Stopped));
+        let after = self.leaving.remove(&spec.id);
+        let id = spec.id.clone();
+        let slot = Arc::new(Slot::new(spec, shared));
+        let guardian = Guardian {
+            slot: slot.clone(),
+            shared: shared.clone(),
+            after,
+        };
+        tasks.spawn_on(guardian.run(), rt);
+        self.by_id.insert(id, self.next);
+        self.slots.insert(self.next, slot);
+        self.next += 1;
+    }
+
+    fn get(&self, id: &str) -> Option<&Arc<Slot>> {
+        self.by_id.get(id).and_then(|seq| self.slots.get(seq))
+    }
+}
+
+/// A drain's handoff task: asks every instance running here to move, in
+/// batches of a tenth of the handoff rate per tick, until the drain is
+/// called off or the runtime stops. It keeps watching after the first pass:
+/// a claim that was in flight when the drain began may still be granted.
+async fn hand_over_all(
+    registry: Arc<Mutex<Registry>>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    let batch = (shared.handoff_rate / 10).max(1) as usize;
+    let mut version = shared.version.subscribe();
+    let mut reported = false;
+    loop {
+        if stop.is_cancelled() || shared.shutdown.is_cancelled() {
+            return;
+        }
+        version.borrow_and_update();
+        let todo: Vec<(Arc<Slot>, u64)> = lock(&registry)
+            .slots
+            .values()
+            .filter_map(|slot| {
+                let token = slot.held_token()?;
+                (slot.moving.load(std::sync::atomic::Ordering::SeqCst) != token)
+                    .then(|| (slot.clone(), token))
+            })
+            .take(batch)
+            .collect();
+        for (slot, token) in &todo {
+            slot.moving
+                .store(*token, std::sync::atomic::Ordering::SeqCst);
+            slot.ask(Ask::Moved);
+        }
+        if !todo.is_empty() {
+            debug!(node = %shared.node, ids = todo.len(), "handing over");
+            reported = false;
+        } else if shared.ops.busy() == 0 && !reported {
+            info!(node = %shared.node, "drained: this node holds no id");
+            reported = true;
+        }
+        if todo.len() < batch {
+            // Nothing more to ask now: wait for a change.
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = shared.shutdown.cancelled() => return,
+                changed = version.changed() => if changed.is_err() { return },
+            }
+        }
+        // At most one batch per tick, and a scan at most once per tick.
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = shared.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(HANDOFF_TICK) => {}
+        }
     }
 }
 
@@ -395,7 +593,7 @@ impl ShutdownSignals {
 fn check_specs(specs: &[ChildSpec]) -> Result<()> {
     let mut seen: HashMap<&str, &str> = HashMap::new();
     for spec in specs {
-        validate_id(&spec.id)?;
+        spec.check()?;
         if let Some(first) = seen.insert(&spec.id, &spec.type_name) {
             return Err(Error::DuplicateId {
                 id: spec.id.to_string(),
@@ -415,6 +613,34 @@ fn validate_node(node: &str) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// This node's weight and labels: the builder's, else the environment's.
+fn node_placement(
+    weight: Option<u32>,
+    labels: Option<Vec<String>>,
+) -> Result<(u32, Arc<[String]>)> {
+    let weight = match weight {
+        Some(weight) => weight,
+        None => match std::env::var("HIGHLANDER_NODE_WEIGHT") {
+            Ok(text) if !text.trim().is_empty() => {
+                placement::parse_weight(&text).map_err(Error::Config)?
+            }
+            _ => DEFAULT_WEIGHT,
+        },
+    };
+    let labels = match labels {
+        Some(labels) => {
+            placement::check_labels(&labels)
+                .map_err(|why| Error::Config(format!("Builder::labels: {why}")))?;
+            labels
+        }
+        None => match std::env::var("HIGHLANDER_NODE_LABELS") {
+            Ok(text) => placement::parse_labels(&text).map_err(Error::Config)?,
+            Err(_) => Vec::new(),
+        },
+    };
+    Ok((weight, labels.into()))
 }
 
 fn node_from_env() -> String {
@@ -463,8 +689,13 @@ struct HandleInner {
     /// backend sees it) even while handles live on.
     shared: Weak<Shared>,
     version: watch::Receiver<u64>,
-    slots: Vec<Arc<Slot>>,
-    by_id: HashMap<Arc<str>, usize>,
+    /// Shared with the main task, which keeps the guardians running when
+    /// every handle is gone.
+    registry: Arc<Mutex<Registry>>,
+    /// Where guardians of ids added at run time are spawned.
+    rt: tokio::runtime::Handle,
+    weight: u32,
+    labels: Arc<[String]>,
     shutdown: CancellationToken,
     done: CancellationToken,
     main: AbortHandle,
@@ -475,7 +706,7 @@ impl fmt::Debug for RuntimeHandle {
         f.debug_struct("RuntimeHandle")
             .field("node", &self.inner.node)
             .field("backend", &self.inner.backend)
-            .field("singletons", &self.inner.slots.len())
+            .field("singletons", &lock(&self.inner.registry).slots.len())
             .finish()
     }
 }
@@ -509,10 +740,12 @@ impl RuntimeHandle {
     /// `terminate` runs, nothing is released explicitly; the backend sees
     /// the node disappear. For tests and demos of failover.
     pub fn abort(&self) {
-        // Dropping the main task drops the guardians' JoinSet, which aborts
-        // every guardian mid-flight; the shutdown token stays untouched so
-        // no instance is stopped gracefully.
+        // Dropping the guardians' JoinSet aborts every guardian mid-flight;
+        // the shutdown token stays untouched so no instance is stopped
+        // gracefully.
         self.inner.main.abort();
+        let tasks = lock(&self.inner.registry).tasks.take();
+        drop(tasks);
         self.inner.done.cancel();
     }
 
@@ -527,47 +760,244 @@ impl RuntimeHandle {
     /// before it claims the id again. Does nothing if the id does not run
     /// here.
     pub fn step_down(&self, id: &str) -> Result<()> {
+        self.hand_over(id, Ask::Stepdown)
+    }
+
+    /// Asks the instance of `id`, if it runs here, to stop and give the id
+    /// up, for the reason `ask` names.
+    pub(crate) fn hand_over(&self, id: &str, ask: Ask) -> Result<()> {
         let slot = self.slot(id)?;
-        let running = matches!(
-            *slot.state.lock().unwrap_or_else(|e| e.into_inner()),
-            SingletonState::Running { .. }
-        );
-        if running {
-            // A permit, not a wake-up of current waiters: the instance may
-            // not yet be listening (its first poll may come after `run`
-            // has begun), and the request must not be lost then. A permit
-            // left when the tenure ends otherwise is dropped when the next
-            // tenure begins.
-            slot.step_down.notify_one();
+        if matches!(*slot.lock(), SingletonState::Running { .. }) {
+            slot.ask(ask);
         }
         Ok(())
     }
 
-    fn slot(&self, id: &str) -> Result<&Arc<Slot>> {
-        self.inner
-            .by_id
+    fn slot(&self, id: &str) -> Result<Arc<Slot>> {
+        lock(&self.inner.registry)
             .get(id)
-            .map(|&i| &self.inner.slots[i])
+            .cloned()
             .ok_or_else(|| Error::Config(format!("no singleton `{id}` is configured on this node")))
+    }
+
+    /// Adds a singleton while the runtime runs: its guardian starts at once
+    /// and competes for the id as the others do, and [`RuntimeHandle::status`]
+    /// shows it. Fails, starting nothing, on an invalid id or affinity
+    /// entry, an id this node already runs ([`Error::DuplicateId`]), a
+    /// shutdown budget the backend refuses, or a stopped runtime.
+    ///
+    /// An id removed with [`RuntimeHandle::remove`] may be added again at
+    /// once: the new guardian waits until the old one has stopped its
+    /// instance and released the id.
+    ///
+    /// ```
+    /// # use highlander::{ChildSpec, Context, MemoryCluster, Runtime, Service};
+    /// # struct Sync;
+    /// # impl Service for Sync {
+    /// #     async fn run(&mut self, ctx: &Context) -> highlander::Result<()> { ctx.cancelled().await; Ok(()) }
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> highlander::Result<()> {
+    /// let handle = Runtime::builder().node("a").backend(MemoryCluster::new()).start().await?;
+    /// handle.add(ChildSpec::new("tenant-sync/acme", |_ctx| async { Ok(Sync) }))?;
+    /// handle.wait_until(|s| s.is_running("tenant-sync/acme")).await;
+    /// handle.remove("tenant-sync/acme").await?;
+    /// assert!(handle.status().get("tenant-sync/acme").is_none());
+    /// handle.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub fn add(&self, spec: ChildSpec) -> Result<()> {
+        spec.check()?;
+        let shared = self.inner.shared.upgrade().ok_or(Error::Stopped)?;
+        if self.inner.shutdown.is_cancelled() {
+            return Err(Error::Stopped);
+        }
+        shared.session.check_stop_budget(&spec.id, spec.shutdown)?;
+        let mut reg = lock(&self.inner.registry);
+        if reg.tasks.is_none() {
+            return Err(Error::Stopped);
+        }
+        if let Some(existing) = reg.get(&spec.id) {
+            return Err(Error::DuplicateId {
+                id: spec.id.to_string(),
+                first: existing.spec.type_name.to_string(),
+                second: spec.type_name.to_string(),
+            });
+        }
+        debug!(node = %self.inner.node, id = %spec.id, "singleton added");
+        reg.insert(spec, &shared, &self.inner.rt);
+        drop(reg);
+        shared.bump();
+        Ok(())
+    }
+
+    /// Removes a singleton from this node: its instance, if it runs here,
+    /// is stopped with [`ShutdownReason::Removed`](crate::ShutdownReason::Removed)
+    /// (`terminate` runs), the id is released, and this node no longer
+    /// competes for it; another node configured with the id may take it.
+    /// The id leaves [`RuntimeHandle::status`] at once.
+    ///
+    /// The removal happens when this is called; the future completes once
+    /// the instance has stopped and the id is released (dropping it does not
+    /// undo anything). An id this node does not run is an error.
+    pub fn remove(&self, id: &str) -> impl Future<Output = Result<()>> + Send + 'static {
+        let removed = {
+            let mut reg = lock(&self.inner.registry);
+            match reg.by_id.remove(id) {
+                Some(seq) => {
+                    let slot = reg.slots.remove(&seq);
+                    if let Some(slot) = &slot {
+                        reg.leaving.insert(slot.spec.id.clone(), slot.clone());
+                    }
+                    slot
+                }
+                None => None,
+            }
+        };
+        let found = match removed {
+            Some(slot) => {
+                debug!(node = %self.inner.node, id = %slot.spec.id, "singleton removed");
+                slot.remove();
+                if let Some(shared) = self.inner.shared.upgrade() {
+                    shared.bump();
+                }
+                Ok(slot)
+            }
+            None => Err(Error::Config(format!(
+                "cannot remove `{id}`: no singleton of that id is configured on this node"
+            ))),
+        };
+        let mut version = self.inner.version.clone();
+        let done = self.inner.done.clone();
+        async move {
+            let slot = found?;
+            loop {
+                version.borrow_and_update();
+                if matches!(*slot.lock(), SingletonState::Stopped) {
+                    return Ok(());
+                }
+                tokio::select! {
+                    changed = version.changed() => if changed.is_err() { break },
+                    _ = done.cancelled() => break,
+                }
+            }
+            // The runtime stopped: a shutdown stopped the instance too, an
+            // abort dropped it.
+            match *slot.lock() {
+                SingletonState::Stopped => Ok(()),
+                _ => Err(Error::Stopped),
+            }
+        }
+    }
+
+    /// Drains this node: it stops claiming ids (its guardians keep watching
+    /// but do not claim), hands every id it holds over to the other nodes
+    /// (each instance stopped with
+    /// [`ShutdownReason::Moved`](crate::ShutdownReason::Moved), its id
+    /// released, at most [`Builder::handoff_rate`] per second), and stays
+    /// up, holding nothing, until [`RuntimeHandle::resume`] or shutdown.
+    /// [`Status::draining`] says so meanwhile, and each id shows
+    /// [`SingletonState::Draining`] once it is handed over.
+    ///
+    /// The drain begins when this is called; the future completes when this
+    /// node holds no id (dropping it does not call the drain off). It fails
+    /// if `resume` calls the drain off first, or the runtime stops first.
+    /// Calling it during a drain joins that drain.
+    pub fn drain(&self) -> impl Future<Output = Result<()>> + Send + 'static {
+        let started = self.start_drain();
+        let this = self.clone();
+        async move {
+            started?;
+            let mut version = this.inner.version.clone();
+            loop {
+                version.borrow_and_update();
+                if this.inner.done.is_cancelled() || this.inner.shutdown.is_cancelled() {
+                    return Err(Error::Stopped);
+                }
+                if !this.is_draining() {
+                    return Err(Error::Config(
+                        "the drain was called off by resume() before every id was handed over"
+                            .to_string(),
+                    ));
+                }
+                if this.inner.ops.busy() == 0 {
+                    return Ok(());
+                }
+                tokio::select! {
+                    changed = version.changed() => if changed.is_err() { return Err(Error::Stopped) },
+                    _ = this.inner.done.cancelled() => return Err(Error::Stopped),
+                }
+            }
+        }
+    }
+
+    fn start_drain(&self) -> Result<()> {
+        let shared = self.inner.shared.upgrade().ok_or(Error::Stopped)?;
+        let mut reg = lock(&self.inner.registry);
+        if reg.drain.is_some() {
+            return Ok(());
+        }
+        let Some(tasks) = reg.tasks.as_mut() else {
+            return Err(Error::Stopped);
+        };
+        let stop = CancellationToken::new();
+        shared.draining.send_replace(true);
+        info!(node = %self.inner.node, rate = shared.handoff_rate, "draining: handing every id over");
+        tasks.spawn_on(
+            hand_over_all(self.inner.registry.clone(), shared.clone(), stop.clone()),
+            &self.inner.rt,
+        );
+        reg.drain = Some(stop);
+        drop(reg);
+        shared.bump();
+        Ok(())
+    }
+
+    /// Calls a drain off: this node competes for its ids again (an id handed
+    /// over meanwhile stays where it went until it is free again). Does
+    /// nothing when the node is not draining.
+    pub fn resume(&self) {
+        let Some(shared) = self.inner.shared.upgrade() else {
+            return;
+        };
+        let mut reg = lock(&self.inner.registry);
+        if let Some(stop) = reg.drain.take() {
+            stop.cancel();
+            shared.draining.send_replace(false);
+            info!(node = %self.inner.node, "drain called off: competing for ids again");
+            drop(reg);
+            shared.bump();
+        }
+    }
+
+    /// True while the node drains (from [`RuntimeHandle::drain`] until
+    /// [`RuntimeHandle::resume`]).
+    pub fn is_draining(&self) -> bool {
+        lock(&self.inner.registry).drain.is_some()
     }
 
     /// What every singleton on this node is doing now, with the members
     /// and session state as of the last probe (at most a second old).
     pub fn status(&self) -> Status {
-        let singletons = self
-            .inner
-            .slots
-            .iter()
-            .map(|slot| {
-                let state = slot.state.lock().unwrap_or_else(|e| e.into_inner());
-                SingletonStatus {
-                    id: slot.spec.id.to_string(),
-                    state: state.clone(),
-                    since: slot.ops.since(),
-                    restarts: slot.ops.restarts(),
-                }
-            })
-            .collect();
+        let (singletons, draining) = {
+            let reg = lock(&self.inner.registry);
+            let singletons = reg
+                .slots
+                .values()
+                .map(|slot| {
+                    let state = slot.lock().clone();
+                    let affinity = slot.spec.affinity();
+                    SingletonStatus {
+                        id: slot.spec.id.to_string(),
+                        state,
+                        since: slot.ops.since(),
+                        restarts: slot.ops.restarts(),
+                        prefer: affinity.preferred().to_vec(),
+                        avoid: affinity.avoided().to_vec(),
+                    }
+                })
+                .collect();
+            (singletons, reg.drain.is_some())
+        };
         let ops = &self.inner.ops;
         Status {
             node: self.inner.node.to_string(),
@@ -575,6 +1005,9 @@ impl RuntimeHandle {
             at: crate::ops::wall_ms(),
             session_up: !self.inner.done.is_cancelled() && ops.session_up(),
             members: ops.members(),
+            weight: self.inner.weight,
+            labels: self.inner.labels.to_vec(),
+            draining,
             singletons,
         }
     }
@@ -671,11 +1104,12 @@ impl RuntimeHandle {
 /// ```json
 /// { "node": "a", "backend": "memory", "at_unix_ms": 1764498000000, "session_up": true,
 ///   "members": [ { "node": "a", "reachable": true, "address": null } ],
+///   "weight": 1, "labels": ["zone=eu"], "draining": false,
 ///   "singletons": [
 ///     { "id": "mailer", "state": { "state": "running", "token": 7, "restarts": 0 },
 ///       "since_unix_ms": 1764497990000, "restarts": 0 },
 ///     { "id": "sweeper", "state": { "state": "waiting", "holder": { "node": "b", "token": 3 } },
-///       "since_unix_ms": 1764497991000, "restarts": 0 } ] }
+///       "since_unix_ms": 1764497991000, "restarts": 0, "prefer": ["zone=eu"] } ] }
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
@@ -700,8 +1134,23 @@ pub struct Status {
     /// The cluster members as this node saw them at the last probe (for
     /// backends that have members; empty otherwise), with their liveness.
     pub members: Vec<Member>,
-    /// One entry per configured singleton, in start-up order.
+    /// This node's weight for placement ([`Builder::weight`]).
+    #[cfg_attr(feature = "serde", serde(default = "default_weight"))]
+    pub weight: u32,
+    /// This node's labels ([`Builder::labels`]).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub labels: Vec<String>,
+    /// True while the node drains ([`RuntimeHandle::drain`]).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub draining: bool,
+    /// One entry per singleton configured on this node, in the order they
+    /// were added (those given at start-up first); a removed id is gone.
     pub singletons: Vec<SingletonStatus>,
+}
+
+#[cfg(feature = "serde")]
+fn default_weight() -> u32 {
+    DEFAULT_WEIGHT
 }
 
 impl Status {
@@ -747,6 +1196,20 @@ pub struct SingletonStatus {
     /// Restarts of this id's instance on this node since the runtime
     /// started, over all tenures.
     pub restarts: u32,
+    /// The node names or labels this service prefers
+    /// ([`ChildSpec::prefer`]); left out of the JSON when empty.
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Vec::is_empty")
+    )]
+    pub prefer: Vec<String>,
+    /// The node names or labels this service avoids ([`ChildSpec::avoid`]);
+    /// left out of the JSON when empty.
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Vec::is_empty")
+    )]
+    pub avoid: Vec<String>,
 }
 
 impl SingletonStatus {

@@ -90,6 +90,9 @@ pub(crate) struct NodeOps {
     per_id: bool,
     /// Slots in `Retrying` (the backend could not be asked).
     retrying: AtomicUsize,
+    /// Slots that hold their id or may be about to (`Claiming`, `Running`,
+    /// `Finished`): zero once a drain is complete.
+    busy: AtomicUsize,
     /// False until the first probe answered, and after a failed one.
     members_ok: AtomicBool,
     probe: Mutex<ProbeResult>,
@@ -123,6 +126,7 @@ impl NodeOps {
             node,
             per_id: config.metrics_per_id,
             retrying: AtomicUsize::new(0),
+            busy: AtomicUsize::new(0),
             members_ok: AtomicBool::new(false),
             probe: Mutex::new(ProbeResult::default()),
             #[cfg(feature = "http")]
@@ -133,6 +137,8 @@ impl NodeOps {
     /// The per-id record of one singleton.
     pub(crate) fn slot(&self, id: &str) -> SlotOps {
         let _ = (id, self.per_id);
+        // Every slot starts in `Claiming`, which counts as busy.
+        self.busy.fetch_add(1, Ordering::Relaxed);
         SlotOps {
             track: Mutex::new(Track {
                 since: wall_ms(),
@@ -156,6 +162,11 @@ impl NodeOps {
         deadline_ok
             && self.members_ok.load(Ordering::Relaxed)
             && self.retrying.load(Ordering::Relaxed) == 0
+    }
+
+    /// The number of ids this node holds or is claiming now.
+    pub(crate) fn busy(&self) -> usize {
+        self.busy.load(Ordering::SeqCst)
     }
 
     /// The members as of the last probe.
@@ -265,6 +276,15 @@ impl SlotOps {
             }
             _ => {}
         }
+        match (is_busy(old), is_busy(new)) {
+            (false, true) => {
+                node.busy.fetch_add(1, Ordering::SeqCst);
+            }
+            (true, false) => {
+                node.busy.fetch_sub(1, Ordering::SeqCst);
+            }
+            _ => {}
+        }
         if matches!(new, Claiming) && !matches!(old, Claiming | Retrying { .. }) {
             track.claim_started = Some(Instant::now());
         }
@@ -310,6 +330,14 @@ pub(crate) fn wall_ms() -> SystemTime {
         Ok(d) => std::time::UNIX_EPOCH + Duration::from_millis(d.as_millis() as u64),
         Err(_) => now,
     }
+}
+
+/// Holds the id, or may be granted it by a claim in flight.
+fn is_busy(state: &SingletonState) -> bool {
+    matches!(
+        state,
+        SingletonState::Claiming | SingletonState::Running { .. } | SingletonState::Finished { .. }
+    )
 }
 
 fn token(state: &SingletonState) -> Option<u64> {
@@ -369,6 +397,9 @@ impl Drop for ExitGuard {
         let state = self.slot.state.lock().unwrap_or_else(|e| e.into_inner());
         if matches!(*state, SingletonState::Retrying { .. }) {
             self.node.retrying.fetch_sub(1, Ordering::Relaxed);
+        }
+        if is_busy(&state) {
+            self.node.busy.fetch_sub(1, Ordering::SeqCst);
         }
         #[cfg(feature = "metrics")]
         self.slot.ops.metrics.gone(&state);
