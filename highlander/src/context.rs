@@ -9,7 +9,6 @@ use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use futures_util::FutureExt;
-use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tokio_util::task::TaskTracker;
@@ -53,35 +52,28 @@ struct Inner {
     span: tracing::Span,
 }
 
-/// A child task that failed, reported to the instance runner.
-pub(crate) struct ChildFailure {
-    pub(crate) name: String,
-    pub(crate) why: String,
-}
-
 /// The instance's child tasks.
 pub(crate) struct Children {
-    tracker: TaskTracker,
-    /// Abort handles of the children, whether new ones are still taken, and
-    /// the first failure. One lock for all, so no child can start after
-    /// `close` or slip past `abort_all`.
+    /// Made at the first child: most services spawn none.
+    tracker: OnceLock<TaskTracker>,
+    /// Abort handles of the children, and whether new ones are still taken.
+    /// One lock for both, so no child can start after `close` or slip past
+    /// `abort_all`.
     handles: Mutex<Handles>,
-    /// A permit once `handles.failure` is set. Only the first failure
-    /// matters (it stops the instance), so one slot does, not a channel.
-    failed: Notify,
 }
 
 struct Handles {
     aborts: Vec<AbortHandle>,
     open: bool,
-    failure: Option<ChildFailure>,
 }
 
 impl Children {
     /// Waits until every child task has finished.
     pub(crate) async fn wait(&self) {
-        self.tracker.close();
-        self.tracker.wait().await;
+        if let Some(tracker) = self.tracker.get() {
+            tracker.close();
+            tracker.wait().await;
+        }
     }
 
     /// Refuses every child spawned from now on.
@@ -99,52 +91,31 @@ impl Children {
     }
 
     pub(crate) fn running(&self) -> usize {
-        self.tracker.len()
-    }
-
-    /// Completes at the first child failure, with it.
-    pub(crate) async fn failed(&self) -> ChildFailure {
-        loop {
-            self.failed.notified().await;
-            let failure = self
-                .handles
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .failure
-                .take();
-            if let Some(failure) = failure {
-                return failure;
-            }
-        }
-    }
-
-    /// Records a child's failure; the first one wins.
-    fn fail(&self, failure: ChildFailure) {
-        let mut handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
-        if handles.failure.is_none() {
-            handles.failure = Some(failure);
-            drop(handles);
-            self.failed.notify_one();
-        }
+        self.tracker.get().map_or(0, TaskTracker::len)
     }
 }
 
 impl Context {
-    pub(crate) fn new(id: Arc<str>, node: Arc<str>, token: u64, state: Arc<StateMap>) -> Context {
+    /// A context that [`Context::stop`] cancels with `cancel`.
+    pub(crate) fn new(
+        id: Arc<str>,
+        node: Arc<str>,
+        token: u64,
+        state: Arc<StateMap>,
+        cancel: CancellationToken,
+    ) -> Context {
         let children = Arc::new(Children {
-            tracker: TaskTracker::new(),
+            tracker: OnceLock::new(),
             handles: Mutex::new(Handles {
                 aborts: Vec::new(),
                 open: true,
-                failure: None,
             }),
-            failed: Notify::new(),
         });
         let inner = Inner {
             id,
             node,
             token,
-            cancel: CancellationToken::new(),
+            cancel,
             reason: OnceLock::new(),
             state,
             children,
@@ -276,25 +247,31 @@ impl Context {
             tracing::debug!(child = %name, "the instance is stopping: child task refused");
             return false;
         }
-        let report = children.clone();
-        let cancel = self.inner.cancel.clone();
+        // The child stops its instance itself when it fails: no channel
+        // to the instance runner, which sees the context cancelled.
+        let instance = self.clone();
         let future = tracing::Instrument::instrument(future, self.inner.span.clone());
-        let task = children.tracker.spawn(async move {
-            // The future is awaited inside the guarded block, so it is also
-            // dropped there; the error's text (its `Display`, user code) is
-            // taken under `catch_unwind` as well.
-            let outcome = AssertUnwindSafe(async move { future.await.map_err(describe_error) })
-                .catch_unwind()
-                .await;
-            let why = match outcome {
-                Ok(Ok(())) => return,
-                Ok(Err(why)) => why,
-                Err(panic) => format!("panicked: {}", panic_text(panic)),
-            };
-            if !cancel.is_cancelled() {
-                report.fail(ChildFailure { name, why });
-            }
-        });
+        let task = children
+            .tracker
+            .get_or_init(TaskTracker::new)
+            .spawn(async move {
+                // The future is awaited inside the guarded block, so it is also
+                // dropped there; the error's text (its `Display`, user code) is
+                // taken under `catch_unwind` as well.
+                let outcome = AssertUnwindSafe(async move { future.await.map_err(describe_error) })
+                    .catch_unwind()
+                    .await;
+                let why = match outcome {
+                    Ok(Ok(())) => return,
+                    Ok(Err(why)) => why,
+                    Err(panic) => format!("panicked: {}", panic_text(panic)),
+                };
+                if !instance.is_cancelled() {
+                    instance.stop(ShutdownReason::Error(format!(
+                        "child task `{name}` failed: {why}"
+                    )));
+                }
+            });
         handles.aborts.retain(|h| !h.is_finished());
         handles.aborts.push(task.abort_handle());
         true

@@ -594,7 +594,7 @@ fn check_specs(specs: &[ChildSpec]) -> Result<()> {
     let mut seen: HashMap<&str, &str> = HashMap::new();
     for spec in specs {
         spec.check()?;
-        if let Some(first) = seen.insert(&spec.id, &spec.type_name) {
+        if let Some(first) = seen.insert(&spec.id, spec.type_name) {
             return Err(Error::DuplicateId {
                 id: spec.id.to_string(),
                 first: first.to_string(),

@@ -152,7 +152,8 @@ type BuildFn =
 #[derive(Clone)]
 pub struct ChildSpec {
     pub(crate) id: Arc<str>,
-    pub(crate) type_name: Arc<str>,
+    /// Static: a type's name costs no allocation per spec.
+    pub(crate) type_name: &'static str,
     pub(crate) restart: Restart,
     pub(crate) shutdown: Duration,
     pub(crate) intensity: Intensity,
@@ -182,7 +183,7 @@ impl ChildSpec {
         });
         ChildSpec {
             id: Arc::from(id.into()),
-            type_name: Arc::from(std::any::type_name::<S>()),
+            type_name: std::any::type_name::<S>(),
             restart: Restart::default(),
             shutdown: DEFAULT_SHUTDOWN,
             intensity: Intensity::default(),
@@ -294,7 +295,7 @@ impl ChildSpec {
 
     /// The name of the service type, for messages.
     pub fn type_name(&self) -> &str {
-        &self.type_name
+        self.type_name
     }
 }
 
@@ -360,7 +361,7 @@ pub fn __spec(
 ) -> ChildSpec {
     ChildSpec {
         id: Arc::from(id),
-        type_name: Arc::from(type_name),
+        type_name,
         restart,
         shutdown,
         intensity,
