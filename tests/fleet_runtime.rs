@@ -509,6 +509,71 @@ async fn weight_labels_and_affinity_are_shown_in_status() {
     hang_guard("shutdown", b.shutdown()).await;
 }
 
+/// With `drain_on_shutdown(true)`, SIGTERM makes `run()` hand every id
+/// over (stopped with `moved`, the other node takes over) before it
+/// returns. Real time: a signal is awaited, not a timer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_first_when_asked_to() {
+    highlander_tests::init_tracing();
+    let cluster = MemoryCluster::new();
+    let log = Log::default();
+    let tenants = ids("tenant", 20);
+    let mut builder = Runtime::builder()
+        .node("a")
+        .backend(cluster.clone())
+        .drain_on_shutdown(true);
+    for id in &tenants {
+        builder = builder.child(probe(id, &log));
+    }
+    let a = tokio::spawn(builder.run());
+    let all_on = |node: &str| {
+        tenants
+            .iter()
+            .all(|id| cluster.holders(id).iter().any(|h| h.node == node))
+    };
+    hang_guard("a runs everything", async {
+        while !all_on("a") {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let b = start(
+        &cluster,
+        "b",
+        tenants.iter().map(|id| probe(id, &log)).collect(),
+    )
+    .await;
+    b.wait_until(|s| {
+        s.singletons
+            .iter()
+            .all(|x| matches!(x.state, SingletonState::Waiting { .. }))
+    })
+    .await;
+
+    rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::TERM)
+        .expect("SIGTERM to this process");
+    hang_guard("run returns", a).await.unwrap().expect("run");
+    for id in &tenants {
+        assert_eq!(
+            log.count(&format!("terminate {id} a moved ")),
+            1,
+            "{id}: {:?}",
+            log.lines()
+        );
+    }
+    assert_eq!(
+        log.count("terminate "),
+        20,
+        "nothing but the handoffs stopped"
+    );
+    hang_guard(
+        "b runs everything",
+        b.wait_until(|s| s.running().count() == 20),
+    )
+    .await;
+    b.shutdown().await;
+}
+
 /// Runs the `node` binary with `env` and returns its exit code and stderr.
 fn node(env: &[(&str, &str)]) -> (i32, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_node"))
