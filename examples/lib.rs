@@ -7,6 +7,8 @@
 //! - `05_postgres_fencing.rs`: fenced writes with the Postgres backend
 //!   (`--features postgres`);
 //! - `06_three_processes.rs`: three OS processes on the embedded cluster
-//!   (`cluster://` on loopback): kill, pause, resume, graceful stop.
+//!   (`cluster://` on loopback): kill, pause, resume, graceful stop;
+//! - `07_fleet.rs`: tenants added at run time, a node drained and resumed,
+//!   a tenant removed.
 //!
 //! Run one with `cargo run --example 04_three_nodes`.

@@ -96,3 +96,20 @@ fn three_processes_on_the_embedded_cluster_tell_the_whole_story() {
         "the takeover's token grows: {tokens:?}"
     );
 }
+
+#[test]
+fn a_fleet_is_added_drained_and_trimmed_at_run_time() {
+    let out = run("07_fleet");
+    for step in ["1. ", "2. ", "3. ", "4. ", "done"] {
+        assert!(out.contains(step), "step {step:?} missing:\n{out}");
+    }
+    // a ran the tenants first (it claims the moment they are added), then
+    // handed every one over; afterwards it runs none.
+    let moved = count(&out, "stops (moved)");
+    assert!(moved > 0, "{out}");
+    assert!(out.contains("a runs 0, "), "{out}");
+    assert!(out.contains("a draining: true"), "{out}");
+    // wonka stops once more, removed, and runs nowhere.
+    assert_eq!(count(&out, "wonka stops (removed)"), 1, "{out}");
+    assert!(out.contains("wonka runs on 0 nodes"), "{out}");
+}

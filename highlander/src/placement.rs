@@ -493,7 +493,15 @@ mod tests {
     fn logarithm_matches_std() {
         let mut x = 1.0f64;
         while x > 1e-17 {
-            for f in [1.0, 0.999_999, 0.75, std::f64::consts::FRAC_1_SQRT_2, 0.500_000_1, 0.3, 0.123] {
+            for f in [
+                1.0,
+                0.999_999,
+                0.75,
+                std::f64::consts::FRAC_1_SQRT_2,
+                0.500_000_1,
+                0.3,
+                0.123,
+            ] {
                 let v = x * f;
                 let ours = ln(v);
                 let std = v.ln();

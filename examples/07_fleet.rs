@@ -1,0 +1,135 @@
+//! # A fleet of tenants: ids added at run time, a node drained for
+//! # maintenance, an id removed
+//!
+//! Three nodes in one process share one sync per tenant. The tenants are
+//! added while the nodes run (`RuntimeHandle::add`). Node `a` is then
+//! drained: each of its tenants stops there with `moved` and starts on `b` or
+//! `c`, while `a` stays up holding nothing; it resumes afterwards. Finally
+//! one tenant is removed everywhere, from its holder last: it stops once,
+//! with `removed`, and runs nowhere.
+//!
+//! ```text
+//! cargo run --example 07_fleet
+//! ```
+
+use highlander::{
+    ChildSpec, Context, MemoryCluster, Runtime, RuntimeHandle, Service, ShutdownReason,
+};
+
+struct TenantSync {
+    tenant: String,
+    node: String,
+}
+
+impl Service for TenantSync {
+    async fn run(&mut self, ctx: &Context) -> highlander::Result<()> {
+        self.node = ctx.node().to_string();
+        ctx.cancelled().await;
+        Ok(())
+    }
+
+    async fn terminate(&mut self, reason: ShutdownReason) {
+        if reason != ShutdownReason::NodeShutdown {
+            println!("{:>6}: {} stops ({reason})", self.node, self.tenant);
+        }
+    }
+}
+
+fn sync(tenant: &str) -> ChildSpec {
+    let tenant = tenant.to_string();
+    ChildSpec::new(format!("tenant-sync/{tenant}"), move |_ctx| {
+        let tenant = tenant.clone();
+        async move {
+            Ok(TenantSync {
+                tenant,
+                node: String::new(),
+            })
+        }
+    })
+}
+
+const TENANTS: &[&str] = &[
+    "acme", "globex", "initech", "umbrella", "hooli", "stark", "wayne", "wonka",
+];
+
+fn counts(nodes: &[&RuntimeHandle]) -> String {
+    nodes
+        .iter()
+        .map(|n| format!("{} runs {}", n.node(), n.status().running().count()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Waits until every tenant runs on one of `nodes`.
+async fn all_running(nodes: &[&RuntimeHandle], n: usize) {
+    loop {
+        let changes: Vec<_> = nodes.iter().map(|h| h.changed()).collect();
+        let running: usize = nodes.iter().map(|h| h.status().running().count()).sum();
+        if running == n {
+            return;
+        }
+        let mut any = tokio::task::JoinSet::new();
+        for change in changes {
+            any.spawn(change);
+        }
+        any.join_next().await;
+    }
+}
+
+#[tokio::main]
+async fn main() -> highlander::Result<()> {
+    let cluster = MemoryCluster::new();
+    let mut nodes = Vec::new();
+    for name in ["a", "b", "c"] {
+        nodes.push(
+            Runtime::builder()
+                .node(name)
+                .backend(cluster.clone())
+                .start()
+                .await?,
+        );
+    }
+    let [a, b, c] = [&nodes[0], &nodes[1], &nodes[2]];
+
+    println!(
+        "1. {} tenants added on every node while they run",
+        TENANTS.len()
+    );
+    for tenant in TENANTS {
+        for node in [a, b, c] {
+            node.add(sync(tenant))?;
+        }
+    }
+    all_running(&[a, b, c], TENANTS.len()).await;
+    println!("   {}", counts(&[a, b, c]));
+
+    println!("2. a drains for maintenance: its tenants move, a stays up");
+    a.drain().await?;
+    all_running(&[b, c], TENANTS.len()).await;
+    println!(
+        "   {} (a draining: {})",
+        counts(&[a, b, c]),
+        a.status().draining
+    );
+
+    println!("3. a resumes: it competes again for tenants that become free");
+    a.resume();
+
+    println!("4. wonka is removed everywhere, from its holder last");
+    // Removed from the holder first, it would start on a standby before
+    // being removed there too: the waiting nodes first, then the holder.
+    let mut order = [a, b, c];
+    order.sort_by_key(|n| n.status().is_running("tenant-sync/wonka"));
+    for node in order {
+        node.remove("tenant-sync/wonka").await?;
+    }
+    all_running(&[a, b, c], TENANTS.len() - 1).await;
+    let left = cluster.holders("tenant-sync/wonka").len();
+    println!("   wonka runs on {left} nodes; {}", counts(&[a, b, c]));
+
+    for node in [a, b, c] {
+        node.shutdown().await;
+    }
+    println!("done");
+    Ok(())
+}
