@@ -8,6 +8,28 @@ use std::time::Duration;
 /// Messages never contain a credential: backend URLs are shown with their
 /// password replaced by `***` (see [`redact_url`]).
 ///
+/// Backend failures carry a [`BackendErrorKind`] to match on
+/// ([`Error::kind`]), and [`Error::is_retryable`] tells what retrying can
+/// fix. Configuration and backend errors keep the error they come from as
+/// their [`source`](std::error::Error::source); its text is usually part of
+/// the one-line message already. A backend redacts before it wraps: no
+/// source's text holds a credential either.
+///
+/// ```
+/// use highlander::{BackendErrorKind, Error};
+///
+/// fn advice(e: &Error) -> &'static str {
+///     match e.kind() {
+///         Some(BackendErrorKind::Auth) => "check the credentials",
+///         Some(BackendErrorKind::Unreachable) => "check the network",
+///         _ if e.is_retryable() => "try again later",
+///         _ => "check the configuration",
+///     }
+/// }
+/// let e = Error::backend(BackendErrorKind::Auth, "postgres at db:5432 refused user `app`");
+/// assert_eq!(advice(&e), "check the credentials");
+/// ```
+///
 /// Services return [`Result`], so their own errors become
 /// [`Error::Service`] through [`Error::service`] or [`Error::msg`]:
 ///
@@ -46,13 +68,28 @@ pub enum Error {
         why: &'static str,
     },
 
-    /// The runtime's configuration cannot be used (environment or builder).
-    #[error("{0}")]
-    Config(String),
+    /// The runtime's configuration cannot be used (environment, builder or
+    /// backend URL). Fix the configuration: retrying will not help.
+    #[error("{message}")]
+    Config {
+        /// One line that says what is wrong and what to do.
+        message: String,
+        /// The underlying error, when there is one (its text is usually
+        /// part of `message` already).
+        source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    },
 
     /// The coordination backend failed or cannot be reached.
-    #[error("{0}")]
-    Backend(String),
+    #[error("{message}")]
+    Backend {
+        /// What kind of failure: whether retrying can help, and what to fix.
+        kind: BackendErrorKind,
+        /// One line that says what failed and what to do.
+        message: String,
+        /// The underlying error (a driver's, a transport's), when there is
+        /// one (its text is usually part of `message` already).
+        source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    },
 
     /// A service asked for shared state nobody registered.
     #[error(
@@ -84,6 +121,11 @@ pub enum Error {
         source: Box<Error>,
     },
 
+    /// An I/O error of the runtime's own (a `?` on an [`std::io::Error`]
+    /// in a service becomes this one too).
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+
     /// An error returned by a service's own code.
     #[error(transparent)]
     Service(Box<dyn std::error::Error + Send + Sync + 'static>),
@@ -107,6 +149,72 @@ impl Error {
 }
 
 impl Error {
+    /// A configuration error with one line that says what is wrong and
+    /// what to do.
+    ///
+    /// ```
+    /// let e = highlander::Error::config("set HIGHLANDER_NODE to this node's name");
+    /// assert_eq!(e.to_string(), "set HIGHLANDER_NODE to this node's name");
+    /// assert!(!e.is_retryable());
+    /// ```
+    pub fn config(message: impl Into<String>) -> Self {
+        Error::Config {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// A configuration error that keeps the error it comes from as its
+    /// [`source`](std::error::Error::source).
+    ///
+    /// The source's text must not hold a credential: redact a URL (with
+    /// [`redact_url`]) before it goes into the source's message.
+    pub fn config_with(
+        message: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> Self {
+        Error::Config {
+            message: message.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// A backend failure of `kind`, with one line that says what failed
+    /// and what to do.
+    ///
+    /// ```
+    /// use highlander::{BackendErrorKind, Error};
+    /// let e = Error::backend(BackendErrorKind::Auth, "etcd refused user `app`: check its password");
+    /// assert_eq!(e.kind(), Some(BackendErrorKind::Auth));
+    /// assert!(!e.is_retryable());
+    /// ```
+    pub fn backend(kind: BackendErrorKind, message: impl Into<String>) -> Self {
+        Error::Backend {
+            kind,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// A backend failure that keeps the error it comes from (a driver's, a
+    /// transport's) as its [`source`](std::error::Error::source).
+    ///
+    /// Backends must redact before they wrap: a driver's error text may
+    /// quote the connection URL, password included. The source's text is
+    /// shown by error reporters that walk the chain, so it must be as free
+    /// of credentials as `message`.
+    pub fn backend_with(
+        kind: BackendErrorKind,
+        message: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> Self {
+        Error::Backend {
+            kind,
+            message: message.into(),
+            source: Some(source.into()),
+        }
+    }
+
     /// The start-up policy gave up on `backend` after `waited`; `last` is
     /// the last attempt's error.
     pub fn unreachable(backend: impl Into<String>, waited: Duration, last: Error) -> Self {
@@ -118,9 +226,12 @@ impl Error {
     }
 
     /// What kind of backend failure this is, for backend errors.
+    ///
+    /// `None` for errors that are not the backend's: configuration, ids,
+    /// services.
     pub fn kind(&self) -> Option<BackendErrorKind> {
         match self {
-            Error::Backend(_) => Some(BackendErrorKind::Other),
+            Error::Backend { kind, .. } => Some(*kind),
             Error::Unreachable { .. } => Some(BackendErrorKind::Unreachable),
             _ => None,
         }
@@ -131,8 +242,18 @@ impl Error {
     /// for what only a change of configuration fixes (bad credentials, a
     /// missing database, TLS files that do not load, an invalid id) and for
     /// [`Error::Unreachable`] itself (the retrying is over).
+    ///
+    /// ```
+    /// use highlander::{BackendErrorKind, Error};
+    /// assert!(Error::backend(BackendErrorKind::Unreachable, "connection refused").is_retryable());
+    /// assert!(!Error::backend(BackendErrorKind::Tls, "bad CA file").is_retryable());
+    /// assert!(!Error::config("unknown restart policy").is_retryable());
+    /// ```
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Backend(_))
+        match self {
+            Error::Backend { kind, .. } => kind.is_retryable(),
+            _ => false,
+        }
     }
 }
 
@@ -162,9 +283,18 @@ pub enum BackendErrorKind {
     Other,
 }
 
-impl From<std::io::Error> for Error {
-    fn from(err: std::io::Error) -> Self {
-        Error::Service(Box::new(err))
+impl BackendErrorKind {
+    /// Whether an error of this kind may go away by itself.
+    fn is_retryable(self) -> bool {
+        match self {
+            BackendErrorKind::Unreachable
+            | BackendErrorKind::LeaseLost
+            | BackendErrorKind::Other => true,
+            BackendErrorKind::Auth
+            | BackendErrorKind::Tls
+            | BackendErrorKind::Refused
+            | BackendErrorKind::Protocol => false,
+        }
     }
 }
 
@@ -204,4 +334,89 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// ```
 pub fn redact_url(url: &str) -> String {
     crate::backend::kit::url::redact_url(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{BackendErrorKind, Error};
+    use std::error::Error as _;
+    use std::time::Duration;
+
+    #[test]
+    fn sources_are_kept_and_messages_unchanged() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = Error::backend_with(
+            BackendErrorKind::Unreachable,
+            "cannot reach etcd at a:2379: refused",
+            io,
+        );
+        assert_eq!(e.to_string(), "cannot reach etcd at a:2379: refused");
+        assert_eq!(
+            e.source().map(|s| s.to_string()).as_deref(),
+            Some("refused")
+        );
+        assert_eq!(e.kind(), Some(BackendErrorKind::Unreachable));
+        assert!(e.is_retryable());
+
+        let e = Error::config_with("bad `ttl`", "not a number".to_string());
+        assert_eq!(e.to_string(), "bad `ttl`");
+        assert_eq!(e.source().unwrap().to_string(), "not a number");
+        assert_eq!(e.kind(), None);
+        assert!(!e.is_retryable());
+
+        let e = Error::config("plain");
+        assert!(e.source().is_none());
+        let e = Error::backend(BackendErrorKind::Refused, "no database `app`");
+        assert!(e.source().is_none());
+        assert!(!e.is_retryable());
+    }
+
+    #[test]
+    fn only_transient_kinds_are_retried() {
+        use BackendErrorKind::*;
+        for (kind, retry) in [
+            (Unreachable, true),
+            (LeaseLost, true),
+            (Other, true),
+            (Auth, false),
+            (Tls, false),
+            (Refused, false),
+            (Protocol, false),
+        ] {
+            assert_eq!(Error::backend(kind, "x").is_retryable(), retry, "{kind:?}");
+        }
+        assert!(!Error::Stopped.is_retryable());
+        assert!(!Error::msg("service failed").is_retryable());
+    }
+
+    #[test]
+    fn unreachable_names_the_backend_and_the_last_cause_in_one_line() {
+        let last = Error::backend(BackendErrorKind::Unreachable, "connection refused");
+        let e = Error::unreachable("etcd://a:2379/highlander", Duration::from_secs(30), last);
+        let text = e.to_string();
+        assert!(
+            text.starts_with(
+                "cannot reach etcd://a:2379/highlander within 30s: connection refused;"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains('\n'));
+        assert_eq!(e.source().unwrap().to_string(), "connection refused");
+        assert_eq!(e.kind(), Some(BackendErrorKind::Unreachable));
+        assert!(!e.is_retryable(), "the retrying is over");
+    }
+
+    #[test]
+    fn io_errors_are_io_not_service() {
+        fn read() -> crate::Result<()> {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no such file",
+            ))?;
+            Ok(())
+        }
+        let e = read().unwrap_err();
+        assert!(matches!(e, Error::Io(_)), "{e:?}");
+        assert_eq!(e.to_string(), "no such file");
+    }
 }

@@ -383,7 +383,8 @@ impl ShutdownSignals {
         {
             use tokio::signal::unix::{SignalKind, signal};
             let listen = |kind: SignalKind, name: &str| {
-                signal(kind).map_err(|e| Error::Config(format!("cannot listen for {name}: {e}")))
+                signal(kind)
+                    .map_err(|e| Error::config_with(format!("cannot listen for {name}: {e}"), e))
             };
             Ok(ShutdownSignals {
                 term: listen(SignalKind::terminate(), "SIGTERM")?,
@@ -433,7 +434,7 @@ fn check_specs(specs: &[ChildSpec]) -> Result<()> {
 
 fn validate_node(node: &str) -> Result<()> {
     if node.is_empty() || node.len() > 200 || !node.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(Error::Config(format!(
+        return Err(Error::config(format!(
             "invalid node name `{}`: use 1 to 200 visible ASCII characters (HIGHLANDER_NODE or Builder::node)",
             node.chars().take(60).collect::<String>()
         )));
@@ -459,7 +460,10 @@ fn node_from_env() -> String {
 fn backend_from_env() -> Result<Box<dyn Backend>> {
     match std::env::var("HIGHLANDER_BACKEND") {
         Ok(url) if !url.trim().is_empty() => backend::from_url(&url).map_err(|e| match e {
-            Error::Config(msg) => Error::Config(format!("HIGHLANDER_BACKEND: {msg}")),
+            Error::Config { message, source } => Error::Config {
+                message: format!("HIGHLANDER_BACKEND: {message}"),
+                source,
+            },
             other => other,
         }),
         _ => {
@@ -572,7 +576,7 @@ impl RuntimeHandle {
             .by_id
             .get(id)
             .map(|&i| &self.inner.slots[i])
-            .ok_or_else(|| Error::Config(format!("no singleton `{id}` is configured on this node")))
+            .ok_or_else(|| Error::config(format!("no singleton `{id}` is configured on this node")))
     }
 
     /// What every singleton on this node is doing now, with the members

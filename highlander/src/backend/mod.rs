@@ -127,7 +127,7 @@ pub trait Session: Send + Sync + 'static {
     /// returns an error that says so (the default).
     fn holders(&self) -> BoxFuture<'_, Result<Vec<HeldId>>> {
         Box::pin(async {
-            Err(Error::Config(
+            Err(Error::config(
                 "this backend cannot list who holds which id".to_string(),
             ))
         })
@@ -449,9 +449,35 @@ fn scrub(error: Error, url: &str) -> Error {
         }
         out
     };
+    // A kept source is shown by reporters that walk the chain: keep it only
+    // when no error in it quotes a piece of a secret.
+    let clean = |source: Option<Box<dyn std::error::Error + Send + Sync>>| {
+        source.filter(|source| {
+            let mut next: Option<&(dyn std::error::Error + 'static)> = Some(&**source);
+            while let Some(e) = next {
+                let text = e.to_string();
+                if hide(text.clone()) != text {
+                    return false;
+                }
+                next = e.source();
+            }
+            true
+        })
+    };
     match error {
-        Error::Config(message) => Error::Config(hide(message)),
-        Error::Backend(message) => Error::Backend(hide(message)),
+        Error::Config { message, source } => Error::Config {
+            message: hide(message),
+            source: clean(source),
+        },
+        Error::Backend {
+            kind,
+            message,
+            source,
+        } => Error::Backend {
+            kind,
+            message: hide(message),
+            source: clean(source),
+        },
         other => other,
     }
 }
@@ -478,7 +504,7 @@ fn unknown_backend(url: &str) -> Error {
             && s.chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
     };
-    Error::Config(match scheme {
+    Error::config(match scheme {
         Some(s) if plain(s) => format!("unknown backend scheme `{s}://`: {USE}"),
         _ => format!(
             "the backend is not a URL this crate knows (the value is not shown, it may hold a password): {USE}"
@@ -518,7 +544,7 @@ fn cluster_from_url(url: &str) -> Result<Box<dyn Backend>> {
 
 #[allow(dead_code)]
 fn missing_feature(url: &str, feature: &str) -> Result<Box<dyn Backend>> {
-    Err(Error::Config(format!(
+    Err(Error::config(format!(
         "backend `{}` needs the `{feature}` feature of highlander: \
          enable it with `highlander = {{ version = \"0.1\", features = [\"{feature}\"] }}` in Cargo.toml",
         redact_url(url)

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::warn;
 
-use crate::{Error, Result};
+use crate::{BackendErrorKind, Error, Result};
 
 /// The first pause between attempts.
 const FIRST_PAUSE: Duration = Duration::from_millis(50);
@@ -58,10 +58,13 @@ where
             // The attempt ran into the deadline: the cause is the last
             // error seen, or that the attempt never answered.
             None => last.take().unwrap_or_else(|| {
-                Error::Backend(format!(
-                    "{what} did not answer within {}",
-                    super::duration::show(timeout)
-                ))
+                Error::backend(
+                    BackendErrorKind::Unreachable,
+                    format!(
+                        "{what} did not answer within {}",
+                        super::duration::show(timeout)
+                    ),
+                )
             }),
         };
         let now = Instant::now();
@@ -97,7 +100,7 @@ mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
 
     fn down() -> Error {
-        Error::Backend("connection refused".to_string())
+        Error::backend(BackendErrorKind::Unreachable, "connection refused")
     }
 
     #[test]
@@ -132,7 +135,12 @@ mod tests {
         let t = tries.clone();
         let err = retry_until("etcd://a:2379", Duration::from_secs(10), move || {
             let n = t.fetch_add(1, Ordering::SeqCst);
-            async move { Err::<(), _>(Error::Backend(format!("refused #{n}"))) }
+            async move {
+                Err::<(), _>(Error::backend(
+                    BackendErrorKind::Unreachable,
+                    format!("refused #{n}"),
+                ))
+            }
         })
         .await
         .unwrap_err();
@@ -161,7 +169,12 @@ mod tests {
         let t = tries.clone();
         let err = retry_until("test", Duration::from_secs(30), move || {
             t.fetch_add(1, Ordering::SeqCst);
-            async { Err::<(), _>(Error::Config("password authentication failed".into())) }
+            async {
+                Err::<(), _>(Error::backend(
+                    BackendErrorKind::Auth,
+                    "password authentication failed",
+                ))
+            }
         })
         .await
         .unwrap_err();
