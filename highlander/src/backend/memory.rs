@@ -328,7 +328,7 @@ impl MemorySession {
             let holder = Holder::new(node.clone(), Some(tenure.token));
             // Under the lock that every bump takes: no release can slip
             // between this answer and the waiter.
-            let wake = state.wakes.waiter(request.id.clone());
+            let wake = state.wakes.waiter(&request.id);
             return Ok(Claim::Busy {
                 holder: Some(holder),
                 wake: Box::pin(wake),
