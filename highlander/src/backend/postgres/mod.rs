@@ -81,6 +81,17 @@ use super::{Backend, Session};
 use crate::Result;
 use crate::service::BoxFuture;
 
+// One job a file. The public face (`Postgres`, `from_url`) is here; then,
+// from the outside in:
+// - url, config, tls: reading the URL and the builder into `Settings`;
+// - session: the `Session` the guardians call, which queues work for
+// - driver: the task that owns the connection (connect, epochs, batches),
+//   opened by connect (errors sorts its failures);
+// - state, waiters: what the session and its driver share;
+// - batch, probe, timing: the rules, as plain code with plain tests:
+//   which claims go out and what each answer means, who moved, and how
+//   long this node may still vouch for its tenures;
+// - sql, keys: the statements, and the keys rows are found by.
 mod batch;
 mod config;
 mod connect;
