@@ -36,7 +36,7 @@ use super::{
     Backend, Claim, ClaimRequest, HeldId, Holder, Lease, LeaseEnd, LeaseSignal, Member, Session,
 };
 use crate::service::BoxFuture;
-use crate::{Error, Result};
+use crate::{BackendErrorKind, Error, Result};
 
 /// An in-process cluster: several runtimes in one process that use the same
 /// `MemoryCluster` coordinate as if they were nodes of one cluster.
@@ -285,7 +285,7 @@ impl Backend for MemoryCluster {
             let session = {
                 let mut state = cluster.lock();
                 if state.nodes.contains_key(&node) {
-                    return Err(Error::Config(format!(
+                    return Err(Error::config(format!(
                         "node name `{node}` is already connected to this memory cluster: \
                          give each runtime its own name (HIGHLANDER_NODE or Builder::node)"
                     )));
@@ -328,10 +328,10 @@ impl MemorySession {
     fn claim(&self, request: &ClaimRequest) -> Result<Claim> {
         let mut state = self.cluster.lock();
         let Some(group) = state.group_of(&self.node) else {
-            return Err(Error::Backend(format!(
-                "node `{}` has left the memory cluster",
-                self.node
-            )));
+            return Err(Error::backend(
+                BackendErrorKind::Other,
+                format!("node `{}` has left the memory cluster", self.node),
+            ));
         };
         let groups: HashMap<String, u64> = state
             .nodes

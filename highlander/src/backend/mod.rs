@@ -40,7 +40,18 @@ use tokio_util::sync::CancellationToken;
 use crate::service::BoxFuture;
 use crate::{Error, Result, ShutdownReason, redact_url};
 
+pub(crate) mod kit;
 pub mod memory;
+
+/// How long `start()` tries to reach the backend before it fails with
+/// [`Error::Unreachable`]: 30 s, long enough to ride out a database or
+/// etcd restarting alongside the application (a container started in the
+/// same deployment, a failover of a managed database: typically 5 to 20 s),
+/// short enough that a wrong address fails the deployment while someone is
+/// watching instead of leaving a node that silently never runs anything.
+/// Change it with [`Builder::start_timeout`](crate::Builder::start_timeout)
+/// or a backend URL's `start_timeout=` option.
+pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub use memory::MemoryCluster;
 
@@ -55,6 +66,13 @@ pub trait Backend: Send + Sync + 'static {
 
     /// A description for logs and status, with any credential hidden.
     fn describe(&self) -> String;
+
+    /// The start timeout this backend's configuration asks for (a URL's
+    /// `start_timeout=` option), if any. [`Builder::start_timeout`](crate::Builder::start_timeout)
+    /// wins over it; without either, `start()` uses [`DEFAULT_START_TIMEOUT`].
+    fn start_timeout(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// A backend chosen at run time, as [`from_url`] returns it, is a backend:
@@ -74,6 +92,10 @@ impl Backend for Box<dyn Backend> {
 
     fn describe(&self) -> String {
         (**self).describe()
+    }
+
+    fn start_timeout(&self) -> Option<Duration> {
+        (**self).start_timeout()
     }
 }
 
@@ -105,7 +127,7 @@ pub trait Session: Send + Sync + 'static {
     /// returns an error that says so (the default).
     fn holders(&self) -> BoxFuture<'_, Result<Vec<HeldId>>> {
         Box::pin(async {
-            Err(Error::Config(
+            Err(Error::config(
                 "this backend cannot list who holds which id".to_string(),
             ))
         })
@@ -398,7 +420,7 @@ pub fn from_url(url: &str) -> Result<Box<dyn Backend>> {
 /// parameter whose value swallowed a `password=`.
 fn scrub(error: Error, url: &str) -> Error {
     const N: usize = 4;
-    let secret: HashSet<&str> = crate::error::secrets(url)
+    let secret: HashSet<&str> = kit::url::secrets(url)
         .into_iter()
         .flat_map(|run| windows(run, N))
         .collect();
@@ -427,9 +449,35 @@ fn scrub(error: Error, url: &str) -> Error {
         }
         out
     };
+    // A kept source is shown by reporters that walk the chain: keep it only
+    // when no error in it quotes a piece of a secret.
+    let clean = |source: Option<Box<dyn std::error::Error + Send + Sync>>| {
+        source.filter(|source| {
+            let mut next: Option<&(dyn std::error::Error + 'static)> = Some(&**source);
+            while let Some(e) = next {
+                let text = e.to_string();
+                if hide(text.clone()) != text {
+                    return false;
+                }
+                next = e.source();
+            }
+            true
+        })
+    };
     match error {
-        Error::Config(message) => Error::Config(hide(message)),
-        Error::Backend(message) => Error::Backend(hide(message)),
+        Error::Config { message, source } => Error::Config {
+            message: hide(message),
+            source: clean(source),
+        },
+        Error::Backend {
+            kind,
+            message,
+            source,
+        } => Error::Backend {
+            kind,
+            message: hide(message),
+            source: clean(source),
+        },
         other => other,
     }
 }
@@ -456,7 +504,7 @@ fn unknown_backend(url: &str) -> Error {
             && s.chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
     };
-    Error::Config(match scheme {
+    Error::config(match scheme {
         Some(s) if plain(s) => format!("unknown backend scheme `{s}://`: {USE}"),
         _ => format!(
             "the backend is not a URL this crate knows (the value is not shown, it may hold a password): {USE}"
@@ -496,7 +544,7 @@ fn cluster_from_url(url: &str) -> Result<Box<dyn Backend>> {
 
 #[allow(dead_code)]
 fn missing_feature(url: &str, feature: &str) -> Result<Box<dyn Backend>> {
-    Err(Error::Config(format!(
+    Err(Error::config(format!(
         "backend `{}` needs the `{feature}` feature of highlander: \
          enable it with `highlander = {{ version = \"0.1\", features = [\"{feature}\"] }}` in Cargo.toml",
         redact_url(url)

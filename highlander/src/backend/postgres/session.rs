@@ -49,7 +49,9 @@ impl PgSession {
                 info!(node = %inner.node, backend = %inner.settings.describe, owner = live.me, "connected to postgres");
                 Some(live)
             }
-            Err(e) if e.fatal => return Err(Error::Backend(e.message)),
+            Err(e) if e.fatal => {
+                return Err(Error::backend(crate::BackendErrorKind::Other, e.message));
+            }
             Err(e) => {
                 warn!(node = %inner.node, "{}; retrying in {RECONNECT_MIN:?} (attempt 1)", e.message);
                 inner.lock().last_error = Some(e.message);
@@ -129,10 +131,13 @@ impl Session for PgSession {
         inner.kick.notify_one();
         Box::pin(async move {
             rx.await.unwrap_or_else(|_| {
-                Err(Error::Backend(format!(
-                    "postgres at {}: the connection was lost while claiming",
-                    inner.settings.target
-                )))
+                Err(Error::backend(
+                    crate::BackendErrorKind::Other,
+                    format!(
+                        "postgres at {}: the connection was lost while claiming",
+                        inner.settings.target
+                    ),
+                ))
             })
         })
     }
