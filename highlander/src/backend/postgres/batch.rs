@@ -36,11 +36,14 @@ pub(super) fn take(
 
 /// Why a claim taken apart by [`take`] is refused.
 pub(super) fn too_long(settings: &Settings, c: &PendingClaim) -> Error {
-    Error::Backend(format!(
-        "postgres at {}: id `{}`: a stop budget of {:?} is too long for this backend: \
+    Error::backend(
+        crate::BackendErrorKind::Other,
+        format!(
+            "postgres at {}: id `{}`: a stop budget of {:?} is too long for this backend: \
          the server's dead-peer timeout would have to exceed {:?}, the most Postgres takes",
-        settings.target, c.id, c.budget, MAX_SERVER_TIMEOUT
-    ))
+            settings.target, c.id, c.budget, MAX_SERVER_TIMEOUT
+        ),
+    )
 }
 
 /// The server timeout the session must raise its detection to before
@@ -202,17 +205,23 @@ pub(super) fn complete(
             }
             Outcome::Missing => {
                 st.known.remove(&c.key);
-                Err(Error::Backend(format!(
-                    "postgres at {}: the row of id `{}` is missing from {}",
-                    settings.target,
-                    c.id,
-                    sql::TABLE
-                )))
+                Err(Error::backend(
+                    crate::BackendErrorKind::Other,
+                    format!(
+                        "postgres at {}: the row of id `{}` is missing from {}",
+                        settings.target,
+                        c.id,
+                        sql::TABLE
+                    ),
+                ))
             }
-            Outcome::Collision { namespace, id } => Err(Error::Backend(format!(
-                "lock key collision: id `{}` in namespace `{}` has the same key ({}) as id `{id}` in namespace `{namespace}`; rename one of them",
-                c.id, settings.namespace, c.key
-            ))),
+            Outcome::Collision { namespace, id } => Err(Error::backend(
+                crate::BackendErrorKind::Other,
+                format!(
+                    "lock key collision: id `{}` in namespace `{}` has the same key ({}) as id `{id}` in namespace `{namespace}`; rename one of them",
+                    c.id, settings.namespace, c.key
+                ),
+            )),
             Outcome::HeldBy { owner, holder } => {
                 let wake: BoxFuture<'static, ()> = if st.waiters.owner_moved(owner, seq0) {
                     // It released or died after our snapshot: try again.
@@ -269,7 +278,10 @@ pub(super) fn release_failed(
             return Err(format!("releasing ids failed three times ({err})"));
         }
         if let Some(reply) = release.reply.take() {
-            let _ = reply.send(Err(Error::Backend(err.to_string())));
+            let _ = reply.send(Err(Error::backend(
+                crate::BackendErrorKind::Other,
+                err.to_string(),
+            )));
         }
         queue.push(release);
     }

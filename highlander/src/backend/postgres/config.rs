@@ -30,9 +30,9 @@ impl Postgres {
     /// The settings of this backend, or the one-line error that says what
     /// to fix (never showing the password).
     pub(super) fn settings(&self) -> Result<Settings> {
-        let parsed = parse_url(&self.url).map_err(Error::Config)?;
+        let parsed = parse_url(&self.url).map_err(Error::config)?;
         let shown = shown_url(&parsed.pg);
-        let in_url = |why: String| Error::Config(format!("postgres URL `{shown}`: {why}"));
+        let in_url = |why: String| Error::config(format!("postgres URL `{shown}`: {why}"));
         let namespace = self
             .namespace
             .clone()
@@ -59,14 +59,14 @@ impl Postgres {
             Some((mode, roots)) => {
                 let config =
                     tls::client_config(roots, mode == tls::Mode::VerifyFull, client_cert.as_ref())
-                        .map_err(Error::Config)?;
+                        .map_err(Error::config)?;
                 pg.ssl_mode(mode.ssl_mode());
                 Some(Arc::new(config))
             }
         };
         let target = target_of(&pg);
         let mut timing = parsed.timing;
-        self.timing.apply(&mut timing).map_err(Error::Config)?;
+        self.timing.apply(&mut timing).map_err(Error::config)?;
         Ok(Settings {
             describe: format!("{shown} (namespace {namespace})"),
             target,
@@ -110,7 +110,7 @@ fn validate_namespace(namespace: &str) -> Result<()> {
         || namespace.len() > 100
         || !namespace.bytes().all(|b| b.is_ascii_graphic())
     {
-        return Err(Error::Config(format!(
+        return Err(Error::config(format!(
             "invalid postgres namespace `{}`: use 1 to 100 visible ASCII characters",
             namespace.chars().take(60).collect::<String>()
         )));

@@ -350,7 +350,7 @@ fn finish_claims(
         let err = query_error(settings, "raising the dead-peer timeout", &e);
         debug!(node = %inner.node, error = %err, ids = done.refused.len(), "raise failed");
         for c in done.refused {
-            let _ = c.reply.send(Err(Error::Backend(format!(
+            let _ = c.reply.send(Err(Error::backend(crate::BackendErrorKind::Other, format!(
                 "{err} (id `{}` needs the server to wait {target:?} for a silent node, for its stop budget of {:?})",
                 c.id, c.budget
             ))));
@@ -378,7 +378,10 @@ fn finish_claims_sent(
             let err = query_error(settings, "claim", &e);
             debug!(node = %inner.node, error = %err, ids = batch.len(), "claim batch failed");
             for c in batch {
-                let _ = c.reply.send(Err(Error::Backend(err.to_string())));
+                let _ = c.reply.send(Err(Error::backend(
+                    crate::BackendErrorKind::Other,
+                    err.to_string(),
+                )));
             }
             return Ok(());
         }

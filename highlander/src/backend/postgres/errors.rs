@@ -37,11 +37,14 @@ pub(super) fn error_text(e: &tokio_postgres::Error) -> String {
 
 /// A statement of a live session failed.
 pub(super) fn query_error(settings: &Settings, what: &str, e: &tokio_postgres::Error) -> Error {
-    Error::Backend(format!(
-        "postgres at {}: {what} failed: {}",
-        settings.target,
-        error_text(e)
-    ))
+    Error::backend(
+        crate::BackendErrorKind::Other,
+        format!(
+            "postgres at {}: {what} failed: {}",
+            settings.target,
+            error_text(e)
+        ),
+    )
 }
 
 /// Why a connection attempt failed, as far as deciding what to do goes.

@@ -94,10 +94,13 @@ impl Inner {
     }
 
     pub(super) fn not_connected(&self, st: &State) -> Error {
-        Error::Backend(match &st.last_error {
-            Some(why) => format!("not connected to postgres ({why})"),
-            None => format!("not connected to postgres at {}", self.settings.target),
-        })
+        Error::backend(
+            crate::BackendErrorKind::Other,
+            match &st.last_error {
+                Some(why) => format!("not connected to postgres ({why})"),
+                None => format!("not connected to postgres at {}", self.settings.target),
+            },
+        )
     }
 
     /// Ends the epoch: every tenure is lost, every waiting claim and waiter
@@ -119,7 +122,10 @@ impl State {
             held.signal.end(LeaseEnd::Lost);
         }
         for claim in self.claims.drain(..) {
-            let _ = claim.reply.send(Err(Error::Backend(message.clone())));
+            let _ = claim.reply.send(Err(Error::backend(
+                crate::BackendErrorKind::Other,
+                message.clone(),
+            )));
         }
         for release in self.releases.drain(..) {
             if let Some(reply) = release.reply {
