@@ -9,12 +9,14 @@ use std::time::Duration;
 use tokio::time::sleep;
 
 use super::config::Settings;
+use super::errors::StatementError;
 use super::sql;
-use super::state::{Held, PendingClaim, PendingRelease, State};
+use super::state::{PendingClaim, PendingRelease, State};
 use super::timing::{MAX_SERVER_TIMEOUT, Timing};
-use crate::Error;
-use crate::backend::{Claim, Holder, Lease, LeaseEnd};
+use crate::backend::kit::tenures::Tenure;
+use crate::backend::{Claim, Holder, Lease};
 use crate::service::BoxFuture;
+use crate::{BackendErrorKind, Error};
 
 /// A claim that found its row free but did not get it is retried this
 /// many times at once before it waits a probe interval.
@@ -34,10 +36,11 @@ pub(super) fn take(
         .partition(|c| timing.server_timeout_for(c.budget).is_some())
 }
 
-/// Why a claim taken apart by [`take`] is refused.
+/// Why a claim taken apart by [`take`] is refused (for good: only a
+/// shorter budget helps).
 pub(super) fn too_long(settings: &Settings, c: &PendingClaim) -> Error {
     Error::backend(
-        crate::BackendErrorKind::Other,
+        BackendErrorKind::Refused,
         format!(
             "postgres at {}: id `{}`: a stop budget of {:?} is too long for this backend: \
          the server's dead-peer timeout would have to exceed {:?}, the most Postgres takes",
@@ -198,15 +201,14 @@ pub(super) fn complete(
         let reply = match outcome(&c, granted, status.get(&c.key), me, &settings.namespace) {
             Outcome::Granted(token) => {
                 let (lease, signal) = Lease::new(token);
-                if let Some(old) = st.held.insert(c.key, Held { token, signal }) {
-                    old.signal.end(LeaseEnd::Lost);
-                }
+                // An older tenure of the same key still recorded is ended.
+                st.held.insert(c.key, Tenure::new(token, c.budget, signal));
                 Ok(Claim::Granted(lease))
             }
             Outcome::Missing => {
                 st.known.remove(&c.key);
                 Err(Error::backend(
-                    crate::BackendErrorKind::Other,
+                    BackendErrorKind::Other,
                     format!(
                         "postgres at {}: the row of id `{}` is missing from {}",
                         settings.target,
@@ -216,7 +218,7 @@ pub(super) fn complete(
                 ))
             }
             Outcome::Collision { namespace, id } => Err(Error::backend(
-                crate::BackendErrorKind::Other,
+                BackendErrorKind::Refused,
                 format!(
                     "lock key collision: id `{}` in namespace `{}` has the same key ({}) as id `{id}` in namespace `{namespace}`; rename one of them",
                     c.id, settings.namespace, c.key
@@ -268,7 +270,7 @@ pub(super) fn release_keys(batch: &[PendingRelease]) -> Vec<i64> {
 pub(super) fn release_failed(
     batch: Vec<PendingRelease>,
     queue: &mut Vec<PendingRelease>,
-    err: &str,
+    err: &StatementError,
 ) -> Result<(), String> {
     // A row this live session keeps would be stuck: retry, and give the
     // whole session up if it keeps failing.
@@ -278,10 +280,7 @@ pub(super) fn release_failed(
             return Err(format!("releasing ids failed three times ({err})"));
         }
         if let Some(reply) = release.reply.take() {
-            let _ = reply.send(Err(Error::backend(
-                crate::BackendErrorKind::Other,
-                err.to_string(),
-            )));
+            let _ = reply.send(Err(err.error()));
         }
         queue.push(release);
     }

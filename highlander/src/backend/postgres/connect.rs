@@ -11,12 +11,13 @@ use tokio_postgres::{Client, NoTls};
 use tokio_postgres_rustls::MakeRustlsConnect;
 use tracing::{debug, warn};
 
-use super::errors::{ConnectError, classify};
+use super::errors::{connect_error, unreachable};
 use super::keys::lock_key;
 use super::probe::{ConnTask, Releases, spawn_connection};
 use super::sql;
 use super::state::{Inner, LiveInfo, Statements};
 use super::timing::{ServerParams, Timing, Vouched};
+use crate::{BackendErrorKind, Error};
 
 /// Connecting, authenticating and preparing must finish within this.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
@@ -56,20 +57,19 @@ impl Live {
 
 /// Opens a connection and prepares it: the table, the presence lock, the
 /// dead-peer settings, `LISTEN`, the statements.
-pub(super) async fn open(inner: &Arc<Inner>) -> Result<Live, ConnectError> {
+/// A failure is an error of the kind that says whether trying again can
+/// help (see [`connect_error`]).
+pub(super) async fn open(inner: &Arc<Inner>) -> Result<Live, Error> {
     match timeout(SETUP_TIMEOUT, open_inner(inner)).await {
         Ok(r) => r,
-        Err(_) => Err(ConnectError {
-            message: format!(
-                "cannot connect to postgres at {}: no answer within {SETUP_TIMEOUT:?}",
-                inner.settings.target
-            ),
-            fatal: false,
-        }),
+        Err(_) => Err(unreachable(format!(
+            "cannot connect to postgres at {}: no answer within {SETUP_TIMEOUT:?}",
+            inner.settings.target
+        ))),
     }
 }
 
-async fn open_inner(inner: &Arc<Inner>) -> Result<Live, ConnectError> {
+async fn open_inner(inner: &Arc<Inner>) -> Result<Live, Error> {
     let settings = &inner.settings;
     let x = settings.timing.initial_server_timeout();
     let params = Timing::server_params(x);
@@ -78,21 +78,21 @@ async fn open_inner(inner: &Arc<Inner>) -> Result<Live, ConnectError> {
     let (me, stmts, sent, version) = match prepare(inner, &client, &params, x).await {
         Ok(Ok(r)) => r,
         Ok(Err(message)) => {
-            return Err(ConnectError {
-                message: format!("postgres at {}: {message}", settings.target),
-                fatal: false,
-            });
+            return Err(Error::backend(
+                BackendErrorKind::Other,
+                format!("postgres at {}: {message}", settings.target),
+            ));
         }
-        Err(e) => return Err(classify(settings, &e)),
+        Err(e) => return Err(connect_error(settings, e)),
     };
     if version < 120_000 {
-        return Err(ConnectError {
-            message: format!(
+        return Err(Error::backend(
+            BackendErrorKind::Refused,
+            format!(
                 "postgres at {} is version {version}: highlander needs Postgres 12 or later (for tcp_user_timeout)",
                 settings.target
             ),
-            fatal: true,
-        });
+        ));
     }
     Ok(Live {
         client,
@@ -107,10 +107,7 @@ async fn open_inner(inner: &Arc<Inner>) -> Result<Live, ConnectError> {
 
 /// Connects (TLS or not) with the session's dead-peer settings as startup
 /// options, and starts the task that drives the connection.
-async fn dial(
-    inner: &Inner,
-    params: &ServerParams,
-) -> Result<(Client, ConnTask, Releases), ConnectError> {
+async fn dial(inner: &Inner, params: &ServerParams) -> Result<(Client, ConnTask, Releases), Error> {
     let settings = &inner.settings;
     let mut config = settings.pg.clone();
     config.application_name(&inner.node);
@@ -142,7 +139,7 @@ async fn dial(
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(5));
     }
-    let connect_err = |e: tokio_postgres::Error| classify(settings, &e);
+    let connect_err = |e: tokio_postgres::Error| connect_error(settings, e);
     let channel = settings.channel.clone();
     Ok(match &settings.tls {
         Some(tls) => {

@@ -15,29 +15,24 @@ use tracing::{debug, info, warn};
 
 use super::batch::{self, Arrays, StatusRow};
 use super::connect::{Live, open};
-use super::errors::query_error;
+use super::errors::StatementError;
 use super::probe::{ProbeDone, finish_probe, start_probe};
 use super::sql;
 use super::state::{Inner, PendingClaim, PendingRelease};
 use super::timing::Timing;
-use crate::Error;
 
 /// Reconnect backoff bounds.
-pub(super) const RECONNECT_MIN: Duration = Duration::from_millis(100);
+const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
 
-/// The driver: connect, run an epoch until the connection is lost, end
-/// every tenure, reconnect with backoff. Until it is stopped.
-pub(super) async fn drive(inner: Arc<Inner>, mut first: Option<Live>) {
+/// The driver: run an epoch on the connection `first` until it is lost,
+/// end every tenure, reconnect with backoff, and so on until it is
+/// stopped. (Start-up connects `first`: the runtime's start-up policy
+/// retries that, this task only what comes after.)
+pub(super) async fn drive(inner: Arc<Inner>, first: Live) {
+    let mut first = Some(first);
     let mut backoff = RECONNECT_MIN;
-    let mut attempt: u32 = u32::from(first.is_none());
-    if first.is_none() {
-        tokio::select! {
-            _ = inner.stop.cancelled() => return,
-            _ = sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(RECONNECT_MAX);
-    }
+    let mut attempt: u32 = 0;
     loop {
         let mut live = match first.take() {
             Some(live) => live,
@@ -53,8 +48,8 @@ pub(super) async fn drive(inner: Arc<Inner>, mut first: Option<Live>) {
                     }
                     Err(e) => {
                         attempt += 1;
-                        warn!(node = %inner.node, "{}; retrying in {backoff:?} (attempt {attempt})", e.message);
-                        inner.lock().last_error = Some(e.message);
+                        warn!(node = %inner.node, "{e}; retrying in {backoff:?} (attempt {attempt})");
+                        inner.lock().last_error = Some(e.to_string());
                         tokio::select! {
                             _ = inner.stop.cancelled() => return,
                             _ = sleep(backoff) => {}
@@ -347,11 +342,11 @@ fn finish_claims(
         budget,
     );
     if let Some((target, e)) = done.raise_error {
-        let err = query_error(settings, "raising the dead-peer timeout", &e);
+        let err = StatementError::new(settings, "raising the dead-peer timeout", e);
         debug!(node = %inner.node, error = %err, ids = done.refused.len(), "raise failed");
         for c in done.refused {
-            let _ = c.reply.send(Err(Error::backend(crate::BackendErrorKind::Other, format!(
-                "{err} (id `{}` needs the server to wait {target:?} for a silent node, for its stop budget of {:?})",
+            let _ = c.reply.send(Err(err.error_noting(&format!(
+                " (id `{}` needs the server to wait {target:?} for a silent node, for its stop budget of {:?})",
                 c.id, c.budget
             ))));
         }
@@ -375,13 +370,10 @@ fn finish_claims_sent(
         Ok(Some(r)) => r,
         Ok(None) => return Ok(()),
         Err(e) => {
-            let err = query_error(settings, "claim", &e);
+            let err = StatementError::new(settings, "claim", e);
             debug!(node = %inner.node, error = %err, ids = batch.len(), "claim batch failed");
             for c in batch {
-                let _ = c.reply.send(Err(Error::backend(
-                    crate::BackendErrorKind::Other,
-                    err.to_string(),
-                )));
+                let _ = c.reply.send(Err(err.error()));
             }
             return Ok(());
         }
@@ -455,7 +447,7 @@ fn finish_releases(inner: &Arc<Inner>, live: &mut Live, done: ReleaseDone) -> Re
             Ok(())
         }
         Err(e) => {
-            let err = query_error(&inner.settings, "release", &e).to_string();
+            let err = StatementError::new(&inner.settings, "release", e);
             batch::release_failed(done.batch, &mut inner.lock().releases, &err)
         }
     }

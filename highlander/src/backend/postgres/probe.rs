@@ -188,7 +188,7 @@ pub(super) fn finish_probe(inner: &Arc<Inner>, live: &mut Live, done: ProbeDone)
             }
         }
         Err(e) => {
-            debug!(node = %inner.node, error = %query_error(&inner.settings, "probe", &e), "probe failed")
+            debug!(node = %inner.node, error = %query_error(&inner.settings, "probe", e), "probe failed")
         }
     }
 }

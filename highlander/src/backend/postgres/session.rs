@@ -10,18 +10,18 @@ use tokio::task::JoinHandle;
 use tokio::time::timeout;
 use tokio_postgres::Row;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
 use super::config::Settings;
 use super::connect::open;
-use super::driver::{RECONNECT_MIN, drive};
-use super::errors::query_error;
+use super::driver::drive;
+use super::errors::{query_error, unreachable};
 use super::keys::lock_key;
 use super::sql;
 use super::state::{Inner, LiveInfo, PendingClaim, PendingRelease, State};
+use crate::Result;
 use crate::backend::{Claim, ClaimRequest, HeldId, Holder, LeaseEnd, Member, Session};
 use crate::service::BoxFuture;
-use crate::{Error, Result};
 
 pub(crate) struct PgSession {
     inner: Arc<Inner>,
@@ -29,9 +29,11 @@ pub(crate) struct PgSession {
 }
 
 impl PgSession {
-    /// Connects once: configuration errors (bad credentials, missing
-    /// database, refused TLS) fail here; an unreachable server is retried
-    /// in the background, one log line per attempt, while claims fail.
+    /// Connects once, or fails with an error whose kind tells the
+    /// runtime's start-up policy whether to try again (an unreachable
+    /// server) or to stop (bad credentials, a missing database, refused
+    /// TLS). Once connected, a lost connection is retried in the background
+    /// by the driver.
     pub(crate) async fn connect(settings: Arc<Settings>, node: String) -> Result<PgSession> {
         let inner = Arc::new(Inner {
             settings,
@@ -40,25 +42,13 @@ impl PgSession {
             kick: Notify::new(),
             stop: CancellationToken::new(),
         });
-        let first = match open(&inner).await {
-            Ok(live) => {
-                // Connected from the first moment: claims and lookups made
-                // right after start-up must not find the session "not
-                // connected" while the driver task is being scheduled.
-                inner.lock().live = Some(live.info());
-                info!(node = %inner.node, backend = %inner.settings.describe, owner = live.me, "connected to postgres");
-                Some(live)
-            }
-            Err(e) if e.fatal => {
-                return Err(Error::backend(crate::BackendErrorKind::Other, e.message));
-            }
-            Err(e) => {
-                warn!(node = %inner.node, "{}; retrying in {RECONNECT_MIN:?} (attempt 1)", e.message);
-                inner.lock().last_error = Some(e.message);
-                None
-            }
-        };
-        let driver = tokio::spawn(drive(inner.clone(), first));
+        let live = open(&inner).await?;
+        // Connected from the first moment: claims and lookups made right
+        // after start-up must not find the session "not connected" while
+        // the driver task is being scheduled.
+        inner.lock().live = Some(live.info());
+        info!(node = %inner.node, backend = %inner.settings.describe, owner = live.me, "connected to postgres");
+        let driver = tokio::spawn(drive(inner.clone(), live));
         Ok(PgSession {
             inner,
             driver: Mutex::new(Some(driver)),
@@ -105,7 +95,7 @@ impl Lookup {
                 live.client.query(&live.stmts.members, &[&ns]).await,
             ),
         };
-        rows.map_err(|e| query_error(&inner.settings, what, &e))
+        rows.map_err(|e| query_error(&inner.settings, what, e))
     }
 }
 
@@ -131,13 +121,10 @@ impl Session for PgSession {
         inner.kick.notify_one();
         Box::pin(async move {
             rx.await.unwrap_or_else(|_| {
-                Err(Error::backend(
-                    crate::BackendErrorKind::Other,
-                    format!(
-                        "postgres at {}: the connection was lost while claiming",
-                        inner.settings.target
-                    ),
-                ))
+                Err(unreachable(format!(
+                    "postgres at {}: the connection was lost while claiming",
+                    inner.settings.target
+                )))
             })
         })
     }
@@ -148,11 +135,9 @@ impl Session for PgSession {
         let (tx, rx) = oneshot::channel();
         {
             let mut st = inner.lock();
-            match st.held.get(&key) {
-                Some(h) if h.token == token => {
-                    st.held.remove(&key);
-                }
-                _ => return Box::pin(async { Ok(()) }),
+            // Only this tenure's release: an older one's must not end a newer.
+            if st.held.remove_if(&key, token).is_none() {
+                return Box::pin(async { Ok(()) });
             }
             if st.live.is_none() {
                 // The session that held it is gone: the server frees it.
@@ -252,9 +237,7 @@ impl Session for PgSession {
                 let _ = timeout(Duration::from_secs(5), driver).await;
             }
             let mut st = inner.lock();
-            for (_, held) in st.held.drain() {
-                held.signal.end(LeaseEnd::Lost);
-            }
+            st.held.end_all(LeaseEnd::Lost);
         })
     }
 }

@@ -2,7 +2,7 @@
 //! releases waiting to be sent, the tenures held, the waiting claims, and
 //! the connection in use now.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -12,8 +12,10 @@ use tokio_postgres::{Client, Statement};
 use tokio_util::sync::CancellationToken;
 
 use super::config::Settings;
+use super::errors::unreachable;
 use super::waiters::Waiters;
-use crate::backend::{Claim, LeaseEnd, LeaseSignal};
+use crate::backend::kit::tenures::Tenures;
+use crate::backend::{Claim, LeaseEnd};
 use crate::{Error, Result};
 
 pub(super) struct Inner {
@@ -35,7 +37,7 @@ pub(super) struct State {
     pub(super) claims: Vec<PendingClaim>,
     pub(super) releases: Vec<PendingRelease>,
     /// Tenures of this node, by lock key.
-    pub(super) held: HashMap<i64, Held>,
+    pub(super) held: Tenures<i64>,
     /// Waiting claims, and the owners' moves seen by the claim in flight.
     pub(super) waiters: Waiters,
     /// While this node holds ids: when it must give them all up unless a
@@ -50,11 +52,6 @@ pub(super) struct State {
 pub(super) struct LiveInfo {
     pub(super) client: Arc<Client>,
     pub(super) stmts: Arc<Statements>,
-}
-
-pub(super) struct Held {
-    pub(super) token: u64,
-    pub(super) signal: LeaseSignal,
 }
 
 pub(super) struct PendingClaim {
@@ -94,13 +91,10 @@ impl Inner {
     }
 
     pub(super) fn not_connected(&self, st: &State) -> Error {
-        Error::backend(
-            crate::BackendErrorKind::Other,
-            match &st.last_error {
-                Some(why) => format!("not connected to postgres ({why})"),
-                None => format!("not connected to postgres at {}", self.settings.target),
-            },
-        )
+        unreachable(match &st.last_error {
+            Some(why) => format!("not connected to postgres ({why})"),
+            None => format!("not connected to postgres at {}", self.settings.target),
+        })
     }
 
     /// Ends the epoch: every tenure is lost, every waiting claim and waiter
@@ -118,14 +112,9 @@ impl State {
     /// claims are woken.
     pub(super) fn lose(&mut self, message: String) {
         self.live = None;
-        for (_, held) in self.held.drain() {
-            held.signal.end(LeaseEnd::Lost);
-        }
+        self.held.end_all(LeaseEnd::Lost);
         for claim in self.claims.drain(..) {
-            let _ = claim.reply.send(Err(Error::backend(
-                crate::BackendErrorKind::Other,
-                message.clone(),
-            )));
+            let _ = claim.reply.send(Err(unreachable(message.clone())));
         }
         for release in self.releases.drain(..) {
             if let Some(reply) = release.reply {
@@ -140,13 +129,15 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::BackendErrorKind;
     use crate::backend::Lease;
+    use crate::backend::kit::tenures::Tenure;
 
     #[test]
     fn losing_the_connection_ends_everything_pending() {
         let mut st = State::default();
         let (lease, signal) = Lease::new(3);
-        st.held.insert(1, Held { token: 3, signal });
+        st.held.insert(1, Tenure::new(3, Duration::ZERO, signal));
         let (tx, mut claim) = oneshot::channel();
         st.claims.push(PendingClaim {
             id: "a".into(),
@@ -167,7 +158,10 @@ mod tests {
         assert!(st.waiters.is_empty());
         assert_eq!(lease.signal.ended_with(), Some(LeaseEnd::Lost));
         match claim.try_recv() {
-            Ok(Err(e)) => assert_eq!(e.to_string(), "postgres at db:5432/app as app: gone"),
+            Ok(Err(e)) => {
+                assert_eq!(e.to_string(), "postgres at db:5432/app as app: gone");
+                assert_eq!(e.kind(), Some(BackendErrorKind::Unreachable));
+            }
             _ => panic!("the claim fails with the reason"),
         }
         assert!(matches!(release.try_recv(), Ok(Ok(()))));

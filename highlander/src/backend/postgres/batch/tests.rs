@@ -4,6 +4,7 @@ use tokio::sync::oneshot;
 
 use super::*;
 use crate::DEFAULT_SHUTDOWN;
+use crate::backend::LeaseEnd;
 use crate::backend::postgres::Postgres;
 
 type Reply = oneshot::Receiver<crate::Result<Claim>>;
@@ -57,7 +58,9 @@ fn batches_take_the_oldest_claims() {
     assert_eq!(keys(&batch), vec![1, 3]);
     assert_eq!(keys(&refused), vec![2]);
     assert_eq!(keys(&pending), vec![4]);
-    let err = too_long(&settings(), &refused[0]).to_string();
+    let err = too_long(&settings(), &refused[0]);
+    assert_eq!(err.kind(), Some(BackendErrorKind::Refused));
+    let err = err.to_string();
     assert!(err.contains("too long for this backend"), "{err}");
     assert!(err.contains("db:5432/app as app"), "{err}");
     let (batch, refused) = take(&mut pending, 3, &t);
@@ -196,16 +199,11 @@ async fn completing_a_batch() {
     let me = 17;
     let mut st = State::default();
     let (_, old) = Lease::new(1);
-    st.held.insert(
-        1,
-        Held {
-            token: 1,
-            signal: old.clone(),
-        },
-    );
+    st.held
+        .insert(1, Tenure::new(1, Duration::ZERO, old.clone()));
     st.known.insert(4);
     let seq0 = st.waiters.claim_sent();
-    let (c1, mut r1) = claim("granted", 1, Duration::ZERO);
+    let (c1, mut r1) = claim("granted", 1, Duration::from_secs(7));
     let (c2, mut r2) = claim("busy", 2, Duration::ZERO);
     let (c3, mut r3) = claim("free", 3, Duration::ZERO);
     let (c4, mut r4) = claim("missing", 4, Duration::ZERO);
@@ -232,7 +230,8 @@ async fn completing_a_batch() {
         Ok(Ok(Claim::Granted(lease))) => assert_eq!(lease.token, 2),
         other => panic!("{other:?}"),
     }
-    assert_eq!(st.held[&1].token, 2);
+    let tenure = st.held.get(&1).expect("held");
+    assert_eq!((tenure.token, tenure.budget), (2, Duration::from_secs(7)));
     assert_eq!(old.ended_with(), Some(LeaseEnd::Lost));
     // Busy: waits until owner 42 moves.
     let Ok(Ok(Claim::Busy { holder, wake })) = r2.try_recv() else {
@@ -328,14 +327,21 @@ fn releases_go_in_key_order_once() {
 fn releases_are_retried_twice() {
     let (r, mut rx) = release(vec![1]);
     let mut queue = Vec::new();
-    release_failed(vec![r], &mut queue, "boom").unwrap();
-    assert_eq!(rx.try_recv().unwrap().unwrap_err().to_string(), "boom");
+    let boom = StatementError::from_parts(
+        BackendErrorKind::Unreachable,
+        "boom".to_string(),
+        std::sync::Arc::new(std::io::Error::other("reset")),
+    );
+    release_failed(vec![r], &mut queue, &boom).unwrap();
+    let e = rx.try_recv().unwrap().unwrap_err();
+    assert_eq!(e.to_string(), "boom");
+    assert_eq!(e.kind(), Some(BackendErrorKind::Unreachable));
     assert_eq!(queue.len(), 1);
     let batch = std::mem::take(&mut queue);
-    release_failed(batch, &mut queue, "boom").unwrap();
+    release_failed(batch, &mut queue, &boom).unwrap();
     assert_eq!(queue[0].failures, 2);
     let batch = std::mem::take(&mut queue);
-    let why = release_failed(batch, &mut queue, "boom").unwrap_err();
+    let why = release_failed(batch, &mut queue, &boom).unwrap_err();
     assert_eq!(why, "releasing ids failed three times (boom)");
     assert!(queue.is_empty());
 }
