@@ -30,7 +30,7 @@ impl Postgres {
     /// The settings of this backend, or the one-line error that says what
     /// to fix (never showing the password).
     pub(super) fn settings(&self) -> Result<Settings> {
-        let parsed = parse_url(&self.url).map_err(Error::config)?;
+        let parsed = parse_url(self.url.expose()).map_err(Error::config)?;
         let shown = shown_url(&parsed.pg);
         let in_url = |why: String| Error::config(format!("postgres URL `{shown}`: {why}"));
         let namespace = self

@@ -63,8 +63,15 @@
 //!   `margin=1s`: the timing of the lease argument (see the methods of
 //!   [`Postgres`] of the same names; set in code, they win), each within a
 //!   range (1s to 24h, 10ms to 10m, 1ms to 1m, 0 to 1h), as is
-//!   `connect_timeout` (1s to 1h). `keepalives*` and `tcp_user_timeout` are
-//!   refused: the backend sets them itself.
+//!   `connect_timeout` (1s to 1h, one TCP connection attempt). Durations
+//!   take a unit (`250ms`, `3s`, `2m`, `1h`). `keepalives*` and
+//!   `tcp_user_timeout` are refused: the backend sets them itself;
+//! - `start_timeout=30s`: how long [`Builder::start`](crate::Builder::start)
+//!   keeps trying to reach the server before it fails with
+//!   [`Error::Unreachable`](crate::Error::Unreachable) (100ms to 10m;
+//!   [`Builder::start_timeout`](crate::Builder::start_timeout) wins over it).
+//!   A wrong password, a missing database or a refused certificate fails at
+//!   once, whatever the timeout.
 //!
 //! Messages and descriptions show the URL as parsed, without its password
 //! (`postgres://app@db:5432/app`), never its text.
@@ -77,6 +84,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::kit::secret::Secret;
 use super::{Backend, Session};
 use crate::Result;
 use crate::service::BoxFuture;
@@ -139,7 +147,9 @@ pub const TABLE: &str = sql::TABLE;
 /// ```
 #[derive(Clone)]
 pub struct Postgres {
-    url: String,
+    /// The URL as given: it may hold a password (shown only as parsed,
+    /// see `shown`).
+    url: Secret,
     namespace: Option<String>,
     ca_file: Option<PathBuf>,
     client_cert: Option<(PathBuf, PathBuf)>,
@@ -160,7 +170,7 @@ impl Postgres {
     /// the URL's parameters).
     pub fn new(url: impl Into<String>) -> Postgres {
         Postgres {
-            url: url.into(),
+            url: Secret::new(url),
             namespace: None,
             ca_file: None,
             client_cert: None,
@@ -238,7 +248,7 @@ impl Postgres {
     /// may hold a password its author did not escape); or a placeholder
     /// when it does not parse.
     fn shown(&self) -> String {
-        match url::parse_url(&self.url) {
+        match url::parse_url(self.url.expose()) {
             Ok(parsed) => url::shown_url(&parsed.pg),
             Err(_) => "postgres://(invalid URL)".to_string(),
         }
@@ -273,6 +283,12 @@ impl Backend for Postgres {
             Some(_) => format!("{} (namespace {namespace})", self.shown()),
             None => self.shown(),
         }
+    }
+
+    /// The URL's `start_timeout=`, if any (a URL that does not parse fails
+    /// `start()` at once anyway).
+    fn start_timeout(&self) -> Option<Duration> {
+        url::parse_url(self.url.expose()).ok()?.start_timeout
     }
 }
 

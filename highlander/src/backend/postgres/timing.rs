@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::backend::kit::vouch::Vouch;
+
 /// The largest dead-peer detection a session can ask the server for:
 /// `tcp_user_timeout` is a 32-bit count of milliseconds, in whole seconds.
 pub(crate) const MAX_SERVER_TIMEOUT: Duration = Duration::from_secs(i32::MAX as u64 / 1000);
@@ -36,13 +38,17 @@ impl Default for Timing {
 }
 
 impl Timing {
+    /// The CP bound with this backend's drift and margin.
+    fn rule(&self) -> Vouch {
+        Vouch::new(self.drift_ppm, self.margin)
+    }
+
     /// How long after the send time of its last successful round trip the
     /// client still vouches for a tenure whose instance needs `budget` to
     /// stop, when the server's dead-peer detection is `x`:
     /// `x·(1 − ρ) − budget − margin`.
     pub(crate) fn vouch(&self, x: Duration, budget: Duration) -> Duration {
-        let slow = x.mul_f64(1.0 - f64::from(self.drift_ppm) / 1e6);
-        slow.saturating_sub(budget).saturating_sub(self.margin)
+        self.rule().usable(x).saturating_sub(budget)
     }
 
     /// The server-side detection needed for tenures with `budget`: the
@@ -55,11 +61,10 @@ impl Timing {
             .heartbeat
             .saturating_mul(3)
             .max(Duration::from_millis(500));
-        let needed = budget.saturating_add(self.margin).saturating_add(min_vouch);
+        let needed = self.rule().timeout_for(budget.saturating_add(min_vouch));
         if needed > MAX_SERVER_TIMEOUT {
             return None;
         }
-        let needed = needed.div_f64(1.0 - f64::from(self.drift_ppm) / 1e6);
         let x = self.server_timeout.max(needed);
         let x = Duration::from_secs(x.as_secs() + u64::from(x.subsec_nanos() > 0));
         (x <= MAX_SERVER_TIMEOUT).then_some(x)
@@ -173,7 +178,7 @@ impl Vouched {
     /// When every tenure whose instance needs at most `budget` to stop
     /// must be given up unless a round trip succeeds first.
     pub(crate) fn deadline(&self, timing: &Timing, budget: Duration) -> Instant {
-        self.last_ok + timing.vouch(self.x, budget)
+        timing.rule().deadline(self.last_ok, self.x, budget)
     }
 
     /// Whether the tenures just granted can be kept: `budget` is the

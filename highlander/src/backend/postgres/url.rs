@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use super::timing::Timing;
 use super::tls::Mode;
+use crate::backend::kit::duration::{ranged, show};
+use crate::backend::kit::url::percent_decode;
 
 /// What the URL says, before the builder's values are laid over it.
 pub(super) struct Parsed {
@@ -19,6 +21,8 @@ pub(super) struct Parsed {
     pub(super) client_key: Option<PathBuf>,
     pub(super) mode: Mode,
     pub(super) timing: Timing,
+    /// `start_timeout=`: how long `start()` keeps trying.
+    pub(super) start_timeout: Option<Duration>,
 }
 
 /// The allowed ranges of the URL's (and the builder's) numbers.
@@ -52,6 +56,11 @@ const CONNECT_TIMEOUT: Knob = Knob {
     name: "connect_timeout",
     range: Duration::from_secs(1)..=Duration::from_secs(3_600),
 };
+/// How long `start()` keeps trying to reach the server.
+const START_TIMEOUT: Knob = Knob {
+    name: "start_timeout",
+    range: Duration::from_millis(100)..=Duration::from_secs(600),
+};
 
 /// The field of [`Timing`] an option sets.
 type Field = fn(&mut Timing) -> &mut Duration;
@@ -75,61 +84,18 @@ impl Knob {
         }
     }
 
-    /// A duration parameter, checked against the range.
+    /// A duration parameter (with its unit), checked against the range.
     fn parse(&self, value: &str) -> Result<Duration, String> {
-        parse_duration(value)
-            .ok()
-            .and_then(|d| self.check(d).ok())
-            .ok_or_else(|| {
-                format!(
-                    "{} (like 250ms, 3s or 2m), not `{}`",
-                    self.range_text(),
-                    value.chars().take(40).collect::<String>()
-                )
-            })
+        ranged(self.name, value, self.range.clone())
     }
 
     fn range_text(&self) -> String {
         format!(
             "`{}` must be a duration between {} and {}",
             self.name,
-            show_duration(*self.range.start()),
-            show_duration(*self.range.end())
+            show(*self.range.start()),
+            show(*self.range.end())
         )
-    }
-}
-
-/// `250ms`, `3s`, `1.5s`, `2m`, `1h`.
-fn parse_duration(value: &str) -> Result<Duration, String> {
-    let split = value
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(value.len());
-    let (number, unit) = value.split_at(split);
-    let number: f64 = number
-        .parse()
-        .map_err(|_| format!("`{value}` is not a duration like 250ms, 3s or 2m"))?;
-    let secs = match unit {
-        "ms" => number / 1000.0,
-        "s" | "" => number,
-        "m" => number * 60.0,
-        "h" => number * 3600.0,
-        _ => return Err(format!("`{value}` is not a duration like 250ms, 3s or 2m")),
-    };
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("`{value}`: {e}"))
-}
-
-/// `250ms`, `3s`, `2m`, `1h`: as the URL writes them.
-fn show_duration(d: Duration) -> String {
-    if d.is_zero() {
-        "0s".to_string()
-    } else if d.subsec_millis() != 0 {
-        format!("{}ms", d.as_millis())
-    } else if d.as_secs().is_multiple_of(3600) {
-        format!("{}h", d.as_secs() / 3600)
-    } else if d.as_secs().is_multiple_of(60) {
-        format!("{}m", d.as_secs() / 60)
-    } else {
-        format!("{}s", d.as_secs())
     }
 }
 
@@ -161,6 +127,7 @@ pub(super) fn parse_url(url: &str) -> Result<Parsed, String> {
     let mut mode = Mode::Prefer;
     let mut timing = Timing::default();
     let mut connect_timeout = None;
+    let mut start_timeout = None;
     let mut rest = Vec::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -175,6 +142,9 @@ pub(super) fn parse_url(url: &str) -> Result<Parsed, String> {
             "sslmode" => mode = Mode::from_url(value).map_err(|e| bad(&e))?,
             "connect_timeout" => {
                 connect_timeout = Some(CONNECT_TIMEOUT.parse(value).map_err(|e| bad(&e))?)
+            }
+            "start_timeout" => {
+                start_timeout = Some(START_TIMEOUT.parse(value).map_err(|e| bad(&e))?)
             }
             "keepalives"
             | "keepalives_idle"
@@ -226,31 +196,8 @@ pub(super) fn parse_url(url: &str) -> Result<Parsed, String> {
         client_key,
         mode,
         timing,
+        start_timeout,
     })
-}
-
-fn percent_decode(s: &str) -> Result<String, String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = s.get(i + 1..i + 3).ok_or("a `%` escape is cut short")?;
-                out.push(u8::from_str_radix(hex, 16).map_err(|_| "a `%` escape is not hex")?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).map_err(|_| "a parameter is not UTF-8".to_string())
 }
 
 /// `postgres://user@host:port/db`, rebuilt from the parsed URL: never the
@@ -294,30 +241,42 @@ pub(super) fn target_of(pg: &tokio_postgres::Config) -> String {
 mod tests {
     use super::*;
 
+    /// Durations take a unit, in every option; a bare number is refused
+    /// with a hint (libpq's `connect_timeout=10` included).
     #[test]
-    fn durations_read_as_the_docs_write_them() {
-        for (text, d) in [
-            ("250ms", Duration::from_millis(250)),
-            ("3s", Duration::from_secs(3)),
-            ("1.5s", Duration::from_millis(1_500)),
-            ("2m", Duration::from_secs(120)),
-            ("1h", Duration::from_secs(3_600)),
-            // libpq's connect_timeout is plain seconds.
-            ("7", Duration::from_secs(7)),
+    fn durations_take_a_unit() {
+        let p = parse_url(
+            "postgres://db/app?heartbeat=1.5s&presence_poll=250ms&server_timeout=2m&margin=0s&connect_timeout=1h&start_timeout=10s",
+        )
+        .unwrap();
+        assert_eq!(p.timing.heartbeat, Duration::from_millis(1_500));
+        assert_eq!(p.timing.poll, Duration::from_millis(250));
+        assert_eq!(p.timing.server_timeout, Duration::from_secs(120));
+        assert_eq!(p.timing.margin, Duration::ZERO);
+        assert_eq!(
+            p.pg.get_connect_timeout(),
+            Some(&Duration::from_secs(3_600))
+        );
+        assert_eq!(p.start_timeout, Some(Duration::from_secs(10)));
+        assert_eq!(parse_url("postgres://db").unwrap().start_timeout, None);
+        for (query, message) in [
+            (
+                "connect_timeout=10",
+                "`connect_timeout` must be a duration between 1s and 1h (like 250ms, 3s or 2m), not `10`: add a unit, like `10s`",
+            ),
+            (
+                "start_timeout=50ms",
+                "`start_timeout` must be a duration between 100ms and 10m (like 250ms, 3s or 2m), not `50ms`",
+            ),
+            (
+                "heartbeat=soon",
+                "`heartbeat` must be a duration between 10ms and 10m (like 250ms, 3s or 2m), not `soon`",
+            ),
         ] {
-            assert_eq!(parse_duration(text), Ok(d), "{text}");
-        }
-        for junk in ["", "soon", "3d", "-1s", "1e3s", "s"] {
-            assert!(parse_duration(junk).is_err(), "{junk}");
-        }
-        for (d, text) in [
-            (Duration::ZERO, "0s"),
-            (Duration::from_millis(10), "10ms"),
-            (Duration::from_secs(45), "45s"),
-            (Duration::from_secs(600), "10m"),
-            (Duration::from_secs(86_400), "24h"),
-        ] {
-            assert_eq!(show_duration(d), text);
+            let err = parse_url(&format!("postgres://db?{query}"))
+                .err()
+                .expect(query);
+            assert_eq!(err, format!("invalid postgres URL: {message}"));
         }
     }
 
@@ -338,24 +297,36 @@ mod tests {
             "`presence_poll` must be a duration between 1ms and 1m (like 250ms, 3s or 2m), not `2h`"
         );
         // A long value is cut in the message.
-        let err = SERVER_TIMEOUT.parse(&"9".repeat(100)).unwrap_err();
+        let err = SERVER_TIMEOUT
+            .parse(&format!("{}s", "9".repeat(100)))
+            .unwrap_err();
         assert!(err.ends_with(&format!("not `{}`", "9".repeat(40))), "{err}");
     }
 
+    /// Values are percent-decoded strictly; a `+` is a plus.
     #[test]
     fn percent_escapes_decode() {
-        assert_eq!(percent_decode("billing%2Fv2").as_deref(), Ok("billing/v2"));
-        assert_eq!(percent_decode("a+b").as_deref(), Ok("a b"));
-        assert_eq!(percent_decode("%C3%A9").as_deref(), Ok("é"));
-        assert!(percent_decode("%4").is_err());
-        assert!(percent_decode("%zz").is_err());
-        assert!(percent_decode("%FF").is_err());
+        let namespace =
+            |v: &str| parse_url(&format!("postgres://db?namespace={v}")).map(|p| p.namespace);
+        assert_eq!(
+            namespace("billing%2Fv2"),
+            Ok(Some("billing/v2".to_string()))
+        );
+        assert_eq!(namespace("a+b"), Ok(Some("a+b".to_string())));
+        assert_eq!(namespace("%C3%A9"), Ok(Some("é".to_string())));
+        for bad in ["%4", "%zz", "%FF"] {
+            let err = namespace(bad).unwrap_err();
+            assert!(
+                err.starts_with("invalid postgres URL: a `%` escape"),
+                "{err}"
+            );
+        }
     }
 
     #[test]
     fn backend_parameters_are_split_off() {
         let p = parse_url(
-            "postgresql://app:pw@db:6543/app?namespace=ns&application_name=x&heartbeat=2s&sslmode=disable&connect_timeout=3",
+            "postgresql://app:pw@db:6543/app?namespace=ns&application_name=x&heartbeat=2s&sslmode=disable&connect_timeout=3s",
         )
         .unwrap();
         assert_eq!(p.namespace.as_deref(), Some("ns"));
