@@ -1,7 +1,7 @@
-//! The task that owns the connection: it connects (again, with backoff,
-//! after a loss), sends claim and release batches, heartbeats and probes,
-//! hands releases heard on the channel to the waiters, and ends every
-//! tenure before the server could hand it to another node.
+//! The task that owns the connection start-up opened: it sends claim and
+//! release batches, heartbeats and probes, hands releases heard on the
+//! channel to the waiters, ends every tenure before the server could hand
+//! it to another node, and after a loss reconnects with backoff.
 
 use std::collections::HashMap;
 use std::future::Future;
