@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use highlander::backend::postgres::Postgres;
 use highlander::{
-    ChildSpec, Context, Runtime, RuntimeHandle, Service, ShutdownReason, SingletonState,
+    BackendErrorKind, ChildSpec, Context, Error, Runtime, RuntimeHandle, Service, ShutdownReason,
+    SingletonState,
 };
 use highlander_tests::postgres::{PASSWORD, PgServer, wait_all};
 use tokio::time::timeout;
@@ -547,7 +548,10 @@ async fn clear_errors_without_the_password() {
         .backend(Postgres::new(wrong))
         .start()
         .await;
-    let e = e.expect_err("wrong password fails").to_string();
+    // Not retried: the start-up policy stops at an error of this kind.
+    let e = e.expect_err("wrong password fails");
+    assert_eq!(e.kind(), Some(BackendErrorKind::Auth), "{e}");
+    let e = e.to_string();
     println!("error: {e}");
     assert!(e.contains("authentication failed"), "{e}");
     assert!(!e.contains("not-it"), "{e}");
@@ -558,31 +562,80 @@ async fn clear_errors_without_the_password() {
         .backend(Postgres::new(pg.url_for("nope")))
         .start()
         .await
-        .expect_err("a missing database fails")
-        .to_string();
+        .expect_err("a missing database fails");
+    assert_eq!(e.kind(), Some(BackendErrorKind::Refused), "{e}");
+    let e = e.to_string();
     no_pw(&e);
     assert!(e.contains("database") && e.contains("nope"), "{e}");
+}
 
-    // Unreachable: the runtime starts, claims nothing, and says why.
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let url = format!("postgres://highlander:{PASSWORD}@127.0.0.1:{closed}/highlander");
+/// A port nobody listens on.
+fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// An unreachable server: `start()` keeps trying until the URL's
+/// `start_timeout`, then fails with `Error::Unreachable`, naming the
+/// server and the last cause, never the password; nothing ever ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_server_fails_start_within_the_start_timeout() {
+    let closed = closed_port();
+    let url =
+        format!("postgres://highlander:{PASSWORD}@127.0.0.1:{closed}/highlander?start_timeout=2s");
     let log = Log::default();
-    let h = start(Postgres::new(url), "lonely", &["u".to_string()], &log).await;
-    wait(&h, "retrying", |s| {
-        matches!(s.get("u"), Some(SingletonState::Retrying { .. }))
-    })
-    .await;
-    let Some(SingletonState::Retrying { error }) = h.status().get("u").cloned() else {
-        unreachable!()
+    let builder = Runtime::builder()
+        .node("lonely")
+        .backend(Postgres::new(url))
+        .child(spec("u", &log));
+    let e = timeout(GUARD, builder.start())
+        .await
+        .expect("start gives up at its timeout, not never")
+        .expect_err("an unreachable server fails start");
+    let Error::Unreachable {
+        backend,
+        waited,
+        source,
+    } = &e
+    else {
+        panic!("not Unreachable: {e:?}")
     };
-    no_pw(&error);
-    assert!(error.contains(&format!("127.0.0.1:{closed}")), "{error}");
-    assert!(format!("{:?}", h.status()).find(PASSWORD).is_none());
-    h.shutdown().await;
+    assert_eq!(*waited, Duration::from_secs(2));
+    assert_eq!(
+        backend,
+        &format!("postgres://highlander@127.0.0.1:{closed}/highlander")
+    );
+    assert_eq!(
+        source.kind(),
+        Some(BackendErrorKind::Unreachable),
+        "{source}"
+    );
+    let text = e.to_string();
+    println!("error: {text}");
+    assert!(text.contains(&format!("127.0.0.1:{closed}")), "{text}");
+    assert!(text.contains("within 2s"), "{text}");
+    assert!(!text.contains(PASSWORD), "{text}");
+    assert!(!format!("{e:?}").contains(PASSWORD));
     assert!(log.events().is_empty());
+
+    // The builder's start timeout wins over the URL's.
+    let url =
+        format!("postgres://highlander:{PASSWORD}@127.0.0.1:{closed}/highlander?start_timeout=10m");
+    let e = timeout(
+        GUARD,
+        Runtime::builder()
+            .node("lonely")
+            .backend(Postgres::new(url))
+            .start_timeout(Duration::from_secs(1))
+            .start(),
+    )
+    .await
+    .expect("the builder's timeout is used")
+    .expect_err("still unreachable");
+    assert!(
+        matches!(e, Error::Unreachable { waited, .. } if waited == Duration::from_secs(1)),
+        "{e:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
