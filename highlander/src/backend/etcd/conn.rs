@@ -1,20 +1,19 @@
 //! Connections to etcd members over gRPC: one HTTP/2 channel per member
-//! (tonic), the request metadata etcd wants (`hasleader`, the auth
-//! `token`), authentication and re-authentication, and the classification of
-//! failures by gRPC status code.
+//! (tonic, with TLS when configured), the request metadata etcd wants
+//! (`hasleader`, the auth `token`), authentication and re-authentication.
 //!
 //! Each connection is to ONE member, chosen by the session (see
-//! `session::Members`): there is no client-side balancer here.
+//! `members::Members`): there is no client-side balancer here.
 
-use std::error::Error as StdError;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 
+use super::failure::{Call, Failure, chain, classify, classify_connect, reason};
 use super::pb::etcdserverpb::AuthenticateRequest;
 use super::pb::etcdserverpb::auth_client::AuthClient;
 use super::pb::etcdserverpb::kv_client::KvClient;
@@ -123,10 +122,13 @@ impl Dialer {
 
     /// Connects to member `member` and, with credentials, authenticates.
     pub(super) async fn dial(&self, member: usize) -> std::result::Result<Conn, DialError> {
-        let channel = self.endpoints[member]
-            .connect()
-            .await
-            .map_err(|e| dial_error(&e))?;
+        let channel = self.endpoints[member].connect().await.map_err(|e| {
+            let why = chain(&e);
+            match classify_connect(&e) {
+                Failure::Handshake => DialError::Handshake(why),
+                _ => DialError::Unreachable(why),
+            }
+        })?;
         let conn = Conn {
             channel,
             token: Arc::new(Mutex::new(None)),
@@ -134,12 +136,12 @@ impl Dialer {
         };
         if conn.credentials.is_some() {
             conn.authenticate().await.map_err(|status| {
-                if credentials_refused(&status) {
-                    DialError::Credentials(reason(&status))
-                } else if refused(&status) {
-                    DialError::Unreachable(reason(&status))
-                } else {
-                    DialError::Failed(status)
+                match classify(&status, Call::Authenticate) {
+                    Failure::CredentialsRefused => DialError::Credentials(reason(&status)),
+                    Failure::Unreachable | Failure::Handshake => {
+                        DialError::Unreachable(reason(&status))
+                    }
+                    _ => DialError::Failed(status),
                 }
             })?;
         }
@@ -196,7 +198,7 @@ impl Conn {
     {
         let used = self.current_token();
         match call(self.clone()).await {
-            Err(status) if self.credentials.is_some() && token_refused(&status) => {
+            Err(status) if self.token_refused(&status) => {
                 if self.current_token() == used {
                     self.authenticate().await?;
                 }
@@ -209,7 +211,22 @@ impl Conn {
     /// When `status` says the auth token is no longer accepted: a new token,
     /// and true when getting one worked (the request is worth repeating).
     pub(super) async fn renew_token(&self, status: &Status) -> bool {
-        self.credentials.is_some() && token_refused(status) && self.authenticate().await.is_ok()
+        self.token_refused(status) && self.authenticate().await.is_ok()
+    }
+
+    /// How a failure on this connection is classified: with credentials,
+    /// its calls carry a token.
+    pub(super) fn call_kind(&self) -> Call {
+        if self.credentials.is_some() {
+            Call::Authenticated
+        } else {
+            Call::Request
+        }
+    }
+
+    /// The token `status` answered is no longer accepted.
+    fn token_refused(&self, status: &Status) -> bool {
+        classify(status, self.call_kind()) == Failure::TokenRefused
     }
 
     /// With credentials: a new token (after etcd cancelled a watch, which it
@@ -250,142 +267,4 @@ fn read_pem(what: &str, path: &std::path::Path) -> Result<Vec<u8>> {
             path.display()
         ))
     })
-}
-
-/// A one-line reason: the status code, etcd's message, and the causes of a
-/// transport failure.
-pub(super) fn reason(status: &Status) -> String {
-    let mut text = format!("{:?}", status.code());
-    let message = status.message();
-    if !message.is_empty() {
-        text.push_str(": ");
-        text.push_str(message);
-    }
-    let mut source = status.source();
-    while let Some(cause) = source {
-        let shown = cause.to_string();
-        if !text.contains(&shown) {
-            text.push_str(": ");
-            text.push_str(&shown);
-        }
-        source = cause.source();
-    }
-    text.replace(['\n', '\r'], " ")
-}
-
-/// The error and its causes, on one line.
-fn chain(error: &dyn StdError) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let shown = cause.to_string();
-        if !text.contains(&shown) {
-            text.push_str(": ");
-            text.push_str(&shown);
-        }
-        source = cause.source();
-    }
-    text.replace(['\n', '\r'], " ")
-}
-
-/// The I/O errors in `error`'s chain.
-fn io_kinds(error: &(dyn StdError + 'static)) -> Vec<std::io::ErrorKind> {
-    let mut kinds = Vec::new();
-    let mut next: Option<&(dyn StdError + 'static)> = Some(error);
-    while let Some(e) = next {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            kinds.push(io.kind());
-        }
-        next = e.source();
-    }
-    kinds
-}
-
-/// A failed connect: the TLS handshake failing shows as an I/O error of
-/// kind `InvalidData` (rustls' errors, e.g. an unknown CA) or the server
-/// closing the connection during it; anything else is "unreachable".
-fn dial_error(error: &tonic::transport::Error) -> DialError {
-    use std::io::ErrorKind::{BrokenPipe, ConnectionReset, InvalidData, UnexpectedEof};
-    let why = chain(error);
-    let handshake = io_kinds(error).iter().any(|k| {
-        matches!(
-            k,
-            InvalidData | UnexpectedEof | ConnectionReset | BrokenPipe
-        )
-    });
-    if handshake {
-        DialError::Handshake(why)
-    } else {
-        DialError::Unreachable(why)
-    }
-}
-
-/// The request never left: the channel could not (re)connect to the member
-/// (tonic reports that as `Unavailable` caused by a [`tonic::ConnectError`]).
-pub(super) fn refused(status: &Status) -> bool {
-    let mut next: Option<&(dyn StdError + 'static)> = status.source();
-    while let Some(e) = next {
-        if e.is::<tonic::ConnectError>() {
-            return true;
-        }
-        next = e.source();
-    }
-    false
-}
-
-/// Worth sending to another member: `Unavailable` is what a member without
-/// a leader (etcd's "no leader", "leader changed", "request timed out")
-/// answers, and what tonic reports when it could not reach the member.
-pub(super) fn undelivered(status: &Status) -> bool {
-    status.code() == Code::Unavailable
-}
-
-/// etcd's "requested lease not found" (`NotFound`: the only `NotFound` the
-/// RPCs used here return).
-pub(super) fn lease_not_found(status: &Status) -> bool {
-    status.code() == Code::NotFound
-}
-
-/// The user may not touch these keys.
-pub(super) fn denied(status: &Status) -> bool {
-    status.code() == Code::PermissionDenied
-}
-
-/// The token a request carried is no longer accepted: `Unauthenticated`
-/// ("invalid auth token": expired or unknown). etcd gives no distinct code
-/// for two more cases that a fresh token fixes, so those are recognised by
-/// etcd's own messages (`rpctypes.ErrGRPCAuthOldRevision`,
-/// `rpctypes.ErrGRPCUserEmpty`, both `InvalidArgument`), as etcd's Go client
-/// does.
-fn token_refused(status: &Status) -> bool {
-    match status.code() {
-        Code::Unauthenticated => true,
-        Code::InvalidArgument => matches!(
-            status.message(),
-            "etcdserver: revision of auth store is old" | "etcdserver: user name is empty"
-        ),
-        _ => false,
-    }
-}
-
-/// `Authenticate` refused: wrong user or password (`InvalidArgument`,
-/// etcd's only use of it for this RPC), auth not enabled
-/// (`FailedPrecondition`), or no permission.
-fn credentials_refused(status: &Status) -> bool {
-    matches!(
-        status.code(),
-        Code::InvalidArgument
-            | Code::FailedPrecondition
-            | Code::Unauthenticated
-            | Code::PermissionDenied
-    )
-}
-
-/// Whether a failed request's status says the TLS handshake failed (the
-/// connection was made again inside the channel).
-pub(super) fn handshake_failed(status: &Status) -> bool {
-    use std::io::ErrorKind::InvalidData;
-    status
-        .source()
-        .is_some_and(|s| io_kinds(s).contains(&InvalidData))
 }
