@@ -103,6 +103,7 @@ pub struct Builder {
     specs: Vec<ChildSpec>,
     registered: bool,
     stepdown_delay: Option<Duration>,
+    start_timeout: Option<Duration>,
     pub(crate) ops: OpsConfig,
 }
 
@@ -187,10 +188,25 @@ impl Builder {
         self
     }
 
-    /// Starts the runtime and returns at once with a handle; the runtime runs
-    /// until [`RuntimeHandle::shutdown`]. Fails on a duplicate id, an invalid
-    /// id, a backend URL that cannot be used, or a backend that refuses to
-    /// connect.
+    /// How long [`Builder::start`] tries to reach the backend before it
+    /// fails with [`Error::Unreachable`] (default: the backend URL's
+    /// `start_timeout=` option, else
+    /// [`DEFAULT_START_TIMEOUT`](crate::backend::DEFAULT_START_TIMEOUT), 30 s).
+    /// Set here, it wins over the URL. Errors that retrying cannot fix (bad
+    /// credentials, a missing database, bad TLS files) fail at once
+    /// whatever the timeout. See the [`backend`](crate::backend) module docs
+    /// for the start-up policy.
+    pub fn start_timeout(mut self, timeout: Duration) -> Self {
+        self.start_timeout = Some(timeout);
+        self
+    }
+
+    /// Starts the runtime and returns with a handle once the backend is
+    /// reached; the runtime runs until [`RuntimeHandle::shutdown`]. Fails on
+    /// a duplicate id, an invalid id, a backend URL that cannot be used, a
+    /// backend that refuses this node (bad credentials, say) or one that
+    /// cannot be reached within the start timeout
+    /// ([`Builder::start_timeout`]).
     pub async fn start(self) -> Result<RuntimeHandle> {
         let mut specs = Vec::new();
         if self.registered {
@@ -222,7 +238,15 @@ impl Builder {
             (None, None) => backend_from_env()?,
         };
         let description = backend.describe();
-        let session = backend.connect(&node).await?;
+        let start_timeout = self
+            .start_timeout
+            .or_else(|| backend.start_timeout())
+            .unwrap_or(backend::DEFAULT_START_TIMEOUT);
+        let session =
+            crate::backend::kit::startup::retry_until(&description, start_timeout, || {
+                backend.connect(&node)
+            })
+            .await?;
         // A budget the backend cannot honour would only ever be retried.
         if let Some(refused) = specs
             .iter()

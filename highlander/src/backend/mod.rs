@@ -40,7 +40,18 @@ use tokio_util::sync::CancellationToken;
 use crate::service::BoxFuture;
 use crate::{Error, Result, ShutdownReason, redact_url};
 
+pub(crate) mod kit;
 pub mod memory;
+
+/// How long `start()` tries to reach the backend before it fails with
+/// [`Error::Unreachable`]: 30 s, long enough to ride out a database or
+/// etcd restarting alongside the application (a container started in the
+/// same deployment, a failover of a managed database: typically 5 to 20 s),
+/// short enough that a wrong address fails the deployment while someone is
+/// watching instead of leaving a node that silently never runs anything.
+/// Change it with [`Builder::start_timeout`](crate::Builder::start_timeout)
+/// or a backend URL's `start_timeout=` option.
+pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub use memory::MemoryCluster;
 
@@ -55,6 +66,13 @@ pub trait Backend: Send + Sync + 'static {
 
     /// A description for logs and status, with any credential hidden.
     fn describe(&self) -> String;
+
+    /// The start timeout this backend's configuration asks for (a URL's
+    /// `start_timeout=` option), if any. [`Builder::start_timeout`](crate::Builder::start_timeout)
+    /// wins over it; without either, `start()` uses [`DEFAULT_START_TIMEOUT`].
+    fn start_timeout(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// A backend chosen at run time, as [`from_url`] returns it, is a backend:
@@ -74,6 +92,10 @@ impl Backend for Box<dyn Backend> {
 
     fn describe(&self) -> String {
         (**self).describe()
+    }
+
+    fn start_timeout(&self) -> Option<Duration> {
+        (**self).start_timeout()
     }
 }
 
@@ -398,7 +420,7 @@ pub fn from_url(url: &str) -> Result<Box<dyn Backend>> {
 /// parameter whose value swallowed a `password=`.
 fn scrub(error: Error, url: &str) -> Error {
     const N: usize = 4;
-    let secret: HashSet<&str> = crate::error::secrets(url)
+    let secret: HashSet<&str> = kit::url::secrets(url)
         .into_iter()
         .flat_map(|run| windows(run, N))
         .collect();
