@@ -13,13 +13,14 @@ use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Request, Response, Status};
 
+use super::Etcd;
 use super::failure::{Call, Failure, chain, classify, classify_connect, reason};
 use super::pb::etcdserverpb::AuthenticateRequest;
 use super::pb::etcdserverpb::auth_client::AuthClient;
 use super::pb::etcdserverpb::kv_client::KvClient;
 use super::pb::etcdserverpb::lease_client::LeaseClient;
 use super::pb::etcdserverpb::watch_client::WatchClient;
-use super::{Etcd, Password};
+use crate::backend::kit::secret::Secret;
 use crate::{Error, Result};
 
 /// etcd refuses a request with "no leader" instead of serving it from a
@@ -37,15 +38,17 @@ const MAX_RECEIVE: usize = i32::MAX as usize;
 /// How to connect to each member.
 pub(super) struct Dialer {
     endpoints: Vec<Endpoint>,
-    credentials: Option<Arc<(String, Password)>>,
+    credentials: Option<Arc<(String, Secret)>>,
 }
 
 /// Why a member could not be connected to.
 pub(super) enum DialError {
     /// No connection: refused, unreachable, or not within the time limit.
     Unreachable(String),
-    /// A connection, but its TLS handshake failed.
+    /// A connection, but the server closed it during the set-up.
     Handshake(String),
+    /// TLS failed: a certificate that does not verify, or refused.
+    Tls(String),
     /// The member refused the user or password (or auth is not enabled).
     Credentials(String),
     /// The member could not authenticate now (no leader, timed out…).
@@ -55,7 +58,9 @@ pub(super) enum DialError {
 impl DialError {
     pub(super) fn reason(&self) -> String {
         match self {
-            DialError::Unreachable(why) | DialError::Handshake(why) => why.clone(),
+            DialError::Unreachable(why) | DialError::Handshake(why) | DialError::Tls(why) => {
+                why.clone()
+            }
             DialError::Credentials(why) => why.clone(),
             DialError::Failed(status) => reason(status),
         }
@@ -104,7 +109,7 @@ impl Dialer {
             };
             let mut endpoint = Endpoint::from_shared(format!("{scheme}://{host_port}"))
                 .map_err(bad)?
-                .connect_timeout(config.connect_timeout.min(Duration::from_secs(2)))
+                .connect_timeout(config.dial_timeout())
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(interval)
                 .keep_alive_timeout(ping_timeout)
@@ -126,6 +131,7 @@ impl Dialer {
             let why = chain(&e);
             match classify_connect(&e) {
                 Failure::Handshake => DialError::Handshake(why),
+                Failure::Tls => DialError::Tls(why),
                 _ => DialError::Unreachable(why),
             }
         })?;
@@ -138,9 +144,9 @@ impl Dialer {
             conn.authenticate().await.map_err(|status| {
                 match classify(&status, Call::Authenticate) {
                     Failure::CredentialsRefused => DialError::Credentials(reason(&status)),
-                    Failure::Unreachable | Failure::Handshake => {
-                        DialError::Unreachable(reason(&status))
-                    }
+                    Failure::Unreachable => DialError::Unreachable(reason(&status)),
+                    Failure::Handshake => DialError::Handshake(reason(&status)),
+                    Failure::Tls => DialError::Tls(reason(&status)),
                     _ => DialError::Failed(status),
                 }
             })?;
@@ -154,7 +160,7 @@ impl Dialer {
 pub(super) struct Conn {
     channel: Channel,
     token: Arc<Mutex<Option<AsciiMetadataValue>>>,
-    credentials: Option<Arc<(String, Password)>>,
+    credentials: Option<Arc<(String, Secret)>>,
 }
 
 impl Conn {
@@ -243,7 +249,7 @@ impl Conn {
         let (name, password) = credentials.as_ref();
         let mut request = Request::new(AuthenticateRequest {
             name: name.clone(),
-            password: password.0.clone(),
+            password: password.expose().to_string(),
         });
         request.metadata_mut().insert(
             REQUIRE_LEADER.0,

@@ -1,19 +1,21 @@
 //! Starting a node's session: the connections (TLS from the configuration),
 //! the first read (the revision the watch starts at) and the node's lease,
-//! each step retried on the next member until the connect timeout, and the
-//! one-line error when start-up fails.
+//! each step going to the members in turn until one answers, and the
+//! one-line error of an attempt that failed. The runtime repeats a failed
+//! attempt until the start timeout (`kit::startup`), unless the error says
+//! retrying cannot fix it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::time::{Instant, sleep, timeout};
+use tokio::time::{Instant, timeout};
 use tonic::{Response, Status};
 
 use super::conn::{Conn, DialError, Dialer};
 use super::failure::{Call, Failure, classify, reason};
 use super::members::{Members, Use};
 use super::pb::etcdserverpb::{LeaseGrantRequest, RangeRequest};
-use super::session::{EtcdSession, RETRY_MIN, Settings, prefix_end};
+use super::session::{EtcdSession, Settings, prefix_end};
 use super::{Etcd, host_port, key_prefix};
 use crate::backend::Backend;
 use crate::{Error, Result};
@@ -21,9 +23,12 @@ use crate::{Error, Result};
 /// How a start-up step failed.
 #[derive(Debug)]
 enum StartFailure {
-    /// Still failing when the connect timeout passed: the last reason, and
-    /// whether it was a failed TLS handshake.
+    /// Every member failed: the last reason, and whether the server closed
+    /// the connection while it was being set up (TLS on one side only?).
+    /// Retrying may help.
     Unreachable { why: String, handshake: bool },
+    /// TLS failed: a certificate that does not verify, or refused.
+    Tls(String),
     /// The user or password was refused.
     Credentials(String),
     /// The user may not use the namespace.
@@ -40,8 +45,14 @@ struct Names<'a> {
     prefix: &'a str,
 }
 
+/// What to do about TLS, after a TLS failure.
+const TLS_HINT: &str = "(a TLS mismatch? use etcds:// for a TLS server, with ca= its CA and \
+                        cert=/key= when it requires client certificates)";
+
 impl StartFailure {
-    /// The one-line error `start()` fails with.
+    /// The one-line error of the failed attempt: [`Error::Config`] for what
+    /// only the configuration fixes, [`Error::Backend`] (retried) for the
+    /// rest.
     fn into_error(self, names: &Names<'_>) -> Error {
         let Names {
             shown,
@@ -56,29 +67,27 @@ impl StartFailure {
             StartFailure::Denied(why) => Error::Config(format!(
                 "etcd at {shown} does not let this user read and write `{prefix}` ({describe}): {why}"
             )),
+            StartFailure::Tls(why) => Error::Config(format!(
+                "cannot reach etcd at {shown} ({describe}): {why} {TLS_HINT}"
+            )),
             StartFailure::Unreachable {
                 why,
                 handshake: true,
-            } => Error::Backend(format!(
-                "cannot reach etcd at {shown} ({describe}): {why} (a TLS mismatch? use etcds:// \
-                 for a TLS server, with ca= its CA and cert=/key= when it requires client \
-                 certificates)"
-            )),
+            } => Error::Backend(format!("cannot reach etcd at {shown}: {why} {TLS_HINT}")),
             StartFailure::Unreachable { why, .. } => {
-                Error::Backend(format!("cannot reach etcd at {shown} ({describe}): {why}"))
+                Error::Backend(format!("cannot reach etcd at {shown}: {why}"))
             }
         }
     }
 }
 
-/// Runs one start-up step (`send` on the current member) until it
-/// succeeds, fails for good, or `deadline` passes; each attempt gets a third
-/// of the time at most and a failure moves the step to the next member, so
-/// one member that hangs or refuses does not decide the outcome while others
-/// may answer.
-async fn at_start<T, F, Fut>(
+/// Runs one start-up step (`send`) on the members in turn, from the
+/// current one, until one answers: each gets `limit` at most and a failure
+/// moves the step to the next, so one member that hangs or refuses does not
+/// decide the outcome while others may answer. Fails once every member
+/// failed (with the last reason), or at once on what retrying cannot fix.
+async fn on_some_member<T, F, Fut>(
     members: &Members,
-    deadline: Instant,
     limit: Duration,
     mut send: F,
 ) -> std::result::Result<T, StartFailure>
@@ -90,59 +99,49 @@ where
         Dial(DialError),
         Answer(Status),
     }
-    let per_attempt = (limit / 3).max(Duration::from_millis(500));
-    let mut retry = RETRY_MIN;
-    let mut last: Option<(String, bool)> = None;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(match last {
-                Some((why, handshake)) => StartFailure::Unreachable {
-                    why: format!("{why} (still failing after {limit:?})"),
-                    handshake,
-                },
-                None => StartFailure::Unreachable {
-                    why: format!("no answer within {limit:?}"),
-                    handshake: false,
-                },
-            });
-        }
-        let limit_now = left.min(per_attempt);
+    let mut last = (format!("no answer within {limit:?}"), false);
+    for _ in 0..members.count() {
         let attempt = async {
             let conn = members
-                .client(Use::Request, limit_now)
+                .client(Use::Request, limit)
                 .await
                 .map_err(Failed::Dial)?;
             conn.call(&mut send).await.map_err(Failed::Answer)
         };
-        match timeout(limit_now, attempt).await {
+        match timeout(limit, attempt).await {
             Ok(Ok(value)) => return Ok(value),
             Ok(Err(Failed::Dial(DialError::Credentials(why)))) => {
                 return Err(StartFailure::Credentials(why));
             }
+            Ok(Err(Failed::Dial(DialError::Tls(why)))) => return Err(StartFailure::Tls(why)),
             Ok(Err(Failed::Dial(e))) => {
                 members.failed(Use::Request, !matches!(e, DialError::Failed(_)));
-                last = Some((e.reason(), matches!(e, DialError::Handshake(_))));
+                last = (e.reason(), matches!(e, DialError::Handshake(_)));
             }
             Ok(Err(Failed::Answer(status))) => {
                 let failure = classify(&status, Call::Request);
-                if failure == Failure::Denied {
-                    return Err(StartFailure::Denied(reason(&status)));
+                match failure {
+                    Failure::Denied => return Err(StartFailure::Denied(reason(&status))),
+                    Failure::Tls => return Err(StartFailure::Tls(reason(&status))),
+                    _ => {}
                 }
                 members.failed(Use::Request, failure.silent());
-                last = Some((reason(&status), failure == Failure::Handshake));
+                last = (reason(&status), failure == Failure::Handshake);
             }
-            Err(_) => members.failed(Use::Request, true),
+            Err(_) => {
+                members.failed(Use::Request, true);
+                last = (format!("no answer within {limit:?}"), false);
+            }
         }
-        sleep(retry.min(deadline.saturating_duration_since(Instant::now()))).await;
-        retry = (retry * 2).min(Duration::from_millis(500));
     }
+    let (why, handshake) = last;
+    Err(StartFailure::Unreachable { why, handshake })
 }
 
 /// Connects one node: authenticates, learns the current revision (the
 /// watch starts there), is granted the node's lease, and starts the tasks.
-/// Each step is retried until the connect timeout, so a dead member among
-/// the endpoints does not fail the start.
+/// Each step goes to the members in turn until one answers, so a dead
+/// member among the endpoints does not fail the start.
 pub(super) async fn connect(config: Etcd, node: String) -> Result<Arc<EtcdSession>> {
     let describe = config.describe();
     let endpoints: Vec<String> = config
@@ -152,8 +151,7 @@ pub(super) async fn connect(config: Etcd, node: String) -> Result<Arc<EtcdSessio
         .map(str::to_string)
         .collect();
     let shown = endpoints.join(",");
-    let limit = config.connect_timeout;
-    let deadline = Instant::now() + limit;
+    let limit = config.attempt_limit();
     let ttl_secs = config.ttl_secs();
     let interval = config.keepalive_in_effect();
     let request_timeout = (Duration::from_secs(ttl_secs as u64) / 4)
@@ -177,7 +175,7 @@ pub(super) async fn connect(config: Etcd, node: String) -> Result<Arc<EtcdSessio
         user: config.user.as_ref().map_or("", |(u, _)| u.as_str()),
         prefix: &prefix,
     };
-    let first = at_start(&members, deadline, limit, |conn: Conn| {
+    let first = on_some_member(&members, limit, |conn: Conn| {
         let request = conn.request(RangeRequest {
             key: prefix.as_bytes().to_vec(),
             range_end: prefix_end(prefix.as_bytes()),
@@ -193,7 +191,7 @@ pub(super) async fn connect(config: Etcd, node: String) -> Result<Arc<EtcdSessio
         Err(failure) => return Err(failure.into_error(&names)),
     };
     let mut sent = Instant::now();
-    let granted = at_start(&members, deadline, limit, |conn: Conn| {
+    let granted = on_some_member(&members, limit, |conn: Conn| {
         sent = Instant::now();
         let request = conn.request(LeaseGrantRequest {
             ttl: ttl_secs,
@@ -238,30 +236,41 @@ mod tests {
         prefix: "/highlander/",
     };
 
-    fn text(failure: StartFailure) -> String {
-        failure.into_error(&NAMES).to_string()
-    }
-
     #[test]
     fn start_errors_say_what_to_do_in_one_line() {
-        let refused = text(StartFailure::Credentials("InvalidArgument: …".into()));
+        let refused = StartFailure::Credentials("InvalidArgument: …".into()).into_error(&NAMES);
+        assert!(!refused.is_retryable(), "{refused}");
+        let refused = refused.to_string();
         assert!(refused.starts_with("etcd at 10.0.0.1:2379 refused user `app`"));
-        let denied = text(StartFailure::Denied("PermissionDenied".into()));
+        let denied = StartFailure::Denied("PermissionDenied".into()).into_error(&NAMES);
+        assert!(!denied.is_retryable(), "{denied}");
+        let denied = denied.to_string();
         assert!(denied.contains("read and write `/highlander/`"), "{denied}");
-        let tls = text(StartFailure::Unreachable {
-            why: "invalid peer certificate: UnknownIssuer".into(),
-            handshake: true,
-        });
+        let tls =
+            StartFailure::Tls("invalid peer certificate: UnknownIssuer".into()).into_error(&NAMES);
+        assert!(!tls.is_retryable(), "{tls}");
+        let tls = tls.to_string();
         assert!(
             tls.starts_with("cannot reach etcd at 10.0.0.1:2379") && tls.contains("TLS mismatch"),
             "{tls}"
         );
-        let down = text(StartFailure::Unreachable {
+        let closed = StartFailure::Unreachable {
+            why: "connection reset".into(),
+            handshake: true,
+        }
+        .into_error(&NAMES);
+        assert!(closed.is_retryable(), "{closed}");
+        let closed = closed.to_string();
+        assert!(closed.contains("TLS mismatch"), "{closed}");
+        let down = StartFailure::Unreachable {
             why: "Connection refused".into(),
             handshake: false,
-        });
+        }
+        .into_error(&NAMES);
+        assert!(down.is_retryable(), "{down}");
+        let down = down.to_string();
         assert!(!down.contains("TLS"), "{down}");
-        for error in [refused, denied, tls, down] {
+        for error in [refused, denied, tls, closed, down] {
             assert!(!error.contains('\n'), "{error}");
         }
     }

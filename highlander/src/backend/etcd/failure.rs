@@ -16,10 +16,13 @@ pub(super) enum Failure {
     /// route): the request was never sent, and the member is avoided for a
     /// while.
     Unreachable,
-    /// A connection, but TLS failed: a rustls error (an unknown CA, a
-    /// refused client certificate), or the server closing the connection
-    /// while it was being set up (a plain server answering a TLS hello, or
-    /// the reverse). Treated as unreachable, with a hint about TLS.
+    /// TLS failed: a rustls error (a server certificate that does not
+    /// verify, a client certificate the server refused, a plain server
+    /// answering a TLS hello). Only the configuration fixes it.
+    Tls,
+    /// A connection, but the server closed it while it was being set up
+    /// (perhaps TLS on one side only). Treated as unreachable, with a hint
+    /// about TLS.
     Handshake,
     /// The member could not serve the request now: etcd's `Unavailable`
     /// ("no leader", "leader changed", "request timed out", "server
@@ -45,14 +48,17 @@ impl Failure {
     /// The member did not take the request at all (no connection): avoid
     /// it for a while and drop its connection.
     pub(super) fn silent(self) -> bool {
-        matches!(self, Failure::Unreachable | Failure::Handshake)
+        matches!(
+            self,
+            Failure::Unreachable | Failure::Handshake | Failure::Tls
+        )
     }
 
     /// Nothing was applied and another member may serve it.
     pub(super) fn undelivered(self) -> bool {
         matches!(
             self,
-            Failure::Unreachable | Failure::Handshake | Failure::Unavailable
+            Failure::Unreachable | Failure::Handshake | Failure::Tls | Failure::Unavailable
         )
     }
 }
@@ -76,7 +82,9 @@ pub(super) enum Cause {
     Answer,
     /// The connection could not be made.
     Connect,
-    /// TLS failed (while connecting, or on the connection later).
+    /// The connection was closed while it was being set up.
+    Closed,
+    /// rustls failed (while connecting, or on the connection later).
     Tls,
 }
 
@@ -98,7 +106,8 @@ pub(super) enum Cause {
 /// enabled".
 pub(super) fn decide(code: Code, cause: Cause, call: Call) -> Failure {
     match cause {
-        Cause::Tls => return Failure::Handshake,
+        Cause::Tls => return Failure::Tls,
+        Cause::Closed => return Failure::Handshake,
         Cause::Connect => return Failure::Unreachable,
         Cause::Answer => {}
     }
@@ -125,11 +134,12 @@ pub(super) fn classify(status: &Status, call: Call) -> Failure {
     decide(status.code(), cause(status.source(), false), call)
 }
 
-/// What a failed connect means: [`Failure::Handshake`] or
-/// [`Failure::Unreachable`].
+/// What a failed connect means: [`Failure::Tls`], [`Failure::Handshake`]
+/// or [`Failure::Unreachable`].
 pub(super) fn classify_connect(error: &(dyn StdError + 'static)) -> Failure {
     match cause(Some(error), true) {
-        Cause::Tls => Failure::Handshake,
+        Cause::Tls => Failure::Tls,
+        Cause::Closed => Failure::Handshake,
         Cause::Connect | Cause::Answer => Failure::Unreachable,
     }
 }
@@ -141,7 +151,7 @@ pub(super) fn classify_connect(error: &(dyn StdError + 'static)) -> Failure {
 /// made, and only the handshake reads from it.
 fn cause(error: Option<&(dyn StdError + 'static)>, connecting: bool) -> Cause {
     let mut connect = connecting;
-    let mut tls = false;
+    let (mut tls, mut closed) = (false, false);
     let mut next = error;
     while let Some(e) = next {
         if e.is::<ConnectError>() {
@@ -151,19 +161,21 @@ fn cause(error: Option<&(dyn StdError + 'static)>, connecting: bool) -> Cause {
             let from_rustls = io
                 .get_ref()
                 .is_some_and(|inner| inner.is::<rustls::Error>());
-            let closed = matches!(
+            let shut = matches!(
                 io.kind(),
                 ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset | ErrorKind::BrokenPipe
             );
-            tls |= from_rustls || (connect && closed);
+            tls |= from_rustls;
+            closed |= connect && shut;
         }
         tls |= e.is::<rustls::Error>();
         next = e.source();
     }
-    match (tls, connect) {
-        (true, _) => Cause::Tls,
-        (false, true) => Cause::Connect,
-        (false, false) => Cause::Answer,
+    match (tls, closed, connect) {
+        (true, _, _) => Cause::Tls,
+        (false, true, _) => Cause::Closed,
+        (false, false, true) => Cause::Connect,
+        (false, false, false) => Cause::Answer,
     }
 }
 
@@ -205,7 +217,7 @@ mod tests {
     #[test]
     fn the_table() {
         use Call::{Authenticate as Auth, Authenticated as Authed, Request as Plain};
-        use Cause::{Answer, Connect, Tls};
+        use Cause::{Answer, Closed, Connect, Tls as Rustls};
         use Failure::*;
         #[rustfmt::skip]
         let table = [
@@ -214,8 +226,10 @@ mod tests {
             (Code::Unavailable,        Answer,  Authed, Unavailable),
             (Code::Unavailable,        Answer,  Auth,   Unavailable),
             (Code::Unavailable,        Connect, Plain,  Unreachable),
-            (Code::Unavailable,        Tls,     Plain,  Handshake),
-            (Code::Unknown,            Tls,     Authed, Handshake),
+            (Code::Unavailable,        Closed,  Plain,  Handshake),
+            (Code::Unavailable,        Rustls,  Plain,  Tls),
+            (Code::Unknown,            Rustls,  Authed, Tls),
+            (Code::Unknown,            Closed,  Auth,   Handshake),
             (Code::Unknown,            Connect, Auth,   Unreachable),
             // The lease.
             (Code::NotFound,           Answer,  Plain,  LeaseNotFound),
@@ -269,10 +283,7 @@ mod tests {
         assert_eq!(refused.code(), Code::Unavailable);
         assert_eq!(classify(&refused, Call::Request), Failure::Unreachable);
         let unknown_ca = connect_failed(rustls_error());
-        assert_eq!(
-            classify(&unknown_ca, Call::Authenticated),
-            Failure::Handshake
-        );
+        assert_eq!(classify(&unknown_ca, Call::Authenticated), Failure::Tls);
         // The server hung up during the handshake.
         let eof = connect_failed(io::ErrorKind::UnexpectedEof.into());
         assert_eq!(classify(&eof, Call::Request), Failure::Handshake);
@@ -281,11 +292,11 @@ mod tests {
         assert_eq!(classify(&reset, Call::Request), Failure::Other);
         // A TLS alert after the handshake (a client certificate refused).
         let alert = Status::from_error(Box::new(rustls_error()));
-        assert_eq!(classify(&alert, Call::Request), Failure::Handshake);
+        assert_eq!(classify(&alert, Call::Request), Failure::Tls);
         // A connect that failed without a ConnectError around it.
         let timed_out = io::Error::from(io::ErrorKind::TimedOut);
         assert_eq!(classify_connect(&timed_out), Failure::Unreachable);
-        assert_eq!(classify_connect(&rustls_error()), Failure::Handshake);
+        assert_eq!(classify_connect(&rustls_error()), Failure::Tls);
         let reset = io::Error::from(io::ErrorKind::ConnectionReset);
         assert_eq!(classify_connect(&reset), Failure::Handshake);
     }
@@ -308,6 +319,7 @@ mod tests {
     #[test]
     fn which_failures_move_on() {
         assert!(Failure::Unreachable.silent() && Failure::Handshake.silent());
+        assert!(Failure::Tls.silent() && Failure::Tls.undelivered());
         assert!(!Failure::Unavailable.silent());
         assert!(Failure::Unavailable.undelivered() && Failure::Unreachable.undelivered());
         for f in [

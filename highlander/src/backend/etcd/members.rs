@@ -106,8 +106,13 @@ impl Members {
         self.request_timeout
     }
 
+    /// How many members there are.
+    pub(super) fn count(&self) -> usize {
+        self.lock().conns.len()
+    }
+
     fn several(&self) -> bool {
-        self.lock().conns.len() > 1
+        self.count() > 1
     }
 
     /// The connection to `use_`'s current member, connecting (and
@@ -159,7 +164,9 @@ impl Members {
                     // Connected, but authenticating failed: that answer.
                     Err(DialError::Failed(status)) => Some(Err(status)),
                     Err(DialError::Credentials(why)) => Some(Err(Status::unauthenticated(why))),
-                    Err(DialError::Unreachable(_) | DialError::Handshake(_)) => None,
+                    Err(
+                        DialError::Unreachable(_) | DialError::Handshake(_) | DialError::Tls(_),
+                    ) => None,
                 }
             };
             let outcome = match tokio::time::timeout_at(deadline, attempt).await {

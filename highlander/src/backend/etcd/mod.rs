@@ -45,10 +45,22 @@
 //!
 //! Options: `ttl` (`10s`; 2 s to 1 day), `keepalive` (the keep-alive
 //! interval, default TTL/10 capped to 1 s; 10 ms to TTL/3),
-//! `connect_timeout` (`5s`; 100 ms to 10 min), `ca`, `cert`, `key`
-//! (PEM file paths for TLS; `ca` is required for `etcds://`), `domain` (the
-//! name to verify in the server's certificate), `user`, `password`. The
-//! namespace defaults to `highlander`.
+//! `start_timeout` (how long `start()` keeps trying to reach etcd, default
+//! [`DEFAULT_START_TIMEOUT`](crate::backend::DEFAULT_START_TIMEOUT); 100 ms
+//! to 10 min; `connect_timeout` is its old name), `ca`, `cert`, `key` (PEM
+//! file paths for TLS; `ca` is required for `etcds://`), `domain` (the name
+//! to verify in the server's certificate), `user`, `password`. Durations
+//! take a unit (`500ms`, `5s`, `2m`); `%XX` escapes in values are decoded.
+//! The namespace defaults to `highlander`.
+//!
+//! # Start-up
+//!
+//! `start()` tries to reach etcd until the start timeout: each attempt
+//! reads the namespace and is granted the node's lease, each step going to
+//! the members in turn, so a dead member among the endpoints does not fail
+//! it. Refused credentials, a user without access to the namespace and a
+//! TLS failure (a server certificate that does not verify, a refused client
+//! certificate) fail at once: retrying cannot fix them.
 //!
 //! ```
 //! use highlander::backend::from_url;
@@ -59,10 +71,13 @@
 //! ```
 
 use std::fmt;
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::backend::kit::duration::show;
+use crate::backend::kit::secret::Secret;
 use crate::backend::{Backend, Session};
 use crate::service::BoxFuture;
 use crate::{Error, Result};
@@ -94,7 +109,13 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
 /// The default namespace: keys are `/highlander/{id}`.
 pub const DEFAULT_NAMESPACE: &str = "highlander";
 
-/// How long connecting may take before [`Backend::connect`] fails.
+/// How long start-up took before it failed, before start-up moved to the
+/// runtime's policy: now `start()` keeps trying until
+/// [`DEFAULT_START_TIMEOUT`](crate::backend::DEFAULT_START_TIMEOUT) unless
+/// [`Etcd::start_timeout`] (or the URL's `start_timeout=`) says otherwise.
+#[deprecated(
+    note = "start-up retries until backend::DEFAULT_START_TIMEOUT; set Etcd::start_timeout"
+)]
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The etcd backend's configuration, for
@@ -119,8 +140,8 @@ pub struct Etcd {
     namespace: String,
     ttl: Duration,
     keepalive: Option<Duration>,
-    connect_timeout: Duration,
-    user: Option<(String, Password)>,
+    start_timeout: Option<Duration>,
+    user: Option<(String, Secret)>,
     tls: Option<Tls>,
 }
 
@@ -130,16 +151,6 @@ struct Tls {
     ca: Option<PathBuf>,
     identity: Option<(PathBuf, PathBuf)>,
     domain: Option<String>,
-}
-
-/// A password that never shows in `Debug` or `Display`.
-#[derive(Clone)]
-struct Password(String);
-
-impl fmt::Debug for Password {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("\"***\"")
-    }
 }
 
 impl Etcd {
@@ -161,7 +172,7 @@ impl Etcd {
             namespace: DEFAULT_NAMESPACE.to_string(),
             ttl: DEFAULT_TTL,
             keepalive: None,
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            start_timeout: None,
             user: None,
             tls: None,
         }
@@ -206,16 +217,32 @@ impl Etcd {
         self
     }
 
-    /// How long [`Backend::connect`] may take before it fails (default 5 s).
+    /// How long `start()` keeps trying to reach etcd before it fails with
+    /// [`Error::Unreachable`] (100 ms to 10 min; default
+    /// [`DEFAULT_START_TIMEOUT`](crate::backend::DEFAULT_START_TIMEOUT), or
+    /// [`Builder::start_timeout`](crate::Builder::start_timeout), which
+    /// wins over this).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let etcd = highlander::backend::etcd::Etcd::new(["127.0.0.1:2379"])
+    ///     .start_timeout(Duration::from_secs(10));
+    /// ```
+    pub fn start_timeout(mut self, timeout: Duration) -> Etcd {
+        self.start_timeout = Some(timeout);
+        self
+    }
+
+    /// The old name of [`Etcd::start_timeout`]: how long start-up may take
+    /// before it fails.
     ///
     /// ```
     /// # use std::time::Duration;
     /// let etcd = highlander::backend::etcd::Etcd::new(["127.0.0.1:2379"])
     ///     .connect_timeout(Duration::from_secs(2));
     /// ```
-    pub fn connect_timeout(mut self, timeout: Duration) -> Etcd {
-        self.connect_timeout = timeout;
-        self
+    pub fn connect_timeout(self, timeout: Duration) -> Etcd {
+        self.start_timeout(timeout)
     }
 
     /// Authenticates as `user` with `password`. The password never appears
@@ -226,7 +253,7 @@ impl Etcd {
     /// assert!(!format!("{etcd:?}").contains("s3cret"));
     /// ```
     pub fn user(mut self, user: impl Into<String>, password: impl Into<String>) -> Etcd {
-        self.user = Some((user.into(), Password(password.into())));
+        self.user = Some((user.into(), Secret::new(password)));
         self
     }
 
@@ -276,16 +303,16 @@ impl Etcd {
         }
         if self.ttl < MIN_TTL {
             return Err(Error::Config(format!(
-                "etcd backend `{}`: ttl {:?} is below etcd's minimum lease TTL of 2s: use a ttl \
-                 between 2s and 1 day",
+                "etcd backend `{}`: ttl {} is below etcd's minimum lease TTL of 2s: use a ttl \
+                 between 2s and 24h",
                 self.describe(),
-                self.ttl
+                shown(self.ttl)
             )));
         }
         if self.ttl > MAX_TTL {
             return Err(Error::Config(format!(
                 "etcd backend: ttl {} is too long (a crashed node's ids move only after it): use \
-                 a ttl between 2s and 1 day",
+                 a ttl between 2s and 24h",
                 shown(self.ttl)
             )));
         }
@@ -294,18 +321,21 @@ impl Etcd {
             if !(MIN_KEEPALIVE..=most).contains(&keepalive) {
                 return Err(Error::Config(format!(
                     "etcd backend `{}`: keepalive {} is out of range: use a keepalive between \
-                     10ms and a third of the TTL ({most:?})",
+                     10ms and a third of the TTL ({})",
                     self.describe(),
-                    shown(keepalive)
+                    shown(keepalive),
+                    show(most)
                 )));
             }
         }
-        if !(MIN_CONNECT_TIMEOUT..=MAX_CONNECT_TIMEOUT).contains(&self.connect_timeout) {
+        if let Some(timeout) = self.start_timeout
+            && !START_TIMEOUT.contains(&timeout)
+        {
             return Err(Error::Config(format!(
-                "etcd backend `{}`: connect_timeout {} is out of range: use a connect_timeout \
-                 between 100ms and 10m",
+                "etcd backend `{}`: start_timeout (or connect_timeout) {} is out of range: use a \
+                 start_timeout between 100ms and 10m",
                 self.describe(),
-                shown(self.connect_timeout)
+                shown(timeout)
             )));
         }
         if self.namespace.is_empty() || self.namespace.contains(['\0', '\n']) {
@@ -330,6 +360,25 @@ impl Etcd {
     fn ttl_secs(&self) -> i64 {
         let secs = self.ttl.as_secs() + u64::from(self.ttl.subsec_nanos() > 0);
         i64::try_from(secs).unwrap_or(i64::MAX)
+    }
+
+    /// The start timeout the limits below follow: the configured one, else
+    /// the runtime's default.
+    fn start_limit(&self) -> Duration {
+        self.start_timeout
+            .unwrap_or(crate::backend::DEFAULT_START_TIMEOUT)
+    }
+
+    /// How long one connection to a member (TCP, and TLS) may take: 2 s at
+    /// most.
+    fn dial_timeout(&self) -> Duration {
+        self.start_limit().min(Duration::from_secs(2))
+    }
+
+    /// How long one start-up step may wait for one member: a third of the
+    /// start timeout, 0.5 to 2 s.
+    fn attempt_limit(&self) -> Duration {
+        (self.start_limit() / 3).clamp(Duration::from_millis(500), Duration::from_secs(2))
     }
 
     /// The keep-alive interval in effect.
@@ -364,6 +413,10 @@ impl Backend for Etcd {
             let session = connect::connect(config, node).await?;
             Ok(session as Arc<dyn Session>)
         })
+    }
+
+    fn start_timeout(&self) -> Option<Duration> {
+        self.start_timeout
     }
 
     fn describe(&self) -> String {
@@ -404,15 +457,19 @@ pub(crate) fn key_prefix(namespace: &str) -> String {
 const MIN_TTL: Duration = Duration::from_secs(2);
 const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 const MIN_KEEPALIVE: Duration = Duration::from_millis(10);
-const MIN_CONNECT_TIMEOUT: Duration = Duration::from_millis(100);
-const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(600);
+/// The TTLs etcd takes, for messages (`validate` says which end was missed).
+const TTL: RangeInclusive<Duration> = MIN_TTL..=MAX_TTL;
+/// The keep-alive intervals any TTL allows, for messages.
+const KEEPALIVE: RangeInclusive<Duration> = MIN_KEEPALIVE..=Duration::from_secs(8 * 3600);
+const START_TIMEOUT: RangeInclusive<Duration> =
+    Duration::from_millis(100)..=Duration::from_secs(600);
 
 /// A duration for an error message ("more than a year" for absurd ones).
 fn shown(d: Duration) -> String {
     if d > Duration::from_secs(366 * 24 * 3600) {
         "(more than a year)".to_string()
     } else {
-        format!("{d:?}")
+        show(d)
     }
 }
 

@@ -11,13 +11,15 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::backend::{Lease, LeaseEnd, LeaseSignal};
+use crate::backend::kit::tenures::{Tenure, Tenures};
+use crate::backend::kit::vouch::Vouch;
+use crate::backend::{Lease, LeaseEnd};
 
-/// Bound on the rate error between this host's monotonic clock and the
-/// etcd leader's: 1 % of the TTL.
-pub(super) const CLOCK_RATE_PERCENT: u32 = 1;
 /// Absorbs scheduling delay between the deadline and the cancellation.
 pub(super) const MARGIN: Duration = Duration::from_millis(250);
+/// The CP bound: the rate error between this host's monotonic clock and
+/// the etcd leader's is at most 1 % (10,000 ppm), and [`MARGIN`].
+pub(super) const VOUCH: Vouch = Vouch::new(10_000, MARGIN);
 
 /// The node's current etcd lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,15 +35,8 @@ impl NodeLease {
     /// When a holder whose instance needs `budget` to stop must begin to:
     /// `last_ok + TTL·(1 − ρ) − margin − budget`.
     pub(super) fn deadline(&self, budget: Duration) -> Instant {
-        self.last_ok + usable(self.ttl).saturating_sub(budget)
+        VOUCH.deadline(self.last_ok, self.ttl, budget)
     }
-}
-
-/// How long after a successful keep-alive was sent the node may still act
-/// as holder, before subtracting the stop budget: `TTL·(1 − ρ) − margin`.
-pub(super) fn usable(ttl: Duration) -> Duration {
-    ttl.saturating_sub(ttl * CLOCK_RATE_PERCENT / 100)
-        .saturating_sub(MARGIN)
 }
 
 /// Whether an instance that needs `budget` to stop fits in a lease of
@@ -52,21 +47,17 @@ pub(super) fn budget_fits(
     interval: Duration,
     budget: Duration,
 ) -> std::result::Result<(), u64> {
+    let usable = VOUCH.usable(ttl);
     let needed = budget.saturating_add(interval.saturating_mul(2));
-    if usable(ttl) >= needed {
+    if usable >= needed {
         return Ok(());
     }
+    // What the drift and the margin take, on top, and 2 s for the
+    // keep-alive interval that grows with the TTL.
     Err(needed
-        .saturating_add(MARGIN + ttl * CLOCK_RATE_PERCENT / 100)
+        .saturating_add(ttl - usable)
         .as_secs()
         .saturating_add(2))
-}
-
-/// One tenure this node holds.
-pub(super) struct Held {
-    pub(super) token: u64,
-    pub(super) budget: Duration,
-    pub(super) signal: LeaseSignal,
 }
 
 /// Why a claim that etcd granted is not handed to the guardian.
@@ -84,7 +75,7 @@ pub(super) struct State {
     pub(super) lease: Option<NodeLease>,
     /// Every lease this session was granted whose keys may still exist.
     pub(super) ours: HashSet<i64>,
-    pub(super) held: HashMap<Arc<str>, Held>,
+    pub(super) held: Tenures<Arc<str>>,
     /// Per id this node has asked for: the revision of the last deletion of
     /// its key that the watch has seen. A waiter wakes when it passes the
     /// revision at which the id was seen busy.
@@ -97,7 +88,7 @@ impl State {
     /// longest stop budget: the lease and that deadline, while ids are held.
     pub(super) fn deadline(&self) -> Option<(i64, Instant)> {
         let lease = self.lease?;
-        let budget = self.held.values().map(|h| h.budget).max()?;
+        let budget = self.held.max_budget()?;
         Some((lease.id, lease.deadline(budget)))
     }
 
@@ -109,21 +100,9 @@ impl State {
             .map(|(id, _)| id)
     }
 
-    fn longest_budget(&self) -> Duration {
-        self.held
-            .values()
-            .map(|h| h.budget)
-            .max()
-            .unwrap_or_default()
-    }
-
     /// Ends every tenure ([`LeaseEnd::Lost`]); how many there were.
     pub(super) fn end_all(&mut self) -> usize {
-        let n = self.held.len();
-        for (_, held) in self.held.drain() {
-            held.signal.end(LeaseEnd::Lost);
-        }
-        n
+        self.held.end_all(LeaseEnd::Lost)
     }
 
     /// Lease `id` with `ttl` was granted by a request sent at `sent`.
@@ -191,38 +170,25 @@ impl State {
             .lease
             .filter(|l| l.id == lease_id && !self.closed)
             .ok_or(NotGranted::LeaseEnded)?;
-        if now >= lease.deadline(self.longest_budget().max(budget)) {
+        let longest = self.held.max_budget().unwrap_or_default().max(budget);
+        if now >= lease.deadline(longest) {
             return Err(NotGranted::TooLate);
         }
         let (granted, signal) = Lease::new(token);
-        self.held.insert(
-            id.clone(),
-            Held {
-                token,
-                budget,
-                signal,
-            },
-        );
+        self.held
+            .insert(id.clone(), Tenure::new(token, budget, signal));
         Ok(granted)
     }
 
     /// The guardian releases the tenure `token` of `id` (a release of an
     /// older tenure leaves the current one alone).
     pub(super) fn release(&mut self, id: &str, token: u64) {
-        if self.held.get(id).is_some_and(|h| h.token == token) {
-            self.held.remove(id);
-        }
+        self.held.remove_if(id, token);
     }
 
     /// Ends the tenure `token` of `id` if it still runs; true when it did.
     pub(super) fn end_tenure(&mut self, id: &str, token: u64) -> bool {
-        if self.held.get(id).is_none_or(|h| h.token != token) {
-            return false;
-        }
-        if let Some(held) = self.held.remove(id) {
-            held.signal.end(LeaseEnd::Lost);
-        }
-        true
+        self.held.end(id, token, LeaseEnd::Lost)
     }
 
     /// A key of `id` created at `token` with lease `lease` is left over from
@@ -230,7 +196,7 @@ impl State {
     /// claim timed out after etcd applied it): it must be deleted before the
     /// id is claimed afresh with a new token.
     pub(super) fn is_stale(&self, id: &str, token: u64, lease: i64) -> bool {
-        self.ours.contains(&lease) && self.held.get(id).is_none_or(|h| h.token != token)
+        self.ours.contains(&lease) && !self.held.holds(id, token)
     }
 
     /// A claim of `id` is about to be sent: its waiter's wake-up exists
@@ -255,19 +221,15 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::LeaseSignal;
 
     const TTL: Duration = Duration::from_secs(10);
 
     fn held(state: &mut State, id: &str, token: u64, budget: Duration) -> LeaseSignal {
         let signal = LeaseSignal::new();
-        state.held.insert(
-            Arc::from(id),
-            Held {
-                token,
-                budget,
-                signal: signal.clone(),
-            },
-        );
+        state
+            .held
+            .insert(Arc::from(id), Tenure::new(token, budget, signal.clone()));
         signal
     }
 
@@ -281,7 +243,7 @@ mod tests {
     fn the_deadline_is_ttl_less_drift_margin_and_the_longest_budget() {
         let t0 = Instant::now();
         // 10 s − 1 % − 250 ms = 9.65 s.
-        assert_eq!(usable(TTL), Duration::from_millis(9_650));
+        assert_eq!(VOUCH.usable(TTL), Duration::from_millis(9_650));
         let mut state = with_lease(7, t0);
         assert_eq!(state.deadline(), None, "no deadline while nothing is held");
         held(&mut state, "a", 1, Duration::from_secs(1));
@@ -369,7 +331,7 @@ mod tests {
         );
         let lease = state.grant(&id, budget, 7, 100, t0).unwrap();
         assert_eq!(lease.token, 100);
-        assert_eq!(state.held["a"].token, 100);
+        assert!(state.held.holds("a", 100));
         state.closed = true;
         assert_eq!(
             state.grant(&id, budget, 7, 101, t0).unwrap_err(),
@@ -382,7 +344,7 @@ mod tests {
         let mut state = with_lease(7, Instant::now());
         let a = held(&mut state, "a", 10, Duration::ZERO);
         state.release("a", 9);
-        assert!(state.held.contains_key("a"), "an older tenure's release");
+        assert!(state.held.holds("a", 10), "an older tenure's release");
         assert!(!state.end_tenure("a", 9));
         assert!(a.ended_with().is_none());
         assert!(state.end_tenure("a", 10));

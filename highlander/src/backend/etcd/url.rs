@@ -2,11 +2,14 @@
 //! options parsed into an [`Etcd`] configuration, with errors that never
 //! quote a credential (the grammar is in the parent module's docs).
 
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{Etcd, Tls};
+use super::{Etcd, KEEPALIVE, START_TIMEOUT, TTL, Tls};
 use crate::backend::Backend;
+use crate::backend::kit::duration;
+use crate::backend::kit::url::percent_decode;
 use crate::{Error, Result};
 
 /// `host:port` of an endpoint written as `host:port`, `http://host:port` or
@@ -29,45 +32,30 @@ pub(super) fn host_port(endpoint: &str) -> Option<&str> {
     Some(rest)
 }
 
-/// Parses `500ms`, `3s`, `2m` or a plain number of seconds.
-fn parse_duration(value: &str) -> Option<Duration> {
-    let value = value.trim();
-    let (number, unit) = match value.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(i) => value.split_at(i),
-        None => (value, "s"),
-    };
-    let number: f64 = number.parse().ok()?;
-    let secs = match unit {
-        "ms" => number / 1000.0,
-        "s" => number,
-        "m" => number * 60.0,
-        _ => return None,
-    };
-    if !(secs.is_finite() && secs >= 0.0) {
-        return None;
-    }
-    // Too large for a Duration: saturate; validate() says it is out of range.
-    Some(Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX))
+/// The value of duration option `option`, in the kit's grammar (a unit is
+/// required: `500ms`, `5s`, `2m`). A value that is no duration gets the
+/// kit's message, which names the option and `range`; whether a duration
+/// is in range is [`Etcd::validate`]'s to say, as for the builder's.
+fn duration(option: &str, value: &str, range: RangeInclusive<Duration>) -> Result<Duration> {
+    duration::parse(value).map_err(|_| {
+        let why = duration::ranged(option, value, range)
+            .err()
+            .unwrap_or_default();
+        bad(&why)
+    })
 }
 
-/// Decodes `%XX` escapes (for passwords with special characters).
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-            if let Some(b) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                out.push(b);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// `value` with its `%XX` escapes decoded; `what` names it in the error,
+/// which never quotes the value (it may be a password).
+fn decoded(what: &str, value: &str) -> Result<String> {
+    percent_decode(value).map_err(|why| bad(&format!("{what}: {why}")))
+}
+
+/// An error about the URL. The message describes the problem; it never
+/// repeats the URL, whose password may not be where the parser thinks it
+/// is.
+fn bad(why: &str) -> Error {
+    Error::Config(format!("invalid etcd URL: {why}"))
 }
 
 /// The backend named by an `etcd://` or `etcds://` URL (see the module docs).
@@ -91,9 +79,6 @@ const ENCODE_HINT: &str = "(a password with `/`, `?`, `#` or `@` must be percent
                            %3F, %23, %40)";
 
 fn parse_url(url: &str) -> Result<Etcd> {
-    // The message describes the problem; it never repeats the URL, whose
-    // password may not be where the parser thinks it is.
-    let bad = |why: &str| Error::Config(format!("invalid etcd URL: {why}"));
     let (scheme, rest) = url
         .split_once("://")
         .ok_or_else(|| bad("expected etcd://host:port"))?;
@@ -145,40 +130,41 @@ fn parse_url(url: &str) -> Result<Etcd> {
     if let Some(info) = userinfo {
         match info.split_once(':') {
             Some((u, p)) => {
-                user = Some(percent_decode(u));
-                password = Some(percent_decode(p));
+                user = Some(decoded("the user name", u)?);
+                password = Some(decoded("the password", p)?);
             }
-            None => user = Some(percent_decode(info)),
+            None => user = Some(decoded("the user name", info)?),
         }
     }
     let mut tls_settings = Tls::default();
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let duration = |what: &str| {
-            parse_duration(value)
-                .ok_or_else(|| bad(&format!("`{what}` wants a duration like 500ms, 5s or 1m")))
-        };
+        let text = |what: &str| decoded(&format!("`{what}`"), value);
         match key {
-            "ttl" => etcd.ttl = duration("ttl")?,
-            "keepalive" => etcd.keepalive = Some(duration("keepalive")?),
-            "connect_timeout" => etcd.connect_timeout = duration("connect_timeout")?,
-            "namespace" => etcd.namespace = percent_decode(value),
-            "user" => user = Some(percent_decode(value)),
-            "password" => password = Some(percent_decode(value)),
-            "ca" => tls_settings.ca = Some(PathBuf::from(percent_decode(value))),
+            "ttl" => etcd.ttl = duration(key, value, TTL)?,
+            "keepalive" => etcd.keepalive = Some(duration(key, value, KEEPALIVE)?),
+            // `connect_timeout` is its old name.
+            "start_timeout" | "connect_timeout" => {
+                etcd.start_timeout = Some(duration(key, value, START_TIMEOUT)?);
+            }
+            "namespace" => etcd.namespace = text(key)?,
+            "user" => user = Some(text(key)?),
+            "password" => password = Some(text(key)?),
+            "ca" => tls_settings.ca = Some(PathBuf::from(text(key)?)),
             "cert" | "key" => {
+                let path = PathBuf::from(text(key)?);
                 let (cert, key_path) = tls_settings.identity.get_or_insert_with(Default::default);
                 let target = if key == "cert" { cert } else { key_path };
-                *target = PathBuf::from(percent_decode(value));
+                *target = path;
             }
-            "domain" => tls_settings.domain = Some(percent_decode(value)),
+            "domain" => tls_settings.domain = Some(text(key)?),
             other => {
                 let named = match quotable(url, other) {
                     Some(other) => format!("unknown option `{other}`"),
                     None => format!("an unknown option {ENCODE_HINT}"),
                 };
                 return Err(bad(&format!(
-                    "{named}: use ttl, keepalive, connect_timeout, namespace, user, password, \
+                    "{named}: use ttl, keepalive, start_timeout, namespace, user, password, \
                      ca, cert, key or domain"
                 )));
             }
@@ -230,7 +216,7 @@ mod tests {
         let e = parse_url("etcd://app:hunter2@a:2379?ttl=3s").unwrap();
         assert!(!format!("{e:?}").contains("hunter2"));
         assert!(!e.describe().contains("hunter2"));
-        assert_eq!(e.user.as_ref().map(|(_, p)| p.0.as_str()), Some("hunter2"));
+        assert_eq!(e.user.as_ref().map(|(_, p)| p.expose()), Some("hunter2"));
         let q = parse_url("etcd://a:2379?user=app&password=hunter2").unwrap();
         assert!(!q.describe().contains("hunter2"));
         let err = parse_url("etcd://app:hunter2@a:2379?bogus=1")
@@ -339,12 +325,45 @@ mod tests {
     }
 
     #[test]
-    fn durations_and_escapes() {
-        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
-        assert_eq!(parse_duration("7"), Some(Duration::from_secs(7)));
-        assert_eq!(parse_duration("x"), None);
-        assert_eq!(percent_decode("p%40ss%3Aw"), "p@ss:w");
-        assert_eq!(percent_decode("100%"), "100%");
+    fn durations_take_a_unit_and_escapes_must_be_whole() {
+        let e = parse_url("etcd://a:2379?ttl=2m&keepalive=1500ms&start_timeout=1m").unwrap();
+        assert_eq!(e.ttl, Duration::from_secs(120));
+        assert_eq!(e.keepalive, Some(Duration::from_millis(1_500)));
+        assert_eq!(Backend::start_timeout(&e), Some(Duration::from_secs(60)));
+        // The old name of start_timeout still works.
+        let old = parse_url("etcd://a:2379?connect_timeout=3s").unwrap();
+        assert_eq!(Backend::start_timeout(&old), Some(Duration::from_secs(3)));
+        assert_eq!(
+            Backend::start_timeout(&parse_url("etcd://a:2379").unwrap()),
+            None
+        );
+        // A bare number is not silently seconds.
+        let err = parse_url("etcd://a:2379?ttl=7").unwrap_err().to_string();
+        assert!(
+            err.contains("`ttl`") && err.contains("add a unit, like `7s`"),
+            "{err}"
+        );
+        let err = parse_url("etcd://a:2379?start_timeout=20m")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("start_timeout") && err.contains("between 100ms and 10m"),
+            "{err}"
+        );
+        // Escapes decode; a broken one is an error that quotes nothing.
+        let e = parse_url("etcd://app:p%40ss%3Aw@a:2379?namespace=a%2Fb").unwrap();
+        assert_eq!(e.user.as_ref().map(|(_, p)| p.expose()), Some("p@ss:w"));
+        assert_eq!(e.namespace, "a/b");
+        for url in [
+            "etcd://app:Xq100%@a:2379",
+            "etcd://a:2379?user=app&password=Xq%zz",
+        ] {
+            let err = parse_url(url).unwrap_err().to_string();
+            assert!(
+                err.contains("password") && err.contains("`%`"),
+                "{url}: {err}"
+            );
+            assert!(!err.contains("Xq"), "{url}: {err}");
+        }
     }
 }

@@ -294,7 +294,7 @@ mod tests {
 
     use tokio::sync::watch;
 
-    use crate::backend::etcd::state::Held;
+    use crate::backend::kit::tenures::Tenure;
     use crate::backend::{LeaseEnd, LeaseSignal};
 
     /// A state holding `a` created at revision 10, with a waiter on `b`.
@@ -303,11 +303,7 @@ mod tests {
         let signal = LeaseSignal::new();
         state.held.insert(
             Arc::from("a"),
-            Held {
-                token: 10,
-                budget: Duration::ZERO,
-                signal: signal.clone(),
-            },
+            Tenure::new(10, Duration::ZERO, signal.clone()),
         );
         state.expect(&Arc::from("b"));
         let wake = state.wakes["b"].subscribe();

@@ -3,7 +3,7 @@
 use super::*;
 use crate::backend::LeaseSignal;
 use crate::backend::etcd::pb::etcdserverpb::{RangeResponse, TxnResponse};
-use crate::backend::etcd::state::Held;
+use crate::backend::kit::tenures::Tenure;
 
 const TTL: Duration = Duration::from_secs(10);
 const INTERVAL: Duration = Duration::from_secs(1);
@@ -94,11 +94,7 @@ fn a_plan_has_one_nested_transaction_per_call_in_order() {
     state.install(7, TTL, now);
     state.held.insert(
         Arc::from("r"),
-        Held {
-            token: 5,
-            budget: Duration::ZERO,
-            signal: LeaseSignal::new(),
-        },
+        Tenure::new(5, Duration::ZERO, LeaseSignal::new()),
     );
     let (ops, _replies) = calls(&["a", "b"], &["r"]);
     let planned = plan(ops, &mut state, now, INTERVAL, "node-1", key).unwrap_or_else(|_| panic!());
@@ -162,8 +158,10 @@ fn claims_wait_for_a_live_lease_releases_do_not() {
 
 #[test]
 fn a_closed_session_plans_nothing() {
-    let mut state = State::default();
-    state.closed = true;
+    let mut state = State {
+        closed: true,
+        ..State::default()
+    };
     let (ops, _replies) = calls(&["a"], &["r"]);
     let Err(back) = plan(ops, &mut state, Instant::now(), INTERVAL, "n", key) else {
         panic!("closed");
