@@ -358,7 +358,7 @@ async fn an_unreachable_etcd_fails_start_with_unreachable_after_the_start_timeou
     assert!(!text.contains("hunter2") && !text.contains('\n'), "{text}");
 
     // The builder's start timeout wins over the URL's.
-    let error = within(
+    let started = within(
         "start() gives up",
         Runtime::builder()
             .node("x")
@@ -366,9 +366,10 @@ async fn an_unreachable_etcd_fails_start_with_unreachable_after_the_start_timeou
             .start_timeout(Duration::from_millis(500))
             .start(),
     )
-    .await
-    .err()
-    .expect("nothing listens");
+    .await;
+    let Err(error) = started else {
+        panic!("nothing listens on port {port}");
+    };
     assert!(error.to_string().contains("within 500ms"), "{error}");
 
     // A refused password is not retried until the start timeout.
@@ -379,13 +380,14 @@ async fn an_unreachable_etcd_fails_start_with_unreachable_after_the_start_timeou
     let wrong = Etcd::new(cluster.endpoints())
         .user("root", "Wr0ng-Passw0rd")
         .start_timeout(Duration::from_secs(600));
-    let error = within(
+    let started = within(
         "a refused password fails at once",
         Runtime::builder().node("x").backend(wrong).start(),
     )
-    .await
-    .err()
-    .expect("the password is wrong");
+    .await;
+    let Err(error) = started else {
+        panic!("the password is wrong");
+    };
     assert!(matches!(error, highlander::Error::Config(_)), "{error:?}");
     assert!(error.to_string().contains("refused user `root`"), "{error}");
 }
