@@ -11,7 +11,7 @@ use tokio::time::{Instant, sleep_until, timeout};
 use tonic::Status;
 use tracing::{debug, info, warn};
 
-use super::conn::{Conn, DialError};
+use super::conn::Conn;
 use super::failure::{Failure, classify, reason};
 use super::members::{Outcome, Use, out_of_reach};
 use super::pb::etcdserverpb::{LeaseGrantRequest, LeaseKeepAliveRequest, LeaseRevokeRequest};
@@ -109,22 +109,12 @@ impl Inner {
         let mut changes = self.changes.subscribe();
         let mut retry = RETRY_MIN;
         'outer: while !self.stop.is_cancelled() {
-            let conn = match self
-                .members
-                .client(Use::KeepAlive, self.request_timeout)
-                .await
-            {
-                Ok(conn) => conn,
-                Err(e) => {
-                    debug!(node = %self.node, why = %e.reason(), retry_in = ?retry, "cannot connect to this etcd member; trying the next");
-                    self.members
-                        .failed(Use::KeepAlive, !matches!(e, DialError::Failed(_)));
-                    if !self.pause(retry).await {
-                        break;
-                    }
-                    retry = (retry * 2).min(self.interval.max(RETRY_MIN));
-                    continue;
+            let Some(conn) = self.stream_client(Use::KeepAlive).await else {
+                if !self.pause(retry).await {
+                    break;
                 }
+                retry = (retry * 2).min(self.interval.max(RETRY_MIN));
+                continue;
             };
             let current = self.lock().lease;
             let Some(lease) = current else {
@@ -190,20 +180,7 @@ impl Inner {
                     continue;
                 }
                 outcome => {
-                    // A refused token is renewed and the stream retried on
-                    // the same member (after the backoff: never a tight loop).
-                    let renewed = match &outcome {
-                        Ok(Err(e)) => conn.renew_token(e).await,
-                        _ => false,
-                    };
-                    if !renewed {
-                        self.members.failed(Use::KeepAlive, out_of_reach(&outcome));
-                    }
-                    let why = match outcome {
-                        Ok(Err(e)) => reason(&e),
-                        Ok(Ok(_)) => "stream closed".into(),
-                        Err(_) => "timed out".into(),
-                    };
+                    let why = self.stream_failed(Use::KeepAlive, &conn, outcome).await;
                     debug!(node = %self.node, %why, retry_in = ?retry, "etcd keep-alive failed");
                     if !self.pause(retry).await {
                         break;

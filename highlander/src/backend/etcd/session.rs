@@ -15,9 +15,9 @@ use tonic::Status;
 use tracing::{debug, warn};
 
 use super::batch::Op;
-use super::conn::Conn;
+use super::conn::{Conn, DialError};
 use super::failure::{Call, Failure, classify, reason};
-use super::members::{Members, Outcome};
+use super::members::{Members, Outcome, Use, out_of_reach};
 use super::pb::etcdserverpb::RangeRequest;
 use super::pb::mvccpb::KeyValue;
 use super::state::{State, budget_fits};
@@ -185,6 +185,45 @@ impl Inner {
                 "etcd ({}) cannot be asked now: no answer within {:?}",
                 self.describe, self.request_timeout
             ))),
+        }
+    }
+
+    /// The connection to `use_`'s member for its stream (the keep-alive,
+    /// the watch); `None` after a failure, which moves `use_` to the next
+    /// member.
+    pub(super) async fn stream_client(&self, use_: Use) -> Option<Conn> {
+        match self.members.client(use_, self.request_timeout).await {
+            Ok(conn) => Some(conn),
+            Err(e) => {
+                debug!(node = %self.node, why = %e.reason(), stream = ?use_, "cannot connect to this etcd member; trying the next");
+                self.members
+                    .failed(use_, !matches!(e, DialError::Failed(_)));
+                None
+            }
+        }
+    }
+
+    /// `use_`'s stream could not be opened on `conn`: a refused token is
+    /// renewed and the stream opened again on the same member (after the
+    /// caller's backoff: never a tight loop); any other failure moves `use_`
+    /// to the next member. Why, for the log.
+    pub(super) async fn stream_failed<T>(
+        &self,
+        use_: Use,
+        conn: &Conn,
+        outcome: Outcome<T>,
+    ) -> String {
+        let renewed = match &outcome {
+            Ok(Err(e)) => conn.renew_token(e).await,
+            _ => false,
+        };
+        if !renewed {
+            self.members.failed(use_, out_of_reach(&outcome));
+        }
+        match outcome {
+            Ok(Err(e)) => reason(&e),
+            Ok(Ok(_)) => "stream closed".into(),
+            Err(_) => "timed out".into(),
         }
     }
 

@@ -11,9 +11,9 @@ use tokio::time::timeout;
 use tracing::{debug, warn};
 
 use super::batch::{MAX_OPS_PER_TXN, one_op};
-use super::conn::{Conn, DialError};
+use super::conn::Conn;
 use super::failure::{Call, classify, reason};
-use super::members::{Use, out_of_reach};
+use super::members::Use;
 use super::pb::etcdserverpb::{
     RangeRequest, TxnRequest, WatchCreateRequest, WatchRequest, request_op, response_op,
     watch_request,
@@ -92,18 +92,12 @@ impl Inner {
         let prefix = self.prefix.as_bytes().to_vec();
         let range_end = prefix_end(&prefix);
         while !self.stop.is_cancelled() {
-            let conn = match self.members.client(Use::Watch, self.request_timeout).await {
-                Ok(conn) => conn,
-                Err(e) => {
-                    self.members
-                        .failed(Use::Watch, !matches!(e, DialError::Failed(_)));
-                    debug!(node = %self.node, why = %e.reason(), retry_in = ?retry, "cannot connect to this etcd member for the watch");
-                    if !self.pause(retry).await {
-                        return;
-                    }
-                    retry = (retry * 2).min(RETRY_MAX);
-                    continue;
+            let Some(conn) = self.stream_client(Use::Watch).await else {
+                if !self.pause(retry).await {
+                    return;
                 }
+                retry = (retry * 2).min(RETRY_MAX);
+                continue;
             };
             let (watches, requests) = mpsc::channel(1);
             let create = WatchCreateRequest {
@@ -134,17 +128,7 @@ impl Inner {
                     stream.into_inner()
                 }
                 outcome => {
-                    let renewed = match &outcome {
-                        Ok(Err(e)) => conn.renew_token(e).await,
-                        _ => false,
-                    };
-                    if !renewed {
-                        self.members.failed(Use::Watch, out_of_reach(&outcome));
-                    }
-                    let why = match outcome {
-                        Ok(Err(e)) => reason(&e),
-                        _ => "timed out".into(),
-                    };
+                    let why = self.stream_failed(Use::Watch, &conn, outcome).await;
                     debug!(node = %self.node, %why, retry_in = ?retry, "cannot open the etcd watch");
                     if !self.pause(retry).await {
                         return;
