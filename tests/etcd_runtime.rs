@@ -324,6 +324,78 @@ async fn unreachable_endpoints_and_bad_urls_are_one_line_errors() {
     );
 }
 
+/// The start-up policy: an etcd nobody answers for fails `start()` with
+/// `Error::Unreachable` once the start timeout has passed (the URL's
+/// `start_timeout=`, or the builder's, which wins), naming the last cause;
+/// a refused password fails at once, whatever the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_etcd_fails_start_with_unreachable_after_the_start_timeout() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("etcd://app:hunter2@127.0.0.1:{port}?start_timeout=2s");
+    let started = within(
+        "start() gives up",
+        Runtime::builder().node("x").backend_url(&url).start(),
+    )
+    .await;
+    let Err(error) = started else {
+        panic!("nothing listens on port {port}");
+    };
+    let text = error.to_string();
+    assert!(
+        matches!(error, highlander::Error::Unreachable { .. }),
+        "{error:?}"
+    );
+    assert!(!error.is_retryable(), "{text}");
+    assert!(text.contains("within 2s"), "{text}");
+    assert!(
+        text.contains(&format!("cannot reach etcd at 127.0.0.1:{port}")),
+        "{text}"
+    );
+    assert!(!text.contains("hunter2") && !text.contains('\n'), "{text}");
+
+    // The builder's start timeout wins over the URL's.
+    let started = within(
+        "start() gives up",
+        Runtime::builder()
+            .node("x")
+            .backend_url(&url)
+            .start_timeout(Duration::from_millis(500))
+            .start(),
+    )
+    .await;
+    let Err(error) = started else {
+        panic!("nothing listens on port {port}");
+    };
+    assert!(error.to_string().contains("within 500ms"), "{error}");
+
+    // A refused password is not retried until the start timeout.
+    let cluster = EtcdCluster::single().await;
+    cluster.etcdctl(&["user", "add", "root", "--new-user-password=r00t-Secret"]);
+    cluster.etcdctl(&["user", "grant-role", "root", "root"]);
+    cluster.etcdctl(&["auth", "enable"]);
+    let wrong = Etcd::new(cluster.endpoints())
+        .user("root", "Wr0ng-Passw0rd")
+        .start_timeout(Duration::from_secs(600));
+    let started = within(
+        "a refused password fails at once",
+        Runtime::builder().node("x").backend(wrong).start(),
+    )
+    .await;
+    let Err(error) = started else {
+        panic!("the password is wrong");
+    };
+    assert_eq!(
+        error.kind(),
+        Some(highlander::BackendErrorKind::Auth),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("refused user `root`"), "{error}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_and_password_auth_and_the_password_stays_hidden() {
     let cluster = EtcdCluster::single().await;
