@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use highlander::backend::postgres::Postgres;
 use highlander::{ChildSpec, Context, Runtime, RuntimeHandle, Service};
-use highlander_tests::postgres::{PgServer, wait_all};
+use highlander_tests::postgres::PgServer;
+use highlander_tests::wait::wait_all;
 use tokio::time::timeout;
 
 const IDS: usize = 40_000;
@@ -39,7 +40,7 @@ async fn start(url: &str, node: &str, starts: &Arc<AtomicUsize>) -> RuntimeHandl
 
 /// Waits, at each state change, until `handles` run `n` ids between them.
 async fn wait_running(handles: &[&RuntimeHandle], n: usize) {
-    wait_all(handles, GUARD, &format!("{n} ids running"), || {
+    wait_all(handles, &format!("{n} ids running"), GUARD, || {
         let running: usize = handles.iter().map(|h| h.status().running().count()).sum();
         assert!(running <= n, "{running} running, more than {n} ids");
         running == n
