@@ -185,7 +185,7 @@ pub async fn one_holder_among_three(fixture: &dyn Fixture) {
         s.sees_holder(n, id, &held.node, held.token).await;
     }
     tokio::time::sleep(SETTLE).await;
-    assert_eq!(runners(&all, id), [held.node.clone()], "{}", s.name);
+    assert_eq!(runners(&all, id), vec![held.node.clone()], "{}", s.name);
     assert_eq!(s.probe.starts(id).len(), 1, "{}: {:?}", s.name, s.probe);
     // The waiting nodes leave first: the holder's instance runs on.
     for (i, n) in nodes.iter().enumerate() {
