@@ -417,3 +417,58 @@ impl Service for Instance {
             .push(Kind::Stop(reason), &self.node, &self.id, self.token);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn probe(events: &[(Kind, &str, u64)]) -> Probe {
+        let probe = Probe::new();
+        for (kind, node, token) in events {
+            let id = if *kind == Kind::Cut { "*" } else { "x" };
+            probe.push(kind.clone(), node, id, *token);
+        }
+        probe
+    }
+
+    fn stop() -> Kind {
+        Kind::Stop(ShutdownReason::NodeShutdown)
+    }
+
+    #[test]
+    fn tenures_one_after_the_other_pass() {
+        probe(&[
+            (Kind::Start, "a", 1),
+            (stop(), "a", 1),
+            (Kind::Start, "b", 2),
+            (Kind::Cut, "b", 0),
+            (Kind::Start, "c", 3),
+            // b's late report of the tenure the cut ended does not count
+            (stop(), "b", 2),
+        ])
+        .assert_one_at_a_time();
+    }
+
+    #[test]
+    #[should_panic(expected = "while start x a 1 ran")]
+    fn an_overlap_fails() {
+        probe(&[(Kind::Start, "a", 1), (Kind::Start, "b", 2)]).assert_one_at_a_time();
+    }
+
+    #[test]
+    #[should_panic(expected = "token 1 after 2")]
+    fn a_token_that_does_not_grow_fails() {
+        probe(&[
+            (Kind::Start, "a", 2),
+            (stop(), "a", 2),
+            (Kind::Start, "b", 1),
+        ])
+        .assert_one_at_a_time();
+    }
+
+    #[test]
+    #[should_panic(expected = "without a start")]
+    fn a_stop_without_a_start_fails() {
+        probe(&[(stop(), "a", 1)]).assert_one_at_a_time();
+    }
+}
