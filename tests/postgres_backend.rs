@@ -47,6 +47,8 @@ async fn members_and_takeover_after_pg_terminate_backend() {
     let b = start(Postgres::new(pg.url()), "b", &id, &probe).await;
     let c = start(Postgres::new(pg.url()), "c", &id, &probe).await;
     let all = [&a, &b, &c];
+    let held = holder(&all, "job", GUARD).await;
+    probe.wait_start(&held.node, "job").await;
     for h in all {
         let members: Vec<String> = h
             .members()
@@ -57,8 +59,6 @@ async fn members_and_takeover_after_pg_terminate_backend() {
             .collect();
         assert_eq!(members, ["a", "b", "c"]);
     }
-    let held = holder(&all, "job", GUARD).await;
-    probe.wait_start(&held.node, "job").await;
 
     probe.cut(&held.node);
     assert_eq!(pg.terminate(&held.node).await, 1);
@@ -77,9 +77,15 @@ async fn members_and_takeover_after_pg_terminate_backend() {
     // fraction of a millisecond before the node can read that its
     // connection closed: the one case (with a server crash) where fencing
     // tokens, not the lease, keep a late write out. docs/postgres.md says so.
-    for h in all {
-        h.shutdown().await;
+    // The waiting nodes leave first, then the holder: its release, with
+    // nobody left to claim, clears the owner.
+    let last = holder(&all, "job", GUARD).await;
+    for (i, h) in all.iter().enumerate() {
+        if i != last.index {
+            h.shutdown().await;
+        }
     }
+    all[last.index].shutdown().await;
     probe.assert_one_at_a_time();
     assert!(
         pg.sql("SELECT 1 FROM highlander_leases WHERE owner IS NOT NULL")
