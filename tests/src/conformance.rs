@@ -115,6 +115,32 @@ impl Scene {
         handles
     }
 
+    /// Waits until the probe has seen `node` start an instance of each of
+    /// `ids` (a node's status shows an id running a moment before its
+    /// instance's `run` begins).
+    async fn wait_started(&self, node: &str, ids: &[String]) {
+        let what = format!("{}: {node} started every id", self.name);
+        self.probe
+            .wait_for(&what, |events| {
+                ids.iter().all(|id| {
+                    events
+                        .iter()
+                        .any(|e| e.is_start() && e.node == node && &e.id == id)
+                })
+            })
+            .await;
+    }
+
+    /// Waits until the probe has seen `count` starts in all.
+    async fn wait_starts(&self, count: usize) {
+        let what = format!("{}: {count} instances started", self.name);
+        self.probe
+            .wait_for(&what, |events| {
+                events.iter().filter(|e| e.is_start()).count() >= count
+            })
+            .await;
+    }
+
     /// Crashes `handle`'s node: the runtime is aborted and the handle
     /// dropped, so nothing is released and no `terminate` runs.
     fn crash(&self, handle: RuntimeHandle) {
@@ -215,6 +241,7 @@ pub async fn graceful_handoff(fixture: &dyn Fixture) {
     let id = "solo";
     let mut rest = s.start_all(&["a", "b", "c"], &one(id)).await;
     let mut held = holder(&refs(&rest), id, GUARD).await;
+    s.probe.wait_start(&held.node, id).await;
     while rest.len() > 1 {
         let gone = rest.remove(held.index);
         gone.shutdown().await;
@@ -305,12 +332,7 @@ pub async fn step_down_hands_over_only_that_id(fixture: &dyn Fixture) {
     let s = Scene::new(fixture, "step-down");
     let ids = vec!["x".to_string(), "y".to_string()];
     let a = s.start("a", &ids).await;
-    within(
-        &format!("{}: a running x and y", s.name),
-        GUARD,
-        a.wait_until(|st| st.running().count() == 2),
-    )
-    .await;
+    s.wait_started("a", &ids).await;
     let b = s.start("b", &ids).await;
     within(
         &format!("{}: b waiting for x and y", s.name),
@@ -318,7 +340,6 @@ pub async fn step_down_hands_over_only_that_id(fixture: &dyn Fixture) {
         b.wait_until(|st| is_waiting(st, "x") && is_waiting(st, "y")),
     )
     .await;
-    s.probe.wait_start("a", "x").await;
     a.step_down("x").expect("x runs on a");
     s.probe.wait_start("b", "x").await;
     assert_eq!(
@@ -417,6 +438,7 @@ pub async fn many_ids_run_once_each(fixture: &dyn Fixture) {
         || settled(&all),
     )
     .await;
+    s.wait_starts(ids.len()).await;
     tokio::time::sleep(SETTLE).await;
     for id in &ids {
         assert_eq!(runners(&all, id).len(), 1, "{}: `{id}`", s.name);
@@ -444,11 +466,12 @@ pub async fn many_ids_run_once_each(fixture: &dyn Fixture) {
         || settled(&rest),
     )
     .await;
+    s.wait_starts(ids.len() + moved).await;
     for id in &ids {
         assert_eq!(runners(&rest, id).len(), 1, "{}: `{id}`", s.name);
     }
     let starts = s.probe.filter(|e| e.is_start()).len();
-    assert_eq!(starts, ids.len() + moved, "{}", s.name);
+    assert_eq!(starts, ids.len() + moved, "{}: {:?}", s.name, s.probe);
     for n in &nodes {
         n.shutdown().await;
     }
@@ -464,12 +487,7 @@ pub async fn shutdown_stops_every_instance(fixture: &dyn Fixture) {
     let ids: Vec<String> = (0..5).map(|i| format!("job-{i}")).collect();
     let stop = Duration::from_millis(100);
     let a = s.start_with("a", &ids, stop).await;
-    within(
-        &format!("{}: a running every id", s.name),
-        GUARD,
-        a.wait_until(|st| st.running().count() == ids.len()),
-    )
-    .await;
+    s.wait_started("a", &ids).await;
     let b = s.start_with("b", &ids, stop).await;
     within(
         &format!("{}: b waiting for every id", s.name),
@@ -478,14 +496,7 @@ pub async fn shutdown_stops_every_instance(fixture: &dyn Fixture) {
     )
     .await;
     for (node, handle) in [("a", &a), ("b", &b)] {
-        if node == "b" {
-            within(
-                &format!("{}: b running every id", s.name),
-                GUARD,
-                b.wait_until(|st| st.running().count() == ids.len()),
-            )
-            .await;
-        }
+        s.wait_started(node, &ids).await;
         handle.shutdown().await;
         for id in &ids {
             assert_eq!(
