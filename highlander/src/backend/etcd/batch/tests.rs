@@ -233,7 +233,7 @@ fn every_call_is_answered_once_even_when_etcd_answers_short_or_wrong() {
         };
         op.fail(Error::backend(
             crate::BackendErrorKind::Other,
-            "garbled".into(),
+            "garbled",
         ));
     }
     for mut rx in claimed.into_iter().skip(1) {
@@ -260,7 +260,7 @@ fn a_failed_transaction_fails_every_call_it_carried_once() {
         for op in planned.pending.into_iter().chain(planned.no_lease) {
             op.fail(Error::backend(
                 crate::BackendErrorKind::Other,
-                "no answer".into(),
+                "no answer",
             ));
         }
     }
