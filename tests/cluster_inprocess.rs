@@ -1,71 +1,24 @@
 //! The cluster backend with several runtimes in one process, over real
 //! loopback TCP, with links cut and healed through `Faults` (and, for what
-//! crosses the wire, through the harness's proxies). Deadlines are hang
-//! guards, never timing assertions.
+//! crosses the wire, through the harness's proxies): what is particular to
+//! it. `conformance.rs` runs what every backend must do (one holder,
+//! handoffs, crashes, step-down, tokens, many ids, shutdown). Deadlines are
+//! hang guards, never timing assertions.
 
 use std::time::Duration;
 
 use highlander::backend::cluster::{Cluster, Faults};
-use highlander::{
-    ChildSpec, Context, Runtime, RuntimeHandle, Service, ShutdownReason, SingletonState,
+use highlander::{Runtime, RuntimeHandle, ShutdownReason, SingletonState};
+use highlander_tests::probe::Probe;
+use highlander_tests::wait::{
+    self, GUARD, holder, runners, runners_of, wait_until, wait_until_async, within,
 };
 
-const GUARD: Duration = Duration::from_secs(20);
-
-use highlander_tests::log::Log;
-
-struct Probe {
-    log: Log,
-    id: String,
-    node: String,
-    token: u64,
-}
-
-impl Service for Probe {
-    async fn run(&mut self, ctx: &Context) -> highlander::Result<()> {
-        self.id = ctx.id().to_string();
-        self.node = ctx.node().to_string();
-        self.token = ctx.fencing_token();
-        self.log
-            .push(format!("start {} {} {}", self.id, self.node, self.token));
-        ctx.cancelled().await;
-        Ok(())
-    }
-
-    async fn terminate(&mut self, reason: ShutdownReason) {
-        self.log.push(format!(
-            "stop {} {} {} {reason}",
-            self.id, self.node, self.token
-        ));
-    }
-}
-
-fn probe(id: &str, log: &Log) -> ChildSpec {
-    let log = log.clone();
-    ChildSpec::new(id, move |_ctx| {
-        let log = log.clone();
-        async move {
-            Ok(Probe {
-                log,
-                id: String::new(),
-                node: String::new(),
-                token: 0,
-            })
-        }
-    })
-    .shutdown(Duration::from_secs(2))
-}
-
-async fn start(name: &str, cluster: Cluster, ids: &[&str], log: &Log) -> RuntimeHandle {
-    if std::env::var_os("RUST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_test_writer()
-            .try_init();
-    }
+async fn start(name: &str, cluster: Cluster, ids: &[&str], probe: &Probe) -> RuntimeHandle {
+    highlander_tests::init_tracing();
     let mut builder = Runtime::builder().node(name).backend(cluster);
     for id in ids {
-        builder = builder.child(probe(id, log));
+        builder = builder.child(probe.spec(id).shutdown(Duration::from_secs(2)));
     }
     builder.start().await.expect("runtime starts")
 }
@@ -92,9 +45,9 @@ async fn cluster_of(
     names: &[&str],
     faults: &Faults,
     ids: &[&str],
-    log: &Log,
+    probe: &Probe,
 ) -> Vec<RuntimeHandle> {
-    let first = start(names[0], node_cfg(faults, &[]), ids, log).await;
+    let first = start(names[0], node_cfg(faults, &[]), ids, probe).await;
     let seed = address(&first).await;
     let mut nodes = vec![first];
     for name in &names[1..] {
@@ -103,7 +56,7 @@ async fn cluster_of(
                 name,
                 node_cfg(faults, std::slice::from_ref(&seed)),
                 ids,
-                log,
+                probe,
             )
             .await,
         );
@@ -115,83 +68,44 @@ async fn cluster_of(
 }
 
 async fn wait_members(handle: &RuntimeHandle, reachable: usize) {
-    tokio::time::timeout(GUARD, async {
-        loop {
-            let up = handle
-                .members()
-                .await
-                .unwrap()
-                .iter()
-                .filter(|m| m.reachable)
-                .count();
-            if up == reachable {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    let what = format!("{} seeing {reachable} reachable members", handle.node());
+    wait_until_async(&what, GUARD, async || {
+        let members = handle.members().await.unwrap();
+        members.iter().filter(|m| m.reachable).count() == reachable
     })
-    .await
-    .unwrap_or_else(|_| panic!("{} never saw {reachable} reachable members", handle.node()));
+    .await;
 }
 
 async fn wait_waiting(handle: &RuntimeHandle, id: &str) {
-    tokio::time::timeout(
-        GUARD,
-        handle.wait_until(|s| matches!(s.get(id), Some(SingletonState::Waiting { .. }))),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("{} never waited for `{id}`", handle.node()));
+    wait::waiting(handle, id).await;
 }
 
-/// Nodes among `nodes` that run `id` now.
-fn runners<'a>(nodes: &'a [RuntimeHandle], id: &str) -> Vec<&'a str> {
-    nodes
-        .iter()
-        .filter(|n| n.status().is_running(id))
-        .map(|n| n.node())
-        .collect()
+/// Waits until every one of `nodes` is told that `node` holds `id`.
+async fn wait_holder_seen(nodes: &[&RuntimeHandle], id: &str, node: &str) {
+    for n in nodes {
+        let what = format!("{} seeing {node} hold `{id}`", n.node());
+        wait_until_async(&what, GUARD, async || {
+            n.holder(id).await.unwrap().map(|h| h.node).as_deref() == Some(node)
+        })
+        .await;
+    }
+}
+
+fn refs(nodes: &[RuntimeHandle]) -> Vec<&RuntimeHandle> {
+    nodes.iter().collect()
 }
 
 async fn wait_runners(nodes: &[RuntimeHandle], id: &str, count: usize) -> Vec<String> {
-    tokio::time::timeout(GUARD, async {
-        loop {
-            let r = runners(nodes, id);
-            if r.len() == count {
-                return r.into_iter().map(str::to_string).collect::<Vec<_>>();
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| {
-        panic!(
-            "`{id}` never ran on exactly {count} nodes; now on {:?}",
-            runners(nodes, id)
-        )
-    })
+    runners_of(&refs(nodes), id, count, GUARD).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_instance_takeover_on_split_and_one_survivor_after_heal() {
-    let log = Log::default();
+    let probe = Probe::new();
     let faults = Faults::new();
-    let nodes = cluster_of(&["a", "b", "c"], &faults, &["solo"], &log).await;
-    let holder = wait_runners(&nodes, "solo", 1).await.remove(0);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        runners(&nodes, "solo").len(),
-        1,
-        "one instance in a whole cluster"
-    );
-    let holder_token = log
-        .matching("start solo")
-        .last()
-        .unwrap()
-        .split(' ')
-        .nth(3)
-        .unwrap()
-        .parse::<u64>()
-        .unwrap();
+    let nodes = cluster_of(&["a", "b", "c"], &faults, &["solo"], &probe).await;
+    let held = holder(&refs(&nodes), "solo", GUARD).await;
+    let holder = held.node.clone();
 
     // Cut the holder off: the other side takes over, the holder keeps its own.
     let others: Vec<&str> = ["a", "b", "c"]
@@ -210,31 +124,27 @@ async fn one_instance_takeover_on_split_and_one_survivor_after_heal() {
         vec![holder.clone()],
         "the earliest tenure survives the heal"
     );
-    tokio::time::timeout(GUARD, async {
-        while log
-            .matching("stop solo")
-            .iter()
-            .all(|l| !l.ends_with("conflict"))
-        {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("the loser's terminate runs with Conflict");
-    let takeover = log
-        .matching("start solo")
-        .into_iter()
-        .find(|l| !l.contains(&format!(" {holder} ")))
-        .unwrap();
-    let takeover_token = takeover.split(' ').nth(3).unwrap().parse::<u64>().unwrap();
+    let lost = probe
+        .wait_for("the loser's terminate with Conflict", |events| {
+            events
+                .iter()
+                .any(|e| e.reason() == Some(&ShutdownReason::Conflict))
+        })
+        .await;
+    let takeover = lost
+        .iter()
+        .find(|e| e.is_start() && e.node != holder)
+        .expect("the other side's start");
     assert!(
-        takeover_token > holder_token,
-        "fencing tokens grow: {takeover_token} after {holder_token}"
+        takeover.token > held.token,
+        "fencing tokens grow: {} after {}",
+        takeover.token,
+        held.token
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
-        runners(&nodes, "solo"),
-        vec![holder.as_str()],
+        runners(&refs(&nodes), "solo"),
+        vec![holder.clone()],
         "still one instance after settling"
     );
     for n in &nodes {
@@ -242,56 +152,53 @@ async fn one_instance_takeover_on_split_and_one_survivor_after_heal() {
     }
 }
 
+/// A node that leaves gracefully is gone from every member list, not
+/// merely unreachable; every member learns the new holder directly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn graceful_leave_hands_over_and_members_follow() {
-    let log = Log::default();
+async fn a_leaver_is_gone_from_the_member_list() {
+    let probe = Probe::new();
     let faults = Faults::new();
-    let nodes = cluster_of(&["a", "b", "c"], &faults, &["solo"], &log).await;
-    let holder = wait_runners(&nodes, "solo", 1).await.remove(0);
+    let nodes = cluster_of(&["a", "b", "c"], &faults, &["solo"], &probe).await;
+    let held = holder(&refs(&nodes), "solo", GUARD).await;
     let (gone, rest): (Vec<RuntimeHandle>, Vec<RuntimeHandle>) =
-        nodes.into_iter().partition(|n| n.node() == holder);
+        nodes.into_iter().partition(|n| n.node() == held.node);
     gone[0].shutdown().await;
-    let stops = log.matching(&format!("stop solo {holder} "));
-    assert_eq!(stops.len(), 1, "{:?}", log.lines());
-    assert!(stops[0].ends_with("node shutdown"), "{:?}", log.lines());
-    let next = wait_runners(&rest, "solo", 1).await.remove(0);
-    assert_ne!(next, holder);
+    let next = holder(&refs(&rest), "solo", GUARD).await;
     for n in &rest {
-        // The leaver is gone from the member list, not merely unreachable.
         wait_members(n, 2).await;
-        assert!(n.members().await.unwrap().iter().all(|m| m.node != holder));
-        // Every member learns the new holder directly.
-        tokio::time::timeout(GUARD, async {
-            while n.holder("solo").await.unwrap().map(|h| h.node) != Some(next.clone()) {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await
-        .expect("every member learns the new holder");
+        assert!(
+            n.members()
+                .await
+                .unwrap()
+                .iter()
+                .all(|m| m.node != held.node)
+        );
     }
+    wait_holder_seen(&refs(&rest), "solo", &next.node).await;
     for n in &rest {
         n.shutdown().await;
     }
 }
 
+/// A crashed node stays in every member list, unreachable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crashed_node_is_replaced_at_once() {
-    let log = Log::default();
+async fn a_crashed_node_shows_unreachable() {
+    let probe = Probe::new();
     let faults = Faults::new();
-    let nodes = cluster_of(&["a", "b", "c"], &faults, &["solo"], &log).await;
-    let holder = wait_runners(&nodes, "solo", 1).await.remove(0);
+    let nodes = cluster_of(&["a", "b", "c"], &faults, &["solo"], &probe).await;
+    let held = holder(&refs(&nodes), "solo", GUARD).await;
     let (crashed, rest): (Vec<RuntimeHandle>, Vec<RuntimeHandle>) =
-        nodes.into_iter().partition(|n| n.node() == holder);
+        nodes.into_iter().partition(|n| n.node() == held.node);
     // Abort and drop every handle: the session is dropped, sockets reset.
+    probe.cut(&held.node);
     crashed[0].abort();
     drop(crashed);
-    let next = wait_runners(&rest, "solo", 1).await.remove(0);
-    assert_ne!(next, holder);
+    holder(&refs(&rest), "solo", GUARD).await;
     for n in &rest {
         wait_members(n, 2).await;
         let m = n.members().await.unwrap();
         assert!(
-            m.iter().any(|m| m.node == holder && !m.reachable),
+            m.iter().any(|m| m.node == held.node && !m.reachable),
             "the crashed node shows unreachable: {m:?}"
         );
     }
@@ -303,7 +210,7 @@ async fn crashed_node_is_replaced_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_starting_at_once_end_with_one_instance() {
     for round in 0..3 {
-        let log = Log::default();
+        let probe = Probe::new();
         let faults = Faults::new();
         let ports = highlander_tests::cluster::free_ports(3);
         let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
@@ -315,8 +222,8 @@ async fn nodes_starting_at_once_end_with_one_instance() {
                     .cookie("k")
                     .faults(&faults)
                     .seeds(addrs.clone());
-                let (log, name) = (log.clone(), name.to_string());
-                tokio::spawn(async move { start(&name, cfg, &["x", "y", "z"], &log).await })
+                let (probe, name) = (probe.clone(), name.to_string());
+                tokio::spawn(async move { start(&name, cfg, &["x", "y", "z"], &probe).await })
             })
             .collect();
         let mut nodes = Vec::new();
@@ -329,15 +236,14 @@ async fn nodes_starting_at_once_end_with_one_instance() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         for id in ["x", "y", "z"] {
             assert_eq!(
-                runners(&nodes, id).len(),
+                runners(&refs(&nodes), id).len(),
                 1,
                 "round {round}: `{id}` runs once"
             );
         }
         assert!(
-            log.matching("stop").is_empty(),
-            "round {round}: no instance had to be stopped: {:?}",
-            log.lines()
+            probe.filter(|e| e.is_stop()).is_empty(),
+            "round {round}: no instance had to be stopped: {probe:?}"
         );
         for n in &nodes {
             n.shutdown().await;
@@ -346,40 +252,13 @@ async fn nodes_starting_at_once_end_with_one_instance() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn many_ids_spread_and_each_runs_once() {
-    let log = Log::default();
-    let faults = Faults::new();
-    let ids: Vec<String> = (0..1000).map(|i| format!("t-{i}")).collect();
-    let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-    let nodes = cluster_of(&["a", "b", "c"], &faults, &id_refs, &log).await;
-    tokio::time::timeout(GUARD, async {
-        loop {
-            let running: usize = nodes.iter().map(|n| n.status().running().count()).sum();
-            if running >= ids.len() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("every id runs");
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    for id in &id_refs {
-        assert_eq!(runners(&nodes, id).len(), 1, "`{id}` runs exactly once");
-    }
-    for n in &nodes {
-        n.shutdown().await;
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_cookie_is_refused() {
-    let log = Log::default();
+    let probe = Probe::new();
     let a = start(
         "a",
         Cluster::new("127.0.0.1:0").cookie("right"),
         &["solo"],
-        &log,
+        &probe,
     )
     .await;
     let seed = address(&a).await;
@@ -389,12 +268,12 @@ async fn a_wrong_cookie_is_refused() {
             .cookie("wrong")
             .seeds([seed.clone()]),
         &["solo"],
-        &log,
+        &probe,
     )
     .await;
     // b never becomes a member: both run their own instance, and keep doing so.
-    b.wait_until(|s| s.is_running("solo")).await;
-    a.wait_until(|s| s.is_running("solo")).await;
+    wait::running(&b, "solo").await;
+    wait::running(&a, "solo").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     for n in [&a, &b] {
         let members = n.members().await.unwrap();
@@ -410,7 +289,7 @@ async fn a_wrong_cookie_is_refused() {
         "c",
         Cluster::new("127.0.0.1:0").cookie("right").seeds([seed]),
         &["solo"],
-        &log,
+        &probe,
     )
     .await;
     wait_members(&c, 2).await;
@@ -454,16 +333,16 @@ async fn no_cookie_refuses_a_public_listen_address() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_node_is_a_new_incarnation() {
-    let log = Log::default();
+    let probe = Probe::new();
     let faults = Faults::new();
-    let a = start("a", node_cfg(&faults, &[]), &["solo"], &log).await;
-    a.wait_until(|s| s.is_running("solo")).await;
+    let a = start("a", node_cfg(&faults, &[]), &["solo"], &probe).await;
+    wait::running(&a, "solo").await;
     let seed = address(&a).await;
     let b = start(
         "b",
         node_cfg(&faults, std::slice::from_ref(&seed)),
         &["solo"],
-        &log,
+        &probe,
     )
     .await;
     wait_members(&b, 2).await;
@@ -475,7 +354,7 @@ async fn restarted_node_is_a_new_incarnation() {
         "b",
         node_cfg(&faults, std::slice::from_ref(&seed)),
         &["solo"],
-        &log,
+        &probe,
     )
     .await;
     wait_members(&b, 2).await;
@@ -485,15 +364,9 @@ async fn restarted_node_is_a_new_incarnation() {
     assert!(a.status().is_running("solo") && !b.status().is_running("solo"));
     // a leaves: the new b takes over.
     a.shutdown().await;
-    tokio::time::timeout(GUARD, async {
-        while log.matching("start solo b").is_empty() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("the new b takes over");
+    probe.wait_start("b", "solo").await;
     b.shutdown().await;
-    assert_eq!(log.matching("start solo").len(), 2, "{:?}", log.lines());
+    assert_eq!(probe.starts("solo").len(), 2, "{probe:?}");
 }
 
 /// A heal reaches the nodes of a side one connection at a time. Here the
@@ -504,9 +377,9 @@ async fn restarted_node_is_a_new_incarnation() {
 /// conflict a moment later.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_heal_reaching_one_node_first_ends_in_one_conflict() {
-    let log = Log::default();
+    let probe = Probe::new();
     let faults = Faults::new();
-    let nodes = cluster_of(&["a", "b", "c"], &faults, &["solo"], &log).await;
+    let nodes = cluster_of(&["a", "b", "c"], &faults, &["solo"], &probe).await;
     let holder = wait_runners(&nodes, "solo", 1).await.remove(0);
     let mut others: Vec<&str> = ["a", "b", "c"]
         .into_iter()
@@ -519,51 +392,31 @@ async fn a_heal_reaching_one_node_first_ends_in_one_conflict() {
     // x alone takes over; y still sees the holder.
     faults.cut(&holder, x);
     faults.cut(y, x);
-    wait_runners(&nodes, "solo", 2).await;
-    assert!(runners(&nodes, "solo").contains(&x));
+    let both = wait_runners(&nodes, "solo", 2).await;
+    assert!(both.iter().any(|n| n == x), "{both:?}");
     // y joins x, then loses the holder: y waits for x's tenure.
     faults.heal_link(y, x);
     wait_members(handle(y), 3).await;
     faults.cut(&holder, y);
     wait_members(handle(y), 2).await;
-    tokio::time::timeout(GUARD, async {
-        while handle(y).holder("solo").await.unwrap().map(|h| h.node) != Some(x.to_string()) {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("y sees x hold the id");
+    wait_holder_seen(&[handle(y)], "solo", x).await;
 
     // Only x's link to the old holder comes back.
     faults.heal_link(&holder, x);
-    tokio::time::timeout(GUARD, async {
-        while !log
-            .matching(&format!("stop solo {x} "))
-            .iter()
-            .any(|l| l.ends_with("conflict"))
-        {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("x stops with Conflict");
+    probe.wait_stop(x, "solo", &ShutdownReason::Conflict).await;
     tokio::time::sleep(Duration::from_millis(150)).await;
     faults.heal();
     let survivor = wait_runners(&nodes, "solo", 1).await;
     assert_eq!(survivor, vec![holder.clone()]);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        log.matching(&format!("start solo {y} ")).is_empty(),
-        "{y} took the id while its neighbour {x} saw {holder} hold it: {:?}",
-        log.matching("")
+    assert_eq!(
+        probe.started("solo", y),
+        0,
+        "{y} took the id while its neighbour {x} saw {holder} hold it: {probe:?}"
     );
-    let conflicts: Vec<String> = log
-        .matching("stop solo")
-        .into_iter()
-        .filter(|l| l.ends_with("conflict"))
-        .collect();
-    assert_eq!(conflicts.len(), 1, "exactly one conflict: {conflicts:?}");
-    assert_eq!(runners(&nodes, "solo"), vec![holder.as_str()]);
+    let conflicts = probe.filter(|e| e.reason() == Some(&ShutdownReason::Conflict));
+    assert_eq!(conflicts.len(), 1, "exactly one conflict: {probe:?}");
+    assert_eq!(runners(&refs(&nodes), "solo"), vec![holder.clone()]);
     for n in &nodes {
         n.shutdown().await;
     }
@@ -577,7 +430,7 @@ async fn a_heal_reaching_one_node_first_ends_in_one_conflict() {
 async fn the_wire_is_sealed_against_reading_and_tampering() {
     use highlander_tests::cluster::{Partitioner, node_ip};
     let id = "ledger-reconciliation";
-    let log = Log::default();
+    let probe = Probe::new();
     let mut proxies = Partitioner::new();
     let mut listens = Vec::new();
     let mut fronts = Vec::new();
@@ -594,11 +447,9 @@ async fn the_wire_is_sealed_against_reading_and_tampering() {
             .seeds(fronts.clone())
             .cookie("in-process test cookie")
     };
-    let a = start("a", cfg(0), &[id], &log).await;
-    tokio::time::timeout(GUARD, a.wait_until(|s| s.is_running(id)))
-        .await
-        .expect("a runs the id");
-    let b = start("b", cfg(1), &[id], &log).await;
+    let a = start("a", cfg(0), &[id], &probe).await;
+    wait::running(&a, id).await;
+    let b = start("b", cfg(1), &[id], &probe).await;
     wait_waiting(&b, id).await;
     // b learnt over the wire that a holds the id...
     match b.status().get(id) {
@@ -616,29 +467,28 @@ async fn the_wire_is_sealed_against_reading_and_tampering() {
     // Alter a frame in flight, several times over.
     for round in 1..=3 {
         proxies.corrupt_next();
-        tokio::time::timeout(GUARD, async {
-            while proxies.corrupted() < round {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+        wait_until("a heartbeat's frame altered", GUARD, || {
+            proxies.corrupted() >= round
         })
-        .await
-        .expect("heartbeats carry a frame to alter");
+        .await;
         let nodes = [a.clone(), b.clone()];
         for n in &nodes {
             wait_members(n, 2).await;
         }
         wait_runners(&nodes, id, 1).await;
     }
-    let lines = log.lines();
-    let starts = lines.iter().filter(|l| l.starts_with("start")).count();
-    let stops = lines.iter().filter(|l| l.starts_with("stop")).count();
-    assert_eq!(starts, stops + 1, "one tenure left running: {lines:?}");
+    let starts = probe.starts(id).len();
+    let stops = probe.stops(id);
+    assert_eq!(
+        starts,
+        stops.len() + 1,
+        "one tenure left running: {probe:?}"
+    );
     assert!(
-        lines
+        stops
             .iter()
-            .filter(|l| l.starts_with("stop"))
-            .all(|l| l.ends_with("conflict")),
-        "a broken link ends only in a conflict after the heal: {lines:?}"
+            .all(|e| e.reason() == Some(&ShutdownReason::Conflict)),
+        "a broken link ends only in a conflict after the heal: {probe:?}"
     );
     for n in [a, b] {
         n.shutdown().await;
@@ -692,7 +542,7 @@ async fn an_unauthenticated_self_dial_reject_does_not_disable_a_seed() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::AsyncWriteExt;
-    let log = Log::default();
+    let probe = Probe::new();
     let fake = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let seed = fake.local_addr().unwrap();
     let answered = Arc::new(AtomicUsize::new(0));
@@ -713,23 +563,20 @@ async fn an_unauthenticated_self_dial_reject_does_not_disable_a_seed() {
             .cookie(LONG_COOKIE)
             .seeds([seed.to_string()]),
         &["solo"],
-        &log,
+        &probe,
     )
     .await;
-    tokio::time::timeout(GUARD, async {
-        while answered.load(Ordering::SeqCst) == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+    wait_until("a dialing its seed", GUARD, || {
+        answered.load(Ordering::SeqCst) > 0
     })
-    .await
-    .expect("a dials its seed");
+    .await;
     fake_task.abort();
     let _ = fake_task.await;
     let b = start(
         "b",
         Cluster::new(seed.to_string()).cookie(LONG_COOKIE),
         &["solo"],
-        &log,
+        &probe,
     )
     .await;
     wait_members(&a, 2).await;
@@ -826,7 +673,7 @@ async fn altered_handshake_is_refused(
     rewrite: fn(&mut Vec<u8>),
     poisoned: &str,
 ) {
-    let log = Log::default();
+    let probe = Probe::new();
     let port = highlander_tests::free_port();
     let a = start(
         "a",
@@ -834,16 +681,15 @@ async fn altered_handshake_is_refused(
             .cookie(LONG_COOKIE)
             .advertise("a.example:7400"),
         &["solo"],
-        &log,
+        &probe,
     )
     .await;
     let (proxy, mut verdicts) =
         tampering_proxy(format!("127.0.0.1:{port}").parse().unwrap(), hello, rewrite).await;
-    let b = start("b", dialer.seeds([proxy.to_string()]), &["solo"], &log).await;
-    let verdict = tokio::time::timeout(GUARD, verdicts.recv())
+    let b = start("b", dialer.seeds([proxy.to_string()]), &["solo"], &probe).await;
+    let verdict = within("a handshake through the proxy", GUARD, verdicts.recv())
         .await
-        .expect("a handshake went through the proxy")
-        .unwrap();
+        .expect("the proxy reports each verdict");
     for n in [&a, &b] {
         let members = n.members().await.unwrap();
         assert!(
@@ -1046,12 +892,7 @@ async fn refusals_are_logged_rate_limited_and_without_forged_lines() {
 async fn a_sync_larger_than_one_frame_reaches_a_joining_node() {
     use highlander::backend::{Backend, Claim, ClaimRequest};
     const IDS: usize = 300_000;
-    if std::env::var_os("RUST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_test_writer()
-            .try_init();
-    }
+    highlander_tests::init_tracing();
     // Sealing and applying 70 MB in a debug build keeps both cores busy for
     // seconds: a failure timeout that long keeps heartbeats out of the test.
     let cfg = || {
@@ -1071,18 +912,17 @@ async fn a_sync_larger_than_one_frame_reaches_a_joining_node() {
     }
     let seed = a.members().await.unwrap().remove(0).address.unwrap();
     let b = cfg().seeds([seed]).connect("b").await.unwrap();
-    tokio::time::timeout(Duration::from_secs(120), async {
-        loop {
-            let first = b.holder(&id(0)).await.unwrap().map(|h| h.node);
-            let last = b.holder(&id(IDS - 1)).await.unwrap().map(|h| h.node);
-            if first.as_deref() == Some("a") && last.as_deref() == Some("a") {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("b learns every holding of a");
+    let learnt = async || {
+        let first = b.holder(&id(0)).await.unwrap().map(|h| h.node);
+        let last = b.holder(&id(IDS - 1)).await.unwrap().map(|h| h.node);
+        first.as_deref() == Some("a") && last.as_deref() == Some("a")
+    };
+    wait_until_async(
+        "b learning every holding of a",
+        Duration::from_secs(120),
+        learnt,
+    )
+    .await;
     let members = b.members().await.unwrap();
     assert!(members.iter().all(|m| m.reachable), "{members:?}");
     b.close().await;
@@ -1093,10 +933,10 @@ async fn a_sync_larger_than_one_frame_reaches_a_joining_node() {
 /// `0.0.0.0` it advertises none, yet another node can dial it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_on_port_zero_tells_its_bound_address() {
-    let log = Log::default();
+    let probe = Probe::new();
     let cluster = Cluster::new("0.0.0.0:0").cookie(LONG_COOKIE);
     assert_eq!(cluster.local_addr(), None, "not started yet");
-    let a = start("a", cluster.clone(), &["solo"], &log).await;
+    let a = start("a", cluster.clone(), &["solo"], &probe).await;
     let bound = cluster.local_addr().expect("the bound address");
     assert!(bound.ip().is_unspecified() && bound.port() != 0, "{bound}");
     let own = a.members().await.unwrap();
@@ -1107,7 +947,7 @@ async fn a_node_on_port_zero_tells_its_bound_address() {
             .cookie(LONG_COOKIE)
             .seeds([format!("127.0.0.1:{}", bound.port())]),
         &["solo"],
-        &log,
+        &probe,
     )
     .await;
     wait_members(&a, 2).await;
@@ -1123,7 +963,7 @@ async fn a_node_on_port_zero_tells_its_bound_address() {
 /// IPv6 addresses, and a crash of the holder moves the id to another node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cluster_works_over_ipv6_loopback() {
-    let log = Log::default();
+    let probe = Probe::new();
     let faults = Faults::new();
     let v6 = |seeds: &[String]| {
         Cluster::new("[::1]:0")
@@ -1132,12 +972,12 @@ async fn the_cluster_works_over_ipv6_loopback() {
             .seeds(seeds.iter().cloned())
     };
     let first_cfg = v6(&[]);
-    let first = start("a", first_cfg.clone(), &["v6"], &log).await;
+    let first = start("a", first_cfg.clone(), &["v6"], &probe).await;
     let seed = first_cfg.local_addr().expect("bound").to_string();
     assert!(seed.starts_with("[::1]:"), "{seed}");
     let mut nodes = vec![first];
     for name in ["b", "c"] {
-        nodes.push(start(name, v6(std::slice::from_ref(&seed)), &["v6"], &log).await);
+        nodes.push(start(name, v6(std::slice::from_ref(&seed)), &["v6"], &probe).await);
     }
     for node in &nodes {
         wait_members(node, 3).await;

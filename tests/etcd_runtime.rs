@@ -1,39 +1,22 @@
 //! The etcd backend driven through the runtime, against a real etcd started
 //! by the harness: several runtimes in this process, each its own node with
-//! its own etcd lease. Deadlines here are hang guards, never timing claims.
+//! its own etcd lease. `conformance.rs` runs what every backend must do (one
+//! holder, handoffs, crashes, step-down, tokens, many ids, shutdown); here
+//! is what is particular to etcd: keys and leases, revocation, auth, member
+//! failures, watches. Deadlines here are hang guards, never timing claims.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::time::Duration;
 
 use highlander::backend::etcd::Etcd;
-use highlander::{
-    ChildSpec, Context, Runtime, RuntimeHandle, Service, ShutdownReason, SingletonState,
-};
+use highlander::{ChildSpec, Runtime, RuntimeHandle, ShutdownReason, SingletonState};
 use highlander_tests::etcd::EtcdCluster;
+use highlander_tests::probe::Probe;
+use highlander_tests::wait::{self, GUARD, holder, is_waiting, token_of, total_running, wait_all};
 
 /// A short TTL keeps the tests fast; the instances stop well within it.
 const TTL: Duration = Duration::from_secs(3);
 const BUDGET: Duration = Duration::from_millis(300);
-const GUARD: Duration = Duration::from_secs(60);
-
-use highlander_tests::log::Log;
-
-struct Probe {
-    log: Log,
-    tag: String,
-}
-
-impl Service for Probe {
-    async fn run(&mut self, ctx: &Context) -> highlander::Result<()> {
-        self.tag = format!("{} {} {}", ctx.id(), ctx.node(), ctx.fencing_token());
-        self.log.push(format!("start {}", self.tag));
-        ctx.cancelled().await;
-        Ok(())
-    }
-    async fn terminate(&mut self, reason: ShutdownReason) {
-        self.log.push(format!("stop {} {reason}", self.tag));
-    }
-}
 
 /// The member-failure test rides out a raft election (1–2 s with etcd's
 /// default 1 s election timeout) without giving anything up: that needs
@@ -50,176 +33,99 @@ fn etcd_with(cluster: &EtcdCluster, ttl: Duration) -> Etcd {
         .keepalive_interval(Duration::from_millis(250))
 }
 
-async fn node(cluster: &EtcdCluster, name: &str, ids: &[String], log: &Log) -> RuntimeHandle {
-    node_with(cluster, name, ids, log, TTL).await
+/// A probe service spec for `id`.
+fn probe_spec(probe: &Probe, id: &str) -> ChildSpec {
+    probe.spec(id).shutdown(BUDGET)
+}
+
+async fn node(cluster: &EtcdCluster, name: &str, ids: &[String], probe: &Probe) -> RuntimeHandle {
+    node_with(cluster, name, ids, probe, TTL).await
 }
 
 async fn node_with(
     cluster: &EtcdCluster,
     name: &str,
     ids: &[String],
-    log: &Log,
+    probe: &Probe,
     ttl: Duration,
 ) -> RuntimeHandle {
     let mut builder = Runtime::builder()
         .node(name)
         .backend(etcd_with(cluster, ttl));
     for id in ids {
-        let log = log.clone();
-        builder = builder.child(
-            ChildSpec::new(id.clone(), move |_ctx| {
-                let log = log.clone();
-                async move {
-                    Ok(Probe {
-                        log,
-                        tag: String::new(),
-                    })
-                }
-            })
-            .shutdown(BUDGET),
-        );
+        builder = builder.child(probe_spec(probe, id));
     }
     builder.start().await.expect("the runtime starts on etcd")
 }
 
 async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(GUARD, f)
-        .await
-        .unwrap_or_else(|_| panic!("hang guard: {what} did not happen within {GUARD:?}"))
+    wait::within(what, GUARD, f).await
 }
 
-fn token_of(handle: &RuntimeHandle, id: &str) -> Option<u64> {
-    handle
-        .status()
-        .running()
-        .find(|(i, _)| *i == id)
-        .map(|(_, t)| t)
-}
-
-/// The one node running `id` among `nodes`, once exactly one runs it.
-async fn sole_holder(nodes: &[&RuntimeHandle], id: &str) -> (usize, u64) {
-    within("a single holder", async {
-        loop {
-            let running: Vec<(usize, u64)> = nodes
-                .iter()
-                .enumerate()
-                .filter_map(|(i, n)| token_of(n, id).map(|t| (i, t)))
-                .collect();
-            assert!(
-                running.len() <= 1,
-                "two nodes run `{id}` at once: {running:?}"
-            );
-            if let [one] = running[..] {
-                return one;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_holder_among_three_then_takeovers_with_growing_tokens() {
-    let cluster = EtcdCluster::single().await;
-    let log = Log::default();
-    let ids = vec!["solo".to_string()];
-    let a = node(&cluster, "a", &ids, &log).await;
-    let b = node(&cluster, "b", &ids, &log).await;
-    let c = node(&cluster, "c", &ids, &log).await;
-    let nodes = [&a, &b, &c];
-    let (first, token1) = sole_holder(&nodes, "solo").await;
-    // The others wait, and know who holds it.
-    for (i, n) in nodes.iter().enumerate().filter(|(i, _)| *i != first) {
-        let status = within(
-            "waiting",
-            n.wait_until(|s| matches!(s.get("solo"), Some(SingletonState::Waiting { .. }))),
-        )
-        .await;
-        match status.get("solo") {
-            Some(SingletonState::Waiting { holder: Some(h) }) => {
-                assert_eq!(h.node, nodes[first].node(), "node {i} names the holder");
-                assert_eq!(h.token, Some(token1));
-            }
-            other => panic!("node {i}: {other:?}"),
-        }
+/// Every id `nodes` run, with its node and token, sorted.
+fn running(nodes: &[&RuntimeHandle]) -> Vec<(String, String, u64)> {
+    let mut all: Vec<(String, String, u64)> = Vec::new();
+    for n in nodes {
+        all.extend(
+            n.status()
+                .running()
+                .map(|(id, t)| (id.to_string(), n.node().to_string(), t)),
+        );
     }
-    let holder = a.holder("solo").await.unwrap().expect("a holder is known");
-    assert_eq!(holder.node, nodes[first].node());
+    all.sort();
+    all
+}
+
+/// The key names the holder; revoking the holder's lease from outside ends
+/// its tenure with `LeaseLost` at once and a node takes over with a larger
+/// token; once every node has left, no key is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_names_the_holder_and_a_revoked_lease_is_taken_over() {
+    let cluster = EtcdCluster::single().await;
+    let probe = Probe::new();
+    let ids = vec!["solo".to_string()];
+    let a = node(&cluster, "a", &ids, &probe).await;
+    let b = node(&cluster, "b", &ids, &probe).await;
+    let nodes = [&a, &b];
+    let held = holder(&nodes, "solo", GUARD).await;
     assert_eq!(
         cluster
             .etcdctl(&["get", "/highlander/solo", "--print-value-only"])
             .trim(),
-        nodes[first].node()
-    );
-
-    // Graceful stop of the holder: the id is released, another node takes it.
-    nodes[first].shutdown().await;
-    let rest: Vec<&RuntimeHandle> = nodes
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != first)
-        .map(|(_, n)| *n)
-        .collect();
-    let (second, token2) = sole_holder(&rest, "solo").await;
-    assert!(
-        token2 > token1,
-        "tokens grow across takeovers: {token1} then {token2}"
-    );
-    assert!(
-        log.lines()
-            .iter()
-            .any(|l| l.starts_with("stop solo") && l.ends_with("node shutdown")),
-        "{:?}",
-        log.lines()
+        held.node
     );
 
     // Revoke the holder's lease from outside: it loses the id at once, and a
-    // node takes over with a larger token. Usually the last node wins, but
+    // node takes over with a larger token. Usually the other node wins, but
     // the revoked node gets a new lease and claims again, so on a busy
-    // machine it may win the race: either is a correct takeover.
+    // machine it may win the race: either is a correct takeover. The keys
+    // go with the lease at once, before the holder can hear of it: its
+    // tenure ends here.
+    probe.cut(&held.node);
     let lease = cluster
         .lease_of("/highlander/solo")
         .expect("the key has a lease");
     cluster.etcdctl(&["lease", "revoke", &lease]);
-    let revoked = rest[second];
-    within("the lease-lost terminate", async {
-        while !log
-            .lines()
-            .iter()
-            .any(|l| l == &format!("stop solo {} {token2} lease lost", revoked.node()))
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    probe
+        .wait_stop(&held.node, "solo", &ShutdownReason::LeaseLost)
+        .await;
     // The revoked tenure may still show in status for a moment after its
     // terminate: wait for a tenure other than it.
-    let (third, token3) = loop {
-        let (i, t) = sole_holder(&rest, "solo").await;
-        if t != token2 {
-            break (i, t);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    wait_all(&nodes, "a tenure after the revoked one", GUARD, || {
+        let tenures = running(&nodes);
+        tenures.len() == 1 && tenures[0].2 != held.token
+    })
+    .await;
+    let next = holder(&nodes, "solo", GUARD).await;
     assert!(
-        token3 > token2,
-        "tokens grow across takeovers: {token2} then {token3}"
+        next.token > held.token,
+        "tokens grow across takeovers: {} then {}",
+        held.token,
+        next.token
     );
-    let (holder, other) = (rest[third], rest[1 - third]);
-    // The other node (with a lease of its own, new or old) waits again.
-    within(
-        "the other node waits",
-        other.wait_until(|s| matches!(s.get("solo"), Some(SingletonState::Waiting { .. }))),
-    )
-    .await;
-    holder.shutdown().await;
-    within(
-        "the other node takes over at last",
-        other.wait_until(|s| s.is_running("solo")),
-    )
-    .await;
-    assert!(token_of(other, "solo").unwrap() > token3);
-    other.shutdown().await;
+    nodes[1 - next.index].shutdown().await;
+    nodes[next.index].shutdown().await;
+    probe.assert_one_at_a_time();
     assert_eq!(
         cluster
             .etcdctl(&["get", "--prefix", "/highlander/", "--keys-only"])
@@ -229,64 +135,31 @@ async fn one_holder_among_three_then_takeovers_with_growing_tokens() {
     );
 }
 
+/// A thousand ids on three nodes: one lease per node, one key per id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_ids_on_three_nodes_with_one_lease_each() {
     let cluster = EtcdCluster::single().await;
-    let log = Log::default();
+    let probe = Probe::new();
     let ids: Vec<String> = (0..1000).map(|i| format!("tenant-{i}")).collect();
     let mut nodes = Vec::new();
     for name in ["a", "b", "c"] {
-        nodes.push(node(&cluster, name, &ids, &log).await);
+        nodes.push(node(&cluster, name, &ids, &probe).await);
     }
-    within("every id running once", async {
-        loop {
-            let running: usize = nodes.iter().map(|n| n.status().running().count()).sum();
-            if running == ids.len() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    let all: Vec<&RuntimeHandle> = nodes.iter().collect();
+    wait_all(&all, "every id running once", GUARD, || {
+        total_running(&all) == ids.len()
     })
     .await;
-    let mut owners: BTreeMap<String, usize> = BTreeMap::new();
-    for (i, n) in nodes.iter().enumerate() {
-        for (id, _) in n.status().running() {
-            assert!(
-                owners.insert(id.to_string(), i).is_none(),
-                "`{id}` runs twice"
-            );
-        }
-    }
-    assert_eq!(owners.len(), 1000);
+    let owners: HashSet<String> = running(&all).into_iter().map(|(id, _, _)| id).collect();
+    assert_eq!(owners.len(), 1000, "every id runs once");
     let leases = cluster.leases();
     assert_eq!(leases.len(), 3, "one lease per node: {leases:?}");
     let keys = cluster.etcdctl(&["get", "--prefix", "/highlander/", "--keys-only"]);
     assert_eq!(keys.lines().filter(|l| !l.is_empty()).count(), 1000);
-
-    // Kill (abort) the node with the most ids: the others take all of them
-    // after its lease expires.
-    let busiest = (0..3)
-        .max_by_key(|&i| nodes[i].status().running().count())
-        .unwrap();
-    let crashed = nodes.remove(busiest);
-    crashed.abort();
-    // The handle keeps the session (and so the keep-alive) alive: a crash
-    // is the handle gone too.
-    drop(crashed);
-    let survivors: Vec<&RuntimeHandle> = nodes.iter().collect();
-    within("every id running again", async {
-        loop {
-            let running: usize = survivors.iter().map(|n| n.status().running().count()).sum();
-            if running == ids.len() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    for n in survivors {
+    for n in &nodes {
         n.shutdown().await;
     }
+    probe.assert_one_at_a_time();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -324,6 +197,78 @@ async fn unreachable_endpoints_and_bad_urls_are_one_line_errors() {
     );
 }
 
+/// The start-up policy: an etcd nobody answers for fails `start()` with
+/// `Error::Unreachable` once the start timeout has passed (the URL's
+/// `start_timeout=`, or the builder's, which wins), naming the last cause;
+/// a refused password fails at once, whatever the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_etcd_fails_start_with_unreachable_after_the_start_timeout() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("etcd://app:hunter2@127.0.0.1:{port}?start_timeout=2s");
+    let started = within(
+        "start() gives up",
+        Runtime::builder().node("x").backend_url(&url).start(),
+    )
+    .await;
+    let Err(error) = started else {
+        panic!("nothing listens on port {port}");
+    };
+    let text = error.to_string();
+    assert!(
+        matches!(error, highlander::Error::Unreachable { .. }),
+        "{error:?}"
+    );
+    assert!(!error.is_retryable(), "{text}");
+    assert!(text.contains("within 2s"), "{text}");
+    assert!(
+        text.contains(&format!("cannot reach etcd at 127.0.0.1:{port}")),
+        "{text}"
+    );
+    assert!(!text.contains("hunter2") && !text.contains('\n'), "{text}");
+
+    // The builder's start timeout wins over the URL's.
+    let started = within(
+        "start() gives up",
+        Runtime::builder()
+            .node("x")
+            .backend_url(&url)
+            .start_timeout(Duration::from_millis(500))
+            .start(),
+    )
+    .await;
+    let Err(error) = started else {
+        panic!("nothing listens on port {port}");
+    };
+    assert!(error.to_string().contains("within 500ms"), "{error}");
+
+    // A refused password is not retried until the start timeout.
+    let cluster = EtcdCluster::single().await;
+    cluster.etcdctl(&["user", "add", "root", "--new-user-password=r00t-Secret"]);
+    cluster.etcdctl(&["user", "grant-role", "root", "root"]);
+    cluster.etcdctl(&["auth", "enable"]);
+    let wrong = Etcd::new(cluster.endpoints())
+        .user("root", "Wr0ng-Passw0rd")
+        .start_timeout(Duration::from_secs(600));
+    let started = within(
+        "a refused password fails at once",
+        Runtime::builder().node("x").backend(wrong).start(),
+    )
+    .await;
+    let Err(error) = started else {
+        panic!("the password is wrong");
+    };
+    assert_eq!(
+        error.kind(),
+        Some(highlander::BackendErrorKind::Auth),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("refused user `root`"), "{error}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_and_password_auth_and_the_password_stays_hidden() {
     let cluster = EtcdCluster::single().await;
@@ -346,7 +291,7 @@ async fn user_and_password_auth_and_the_password_stays_hidden() {
         "{err}"
     );
 
-    let log = Log::default();
+    let probe = Probe::new();
     let backend = Etcd::new(cluster.endpoints())
         .ttl(TTL)
         .user("root", "r00t-Secret");
@@ -354,21 +299,7 @@ async fn user_and_password_auth_and_the_password_stays_hidden() {
     let handle = Runtime::builder()
         .node("authed")
         .backend(backend)
-        .child(
-            ChildSpec::new("guarded", {
-                let log = log.clone();
-                move |_ctx| {
-                    let log = log.clone();
-                    async move {
-                        Ok(Probe {
-                            log,
-                            tag: String::new(),
-                        })
-                    }
-                }
-            })
-            .shutdown(BUDGET),
-        )
+        .child(probe_spec(&probe, "guarded"))
         .start()
         .await
         .expect("the right password is accepted");
@@ -398,13 +329,9 @@ async fn a_shutdown_budget_that_does_not_fit_the_ttl_is_refused_at_start() {
         .node("slow")
         .backend(etcd(&cluster))
         .child(
-            ChildSpec::new("slow-stopper", |_ctx| async {
-                Ok(Probe {
-                    log: Log::default(),
-                    tag: String::new(),
-                })
-            })
-            .shutdown(Duration::from_secs(5)),
+            Probe::new()
+                .spec("slow-stopper")
+                .shutdown(Duration::from_secs(5)),
         )
         .start()
         .await;
@@ -433,73 +360,34 @@ async fn a_shutdown_budget_that_does_not_fit_the_ttl_is_refused_at_start() {
 async fn one_member_of_three_killed_under_load_changes_nothing_for_holders() {
     highlander_tests::init_tracing();
     let mut cluster = EtcdCluster::start(3).await;
-    let log = Log::default();
+    let probe = Probe::new();
     let ids: Vec<String> = (0..50).map(|i| format!("job-{i}")).collect();
-    let a = node_with(&cluster, "a", &ids, &log, MEMBER_TTL).await;
-    let b = node_with(&cluster, "b", &ids, &log, MEMBER_TTL).await;
-    let before = within("all running", async {
-        loop {
-            let mut all: Vec<(String, String, u64)> = Vec::new();
-            for n in [&a, &b] {
-                all.extend(
-                    n.status()
-                        .running()
-                        .map(|(id, t)| (id.to_string(), n.node().to_string(), t)),
-                );
-            }
-            if all.len() == ids.len() {
-                all.sort();
-                return all;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    let a = node_with(&cluster, "a", &ids, &probe, MEMBER_TTL).await;
+    let b = node_with(&cluster, "b", &ids, &probe, MEMBER_TTL).await;
+    wait_all(&[&a, &b], "all running", GUARD, || {
+        total_running(&[&a, &b]) == ids.len()
     })
     .await;
+    let before = running(&[&a, &b]);
     // Load: a third node keeps asking for every id while a member dies.
-    let c = node_with(&cluster, "c", &ids, &log, MEMBER_TTL).await;
+    let c = node_with(&cluster, "c", &ids, &probe, MEMBER_TTL).await;
     // Kill the leader: the hardest member to lose (an election follows,
     // during which keep-alives fail).
     let leader = cluster.leader();
     cluster.kill_member(leader);
     // Ride through several TTLs with a member gone.
     tokio::time::sleep(MEMBER_TTL * 3).await;
-    let mut after: Vec<(String, String, u64)> = Vec::new();
-    for n in [&a, &b, &c] {
-        after.extend(
-            n.status()
-                .running()
-                .map(|(id, t)| (id.to_string(), n.node().to_string(), t)),
-        );
-    }
-    after.sort();
     assert_eq!(
-        before, after,
+        before,
+        running(&[&a, &b, &c]),
         "no holder changed while one member of three died"
     );
-    let stops: Vec<String> = log
-        .lines()
-        .into_iter()
-        .filter(|l| l.starts_with("stop"))
-        .collect();
+    let stops = probe.filter(|e| e.is_stop());
     assert!(stops.is_empty(), "no instance stopped: {stops:?}");
     // Graceful handoff still works on the two survivors.
     a.shutdown().await;
-    within("b and c take a's ids", async {
-        loop {
-            let running: HashSet<String> = [&b, &c]
-                .iter()
-                .flat_map(|n| {
-                    n.status()
-                        .running()
-                        .map(|(i, _)| i.to_string())
-                        .collect::<Vec<_>>()
-                })
-                .collect();
-            if running.len() == ids.len() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    wait_all(&[&b, &c], "b and c taking a's ids", GUARD, || {
+        total_running(&[&b, &c]) == ids.len()
     })
     .await;
     b.shutdown().await;
@@ -509,9 +397,9 @@ async fn one_member_of_three_killed_under_load_changes_nothing_for_holders() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cut_off_from_etcd_a_holder_gives_up_claims_nothing_and_comes_back() {
     let mut cluster = EtcdCluster::single().await;
-    let log = Log::default();
+    let probe = Probe::new();
     let ids = vec!["solo".to_string()];
-    let a = node(&cluster, "a", &ids, &log).await;
+    let a = node(&cluster, "a", &ids, &probe).await;
     within("running", a.wait_until(|s| s.is_running("solo"))).await;
     let token = token_of(&a, "solo").unwrap();
 
@@ -523,13 +411,9 @@ async fn cut_off_from_etcd_a_holder_gives_up_claims_nothing_and_comes_back() {
         a.wait_until(|s| !s.is_running("solo")),
     )
     .await;
-    let lost = format!("stop solo a {token} lease lost");
-    within("the lease-lost terminate", async {
-        while !log.lines().contains(&lost) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    probe
+        .wait_stop("a", "solo", &ShutdownReason::LeaseLost)
+        .await;
     // While cut off it claims nothing: it retries, and says why.
     let status = within(
         "retrying while cut off",
@@ -542,13 +426,7 @@ async fn cut_off_from_etcd_a_holder_gives_up_claims_nothing_and_comes_back() {
         !a.status().is_running("solo"),
         "nothing is claimed while etcd is down"
     );
-    assert_eq!(
-        log.lines()
-            .iter()
-            .filter(|l| l.starts_with("start"))
-            .count(),
-        1
-    );
+    assert_eq!(probe.starts("solo").len(), 1, "{probe:?}");
 
     // etcd comes back: the node reconnects, gets a new lease, and claims the
     // id again with a larger token.
@@ -565,16 +443,12 @@ async fn cut_off_from_etcd_a_holder_gives_up_claims_nothing_and_comes_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_node_waits_for_the_watch_and_does_not_spin() {
     let cluster = EtcdCluster::single().await;
-    let log = Log::default();
+    let probe = Probe::new();
     let ids = vec!["solo".to_string()];
-    let a = node(&cluster, "a", &ids, &log).await;
+    let a = node(&cluster, "a", &ids, &probe).await;
     within("a runs", a.wait_until(|s| s.is_running("solo"))).await;
-    let b = node(&cluster, "b", &ids, &log).await;
-    within(
-        "b waits",
-        b.wait_until(|s| matches!(s.get("solo"), Some(SingletonState::Waiting { .. }))),
-    )
-    .await;
+    let b = node(&cluster, "b", &ids, &probe).await;
+    within("b waits", b.wait_until(|s| is_waiting(s, "solo"))).await;
     // A waiter that retried without a change would flip between Claiming
     // and Waiting: no state change may happen while nothing changes in etcd.
     let quiet = tokio::time::timeout(TTL, b.changed()).await;
@@ -596,15 +470,15 @@ async fn a_waiting_node_waits_for_the_watch_and_does_not_spin() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_a_nodes_lease_ends_all_its_tenures_at_once() {
     let cluster = EtcdCluster::single().await;
-    let log = Log::default();
+    let probe = Probe::new();
     let ids: Vec<String> = (0..20).map(|i| format!("part-{i}")).collect();
-    let a = node(&cluster, "a", &ids, &log).await;
+    let a = node(&cluster, "a", &ids, &probe).await;
     within(
         "a runs all",
         a.wait_until(|s| s.running().count() == ids.len()),
     )
     .await;
-    let b = node(&cluster, "b", &ids, &log).await;
+    let b = node(&cluster, "b", &ids, &probe).await;
     within(
         "b waits for all",
         b.wait_until(|s| {
@@ -625,22 +499,15 @@ async fn revoking_a_nodes_lease_ends_all_its_tenures_at_once() {
         b.wait_until(|s| s.running().count() == ids.len()),
     )
     .await;
-    within("a stopped all with lease lost", async {
-        loop {
-            let lost = log
-                .lines()
+    probe
+        .wait_for("a stopping every id with lease lost", |events| {
+            events
                 .iter()
-                .filter(|l| {
-                    l.starts_with("stop part-") && l.contains(" a ") && l.ends_with("lease lost")
-                })
-                .count();
-            if lost == ids.len() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+                .filter(|e| e.node == "a" && e.reason() == Some(&ShutdownReason::LeaseLost))
+                .count()
+                == ids.len()
+        })
+        .await;
     assert_eq!(a.status().running().count(), 0);
     // a got a new lease and waits for every id again.
     within(
@@ -664,44 +531,28 @@ async fn a_dead_endpoint_in_the_list_neither_stops_a_start_nor_a_holder() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         format!("127.0.0.1:{}", listener.local_addr().unwrap().port())
     };
-    let log = Log::default();
+    let probe = Probe::new();
     let mut nodes = Vec::new();
     for name in ["a", "b", "c", "d"] {
         let backend = Etcd::new([dead.clone(), cluster.endpoints()[0].clone()])
             .ttl(TTL)
             .keepalive_interval(Duration::from_millis(250));
-        let log = log.clone();
         let handle = Runtime::builder()
             .node(name)
             .backend(backend)
-            .child(
-                ChildSpec::new("solo", move |_ctx| {
-                    let log = log.clone();
-                    async move {
-                        Ok(Probe {
-                            log,
-                            tag: String::new(),
-                        })
-                    }
-                })
-                .shutdown(BUDGET),
-            )
+            .child(probe_spec(&probe, "solo"))
             .start()
             .await
             .expect("a node starts when one of its two endpoints is dead");
         nodes.push(handle);
     }
     let refs: Vec<&RuntimeHandle> = nodes.iter().collect();
-    let (holder, token) = sole_holder(&refs, "solo").await;
+    let held = holder(&refs, "solo", GUARD).await;
     // Keep-alives that land on the dead endpoint are retried on the live
     // one: two TTLs later the same tenure still runs.
     tokio::time::sleep(TTL * 2).await;
-    assert_eq!(token_of(refs[holder], "solo"), Some(token));
-    assert!(
-        !log.lines().iter().any(|l| l.starts_with("stop")),
-        "{:?}",
-        log.lines()
-    );
+    assert_eq!(token_of(refs[held.index], "solo"), Some(held.token));
+    assert!(probe.filter(|e| e.is_stop()).is_empty(), "{probe:?}");
     for n in &nodes {
         n.shutdown().await;
     }
@@ -711,32 +562,15 @@ async fn a_dead_endpoint_in_the_list_neither_stops_a_start_nor_a_holder() {
 async fn a_hung_member_of_three_changes_nothing_for_holders() {
     highlander_tests::init_tracing();
     let cluster = EtcdCluster::start(3).await;
-    let log = Log::default();
+    let probe = Probe::new();
     let ids: Vec<String> = (0..30).map(|i| format!("task-{i}")).collect();
-    let a = node_with(&cluster, "a", &ids, &log, MEMBER_TTL).await;
-    let b = node_with(&cluster, "b", &ids, &log, MEMBER_TTL).await;
-    let running = |nodes: &[&RuntimeHandle]| {
-        let mut all: Vec<(String, String, u64)> = Vec::new();
-        for n in nodes {
-            all.extend(
-                n.status()
-                    .running()
-                    .map(|(id, t)| (id.to_string(), n.node().to_string(), t)),
-            );
-        }
-        all.sort();
-        all
-    };
-    let before = within("all running", async {
-        loop {
-            let all = running(&[&a, &b]);
-            if all.len() == ids.len() {
-                return all;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    let a = node_with(&cluster, "a", &ids, &probe, MEMBER_TTL).await;
+    let b = node_with(&cluster, "b", &ids, &probe, MEMBER_TTL).await;
+    wait_all(&[&a, &b], "all running", GUARD, || {
+        total_running(&[&a, &b]) == ids.len()
     })
     .await;
+    let before = running(&[&a, &b]);
     // A member that stops answering but keeps its connections open (the
     // leader: the worst case) is detected by request timeouts.
     let hung = cluster.leader();
@@ -747,11 +581,7 @@ async fn a_hung_member_of_three_changes_nothing_for_holders() {
         running(&[&a, &b]),
         "no holder changed while a member hung"
     );
-    let stops: Vec<String> = log
-        .lines()
-        .into_iter()
-        .filter(|l| l.starts_with("stop"))
-        .collect();
+    let stops = probe.filter(|e| e.is_stop());
     assert!(stops.is_empty(), "no instance stopped: {stops:?}");
     cluster.signal_member(hung, "CONT");
     a.shutdown().await;
@@ -772,21 +602,18 @@ async fn a_hung_member_of_three_changes_nothing_for_holders() {
 async fn a_handoff_while_a_member_hangs_completes() {
     highlander_tests::init_tracing();
     let cluster = EtcdCluster::start(3).await;
-    let log = Log::default();
+    let probe = Probe::new();
     let ids: Vec<String> = (0..30).map(|i| format!("job-{i}")).collect();
-    let a = node_with(&cluster, "a", &ids, &log, MEMBER_TTL).await;
+    let a = node_with(&cluster, "a", &ids, &probe, MEMBER_TTL).await;
     within(
         "a runs every id",
         a.wait_until(|s| s.running().count() == ids.len()),
     )
     .await;
-    let b = node_with(&cluster, "b", &ids, &log, MEMBER_TTL).await;
+    let b = node_with(&cluster, "b", &ids, &probe, MEMBER_TTL).await;
     within(
         "b waits for every id",
-        b.wait_until(|s| {
-            ids.iter()
-                .all(|id| matches!(s.get(id), Some(SingletonState::Waiting { .. })))
-        }),
+        b.wait_until(|s| ids.iter().all(|id| is_waiting(s, id))),
     )
     .await;
     let hung = cluster.leader();
@@ -809,31 +636,16 @@ async fn a_handoff_while_a_member_hangs_completes() {
     b.shutdown().await;
 }
 
-/// A probe service spec for `id`.
-fn probe(id: &str, log: &Log) -> ChildSpec {
-    let log = log.clone();
-    ChildSpec::new(id, move |_ctx| {
-        let log = log.clone();
-        async move {
-            Ok(Probe {
-                log,
-                tag: String::new(),
-            })
-        }
-    })
-    .shutdown(BUDGET)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nested_namespaces_never_share_a_key() {
     let cluster = EtcdCluster::single().await;
-    let log = Log::default();
+    let probe = Probe::new();
     // Namespace `billing` + id `v2/x` and namespace `billing/v2` + id `x`
     // were the same key, `/billing/v2/x`: one of the two never ran.
     let a = Runtime::builder()
         .node("a")
         .backend(etcd(&cluster).namespace("billing"))
-        .child(probe("v2/x", &log))
+        .child(probe_spec(&probe, "v2/x"))
         .start()
         .await
         .unwrap();
@@ -841,7 +653,7 @@ async fn nested_namespaces_never_share_a_key() {
     let b = Runtime::builder()
         .node("b")
         .backend(etcd(&cluster).namespace("billing/v2"))
-        .child(probe("x", &log))
+        .child(probe_spec(&probe, "x"))
         .start()
         .await
         .unwrap();
@@ -863,7 +675,7 @@ async fn nested_namespaces_never_share_a_key() {
 async fn a_held_key_deleted_while_the_watch_was_away_past_a_compaction_ends_the_tenure() {
     let mut cluster = EtcdCluster::start(3).await;
     let member = (cluster.leader() + 1) % 3;
-    let log = Log::default();
+    let probe = Probe::new();
     // The node talks to one follower only, so while that member is down its
     // watch has nowhere to go. The TTL is long: the lease outlives the
     // outage by far, so nothing but the watch and what follows it can end
@@ -874,7 +686,7 @@ async fn a_held_key_deleted_while_the_watch_was_away_past_a_compaction_ends_the_
     let a = Runtime::builder()
         .node("a")
         .backend(backend)
-        .child(probe("solo", &log))
+        .child(probe_spec(&probe, "solo"))
         .start()
         .await
         .unwrap();
@@ -894,13 +706,10 @@ async fn a_held_key_deleted_while_the_watch_was_away_past_a_compaction_ends_the_
         .unwrap_or_else(|| panic!("a revision in {put}"));
     cluster.etcdctl(&["compact", &revision.to_string()]);
     cluster.restart_member(member).await;
-    let lost = format!("stop solo a {token} lease lost");
-    within("a's tenure of the deleted key ends", async {
-        while !log.lines().contains(&lost) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    let lost = probe
+        .wait_stop("a", "solo", &ShutdownReason::LeaseLost)
+        .await;
+    assert_eq!(lost.token, token, "a's tenure of the deleted key ends");
     within(
         "a claims solo again, with a new token",
         a.wait_until(|s| s.running().any(|(id, t)| id == "solo" && t > token)),
@@ -916,9 +725,9 @@ async fn a_held_key_deleted_while_the_watch_was_away_past_a_compaction_ends_the_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_lease_deadline_is_reported_while_ids_are_held() {
     let cluster = EtcdCluster::single().await;
-    let log = Log::default();
-    let observer = node(&cluster, "observer", &[], &log).await;
-    let holder = node(&cluster, "holder", &["deadline".to_string()], &log).await;
+    let probe = Probe::new();
+    let observer = node(&cluster, "observer", &[], &probe).await;
+    let holder = node(&cluster, "holder", &["deadline".to_string()], &probe).await;
     holder.wait_until(|s| s.is_running("deadline")).await;
     assert_eq!(observer.session().unwrap().lease_deadline(), None);
     let session = holder.session().unwrap();

@@ -3,12 +3,11 @@
 //! the right CA and client certificate connect, a foreign CA or no client
 //! certificate are refused at start-up with one-line errors.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use highlander::{ChildSpec, Context, Runtime, RuntimeHandle, Service};
-use highlander_tests::etcd::{EtcdCluster, TlsFiles};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use highlander_tests::etcd::EtcdCluster;
+use highlander_tests::pki::TlsFiles;
 
 struct Idle;
 
@@ -17,42 +16,6 @@ impl Service for Idle {
         ctx.cancelled().await;
         Ok(())
     }
-}
-
-struct Pki {
-    ca: String,
-    server: (String, String),
-    client: (String, String),
-}
-
-/// A CA, a server certificate for localhost / 127.0.0.1 and a client
-/// certificate, all signed by it.
-fn pki() -> Pki {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "highlander etcd test CA");
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca, ca_key);
-    let sign = |names: Vec<String>, cn: &str| {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(names).unwrap();
-        params.distinguished_name.push(DnType::CommonName, cn);
-        let cert = params.signed_by(&key, &issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    };
-    Pki {
-        ca: ca_cert.pem(),
-        server: sign(vec!["localhost".into(), "127.0.0.1".into()], "etcd"),
-        client: sign(Vec::new(), "highlander"),
-    }
-}
-
-fn write(dir: &std::path::Path, name: &str, text: &str) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path
 }
 
 async fn try_start(url: &str) -> highlander::Result<RuntimeHandle> {
@@ -69,19 +32,10 @@ async fn try_start(url: &str) -> highlander::Result<RuntimeHandle> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_client_certificates() {
-    let dir = std::env::temp_dir().join(format!("hl-etcd-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let other = pki();
-    let pki = pki();
-    let files = TlsFiles {
-        ca: write(&dir, "ca.pem", &pki.ca),
-        server_cert: write(&dir, "server.pem", &pki.server.0),
-        server_key: write(&dir, "server-key.pem", &pki.server.1),
-        client_cert: write(&dir, "client.pem", &pki.client.0),
-        client_key: write(&dir, "client-key.pem", &pki.client.1),
-    };
-    let foreign_ca = write(&dir, "other-ca.pem", &other.ca);
-    let etcd = EtcdCluster::single_tls(files.clone()).await;
+    let files = TlsFiles::new(&["localhost", "127.0.0.1"]);
+    let other = TlsFiles::new(&["localhost", "127.0.0.1"]);
+    let foreign_ca = other.ca.clone();
+    let etcd = EtcdCluster::single_tls(&files).await;
     let endpoint = etcd.endpoints()[0].clone();
     let url = |ca: &std::path::Path, with_client: bool, extra: &str| {
         let mut url = format!(
@@ -145,5 +99,4 @@ async fn tls_with_client_certificates() {
     assert!(err.contains("cannot reach etcd"), "{err}");
     assert!(!err.contains('\n'), "{err}");
     drop(etcd);
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -36,14 +36,12 @@ static RUNS: AtomicUsize = AtomicUsize::new(0);
 
 /// Waits until `n` instances have begun `run` (a guard against hangs).
 async fn runs(n: usize) {
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-    while RUNS.load(Ordering::SeqCst) < n {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "instance {n} never ran"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
+    highlander_tests::wait::wait_until(
+        &format!("instance {n} running"),
+        highlander_tests::wait::GUARD,
+        || RUNS.load(Ordering::SeqCst) >= n,
+    )
+    .await;
 }
 
 impl Service for Chatty {

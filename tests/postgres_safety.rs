@@ -2,23 +2,23 @@
 //! the server goes silent (no packet either way, nothing closed), the holder
 //! must have stopped its instance before the server could free its ids.
 //!
-//! The holder reaches Postgres through a proxy the test controls. The test
-//! silences the proxy (it keeps both sockets open and forwards nothing,
-//! like a dead link), and closes the server side exactly `X` after the last
+//! The holder reaches Postgres through a proxy the test controls (the one
+//! the chaos runs use, `highlander_tests::chaos::proxy`). The test cuts the
+//! proxy (it keeps both sockets open and forwards nothing, like a dead
+//! link), which closes the server side exactly `X` after the last
 //! byte it forwarded from the holder, `X` being the dead-peer detection the
 //! holder asked the server for: the earliest moment a real server could end
 //! the session. A second node, connected directly, then takes over. The
 //! holder's `terminate(LeaseLost)` must come before that moment.
 
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use highlander::backend::postgres::Postgres;
-use highlander::{ChildSpec, Context, Runtime, Service, ShutdownReason, SingletonState};
+use highlander::{ChildSpec, Runtime, ShutdownReason, SingletonState};
+use highlander_tests::chaos::proxy::BackendProxy;
 use highlander_tests::postgres::PgServer;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use highlander_tests::probe::{Event, Probe};
 use tokio::time::{Instant, timeout};
 
 const GUARD: Duration = Duration::from_secs(60);
@@ -27,199 +27,49 @@ const GUARD: Duration = Duration::from_secs(60);
 /// 1.77 s after its last successful round trip.
 const SERVER_TIMEOUT: Duration = Duration::from_secs(3);
 
-#[derive(Clone)]
-struct Times(Arc<Mutex<Vec<(String, Instant)>>>, watch::Sender<usize>);
-
-impl Default for Times {
-    fn default() -> Self {
-        Times(Arc::default(), watch::Sender::new(0))
-    }
+/// The probe `guarded`, with a 1 s stop budget.
+fn spec(probe: &Probe) -> ChildSpec {
+    probe.spec("guarded").shutdown(Duration::from_secs(1))
 }
 
-impl Times {
-    fn mark(&self, what: String) {
-        self.0.lock().unwrap().push((what, Instant::now()));
-        self.1.send_modify(|n| *n += 1);
-    }
-
-    /// Waits (event-driven, hang-guarded) until `what` has been marked.
-    async fn wait(&self, what: &str) -> Instant {
-        let mut rx = self.1.subscribe();
-        timeout(GUARD, async {
-            loop {
-                rx.borrow_and_update();
-                if let Some(at) = self.at(what) {
-                    return at;
-                }
-                let _ = rx.changed().await;
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("no `{what}` within {GUARD:?}: {:?}", self.0.lock().unwrap()))
-    }
-    fn at(&self, what: &str) -> Option<Instant> {
-        self.0
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|(w, _)| w == what)
-            .map(|(_, t)| *t)
-    }
+/// The holder's backend: through `proxy`, with the settings above.
+fn via_proxy(pg: &PgServer, proxy: &BackendProxy) -> Postgres {
+    let url = pg.url().replace(
+        &format!(":{}/", pg.port()),
+        &format!(":{}/", proxy.addr.port()),
+    );
+    Postgres::new(url)
+        .heartbeat(Duration::from_millis(200))
+        .server_timeout(SERVER_TIMEOUT)
+        .margin(Duration::from_millis(200))
 }
 
-struct Probe {
-    times: Times,
-    node: String,
+fn server(pg: &PgServer) -> SocketAddr {
+    ([127, 0, 0, 1], pg.port()).into()
 }
 
-impl Service for Probe {
-    async fn run(&mut self, ctx: &Context) -> highlander::Result<()> {
-        self.node = ctx.node().to_string();
-        self.times.mark(format!("start {}", self.node));
-        ctx.cancelled().await;
-        Ok(())
-    }
-    async fn terminate(&mut self, reason: ShutdownReason) {
-        self.times.mark(format!("stop {} {reason}", self.node));
-    }
+/// When the holder's instance of `id` stopped with `LeaseLost`, if it did.
+fn lease_lost(probe: &Probe, id: &str) -> Option<Instant> {
+    probe
+        .filter(|e| e.node == "holder" && e.id == id)
+        .into_iter()
+        .find(|e| e.reason() == Some(&ShutdownReason::LeaseLost))
+        .map(|e| e.at)
 }
 
-fn spec(times: &Times) -> ChildSpec {
-    let times = times.clone();
-    ChildSpec::new("guarded", move |_ctx| {
-        let times = times.clone();
-        async move {
-            Ok(Probe {
-                times,
-                node: String::new(),
-            })
-        }
-    })
-    .shutdown(Duration::from_secs(1))
-}
-
-/// A TCP proxy to `target` that can go silent. After it does, it closes
-/// the server side `cut_after` past the last byte it forwarded upstream
-/// and records that moment.
-struct Proxy {
-    port: u16,
-    silent: watch::Sender<bool>,
-}
-
-impl Proxy {
-    async fn start(target: u16, cut_after: Duration, times: Times) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let (silent, _) = watch::channel(false);
-        let silent_tx = silent.clone();
-        tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let silent = silent_tx.subscribe();
-                if *silent.borrow() {
-                    // A dead link: accept nothing beyond the handshake.
-                    tokio::spawn(async move {
-                        let _held = client;
-                        std::future::pending::<()>().await;
-                    });
-                    continue;
-                }
-                let server = TcpStream::connect(("127.0.0.1", target)).await.unwrap();
-                let times = times.clone();
-                tokio::spawn(relay(client, server, silent, cut_after, times));
-            }
-        });
-        Proxy { port, silent }
-    }
-
-    fn silence(&self) {
-        self.silent.send_replace(true);
-    }
-}
-
-async fn relay(
-    client: TcpStream,
-    server: TcpStream,
-    silent: watch::Receiver<bool>,
-    cut_after: Duration,
-    times: Times,
-) {
-    let (mut cr, mut cw) = client.into_split();
-    let (mut sr, mut sw) = server.into_split();
-    let last_up = Arc::new(Mutex::new(Instant::now()));
-    let up = {
-        let silent = silent.clone();
-        let last_up = last_up.clone();
-        async move {
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                let n = match cr.read(&mut buf).await {
-                    // Over a dead link the holder's close never arrives.
-                    Ok(0) | Err(_) if *silent.borrow() => std::future::pending().await,
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => n,
-                };
-                if *silent.borrow() {
-                    continue;
-                }
-                // Noted before writing: the server hears it no earlier.
-                *last_up.lock().unwrap() = Instant::now();
-                if sw.write_all(&buf[..n]).await.is_err() {
-                    return;
-                }
-            }
-        }
-    };
-    let down = {
-        let silent = silent.clone();
-        async move {
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                let n = match sr.read(&mut buf).await {
-                    Ok(0) | Err(_) if *silent.borrow() => std::future::pending().await,
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => n,
-                };
-                if *silent.borrow() {
-                    continue;
-                }
-                if cw.write_all(&buf[..n]).await.is_err() {
-                    return;
-                }
-            }
-        }
-    };
-    let cut = async {
-        let mut silent = silent.clone();
-        let _ = silent.wait_for(|s| *s).await;
-        let at = *last_up.lock().unwrap() + cut_after;
-        tokio::time::sleep_until(at).await;
-        // Returning drops the server side's halves: the server sees the
-        // session end, as its own dead-peer detection would make it.
-    };
-    tokio::select! {
-        _ = up => {}
-        _ = down => {}
-        _ = cut => times.mark("server cut".to_string()),
-    }
-}
-
+/// The holder reaches the server through a proxy that goes silent (no
+/// packet either way, nothing closed) and ends the server side `X` after
+/// the last byte it forwarded from the holder, as the server's own
+/// dead-peer detection would at the earliest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_holder_stops_before_the_server_could_free_its_ids() {
     let pg = PgServer::start();
-    let times = Times::default();
-    let proxy = Proxy::start(pg.port(), SERVER_TIMEOUT, times.clone()).await;
-    let via_proxy = pg
-        .url()
-        .replace(&format!(":{}/", pg.port()), &format!(":{}/", proxy.port));
+    let probe = Probe::new();
+    let proxy = BackendProxy::start(server(&pg), Some(SERVER_TIMEOUT)).await;
     let holder = Runtime::builder()
         .node("holder")
-        .backend(
-            Postgres::new(via_proxy)
-                .heartbeat(Duration::from_millis(200))
-                .server_timeout(SERVER_TIMEOUT)
-                .margin(Duration::from_millis(200)),
-        )
-        .child(spec(&times))
+        .backend(via_proxy(&pg, &proxy))
+        .child(spec(&probe))
         .start()
         .await
         .unwrap();
@@ -229,7 +79,7 @@ async fn a_silent_holder_stops_before_the_server_could_free_its_ids() {
     let standby = Runtime::builder()
         .node("standby")
         .backend(Postgres::new(pg.url()))
-        .child(spec(&times))
+        .child(spec(&probe))
         .start()
         .await
         .unwrap();
@@ -239,21 +89,20 @@ async fn a_silent_holder_stops_before_the_server_could_free_its_ids() {
     )
     .await
     .unwrap();
-    times.wait("start holder").await;
+    probe.wait_start("holder", "guarded").await;
 
-    proxy.silence();
+    proxy.cut();
     timeout(GUARD, standby.wait_until(|s| s.is_running("guarded")))
         .await
         .expect("the standby takes over once the server ends the holder's session");
-    times.wait("start standby").await;
+    let taken = probe.wait_start("standby", "guarded").await.at;
 
-    let stopped = times
-        .at("stop holder lease lost")
-        .unwrap_or_else(|| panic!("the holder never gave up: {:?}", times.0.lock().unwrap()));
-    let cut = times
-        .at("server cut")
+    let stopped = lease_lost(&probe, "guarded")
+        .unwrap_or_else(|| panic!("the holder never gave up: {probe:?}"));
+    let cut = *proxy
+        .detected()
+        .first()
         .expect("the proxy cut the server side");
-    let taken = times.at("start standby").unwrap();
     assert!(
         stopped < cut,
         "the holder stopped {:?} after the server could free its ids",
@@ -264,136 +113,35 @@ async fn a_silent_holder_stops_before_the_server_could_free_its_ids() {
     standby.shutdown().await;
 }
 
-/// A proxy that can stall: while stalled it forwards nothing but keeps
-/// every byte (and a close) in order, and delivers them on resume, like a
-/// link that stops for a while and comes back.
-struct StallProxy {
-    port: u16,
-    stalled: watch::Sender<bool>,
-}
-
-impl StallProxy {
-    async fn start(target: u16) -> StallProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let stalled = watch::Sender::new(false);
-        let tx = stalled.clone();
-        tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let server = TcpStream::connect(("127.0.0.1", target)).await.unwrap();
-                let (cr, cw) = client.into_split();
-                let (sr, sw) = server.into_split();
-                tokio::spawn(pump(cr, sw, tx.subscribe()));
-                tokio::spawn(pump(sr, cw, tx.subscribe()));
-            }
-        });
-        StallProxy { port, stalled }
-    }
-}
-
-async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    mut stalled: watch::Receiver<bool>,
-) {
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut queue: Vec<u8> = Vec::new();
-    let mut eof = false;
-    loop {
-        let is_stalled = *stalled.borrow_and_update();
-        if !is_stalled {
-            if !queue.is_empty() {
-                if to.write_all(&queue).await.is_err() {
-                    return;
-                }
-                queue.clear();
-            }
-            if eof {
-                let _ = to.shutdown().await;
-                return;
-            }
-        }
-        tokio::select! {
-            read = from.read(&mut buf), if !eof => match read {
-                Ok(0) | Err(_) => eof = true,
-                Ok(n) if *stalled.borrow() => queue.extend_from_slice(&buf[..n]),
-                Ok(n) => {
-                    if to.write_all(&buf[..n]).await.is_err() {
-                        return;
-                    }
-                }
-            },
-            changed = stalled.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-            }
-        }
-    }
-}
-
-/// Stops slowly: `terminate` takes most of the 1 s budget.
-struct SlowStop {
-    times: Times,
-    node: String,
-}
-
-impl Service for SlowStop {
-    async fn run(&mut self, ctx: &Context) -> highlander::Result<()> {
-        self.node = ctx.node().to_string();
-        self.times.mark(format!("start {}", self.node));
-        ctx.cancelled().await;
-        Ok(())
-    }
-    async fn terminate(&mut self, reason: ShutdownReason) {
-        tokio::time::sleep(Duration::from_millis(800)).await;
-        self.times.mark(format!("stopped {} {reason}", self.node));
-    }
-}
-
 /// The link stalls for longer than the holder's deadline but less than the
-/// server timeout, then comes back. The holder gives up at its deadline;
-/// its instance takes 800 ms to stop. The connection must stay open until
-/// then: closing it at once would let the server free the ids the moment
-/// the link returns, while the old instance is still stopping.
+/// server timeout, then comes back (the proxy forwards nothing meanwhile and
+/// delivers every byte, and a close, in order after). The holder gives up
+/// at its deadline; its instance takes 800 ms to stop. The connection must
+/// stay open until then: closing it at once would let the server free the
+/// ids the moment the link returns, while the old instance is still
+/// stopping.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_holder_that_gives_up_keeps_its_ids_until_its_instance_has_stopped() {
     let pg = PgServer::start();
-    let times = Times::default();
-    let proxy = StallProxy::start(pg.port()).await;
-    let via_proxy = pg
-        .url()
-        .replace(&format!(":{}/", pg.port()), &format!(":{}/", proxy.port));
-    let slow = |times: &Times| {
-        let times = times.clone();
-        ChildSpec::new("slow-stop", move |_ctx| {
-            let times = times.clone();
-            async move {
-                Ok(SlowStop {
-                    times,
-                    node: String::new(),
-                })
-            }
-        })
-        .shutdown(Duration::from_secs(1))
+    let probe = Probe::new();
+    let proxy = BackendProxy::start(server(&pg), None).await;
+    let slow = |probe: &Probe| {
+        probe
+            .slow_spec("slow-stop", Duration::from_millis(800))
+            .shutdown(Duration::from_secs(1))
     };
     let holder = Runtime::builder()
         .node("holder")
-        .backend(
-            Postgres::new(via_proxy)
-                .heartbeat(Duration::from_millis(200))
-                .server_timeout(SERVER_TIMEOUT)
-                .margin(Duration::from_millis(200)),
-        )
-        .child(slow(&times))
+        .backend(via_proxy(&pg, &proxy))
+        .child(slow(&probe))
         .start()
         .await
         .unwrap();
-    times.wait("start holder").await;
+    probe.wait_start("holder", "slow-stop").await;
     let standby = Runtime::builder()
         .node("standby")
         .backend(Postgres::new(pg.url()))
-        .child(slow(&times))
+        .child(slow(&probe))
         .start()
         .await
         .unwrap();
@@ -405,81 +153,28 @@ async fn a_holder_that_gives_up_keeps_its_ids_until_its_instance_has_stopped() {
     .unwrap();
 
     // Stall past the holder's 1.77 s deadline, within the 3 s server timeout.
-    proxy.stalled.send_replace(true);
+    proxy.cut();
     tokio::time::sleep(Duration::from_millis(2_300)).await;
-    proxy.stalled.send_replace(false);
+    proxy.heal();
 
-    let taken = times.wait("start standby").await;
-    let stopped = times.at("stopped holder lease lost").unwrap_or_else(|| {
-        panic!(
-            "the holder had not stopped when the standby started: {:?}",
-            times.0.lock().unwrap()
-        )
+    let taken = probe.wait_start("standby", "slow-stop").await.at;
+    let stopped = lease_lost(&probe, "slow-stop").unwrap_or_else(|| {
+        panic!("the holder had not stopped when the standby started: {probe:?}")
     });
     assert!(stopped < taken);
     holder.shutdown().await;
     standby.shutdown().await;
 }
 
-/// Stops slowly: `terminate` takes `stop`, within its budget, and marks
-/// `stopped <node> <reason>` when done.
-struct Slow {
-    times: Times,
-    node: String,
-    stop: Duration,
-}
-
-impl Service for Slow {
-    async fn run(&mut self, ctx: &Context) -> highlander::Result<()> {
-        self.node = ctx.node().to_string();
-        self.times.mark(format!("start {}", self.node));
-        ctx.cancelled().await;
-        Ok(())
-    }
-    async fn terminate(&mut self, reason: ShutdownReason) {
-        tokio::time::sleep(self.stop).await;
-        self.times.mark(format!("stopped {} {reason}", self.node));
-    }
-}
-
-fn slow(id: &str, times: &Times, budget: Duration, stop: Duration) -> ChildSpec {
-    let times = times.clone();
-    ChildSpec::new(id, move |_ctx| {
-        let times = times.clone();
-        async move {
-            Ok(Slow {
-                times,
-                node: String::new(),
-                stop,
-            })
-        }
-    })
-    .shutdown(budget)
-}
-
-impl Times {
-    /// The first `start …` marked after `after`, waited for (hang-guarded).
-    async fn first_start_after(&self, after: Instant) -> (String, Instant) {
-        let mut rx = self.1.subscribe();
-        timeout(GUARD, async {
-            loop {
-                rx.borrow_and_update();
-                let found = self
-                    .0
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .find(|(w, t)| w.starts_with("start ") && *t > after)
-                    .cloned();
-                if let Some(found) = found {
-                    return found;
-                }
-                let _ = rx.changed().await;
-            }
+/// The first start of `id` after `after`, waited for (hang-guarded).
+async fn first_start_after(probe: &Probe, id: &str, after: Instant) -> Event {
+    let is = |e: &Event| e.is_start() && e.id == id && e.at > after;
+    let events = probe
+        .wait_for(&format!("a start of `{id}` after the cut"), |events| {
+            events.iter().any(is)
         })
-        .await
-        .unwrap_or_else(|_| panic!("no start within {GUARD:?}: {:?}", self.0.lock().unwrap()))
-    }
+        .await;
+    events.into_iter().find(is).expect("just found")
 }
 
 /// A shutdown budget larger than the server timeout raises the server's
@@ -495,9 +190,10 @@ impl Times {
 async fn a_long_stop_budget_survives_a_dead_link_that_comes_back() {
     let ns = highlander_tests::netns::Netns::create();
     let pg = PgServer::start_in(&ns);
-    let times = Times::default();
+    let probe = Probe::new();
     let budget = Duration::from_secs(8);
     let stop = Duration::from_secs(7);
+    let slow = |probe: &Probe| probe.slow_spec("long", stop).shutdown(budget);
     let holder = Runtime::builder()
         .node("holder")
         .backend(
@@ -506,17 +202,17 @@ async fn a_long_stop_budget_survives_a_dead_link_that_comes_back() {
                 .server_timeout(SERVER_TIMEOUT)
                 .margin(Duration::from_millis(200)),
         )
-        .child(slow("long", &times, budget, stop))
+        .child(slow(&probe))
         .start()
         .await
         .unwrap();
-    times.wait("start holder").await;
+    probe.wait_start("holder", "long").await;
     // The standby reaches the server over its Unix socket: the cut does
     // not touch it.
     let standby = Runtime::builder()
         .node("standby")
         .backend(Postgres::new(pg.url_via_socket()))
-        .child(slow("long", &times, budget, stop))
+        .child(slow(&probe))
         .start()
         .await
         .unwrap();
@@ -533,16 +229,16 @@ async fn a_long_stop_budget_survives_a_dead_link_that_comes_back() {
     tokio::time::sleep(Duration::from_millis(4_500)).await;
     ns.restore();
 
-    let (who, began) = times.first_start_after(cut).await;
-    let stopped = times.at("stopped holder lease lost").unwrap_or_else(|| {
+    let began = first_start_after(&probe, "long", cut).await;
+    let who = &began.node;
+    let stopped = lease_lost(&probe, "long").unwrap_or_else(|| {
         panic!(
-            "`{who}` began {:?} after the cut, while the old instance was still running: {:?}",
-            began - cut,
-            times.0.lock().unwrap()
+            "`{who}` began {:?} after the cut, while the old instance was still running: {probe:?}",
+            began.at - cut,
         )
     });
     assert!(
-        stopped < began,
+        stopped < began.at,
         "`{who}` began before the old instance stopped"
     );
     holder.shutdown().await;
@@ -556,27 +252,26 @@ async fn a_long_stop_budget_survives_a_dead_link_that_comes_back() {
 async fn a_role_idle_session_timeout_does_not_end_the_session() {
     let pg = PgServer::start();
     pg.psql("ALTER ROLE highlander SET idle_session_timeout = '1s'");
-    let times = Times::default();
+    let probe = Probe::new();
     // A heartbeat slower than the role's idle timeout: the session is idle
     // for 4 s at a time.
     let holder = Runtime::builder()
         .node("holder")
         .backend(Postgres::new(pg.url()).heartbeat(Duration::from_secs(4)))
-        .child(spec(&times))
+        .child(spec(&probe))
         .start()
         .await
         .unwrap();
-    times.wait("start holder").await;
+    probe.wait_start("holder", "guarded").await;
     let pid = |rows: Vec<Vec<Option<String>>>| rows.first().and_then(|r| r[0].clone());
     let query = "SELECT pid FROM pg_stat_activity WHERE application_name = 'holder'";
     let before = pid(pg.sql(query).await).expect("the holder's session");
     // Longer than the idle timeout, and past one heartbeat.
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(
-        times.at("stop holder lease lost"),
+        lease_lost(&probe, "guarded"),
         None,
-        "the holder lost its lease: {:?}",
-        times.0.lock().unwrap()
+        "the holder lost its lease: {probe:?}"
     );
     let after = pid(pg.sql(query).await);
     assert_eq!(
@@ -599,7 +294,7 @@ async fn a_failed_raise_of_the_server_timeout_is_not_recorded() {
     let pg = PgServer::start();
     pg.sql("REVOKE EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) FROM PUBLIC")
         .await;
-    let times = Times::default();
+    let probe = Probe::new();
     // The 5 s budget needs a 6 s server timeout; the session has 3 s.
     let holder = Runtime::builder()
         .node("holder")
@@ -609,13 +304,12 @@ async fn a_failed_raise_of_the_server_timeout_is_not_recorded() {
                 .server_timeout(SERVER_TIMEOUT)
                 .margin(Duration::from_millis(200)),
         )
-        .child(slow(
-            "long",
-            &times,
-            Duration::from_secs(5),
-            Duration::from_millis(1),
-        ))
-        .child(spec(&times))
+        .child(
+            probe
+                .slow_spec("long", Duration::from_millis(1))
+                .shutdown(Duration::from_secs(5)),
+        )
+        .child(spec(&probe))
         .start()
         .await
         .unwrap();

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use highlander::backend::postgres::Postgres;
 use highlander::{ChildSpec, Context, Runtime, RuntimeHandle, Service};
-use highlander_tests::postgres::{PgServer, wait_all};
-use tokio::time::timeout;
+use highlander_tests::postgres::PgServer;
+use highlander_tests::wait::{wait_all, wait_until};
 
 const IDS: usize = 40_000;
 const GUARD: Duration = Duration::from_secs(120);
@@ -39,7 +39,7 @@ async fn start(url: &str, node: &str, starts: &Arc<AtomicUsize>) -> RuntimeHandl
 
 /// Waits, at each state change, until `handles` run `n` ids between them.
 async fn wait_running(handles: &[&RuntimeHandle], n: usize) {
-    wait_all(handles, GUARD, &format!("{n} ids running"), || {
+    wait_all(handles, &format!("{n} ids running"), GUARD, || {
         let running: usize = handles.iter().map(|h| h.status().running().count()).sum();
         assert!(running <= n, "{running} running, more than {n} ids");
         running == n
@@ -87,13 +87,10 @@ async fn forty_thousand_ids_beyond_the_lock_table() {
     } else {
         &starts_b
     };
-    timeout(GUARD, async {
-        while survivor_starts.load(Ordering::Relaxed) < IDS {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    wait_until("every instance on the survivor running", GUARD, || {
+        survivor_starts.load(Ordering::Relaxed) >= IDS
     })
-    .await
-    .expect("every instance on the survivor runs");
+    .await;
     assert_eq!(survivor_starts.load(Ordering::Relaxed), IDS);
     let held = pg
         .sql("SELECT count(*) FROM highlander_leases WHERE owner IS NOT NULL")

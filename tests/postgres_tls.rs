@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use highlander::backend::postgres::Postgres;
 use highlander::{ChildSpec, Context, Runtime, Service};
-use highlander_tests::postgres::{PASSWORD, PgServer, TlsFiles, USER};
+use highlander_tests::pki::TlsFiles;
+use highlander_tests::postgres::{PASSWORD, PgServer, USER};
 use highlander_tests::process::Fleet;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 
 struct Idle;
 
@@ -21,46 +21,6 @@ impl Service for Idle {
         ctx.cancelled().await;
         Ok(())
     }
-}
-
-/// A throwaway CA: its certificate (PEM) and what signs with it.
-fn ca(name: &str) -> (String, Issuer<'static, KeyPair>) {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(DnType::CommonName, name);
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    (ca_cert.pem(), Issuer::new(ca, ca_key))
-}
-
-/// A certificate `issuer` signed for `names` (common name `cn`), and its key.
-fn leaf(issuer: &Issuer<'static, KeyPair>, names: &[&str], cn: &str) -> (String, String) {
-    let key = KeyPair::generate().unwrap();
-    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-    let mut params = CertificateParams::new(names).unwrap();
-    params.distinguished_name.push(DnType::CommonName, cn);
-    let cert = params.signed_by(&key, issuer).unwrap();
-    (cert.pem(), key.serialize_pem())
-}
-
-/// A CA, and a server certificate it signed for `names`.
-fn pki(names: &[&str]) -> (String, TlsFiles) {
-    let (ca_pem, issuer) = ca("highlander test CA");
-    let (cert_pem, key_pem) = leaf(&issuer, names, "highlander test server");
-    (
-        ca_pem,
-        TlsFiles {
-            cert_pem,
-            key_pem,
-            client_ca_pem: None,
-        },
-    )
-}
-
-fn temp_file(name: &str, text: &str) -> std::path::PathBuf {
-    let path = std::env::temp_dir().join(format!("hl-tls-{}-{name}", std::process::id()));
-    std::fs::write(&path, text).unwrap();
-    path
 }
 
 async fn try_start(node: &str, backend: Postgres) -> highlander::Result<highlander::RuntimeHandle> {
@@ -74,11 +34,11 @@ async fn try_start(node: &str, backend: Postgres) -> highlander::Result<highland
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_a_ca_file() {
-    let (ca_pem, files) = pki(&["localhost"]);
-    let (other_ca_pem, _) = pki(&["localhost"]);
+    let files = TlsFiles::new(&["localhost"]);
+    let other = TlsFiles::new(&["localhost"]);
     let pg = PgServer::start_tls(&files);
-    let ca = temp_file("ca.pem", &ca_pem);
-    let other_ca = temp_file("other-ca.pem", &other_ca_pem);
+    let ca = files.ca.clone();
+    let other_ca = other.ca.clone();
     let port = pg.port();
     let url = |host: &str, mode: &str, ca: &std::path::Path| {
         format!(
@@ -153,20 +113,15 @@ async fn tls_with_a_ca_file() {
     for h in [a, b, f] {
         h.shutdown().await;
     }
-    let _ = std::fs::remove_file(ca);
-    let _ = std::fs::remove_file(other_ca);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_certificates_and_system_roots() {
-    let (ca_pem, mut files) = pki(&["localhost"]);
-    let (client_ca_pem, client_issuer) = ca("highlander test client CA");
-    let (client_cert_pem, client_key_pem) = leaf(&client_issuer, &[], "highlander-app");
-    files.client_ca_pem = Some(client_ca_pem);
-    let pg = PgServer::start_tls(&files);
-    let ca = temp_file("mtls-ca.pem", &ca_pem);
-    let client_cert = temp_file("client.crt", &client_cert_pem);
-    let client_key = temp_file("client.key", &client_key_pem);
+    let files = TlsFiles::new(&["localhost"]);
+    let pg = PgServer::start_tls_with_client_certs(&files);
+    let ca = files.ca.clone();
+    let client_cert = files.client_cert.clone();
+    let client_key = files.client_key.clone();
     let port = pg.port();
     let base = format!("postgres://{USER}:{PASSWORD}@localhost:{port}/{USER}?sslmode=verify-full");
 
@@ -205,7 +160,10 @@ async fn client_certificates_and_system_roots() {
              WHERE a.application_name = 'mtls-url'",
         )
         .await;
-    assert_eq!(dn, [[Some("/CN=highlander-app".to_string())]]);
+    assert_eq!(
+        dn,
+        [[Some(format!("/CN={}", highlander_tests::pki::CLIENT_CN))]]
+    );
 
     // The builder's client_cert is the same; a key file that is not one is
     // named in the error, and its content never shown.
@@ -255,8 +213,5 @@ async fn client_certificates_and_system_roots() {
 
     for h in [a, b] {
         h.shutdown().await;
-    }
-    for f in [ca, client_cert, client_key] {
-        let _ = std::fs::remove_file(f);
     }
 }

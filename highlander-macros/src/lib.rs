@@ -9,6 +9,7 @@ use proc_macro::TokenStream;
 
 mod affinity;
 mod ast;
+mod duration;
 mod expand;
 mod valid;
 

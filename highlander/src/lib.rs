@@ -63,7 +63,7 @@ pub mod backend;
 
 pub use backend::MemoryCluster;
 pub use context::Context;
-pub use error::{Error, Result, redact_url};
+pub use error::{BackendErrorKind, Error, Result, redact_url};
 pub use guardian::SingletonState;
 pub use reason::ShutdownReason;
 pub use runtime::{Builder, Runtime, RuntimeHandle, SingletonStatus, Status, run};
@@ -95,9 +95,9 @@ pub use spec::{
 /// |---|---|---|
 /// | `id` | the uniqueness key: 1–200 bytes of `[A-Za-z0-9._:/-]` | required |
 /// | `restart` | `"permanent"`, `"transient"` or `"temporary"` (OTP meanings) | `"permanent"` |
-/// | `shutdown` | how long cancellation plus `terminate` may take: `"500ms"`, `"5s"`, `"2m"`; `run` and the children get the first three quarters, then `terminate` always runs with the rest | `"5s"` |
+/// | `shutdown` | how long cancellation plus `terminate` may take: a duration with its unit, such as `"500ms"`, `"5s"`, `"2m"` or `"1h 30m"` (the grammar of backend URL options; a bare number is refused); `run` and the children get the first three quarters, then `terminate` always runs with the rest | `"5s"` |
 /// | `intensity` | restarts allowed within `period` before the node steps down | `3` |
-/// | `period` | the window for `intensity` | `"5s"` |
+/// | `period` | the window for `intensity` (a duration, as `shutdown`) | `"5s"` |
 /// | `prefer` | node names or labels (`["node-a", "zone=eu"]`) where the service would rather run; see [`placement`] | none |
 /// | `avoid` | node names or labels where it runs only when no other node can | none |
 /// | `init` | path to `async fn(&Context) -> highlander::Result<Self>`, used instead of `Default` | `Default::default()` |

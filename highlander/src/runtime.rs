@@ -117,6 +117,7 @@ pub struct Builder {
     labels: Option<Vec<String>>,
     drain_on_shutdown: bool,
     handoff_rate: Option<u32>,
+    start_timeout: Option<Duration>,
     pub(crate) ops: OpsConfig,
 }
 
@@ -254,10 +255,25 @@ impl Builder {
         self
     }
 
-    /// Starts the runtime and returns at once with a handle; the runtime runs
-    /// until [`RuntimeHandle::shutdown`]. Fails on a duplicate id, an invalid
-    /// id or affinity entry, a bad weight or label, a backend URL that
-    /// cannot be used, or a backend that refuses to connect.
+    /// How long [`Builder::start`] tries to reach the backend before it
+    /// fails with [`Error::Unreachable`] (default: the backend URL's
+    /// `start_timeout=` option, else
+    /// [`DEFAULT_START_TIMEOUT`](crate::backend::DEFAULT_START_TIMEOUT), 30 s).
+    /// Set here, it wins over the URL. Errors that retrying cannot fix (bad
+    /// credentials, a missing database, bad TLS files) fail at once
+    /// whatever the timeout. See the [`backend`](crate::backend) module docs
+    /// for the start-up policy.
+    pub fn start_timeout(mut self, timeout: Duration) -> Self {
+        self.start_timeout = Some(timeout);
+        self
+    }
+
+    /// Starts the runtime and returns with a handle once the backend is
+    /// reached; the runtime runs until [`RuntimeHandle::shutdown`]. Fails on
+    /// a duplicate id, an invalid id or affinity entry, a bad weight or
+    /// label, a backend URL that cannot be used, a backend that refuses this
+    /// node (bad credentials, say) or one that cannot be reached within the
+    /// start timeout ([`Builder::start_timeout`]).
     pub async fn start(self) -> Result<RuntimeHandle> {
         let mut specs = Vec::new();
         if self.registered {
@@ -290,7 +306,15 @@ impl Builder {
             (None, None) => backend_from_env()?,
         };
         let description = backend.describe();
-        let session = backend.connect(&node).await?;
+        let start_timeout = self
+            .start_timeout
+            .or_else(|| backend.start_timeout())
+            .unwrap_or(backend::DEFAULT_START_TIMEOUT);
+        let session =
+            crate::backend::kit::startup::retry_until(&description, start_timeout, || {
+                backend.connect(&node)
+            })
+            .await?;
         // A budget the backend cannot honour would only ever be retried.
         if let Some(refused) = specs
             .iter()
@@ -557,7 +581,8 @@ impl ShutdownSignals {
         {
             use tokio::signal::unix::{SignalKind, signal};
             let listen = |kind: SignalKind, name: &str| {
-                signal(kind).map_err(|e| Error::Config(format!("cannot listen for {name}: {e}")))
+                signal(kind)
+                    .map_err(|e| Error::config_with(format!("cannot listen for {name}: {e}"), e))
             };
             Ok(ShutdownSignals {
                 term: listen(SignalKind::terminate(), "SIGTERM")?,
@@ -607,7 +632,7 @@ fn check_specs(specs: &[ChildSpec]) -> Result<()> {
 
 fn validate_node(node: &str) -> Result<()> {
     if node.is_empty() || node.len() > 200 || !node.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(Error::Config(format!(
+        return Err(Error::config(format!(
             "invalid node name `{}`: use 1 to 200 visible ASCII characters (HIGHLANDER_NODE or Builder::node)",
             node.chars().take(60).collect::<String>()
         )));
@@ -624,7 +649,7 @@ fn node_placement(
         Some(weight) => weight,
         None => match std::env::var("HIGHLANDER_NODE_WEIGHT") {
             Ok(text) if !text.trim().is_empty() => {
-                placement::parse_weight(&text).map_err(Error::Config)?
+                placement::parse_weight(&text).map_err(Error::config)?
             }
             _ => DEFAULT_WEIGHT,
         },
@@ -632,11 +657,11 @@ fn node_placement(
     let labels = match labels {
         Some(labels) => {
             placement::check_labels(&labels)
-                .map_err(|why| Error::Config(format!("Builder::labels: {why}")))?;
+                .map_err(|why| Error::config(format!("Builder::labels: {why}")))?;
             labels
         }
         None => match std::env::var("HIGHLANDER_NODE_LABELS") {
-            Ok(text) => placement::parse_labels(&text).map_err(Error::Config)?,
+            Ok(text) => placement::parse_labels(&text).map_err(Error::config)?,
             Err(_) => Vec::new(),
         },
     };
@@ -661,7 +686,10 @@ fn node_from_env() -> String {
 fn backend_from_env() -> Result<Box<dyn Backend>> {
     match std::env::var("HIGHLANDER_BACKEND") {
         Ok(url) if !url.trim().is_empty() => backend::from_url(&url).map_err(|e| match e {
-            Error::Config(msg) => Error::Config(format!("HIGHLANDER_BACKEND: {msg}")),
+            Error::Config { message, source } => Error::Config {
+                message: format!("HIGHLANDER_BACKEND: {message}"),
+                source,
+            },
             other => other,
         }),
         _ => {
@@ -777,7 +805,7 @@ impl RuntimeHandle {
         lock(&self.inner.registry)
             .get(id)
             .cloned()
-            .ok_or_else(|| Error::Config(format!("no singleton `{id}` is configured on this node")))
+            .ok_or_else(|| Error::config(format!("no singleton `{id}` is configured on this node")))
     }
 
     /// Adds a singleton while the runtime runs: its guardian starts at once
@@ -862,7 +890,7 @@ impl RuntimeHandle {
                 }
                 Ok(slot)
             }
-            None => Err(Error::Config(format!(
+            None => Err(Error::config(format!(
                 "cannot remove `{id}`: no singleton of that id is configured on this node"
             ))),
         };
@@ -914,9 +942,8 @@ impl RuntimeHandle {
                     return Err(Error::Stopped);
                 }
                 if !this.is_draining() {
-                    return Err(Error::Config(
-                        "the drain was called off by resume() before every id was handed over"
-                            .to_string(),
+                    return Err(Error::config(
+                        "the drain was called off by resume() before every id was handed over",
                     ));
                 }
                 if this.inner.ops.busy() == 0 {

@@ -35,7 +35,7 @@ impl std::str::FromStr for Restart {
             "permanent" => Ok(Restart::Permanent),
             "transient" => Ok(Restart::Transient),
             "temporary" => Ok(Restart::Temporary),
-            other => Err(Error::Config(format!(
+            other => Err(Error::config(format!(
                 "unknown restart policy `{other}`: use \"permanent\", \"transient\" or \"temporary\""
             ))),
         }
@@ -283,7 +283,7 @@ impl ChildSpec {
         if let Some(affinity) = &self.affinity {
             affinity
                 .check()
-                .map_err(|why| Error::Config(format!("singleton `{}`: {why}", self.id)))?;
+                .map_err(|why| Error::config(format!("singleton `{}`: {why}", self.id)))?;
         }
         Ok(())
     }

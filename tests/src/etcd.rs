@@ -32,7 +32,7 @@ struct Member {
 pub struct EtcdCluster {
     dir: PathBuf,
     members: Vec<Member>,
-    tls: Option<TlsFiles>,
+    tls: Option<TlsPaths>,
     /// The address every member listens on (`127.0.0.1`, or its network
     /// namespace's).
     host: String,
@@ -41,20 +41,14 @@ pub struct EtcdCluster {
     prefix: Vec<String>,
 }
 
-/// PEM files for an etcd that serves clients over TLS and requires client
-/// certificates signed by `ca`.
+/// The PEM files of a TLS etcd, copied into its dir.
 #[derive(Debug, Clone)]
-pub struct TlsFiles {
-    /// The CA that signed both certificates.
-    pub ca: PathBuf,
-    /// The server's certificate (valid for `localhost` and `127.0.0.1`).
-    pub server_cert: PathBuf,
-    /// The server's key.
-    pub server_key: PathBuf,
-    /// A client certificate for `etcdctl` and the backend.
-    pub client_cert: PathBuf,
-    /// The client key.
-    pub client_key: PathBuf,
+struct TlsPaths {
+    ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
 }
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -101,15 +95,17 @@ impl EtcdCluster {
         EtcdCluster::start_with(1, None, prefix, &host.to_string()).await
     }
 
-    /// Starts a single member that serves clients over TLS only, with
-    /// client-certificate authentication.
-    pub async fn single_tls(tls: TlsFiles) -> EtcdCluster {
+    /// Starts a single member that serves clients over TLS only, with the
+    /// server certificate of `tls`, and accepts only clients with a
+    /// certificate its CA signed (`etcdctl` here uses the client
+    /// certificate of `tls`).
+    pub async fn single_tls(tls: &crate::pki::TlsFiles) -> EtcdCluster {
         EtcdCluster::start_with(1, Some(tls), Vec::new(), "127.0.0.1").await
     }
 
     async fn start_with(
         size: usize,
-        tls: Option<TlsFiles>,
+        tls: Option<&crate::pki::TlsFiles>,
         prefix: Vec<String>,
         host: &str,
     ) -> EtcdCluster {
@@ -123,6 +119,20 @@ impl EtcdCluster {
         let dir = base_dir().join(&unique);
         std::fs::create_dir_all(&dir)
             .unwrap_or_else(|e| panic!("cannot create etcd dir {}: {e}", dir.display()));
+        let copy = |from: &Path, name: &str| {
+            let to = dir.join(name);
+            std::fs::copy(from, &to).unwrap_or_else(|e| {
+                panic!("cannot copy {} to {}: {e}", from.display(), to.display())
+            });
+            to
+        };
+        let tls = tls.map(|t| TlsPaths {
+            ca: copy(&t.ca, "ca.pem"),
+            server_cert: copy(&t.server_cert, "server.pem"),
+            server_key: copy(&t.server_key, "server-key.pem"),
+            client_cert: copy(&t.client_cert, "client.pem"),
+            client_key: copy(&t.client_key, "client-key.pem"),
+        });
         let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
         let initial_cluster = ports
             .iter()

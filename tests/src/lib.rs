@@ -1,6 +1,8 @@
 //! Test harnesses shared by the integration tests: real servers started from
-//! the machine's packages on free ports in temp dirs, and a driver for
-//! `node` processes (the `node` binary of this package).
+//! the machine's packages on free ports in temp dirs, a driver for `node`
+//! processes (the `node` binary of this package), the one probe service
+//! ([`probe`]), waits with hang guards ([`wait`]), throwaway certificates
+//! ([`pki`]) and the scenarios every backend must pass ([`conformance`]).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -9,14 +11,18 @@ use highlander::ShutdownReason;
 pub mod bench;
 pub mod chaos;
 pub mod cluster;
+pub mod conformance;
 pub mod etcd;
 pub mod log;
 pub mod netns;
 pub mod netns_cluster;
 pub mod ops;
+pub mod pki;
 pub mod postgres;
+pub mod probe;
 pub mod process;
 pub mod rolling;
+pub mod wait;
 
 /// Nanoseconds since the Unix epoch, the one clock every process on this
 /// host shares.

@@ -25,6 +25,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::pki::TlsFiles;
+
 /// The application role's password in every test server.
 pub const PASSWORD: &str = "hl-pw-s3cret";
 /// The application role and its database.
@@ -41,16 +43,14 @@ pub struct PgServer {
     netns: Option<PathBuf>,
 }
 
-/// TLS material for [`PgServer::start_tls`]: PEM texts.
-pub struct TlsFiles {
-    /// The server's certificate chain.
-    pub cert_pem: String,
-    /// The server's private key.
-    pub key_pem: String,
-    /// A CA for client certificates: when set, the server accepts TCP
-    /// connections only over TLS with a client certificate it signed
-    /// (`hostssl ... clientcert=verify-ca`, the password still checked).
-    pub client_ca_pem: Option<String>,
+/// How a TLS server treats clients.
+#[derive(Clone, Copy)]
+struct Tls<'a> {
+    files: &'a TlsFiles,
+    /// The server accepts TCP connections only over TLS with a client
+    /// certificate the CA signed (`hostssl ... clientcert=verify-ca`, the
+    /// password still checked).
+    client_certs: bool,
 }
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -128,8 +128,24 @@ impl PgServer {
         PgServer::start_with(None, None)
     }
 
-    /// As [`PgServer::start`], with `ssl = on` and this certificate.
+    /// As [`PgServer::start`], with `ssl = on` and the server certificate
+    /// of `tls`.
     pub fn start_tls(tls: &TlsFiles) -> PgServer {
+        let tls = Tls {
+            files: tls,
+            client_certs: false,
+        };
+        PgServer::start_with(Some(tls), None)
+    }
+
+    /// As [`PgServer::start_tls`], and TCP clients must also show a client
+    /// certificate that the CA of `tls` signed (the password is still
+    /// checked).
+    pub fn start_tls_with_client_certs(tls: &TlsFiles) -> PgServer {
+        let tls = Tls {
+            files: tls,
+            client_certs: true,
+        };
         PgServer::start_with(Some(tls), None)
     }
 
@@ -143,7 +159,7 @@ impl PgServer {
         PgServer::start_with(None, Some(netns))
     }
 
-    fn start_with(tls: Option<&TlsFiles>, netns: Option<&crate::netns::Netns>) -> PgServer {
+    fn start_with(tls: Option<Tls<'_>>, netns: Option<&crate::netns::Netns>) -> PgServer {
         let bin = pg_bin();
         let owner = (effective_uid() == 0).then(postgres_user);
         let unique = format!(
@@ -202,8 +218,8 @@ impl PgServer {
         if let Some(tls) = tls {
             let cert = server.dir.join("server.crt");
             let key = server.dir.join("server.key");
-            std::fs::write(&cert, &tls.cert_pem).expect("write server.crt");
-            std::fs::write(&key, &tls.key_pem).expect("write server.key");
+            std::fs::copy(&tls.files.server_cert, &cert).expect("copy server.crt");
+            std::fs::copy(&tls.files.server_key, &key).expect("copy server.key");
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
                 .expect("chmod server.key");
@@ -214,9 +230,9 @@ impl PgServer {
                 cert.display(),
                 key.display()
             ));
-            if let Some(client_ca) = &tls.client_ca_pem {
+            if tls.client_certs {
                 let ca = server.dir.join("client-ca.crt");
-                std::fs::write(&ca, client_ca).expect("write client-ca.crt");
+                std::fs::copy(&tls.files.ca, &ca).expect("copy client-ca.crt");
                 server.chown(&ca);
                 conf.push_str(&format!("ssl_ca_file = '{}'\n", ca.display()));
                 // The first matching line wins: TLS with a client certificate
@@ -528,53 +544,5 @@ impl Drop for PgServer {
             let _ = child.wait();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Waits until `cond` holds, checking it at every state change of any of
-/// `handles` (no polling). Panics after `guard`, a hang guard.
-///
-/// Each round subscribes to every handle's changes *before* it checks, so
-/// a change between the check and the wait is never missed.
-pub async fn wait_all(
-    handles: &[&highlander::RuntimeHandle],
-    guard: Duration,
-    what: &str,
-    mut cond: impl FnMut() -> bool,
-) {
-    use std::future::{Future, poll_fn};
-    use std::task::Poll;
-    let waited = tokio::time::timeout(guard, async {
-        loop {
-            let mut changes: Vec<_> = handles.iter().map(|h| Box::pin(h.changed())).collect();
-            let mut woke = false;
-            poll_fn(|cx| {
-                for change in changes.iter_mut() {
-                    woke |= change.as_mut().poll(cx).is_ready();
-                }
-                Poll::Ready(())
-            })
-            .await;
-            if cond() {
-                return;
-            }
-            if woke {
-                continue;
-            }
-            poll_fn(|cx| {
-                for change in changes.iter_mut() {
-                    if change.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(());
-                    }
-                }
-                Poll::Pending
-            })
-            .await;
-        }
-    })
-    .await;
-    if waited.is_err() {
-        let status: Vec<_> = handles.iter().map(|h| h.status()).collect();
-        panic!("not {what} within {guard:?}; status: {status:#?}");
     }
 }

@@ -10,20 +10,29 @@
 //! Postgres backend sets `tcp_user_timeout` / keepalives so that a real
 //! server does that after `x`; behind a proxy the server cannot see the
 //! silence itself). etcd expires a lease on its own clock, so it needs none.
+//! It notes when it did so ([`BackendProxy::detected`]), for tests that
+//! compare that moment with what the node did.
+//!
+//! It is the one byte pump of the tests that put a link between a node and
+//! its server: the chaos runs, and the lease-inequality tests of
+//! `tests/postgres_safety.rs`.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 /// One proxy; cut and heal it; stops when dropped.
 pub struct BackendProxy {
     /// Where the node connects.
     pub addr: SocketAddr,
     cut: watch::Sender<bool>,
+    detected: Arc<Mutex<Vec<Instant>>>,
     task: JoinHandle<()>,
 }
 
@@ -37,6 +46,8 @@ impl BackendProxy {
             .local_addr()
             .expect("a bound socket has an address");
         let (cut, cut_rx) = watch::channel(false);
+        let detected: Arc<Mutex<Vec<Instant>>> = Arc::default();
+        let noted = detected.clone();
         let task = tokio::spawn(async move {
             let mut conns: Vec<JoinHandle<()>> = Vec::new();
             loop {
@@ -45,6 +56,7 @@ impl BackendProxy {
                 };
                 conns.retain(|c| !c.is_finished());
                 let mut cut_rx = cut_rx.clone();
+                let noted = noted.clone();
                 conns.push(tokio::spawn(async move {
                     // A connection made during a cut waits for the heal.
                     while *cut_rx.borrow_and_update() {
@@ -59,7 +71,8 @@ impl BackendProxy {
                     let _ = outbound.set_nodelay(true);
                     let (ri, wi) = inbound.into_split();
                     let (ro, wo) = outbound.into_split();
-                    let up = pump(ri, wo, cut_rx.clone(), server_detect);
+                    let detect = server_detect.map(|after| Detect { after, noted });
+                    let up = pump(ri, wo, cut_rx.clone(), detect);
                     let down = pump(ro, wi, cut_rx, None);
                     // When either direction ends, the connection is over.
                     tokio::select! {
@@ -69,7 +82,12 @@ impl BackendProxy {
                 }));
             }
         });
-        BackendProxy { addr, cut, task }
+        BackendProxy {
+            addr,
+            cut,
+            detected,
+            task,
+        }
     }
 
     /// Cuts the link: silence both ways until [`BackendProxy::heal`].
@@ -81,6 +99,23 @@ impl BackendProxy {
     pub fn heal(&self) {
         let _ = self.cut.send(false);
     }
+
+    /// When the proxy ended a server side as the server's dead-peer
+    /// detection would (with `server_detect` only), in order: the moment
+    /// it decided to, at or just before the server could see it.
+    pub fn detected(&self) -> Vec<Instant> {
+        self.detected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// The server's dead-peer detection that a pump plays: after how long a
+/// silent client it ends the server side, and where it notes when.
+struct Detect {
+    after: Duration,
+    noted: Arc<Mutex<Vec<Instant>>>,
 }
 
 impl Drop for BackendProxy {
@@ -98,18 +133,23 @@ async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut cut: watch::Receiver<bool>,
-    detect: Option<Duration>,
+    detect: Option<Detect>,
 ) {
     let mut buf = vec![0u8; 64 << 10];
-    let mut last = tokio::time::Instant::now();
+    let mut last = Instant::now();
     loop {
         while *cut.borrow_and_update() {
-            match detect {
-                Some(x) => {
-                    let at = last + x;
+            match &detect {
+                Some(detect) => {
+                    let at = last + detect.after;
                     tokio::select! {
                         changed = cut.changed() => if changed.is_err() { return },
                         _ = tokio::time::sleep_until(at) => {
+                            detect
+                                .noted
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push(Instant::now());
                             let _ = to.shutdown().await;
                             wait_heal(&mut cut).await;
                             return;
@@ -133,7 +173,7 @@ async fn pump(
             },
             _ = cut.changed() => continue,
         };
-        last = tokio::time::Instant::now();
+        last = Instant::now();
         if to.write_all(&buf[..n]).await.is_err() {
             wait_heal(&mut cut).await;
             break;

@@ -1,26 +1,26 @@
 //! Connections to etcd members over gRPC: one HTTP/2 channel per member
-//! (tonic), the request metadata etcd wants (`hasleader`, the auth
-//! `token`), authentication and re-authentication, and the classification of
-//! failures by gRPC status code.
+//! (tonic, with TLS when configured), the request metadata etcd wants
+//! (`hasleader`, the auth `token`), authentication and re-authentication.
 //!
 //! Each connection is to ONE member, chosen by the session (see
-//! `session::Members`): there is no client-side balancer here.
+//! `members::Members`): there is no client-side balancer here.
 
-use std::error::Error as StdError;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 
+use super::Etcd;
+use super::failure::{Call, Failure, chain, classify, classify_connect, reason};
 use super::pb::etcdserverpb::AuthenticateRequest;
 use super::pb::etcdserverpb::auth_client::AuthClient;
 use super::pb::etcdserverpb::kv_client::KvClient;
 use super::pb::etcdserverpb::lease_client::LeaseClient;
 use super::pb::etcdserverpb::watch_client::WatchClient;
-use super::{Etcd, Password};
+use crate::backend::kit::secret::Secret;
 use crate::{Error, Result};
 
 /// etcd refuses a request with "no leader" instead of serving it from a
@@ -38,15 +38,17 @@ const MAX_RECEIVE: usize = i32::MAX as usize;
 /// How to connect to each member.
 pub(super) struct Dialer {
     endpoints: Vec<Endpoint>,
-    credentials: Option<Arc<(String, Password)>>,
+    credentials: Option<Arc<(String, Secret)>>,
 }
 
 /// Why a member could not be connected to.
 pub(super) enum DialError {
     /// No connection: refused, unreachable, or not within the time limit.
     Unreachable(String),
-    /// A connection, but its TLS handshake failed.
+    /// A connection, but the server closed it during the set-up.
     Handshake(String),
+    /// TLS failed: a certificate that does not verify, or refused.
+    Tls(String),
     /// The member refused the user or password (or auth is not enabled).
     Credentials(String),
     /// The member could not authenticate now (no leader, timed out…).
@@ -56,7 +58,9 @@ pub(super) enum DialError {
 impl DialError {
     pub(super) fn reason(&self) -> String {
         match self {
-            DialError::Unreachable(why) | DialError::Handshake(why) => why.clone(),
+            DialError::Unreachable(why) | DialError::Handshake(why) | DialError::Tls(why) => {
+                why.clone()
+            }
             DialError::Credentials(why) => why.clone(),
             DialError::Failed(status) => reason(status),
         }
@@ -98,14 +102,14 @@ impl Dialer {
         let mut built = Vec::with_capacity(endpoints.len());
         for host_port in endpoints {
             let bad = |e: tonic::transport::Error| {
-                Error::Config(format!(
+                Error::config(format!(
                     "etcd endpoint `{host_port}` is not a usable address: {}",
                     chain(&e)
                 ))
             };
             let mut endpoint = Endpoint::from_shared(format!("{scheme}://{host_port}"))
                 .map_err(bad)?
-                .connect_timeout(config.connect_timeout.min(Duration::from_secs(2)))
+                .connect_timeout(config.dial_timeout())
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(interval)
                 .keep_alive_timeout(ping_timeout)
@@ -123,10 +127,14 @@ impl Dialer {
 
     /// Connects to member `member` and, with credentials, authenticates.
     pub(super) async fn dial(&self, member: usize) -> std::result::Result<Conn, DialError> {
-        let channel = self.endpoints[member]
-            .connect()
-            .await
-            .map_err(|e| dial_error(&e))?;
+        let channel = self.endpoints[member].connect().await.map_err(|e| {
+            let why = chain(&e);
+            match classify_connect(&e) {
+                Failure::Handshake => DialError::Handshake(why),
+                Failure::Tls => DialError::Tls(why),
+                _ => DialError::Unreachable(why),
+            }
+        })?;
         let conn = Conn {
             channel,
             token: Arc::new(Mutex::new(None)),
@@ -134,12 +142,12 @@ impl Dialer {
         };
         if conn.credentials.is_some() {
             conn.authenticate().await.map_err(|status| {
-                if credentials_refused(&status) {
-                    DialError::Credentials(reason(&status))
-                } else if refused(&status) {
-                    DialError::Unreachable(reason(&status))
-                } else {
-                    DialError::Failed(status)
+                match classify(&status, Call::Authenticate) {
+                    Failure::CredentialsRefused => DialError::Credentials(reason(&status)),
+                    Failure::Unreachable => DialError::Unreachable(reason(&status)),
+                    Failure::Handshake => DialError::Handshake(reason(&status)),
+                    Failure::Tls => DialError::Tls(reason(&status)),
+                    _ => DialError::Failed(status),
                 }
             })?;
         }
@@ -152,7 +160,7 @@ impl Dialer {
 pub(super) struct Conn {
     channel: Channel,
     token: Arc<Mutex<Option<AsciiMetadataValue>>>,
-    credentials: Option<Arc<(String, Password)>>,
+    credentials: Option<Arc<(String, Secret)>>,
 }
 
 impl Conn {
@@ -196,7 +204,7 @@ impl Conn {
     {
         let used = self.current_token();
         match call(self.clone()).await {
-            Err(status) if self.credentials.is_some() && token_refused(&status) => {
+            Err(status) if self.token_refused(&status) => {
                 if self.current_token() == used {
                     self.authenticate().await?;
                 }
@@ -209,7 +217,22 @@ impl Conn {
     /// When `status` says the auth token is no longer accepted: a new token,
     /// and true when getting one worked (the request is worth repeating).
     pub(super) async fn renew_token(&self, status: &Status) -> bool {
-        self.credentials.is_some() && token_refused(status) && self.authenticate().await.is_ok()
+        self.token_refused(status) && self.authenticate().await.is_ok()
+    }
+
+    /// How a failure on this connection is classified: with credentials,
+    /// its calls carry a token.
+    pub(super) fn call_kind(&self) -> Call {
+        if self.credentials.is_some() {
+            Call::Authenticated
+        } else {
+            Call::Request
+        }
+    }
+
+    /// The token `status` answered is no longer accepted.
+    fn token_refused(&self, status: &Status) -> bool {
+        classify(status, self.call_kind()) == Failure::TokenRefused
     }
 
     /// With credentials: a new token (after etcd cancelled a watch, which it
@@ -226,7 +249,7 @@ impl Conn {
         let (name, password) = credentials.as_ref();
         let mut request = Request::new(AuthenticateRequest {
             name: name.clone(),
-            password: password.0.clone(),
+            password: password.expose().to_string(),
         });
         request.metadata_mut().insert(
             REQUIRE_LEADER.0,
@@ -245,147 +268,9 @@ impl Conn {
 
 fn read_pem(what: &str, path: &std::path::Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| {
-        Error::Config(format!(
+        Error::config(format!(
             "cannot read the etcd {what} {}: {e}",
             path.display()
         ))
     })
-}
-
-/// A one-line reason: the status code, etcd's message, and the causes of a
-/// transport failure.
-pub(super) fn reason(status: &Status) -> String {
-    let mut text = format!("{:?}", status.code());
-    let message = status.message();
-    if !message.is_empty() {
-        text.push_str(": ");
-        text.push_str(message);
-    }
-    let mut source = status.source();
-    while let Some(cause) = source {
-        let shown = cause.to_string();
-        if !text.contains(&shown) {
-            text.push_str(": ");
-            text.push_str(&shown);
-        }
-        source = cause.source();
-    }
-    text.replace(['\n', '\r'], " ")
-}
-
-/// The error and its causes, on one line.
-fn chain(error: &dyn StdError) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let shown = cause.to_string();
-        if !text.contains(&shown) {
-            text.push_str(": ");
-            text.push_str(&shown);
-        }
-        source = cause.source();
-    }
-    text.replace(['\n', '\r'], " ")
-}
-
-/// The I/O errors in `error`'s chain.
-fn io_kinds(error: &(dyn StdError + 'static)) -> Vec<std::io::ErrorKind> {
-    let mut kinds = Vec::new();
-    let mut next: Option<&(dyn StdError + 'static)> = Some(error);
-    while let Some(e) = next {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            kinds.push(io.kind());
-        }
-        next = e.source();
-    }
-    kinds
-}
-
-/// A failed connect: the TLS handshake failing shows as an I/O error of
-/// kind `InvalidData` (rustls' errors, e.g. an unknown CA) or the server
-/// closing the connection during it; anything else is "unreachable".
-fn dial_error(error: &tonic::transport::Error) -> DialError {
-    use std::io::ErrorKind::{BrokenPipe, ConnectionReset, InvalidData, UnexpectedEof};
-    let why = chain(error);
-    let handshake = io_kinds(error).iter().any(|k| {
-        matches!(
-            k,
-            InvalidData | UnexpectedEof | ConnectionReset | BrokenPipe
-        )
-    });
-    if handshake {
-        DialError::Handshake(why)
-    } else {
-        DialError::Unreachable(why)
-    }
-}
-
-/// The request never left: the channel could not (re)connect to the member
-/// (tonic reports that as `Unavailable` caused by a [`tonic::ConnectError`]).
-pub(super) fn refused(status: &Status) -> bool {
-    let mut next: Option<&(dyn StdError + 'static)> = status.source();
-    while let Some(e) = next {
-        if e.is::<tonic::ConnectError>() {
-            return true;
-        }
-        next = e.source();
-    }
-    false
-}
-
-/// Worth sending to another member: `Unavailable` is what a member without
-/// a leader (etcd's "no leader", "leader changed", "request timed out")
-/// answers, and what tonic reports when it could not reach the member.
-pub(super) fn undelivered(status: &Status) -> bool {
-    status.code() == Code::Unavailable
-}
-
-/// etcd's "requested lease not found" (`NotFound`: the only `NotFound` the
-/// RPCs used here return).
-pub(super) fn lease_not_found(status: &Status) -> bool {
-    status.code() == Code::NotFound
-}
-
-/// The user may not touch these keys.
-pub(super) fn denied(status: &Status) -> bool {
-    status.code() == Code::PermissionDenied
-}
-
-/// The token a request carried is no longer accepted: `Unauthenticated`
-/// ("invalid auth token": expired or unknown). etcd gives no distinct code
-/// for two more cases that a fresh token fixes, so those are recognised by
-/// etcd's own messages (`rpctypes.ErrGRPCAuthOldRevision`,
-/// `rpctypes.ErrGRPCUserEmpty`, both `InvalidArgument`), as etcd's Go client
-/// does.
-fn token_refused(status: &Status) -> bool {
-    match status.code() {
-        Code::Unauthenticated => true,
-        Code::InvalidArgument => matches!(
-            status.message(),
-            "etcdserver: revision of auth store is old" | "etcdserver: user name is empty"
-        ),
-        _ => false,
-    }
-}
-
-/// `Authenticate` refused: wrong user or password (`InvalidArgument`,
-/// etcd's only use of it for this RPC), auth not enabled
-/// (`FailedPrecondition`), or no permission.
-fn credentials_refused(status: &Status) -> bool {
-    matches!(
-        status.code(),
-        Code::InvalidArgument
-            | Code::FailedPrecondition
-            | Code::Unauthenticated
-            | Code::PermissionDenied
-    )
-}
-
-/// Whether a failed request's status says the TLS handshake failed (the
-/// connection was made again inside the channel).
-pub(super) fn handshake_failed(status: &Status) -> bool {
-    use std::io::ErrorKind::InvalidData;
-    status
-        .source()
-        .is_some_and(|s| io_kinds(s).contains(&InvalidData))
 }

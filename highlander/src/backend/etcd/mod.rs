@@ -45,10 +45,22 @@
 //!
 //! Options: `ttl` (`10s`; 2 s to 1 day), `keepalive` (the keep-alive
 //! interval, default TTL/10 capped to 1 s; 10 ms to TTL/3),
-//! `connect_timeout` (`5s`; 100 ms to 10 min), `ca`, `cert`, `key`
-//! (PEM file paths for TLS; `ca` is required for `etcds://`), `domain` (the
-//! name to verify in the server's certificate), `user`, `password`. The
-//! namespace defaults to `highlander`.
+//! `start_timeout` (how long `start()` keeps trying to reach etcd, default
+//! [`DEFAULT_START_TIMEOUT`](crate::backend::DEFAULT_START_TIMEOUT); 100 ms
+//! to 10 min; `connect_timeout` is its old name), `ca`, `cert`, `key` (PEM
+//! file paths for TLS; `ca` is required for `etcds://`), `domain` (the name
+//! to verify in the server's certificate), `user`, `password`. Durations
+//! take a unit (`500ms`, `5s`, `2m`); `%XX` escapes in values are decoded.
+//! The namespace defaults to `highlander`.
+//!
+//! # Start-up
+//!
+//! `start()` tries to reach etcd until the start timeout: each attempt
+//! reads the namespace and is granted the node's lease, each step going to
+//! the members in turn, so a dead member among the endpoints does not fail
+//! it. Refused credentials, a user without access to the namespace and a
+//! TLS failure (a server certificate that does not verify, a refused client
+//! certificate) fail at once: retrying cannot fix them.
 //!
 //! ```
 //! use highlander::backend::from_url;
@@ -59,17 +71,31 @@
 //! ```
 
 use std::fmt;
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::backend::kit::duration::show;
+use crate::backend::kit::secret::Secret;
 use crate::backend::{Backend, Session};
 use crate::service::BoxFuture;
 use crate::{Error, Result};
 
+mod batch;
 mod conn;
+mod connect;
+mod failure;
+mod keeper;
+mod members;
 mod pb;
 mod session;
+mod state;
+mod url;
+mod watch;
+
+pub(crate) use url::from_url;
+use url::host_port;
 
 /// The default lease TTL: 10 s.
 ///
@@ -83,7 +109,13 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
 /// The default namespace: keys are `/highlander/{id}`.
 pub const DEFAULT_NAMESPACE: &str = "highlander";
 
-/// How long connecting may take before [`Backend::connect`] fails.
+/// How long start-up took before it failed, before start-up moved to the
+/// runtime's policy: now `start()` keeps trying until
+/// [`DEFAULT_START_TIMEOUT`](crate::backend::DEFAULT_START_TIMEOUT) unless
+/// [`Etcd::start_timeout`] (or the URL's `start_timeout=`) says otherwise.
+#[deprecated(
+    note = "start-up retries until backend::DEFAULT_START_TIMEOUT; set Etcd::start_timeout"
+)]
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The etcd backend's configuration, for
@@ -108,8 +140,8 @@ pub struct Etcd {
     namespace: String,
     ttl: Duration,
     keepalive: Option<Duration>,
-    connect_timeout: Duration,
-    user: Option<(String, Password)>,
+    start_timeout: Option<Duration>,
+    user: Option<(String, Secret)>,
     tls: Option<Tls>,
 }
 
@@ -119,16 +151,6 @@ struct Tls {
     ca: Option<PathBuf>,
     identity: Option<(PathBuf, PathBuf)>,
     domain: Option<String>,
-}
-
-/// A password that never shows in `Debug` or `Display`.
-#[derive(Clone)]
-struct Password(String);
-
-impl fmt::Debug for Password {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("\"***\"")
-    }
 }
 
 impl Etcd {
@@ -150,7 +172,7 @@ impl Etcd {
             namespace: DEFAULT_NAMESPACE.to_string(),
             ttl: DEFAULT_TTL,
             keepalive: None,
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            start_timeout: None,
             user: None,
             tls: None,
         }
@@ -195,16 +217,32 @@ impl Etcd {
         self
     }
 
-    /// How long [`Backend::connect`] may take before it fails (default 5 s).
+    /// How long `start()` keeps trying to reach etcd before it fails with
+    /// [`Error::Unreachable`] (100 ms to 10 min; default
+    /// [`DEFAULT_START_TIMEOUT`](crate::backend::DEFAULT_START_TIMEOUT), or
+    /// [`Builder::start_timeout`](crate::Builder::start_timeout), which
+    /// wins over this).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let etcd = highlander::backend::etcd::Etcd::new(["127.0.0.1:2379"])
+    ///     .start_timeout(Duration::from_secs(10));
+    /// ```
+    pub fn start_timeout(mut self, timeout: Duration) -> Etcd {
+        self.start_timeout = Some(timeout);
+        self
+    }
+
+    /// The old name of [`Etcd::start_timeout`]: how long start-up may take
+    /// before it fails.
     ///
     /// ```
     /// # use std::time::Duration;
     /// let etcd = highlander::backend::etcd::Etcd::new(["127.0.0.1:2379"])
     ///     .connect_timeout(Duration::from_secs(2));
     /// ```
-    pub fn connect_timeout(mut self, timeout: Duration) -> Etcd {
-        self.connect_timeout = timeout;
-        self
+    pub fn connect_timeout(self, timeout: Duration) -> Etcd {
+        self.start_timeout(timeout)
     }
 
     /// Authenticates as `user` with `password`. The password never appears
@@ -215,7 +253,7 @@ impl Etcd {
     /// assert!(!format!("{etcd:?}").contains("s3cret"));
     /// ```
     pub fn user(mut self, user: impl Into<String>, password: impl Into<String>) -> Etcd {
-        self.user = Some((user.into(), Password(password.into())));
+        self.user = Some((user.into(), Secret::new(password)));
         self
     }
 
@@ -257,48 +295,51 @@ impl Etcd {
     /// Checks the configuration; every problem is a one-line message.
     fn validate(&self) -> Result<()> {
         if self.endpoints.is_empty() || self.endpoints.iter().any(|e| host_port(e).is_none()) {
-            return Err(Error::Config(format!(
+            return Err(Error::config(format!(
                 "etcd backend `{}`: give one or more endpoints as host:port, separated by commas \
                  (etcd://10.0.0.1:2379,10.0.0.2:2379)",
                 self.describe()
             )));
         }
         if self.ttl < MIN_TTL {
-            return Err(Error::Config(format!(
-                "etcd backend `{}`: ttl {:?} is below etcd's minimum lease TTL of 2s: use a ttl \
-                 between 2s and 1 day",
+            return Err(Error::config(format!(
+                "etcd backend `{}`: ttl {} is below etcd's minimum lease TTL of 2s: use a ttl \
+                 between 2s and 24h",
                 self.describe(),
-                self.ttl
+                shown(self.ttl)
             )));
         }
         if self.ttl > MAX_TTL {
-            return Err(Error::Config(format!(
+            return Err(Error::config(format!(
                 "etcd backend: ttl {} is too long (a crashed node's ids move only after it): use \
-                 a ttl between 2s and 1 day",
+                 a ttl between 2s and 24h",
                 shown(self.ttl)
             )));
         }
         if let Some(keepalive) = self.keepalive {
             let most = Duration::from_secs(self.ttl_secs() as u64) / 3;
             if !(MIN_KEEPALIVE..=most).contains(&keepalive) {
-                return Err(Error::Config(format!(
+                return Err(Error::config(format!(
                     "etcd backend `{}`: keepalive {} is out of range: use a keepalive between \
-                     10ms and a third of the TTL ({most:?})",
+                     10ms and a third of the TTL ({})",
                     self.describe(),
-                    shown(keepalive)
+                    shown(keepalive),
+                    show(most)
                 )));
             }
         }
-        if !(MIN_CONNECT_TIMEOUT..=MAX_CONNECT_TIMEOUT).contains(&self.connect_timeout) {
-            return Err(Error::Config(format!(
-                "etcd backend `{}`: connect_timeout {} is out of range: use a connect_timeout \
-                 between 100ms and 10m",
+        if let Some(timeout) = self.start_timeout
+            && !START_TIMEOUT.contains(&timeout)
+        {
+            return Err(Error::config(format!(
+                "etcd backend `{}`: start_timeout (or connect_timeout) {} is out of range: use a \
+                 start_timeout between 100ms and 10m",
                 self.describe(),
-                shown(self.connect_timeout)
+                shown(timeout)
             )));
         }
         if self.namespace.is_empty() || self.namespace.contains(['\0', '\n']) {
-            return Err(Error::Config(format!(
+            return Err(Error::config(format!(
                 "etcd backend `{}`: the namespace must be a non-empty key prefix",
                 self.describe()
             )));
@@ -306,7 +347,7 @@ impl Etcd {
         if let Some(tls) = &self.tls
             && tls.ca.is_none()
         {
-            return Err(Error::Config(format!(
+            return Err(Error::config(format!(
                 "etcd backend `{}`: TLS needs the CA certificate that signed the server's \
                      certificate: add ?ca=/path/to/ca.pem (or Etcd::tls_ca)",
                 self.describe()
@@ -319,6 +360,25 @@ impl Etcd {
     fn ttl_secs(&self) -> i64 {
         let secs = self.ttl.as_secs() + u64::from(self.ttl.subsec_nanos() > 0);
         i64::try_from(secs).unwrap_or(i64::MAX)
+    }
+
+    /// The start timeout the limits below follow: the configured one, else
+    /// the runtime's default.
+    fn start_limit(&self) -> Duration {
+        self.start_timeout
+            .unwrap_or(crate::backend::DEFAULT_START_TIMEOUT)
+    }
+
+    /// How long one connection to a member (TCP, and TLS) may take: 2 s at
+    /// most.
+    fn dial_timeout(&self) -> Duration {
+        self.start_limit().min(Duration::from_secs(2))
+    }
+
+    /// How long one start-up step may wait for one member: a third of the
+    /// start timeout, 0.5 to 2 s.
+    fn attempt_limit(&self) -> Duration {
+        (self.start_limit() / 3).clamp(Duration::from_millis(500), Duration::from_secs(2))
     }
 
     /// The keep-alive interval in effect.
@@ -350,9 +410,13 @@ impl Backend for Etcd {
         let node = node.to_string();
         Box::pin(async move {
             config.validate()?;
-            let session = session::connect(config, node).await?;
+            let session = connect::connect(config, node).await?;
             Ok(session as Arc<dyn Session>)
         })
+    }
+
+    fn start_timeout(&self) -> Option<Duration> {
+        self.start_timeout
     }
 
     fn describe(&self) -> String {
@@ -393,332 +457,25 @@ pub(crate) fn key_prefix(namespace: &str) -> String {
 const MIN_TTL: Duration = Duration::from_secs(2);
 const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 const MIN_KEEPALIVE: Duration = Duration::from_millis(10);
-const MIN_CONNECT_TIMEOUT: Duration = Duration::from_millis(100);
-const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(600);
+/// The TTLs etcd takes, for messages (`validate` says which end was missed).
+const TTL: RangeInclusive<Duration> = MIN_TTL..=MAX_TTL;
+/// The keep-alive intervals any TTL allows, for messages.
+const KEEPALIVE: RangeInclusive<Duration> = MIN_KEEPALIVE..=Duration::from_secs(8 * 3600);
+const START_TIMEOUT: RangeInclusive<Duration> =
+    Duration::from_millis(100)..=Duration::from_secs(600);
 
 /// A duration for an error message ("more than a year" for absurd ones).
 fn shown(d: Duration) -> String {
     if d > Duration::from_secs(366 * 24 * 3600) {
         "(more than a year)".to_string()
     } else {
-        format!("{d:?}")
+        show(d)
     }
-}
-
-/// `host:port` of an endpoint written as `host:port`, `http://host:port` or
-/// `https://host:port`.
-fn host_port(endpoint: &str) -> Option<&str> {
-    let rest = endpoint
-        .strip_prefix("http://")
-        .or_else(|| endpoint.strip_prefix("https://"))
-        .unwrap_or(endpoint)
-        .trim_end_matches('/');
-    let (host, port) = rest.rsplit_once(':')?;
-    let bracketed = host.starts_with('[') && host.ends_with(']');
-    if host.is_empty()
-        || host.contains(['/', '@', ' ', '?', '#'])
-        || (host.contains(':') && !bracketed)
-        || port.parse::<u16>().is_err()
-    {
-        return None;
-    }
-    Some(rest)
-}
-
-/// Parses `500ms`, `3s`, `2m` or a plain number of seconds.
-fn parse_duration(value: &str) -> Option<Duration> {
-    let value = value.trim();
-    let (number, unit) = match value.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(i) => value.split_at(i),
-        None => (value, "s"),
-    };
-    let number: f64 = number.parse().ok()?;
-    let secs = match unit {
-        "ms" => number / 1000.0,
-        "s" => number,
-        "m" => number * 60.0,
-        _ => return None,
-    };
-    if !(secs.is_finite() && secs >= 0.0) {
-        return None;
-    }
-    // Too large for a Duration: saturate; validate() says it is out of range.
-    Some(Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX))
-}
-
-/// Decodes `%XX` escapes (for passwords with special characters).
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-            if let Some(b) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                out.push(b);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// The backend named by an `etcd://` or `etcds://` URL (see the module docs).
-pub(crate) fn from_url(url: &str) -> Result<Box<dyn Backend>> {
-    Ok(Box::new(parse_url(url)?))
-}
-
-/// A part of `url` that may be quoted in an error: one that lies wholly
-/// after the last `@`. A password with a `/`, `?` or `#` that was not
-/// percent-encoded ends the authority early and spills into what would be
-/// the endpoints, the path or the options, so nothing before the last `@`
-/// is ever quoted (and the URL itself never is).
-fn quotable<'a>(url: &str, part: &'a str) -> Option<&'a str> {
-    let secret_end = url.rfind('@').map_or(0, |i| i + 1);
-    let offset = (part.as_ptr() as usize).checked_sub(url.as_ptr() as usize)?;
-    (offset >= secret_end && offset + part.len() <= url.len()).then_some(part)
-}
-
-/// The hint for a URL whose credentials may have spilled.
-const ENCODE_HINT: &str = "(a password with `/`, `?`, `#` or `@` must be percent-encoded: %2F, \
-                           %3F, %23, %40)";
-
-fn parse_url(url: &str) -> Result<Etcd> {
-    // The message describes the problem; it never repeats the URL, whose
-    // password may not be where the parser thinks it is.
-    let bad = |why: &str| Error::Config(format!("invalid etcd URL: {why}"));
-    let (scheme, rest) = url
-        .split_once("://")
-        .ok_or_else(|| bad("expected etcd://host:port"))?;
-    let tls = match scheme {
-        "etcd" => false,
-        "etcds" => true,
-        _ => return Err(bad("the scheme must be etcd:// or etcds://")),
-    };
-    let (head, query) = match rest.split_once('?') {
-        Some((h, q)) => (h, Some(q)),
-        None => (rest, None),
-    };
-    let (authority, path) = match head.find('/') {
-        Some(i) => (&head[..i], &head[i + 1..]),
-        None => (head, ""),
-    };
-    let (userinfo, hosts) = match authority.rsplit_once('@') {
-        Some((u, h)) => (Some(u), h),
-        None => (None, authority),
-    };
-    let hosts: Vec<&str> = hosts
-        .split(',')
-        .map(str::trim)
-        .filter(|h| !h.is_empty())
-        .collect();
-    if hosts.is_empty() {
-        return Err(bad("no endpoint: expected etcd://host:port[,host:port…]"));
-    }
-    for (n, e) in hosts.iter().enumerate() {
-        if host_port(e).is_none() {
-            return Err(bad(&match quotable(url, e) {
-                Some(e) => format!("endpoint `{e}` is not host:port"),
-                None => format!("endpoint {} is not host:port {ENCODE_HINT}", n + 1),
-            }));
-        }
-    }
-    if path.contains('@') {
-        return Err(bad(&format!(
-            "an `@` after the endpoints {ENCODE_HINT}; a namespace with `@` goes in ?namespace="
-        )));
-    }
-    let mut etcd = Etcd::new(hosts.iter().map(|h| h.to_string()));
-    let namespace = path.trim_matches('/');
-    if !namespace.is_empty() {
-        etcd = etcd.namespace(namespace);
-    }
-    let mut user: Option<String> = None;
-    let mut password: Option<String> = None;
-    if let Some(info) = userinfo {
-        match info.split_once(':') {
-            Some((u, p)) => {
-                user = Some(percent_decode(u));
-                password = Some(percent_decode(p));
-            }
-            None => user = Some(percent_decode(info)),
-        }
-    }
-    let mut tls_settings = Tls::default();
-    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let duration = |what: &str| {
-            parse_duration(value)
-                .ok_or_else(|| bad(&format!("`{what}` wants a duration like 500ms, 5s or 1m")))
-        };
-        match key {
-            "ttl" => etcd.ttl = duration("ttl")?,
-            "keepalive" => etcd.keepalive = Some(duration("keepalive")?),
-            "connect_timeout" => etcd.connect_timeout = duration("connect_timeout")?,
-            "namespace" => etcd.namespace = percent_decode(value),
-            "user" => user = Some(percent_decode(value)),
-            "password" => password = Some(percent_decode(value)),
-            "ca" => tls_settings.ca = Some(PathBuf::from(percent_decode(value))),
-            "cert" | "key" => {
-                let (cert, key_path) = tls_settings.identity.get_or_insert_with(Default::default);
-                let target = if key == "cert" { cert } else { key_path };
-                *target = PathBuf::from(percent_decode(value));
-            }
-            "domain" => tls_settings.domain = Some(percent_decode(value)),
-            other => {
-                let named = match quotable(url, other) {
-                    Some(other) => format!("unknown option `{other}`"),
-                    None => format!("an unknown option {ENCODE_HINT}"),
-                };
-                return Err(bad(&format!(
-                    "{named}: use ttl, keepalive, connect_timeout, namespace, user, password, \
-                     ca, cert, key or domain"
-                )));
-            }
-        }
-    }
-    if let Some((cert, key)) = &tls_settings.identity
-        && (cert.as_os_str().is_empty() || key.as_os_str().is_empty())
-    {
-        return Err(bad("a client certificate needs both `cert` and `key`"));
-    }
-    match (user, password) {
-        (Some(u), p) => etcd = etcd.user(u, p.unwrap_or_default()),
-        (None, Some(_)) => return Err(bad("a password without a user")),
-        (None, None) => {}
-    }
-    let wants_tls = tls || tls_settings.ca.is_some() || tls_settings.identity.is_some();
-    if wants_tls {
-        if !tls {
-            return Err(bad("TLS options (ca, cert, key) need the etcds:// scheme"));
-        }
-        etcd.tls = Some(tls_settings);
-    } else if tls_settings.domain.is_some() {
-        return Err(bad("`domain` needs the etcds:// scheme"));
-    }
-    etcd.validate()?;
-    Ok(etcd)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_endpoints_namespace_and_options() {
-        let e = parse_url("etcd://a:2379,b:2380/billing?ttl=5s&keepalive=250ms").unwrap();
-        assert_eq!(e.endpoints, vec!["a:2379", "b:2380"]);
-        assert_eq!(e.namespace, "billing");
-        assert_eq!(e.ttl, Duration::from_secs(5));
-        assert_eq!(e.keepalive_in_effect(), Duration::from_millis(250));
-        let d = parse_url("etcd://a:2379").unwrap();
-        assert_eq!(d.namespace, DEFAULT_NAMESPACE);
-        assert_eq!(d.ttl, DEFAULT_TTL);
-        assert_eq!(d.keepalive_in_effect(), Duration::from_secs(1));
-    }
-
-    #[test]
-    fn hides_the_password_everywhere() {
-        let e = parse_url("etcd://app:hunter2@a:2379?ttl=3s").unwrap();
-        assert!(!format!("{e:?}").contains("hunter2"));
-        assert!(!e.describe().contains("hunter2"));
-        assert_eq!(e.user.as_ref().map(|(_, p)| p.0.as_str()), Some("hunter2"));
-        let q = parse_url("etcd://a:2379?user=app&password=hunter2").unwrap();
-        assert!(!q.describe().contains("hunter2"));
-        let err = parse_url("etcd://app:hunter2@a:2379?bogus=1")
-            .unwrap_err()
-            .to_string();
-        assert!(!err.contains("hunter2"), "{err}");
-        assert!(err.contains("unknown option `bogus`"), "{err}");
-    }
-
-    #[test]
-    fn rejects_bad_urls_in_one_line() {
-        for (url, want) in [
-            ("etcd://", "no endpoint"),
-            ("etcd://host", "not host:port"),
-            ("etcd://host:notaport", "not host:port"),
-            ("etcd://a:2379?ttl=soon", "duration"),
-            ("etcd://a:2379?ttl=1s", "minimum lease TTL"),
-            ("etcds://a:2379", "CA certificate"),
-            ("etcd://a:2379?ca=/x.pem", "etcds://"),
-            ("etcd://a:2379?password=x", "without a user"),
-        ] {
-            let err = parse_url(url).unwrap_err().to_string();
-            assert!(err.contains(want), "{url}: {err}");
-            assert!(!err.contains('\n'), "{url}: {err}");
-        }
-    }
-
-    #[test]
-    fn out_of_range_numbers_are_one_line_errors_not_panics() {
-        for (url, want) in [
-            ("etcd://a:2379?ttl=99999999999999999999999", "ttl"),
-            ("etcd://a:2379?ttl=100000000", "ttl"),
-            ("etcd://a:2379?keepalive=0ms", "keepalive"),
-            (
-                "etcd://a:2379?keepalive=99999999999999999999999",
-                "keepalive",
-            ),
-            ("etcd://a:2379?ttl=10s&keepalive=5s", "keepalive"),
-            ("etcd://a:2379?connect_timeout=0", "connect_timeout"),
-            (
-                "etcd://a:2379?connect_timeout=99999999999999999999999m",
-                "connect_timeout",
-            ),
-        ] {
-            let err = parse_url(url).unwrap_err().to_string();
-            assert!(
-                err.contains(want) && err.contains("between"),
-                "{url}: {err}"
-            );
-            assert!(!err.contains('\n'), "{url}: {err}");
-        }
-        // The builder is checked the same way (connect() validates).
-        for etcd in [
-            Etcd::new(["a:2379"]).ttl(Duration::MAX),
-            Etcd::new(["a:2379"]).keepalive_interval(Duration::ZERO),
-            Etcd::new(["a:2379"]).connect_timeout(Duration::MAX),
-        ] {
-            let err = etcd.validate().unwrap_err().to_string();
-            assert!(err.contains("between"), "{err}");
-        }
-    }
-
-    #[test]
-    fn a_bad_url_never_echoes_a_credential() {
-        // Passwords with characters that end the authority early (`/`, `?`)
-        // spill into what would be the endpoints, path or options.
-        for url in [
-            "etcd://app:Xq/Zk@a:2379",
-            "etcd://app:Xq?Zk@a:2379",
-            "etcd://app:12/Zk@a:2379",
-            "etcd://app:Xq:99/Zk@a:2379",
-            "etcd://app:12?Zk@a:2379",
-            "etcds://app:Xq/Zk@a:2379?ca=/ca.pem",
-        ] {
-            let err = parse_url(url).unwrap_err().to_string();
-            assert!(
-                !err.contains("Xq") && !err.contains("Zk") && !err.contains("12"),
-                "{url}: {err}"
-            );
-            assert!(err.starts_with("invalid etcd URL"), "{url}: {err}");
-            assert!(!err.contains('\n'), "{url}: {err}");
-        }
-        // Parts clear of the credentials are still named.
-        let err = parse_url("etcd://app:s3cret@a:2379?bogus=1")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("unknown option `bogus`") && !err.contains("s3cret"),
-            "{err}"
-        );
-        let err = parse_url("etcd://host").unwrap_err().to_string();
-        assert!(err.contains("`host` is not host:port"), "{err}");
-    }
 
     #[test]
     fn a_namespace_is_one_key_segment() {
@@ -730,28 +487,5 @@ mod tests {
         assert!(!b.starts_with(&a) && !a.starts_with(&b));
         // Escaping is injective: `a%2Fb` and `a/b` differ too.
         assert_ne!(key_prefix("a%2Fb"), key_prefix("a/b"));
-    }
-
-    #[test]
-    fn tls_settings() {
-        let e = parse_url("etcds://a:2379?ca=/ca.pem&cert=/c.pem&key=/k.pem&domain=etcd.internal")
-            .unwrap();
-        let tls = e.tls.unwrap();
-        assert_eq!(tls.ca, Some(PathBuf::from("/ca.pem")));
-        assert_eq!(
-            tls.identity,
-            Some((PathBuf::from("/c.pem"), PathBuf::from("/k.pem")))
-        );
-        assert_eq!(tls.domain.as_deref(), Some("etcd.internal"));
-    }
-
-    #[test]
-    fn durations_and_escapes() {
-        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
-        assert_eq!(parse_duration("7"), Some(Duration::from_secs(7)));
-        assert_eq!(parse_duration("x"), None);
-        assert_eq!(percent_decode("p%40ss%3Aw"), "p@ss:w");
-        assert_eq!(percent_decode("100%"), "100%");
     }
 }

@@ -134,40 +134,102 @@ pub(super) const RELEASE: &str = "WITH c AS ( \
      FROM (SELECT count(*)::bigint AS n, string_agg(key::text, ',') AS keys FROM u) s \
      WHERE s.n > 0";
 
+/// The presence locks of a namespace's sessions in `pg_locks`: granted
+/// two-integer advisory locks (`objsubid = 2`) of this database whose first
+/// half (`classid`) is the namespace key given as parameter `$ns`
+/// (unsigned, as `pg_locks` shows it). Joined with `pg_stat_activity` as
+/// `a` on `l.pid`.
+macro_rules! presence_locks {
+    ($ns:literal) => {
+        concat!(
+            "pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+     WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
+       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+       AND l.classid::bigint = ",
+            $ns,
+            "::bigint"
+        )
+    };
+}
+
+/// The session holding a lease row `t`'s presence lock, joined as `h`
+/// (`h.application_name` is its node name); rows whose owner has no
+/// session drop out. `$2` is the namespace key (unsigned).
+macro_rules! holding_session {
+    () => {
+        concat!(
+            "JOIN LATERAL ( \
+        SELECT a.application_name FROM ",
+            presence_locks!("$2"),
+            " AND l.objid::bigint = (t.owner::bigint & 4294967295) \
+        LIMIT 1) h ON true "
+        )
+    };
+}
+
 /// The holder of one id: its row, and the session that holds the row's
 /// presence lock, found in `pg_locks` and named by `pg_stat_activity`
 /// (application_name is the node name). No session: nobody holds it.
 /// `$1` key, `$2` namespace key (as an unsigned 32-bit number).
-pub(super) const HOLDER: &str = "SELECT t.token, h.application_name, t.node \
-     FROM highlander_leases t \
-     JOIN LATERAL ( \
-        SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
-        WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
-          AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-          AND l.classid::bigint = $2::bigint \
-          AND l.objid::bigint = (t.owner::bigint & 4294967295) \
-        LIMIT 1) h ON true \
-     WHERE t.key = $1::bigint AND t.owner IS NOT NULL";
+pub(super) const HOLDER: &str = concat!(
+    "SELECT t.token, h.application_name, t.node FROM highlander_leases t ",
+    holding_session!(),
+    "WHERE t.key = $1::bigint AND t.owner IS NOT NULL"
+);
 
 /// Every held id of one namespace, with the session that holds it, as
 /// [`HOLDER`] finds it for one id. `$1` namespace name, `$2` namespace key
 /// (unsigned).
-pub(super) const HOLDERS: &str = "SELECT t.id, t.token, h.application_name, t.node, t.claimed_at \
-     FROM highlander_leases t \
-     JOIN LATERAL ( \
-        SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
-        WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
-          AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-          AND l.classid::bigint = $2::bigint \
-          AND l.objid::bigint = (t.owner::bigint & 4294967295) \
-        LIMIT 1) h ON true \
-     WHERE t.namespace = $1 AND t.owner IS NOT NULL \
-     ORDER BY t.id";
+pub(super) const HOLDERS: &str = concat!(
+    "SELECT t.id, t.token, h.application_name, t.node, t.claimed_at FROM highlander_leases t ",
+    holding_session!(),
+    "WHERE t.namespace = $1 AND t.owner IS NOT NULL ORDER BY t.id"
+);
 
 /// The nodes of this namespace connected now: sessions holding a presence
 /// lock with this namespace key. `$1` namespace key (unsigned).
-pub(super) const MEMBERS: &str = "SELECT DISTINCT a.application_name, a.client_addr::text \
-     FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
-     WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
-       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-       AND l.classid::bigint = $1::bigint";
+pub(super) const MEMBERS: &str = concat!(
+    "SELECT DISTINCT a.application_name, a.client_addr::text FROM ",
+    presence_locks!("$1")
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shared pieces join up into the statements as written out.
+    #[test]
+    fn lookups_read_as_one_statement() {
+        let squeeze = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+        let members = squeeze(MEMBERS);
+        assert!(
+            members.ends_with(
+                "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' \
+                 AND l.granted AND l.objsubid = 2 AND l.database = (SELECT oid FROM pg_database \
+                 WHERE datname = current_database()) AND l.classid::bigint = $1::bigint"
+            ),
+            "{members}"
+        );
+        let holder = squeeze(HOLDER);
+        assert!(
+            holder.contains(
+                "FROM highlander_leases t JOIN LATERAL ( SELECT a.application_name FROM pg_locks l"
+            ),
+            "{holder}"
+        );
+        assert!(
+            holder.contains(
+                "AND l.classid::bigint = $2::bigint AND l.objid::bigint = (t.owner::bigint & 4294967295) \
+                 LIMIT 1) h ON true WHERE t.key = $1::bigint AND t.owner IS NOT NULL"
+            ),
+            "{holder}"
+        );
+        assert!(
+            squeeze(HOLDERS).ends_with(
+                "LIMIT 1) h ON true WHERE t.namespace = $1 AND t.owner IS NOT NULL ORDER BY t.id"
+            ),
+            "{}",
+            squeeze(HOLDERS)
+        );
+    }
+}

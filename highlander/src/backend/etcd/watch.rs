@@ -1,0 +1,356 @@
+//! The one watch over the namespace: it wakes the node's waiters when a key
+//! is deleted, ends a held tenure whose key was deleted or replaced from
+//! outside, and after it resumed reads the held keys again (a deletion in a
+//! compacted gap is never delivered). Which tenure an event ends, and which
+//! waiter it wakes, are `State` rules tested here without etcd.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+use tracing::{debug, warn};
+
+use super::batch::{MAX_OPS_PER_TXN, one_op};
+use super::conn::Conn;
+use super::failure::{Call, classify, reason};
+use super::members::Use;
+use super::pb::etcdserverpb::{
+    RangeRequest, TxnRequest, WatchCreateRequest, WatchRequest, request_op, response_op,
+    watch_request,
+};
+use super::pb::mvccpb::{KeyValue, event::EventType};
+use super::session::{Inner, RETRY_MAX, RETRY_MIN, outbound, prefix_end};
+use super::state::State;
+
+impl State {
+    /// The watch saw a `kind` event on the key of `id` (created at
+    /// `create_revision`, changed at `mod_revision`). A deletion wakes the
+    /// id's waiter when it is newer than what the waiter has seen. The
+    /// tenure the event ends, if any: a deletion after our key was created,
+    /// or a key created after ours (a lagging watch may still deliver older
+    /// keys' events: those do not count).
+    pub(super) fn on_event(
+        &mut self,
+        kind: EventType,
+        id: &str,
+        create_revision: i64,
+        mod_revision: i64,
+    ) -> Option<u64> {
+        let lost = match kind {
+            EventType::Delete => {
+                if let Some(wake) = self.wakes.get(id) {
+                    wake.send_if_modified(|v| {
+                        let newer = mod_revision > *v;
+                        if newer {
+                            *v = mod_revision;
+                        }
+                        newer
+                    });
+                }
+                self.held
+                    .get(id)
+                    .is_some_and(|h| (h.token as i64) < mod_revision)
+            }
+            EventType::Put => self
+                .held
+                .get(id)
+                .is_some_and(|h| create_revision > h.token as i64),
+        };
+        self.held.get(id).filter(|_| lost).map(|h| h.token)
+    }
+
+    /// The watch fell behind a compaction at `compacted`: events were lost,
+    /// so every waiter that has not seen that revision wakes and retries.
+    pub(super) fn compacted(&self, compacted: i64) {
+        for wake in self.wakes.values() {
+            wake.send_if_modified(|v| {
+                let bump = *v < compacted;
+                if bump {
+                    *v = compacted;
+                }
+                bump
+            });
+        }
+    }
+}
+
+/// After the watch resumed, a held key read again at `revision`: whether
+/// the tenure `token` ends. It does when its key is gone (`found` is
+/// `None`) or is another tenure's; a tenure granted after the read began is
+/// not judged by it.
+fn recheck_ends(token: u64, found: Option<i64>, revision: i64) -> bool {
+    let ours = found == Some(token as i64);
+    !ours && token as i64 <= revision
+}
+
+impl Inner {
+    /// The one watch over the namespace: wakes waiters when a key is
+    /// deleted, and ends a tenure whose key was deleted from outside.
+    pub(super) async fn watcher(self: Arc<Self>, mut next: i64) {
+        let mut retry = RETRY_MIN;
+        let mut resumed = false;
+        let prefix = self.prefix.as_bytes().to_vec();
+        let range_end = prefix_end(&prefix);
+        while !self.stop.is_cancelled() {
+            let Some(conn) = self.stream_client(Use::Watch).await else {
+                if !self.pause(retry).await {
+                    return;
+                }
+                retry = (retry * 2).min(RETRY_MAX);
+                continue;
+            };
+            let (watches, requests) = mpsc::channel(1);
+            let create = WatchCreateRequest {
+                key: prefix.clone(),
+                range_end: range_end.clone(),
+                start_revision: next,
+                progress_notify: true,
+                ..WatchCreateRequest::default()
+            };
+            let _ = watches.try_send(WatchRequest {
+                request_union: Some(watch_request::RequestUnion::CreateRequest(create)),
+            });
+            let mut client = conn.watch();
+            let open = client.watch(conn.request(outbound(requests)));
+            let opened = tokio::select! {
+                _ = self.stop.cancelled() => return,
+                opened = timeout(self.request_timeout, open) => opened,
+            };
+            let mut stream = match opened {
+                Ok(Ok(stream)) => {
+                    if resumed {
+                        // Events between the break and now may have been
+                        // compacted away (the watch then resumes after
+                        // them): read the held keys again.
+                        tokio::spawn(self.clone().recheck_held());
+                    }
+                    resumed = true;
+                    stream.into_inner()
+                }
+                outcome => {
+                    let why = self.stream_failed(Use::Watch, &conn, outcome).await;
+                    debug!(node = %self.node, %why, retry_in = ?retry, "cannot open the etcd watch");
+                    if !self.pause(retry).await {
+                        return;
+                    }
+                    retry = (retry * 2).min(RETRY_MAX);
+                    continue;
+                }
+            };
+            loop {
+                let message = tokio::select! {
+                    _ = self.stop.cancelled() => return,
+                    message = stream.message() => message,
+                };
+                match message {
+                    Ok(Some(resp)) => {
+                        retry = RETRY_MIN;
+                        if resp.canceled {
+                            if resp.compact_revision > 0 {
+                                next = resp.compact_revision;
+                                self.lock().compacted(next);
+                            } else if !conn.reauthenticate().await {
+                                self.members.failed(Use::Watch, false);
+                            }
+                            debug!(node = %self.node, reason = resp.cancel_reason, "etcd watch canceled; reopening");
+                            break;
+                        }
+                        for event in &resp.events {
+                            if let Some(kv) = &event.kv {
+                                next = next.max(kv.mod_revision + 1);
+                                self.on_event(event.r#type(), kv);
+                            }
+                        }
+                        if resp.events.is_empty()
+                            && !resp.created
+                            && let Some(header) = &resp.header
+                        {
+                            next = next.max(header.revision + 1);
+                        }
+                    }
+                    Ok(None) => {
+                        self.members.failed(Use::Watch, false);
+                        break;
+                    }
+                    Err(e) => {
+                        // A broken stream: the member may have lost its
+                        // leader (watches need one), restarted, or stopped
+                        // answering HTTP/2 pings. Another member, then.
+                        self.members
+                            .failed(Use::Watch, classify(&e, Call::Request).silent());
+                        debug!(node = %self.node, why = %reason(&e), "etcd watch broke; reopening on the next member");
+                        break;
+                    }
+                }
+            }
+            drop(watches);
+            if !self.pause(retry).await {
+                return;
+            }
+            retry = (retry * 2).min(RETRY_MAX);
+        }
+    }
+
+    /// Reads every held key (after the watch resumed: a deletion in a
+    /// compacted gap was never seen) and ends each tenure whose key is gone
+    /// or is no longer the one the tenure created. Retried until etcd
+    /// answers or the session stops.
+    async fn recheck_held(self: Arc<Self>) {
+        let held: Vec<(Arc<str>, u64)> = {
+            let state = self.lock();
+            state
+                .held
+                .iter()
+                .map(|(id, h)| (id.clone(), h.token))
+                .collect()
+        };
+        for chunk in held.chunks(MAX_OPS_PER_TXN) {
+            let txn = TxnRequest {
+                compare: Vec::new(),
+                success: chunk
+                    .iter()
+                    .map(|(id, _)| {
+                        one_op(request_op::Request::RequestRange(RangeRequest {
+                            key: self.key(id).into_bytes(),
+                            keys_only: true,
+                            ..RangeRequest::default()
+                        }))
+                    })
+                    .collect(),
+                failure: Vec::new(),
+            };
+            let mut retry = RETRY_MIN;
+            let resp = loop {
+                let send = |c: Conn| {
+                    let request = c.request(txn.clone());
+                    async move { c.kv().txn(request).await }
+                };
+                if let Ok(Ok(resp)) = self.request(send).await {
+                    break resp;
+                }
+                if !self.pause(retry).await {
+                    return;
+                }
+                retry = (retry * 2).min(RETRY_MAX);
+            };
+            let revision = resp.header.map(|h| h.revision).unwrap_or(0);
+            for ((id, token), answer) in chunk.iter().zip(resp.responses) {
+                let Some(response_op::Response::ResponseRange(range)) = answer.response else {
+                    continue;
+                };
+                let found = range.kvs.first().map(|kv| kv.create_revision);
+                if recheck_ends(*token, found, revision) {
+                    self.end_tenure(id, *token);
+                }
+            }
+        }
+    }
+
+    /// Ends the tenure of `id` with `token`, if it still runs: its key was
+    /// deleted or replaced from outside.
+    fn end_tenure(&self, id: &str, token: u64) {
+        if self.lock().end_tenure(id, token) {
+            warn!(node = %self.node, id, token, "the key of a held id was deleted or replaced in etcd: tenure ended");
+            self.bump();
+        }
+    }
+
+    fn on_event(&self, kind: EventType, kv: &KeyValue) {
+        let Some(id) = kv.key.strip_prefix(self.prefix.as_bytes()) else {
+            return;
+        };
+        let Ok(id) = std::str::from_utf8(id) else {
+            return;
+        };
+        let lost = self
+            .lock()
+            .on_event(kind, id, kv.create_revision, kv.mod_revision);
+        if let Some(token) = lost {
+            self.end_tenure(id, token);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    use tokio::sync::watch;
+
+    use crate::backend::kit::tenures::Tenure;
+    use crate::backend::{LeaseEnd, LeaseSignal};
+
+    /// A state holding `a` created at revision 10, with a waiter on `b`.
+    fn state() -> (State, LeaseSignal, watch::Receiver<i64>) {
+        let mut state = State::default();
+        let signal = LeaseSignal::new();
+        state.held.insert(
+            Arc::from("a"),
+            Tenure::new(10, Duration::ZERO, signal.clone()),
+        );
+        state.expect(&Arc::from("b"));
+        let wake = state.wakes["b"].subscribe();
+        (state, signal, wake)
+    }
+
+    #[test]
+    fn a_deletion_after_our_key_ends_the_tenure() {
+        let (mut state, _, _) = state();
+        assert_eq!(state.on_event(EventType::Delete, "a", 0, 12), Some(10));
+        // A lagging watch's deletion of an older key of the id does not.
+        assert_eq!(state.on_event(EventType::Delete, "a", 0, 9), None);
+        // Neither do other ids' events.
+        assert_eq!(state.on_event(EventType::Delete, "c", 0, 12), None);
+        assert_eq!(state.on_event(EventType::Put, "c", 12, 12), None);
+    }
+
+    #[test]
+    fn a_key_created_after_ours_ends_the_tenure() {
+        let (mut state, _, _) = state();
+        assert_eq!(state.on_event(EventType::Put, "a", 10, 10), None, "ours");
+        assert_eq!(state.on_event(EventType::Put, "a", 7, 8), None, "older");
+        assert_eq!(state.on_event(EventType::Put, "a", 11, 11), Some(10));
+    }
+
+    #[test]
+    fn the_event_only_names_the_tenure_ending_it_is_the_caller() {
+        let (mut state, signal, _) = state();
+        assert_eq!(state.on_event(EventType::Delete, "a", 0, 12), Some(10));
+        assert!(signal.ended_with().is_none());
+        assert!(state.end_tenure("a", 10));
+        assert_eq!(signal.ended_with(), Some(LeaseEnd::Lost));
+        assert_eq!(state.on_event(EventType::Delete, "a", 0, 13), None);
+    }
+
+    #[test]
+    fn a_deletion_wakes_the_waiter_once_per_newer_revision() {
+        let (mut state, _, mut wake) = state();
+        state.on_event(EventType::Delete, "b", 0, 20);
+        assert!(wake.has_changed().unwrap());
+        assert_eq!(*wake.borrow_and_update(), 20);
+        // An older deletion (a lagging watch) changes nothing.
+        state.on_event(EventType::Delete, "b", 0, 15);
+        assert!(!wake.has_changed().unwrap());
+        // A put never wakes anyone.
+        state.on_event(EventType::Put, "b", 30, 30);
+        assert!(!wake.has_changed().unwrap());
+    }
+
+    #[test]
+    fn a_compaction_wakes_every_waiter_behind_it() {
+        let (state, _, mut wake) = state();
+        state.compacted(40);
+        assert_eq!(*wake.borrow_and_update(), 40);
+        state.compacted(30);
+        assert!(!wake.has_changed().unwrap(), "never backwards");
+    }
+
+    #[test]
+    fn a_recheck_ends_tenures_whose_key_is_gone_or_another() {
+        assert!(!recheck_ends(10, Some(10), 50), "still ours");
+        assert!(recheck_ends(10, None, 50), "gone");
+        assert!(recheck_ends(10, Some(30), 50), "re-created");
+        assert!(!recheck_ends(60, None, 50), "granted after the read began");
+    }
+}
