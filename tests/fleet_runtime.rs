@@ -404,6 +404,43 @@ async fn a_drain_hands_over_at_the_handoff_rate() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_drain_hands_over_finished_ids_too() {
+    // A temporary service that returned keeps its id on its node
+    // (`Finished`); a drain releases it like a running one.
+    struct Once;
+    impl Service for Once {
+        async fn run(&mut self, _ctx: &Context) -> highlander::Result<()> {
+            Ok(())
+        }
+    }
+    let once = || {
+        ChildSpec::new("once", |_ctx| async { Ok(Once) }).restart(highlander::Restart::Temporary)
+    };
+    let cluster = MemoryCluster::new();
+    let a = start(&cluster, "a", vec![once()]).await;
+    hang_guard(
+        "finished",
+        a.wait_until(|s| matches!(s.get("once"), Some(SingletonState::Finished { .. }))),
+    )
+    .await;
+    let b = start(&cluster, "b", vec![once()]).await;
+    hang_guard("drain", a.drain()).await.unwrap();
+    assert!(matches!(
+        a.status().get("once"),
+        Some(SingletonState::Draining | SingletonState::Waiting { .. })
+    ));
+    // b claims it and runs it once in turn.
+    hang_guard(
+        "b finished",
+        b.wait_until(|s| matches!(s.get("once"), Some(SingletonState::Finished { .. }))),
+    )
+    .await;
+    assert_eq!(cluster.holders("once")[0].node, "b");
+    hang_guard("shutdown", a.shutdown()).await;
+    hang_guard("shutdown", b.shutdown()).await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn resume_calls_an_unfinished_drain_off() {
     let cluster = MemoryCluster::new();
     let log = Log::default();
