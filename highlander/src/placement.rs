@@ -288,6 +288,17 @@ fn id_prefix(id: &str) -> u64 {
     fnv1a(fnv1a(FNV_OFFSET, id.as_bytes()), &[SEPARATOR])
 }
 
+/// The stable digest of a list of ids (each followed by the separator):
+/// equal on two nodes exactly when, with overwhelming probability, they
+/// name the same ids in the same order. What
+/// [`Catalog::digest`](crate::backend::Catalog::digest) is.
+pub(crate) fn digest<'a>(ids: impl IntoIterator<Item = &'a str>) -> u64 {
+    let state = ids.into_iter().fold(FNV_OFFSET, |state, id| {
+        fnv1a(fnv1a(state, id.as_bytes()), &[SEPARATOR])
+    });
+    finish(state)
+}
+
 /// SplitMix64's finaliser: every input bit reaches every output bit.
 fn finish(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);

@@ -395,6 +395,7 @@ impl Session for MemorySession {
                     node: name.clone(),
                     reachable: Some(n.group) == group,
                     address: None,
+                    profile: None,
                 })
                 .collect();
             members.sort_by(|a, b| a.node.cmp(&b.node));

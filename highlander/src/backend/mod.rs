@@ -70,6 +70,7 @@ use crate::{Error, Result, ShutdownReason, redact_url};
 
 pub(crate) mod kit;
 pub mod memory;
+mod profile;
 
 /// How long `start()` tries to reach the backend before it fails with
 /// [`Error::Unreachable`]: 30 s, long enough to ride out a database or
@@ -82,6 +83,7 @@ pub mod memory;
 pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub use memory::MemoryCluster;
+pub use profile::{Catalog, Profile};
 
 /// A coordination backend, before it is connected: what
 /// [`Builder::backend`](crate::Builder::backend) takes.
@@ -198,6 +200,55 @@ pub trait Session: Send + Sync + 'static {
     /// Read-only: dropping the future changes nothing.
     fn members(&self) -> BoxFuture<'_, Result<Vec<Member>>> {
         Box::pin(async { Ok(Vec::new()) })
+    }
+
+    /// Tells the other members this node's [`Profile`]: its weight, labels
+    /// and the ids it runs, which they need to compute where each id belongs
+    /// ([`crate::placement`]). The runtime calls it once before its first
+    /// claim and again whenever its ids change; the backend keeps the latest
+    /// profile for the life of the session (announcing it again after a
+    /// reconnect) and shows it to every member in [`Member::profile`]; a
+    /// member's profile disappears with the member.
+    ///
+    /// The default does nothing: [`members`](Self::members) then carries no
+    /// profiles and every node claims as ids come free, with no placement.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future may leave the previous profile in place or the
+    /// new one; the runtime announces again on its next change.
+    fn announce(&self, profile: Profile) -> BoxFuture<'_, Result<()>> {
+        let _ = profile;
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Completes when [`members`](Self::members) may answer differently than
+    /// when this future was created: a member joined, left, became
+    /// unreachable or announced a new profile. Spurious completions are
+    /// allowed (the caller asks `members` again); a missed change is not.
+    /// The default never completes (a backend without members).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future changes nothing.
+    fn members_changed(&self) -> BoxFuture<'static, ()> {
+        Box::pin(std::future::pending())
+    }
+
+    /// Gives up this node's tenure of `id` as [`release`](Self::release)
+    /// does, in favour of the member `node`: for a short while (a backend's
+    /// own choice, at most a few seconds) other members' claims of `id` are
+    /// refused so that `node` takes it over, then anyone may. What
+    /// `RuntimeHandle::transfer` and
+    /// rebalancing use. The default is a plain release (the placement order
+    /// then decides who takes the id).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`release`](Self::release).
+    fn release_to(&self, id: &str, token: u64, node: &str) -> BoxFuture<'_, Result<()>> {
+        let _ = node;
+        self.release(id, token)
     }
 
     /// Every id held now as far as this node can see (in its namespace, for
@@ -468,6 +519,14 @@ pub struct Member {
     pub reachable: bool,
     /// Its address, when it has one.
     pub address: Option<String>,
+    /// What it announced for placement ([`Session::announce`]): `None` for
+    /// a member that announced nothing yet (it is no placement candidate)
+    /// and on backends without placement.
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub profile: Option<Profile>,
 }
 
 impl Member {
@@ -477,7 +536,20 @@ impl Member {
             node: node.into(),
             reachable,
             address,
+            profile: None,
         }
+    }
+
+    /// The same member with the profile it announced.
+    ///
+    /// ```
+    /// use highlander::backend::{Member, Profile};
+    /// let m = Member::new("a", true, None).with_profile(Profile::default());
+    /// assert_eq!(m.profile.unwrap().weight, 1);
+    /// ```
+    pub fn with_profile(mut self, profile: Profile) -> Self {
+        self.profile = Some(profile);
+        self
     }
 }
 

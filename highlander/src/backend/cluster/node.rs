@@ -2085,12 +2085,14 @@ impl Node {
                 node: name.to_string(),
                 reachable: p.reachable(),
                 address: p.addr.clone(),
+                profile: None,
             })
             .collect();
         members.push(Member {
             node: self.name.to_string(),
             reachable: !st.closed,
             address: self.me.addr.clone(),
+            profile: None,
         });
         members.sort_by(|a, b| a.node.cmp(&b.node));
         members

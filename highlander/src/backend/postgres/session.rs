@@ -176,6 +176,7 @@ impl Session for PgSession {
                     node: row.get::<_, Option<String>>(0).unwrap_or_default(),
                     reachable: true,
                     address: row.get(1),
+                    profile: None,
                 })
                 .collect();
             members.sort_by(|a, b| a.node.cmp(&b.node));
