@@ -11,6 +11,7 @@
 use std::time::Duration;
 
 use highlander::backend::postgres::Postgres;
+use highlander::backend::{Backend, Claim, ClaimRequest};
 use highlander::{BackendErrorKind, Error, Runtime, RuntimeHandle, ShutdownReason, SingletonState};
 use highlander_tests::postgres::{PASSWORD, PgServer};
 use highlander_tests::probe::{Kind, Probe};
@@ -507,4 +508,41 @@ async fn the_lease_deadline_is_reported_while_ids_are_held() {
     assert!(later > first, "heartbeats move the deadline forward");
     holder.shutdown().await;
     observer.shutdown().await;
+}
+
+/// A `try_claim` future dropped before its answer leaves no tenure: the
+/// grant the server makes for it is released at once, and another node
+/// gets the id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_claim_leaves_no_tenure() {
+    let pg = PgServer::start();
+    let a = Postgres::new(pg.url()).connect("drop-a").await.unwrap();
+    let b = Postgres::new(pg.url()).connect("drop-b").await.unwrap();
+    for round in 0..3 {
+        let id = format!("dropped-{round}");
+        let request = ClaimRequest::new(id.as_str(), Duration::from_secs(1));
+        // Queued when asked: the driver claims it for nobody.
+        drop(a.try_claim(request.clone()));
+        let token = format!("SELECT token FROM highlander_leases WHERE id = '{id}'");
+        within("a's claim reaches the server", GUARD, async {
+            while pg.sql(&token).await != [[Some("1".to_string())]] {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        let lease = within("the id is free after a dropped try_claim", GUARD, async {
+            loop {
+                match b.try_claim(request.clone()).await.expect("b can ask") {
+                    Claim::Granted(lease) => return lease,
+                    Claim::Busy { wake, .. } => wake.await,
+                    other => panic!("{other:?}"),
+                }
+            }
+        })
+        .await;
+        assert_eq!(lease.token, 2, "b's tenure follows a's");
+        b.release(&id, lease.token).await.unwrap();
+    }
+    a.close().await;
+    b.close().await;
 }

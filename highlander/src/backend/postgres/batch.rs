@@ -14,7 +14,7 @@ use super::sql;
 use super::state::{PendingClaim, PendingRelease, State};
 use super::timing::{MAX_SERVER_TIMEOUT, Timing};
 use crate::backend::kit::tenures::Tenure;
-use crate::backend::{Claim, Holder, Lease};
+use crate::backend::{Claim, Holder, Lease, LeaseEnd};
 use crate::service::BoxFuture;
 use crate::{BackendErrorKind, Error};
 
@@ -184,8 +184,10 @@ pub(super) fn outcome(
 
 /// Completes every claim of a sent batch from its rows: grants become
 /// tenures, busy ids wait on their holder (or retry at once when it moved
-/// since `seq0`), free ones go back in the queue. Returns whether any did
-/// (the driver then sends again at once).
+/// since `seq0`), free ones go back in the queue. A grant whose caller is
+/// gone (its `try_claim` future was dropped) is released at once, as
+/// `release` would: nobody runs it. Returns whether claims or releases were
+/// queued (the driver then sends again at once).
 pub(super) fn complete(
     st: &mut State,
     settings: &Settings,
@@ -195,7 +197,7 @@ pub(super) fn complete(
     me: i32,
     seq0: u64,
 ) -> bool {
-    let mut requeued = false;
+    let mut queued = false;
     for mut c in batch {
         st.known.insert(c.key);
         let reply = match outcome(&c, granted, status.get(&c.key), me, &settings.namespace) {
@@ -203,7 +205,18 @@ pub(super) fn complete(
                 let (lease, signal) = Lease::new(token);
                 // An older tenure of the same key still recorded is ended.
                 st.held.insert(c.key, Tenure::new(token, c.budget, signal));
-                Ok(Claim::Granted(lease))
+                if c.reply.send(Ok(Claim::Granted(lease))).is_err() {
+                    if let Some(tenure) = st.held.remove_if(&c.key, token) {
+                        tenure.signal.end(LeaseEnd::Lost);
+                    }
+                    st.releases.push(PendingRelease {
+                        keys: vec![c.key],
+                        reply: None,
+                        failures: 0,
+                    });
+                    queued = true;
+                }
+                continue;
             }
             Outcome::Missing => {
                 st.known.remove(&c.key);
@@ -242,7 +255,7 @@ pub(super) fn complete(
             Outcome::Retry => {
                 c.retries += 1;
                 st.claims.push(c);
-                requeued = true;
+                queued = true;
                 continue;
             }
             Outcome::Poll(holder) => Ok(Claim::Busy {
@@ -252,7 +265,7 @@ pub(super) fn complete(
         };
         let _ = c.reply.send(reply);
     }
-    requeued
+    queued
 }
 
 /// The keys a release batch frees, in key order (the order every statement

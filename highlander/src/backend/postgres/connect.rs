@@ -77,11 +77,12 @@ async fn open_inner(inner: &Arc<Inner>) -> Result<Live, Error> {
     let client = Arc::new(client);
     let (me, stmts, sent, version) = match prepare(inner, &client, &params, x).await {
         Ok(Ok(r)) => r,
+        // Numbers drawn at random all taken: another try draws others.
         Ok(Err(message)) => {
-            return Err(Error::backend(
-                BackendErrorKind::Other,
-                format!("postgres at {}: {message}", settings.target),
-            ));
+            return Err(unreachable(format!(
+                "postgres at {}: {message}",
+                settings.target
+            )));
         }
         Err(e) => return Err(connect_error(settings, e)),
     };

@@ -399,11 +399,11 @@ fn finish_claims_sent(
             (r.get(0), row)
         })
         .collect();
-    let requeued = {
+    let queued = {
         let mut st = inner.lock();
         batch::complete(&mut st, settings, batch, &granted, &status, live.me, seq0)
     };
-    if requeued {
+    if queued {
         inner.kick.notify_one();
     }
     Ok(())

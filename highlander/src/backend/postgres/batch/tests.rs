@@ -288,6 +288,42 @@ async fn a_claim_that_keeps_missing_a_free_row_polls() {
     assert_eq!(start.elapsed(), settings.timing.poll);
 }
 
+/// A grant whose `try_claim` future is gone (the receiver of its answer
+/// dropped) leaves no tenure: it is ended and released at once, as
+/// `release` would.
+#[test]
+fn a_grant_nobody_takes_is_released() {
+    let settings = settings();
+    let mut st = State::default();
+    let (_, old) = Lease::new(1);
+    st.held
+        .insert(6, Tenure::new(1, Duration::ZERO, old.clone()));
+    let (gone, rx) = claim("gone", 6, Duration::ZERO);
+    drop(rx);
+    let (kept, mut kept_rx) = claim("kept", 7, Duration::ZERO);
+    let granted = HashMap::from([(6, 2), (7, 5)]);
+    let queued = complete(
+        &mut st,
+        &settings,
+        vec![gone, kept],
+        &granted,
+        &HashMap::new(),
+        1,
+        0,
+    );
+    assert!(queued, "the release goes out at once");
+    assert!(st.held.get(&6).is_none(), "no tenure of the dropped claim");
+    assert_eq!(
+        old.ended_with(),
+        Some(LeaseEnd::Lost),
+        "nor of an older one"
+    );
+    assert_eq!(release_keys(&st.releases), vec![6]);
+    assert!(st.releases[0].reply.is_none());
+    assert!(matches!(kept_rx.try_recv(), Ok(Ok(Claim::Granted(_)))));
+    assert_eq!(st.held.get(&7).map(|t| t.token), Some(5));
+}
+
 #[test]
 fn collisions_name_both_ids() {
     let settings = settings();
