@@ -57,9 +57,11 @@ use crate::backend::{Backend, Session};
 use crate::service::BoxFuture;
 use crate::{Error, Result, redact_url};
 
+mod encoding;
 mod faults;
 mod node;
 mod seal;
+mod transcript;
 mod wire;
 
 #[cfg(feature = "test-util")]

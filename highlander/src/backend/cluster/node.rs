@@ -28,9 +28,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::seal;
+use super::transcript::{Role, Transcript};
 use super::wire::{
     Handshake, Hold, MAX_FRAME, MAX_HANDSHAKE_FRAME, MemberInfo, Msg, NONCE_LEN, PROTOCOL_VERSION,
-    RejectReason, Role, SYNC_CHUNK, Transcript, valid_addr, valid_name,
+    RejectReason, SYNC_CHUNK, valid_addr, valid_name,
 };
 use super::{MIN_PUBLIC_COOKIE, Settings};
 use crate::backend::{
