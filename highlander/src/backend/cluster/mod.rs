@@ -57,11 +57,20 @@ use crate::backend::{Backend, Session};
 use crate::service::BoxFuture;
 use crate::{Error, Result, redact_url};
 
+mod accept;
+mod dial;
+mod discovery;
 mod encoding;
 mod faults;
+mod gate;
+mod join;
 mod node;
 mod seal;
+mod session;
+mod state;
+mod tokens;
 mod transcript;
+mod transport;
 mod wire;
 
 #[cfg(feature = "test-util")]
@@ -335,8 +344,8 @@ impl Backend for Cluster {
         let name = node.to_string();
         Box::pin(async move {
             settings.validate(None)?;
-            let node = node::start(settings, &name).await?;
-            Ok(Arc::new(node::ClusterSession { node }) as Arc<dyn Session>)
+            let node = join::start(settings, &name).await?;
+            Ok(Arc::new(session::ClusterSession { node }) as Arc<dyn Session>)
         })
     }
 

@@ -5,7 +5,22 @@
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use super::tokens::unix_nanos;
 use super::wire::{MAC_LEN, MemberInfo, NONCE_LEN};
+
+/// A fresh nonce for one side of a handshake.
+pub(super) fn random_nonce() -> [u8; NONCE_LEN] {
+    let mut nonce = [0u8; NONCE_LEN];
+    if getrandom::fill(&mut nonce).is_err() {
+        // No OS randomness: fall back to time and address entropy, which
+        // still never repeats within one process.
+        let seed = unix_nanos() ^ (&nonce as *const _ as u64);
+        for (i, b) in nonce.iter_mut().enumerate() {
+            *b = (seed.rotate_left(i as u32 * 7) >> (i % 8)) as u8;
+        }
+    }
+    nonce
+}
 
 /// Which side of the handshake a MAC proves.
 #[derive(Clone, Copy)]
