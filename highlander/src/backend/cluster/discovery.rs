@@ -298,3 +298,164 @@ impl Node {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cluster::state::ConnId;
+    use crate::backend::cluster::wire::{MemberInfo, Msg, SYNC_CHUNK};
+
+    const A: &str = "10.0.0.1:7400";
+    const B: &str = "10.0.0.2:7400";
+
+    fn seeds() -> Seeds {
+        Seeds::new(vec![A.to_string(), B.to_string()])
+    }
+
+    /// Connects member `name` at `addr` and delivers its `Sync`, naming
+    /// `members`.
+    fn up(state: &mut State, name: &str, addr: &str, members: Vec<MemberInfo>) -> ConnId {
+        let info = MemberInfo {
+            name: Arc::from(name),
+            incarnation: 1,
+            addr: Some(addr.to_string()),
+        };
+        let (conn, _) = state.adopt(&info, true, SYNC_CHUNK).unwrap();
+        let sync = Msg::Sync {
+            ready: true,
+            members,
+            holdings: vec![],
+        };
+        let _ = state.on_frame(&info.name, conn, sync, 0);
+        conn
+    }
+
+    #[test]
+    fn every_seed_is_dialed_once_at_a_time_and_again_after_a_failure() {
+        let (mut seeds, mut state) = (seeds(), State::new(Arc::from("me")));
+        let now = Instant::now();
+        assert_eq!(seeds.targets(&mut state, now), [A, B]);
+        assert!(seeds.targets(&mut state, now).is_empty(), "both in flight");
+        // A failed seed is dialed again, and its names resolved again.
+        assert_eq!(seeds.dialed(A, &Dialed::Failed, now), Then::Resolve);
+        assert_eq!(seeds.targets(&mut state, now), [A]);
+        // A failure at an address that is no seed resolves nothing.
+        assert_eq!(
+            seeds.dialed("10.9.9.9:1", &Dialed::Failed, now),
+            Then::Nothing
+        );
+    }
+
+    #[test]
+    fn a_refusal_holds_the_address_back_for_a_while() {
+        let (mut seeds, mut state) = (seeds(), State::new(Arc::from("me")));
+        let now = Instant::now();
+        let _ = seeds.targets(&mut state, now);
+        let refused = Dialed::Rejected(RejectReason::BadCookie);
+        assert_eq!(seeds.dialed(A, &refused, now), Then::Nothing);
+        assert!(
+            seeds
+                .targets(&mut state, now + Duration::from_secs(1))
+                .is_empty()
+        );
+        assert_eq!(
+            seeds.targets(&mut state, now + REFUSED_REDIAL + Duration::from_millis(1)),
+            [A]
+        );
+        // An unproven "that is you" asks for another dial at once, and the
+        // address stays a seed.
+        let _ = seeds.dialed(A, &Dialed::Rejected(RejectReason::SelfDial), now);
+        assert!(!seeds.all_self());
+        assert_eq!(
+            seeds.dialed(B, &Dialed::Rejected(RejectReason::SelfDial), now),
+            Then::Dial
+        );
+    }
+
+    #[test]
+    fn this_nodes_own_address_is_never_dialed_again() {
+        let mut seeds = Seeds::new(vec![A.to_string()]);
+        let mut state = State::new(Arc::from("me"));
+        let now = Instant::now();
+        let _ = seeds.targets(&mut state, now);
+        assert!(!seeds.all_self());
+        assert_eq!(seeds.dialed(A, &Dialed::OnlySelf, now), Then::Epoch);
+        assert!(seeds.all_self());
+        assert!(seeds.targets(&mut state, now).is_empty());
+        assert!(seeds.joined(&state), "alone, with only itself as seed");
+    }
+
+    #[test]
+    fn members_up_are_not_dialed_and_members_down_are() {
+        let (mut seeds, mut state) = (seeds(), State::new(Arc::from("me")));
+        let now = Instant::now();
+        let _ = seeds.targets(&mut state, now);
+        let c = MemberInfo {
+            name: Arc::from("c"),
+            incarnation: 1,
+            addr: Some("10.0.0.3:7400".into()),
+        };
+        let conn = up(&mut state, "a", A, vec![c]);
+        assert_eq!(
+            seeds.dialed(A, &Dialed::Connected(Arc::from("a")), now),
+            Then::Nothing
+        );
+        // "c", learned from "a", is dialed; "a" is up; B is still in flight.
+        assert_eq!(seeds.targets(&mut state, now), ["10.0.0.3:7400"]);
+        assert!(!seeds.joined(&state), "c and B are not connected yet");
+        // "a" goes down: dialed again at the address it has.
+        let _ = state.conn_closed(&Arc::from("a"), conn);
+        assert_eq!(seeds.targets(&mut state, now), [A]);
+    }
+
+    #[test]
+    fn members_down_for_long_are_forgotten_unless_they_are_seeds() {
+        let (mut seeds, mut state) = (seeds(), State::new(Arc::from("me")));
+        let a = up(&mut state, "a", A, vec![]);
+        let c = up(&mut state, "c", "10.0.0.3:7400", vec![]);
+        let _ = state.conn_closed(&Arc::from("a"), a);
+        let _ = state.conn_closed(&Arc::from("c"), c);
+        let later = Instant::now() + FORGET_AFTER + Duration::from_secs(1);
+        let _ = seeds.targets(&mut state, later);
+        assert!(state.peer("a").is_some(), "a seed is kept");
+        assert!(state.peer("c").is_none(), "c is forgotten");
+    }
+
+    #[test]
+    fn joined_means_every_seed_and_every_member_synced() {
+        let (seeds, mut state) = (seeds(), State::new(Arc::from("me")));
+        assert!(!seeds.joined(&state));
+        up(&mut state, "a", A, vec![]);
+        assert!(!seeds.joined(&state), "B is missing");
+        up(&mut state, "b", B, vec![]);
+        assert!(seeds.joined(&state));
+    }
+
+    #[test]
+    fn resolving_again_adds_and_drops_seed_addresses() {
+        let mut seeds = seeds();
+        assert_eq!(
+            seeds.update(vec![B.to_string(), "10.0.0.4:7400".into()]),
+            (1, 1)
+        );
+        assert_eq!(
+            seeds.update(vec![B.to_string(), "10.0.0.4:7400".into()]),
+            (0, 0)
+        );
+        let mut state = State::new(Arc::from("me"));
+        assert_eq!(
+            seeds.targets(&mut state, Instant::now()),
+            [B, "10.0.0.4:7400"]
+        );
+    }
+
+    #[test]
+    fn only_names_are_resolved_again() {
+        assert!(!have_names(&[
+            A.to_string(),
+            "[::1]:7400".into(),
+            String::new()
+        ]));
+        assert!(have_names(&[A.to_string(), "cluster.test:7400".into()]));
+    }
+}

@@ -311,3 +311,194 @@ impl State {
         Some(fx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{
+        at, connect, ended, granted, has, hold, holder_of, info, name, ready, replies, sent, woken,
+    };
+    use super::super::{Effect, Reply, Step, Timer};
+    use crate::backend::LeaseEnd;
+    use crate::backend::cluster::wire::{Msg, RejectReason, SYNC_CHUNK};
+
+    #[test]
+    fn a_join_merges_both_registries() {
+        let mut a = ready("a");
+        let _ = granted(a.claim(&name("x"), at(1)).0);
+        // What "a" sends a new member: its holdings in its `Sync`.
+        let (conn, fx) = a.adopt(&info("b", 1), false, SYNC_CHUNK).unwrap();
+        let sync = sent(&fx)
+            .into_iter()
+            .find_map(|(to, m)| matches!(m, Msg::Sync { .. }).then_some((to, m.clone())));
+        let Some(("b", Msg::Sync { holdings, .. })) = sync else {
+            panic!("a Sync to b: {:?}", fx.list());
+        };
+        assert_eq!(holdings.iter().map(|h| &*h.id).collect::<Vec<_>>(), ["x"]);
+        // "b" holds "y": once its `Sync` arrives, "a" sees both.
+        let _ = a.on_frame(
+            &name("b"),
+            conn,
+            Msg::Sync {
+                ready: true,
+                members: vec![info("c", 1)],
+                holdings: vec![hold("y", 2 << 10, at(0))],
+            },
+            at(2),
+        );
+        let held: Vec<(String, String)> = a
+            .holders()
+            .into_iter()
+            .map(|h| (h.id, h.holder.node))
+            .collect();
+        assert_eq!(held, [("x".into(), "a".into()), ("y".into(), "b".into())]);
+        // The member "b" named is learned (and dialed).
+        assert!(a.peer("c").is_some_and(|p| p.is_down()));
+        // A later `Sync` without "y" means "b" no longer holds it.
+        let fx = a.on_frame(
+            &name("b"),
+            conn,
+            Msg::Sync {
+                ready: true,
+                members: vec![],
+                holdings: vec![],
+            },
+            at(3),
+        );
+        assert!(woken(&fx, "y"));
+        assert_eq!(holder_of(&a, "y"), None);
+    }
+
+    #[test]
+    fn large_holdings_go_ahead_in_parts_and_are_merged_on_arrival() {
+        let mut a = ready("a");
+        for i in 0..10 {
+            let _ = granted(a.claim(&name(&format!("id-{i}")), at(1)).0);
+        }
+        // A chunk of about three holds.
+        let chunk = 3 * hold("id-0", 0, 0).encoded_len();
+        let (_, fx) = a.adopt(&info("b", 1), false, chunk).unwrap();
+        let frames: Vec<Msg> = sent(&fx).into_iter().map(|(_, m)| m.clone()).collect();
+        let parts = frames
+            .iter()
+            .filter(|m| matches!(m, Msg::SyncPart { .. }))
+            .count();
+        assert_eq!(parts, 3);
+        assert!(matches!(frames.last(), Some(Msg::Sync { holdings, .. }) if holdings.len() == 1));
+        // Delivered to another node in order, they add up to every hold.
+        let mut b = ready("b");
+        let (conn, _) = b.adopt(&info("a", 1), true, SYNC_CHUNK).unwrap();
+        for frame in frames {
+            let _ = b.on_frame(&name("a"), conn, frame, at(2));
+        }
+        assert_eq!(b.holders().len(), 10);
+        assert!(b.peer("a").unwrap().synced());
+    }
+
+    #[test]
+    fn one_connection_per_pair_and_the_newest_incarnation_wins() {
+        let mut s = ready("b");
+        // "a" dialed us: the lower name's dial, preferred.
+        let (first, _) = s.adopt(&info("a", 1), false, SYNC_CHUNK).unwrap();
+        // Our own dial to "a" (the higher name's) loses to it.
+        assert_eq!(
+            s.adopt(&info("a", 1), true, SYNC_CHUNK).err(),
+            Some(RejectReason::Duplicate)
+        );
+        // A new dial from "a" replaces its old one, told it is superseded.
+        let (second, fx) = s.adopt(&info("a", 1), false, SYNC_CHUNK).unwrap();
+        assert_ne!(first, second);
+        assert!(has(
+            &fx,
+            |e| matches!(e, Effect::Send { to, msg: Msg::Superseded } if to[0].1 == first)
+        ));
+        assert!(has(&fx, |e| matches!(e, Effect::Hangup(c) if *c == first)));
+        // An older incarnation is refused while the newer one is connected; a
+        // newer one replaces it.
+        let _ = s.on_frame(
+            &name("a"),
+            second,
+            Msg::Sync {
+                ready: true,
+                members: vec![],
+                holdings: vec![hold("x", 1, 1)],
+            },
+            at(1),
+        );
+        let (_, fx) = s.adopt(&info("a", 2), false, SYNC_CHUNK).unwrap();
+        assert!(has(&fx, |e| matches!(e, Effect::Stop(c) if *c == second)));
+        assert_eq!(
+            holder_of(&s, "x"),
+            None,
+            "the old incarnation's holds are gone"
+        );
+        assert_eq!(
+            s.adopt(&info("a", 1), false, SYNC_CHUNK).err(),
+            Some(RejectReason::NameTaken)
+        );
+    }
+
+    #[test]
+    fn a_superseded_connection_keeps_the_member_until_the_failure_timeout() {
+        let mut s = ready("b");
+        let (a, _) = connect(&mut s, "a", vec![hold("x", 1, 1)]);
+        let fx = s.on_frame(&name("a"), a, Msg::Superseded, at(1));
+        assert!(has(&fx, |e| matches!(e, Effect::Hangup(c) if *c == a)));
+        let timer = Timer::Switching {
+            peer: name("a"),
+            conn: a,
+        };
+        assert!(has(&fx, |e| matches!(e, Effect::Timer(t) if *t == timer)));
+        assert!(s.peer("a").unwrap().reachable());
+        assert_eq!(holder_of(&s, "x").as_deref(), Some("a"));
+        // No replacement came: the member is down.
+        let fx = s.expired(timer.clone());
+        assert!(has(&fx, |e| matches!(e, Effect::Epoch)));
+        assert_eq!(holder_of(&s, "x"), None);
+        // Had the replacement come, the timer would change nothing.
+        let mut s = ready("b");
+        let (a, _) = connect(&mut s, "a", vec![]);
+        let _ = s.on_frame(&name("a"), a, Msg::Superseded, at(1));
+        let _ = s.adopt(&info("a", 1), false, SYNC_CHUNK).unwrap();
+        let fx = s.expired(Timer::Switching {
+            peer: name("a"),
+            conn: a,
+        });
+        assert!(fx.list().is_empty());
+    }
+
+    #[test]
+    fn leaving_releases_everything_and_says_goodbye() {
+        let mut s = ready("b");
+        let (a, _) = connect(&mut s, "a", vec![]);
+        // "a" is the arbiter; grant "x" so this node holds it.
+        let _ = s.claim(&name("x"), at(1));
+        let _ = s.on_frame(
+            &name("a"),
+            a,
+            Msg::Grant {
+                id: name("x"),
+                floor: 0,
+            },
+            at(2),
+        );
+        let _ = s.claim(&name("y"), at(3));
+        let fx = s.close().expect("first close");
+        assert_eq!(ended(&fx), [("x", &LeaseEnd::Lost)]);
+        assert!(matches!(replies(&fx)[..], [("y", Reply::Retry)]));
+        let frames = sent(&fx);
+        assert!(matches!(frames[0], ("a", Msg::Released { .. })));
+        assert_eq!(frames.last(), Some(&("a", &Msg::Leave)));
+        assert!(matches!(fx.list().last(), Some(Effect::Hangup(c)) if *c == a));
+        assert!(s.close().is_none(), "leaving twice does nothing");
+        assert!(matches!(s.claim(&name("x"), at(4)).0, Step::Closed));
+        // The member that left is never taken back in that incarnation.
+        let mut other = ready("c");
+        let (b, _) = connect(&mut other, "b", vec![]);
+        let _ = other.on_frame(&name("b"), b, Msg::Leave, at(5));
+        assert!(other.peer("b").is_none());
+        assert_eq!(
+            other.adopt(&info("b", 1), false, SYNC_CHUNK).err(),
+            Some(RejectReason::Duplicate)
+        );
+    }
+}

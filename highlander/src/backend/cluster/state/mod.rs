@@ -3,7 +3,8 @@
 //! each change answers with the [`Effects`] the I/O layer (`node.rs`)
 //! carries out in order: frames to queue, connections to close, leases to
 //! end, claims to complete, waiters to wake. Nothing here touches a socket,
-//! a task or a channel, so every rule has a plain test (`tests.rs`).
+//! a task or a channel, so every rule has a plain test (`tests.rs`, and
+//! `membership.rs` for its own).
 
 mod membership;
 mod registry;

@@ -1,23 +1,24 @@
-//! The core's rules, one state at a time: frames go in, effects come out.
-//! No socket, no task, no runtime.
+//! The registry's rules, one state at a time: frames and claims go in,
+//! effects come out. No socket, no task, no runtime. The helpers here serve
+//! the membership tests too.
 
 use std::sync::Arc;
 
 use super::registry::keeps;
 use super::{ConnId, Effect, Effects, Reply, State, Step, Timer};
 use crate::backend::LeaseEnd;
-use crate::backend::cluster::wire::{Hold, MemberInfo, Msg, RejectReason, SYNC_CHUNK};
+use crate::backend::cluster::wire::{Hold, MemberInfo, Msg, SYNC_CHUNK};
 
 /// A nanosecond clock reading: `ms` milliseconds after some fixed start.
-fn at(ms: u64) -> u64 {
+pub(super) fn at(ms: u64) -> u64 {
     1_700_000_000_000_000_000 + ms * 1_000_000
 }
 
-fn name(s: &str) -> Arc<str> {
+pub(super) fn name(s: &str) -> Arc<str> {
     Arc::from(s)
 }
 
-fn info(peer: &str, incarnation: u64) -> MemberInfo {
+pub(super) fn info(peer: &str, incarnation: u64) -> MemberInfo {
     MemberInfo {
         name: name(peer),
         incarnation,
@@ -25,7 +26,7 @@ fn info(peer: &str, incarnation: u64) -> MemberInfo {
     }
 }
 
-fn hold(id: &str, token: u64, since: u64) -> Hold {
+pub(super) fn hold(id: &str, token: u64, since: u64) -> Hold {
     Hold {
         id: name(id),
         token,
@@ -34,14 +35,14 @@ fn hold(id: &str, token: u64, since: u64) -> Hold {
 }
 
 /// A node that has joined (alone).
-fn ready(me: &str) -> State {
+pub(super) fn ready(me: &str) -> State {
     let mut s = State::new(name(me));
     let _ = s.become_ready();
     s
 }
 
 /// Connects `peer` to `s` and delivers its first `Sync` with `holdings`.
-fn connect(s: &mut State, peer: &str, holdings: Vec<Hold>) -> (ConnId, Effects) {
+pub(super) fn connect(s: &mut State, peer: &str, holdings: Vec<Hold>) -> (ConnId, Effects) {
     let (conn, _) = s.adopt(&info(peer, 1), true, SYNC_CHUNK).expect("adopted");
     let sync = Msg::Sync {
         ready: true,
@@ -52,7 +53,7 @@ fn connect(s: &mut State, peer: &str, holdings: Vec<Hold>) -> (ConnId, Effects) 
 }
 
 /// Every frame queued, as (peer, frame).
-fn sent(fx: &Effects) -> Vec<(&str, &Msg)> {
+pub(super) fn sent(fx: &Effects) -> Vec<(&str, &Msg)> {
     fx.list()
         .iter()
         .flat_map(|e| match e {
@@ -62,7 +63,7 @@ fn sent(fx: &Effects) -> Vec<(&str, &Msg)> {
         .collect()
 }
 
-fn ended(fx: &Effects) -> Vec<(&str, &LeaseEnd)> {
+pub(super) fn ended(fx: &Effects) -> Vec<(&str, &LeaseEnd)> {
     fx.list()
         .iter()
         .filter_map(|e| match e {
@@ -72,7 +73,7 @@ fn ended(fx: &Effects) -> Vec<(&str, &LeaseEnd)> {
         .collect()
 }
 
-fn replies(fx: &Effects) -> Vec<(&str, &Reply)> {
+pub(super) fn replies(fx: &Effects) -> Vec<(&str, &Reply)> {
     fx.list()
         .iter()
         .filter_map(|e| match e {
@@ -82,24 +83,24 @@ fn replies(fx: &Effects) -> Vec<(&str, &Reply)> {
         .collect()
 }
 
-fn woken(fx: &Effects, id: &str) -> bool {
+pub(super) fn woken(fx: &Effects, id: &str) -> bool {
     fx.list()
         .iter()
         .any(|e| matches!(e, Effect::Wake(w) if &**w == id))
 }
 
-fn has(fx: &Effects, pred: impl Fn(&Effect) -> bool) -> bool {
+pub(super) fn has(fx: &Effects, pred: impl Fn(&Effect) -> bool) -> bool {
     fx.list().iter().any(pred)
 }
 
-fn granted(step: Step) -> crate::backend::Lease {
+pub(super) fn granted(step: Step) -> crate::backend::Lease {
     match step {
         Step::Granted(lease) => lease,
         other => panic!("expected a grant, got {other:?}"),
     }
 }
 
-fn holder_of(s: &State, id: &str) -> Option<String> {
+pub(super) fn holder_of(s: &State, id: &str) -> Option<String> {
     s.holder(id).map(|h| h.node)
 }
 
@@ -398,79 +399,6 @@ fn tokens_grow_across_tenures_on_one_node_and_across_nodes() {
 }
 
 #[test]
-fn a_join_merges_both_registries() {
-    let mut a = ready("a");
-    let _ = granted(a.claim(&name("x"), at(1)).0);
-    // What "a" sends a new member: its holdings in its `Sync`.
-    let (conn, fx) = a.adopt(&info("b", 1), false, SYNC_CHUNK).unwrap();
-    let sync = sent(&fx)
-        .into_iter()
-        .find_map(|(to, m)| matches!(m, Msg::Sync { .. }).then_some((to, m.clone())));
-    let Some(("b", Msg::Sync { holdings, .. })) = sync else {
-        panic!("a Sync to b: {:?}", fx.list());
-    };
-    assert_eq!(holdings.iter().map(|h| &*h.id).collect::<Vec<_>>(), ["x"]);
-    // "b" holds "y": once its `Sync` arrives, "a" sees both.
-    let _ = a.on_frame(
-        &name("b"),
-        conn,
-        Msg::Sync {
-            ready: true,
-            members: vec![info("c", 1)],
-            holdings: vec![hold("y", 2 << 10, at(0))],
-        },
-        at(2),
-    );
-    let held: Vec<(String, String)> = a
-        .holders()
-        .into_iter()
-        .map(|h| (h.id, h.holder.node))
-        .collect();
-    assert_eq!(held, [("x".into(), "a".into()), ("y".into(), "b".into())]);
-    // The member "b" named is learned (and dialed).
-    assert!(a.peer("c").is_some_and(|p| p.is_down()));
-    // A later `Sync` without "y" means "b" no longer holds it.
-    let fx = a.on_frame(
-        &name("b"),
-        conn,
-        Msg::Sync {
-            ready: true,
-            members: vec![],
-            holdings: vec![],
-        },
-        at(3),
-    );
-    assert!(woken(&fx, "y"));
-    assert_eq!(holder_of(&a, "y"), None);
-}
-
-#[test]
-fn large_holdings_go_ahead_in_parts_and_are_merged_on_arrival() {
-    let mut a = ready("a");
-    for i in 0..10 {
-        let _ = granted(a.claim(&name(&format!("id-{i}")), at(1)).0);
-    }
-    // A chunk of about three holds.
-    let chunk = 3 * hold("id-0", 0, 0).encoded_len();
-    let (_, fx) = a.adopt(&info("b", 1), false, chunk).unwrap();
-    let frames: Vec<Msg> = sent(&fx).into_iter().map(|(_, m)| m.clone()).collect();
-    let parts = frames
-        .iter()
-        .filter(|m| matches!(m, Msg::SyncPart { .. }))
-        .count();
-    assert_eq!(parts, 3);
-    assert!(matches!(frames.last(), Some(Msg::Sync { holdings, .. }) if holdings.len() == 1));
-    // Delivered to another node in order, they add up to every hold.
-    let mut b = ready("b");
-    let (conn, _) = b.adopt(&info("a", 1), true, SYNC_CHUNK).unwrap();
-    for frame in frames {
-        let _ = b.on_frame(&name("a"), conn, frame, at(2));
-    }
-    assert_eq!(b.holders().len(), 10);
-    assert!(b.peer("a").unwrap().synced());
-}
-
-#[test]
 fn a_hold_relayed_by_a_loser_counts_until_the_failure_timeout() {
     let mut s = ready("c");
     let (b, _) = connect(&mut s, "b", vec![hold("x", 5 << 10, at(10))]);
@@ -500,112 +428,4 @@ fn a_hold_relayed_by_a_loser_counts_until_the_failure_timeout() {
     let fx = s.expired(timer.unwrap());
     assert!(woken(&fx, "x"));
     assert_eq!(holder_of(&s, "x"), None);
-}
-
-#[test]
-fn one_connection_per_pair_and_the_newest_incarnation_wins() {
-    let mut s = ready("b");
-    // "a" dialed us: the lower name's dial, preferred.
-    let (first, _) = s.adopt(&info("a", 1), false, SYNC_CHUNK).unwrap();
-    // Our own dial to "a" (the higher name's) loses to it.
-    assert_eq!(
-        s.adopt(&info("a", 1), true, SYNC_CHUNK).err(),
-        Some(RejectReason::Duplicate)
-    );
-    // A new dial from "a" replaces its old one, told it is superseded.
-    let (second, fx) = s.adopt(&info("a", 1), false, SYNC_CHUNK).unwrap();
-    assert_ne!(first, second);
-    assert!(has(
-        &fx,
-        |e| matches!(e, Effect::Send { to, msg: Msg::Superseded } if to[0].1 == first)
-    ));
-    assert!(has(&fx, |e| matches!(e, Effect::Hangup(c) if *c == first)));
-    // An older incarnation is refused while the newer one is connected; a
-    // newer one replaces it.
-    let _ = s.on_frame(
-        &name("a"),
-        second,
-        Msg::Sync {
-            ready: true,
-            members: vec![],
-            holdings: vec![hold("x", 1, 1)],
-        },
-        at(1),
-    );
-    let (_, fx) = s.adopt(&info("a", 2), false, SYNC_CHUNK).unwrap();
-    assert!(has(&fx, |e| matches!(e, Effect::Stop(c) if *c == second)));
-    assert_eq!(
-        holder_of(&s, "x"),
-        None,
-        "the old incarnation's holds are gone"
-    );
-    assert_eq!(
-        s.adopt(&info("a", 1), false, SYNC_CHUNK).err(),
-        Some(RejectReason::NameTaken)
-    );
-}
-
-#[test]
-fn a_superseded_connection_keeps_the_member_until_the_failure_timeout() {
-    let mut s = ready("b");
-    let (a, _) = connect(&mut s, "a", vec![hold("x", 1, 1)]);
-    let fx = s.on_frame(&name("a"), a, Msg::Superseded, at(1));
-    assert!(has(&fx, |e| matches!(e, Effect::Hangup(c) if *c == a)));
-    let timer = Timer::Switching {
-        peer: name("a"),
-        conn: a,
-    };
-    assert!(has(&fx, |e| matches!(e, Effect::Timer(t) if *t == timer)));
-    assert!(s.peer("a").unwrap().reachable());
-    assert_eq!(holder_of(&s, "x").as_deref(), Some("a"));
-    // No replacement came: the member is down.
-    let fx = s.expired(timer.clone());
-    assert!(has(&fx, |e| matches!(e, Effect::Epoch)));
-    assert_eq!(holder_of(&s, "x"), None);
-    // Had the replacement come, the timer would change nothing.
-    let mut s = ready("b");
-    let (a, _) = connect(&mut s, "a", vec![]);
-    let _ = s.on_frame(&name("a"), a, Msg::Superseded, at(1));
-    let _ = s.adopt(&info("a", 1), false, SYNC_CHUNK).unwrap();
-    let fx = s.expired(Timer::Switching {
-        peer: name("a"),
-        conn: a,
-    });
-    assert!(fx.list().is_empty());
-}
-
-#[test]
-fn leaving_releases_everything_and_says_goodbye() {
-    let mut s = ready("b");
-    let (a, _) = connect(&mut s, "a", vec![]);
-    // "a" is the arbiter; grant "x" so this node holds it.
-    let _ = s.claim(&name("x"), at(1));
-    let _ = s.on_frame(
-        &name("a"),
-        a,
-        Msg::Grant {
-            id: name("x"),
-            floor: 0,
-        },
-        at(2),
-    );
-    let _ = s.claim(&name("y"), at(3));
-    let fx = s.close().expect("first close");
-    assert_eq!(ended(&fx), [("x", &LeaseEnd::Lost)]);
-    assert!(matches!(replies(&fx)[..], [("y", Reply::Retry)]));
-    let frames = sent(&fx);
-    assert!(matches!(frames[0], ("a", Msg::Released { .. })));
-    assert_eq!(frames.last(), Some(&("a", &Msg::Leave)));
-    assert!(matches!(fx.list().last(), Some(Effect::Hangup(c)) if *c == a));
-    assert!(s.close().is_none(), "leaving twice does nothing");
-    assert!(matches!(s.claim(&name("x"), at(4)).0, Step::Closed));
-    // The member that left is never taken back in that incarnation.
-    let mut other = ready("c");
-    let (b, _) = connect(&mut other, "b", vec![]);
-    let _ = other.on_frame(&name("b"), b, Msg::Leave, at(5));
-    assert!(other.peer("b").is_none());
-    assert_eq!(
-        other.adopt(&info("b", 1), false, SYNC_CHUNK).err(),
-        Some(RejectReason::Duplicate)
-    );
 }
