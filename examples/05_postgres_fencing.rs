@@ -95,14 +95,14 @@ async fn main() -> highlander::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let url = std::env::var("DATABASE_URL").map_err(|_| {
-        Error::Config("set DATABASE_URL=postgres://user:password@host:5432/db".into())
-    })?;
+    let url = std::env::var("DATABASE_URL")
+        .map_err(|_| Error::config("set DATABASE_URL=postgres://user:password@host:5432/db"))?;
     let (client, connection) = tokio_postgres::connect(&url, NoTls).await.map_err(|e| {
-        Error::Config(format!(
-            "cannot connect to {}: {e}",
-            highlander::redact_url(&url)
-        ))
+        // tokio-postgres' errors never quote the URL: safe to keep as the source.
+        Error::config_with(
+            format!("cannot connect to {}: {e}", highlander::redact_url(&url)),
+            e,
+        )
     })?;
     tokio::spawn(connection);
     client

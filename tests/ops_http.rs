@@ -53,8 +53,9 @@ impl Backend for Switchable {
 impl SwitchableSession {
     fn check(&self) -> highlander::Result<()> {
         if self.down.load(Ordering::SeqCst) {
-            return Err(Error::Backend(
-                "the engine is unreachable (test switch)".into(),
+            return Err(Error::backend(
+                highlander::BackendErrorKind::Unreachable,
+                "the engine is unreachable (test switch)",
             ));
         }
         Ok(())

@@ -62,7 +62,7 @@ pub mod backend;
 
 pub use backend::MemoryCluster;
 pub use context::Context;
-pub use error::{Error, Result, redact_url};
+pub use error::{BackendErrorKind, Error, Result, redact_url};
 pub use guardian::SingletonState;
 pub use reason::ShutdownReason;
 pub use runtime::{Builder, Runtime, RuntimeHandle, SingletonStatus, Status, run};

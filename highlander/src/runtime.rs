@@ -103,6 +103,7 @@ pub struct Builder {
     specs: Vec<ChildSpec>,
     registered: bool,
     stepdown_delay: Option<Duration>,
+    start_timeout: Option<Duration>,
     pub(crate) ops: OpsConfig,
 }
 
@@ -187,10 +188,25 @@ impl Builder {
         self
     }
 
-    /// Starts the runtime and returns at once with a handle; the runtime runs
-    /// until [`RuntimeHandle::shutdown`]. Fails on a duplicate id, an invalid
-    /// id, a backend URL that cannot be used, or a backend that refuses to
-    /// connect.
+    /// How long [`Builder::start`] tries to reach the backend before it
+    /// fails with [`Error::Unreachable`] (default: the backend URL's
+    /// `start_timeout=` option, else
+    /// [`DEFAULT_START_TIMEOUT`](crate::backend::DEFAULT_START_TIMEOUT), 30 s).
+    /// Set here, it wins over the URL. Errors that retrying cannot fix (bad
+    /// credentials, a missing database, bad TLS files) fail at once
+    /// whatever the timeout. See the [`backend`](crate::backend) module docs
+    /// for the start-up policy.
+    pub fn start_timeout(mut self, timeout: Duration) -> Self {
+        self.start_timeout = Some(timeout);
+        self
+    }
+
+    /// Starts the runtime and returns with a handle once the backend is
+    /// reached; the runtime runs until [`RuntimeHandle::shutdown`]. Fails on
+    /// a duplicate id, an invalid id, a backend URL that cannot be used, a
+    /// backend that refuses this node (bad credentials, say) or one that
+    /// cannot be reached within the start timeout
+    /// ([`Builder::start_timeout`]).
     pub async fn start(self) -> Result<RuntimeHandle> {
         let mut specs = Vec::new();
         if self.registered {
@@ -222,7 +238,15 @@ impl Builder {
             (None, None) => backend_from_env()?,
         };
         let description = backend.describe();
-        let session = backend.connect(&node).await?;
+        let start_timeout = self
+            .start_timeout
+            .or_else(|| backend.start_timeout())
+            .unwrap_or(backend::DEFAULT_START_TIMEOUT);
+        let session =
+            crate::backend::kit::startup::retry_until(&description, start_timeout, || {
+                backend.connect(&node)
+            })
+            .await?;
         // A budget the backend cannot honour would only ever be retried.
         if let Some(refused) = specs
             .iter()
@@ -359,7 +383,8 @@ impl ShutdownSignals {
         {
             use tokio::signal::unix::{SignalKind, signal};
             let listen = |kind: SignalKind, name: &str| {
-                signal(kind).map_err(|e| Error::Config(format!("cannot listen for {name}: {e}")))
+                signal(kind)
+                    .map_err(|e| Error::config_with(format!("cannot listen for {name}: {e}"), e))
             };
             Ok(ShutdownSignals {
                 term: listen(SignalKind::terminate(), "SIGTERM")?,
@@ -409,7 +434,7 @@ fn check_specs(specs: &[ChildSpec]) -> Result<()> {
 
 fn validate_node(node: &str) -> Result<()> {
     if node.is_empty() || node.len() > 200 || !node.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(Error::Config(format!(
+        return Err(Error::config(format!(
             "invalid node name `{}`: use 1 to 200 visible ASCII characters (HIGHLANDER_NODE or Builder::node)",
             node.chars().take(60).collect::<String>()
         )));
@@ -435,7 +460,10 @@ fn node_from_env() -> String {
 fn backend_from_env() -> Result<Box<dyn Backend>> {
     match std::env::var("HIGHLANDER_BACKEND") {
         Ok(url) if !url.trim().is_empty() => backend::from_url(&url).map_err(|e| match e {
-            Error::Config(msg) => Error::Config(format!("HIGHLANDER_BACKEND: {msg}")),
+            Error::Config { message, source } => Error::Config {
+                message: format!("HIGHLANDER_BACKEND: {message}"),
+                source,
+            },
             other => other,
         }),
         _ => {
@@ -548,7 +576,7 @@ impl RuntimeHandle {
             .by_id
             .get(id)
             .map(|&i| &self.inner.slots[i])
-            .ok_or_else(|| Error::Config(format!("no singleton `{id}` is configured on this node")))
+            .ok_or_else(|| Error::config(format!("no singleton `{id}` is configured on this node")))
     }
 
     /// What every singleton on this node is doing now, with the members

@@ -34,7 +34,7 @@ impl std::str::FromStr for Restart {
             "permanent" => Ok(Restart::Permanent),
             "transient" => Ok(Restart::Transient),
             "temporary" => Ok(Restart::Temporary),
-            other => Err(Error::Config(format!(
+            other => Err(Error::config(format!(
                 "unknown restart policy `{other}`: use \"permanent\", \"transient\" or \"temporary\""
             ))),
         }

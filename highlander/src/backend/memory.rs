@@ -29,14 +29,13 @@ use std::fmt;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
 
-use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{
-    Backend, Claim, ClaimRequest, HeldId, Holder, Lease, LeaseEnd, LeaseSignal, Member, Session,
-};
+use super::kit::tenures::{Tenure, Tenures};
+use super::kit::wake::Wakes;
+use super::{Backend, Claim, ClaimRequest, HeldId, Holder, Lease, LeaseEnd, Member, Session};
 use crate::service::BoxFuture;
-use crate::{Error, Result};
+use crate::{BackendErrorKind, Error, Result};
 
 /// An in-process cluster: several runtimes in one process that use the same
 /// `MemoryCluster` coordinate as if they were nodes of one cluster.
@@ -62,7 +61,11 @@ pub struct MemoryCluster {
 #[derive(Default)]
 struct State {
     nodes: HashMap<String, NodeState>,
-    ids: HashMap<Arc<str>, IdState>,
+    /// The last fencing token handed out, per id ever claimed.
+    tokens: HashMap<Arc<str>, u64>,
+    /// Waiters for ids held elsewhere; bumped whenever a holder may have
+    /// gone (a release, a node leaving, a change of sides).
+    wakes: Wakes<Arc<str>>,
     partitioned: bool,
     next_group: u64,
     next_session: u64,
@@ -71,36 +74,9 @@ struct State {
 struct NodeState {
     group: u64,
     session: u64,
-}
-
-struct IdState {
-    last_token: u64,
-    claims: Vec<ClaimRecord>,
-    wake: watch::Sender<u64>,
-}
-
-impl Default for IdState {
-    fn default() -> Self {
-        IdState {
-            last_token: 0,
-            claims: Vec::new(),
-            wake: watch::Sender::new(0),
-        }
-    }
-}
-
-impl IdState {
-    fn wake_waiters(&self) {
-        self.wake.send_modify(|v| *v = v.wrapping_add(1));
-    }
-}
-
-struct ClaimRecord {
-    node: String,
-    session: u64,
-    token: u64,
-    since: Instant,
-    signal: LeaseSignal,
+    /// This node's tenures; the extra is when each began (the earliest
+    /// wins a healed split).
+    held: Tenures<Arc<str>, Instant>,
 }
 
 impl MemoryCluster {
@@ -182,18 +158,13 @@ impl MemoryCluster {
     pub fn holders(&self, id: &str) -> Vec<Holder> {
         let state = self.lock();
         let mut holders: Vec<Holder> = state
-            .ids
-            .get(id)
-            .map(|s| {
-                s.claims
-                    .iter()
-                    .map(|c| Holder {
-                        node: c.node.clone(),
-                        token: Some(c.token),
-                    })
-                    .collect()
+            .nodes
+            .iter()
+            .filter_map(|(name, n)| {
+                let tenure = n.held.get(id)?;
+                Some(Holder::new(name.clone(), Some(tenure.token)))
             })
-            .unwrap_or_default();
+            .collect();
         holders.sort_by(|a, b| a.node.cmp(&b.node));
         holders
     }
@@ -203,19 +174,13 @@ impl MemoryCluster {
         if state.nodes.get(node).is_none_or(|n| n.session != session) {
             return;
         }
-        state.nodes.remove(node);
-        for id_state in state.ids.values_mut() {
-            let before = id_state.claims.len();
-            id_state.claims.retain(|c| {
-                let mine = c.session == session;
-                if mine {
-                    c.signal.end(LeaseEnd::Lost);
-                }
-                !mine
-            });
-            if id_state.claims.len() != before {
-                id_state.wake_waiters();
-            }
+        let Some(mut gone) = state.nodes.remove(node) else {
+            return;
+        };
+        let ids: Vec<Arc<str>> = gone.held.keys().cloned().collect();
+        gone.held.end_all(LeaseEnd::Lost);
+        for id in ids {
+            state.wakes.bump(&id);
         }
     }
 }
@@ -225,44 +190,50 @@ impl State {
         self.nodes.get(node).map(|n| n.group)
     }
 
-    /// After a change of sides: wake every waiter (a holder may have become
-    /// unreachable), and settle ids held more than once within one side.
-    fn settle_all(&mut self) {
-        let groups: HashMap<String, u64> = self
-            .nodes
+    /// The node of `session`, if it is still connected.
+    fn node_of(&mut self, node: &str, session: u64) -> Option<&mut NodeState> {
+        self.nodes.get_mut(node).filter(|n| n.session == session)
+    }
+
+    /// The holder of `id` that nodes in `group` see: at most one, as
+    /// [`State::settle_all`] keeps it.
+    fn visible_holder(&self, id: &str, group: u64) -> Option<(&String, &Tenure<Instant>)> {
+        self.nodes
             .iter()
-            .map(|(name, n)| (name.clone(), n.group))
-            .collect();
-        for id_state in self.ids.values_mut() {
-            let mut by_group: HashMap<u64, Vec<usize>> = HashMap::new();
-            for (i, c) in id_state.claims.iter().enumerate() {
-                if let Some(g) = groups.get(&c.node) {
-                    by_group.entry(*g).or_default().push(i);
-                }
+            .filter(|(_, n)| n.group == group)
+            .find_map(|(name, n)| Some((name, n.held.get(id)?)))
+    }
+
+    /// After a change of sides: settle ids held more than once within one
+    /// side, and wake every waiter (a holder may have become unreachable).
+    fn settle_all(&mut self) {
+        // Per side and id, every holder with when its tenure began.
+        let mut holders: HashMap<(u64, Arc<str>), Vec<(Instant, String)>> = HashMap::new();
+        for (name, n) in &self.nodes {
+            for (id, tenure) in n.held.iter() {
+                holders
+                    .entry((n.group, id.clone()))
+                    .or_default()
+                    .push((tenure.extra, name.clone()));
             }
-            let mut losers: Vec<usize> = Vec::new();
-            for members in by_group.values().filter(|m| m.len() > 1) {
-                let claims = &id_state.claims;
-                let winner = *members
-                    .iter()
-                    .min_by(|&&a, &&b| {
-                        (claims[a].since, &claims[a].node).cmp(&(claims[b].since, &claims[b].node))
-                    })
-                    .expect("a group with claims has a winner");
-                let winner_node = claims[winner].node.clone();
-                for &i in members.iter().filter(|&&i| i != winner) {
-                    claims[i].signal.end(LeaseEnd::Conflict {
-                        winner: Some(winner_node.clone()),
-                    });
-                    losers.push(i);
-                }
-            }
-            losers.sort_unstable_by(|a, b| b.cmp(a));
-            for i in losers {
-                id_state.claims.remove(i);
-            }
-            id_state.wake_waiters();
         }
+        for ((_, id), mut contenders) in holders.into_iter().filter(|(_, c)| c.len() > 1) {
+            // The earliest tenure wins; ties go to the lower node name.
+            contenders.sort();
+            let (_, winner) = contenders.remove(0);
+            for (_, loser) in contenders {
+                let node = self.nodes.get_mut(&loser).expect("a holder is a node");
+                let token = node.held.get(&id).expect("it holds the id").token;
+                node.held.end(
+                    &id,
+                    token,
+                    LeaseEnd::Conflict {
+                        winner: Some(winner.clone()),
+                    },
+                );
+            }
+        }
+        self.wakes.bump_all();
     }
 }
 
@@ -271,7 +242,7 @@ impl fmt::Debug for MemoryCluster {
         let state = self.lock();
         f.debug_struct("MemoryCluster")
             .field("nodes", &state.nodes.len())
-            .field("ids", &state.ids.len())
+            .field("ids", &state.tokens.len())
             .field("partitioned", &state.partitioned)
             .finish()
     }
@@ -285,7 +256,7 @@ impl Backend for MemoryCluster {
             let session = {
                 let mut state = cluster.lock();
                 if state.nodes.contains_key(&node) {
-                    return Err(Error::Config(format!(
+                    return Err(Error::config(format!(
                         "node name `{node}` is already connected to this memory cluster: \
                          give each runtime its own name (HIGHLANDER_NODE or Builder::node)"
                     )));
@@ -298,9 +269,14 @@ impl Backend for MemoryCluster {
                 } else {
                     0
                 };
-                state
-                    .nodes
-                    .insert(node.clone(), NodeState { group, session });
+                state.nodes.insert(
+                    node.clone(),
+                    NodeState {
+                        group,
+                        session,
+                        held: Tenures::new(),
+                    },
+                );
                 session
             };
             Ok(Arc::new(MemorySession {
@@ -325,68 +301,71 @@ struct MemorySession {
 }
 
 impl MemorySession {
+    fn left(&self) -> Error {
+        Error::backend(
+            BackendErrorKind::Other,
+            format!("node `{}` has left the memory cluster", self.node),
+        )
+    }
+
+    /// Decides the claim in one step under the lock: nothing is awaited
+    /// between the decision and the answer, so a `try_claim` future dropped
+    /// before it ran claimed nothing, and one that ran has answered.
     fn claim(&self, request: &ClaimRequest) -> Result<Claim> {
-        let mut state = self.cluster.lock();
-        let Some(group) = state.group_of(&self.node) else {
-            return Err(Error::Backend(format!(
-                "node `{}` has left the memory cluster",
-                self.node
-            )));
-        };
-        let groups: HashMap<String, u64> = state
+        let mut guard = self.cluster.lock();
+        let state = &mut *guard;
+        let Some(group) = state
             .nodes
-            .iter()
-            .map(|(name, n)| (name.clone(), n.group))
-            .collect();
-        let id_state = state.ids.entry(request.id.clone()).or_default();
-        let visible = id_state
-            .claims
-            .iter()
-            .find(|c| groups.get(&c.node) == Some(&group));
-        if let Some(c) = visible {
-            let holder = Holder {
-                node: c.node.clone(),
-                token: Some(c.token),
-            };
-            let mut rx = id_state.wake.subscribe();
-            let wake = Box::pin(async move {
-                let _ = rx.changed().await;
-            });
+            .get(&self.node)
+            .filter(|n| n.session == self.session)
+            .map(|n| n.group)
+        else {
+            return Err(self.left());
+        };
+        if let Some((node, tenure)) = state.visible_holder(&request.id, group) {
+            let holder = Holder::new(node.clone(), Some(tenure.token));
+            // Under the lock that every bump takes: no release can slip
+            // between this answer and the waiter.
+            let wake = state.wakes.waiter(request.id.clone());
             return Ok(Claim::Busy {
                 holder: Some(holder),
-                wake,
+                wake: Box::pin(wake),
             });
         }
-        id_state.last_token += 1;
-        let (lease, signal) = Lease::new(id_state.last_token);
-        id_state.claims.push(ClaimRecord {
-            node: self.node.clone(),
-            session: self.session,
-            token: id_state.last_token,
-            since: Instant::now(),
-            signal,
-        });
+        let token = {
+            let last = state.tokens.entry(request.id.clone()).or_default();
+            *last += 1;
+            *last
+        };
+        let (lease, signal) = Lease::new(token);
+        state.wakes.forget(&*request.id);
+        let node = state
+            .node_of(&self.node, self.session)
+            .expect("checked above");
+        node.held.insert(
+            request.id.clone(),
+            Tenure::with(token, request.stop_budget, signal, Instant::now()),
+        );
         Ok(Claim::Granted(lease))
     }
 }
 
 impl Session for MemorySession {
     fn try_claim(&self, request: ClaimRequest) -> BoxFuture<'_, Result<Claim>> {
-        let claim = self.claim(&request);
-        Box::pin(async move { claim })
+        // The claim is made when the future is first polled, and decided in
+        // that poll: see `claim`.
+        Box::pin(async move { self.claim(&request) })
     }
 
     fn release(&self, id: &str, token: u64) -> BoxFuture<'_, Result<()>> {
         {
             let mut state = self.cluster.lock();
-            if let Some(id_state) = state.ids.get_mut(id) {
-                let before = id_state.claims.len();
-                id_state
-                    .claims
-                    .retain(|c| !(c.session == self.session && c.token == token));
-                if id_state.claims.len() != before {
-                    id_state.wake_waiters();
-                }
+            let released = state
+                .node_of(&self.node, self.session)
+                .and_then(|n| n.held.remove_if(id, token))
+                .is_some();
+            if released {
+                state.wakes.bump(id);
             }
         }
         Box::pin(async { Ok(()) })
@@ -395,15 +374,9 @@ impl Session for MemorySession {
     fn holder(&self, id: &str) -> BoxFuture<'_, Result<Option<Holder>>> {
         let holder = {
             let state = self.cluster.lock();
-            let group = state.group_of(&self.node);
-            state.ids.get(id).and_then(|s| {
-                s.claims
-                    .iter()
-                    .find(|c| state.group_of(&c.node) == group)
-                    .map(|c| Holder {
-                        node: c.node.clone(),
-                        token: Some(c.token),
-                    })
+            state.group_of(&self.node).and_then(|group| {
+                let (node, tenure) = state.visible_holder(id, group)?;
+                Some(Holder::new(node.clone(), Some(tenure.token)))
             })
         };
         Box::pin(async move { Ok(holder) })
@@ -439,16 +412,18 @@ impl Session for MemorySession {
             let group = state.group_of(&self.node);
             let now = (Instant::now(), SystemTime::now());
             let mut held: Vec<HeldId> = state
-                .ids
+                .nodes
                 .iter()
-                .filter_map(|(id, s)| {
-                    let c = s.claims.iter().find(|c| state.group_of(&c.node) == group)?;
-                    let since = now.1.checked_sub(now.0.duration_since(c.since));
-                    Some(HeldId::new(
-                        id.to_string(),
-                        Holder::new(c.node.clone(), Some(c.token)),
-                        since,
-                    ))
+                .filter(|(_, n)| Some(n.group) == group)
+                .flat_map(|(name, n)| {
+                    n.held.iter().map(move |(id, tenure)| {
+                        let since = now.1.checked_sub(now.0.duration_since(tenure.extra));
+                        HeldId::new(
+                            id.to_string(),
+                            Holder::new(name.clone(), Some(tenure.token)),
+                            since,
+                        )
+                    })
                 })
                 .collect();
             held.sort_by(|a, b| a.id.cmp(&b.id));

@@ -28,6 +28,33 @@
 //! - AP backends (memory with partitions, the embedded cluster) end it with
 //!   [`LeaseEnd::Conflict`] when a healed split finds two holders and this one
 //!   loses: the holder with the earliest claim wins, ties to the lower node name.
+//!
+//! # Start-up: one policy for every backend
+//!
+//! [`Builder::start`](crate::Builder::start) owns the loop; a backend's
+//! [`Backend::connect`] is one attempt. The runtime:
+//!
+//! 1. calls `connect`; on success, the node is up;
+//! 2. on an error retrying cannot fix ([`Error::is_retryable`] is false: a
+//!    refused password or certificate, a missing database, TLS files that do
+//!    not load, a bad URL), fails `start()` at once with that error;
+//! 3. otherwise logs one warning line with the cause, waits (50 ms doubling
+//!    to 2 s, jittered) and tries again, until the start timeout has passed
+//!    since the first try: then `start()` fails with [`Error::Unreachable`],
+//!    which names the backend and carries the last cause.
+//!
+//! The start timeout is [`Builder::start_timeout`](crate::Builder::start_timeout)
+//! if set, else the backend URL's `start_timeout=` option
+//! ([`Backend::start_timeout`]), else [`DEFAULT_START_TIMEOUT`] (30 s). An
+//! attempt still running when it passes is dropped, so `connect` must be
+//! cancel-safe; it should also bound itself (each backend has its own
+//! per-attempt connect timeout), so one hung attempt does not use the whole
+//! budget.
+//!
+//! The embedded cluster reads "reaching the backend" as: binding its
+//! listener (which must succeed), and, for a node that is not itself one of
+//! its seeds, hearing from a seed. A node that is one of its own seeds may
+//! found the cluster alone, as the first seed node of an Akka cluster does.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -40,21 +67,48 @@ use tokio_util::sync::CancellationToken;
 use crate::service::BoxFuture;
 use crate::{Error, Result, ShutdownReason, redact_url};
 
+pub(crate) mod kit;
 pub mod memory;
+
+/// How long `start()` tries to reach the backend before it fails with
+/// [`Error::Unreachable`]: 30 s, long enough to ride out a database or
+/// etcd restarting alongside the application (a container started in the
+/// same deployment, a failover of a managed database: typically 5 to 20 s),
+/// short enough that a wrong address fails the deployment while someone is
+/// watching instead of leaving a node that silently never runs anything.
+/// Change it with [`Builder::start_timeout`](crate::Builder::start_timeout)
+/// or a backend URL's `start_timeout=` option.
+pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub use memory::MemoryCluster;
 
 /// A coordination backend, before it is connected: what
 /// [`Builder::backend`](crate::Builder::backend) takes.
 pub trait Backend: Send + Sync + 'static {
-    /// Connects one node. Fails with a message a user can act on when the
-    /// configuration is wrong (bad URL, refused credentials, missing
-    /// database); a backend may instead keep retrying in the background when
-    /// the engine is only unreachable, granting nothing meanwhile.
+    /// Makes one attempt to connect one node; the runtime owns the retrying
+    /// (see [Start-up](self#start-up-one-policy-for-every-backend)).
+    ///
+    /// Fails with a message a user can act on. The error's kind tells the
+    /// runtime whether to try again: [`Error::config`], or
+    /// [`Error::backend`] with [`BackendErrorKind::Auth`](crate::BackendErrorKind::Auth),
+    /// `Tls`, `Refused` or `Protocol`, for what only a change of
+    /// configuration fixes (fails `start()` at once);
+    /// [`BackendErrorKind::Unreachable`](crate::BackendErrorKind::Unreachable)
+    /// for an engine that cannot be reached now (retried until the start
+    /// timeout). The attempt bounds itself with the backend's own connect
+    /// timeout, and must be cancel-safe: the runtime drops it when the start
+    /// timeout passes or the process is told to stop.
     fn connect(&self, node: &str) -> BoxFuture<'static, Result<Arc<dyn Session>>>;
 
     /// A description for logs and status, with any credential hidden.
     fn describe(&self) -> String;
+
+    /// The start timeout this backend's configuration asks for (a URL's
+    /// `start_timeout=` option), if any. [`Builder::start_timeout`](crate::Builder::start_timeout)
+    /// wins over it; without either, `start()` uses [`DEFAULT_START_TIMEOUT`].
+    fn start_timeout(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// A backend chosen at run time, as [`from_url`] returns it, is a backend:
@@ -75,6 +129,10 @@ impl Backend for Box<dyn Backend> {
     fn describe(&self) -> String {
         (**self).describe()
     }
+
+    fn start_timeout(&self) -> Option<Duration> {
+        (**self).start_timeout()
+    }
 }
 
 /// One node's connection to the coordination engine.
@@ -83,18 +141,59 @@ pub trait Session: Send + Sync + 'static {
     /// returns [`Claim::Busy`] with a future that completes when the id may
     /// have become free. An error means the engine cannot be asked now; the
     /// guardian retries with backoff and claims nothing meanwhile.
+    ///
+    /// # Cancel safety
+    ///
+    /// The guardian drops a `try_claim` future mid-flight when the node shuts
+    /// down, and other callers may time one out. Dropping it must leave no
+    /// tenure behind: **if the engine grants the claim after the future was
+    /// dropped (or the grant cannot be handed to the caller any more), the
+    /// backend releases that tenure itself**, as [`Session::release`] would,
+    /// and ends its lease signal; no other node is kept waiting on a tenure
+    /// nobody runs, and no signal is left dangling. Concretely:
+    /// - a backend that decides synchronously (memory) decides in the first
+    ///   poll, so a future dropped before it claimed nothing, and one polled
+    ///   has already answered;
+    /// - a backend that hands the claim to a driver task and awaits a reply
+    ///   (Postgres, etcd) checks that the reply was delivered (a `oneshot`
+    ///   send that fails means the future is gone) and otherwise releases
+    ///   the granted tenure in the same turn of its driver;
+    /// - a backend that awaits an arbiter (the embedded cluster) releases
+    ///   and announces the release of a grant that arrives for a claim whose
+    ///   future was dropped.
+    ///
+    /// A dropped future may still have cost a round trip, and a token: the
+    /// next tenure's token is greater, as always.
     fn try_claim(&self, request: ClaimRequest) -> BoxFuture<'_, Result<Claim>>;
 
     /// Gives up this node's tenure of `id` (the one with `token`), so a
     /// waiting node can take over at once. Releasing a tenure that already
     /// ended is not an error.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future never keeps the tenure: the guardian treats the
+    /// tenure as over once it asked, so the backend must end it whatever
+    /// happens to the future. Either the release is queued before the first
+    /// `await` (the driver finishes it), or it is undone by the engine's own
+    /// expiry (the lease, the session) like any tenure whose holder went
+    /// silent. The tenure is over for this node as soon as `release` is
+    /// called: no later `try_claim` answer may count it as held.
     fn release(&self, id: &str, token: u64) -> BoxFuture<'_, Result<()>>;
 
     /// Who holds `id` as far as this node can see, if the backend knows.
+    ///
+    /// # Cancel safety
+    ///
+    /// Read-only: dropping the future changes nothing.
     fn holder(&self, id: &str) -> BoxFuture<'_, Result<Option<Holder>>>;
 
     /// The members of the cluster as this node sees them, for backends that
     /// have members (the embedded cluster, memory); empty otherwise.
+    ///
+    /// # Cancel safety
+    ///
+    /// Read-only: dropping the future changes nothing.
     fn members(&self) -> BoxFuture<'_, Result<Vec<Member>>> {
         Box::pin(async { Ok(Vec::new()) })
     }
@@ -103,9 +202,13 @@ pub trait Session: Send + Sync + 'static {
     /// the backends that have one), sorted by id: what status tools such as
     /// the `highlander` CLI show. A backend that cannot list its holders
     /// returns an error that says so (the default).
+    ///
+    /// # Cancel safety
+    ///
+    /// Read-only: dropping the future changes nothing.
     fn holders(&self) -> BoxFuture<'_, Result<Vec<HeldId>>> {
         Box::pin(async {
-            Err(Error::Config(
+            Err(Error::config(
                 "this backend cannot list who holds which id".to_string(),
             ))
         })
@@ -116,6 +219,10 @@ pub trait Session: Send + Sync + 'static {
     /// not fit in its TTL, in one line that names both and says what to
     /// change. The runtime asks for every service when it starts and does
     /// not start on an error. The default accepts any budget.
+    ///
+    /// # Cancel safety
+    ///
+    /// Synchronous: nothing to cancel.
     fn check_stop_budget(&self, id: &str, budget: Duration) -> Result<()> {
         let _ = (id, budget);
         Ok(())
@@ -123,6 +230,13 @@ pub trait Session: Send + Sync + 'static {
 
     /// Leaves gracefully: releases everything this node still holds and
     /// closes the connection. Called once, after every guardian has stopped.
+    ///
+    /// # Cancel safety
+    ///
+    /// The runtime awaits it to the end. Dropped anyway, it must leave this
+    /// node holding nothing longer than a crash would: what the engine still
+    /// holds for the node expires with its session or lease, and dropping
+    /// the session (the runtime's last reference to it) is a crash.
     fn close(&self) -> BoxFuture<'_, ()>;
 
     /// For backends with time-bound leases (Postgres, etcd): the moment
@@ -131,6 +245,10 @@ pub trait Session: Send + Sync + 'static {
     /// `highlander_lease_deadline_seconds` gauge and checked by readiness.
     /// `None` (the default) when the backend has no such deadline or does
     /// not report it.
+    ///
+    /// # Cancel safety
+    ///
+    /// Synchronous: nothing to cancel.
     fn lease_deadline(&self) -> Option<std::time::Instant> {
         None
     }
@@ -398,7 +516,7 @@ pub fn from_url(url: &str) -> Result<Box<dyn Backend>> {
 /// parameter whose value swallowed a `password=`.
 fn scrub(error: Error, url: &str) -> Error {
     const N: usize = 4;
-    let secret: HashSet<&str> = crate::error::secrets(url)
+    let secret: HashSet<&str> = kit::url::secrets(url)
         .into_iter()
         .flat_map(|run| windows(run, N))
         .collect();
@@ -427,9 +545,35 @@ fn scrub(error: Error, url: &str) -> Error {
         }
         out
     };
+    // A kept source is shown by reporters that walk the chain: keep it only
+    // when no error in it quotes a piece of a secret.
+    let clean = |source: Option<Box<dyn std::error::Error + Send + Sync>>| {
+        source.filter(|source| {
+            let mut next: Option<&(dyn std::error::Error + 'static)> = Some(&**source);
+            while let Some(e) = next {
+                let text = e.to_string();
+                if hide(text.clone()) != text {
+                    return false;
+                }
+                next = e.source();
+            }
+            true
+        })
+    };
     match error {
-        Error::Config(message) => Error::Config(hide(message)),
-        Error::Backend(message) => Error::Backend(hide(message)),
+        Error::Config { message, source } => Error::Config {
+            message: hide(message),
+            source: clean(source),
+        },
+        Error::Backend {
+            kind,
+            message,
+            source,
+        } => Error::Backend {
+            kind,
+            message: hide(message),
+            source: clean(source),
+        },
         other => other,
     }
 }
@@ -456,7 +600,7 @@ fn unknown_backend(url: &str) -> Error {
             && s.chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
     };
-    Error::Config(match scheme {
+    Error::config(match scheme {
         Some(s) if plain(s) => format!("unknown backend scheme `{s}://`: {USE}"),
         _ => format!(
             "the backend is not a URL this crate knows (the value is not shown, it may hold a password): {USE}"
@@ -496,7 +640,7 @@ fn cluster_from_url(url: &str) -> Result<Box<dyn Backend>> {
 
 #[allow(dead_code)]
 fn missing_feature(url: &str, feature: &str) -> Result<Box<dyn Backend>> {
-    Err(Error::Config(format!(
+    Err(Error::config(format!(
         "backend `{}` needs the `{feature}` feature of highlander: \
          enable it with `highlander = {{ version = \"0.1\", features = [\"{feature}\"] }}` in Cargo.toml",
         redact_url(url)
@@ -514,6 +658,64 @@ pub mod etcd;
 #[cfg(feature = "cluster")]
 #[cfg_attr(docsrs, doc(cfg(feature = "cluster")))]
 pub mod cluster;
+
+/// Checks every backend can run on itself.
+#[cfg(test)]
+pub(crate) mod conformance {
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::{Context, Poll, Waker};
+    use std::time::Duration;
+
+    use super::{Claim, ClaimRequest, Session};
+
+    /// The `try_claim` cancel-safety rule: `a` starts claiming `id`, the
+    /// future is polled `polls` times (yielding to other tasks between
+    /// polls) and dropped if it has not answered; then `b` must be able to
+    /// claim `id`, waiting at most for the wake-ups the backend gives it.
+    /// Returns whether the future was dropped mid-flight (a future that
+    /// answered was a plain claim; its tenure is released before `b` tries).
+    pub(crate) async fn dropped_try_claim_leaves_no_tenure(
+        a: &dyn Session,
+        b: &dyn Session,
+        id: &str,
+        polls: usize,
+    ) -> bool {
+        let request = ClaimRequest::new(id, Duration::from_secs(1));
+        let mut dropped = true;
+        {
+            let mut claim = pin!(a.try_claim(request.clone()));
+            let mut cx = Context::from_waker(Waker::noop());
+            for _ in 0..polls {
+                if let Poll::Ready(answer) = claim.as_mut().poll(&mut cx) {
+                    dropped = false;
+                    if let Ok(Claim::Granted(lease)) = answer {
+                        a.release(id, lease.token).await.expect("release");
+                    }
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+        }
+        // Hang guard only: a tenure left behind would keep `b` waiting for
+        // ever; a correct backend wakes it as soon as nothing holds the id.
+        let claimed = tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                match b.try_claim(request.clone()).await {
+                    Ok(Claim::Granted(lease)) => return lease,
+                    Ok(Claim::Busy { wake, .. }) => wake.await,
+                    Err(e) => panic!("b cannot ask: {e}"),
+                }
+            }
+        })
+        .await;
+        let lease = claimed.unwrap_or_else(|_| {
+            panic!("`{id}` is still held after a dropped try_claim ({polls} polls)")
+        });
+        b.release(id, lease.token).await.expect("release");
+        dropped
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -582,6 +784,194 @@ mod tests {
                     assert!(err.contains("use memory, postgres://…"), "{err}");
                 }
             }
+        }
+    }
+
+    mod start_up {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU32, Ordering};
+        use std::time::Duration;
+
+        use tokio::time::Instant;
+
+        use crate::backend::{Backend, DEFAULT_START_TIMEOUT, MemoryCluster, Session};
+        use crate::service::BoxFuture;
+        use crate::{BackendErrorKind, Error, Result, Runtime};
+
+        /// A memory backend whose first `failures` connects fail with
+        /// `error` (all of them when `failures` is `u32::MAX`).
+        struct Flaky {
+            memory: MemoryCluster,
+            failures: u32,
+            error: fn(u32) -> Error,
+            attempts: Arc<AtomicU32>,
+            url_timeout: Option<Duration>,
+        }
+
+        impl Flaky {
+            fn new(failures: u32, error: fn(u32) -> Error) -> (Self, Arc<AtomicU32>) {
+                let attempts = Arc::new(AtomicU32::new(0));
+                let flaky = Flaky {
+                    memory: MemoryCluster::new(),
+                    failures,
+                    error,
+                    attempts: attempts.clone(),
+                    url_timeout: None,
+                };
+                (flaky, attempts)
+            }
+        }
+
+        impl Backend for Flaky {
+            fn connect(&self, node: &str) -> BoxFuture<'static, Result<Arc<dyn Session>>> {
+                let n = self.attempts.fetch_add(1, Ordering::SeqCst);
+                if n < self.failures {
+                    let error = (self.error)(n);
+                    return Box::pin(async move { Err(error) });
+                }
+                self.memory.connect(node)
+            }
+
+            fn describe(&self) -> String {
+                "flaky://db:5432".to_string()
+            }
+
+            fn start_timeout(&self) -> Option<Duration> {
+                self.url_timeout
+            }
+        }
+
+        fn refused(n: u32) -> Error {
+            Error::backend(
+                BackendErrorKind::Unreachable,
+                format!("connection refused (attempt {})", n + 1),
+            )
+        }
+
+        fn bad_password(_: u32) -> Error {
+            Error::backend(
+                BackendErrorKind::Auth,
+                "flaky://db:5432 refused user `app`: check its password",
+            )
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_backend_that_comes_up_late_is_waited_for() {
+            let (flaky, attempts) = Flaky::new(5, refused);
+            let handle = Runtime::builder()
+                .node("a")
+                .backend(flaky)
+                .start()
+                .await
+                .expect("the sixth attempt connects");
+            assert_eq!(attempts.load(Ordering::SeqCst), 6);
+            handle.shutdown().await;
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_backend_that_never_comes_up_fails_start_after_the_timeout() {
+            let (flaky, attempts) = Flaky::new(u32::MAX, refused);
+            let started = Instant::now();
+            let err = Runtime::builder()
+                .node("a")
+                .backend(flaky)
+                .start_timeout(Duration::from_secs(4))
+                .start()
+                .await
+                .unwrap_err();
+            let waited = started.elapsed();
+            assert!(
+                waited >= Duration::from_secs(4) && waited < Duration::from_secs(5),
+                "{waited:?}"
+            );
+            let n = attempts.load(Ordering::SeqCst);
+            let Error::Unreachable {
+                backend, source, ..
+            } = &err
+            else {
+                panic!("{err:?}")
+            };
+            assert_eq!(backend, "flaky://db:5432");
+            assert_eq!(
+                source.to_string(),
+                format!("connection refused (attempt {n})"),
+                "the last cause"
+            );
+            let text = err.to_string();
+            assert!(
+                text.starts_with(&format!(
+                    "cannot reach flaky://db:5432 within 4s: connection refused (attempt {n});"
+                )),
+                "{text}"
+            );
+            assert!(!text.contains('\n'), "{text}");
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn the_url_timeout_applies_and_the_builder_wins_over_it() {
+            for (builder, url, expect) in [
+                (None, None, DEFAULT_START_TIMEOUT),
+                (None, Some(2), Duration::from_secs(2)),
+                (Some(3), Some(2), Duration::from_secs(3)),
+            ] {
+                let (mut flaky, _) = Flaky::new(u32::MAX, refused);
+                flaky.url_timeout = url.map(Duration::from_secs);
+                let mut b = Runtime::builder().node("a").backend(flaky);
+                if let Some(secs) = builder {
+                    b = b.start_timeout(Duration::from_secs(secs));
+                }
+                let started = Instant::now();
+                let err = b.start().await.unwrap_err();
+                let waited = started.elapsed();
+                assert!(
+                    waited >= expect && waited < expect + Duration::from_secs(1),
+                    "{builder:?} {url:?}: {waited:?}"
+                );
+                let Error::Unreachable { waited, .. } = err else {
+                    panic!("{err:?}")
+                };
+                assert_eq!(waited, expect);
+            }
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn an_error_retrying_cannot_fix_fails_start_at_once() {
+            let (flaky, attempts) = Flaky::new(u32::MAX, bad_password);
+            let started = Instant::now();
+            let err = Runtime::builder()
+                .node("a")
+                .backend(flaky)
+                .start()
+                .await
+                .unwrap_err();
+            assert_eq!(attempts.load(Ordering::SeqCst), 1);
+            assert_eq!(started.elapsed(), Duration::ZERO);
+            assert_eq!(err.kind(), Some(BackendErrorKind::Auth));
+            assert_eq!(
+                err.to_string(),
+                "flaky://db:5432 refused user `app`: check its password"
+            );
+        }
+    }
+
+    mod cancel_safety {
+        use crate::backend::conformance::dropped_try_claim_leaves_no_tenure;
+        use crate::backend::{Backend, MemoryCluster};
+
+        #[tokio::test(start_paused = true)]
+        async fn memory_a_dropped_try_claim_leaves_no_tenure() {
+            let cluster = MemoryCluster::new();
+            let a = cluster.connect("a").await.expect("a");
+            let b = cluster.connect("b").await.expect("b");
+            assert!(
+                dropped_try_claim_leaves_no_tenure(&*a, &*b, "job", 0).await,
+                "dropped before its first poll"
+            );
+            assert!(cluster.holders("job").is_empty());
+            // Polled: the memory backend answers in the first poll, so
+            // there is no later point to drop it at.
+            assert!(!dropped_try_claim_leaves_no_tenure(&*a, &*b, "job", 1).await);
+            assert!(cluster.holders("job").is_empty());
         }
     }
 }

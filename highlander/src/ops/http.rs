@@ -97,7 +97,7 @@ pub(crate) async fn bind(config: &OpsConfig) -> Result<Option<Bound>> {
             _ => return Ok(None),
         },
     };
-    let addr = parse_addr(&text).map_err(|why| Error::Config(format!("{source}: {why}")))?;
+    let addr = parse_addr(&text).map_err(|why| Error::config(format!("{source}: {why}")))?;
     let token = match &config.http_token {
         Some(token) => Some(token.clone()),
         None => std::env::var("HIGHLANDER_HTTP_TOKEN").ok(),
@@ -117,7 +117,7 @@ pub(crate) async fn bind(config: &OpsConfig) -> Result<Option<Bound>> {
             }
             _ => e.to_string(),
         };
-        Error::Config(format!("{source}: cannot listen on {addr}: {what}"))
+        Error::config_with(format!("{source}: cannot listen on {addr}: {what}"), e)
     })?;
     #[cfg(feature = "metrics")]
     let _ = prometheus::handle();

@@ -142,7 +142,7 @@ impl Settings {
         ] {
             let range = Duration::from_millis(min)..=Duration::from_millis(max);
             if !range.contains(&value) {
-                return Err(Error::Config(match url {
+                return Err(Error::config(match url {
                     Some(url) => format!(
                         "`{url}`: {key} must be between {min} and {max} (milliseconds), got {}",
                         value.as_millis()
@@ -155,7 +155,7 @@ impl Settings {
             }
         }
         if self.failure_timeout <= self.heartbeat {
-            return Err(Error::Config(match url {
+            return Err(Error::config(match url {
                 Some(url) => format!(
                     "`{url}`: failure_timeout_ms must be longer than heartbeat_ms (several heartbeats)"
                 ),
@@ -165,14 +165,14 @@ impl Settings {
             }));
         }
         if self.seeds.len() > MAX_SEEDS {
-            return Err(Error::Config(format!(
+            return Err(Error::config(format!(
                 "cluster backend: {} seeds given, at most {MAX_SEEDS} are allowed; list a few \
                  members, the others are learned from them",
                 self.seeds.len()
             )));
         }
         if self.cookie.as_ref().is_some_and(|c| c.0.is_empty()) {
-            return Err(Error::Config(format!(
+            return Err(Error::config(format!(
                 "{}the cluster cookie is empty: anyone could compute its proofs. Use a long random \
                  secret, the same on every node, e.g. `head -c 32 /dev/urandom | base64`",
                 url.map(|u| format!("`{u}`: ")).unwrap_or_default()
@@ -372,11 +372,11 @@ pub(crate) fn from_url(url: &str) -> Result<Box<dyn Backend>> {
     let shown = redact_url(url);
     let rest = url
         .strip_prefix("cluster://")
-        .ok_or_else(|| Error::Config(format!("`{shown}` is not a cluster:// URL")))?;
+        .ok_or_else(|| Error::config(format!("`{shown}` is not a cluster:// URL")))?;
     let (listen, query) = rest.split_once('?').unwrap_or((rest, ""));
     let listen = listen.trim_end_matches('/');
     if listen.is_empty() || !listen.contains(':') {
-        return Err(Error::Config(format!(
+        return Err(Error::config(format!(
             "`{shown}` needs a listen address with a port, as in \
              cluster://0.0.0.0:7400?seeds=host1:7400,host2:7400"
         )));
@@ -389,7 +389,7 @@ pub(crate) fn from_url(url: &str) -> Result<Box<dyn Backend>> {
                 .parse::<u64>()
                 .map(Duration::from_millis)
                 .map_err(|_| {
-                    Error::Config(format!(
+                    Error::config(format!(
                         "`{shown}`: `{key}` must be a number of milliseconds"
                     ))
                 })
@@ -403,7 +403,7 @@ pub(crate) fn from_url(url: &str) -> Result<Box<dyn Backend>> {
             "join_ms" => cluster.join_timeout(millis()?),
             "redial_ms" => cluster.redial(millis()?),
             _ => {
-                return Err(Error::Config(format!(
+                return Err(Error::config(format!(
                     "`{shown}`: unknown parameter `{key}`; use seeds, advertise, heartbeat_ms, \
                      failure_timeout_ms, join_ms, redial_ms (and HIGHLANDER_COOKIE for the secret)"
                 )));

@@ -98,7 +98,7 @@ impl Dialer {
         let mut built = Vec::with_capacity(endpoints.len());
         for host_port in endpoints {
             let bad = |e: tonic::transport::Error| {
-                Error::Config(format!(
+                Error::config(format!(
                     "etcd endpoint `{host_port}` is not a usable address: {}",
                     chain(&e)
                 ))
@@ -245,7 +245,7 @@ impl Conn {
 
 fn read_pem(what: &str, path: &std::path::Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| {
-        Error::Config(format!(
+        Error::config(format!(
             "cannot read the etcd {what} {}: {e}",
             path.display()
         ))

@@ -257,14 +257,14 @@ impl Etcd {
     /// Checks the configuration; every problem is a one-line message.
     fn validate(&self) -> Result<()> {
         if self.endpoints.is_empty() || self.endpoints.iter().any(|e| host_port(e).is_none()) {
-            return Err(Error::Config(format!(
+            return Err(Error::config(format!(
                 "etcd backend `{}`: give one or more endpoints as host:port, separated by commas \
                  (etcd://10.0.0.1:2379,10.0.0.2:2379)",
                 self.describe()
             )));
         }
         if self.ttl < MIN_TTL {
-            return Err(Error::Config(format!(
+            return Err(Error::config(format!(
                 "etcd backend `{}`: ttl {:?} is below etcd's minimum lease TTL of 2s: use a ttl \
                  between 2s and 1 day",
                 self.describe(),
@@ -272,7 +272,7 @@ impl Etcd {
             )));
         }
         if self.ttl > MAX_TTL {
-            return Err(Error::Config(format!(
+            return Err(Error::config(format!(
                 "etcd backend: ttl {} is too long (a crashed node's ids move only after it): use \
                  a ttl between 2s and 1 day",
                 shown(self.ttl)
@@ -281,7 +281,7 @@ impl Etcd {
         if let Some(keepalive) = self.keepalive {
             let most = Duration::from_secs(self.ttl_secs() as u64) / 3;
             if !(MIN_KEEPALIVE..=most).contains(&keepalive) {
-                return Err(Error::Config(format!(
+                return Err(Error::config(format!(
                     "etcd backend `{}`: keepalive {} is out of range: use a keepalive between \
                      10ms and a third of the TTL ({most:?})",
                     self.describe(),
@@ -290,7 +290,7 @@ impl Etcd {
             }
         }
         if !(MIN_CONNECT_TIMEOUT..=MAX_CONNECT_TIMEOUT).contains(&self.connect_timeout) {
-            return Err(Error::Config(format!(
+            return Err(Error::config(format!(
                 "etcd backend `{}`: connect_timeout {} is out of range: use a connect_timeout \
                  between 100ms and 10m",
                 self.describe(),
@@ -298,7 +298,7 @@ impl Etcd {
             )));
         }
         if self.namespace.is_empty() || self.namespace.contains(['\0', '\n']) {
-            return Err(Error::Config(format!(
+            return Err(Error::config(format!(
                 "etcd backend `{}`: the namespace must be a non-empty key prefix",
                 self.describe()
             )));
@@ -306,7 +306,7 @@ impl Etcd {
         if let Some(tls) = &self.tls
             && tls.ca.is_none()
         {
-            return Err(Error::Config(format!(
+            return Err(Error::config(format!(
                 "etcd backend `{}`: TLS needs the CA certificate that signed the server's \
                      certificate: add ?ca=/path/to/ca.pem (or Etcd::tls_ca)",
                 self.describe()
@@ -489,7 +489,7 @@ const ENCODE_HINT: &str = "(a password with `/`, `?`, `#` or `@` must be percent
 fn parse_url(url: &str) -> Result<Etcd> {
     // The message describes the problem; it never repeats the URL, whose
     // password may not be where the parser thinks it is.
-    let bad = |why: &str| Error::Config(format!("invalid etcd URL: {why}"));
+    let bad = |why: &str| Error::config(format!("invalid etcd URL: {why}"));
     let (scheme, rest) = url
         .split_once("://")
         .ok_or_else(|| bad("expected etcd://host:port"))?;

@@ -346,25 +346,29 @@ pub(super) async fn connect(config: Etcd, node: String) -> Result<Arc<EtcdSessio
     let failed = |failure: StartFailure| match failure {
         StartFailure::Credentials(why) => {
             let user = config.user.as_ref().map(|(u, _)| u.as_str()).unwrap_or("");
-            Error::Config(format!(
+            Error::config(format!(
                 "etcd at {shown} refused user `{user}` ({describe}): {why}"
             ))
         }
-        StartFailure::Denied(why) => Error::Config(format!(
+        StartFailure::Denied(why) => Error::config(format!(
             "etcd at {shown} does not let this user read and write `{}` ({describe}): {why}",
             key_prefix(&config.namespace)
         )),
         StartFailure::Unreachable {
             why,
             handshake: true,
-        } => Error::Backend(format!(
-            "cannot reach etcd at {shown} ({describe}): {why} (a TLS mismatch? use etcds:// \
+        } => Error::backend(
+            crate::BackendErrorKind::Other,
+            format!(
+                "cannot reach etcd at {shown} ({describe}): {why} (a TLS mismatch? use etcds:// \
              for a TLS server, with ca= its CA and cert=/key= when it requires client \
              certificates)"
-        )),
-        StartFailure::Unreachable { why, .. } => {
-            Error::Backend(format!("cannot reach etcd at {shown} ({describe}): {why}"))
-        }
+            ),
+        ),
+        StartFailure::Unreachable { why, .. } => Error::backend(
+            crate::BackendErrorKind::Other,
+            format!("cannot reach etcd at {shown} ({describe}): {why}"),
+        ),
     };
     let prefix = key_prefix(&config.namespace);
     let first = at_start(&members, deadline, limit, |conn: Conn| {
@@ -395,10 +399,13 @@ pub(super) async fn connect(config: Etcd, node: String) -> Result<Arc<EtcdSessio
     let granted = match granted {
         Ok(resp) if resp.ttl > 0 => resp,
         Ok(resp) => {
-            return Err(Error::Backend(format!(
-                "etcd at {shown} ({describe}) did not grant a lease: {}",
-                resp.error
-            )));
+            return Err(Error::backend(
+                crate::BackendErrorKind::Other,
+                format!(
+                    "etcd at {shown} ({describe}) did not grant a lease: {}",
+                    resp.error
+                ),
+            ));
         }
         Err(failure) => return Err(failed(failure)),
     };
@@ -531,7 +538,10 @@ impl Inner {
     }
 
     fn closed_error(&self) -> Error {
-        Error::Backend(format!("the etcd session ({}) is closed", self.describe))
+        Error::backend(
+            crate::BackendErrorKind::Other,
+            format!("the etcd session ({}) is closed", self.describe),
+        )
     }
 
     fn install_lease(&self, id: i64, ttl: i64, sent: Instant) {
@@ -819,15 +829,21 @@ impl Inner {
     ) -> Result<T> {
         match outcome {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(Error::Backend(format!(
-                "etcd ({}) cannot be asked now: {}",
-                self.describe,
-                reason(&e)
-            ))),
-            Err(_) => Err(Error::Backend(format!(
-                "etcd ({}) cannot be asked now: no answer within {:?}",
-                self.describe, self.request_timeout
-            ))),
+            Ok(Err(e)) => Err(Error::backend(
+                crate::BackendErrorKind::Other,
+                format!(
+                    "etcd ({}) cannot be asked now: {}",
+                    self.describe,
+                    reason(&e)
+                ),
+            )),
+            Err(_) => Err(Error::backend(
+                crate::BackendErrorKind::Other,
+                format!(
+                    "etcd ({}) cannot be asked now: no answer within {:?}",
+                    self.describe, self.request_timeout
+                ),
+            )),
         }
     }
 
@@ -1248,7 +1264,7 @@ impl Inner {
                     let usable_now =
                         lease.filter(|l| Instant::now() + self.interval < l.deadline(*budget));
                     let Some(lease) = usable_now else {
-                        op.fail(Error::Backend(format!(
+                        op.fail(Error::backend(crate::BackendErrorKind::Other, format!(
                             "no live etcd lease for this node ({}): reconnecting, claiming nothing meanwhile",
                             self.describe
                         )));
@@ -1310,10 +1326,10 @@ impl Inner {
                     _ => format!("no answer within {:?}", self.request_timeout),
                 };
                 for op in pending {
-                    op.fail(Error::Backend(format!(
-                        "etcd ({}) cannot be asked now: {why}",
-                        self.describe
-                    )));
+                    op.fail(Error::backend(
+                        crate::BackendErrorKind::Other,
+                        format!("etcd ({}) cannot be asked now: {why}", self.describe),
+                    ));
                 }
                 return;
             }
@@ -1321,8 +1337,9 @@ impl Inner {
         let revision = resp.header.map(|h| h.revision).unwrap_or(0);
         for (op, answer) in pending.into_iter().zip(resp.responses) {
             let Some(response_op::Response::ResponseTxn(answer)) = answer.response else {
-                op.fail(Error::Backend(
-                    "etcd answered a transaction with something else".into(),
+                op.fail(Error::backend(
+                    crate::BackendErrorKind::Other,
+                    "etcd answered a transaction with something else",
                 ));
                 continue;
             };
@@ -1396,15 +1413,21 @@ impl Inner {
         let mut state = self.lock();
         let lease = state.lease.filter(|l| l.id == lease_id && !state.closed);
         let Some(lease) = lease else {
-            return Err(Error::Backend(format!(
-                "the etcd lease of this node ended while claiming `{id}`; retrying with a new one"
-            )));
+            return Err(Error::backend(
+                crate::BackendErrorKind::Other,
+                format!(
+                    "the etcd lease of this node ended while claiming `{id}`; retrying with a new one"
+                ),
+            ));
         };
         let budget_all = state.longest_budget().max(budget);
         if Instant::now() >= lease.deadline(budget_all) {
-            return Err(Error::Backend(format!(
-                "the etcd lease of this node could not be kept alive while claiming `{id}`; retrying"
-            )));
+            return Err(Error::backend(
+                crate::BackendErrorKind::Other,
+                format!(
+                    "the etcd lease of this node could not be kept alive while claiming `{id}`; retrying"
+                ),
+            ));
         }
         let (granted, signal) = Lease::new(token);
         state.held.insert(
@@ -1455,7 +1478,7 @@ impl Inner {
                 .saturating_add(MARGIN + ttl * CLOCK_RATE_PERCENT / 100)
                 .as_secs()
                 .saturating_add(2);
-            return Err(Error::Config(format!(
+            return Err(Error::config(format!(
                 "the shutdown budget {:?} of `{}` does not fit in the etcd lease TTL of {}s: the \
                  instance must stop within TTL − 1 % − {:?} of the last keep-alive, with room for \
                  keep-alives; raise the TTL to {want}s or more (?ttl= or Etcd::ttl) or shorten its shutdown",

@@ -216,7 +216,7 @@ impl Postgres {
     }
 
     fn settings(&self) -> Result<Settings> {
-        let parsed = parse_url(&self.url).map_err(Error::Config)?;
+        let parsed = parse_url(&self.url).map_err(Error::config)?;
         let shown = shown_url(&parsed.pg);
         let namespace = self
             .namespace
@@ -230,7 +230,7 @@ impl Postgres {
             (None, Some(cert), Some(key)) => Some((cert, key)),
             (None, None, None) => None,
             (None, _, _) => {
-                return Err(Error::Config(format!(
+                return Err(Error::config(format!(
                     "postgres URL `{shown}`: a client certificate needs both sslcert= and sslkey="
                 )));
             }
@@ -246,7 +246,7 @@ impl Postgres {
             // As libpq 16: the system's CAs vouch for names, not for chains alone.
             (Some(tls::Roots::System), Mode::Prefer) => Mode::VerifyFull,
             (Some(tls::Roots::System), mode @ (Mode::Require | Mode::VerifyCa | Mode::Disable)) => {
-                return Err(Error::Config(format!(
+                return Err(Error::config(format!(
                     "postgres URL `{shown}`: sslrootcert=system checks the server's name: use sslmode=verify-full, not {}",
                     mode.name()
                 )));
@@ -257,7 +257,7 @@ impl Postgres {
         let tls = match (mode, &roots) {
             (Mode::Disable, _) | (Mode::Prefer, None) => {
                 if client_cert.is_some() {
-                    return Err(Error::Config(format!(
+                    return Err(Error::config(format!(
                         "postgres URL `{shown}`: a client certificate (sslcert/sslkey) needs TLS: \
                          add sslmode=verify-full and sslrootcert=/path/to/ca.pem (or sslrootcert=system)"
                     )));
@@ -265,7 +265,7 @@ impl Postgres {
                 None
             }
             (mode, None) => {
-                return Err(Error::Config(format!(
+                return Err(Error::config(format!(
                     "postgres URL `{shown}`: sslmode={} needs the CA that signed the server's certificate: \
                      add sslrootcert=/path/to/ca.pem (or sslrootcert=system for the system's CAs)",
                     mode.name()
@@ -274,7 +274,7 @@ impl Postgres {
             (mode, Some(roots)) => {
                 let config =
                     tls::client_config(roots, mode == Mode::VerifyFull, client_cert.as_ref())
-                        .map_err(Error::Config)?;
+                        .map_err(Error::config)?;
                 pg.ssl_mode(if mode == Mode::Prefer {
                     SslMode::Prefer
                 } else {
@@ -296,7 +296,7 @@ impl Postgres {
                 if let Some(value) = value
                     && !range.contains(&value)
                 {
-                    return Err(Error::Config(format!(
+                    return Err(Error::config(format!(
                         "Postgres::{method}({value:?}): {}",
                         range_text(method, range)
                     )));
@@ -385,7 +385,7 @@ fn validate_namespace(namespace: &str) -> Result<()> {
         || namespace.len() > 100
         || !namespace.bytes().all(|b| b.is_ascii_graphic())
     {
-        return Err(Error::Config(format!(
+        return Err(Error::config(format!(
             "invalid postgres namespace `{}`: use 1 to 100 visible ASCII characters",
             namespace.chars().take(60).collect::<String>()
         )));

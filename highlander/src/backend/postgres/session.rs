@@ -219,10 +219,13 @@ impl Inner {
     }
 
     fn not_connected(&self, st: &State) -> Error {
-        Error::Backend(match &st.last_error {
-            Some(why) => format!("not connected to postgres ({why})"),
-            None => format!("not connected to postgres at {}", self.settings.target),
-        })
+        Error::backend(
+            crate::BackendErrorKind::Other,
+            match &st.last_error {
+                Some(why) => format!("not connected to postgres ({why})"),
+                None => format!("not connected to postgres at {}", self.settings.target),
+            },
+        )
     }
 }
 
@@ -250,7 +253,9 @@ impl PgSession {
                 info!(node = %inner.node, backend = %inner.settings.describe, owner = live.me, "connected to postgres");
                 Some(live)
             }
-            Err(e) if e.fatal => return Err(Error::Backend(e.message)),
+            Err(e) if e.fatal => {
+                return Err(Error::backend(crate::BackendErrorKind::Other, e.message));
+            }
             Err(e) => {
                 warn!(node = %inner.node, "{}; retrying in {RECONNECT_MIN:?} (attempt 1)", e.message);
                 inner.lock().last_error = Some(e.message);
@@ -296,10 +301,13 @@ impl Session for PgSession {
         inner.kick.notify_one();
         Box::pin(async move {
             rx.await.unwrap_or_else(|_| {
-                Err(Error::Backend(format!(
-                    "postgres at {}: the connection was lost while claiming",
-                    inner.settings.target
-                )))
+                Err(Error::backend(
+                    crate::BackendErrorKind::Other,
+                    format!(
+                        "postgres at {}: the connection was lost while claiming",
+                        inner.settings.target
+                    ),
+                ))
             })
         })
     }
@@ -530,7 +538,10 @@ fn lose(inner: &Inner, why: &str) {
     }
     let err = format!("postgres at {}: {why}", inner.settings.target);
     for claim in st.claims.drain(..) {
-        let _ = claim.reply.send(Err(Error::Backend(err.clone())));
+        let _ = claim.reply.send(Err(Error::backend(
+            crate::BackendErrorKind::Other,
+            err.clone(),
+        )));
     }
     for release in st.releases.drain(..) {
         if let Some(reply) = release.reply {
@@ -774,11 +785,14 @@ fn start_claims(inner: &Arc<Inner>, live: &Live) -> Pending<ClaimDone> {
             continue;
         }
         // No server takes a dead-peer timeout long enough to vouch for it.
-        let _ = c.reply.send(Err(Error::Backend(format!(
-            "postgres at {}: id `{}`: a stop budget of {:?} is too long for this backend: \
+        let _ = c.reply.send(Err(Error::backend(
+            crate::BackendErrorKind::Other,
+            format!(
+                "postgres at {}: id `{}`: a stop budget of {:?} is too long for this backend: \
              the server's dead-peer timeout would have to exceed {:?}, the most Postgres takes",
-            settings.target, c.id, c.budget, MAX_SERVER_TIMEOUT
-        ))));
+                settings.target, c.id, c.budget, MAX_SERVER_TIMEOUT
+            ),
+        )));
     }
     if batch.is_empty() {
         return None;
@@ -907,7 +921,7 @@ fn finish_claims(
         let err = query_error(settings, "raising the dead-peer timeout", &e);
         debug!(node = %inner.node, error = %err, ids = refused.len(), "raise failed");
         for c in refused {
-            let _ = c.reply.send(Err(Error::Backend(format!(
+            let _ = c.reply.send(Err(Error::backend(crate::BackendErrorKind::Other, format!(
                 "{err} (id `{}` needs the server to wait {target:?} for a silent node, for its stop budget of {:?})",
                 c.id, c.budget
             ))));
@@ -935,7 +949,10 @@ fn finish_claims_sent(
             let err = query_error(settings, "claim", &e);
             debug!(node = %inner.node, error = %err, ids = batch.len(), "claim batch failed");
             for c in batch {
-                let _ = c.reply.send(Err(Error::Backend(err.to_string())));
+                let _ = c.reply.send(Err(Error::backend(
+                    crate::BackendErrorKind::Other,
+                    err.to_string(),
+                )));
             }
             return Ok(());
         }
@@ -977,18 +994,21 @@ fn finish_claims_sent(
             // Someone deleted it (rows are never deleted by highlander):
             // insert it again on the next try.
             st.known.remove(&c.key);
-            let _ = c.reply.send(Err(Error::Backend(format!(
-                "postgres at {}: the row of id `{}` is missing from {}",
-                settings.target,
-                c.id,
-                sql::TABLE
-            ))));
+            let _ = c.reply.send(Err(Error::backend(
+                crate::BackendErrorKind::Other,
+                format!(
+                    "postgres at {}: the row of id `{}` is missing from {}",
+                    settings.target,
+                    c.id,
+                    sql::TABLE
+                ),
+            )));
             continue;
         };
         let namespace: String = row.get(1);
         let id: String = row.get(2);
         if namespace != settings.namespace || id != *c.id {
-            let _ = c.reply.send(Err(Error::Backend(format!(
+            let _ = c.reply.send(Err(Error::backend(crate::BackendErrorKind::Other, format!(
                 "lock key collision: id `{}` in namespace `{}` has the same key ({}) as id `{id}` in namespace `{namespace}`; rename one of them",
                 c.id, settings.namespace, c.key
             ))));
@@ -1093,7 +1113,10 @@ fn finish_releases(
                     return Err(format!("releasing ids failed three times ({err})"));
                 }
                 if let Some(reply) = release.reply.take() {
-                    let _ = reply.send(Err(Error::Backend(err.to_string())));
+                    let _ = reply.send(Err(Error::backend(
+                        crate::BackendErrorKind::Other,
+                        err.to_string(),
+                    )));
                 }
                 st.releases.push(release);
             }
@@ -1418,11 +1441,14 @@ fn error_text(e: &tokio_postgres::Error) -> String {
 }
 
 fn query_error(settings: &Settings, what: &str, e: &tokio_postgres::Error) -> Error {
-    Error::Backend(format!(
-        "postgres at {}: {what} failed: {}",
-        settings.target,
-        error_text(e)
-    ))
+    Error::backend(
+        crate::BackendErrorKind::Other,
+        format!(
+            "postgres at {}: {what} failed: {}",
+            settings.target,
+            error_text(e)
+        ),
+    )
 }
 
 /// Sorts a connection error into "fix the configuration" (fatal at start)
