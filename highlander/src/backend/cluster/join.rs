@@ -24,10 +24,13 @@ pub(super) async fn start(settings: Arc<Settings>, name: &str) -> Result<Arc<Nod
     let key = cluster_key(&settings, listen)?;
     let listener = TcpListener::bind(listen)
         .await
-        .map_err(|e| Error::Config(format!("cluster backend cannot listen on {listen}: {e}")))?;
-    let bound = listener
-        .local_addr()
-        .map_err(|e| Error::Backend(format!("cluster listener: {e}")))?;
+        .map_err(|e| Error::config(format!("cluster backend cannot listen on {listen}: {e}")))?;
+    let bound = listener.local_addr().map_err(|e| {
+        Error::backend(
+            crate::BackendErrorKind::Other,
+            format!("cluster listener: {e}"),
+        )
+    })?;
     *settings.bound.lock().unwrap_or_else(|e| e.into_inner()) = Some(bound);
     let advertise = match &settings.advertise {
         Some(a) => Some(a.clone()),
@@ -85,17 +88,17 @@ fn cluster_key(settings: &Settings, listen: SocketAddr) -> Result<Vec<u8>> {
     let good = "Use a long random secret, the same on every node, e.g. \
                 `head -c 32 /dev/urandom | base64`";
     match cookie {
-        Some(c) if c.is_empty() => Err(Error::Config(format!(
+        Some(c) if c.is_empty() => Err(Error::config(format!(
             "the cluster cookie ({source}) is empty: anyone could compute its proofs. {good}"
         ))),
         Some(c) if c.len() < MIN_PUBLIC_COOKIE && !listen.ip().is_loopback() => {
-            Err(Error::Config(format!(
+            Err(Error::config(format!(
                 "the cluster cookie ({source}) is too short to listen on {listen}, which other \
                  hosts can reach: use at least {MIN_PUBLIC_COOKIE} bytes. {good}"
             )))
         }
         Some(c) => Ok(c.into_bytes()),
-        None if !listen.ip().is_loopback() => Err(Error::Config(format!(
+        None if !listen.ip().is_loopback() => Err(Error::config(format!(
             "refusing to listen on {listen} without a cluster cookie: anyone who can reach \
              that address could join the cluster and stop or start your singletons. Set \
              HIGHLANDER_COOKIE (or Cluster::cookie) to the same long random secret on every \
@@ -111,12 +114,12 @@ fn cluster_key(settings: &Settings, listen: SocketAddr) -> Result<Vec<u8>> {
 
 async fn resolve(addr: &str) -> Result<SocketAddr> {
     let mut addrs = tokio::net::lookup_host(addr).await.map_err(|e| {
-        Error::Config(format!(
+        Error::config(format!(
             "cluster listen address `{addr}` cannot be resolved: {e}; use host:port"
         ))
     })?;
     addrs.next().ok_or_else(|| {
-        Error::Config(format!(
+        Error::config(format!(
             "cluster listen address `{addr}` resolves to nothing"
         ))
     })

@@ -226,10 +226,10 @@ impl Node {
         let (step, fx) = sh.state.claim(id, unix_nanos());
         self.apply(&mut sh, fx);
         match step {
-            Step::Closed => Err(Error::Backend(format!(
-                "cluster node `{}` has left the cluster",
-                self.name
-            ))),
+            Step::Closed => Err(Error::backend(
+                crate::BackendErrorKind::Other,
+                format!("cluster node `{}` has left the cluster", self.name),
+            )),
             Step::Granted(lease) => Ok(Ok(Claim::Granted(lease))),
             Step::Busy(holder) => {
                 let wake = self.waker(&mut sh, id);
