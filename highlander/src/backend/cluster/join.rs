@@ -82,7 +82,7 @@ pub(super) async fn start(settings: Arc<Settings>, name: &str) -> Result<Arc<Nod
 /// The key of this node's MACs: the cookie, checked.
 fn cluster_key(settings: &Settings, listen: SocketAddr) -> Result<Vec<u8>> {
     let (cookie, source) = match &settings.cookie {
-        Some(cookie) => (Some(cookie.0.clone()), "Cluster::cookie"),
+        Some(cookie) => (Some(cookie.expose().to_string()), "Cluster::cookie"),
         None => (std::env::var("HIGHLANDER_COOKIE").ok(), "HIGHLANDER_COOKIE"),
     };
     let good = "Use a long random secret, the same on every node, e.g. \
