@@ -20,6 +20,7 @@ use super::wire::{
     Handshake, MAX_HANDSHAKE_FRAME, MemberInfo, Msg, PROTOCOL_VERSION, RejectReason, valid_addr,
     valid_name,
 };
+use crate::{BackendErrorKind, Error};
 
 /// The outcome of one dial.
 pub(super) enum Dialed {
@@ -27,7 +28,26 @@ pub(super) enum Dialed {
     Rejected(RejectReason),
     /// Every address the target resolves to reaches this node itself.
     OnlySelf,
-    Failed,
+    /// Nothing answered the handshake: why, in one line (an address, never
+    /// a secret), with the I/O error when there is one.
+    Failed(Error),
+}
+
+/// The connection to `addr` broke while the handshake was under way.
+fn broke(addr: &str, e: std::io::Error) -> Dialed {
+    Dialed::Failed(Error::backend_with(
+        BackendErrorKind::Unreachable,
+        format!("the connection to {addr} broke during the handshake: {e}"),
+        e,
+    ))
+}
+
+/// What answered at `addr` closed the connection or sent no handshake.
+fn unanswered(addr: &str) -> Dialed {
+    Dialed::Failed(Error::backend(
+        BackendErrorKind::Unreachable,
+        format!("{addr} closed the connection without answering the handshake"),
+    ))
 }
 
 impl Node {
@@ -81,7 +101,13 @@ impl Node {
         let (stream, target) = match self.connect_to(&addr).await {
             Ok(Some(connected)) => connected,
             Ok(None) => return Dialed::OnlySelf,
-            Err(_) => return Dialed::Failed,
+            Err(e) => {
+                return Dialed::Failed(Error::backend_with(
+                    BackendErrorKind::Unreachable,
+                    format!("cannot connect to {addr}: {e}"),
+                    e,
+                ));
+            }
         };
         let (rd, mut wr) = stream.into_split();
         let mut rd = FramedRead::new(rd, codec(MAX_HANDSHAKE_FRAME));
@@ -94,8 +120,8 @@ impl Node {
             listen_port: self.listen_port,
             nonce,
         };
-        if wr.write_all(&hello.encode()).await.is_err() {
-            return Dialed::Failed;
+        if let Err(e) = wr.write_all(&hello.encode()).await {
+            return broke(&addr, e);
         }
         let (acceptor, acceptor_port, acceptor_nonce) = match read_handshake(&mut rd).await {
             Some(Handshake::Challenge {
@@ -110,7 +136,7 @@ impl Node {
                 // Nothing proves who sent it: a hint, redialed later.
                 return self.rejected(&addr, None, reason);
             }
-            _ => return Dialed::Failed,
+            _ => return unanswered(&addr),
         };
         if !valid_name(&acceptor.name) || acceptor.addr.as_deref().is_some_and(|a| !valid_addr(a)) {
             if self.may_warn("invalid-dial", &addr) {
@@ -119,7 +145,10 @@ impl Node {
             return self.rejected(&addr, None, RejectReason::Version);
         }
         if self.cut(&acceptor.name) {
-            return Dialed::Failed;
+            return Dialed::Failed(Error::backend(
+                BackendErrorKind::Unreachable,
+                format!("the link to `{}` is cut (fault injection)", acceptor.name),
+            ));
         }
         let transcript = Transcript {
             version: PROTOCOL_VERSION,
@@ -131,12 +160,8 @@ impl Node {
             acceptor_nonce: &acceptor_nonce,
         };
         let mac = transcript.proof(&self.key, Role::Dialer);
-        if wr
-            .write_all(&Handshake::Response { mac }.encode())
-            .await
-            .is_err()
-        {
-            return Dialed::Failed;
+        if let Err(e) = wr.write_all(&Handshake::Response { mac }.encode()).await {
+            return broke(&addr, e);
         }
         match read_handshake(&mut rd).await {
             Some(Handshake::Welcome { mac }) => {
@@ -152,7 +177,7 @@ impl Node {
                 };
                 return self.rejected(&addr, Some(&acceptor.name), reason);
             }
-            _ => return Dialed::Failed,
+            _ => return unanswered(&addr),
         }
         let mut sealed = seal::channel(&self.key, Role::Dialer, &transcript);
         let info = MemberInfo {

@@ -16,6 +16,8 @@ use super::dial::Dialed;
 use super::node::Node;
 use super::state::State;
 use super::wire::RejectReason;
+use crate::backend::kit::duration::show;
+use crate::{BackendErrorKind, Error};
 
 /// Unreachable members that are not seeds are forgotten after this long.
 const FORGET_AFTER: Duration = Duration::from_secs(300);
@@ -34,6 +36,10 @@ pub(super) struct Seeds {
     list: Vec<Seed>,
     dialing: HashSet<String>,
     retry_after: HashMap<String, Instant>,
+    /// Whether a seed answered a dial (joined, or refused this node).
+    heard: bool,
+    /// Why the last dial of a seed that nothing answered failed.
+    last_failure: Option<Error>,
 }
 
 struct Seed {
@@ -70,7 +76,31 @@ impl Seeds {
                 .collect(),
             dialing: HashSet::new(),
             retry_after: HashMap::new(),
+            heard: false,
+            last_failure: None,
         }
+    }
+
+    /// The seed addresses, as dialed.
+    pub(super) fn addrs(&self) -> impl Iterator<Item = &str> {
+        self.list.iter().map(|s| s.addr.as_str())
+    }
+
+    /// Whether a seed answered a dial of this node: it joined one, or one
+    /// refused it (a node with another cookie, say, is alive all the same).
+    pub(super) fn heard(&self) -> bool {
+        self.heard
+    }
+
+    /// Whether a seed address was found (by this node's own dial of it) to
+    /// reach this node itself.
+    pub(super) fn has_self(&self) -> bool {
+        self.list.iter().any(|s| s.is_self)
+    }
+
+    /// Why the last failed dial of a seed failed, once.
+    pub(super) fn take_failure(&mut self) -> Option<Error> {
+        self.last_failure.take()
     }
 
     /// Whether every seed address is this node's own (or there is none).
@@ -136,8 +166,12 @@ impl Seeds {
     }
 
     /// The dial of `addr` ended with `outcome` at `now`.
-    pub(super) fn dialed(&mut self, addr: &str, outcome: &Dialed, now: Instant) -> Then {
+    pub(super) fn dialed(&mut self, addr: &str, outcome: Dialed, now: Instant) -> Then {
         self.dialing.remove(addr);
+        let is_seed = self.list.iter().any(|s| s.addr == addr);
+        if is_seed && matches!(outcome, Dialed::Connected(_) | Dialed::Rejected(_)) {
+            self.heard = true;
+        }
         let seeds = self.list.iter_mut().filter(|s| s.addr == addr);
         match outcome {
             Dialed::Connected(name) => {
@@ -167,8 +201,9 @@ impl Seeds {
                 Then::Nothing
             }
             Dialed::Rejected(RejectReason::Duplicate) => Then::Nothing,
-            Dialed::Failed => {
-                if seeds.count() > 0 {
+            Dialed::Failed(why) => {
+                if is_seed {
+                    self.last_failure = Some(why);
                     Then::Resolve
                 } else {
                     Then::Nothing
@@ -257,7 +292,15 @@ impl Node {
                     let limit = handshake_timeout(&node.settings);
                     let outcome = timeout(limit, node.clone().dial(addr.clone()))
                         .await
-                        .unwrap_or(Dialed::Failed);
+                        .unwrap_or_else(|_| {
+                            Dialed::Failed(Error::backend(
+                                BackendErrorKind::Unreachable,
+                                format!(
+                                    "{addr} did not finish the handshake within {}",
+                                    show(limit)
+                                ),
+                            ))
+                        });
                     node.dialed(&addr, outcome);
                 });
             }
@@ -265,7 +308,8 @@ impl Node {
     }
 
     fn dialed(&self, addr: &str, outcome: Dialed) {
-        let then = self.lock().seeds.dialed(addr, &outcome, Instant::now());
+        let then = self.lock().seeds.dialed(addr, outcome, Instant::now());
+        self.bump_dials();
         match then {
             Then::Nothing => {}
             Then::Epoch => self.bump_epoch(),
@@ -312,6 +356,13 @@ mod tests {
         Seeds::new(vec![A.to_string(), B.to_string()])
     }
 
+    fn failed() -> Dialed {
+        Dialed::Failed(Error::backend(
+            BackendErrorKind::Unreachable,
+            "cannot connect to 10.0.0.1:7400: connection refused",
+        ))
+    }
+
     /// Connects member `name` at `addr` and delivers its `Sync`, naming
     /// `members`.
     fn up(state: &mut State, name: &str, addr: &str, members: Vec<MemberInfo>) -> ConnId {
@@ -337,13 +388,10 @@ mod tests {
         assert_eq!(seeds.targets(&mut state, now), [A, B]);
         assert!(seeds.targets(&mut state, now).is_empty(), "both in flight");
         // A failed seed is dialed again, and its names resolved again.
-        assert_eq!(seeds.dialed(A, &Dialed::Failed, now), Then::Resolve);
+        assert_eq!(seeds.dialed(A, failed(), now), Then::Resolve);
         assert_eq!(seeds.targets(&mut state, now), [A]);
         // A failure at an address that is no seed resolves nothing.
-        assert_eq!(
-            seeds.dialed("10.9.9.9:1", &Dialed::Failed, now),
-            Then::Nothing
-        );
+        assert_eq!(seeds.dialed("10.9.9.9:1", failed(), now), Then::Nothing);
     }
 
     #[test]
@@ -352,7 +400,7 @@ mod tests {
         let now = Instant::now();
         let _ = seeds.targets(&mut state, now);
         let refused = Dialed::Rejected(RejectReason::BadCookie);
-        assert_eq!(seeds.dialed(A, &refused, now), Then::Nothing);
+        assert_eq!(seeds.dialed(A, refused, now), Then::Nothing);
         assert!(
             seeds
                 .targets(&mut state, now + Duration::from_secs(1))
@@ -364,10 +412,10 @@ mod tests {
         );
         // An unproven "that is you" asks for another dial at once, and the
         // address stays a seed.
-        let _ = seeds.dialed(A, &Dialed::Rejected(RejectReason::SelfDial), now);
+        let _ = seeds.dialed(A, Dialed::Rejected(RejectReason::SelfDial), now);
         assert!(!seeds.all_self());
         assert_eq!(
-            seeds.dialed(B, &Dialed::Rejected(RejectReason::SelfDial), now),
+            seeds.dialed(B, Dialed::Rejected(RejectReason::SelfDial), now),
             Then::Dial
         );
     }
@@ -379,7 +427,7 @@ mod tests {
         let now = Instant::now();
         let _ = seeds.targets(&mut state, now);
         assert!(!seeds.all_self());
-        assert_eq!(seeds.dialed(A, &Dialed::OnlySelf, now), Then::Epoch);
+        assert_eq!(seeds.dialed(A, Dialed::OnlySelf, now), Then::Epoch);
         assert!(seeds.all_self());
         assert!(seeds.targets(&mut state, now).is_empty());
         assert!(seeds.joined(&state), "alone, with only itself as seed");
@@ -397,7 +445,7 @@ mod tests {
         };
         let conn = up(&mut state, "a", A, vec![c]);
         assert_eq!(
-            seeds.dialed(A, &Dialed::Connected(Arc::from("a")), now),
+            seeds.dialed(A, Dialed::Connected(Arc::from("a")), now),
             Then::Nothing
         );
         // "c", learned from "a", is dialed; "a" is up; B is still in flight.
@@ -457,5 +505,26 @@ mod tests {
             String::new()
         ]));
         assert!(have_names(&[A.to_string(), "cluster.test:7400".into()]));
+    }
+
+    #[test]
+    fn a_seed_that_answers_is_heard_even_when_it_refuses() {
+        let now = Instant::now();
+        let mut seeds = seeds();
+        assert!(!seeds.heard());
+        let _ = seeds.dialed(A, failed(), now);
+        let _ = seeds.dialed("10.9.9.9:1", Dialed::Rejected(RejectReason::BadCookie), now);
+        assert!(!seeds.heard(), "a failure, and a refusal from no seed");
+        let last = seeds.take_failure().expect("the seed's failure is kept");
+        assert!(last.to_string().contains("connection refused"), "{last}");
+        assert!(seeds.take_failure().is_none(), "taken once");
+        let _ = seeds.dialed(B, Dialed::Rejected(RejectReason::BadCookie), now);
+        assert!(seeds.heard(), "a refusal proves the seed is up");
+        let mut seeds = self::seeds();
+        let _ = seeds.dialed(A, Dialed::Connected(Arc::from("a")), now);
+        assert!(seeds.heard());
+        assert!(!seeds.has_self());
+        let _ = seeds.dialed(B, Dialed::OnlySelf, now);
+        assert!(seeds.has_self());
     }
 }

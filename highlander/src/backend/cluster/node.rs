@@ -43,6 +43,8 @@ pub(super) struct Node {
     shared: Mutex<Shared>,
     /// Bumped on every membership change; every waiting guardian watches it.
     epoch: watch::Sender<u64>,
+    /// Bumped when a dial ends (a starting node waits on it).
+    dials: watch::Sender<u64>,
     /// Wakes the dialer at once (a member was learned).
     pub(super) kick: Notify,
     /// Wakes the seed resolver at once (a dial to a seed failed).
@@ -98,6 +100,7 @@ impl Node {
             listen_port,
             local_ip,
             epoch: watch::Sender::new(0),
+            dials: watch::Sender::new(0),
             kick: Notify::new(),
             resolve_now: Notify::new(),
             cancel: CancellationToken::new(),
@@ -116,6 +119,15 @@ impl Node {
     /// Changes with every membership change.
     pub(super) fn epoch(&self) -> watch::Receiver<u64> {
         self.epoch.subscribe()
+    }
+
+    pub(super) fn bump_dials(&self) {
+        self.dials.send_modify(|e| *e = e.wrapping_add(1));
+    }
+
+    /// Changes whenever a dial ends.
+    pub(super) fn dials(&self) -> watch::Receiver<u64> {
+        self.dials.subscribe()
     }
 
     /// Whether fault injection cut the link to `peer`.
