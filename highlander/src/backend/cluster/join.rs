@@ -235,3 +235,27 @@ impl Node {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_node_is_a_seed_by_its_bound_or_advertised_address() {
+        let bound: SocketAddr = "10.0.0.1:7400".parse().unwrap();
+        let seeds = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let own = own_addresses(bound, None).await;
+        assert!(among(&seeds(&["10.0.0.2:7400", "10.0.0.1:7400"]), &own));
+        assert!(!among(&seeds(&["10.0.0.2:7400", "10.0.0.1:7401"]), &own));
+        // Behind a proxy: the advertised address is the one in the seeds.
+        let own = own_addresses(bound, Some("192.168.1.5:9000")).await;
+        assert!(among(&seeds(&["192.168.1.5:9000"]), &own));
+        // A name is resolved (seeds arrive resolved already).
+        let own = own_addresses("0.0.0.0:7400".parse().unwrap(), Some("localhost:7400")).await;
+        assert!(among(&seeds(&["127.0.0.1:7400"]), &own), "{own:?}");
+        // A wildcard listen address is nobody's seed by itself: a dial of
+        // the seed that reaches this node tells.
+        let own = own_addresses("0.0.0.0:7400".parse().unwrap(), None).await;
+        assert!(!among(&seeds(&["127.0.0.1:7400"]), &own));
+    }
+}

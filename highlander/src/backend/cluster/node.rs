@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
@@ -25,13 +26,14 @@ use super::gate::Gate;
 use super::state::{ConnId, Effect, Effects, Reply, State, Step, Timer};
 use super::tokens::unix_nanos;
 use super::wire::{MemberInfo, Msg, RejectReason, SYNC_CHUNK};
+use crate::backend::kit::wake::Wakes;
 use crate::backend::{Claim, HeldId, Holder, Member};
 use crate::service::BoxFuture;
 use crate::{Error, Result};
 
 /// A running node.
 pub(super) struct Node {
-    pub(super) weak: Weak<Node>,
+    weak: Weak<Node>,
     pub(super) name: Arc<str>,
     pub(super) me: MemberInfo,
     /// The key of this node's MACs: the cookie, checked.
@@ -43,6 +45,8 @@ pub(super) struct Node {
     shared: Mutex<Shared>,
     /// Bumped on every membership change; every waiting guardian watches it.
     epoch: watch::Sender<u64>,
+    /// Per id: bumped when something about it changed.
+    wakes: Wakes<Arc<str>>,
     /// Bumped when a dial ends (a starting node waits on it).
     dials: watch::Sender<u64>,
     /// Wakes the dialer at once (a member was learned).
@@ -62,8 +66,6 @@ pub(super) struct Shared {
     links: HashMap<ConnId, LinkIo>,
     /// Guardians whose claim waits on an arbiter.
     waiting: HashMap<Arc<str>, oneshot::Sender<WaitedClaim>>,
-    /// Per id: bumped when something about it changed.
-    wakes: HashMap<Arc<str>, watch::Sender<u64>>,
 }
 
 /// A connection's side in the node: frames queued for its writer, and the
@@ -92,8 +94,8 @@ impl Node {
                 gate: Gate::default(),
                 links: HashMap::new(),
                 waiting: HashMap::new(),
-                wakes: HashMap::new(),
             }),
+            wakes: Wakes::new(),
             me,
             key,
             settings,
@@ -162,11 +164,7 @@ impl Node {
                     signal.end(end);
                 }
                 Effect::Reply { id, reply } => self.reply(sh, id, reply),
-                Effect::Wake(id) => {
-                    if let Some(wake) = sh.wakes.get(&id) {
-                        wake.send_modify(|v| *v = v.wrapping_add(1));
-                    }
-                }
+                Effect::Wake(id) => self.wakes.bump(&id),
                 Effect::Epoch => self.bump_epoch(),
                 Effect::Dial => self.kick.notify_one(),
                 Effect::Timer(timer) => self.spawn_timer(timer),
@@ -181,7 +179,7 @@ impl Node {
         };
         let reply = match reply {
             Reply::Denied(holder) => {
-                let wake = self.waker(sh, &id);
+                let wake = self.waker(&id);
                 Ok(Claim::Busy { holder, wake })
             }
             Reply::Granted(lease) => Ok(Claim::Granted(lease)),
@@ -214,28 +212,26 @@ impl Node {
     }
 
     /// Completes when something about `id` changes, or membership does.
-    fn waker(&self, sh: &mut Shared, id: &Arc<str>) -> BoxFuture<'static, ()> {
-        let mut id_rx = sh
-            .wakes
-            .entry(id.clone())
-            .or_insert_with(|| watch::Sender::new(0))
-            .subscribe();
+    fn waker(&self, id: &Arc<str>) -> BoxFuture<'static, ()> {
+        let id_changed = self.wakes.waiter(id.clone());
         let mut epoch_rx = self.epoch.subscribe();
         Box::pin(async move {
             tokio::select! {
-                _ = id_rx.changed() => {}
+                _ = id_changed => {}
                 _ = epoch_rx.changed() => {}
             }
         })
     }
 
-    /// Decides the claim of `id` at once, or returns the answer to wait for.
+    /// Decides the claim of `id` (its instance given `budget` to stop) at
+    /// once, or returns the answer to wait for.
     fn try_claim_now(
         &self,
         id: &Arc<str>,
+        budget: Duration,
     ) -> Result<std::result::Result<Claim, oneshot::Receiver<WaitedClaim>>> {
         let mut sh = self.lock();
-        let (step, fx) = sh.state.claim(id, unix_nanos());
+        let (step, fx) = sh.state.claim(id, budget, unix_nanos());
         self.apply(&mut sh, fx);
         match step {
             Step::Closed => Err(Error::backend(
@@ -244,7 +240,7 @@ impl Node {
             )),
             Step::Granted(lease) => Ok(Ok(Claim::Granted(lease))),
             Step::Busy(holder) => {
-                let wake = self.waker(&mut sh, id);
+                let wake = self.waker(id);
                 Ok(Ok(Claim::Busy {
                     holder: Some(holder),
                     wake,
@@ -258,9 +254,9 @@ impl Node {
         }
     }
 
-    pub(super) async fn claim(self: Arc<Self>, id: Arc<str>) -> Result<Claim> {
+    pub(super) async fn claim(self: Arc<Self>, id: Arc<str>, budget: Duration) -> Result<Claim> {
         loop {
-            let rx = match self.try_claim_now(&id)? {
+            let rx = match self.try_claim_now(&id, budget)? {
                 Ok(claim) => return Ok(claim),
                 Err(rx) => rx,
             };
@@ -327,7 +323,7 @@ impl Node {
             self.apply(&mut sh, fx);
         }
         self.writers.close();
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.writers.wait()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.writers.wait()).await;
         self.cancel.cancel();
         self.bump_epoch();
         tracing::info!(node = %self.name, "left the cluster");

@@ -16,7 +16,7 @@ pub(super) struct ClusterSession {
 
 impl Session for ClusterSession {
     fn try_claim(&self, request: ClaimRequest) -> BoxFuture<'_, Result<Claim>> {
-        Box::pin(self.node.clone().claim(request.id))
+        Box::pin(self.node.clone().claim(request.id, request.stop_budget))
     }
 
     fn release(&self, id: &str, token: u64) -> BoxFuture<'_, Result<()>> {

@@ -75,7 +75,7 @@ impl State {
         let asked: Vec<Arc<str>> = self
             .pending
             .iter()
-            .filter(|(_, arbiter)| *arbiter == peer)
+            .filter(|(_, p)| p.arbiter == *peer)
             .map(|(id, _)| id.clone())
             .collect();
         for id in asked {
@@ -218,7 +218,7 @@ impl State {
         let resend: Vec<Arc<str>> = self
             .pending
             .iter()
-            .filter(|(_, arbiter)| **arbiter == info.name)
+            .filter(|(_, p)| p.arbiter == info.name)
             .map(|(id, _)| id.clone())
             .collect();
         for id in resend {
@@ -236,11 +236,11 @@ impl State {
         let mut frames = Vec::new();
         let mut size = 0;
         let mut part = Vec::new();
-        for (id, o) in &self.own {
+        for (id, o) in self.own.iter() {
             let hold = Hold {
                 id: id.clone(),
                 token: o.token,
-                since: o.since,
+                since: o.extra,
             };
             size += hold.encoded_len();
             part.push(hold);
@@ -315,7 +315,8 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::super::tests::{
-        at, connect, ended, granted, has, hold, holder_of, info, name, ready, replies, sent, woken,
+        BUDGET, at, connect, ended, granted, has, hold, holder_of, info, name, ready, replies,
+        sent, woken,
     };
     use super::super::{Effect, Reply, Step, Timer};
     use crate::backend::LeaseEnd;
@@ -324,7 +325,7 @@ mod tests {
     #[test]
     fn a_join_merges_both_registries() {
         let mut a = ready("a");
-        let _ = granted(a.claim(&name("x"), at(1)).0);
+        let _ = granted(a.claim(&name("x"), BUDGET, at(1)).0);
         // What "a" sends a new member: its holdings in its `Sync`.
         let (conn, fx) = a.adopt(&info("b", 1), false, SYNC_CHUNK).unwrap();
         let sync = sent(&fx)
@@ -372,7 +373,7 @@ mod tests {
     fn large_holdings_go_ahead_in_parts_and_are_merged_on_arrival() {
         let mut a = ready("a");
         for i in 0..10 {
-            let _ = granted(a.claim(&name(&format!("id-{i}")), at(1)).0);
+            let _ = granted(a.claim(&name(&format!("id-{i}")), BUDGET, at(1)).0);
         }
         // A chunk of about three holds.
         let chunk = 3 * hold("id-0", 0, 0).encoded_len();
@@ -471,7 +472,7 @@ mod tests {
         let mut s = ready("b");
         let (a, _) = connect(&mut s, "a", vec![]);
         // "a" is the arbiter; grant "x" so this node holds it.
-        let _ = s.claim(&name("x"), at(1));
+        let _ = s.claim(&name("x"), BUDGET, at(1));
         let _ = s.on_frame(
             &name("a"),
             a,
@@ -481,7 +482,7 @@ mod tests {
             },
             at(2),
         );
-        let _ = s.claim(&name("y"), at(3));
+        let _ = s.claim(&name("y"), BUDGET, at(3));
         let fx = s.close().expect("first close");
         assert_eq!(ended(&fx), [("x", &LeaseEnd::Lost)]);
         assert!(matches!(replies(&fx)[..], [("y", Reply::Retry)]));
@@ -490,7 +491,7 @@ mod tests {
         assert_eq!(frames.last(), Some(&("a", &Msg::Leave)));
         assert!(matches!(fx.list().last(), Some(Effect::Hangup(c)) if *c == a));
         assert!(s.close().is_none(), "leaving twice does nothing");
-        assert!(matches!(s.claim(&name("x"), at(4)).0, Step::Closed));
+        assert!(matches!(s.claim(&name("x"), BUDGET, at(4)).0, Step::Closed));
         // The member that left is never taken back in that incarnation.
         let mut other = ready("c");
         let (b, _) = connect(&mut other, "b", vec![]);

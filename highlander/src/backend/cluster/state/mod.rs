@@ -20,6 +20,7 @@ use tracing::{debug, info};
 
 use super::tokens;
 use super::wire::{Hold, Msg};
+use crate::backend::kit::tenures::Tenures;
 use crate::backend::{HeldId, Holder, Lease, LeaseEnd, LeaseSignal, Member};
 
 /// A connection's number, unique within the node.
@@ -139,10 +140,12 @@ pub(super) struct State {
     /// The low bits of this node's tokens.
     slot: u64,
     members: HashMap<Arc<str>, Peer>,
-    own: HashMap<Arc<str>, Own>,
+    /// This node's tenures, each with its start (nanoseconds since the Unix
+    /// epoch on this node's clock): the heal rule compares them.
+    own: Tenures<Arc<str>, u64>,
     ids: HashMap<Arc<str>, IdView>,
-    /// Claims asked of an arbiter: the id and the arbiter asked.
-    pending: HashMap<Arc<str>, Arc<str>>,
+    /// Claims asked of an arbiter, by id.
+    pending: HashMap<Arc<str>, Pending>,
     /// Incarnations that said goodbye: never taken back as members.
     left: HashSet<(Arc<str>, u64)>,
     /// Claim requests received while this node was still joining.
@@ -224,10 +227,11 @@ impl Peer {
     }
 }
 
-struct Own {
-    token: u64,
-    since: u64,
-    signal: LeaseSignal,
+/// A claim asked of an arbiter.
+struct Pending {
+    arbiter: Arc<str>,
+    /// The stop budget the guardian gave with its claim.
+    budget: Duration,
 }
 
 #[derive(Default)]
@@ -257,7 +261,7 @@ impl State {
             slot: tokens::slot(&name),
             name,
             members: HashMap::new(),
-            own: HashMap::new(),
+            own: Tenures::new(),
             ids: HashMap::new(),
             pending: HashMap::new(),
             left: HashSet::new(),

@@ -3,12 +3,14 @@
 //! picks one survivor where two tenures of an id meet.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tracing::{debug, info};
 
-use super::{Effect, Effects, IdView, Own, Peer, RemoteHold, Reply, State, Step};
+use super::{Effect, Effects, IdView, Peer, Pending, RemoteHold, Reply, State, Step};
 use crate::backend::cluster::tokens;
 use crate::backend::cluster::wire::{Hold, Msg};
+use crate::backend::kit::tenures::Tenure;
 use crate::backend::{Holder, Lease, LeaseEnd};
 
 /// The heal rule: whether the tenure that began at `a.0` on node `a.1`
@@ -39,7 +41,7 @@ impl State {
         let own = self
             .own
             .get(id)
-            .map(|o| (o.since, self.name.clone(), o.token));
+            .map(|o| (o.extra, self.name.clone(), o.token));
         let remote = self
             .ids
             .get(id)
@@ -55,7 +57,7 @@ impl State {
     /// is now free, tell the nodes this node denied it to as arbiter.
     pub(super) fn touch(&mut self, id: &Arc<str>, fx: &mut Effects) {
         fx.push(Effect::Wake(id.clone()));
-        let free = !self.own.contains_key(id);
+        let free = self.own.get(id).is_none();
         let Some(view) = self.ids.get_mut(id) else {
             return;
         };
@@ -68,21 +70,25 @@ impl State {
     }
 
     /// Starts a tenure here at `now` (nanoseconds since the Unix epoch),
-    /// its token above `floor` and every token seen, and tells every member.
-    fn take(&mut self, id: &Arc<str>, floor: u64, now: u64, fx: &mut Effects) -> Lease {
+    /// its token above `floor` and every token seen, its instance given
+    /// `budget` to stop, and tells every member.
+    fn take(
+        &mut self,
+        id: &Arc<str>,
+        floor: u64,
+        budget: Duration,
+        now: u64,
+        fx: &mut Effects,
+    ) -> Lease {
         let view = self.ids.entry(id.clone()).or_default();
         let token = tokens::next(view.max_token.max(floor), now / 1_000_000, self.slot);
         view.max_token = token;
         let since = now;
         let (lease, signal) = Lease::new(token);
-        self.own.insert(
-            id.clone(),
-            Own {
-                token,
-                since,
-                signal,
-            },
-        );
+        // Never replaces a tenure: a claim of an id held here is answered
+        // with that tenure, and a grant for it is refused.
+        self.own
+            .insert(id.clone(), Tenure::with(token, budget, signal, since));
         let hold = Hold {
             id: id.clone(),
             token,
@@ -136,12 +142,14 @@ impl State {
         }
     }
 
-    /// A guardian claims `id` at `now`: granted at once when this node
-    /// holds it or is its own arbiter, busy when a holder or a reservation
-    /// is in view, otherwise asked of the arbiter.
+    /// A guardian claims `id` at `now`, its instance given `budget` to
+    /// stop: granted at once when this node holds it or is its own arbiter,
+    /// busy when a holder or a reservation is in view, otherwise asked of
+    /// the arbiter.
     pub(in crate::backend::cluster) fn claim(
         &mut self,
         id: &Arc<str>,
+        budget: Duration,
         now: u64,
     ) -> (Step, Effects) {
         let mut fx = Effects::default();
@@ -164,11 +172,11 @@ impl State {
         }
         let arbiter = self.arbiter();
         if arbiter == self.name {
-            let lease = self.take(id, 0, now, &mut fx);
+            let lease = self.take(id, 0, budget, now, &mut fx);
             return (Step::Granted(lease), fx);
         }
         fx.send(self.conn_to(&arbiter), Msg::ClaimReq { id: id.clone() });
-        self.pending.insert(id.clone(), arbiter);
+        self.pending.insert(id.clone(), Pending { arbiter, budget });
         (Step::Asked, fx)
     }
 
@@ -313,7 +321,7 @@ impl State {
         if let Some(own) = self.own.get(&hold.id) {
             // Two tenures of one id can see each other: a healed split, or
             // two arbiters during a membership change.
-            if keeps((hold.since, peer), (own.since, &self.name)) {
+            if keeps((hold.since, peer), (own.extra, &self.name)) {
                 info!(
                     node = %self.name, id = %hold.id, winner = %peer,
                     "conflict: {peer} has held this id longer; stopping the instance here"
@@ -381,20 +389,24 @@ impl State {
         now: u64,
         fx: &mut Effects,
     ) {
-        let mine = self.pending.get(&id) == Some(peer);
-        if !mine {
-            if !self.own.contains_key(&id) {
+        let Some(budget) = self
+            .pending
+            .get(&id)
+            .filter(|p| p.arbiter == *peer)
+            .map(|p| p.budget)
+        else {
+            if self.own.get(&id).is_none() {
                 fx.send(self.conn_to(peer), Msg::Abandon { id });
             }
             return;
-        }
+        };
         self.pending.remove(&id);
         if let Some(holder) = self.holder(&id) {
             fx.send(self.conn_to(peer), Msg::Abandon { id: id.clone() });
             fx.reply(id, Reply::Denied(Some(holder)));
             return;
         }
-        let lease = self.take(&id, floor, now, fx);
+        let lease = self.take(&id, floor, budget, now, fx);
         // Last: when nobody waits for the lease any more (the guardian
         // stopped), the I/O layer releases it again.
         fx.reply(id, Reply::Granted(lease));
@@ -409,7 +421,7 @@ impl State {
         holder: Option<(Arc<str>, u64)>,
         fx: &mut Effects,
     ) {
-        if self.pending.get(&id) == Some(peer) {
+        if self.pending.get(&id).is_some_and(|p| p.arbiter == *peer) {
             self.pending.remove(&id);
             let holder = holder
                 .map(|(node, token)| Holder::new(node.to_string(), (token != 0).then_some(token)));

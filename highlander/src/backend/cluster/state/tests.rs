@@ -3,11 +3,15 @@
 //! the membership tests too.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::registry::keeps;
 use super::{ConnId, Effect, Effects, Reply, State, Step, Timer};
 use crate::backend::LeaseEnd;
 use crate::backend::cluster::wire::{Hold, MemberInfo, Msg, SYNC_CHUNK};
+
+/// The stop budget every claim here gives.
+pub(super) const BUDGET: Duration = Duration::from_secs(5);
 
 /// A nanosecond clock reading: `ms` milliseconds after some fixed start.
 pub(super) fn at(ms: u64) -> u64 {
@@ -117,7 +121,7 @@ fn the_heal_rule_keeps_the_earliest_tenure_and_breaks_ties_by_name() {
 /// `me` holds `x` since `mine`; `peer` shows up holding it since `theirs`.
 fn heal(me: &str, mine: u64, peer: &str, theirs: u64) -> (State, Effects, u64) {
     let mut s = ready(me);
-    let lease = granted(s.claim(&name("x"), mine).0);
+    let lease = granted(s.claim(&name("x"), BUDGET, mine).0);
     let (_, fx) = connect(&mut s, peer, vec![hold("x", 99, theirs)]);
     (s, fx, lease.token)
 }
@@ -179,12 +183,12 @@ fn a_claim_is_granted_when_this_node_is_its_own_arbiter() {
     // "a" is the lowest name in view: it decides alone and tells "b".
     let mut s = ready("a");
     let _ = connect(&mut s, "b", vec![]);
-    let (step, fx) = s.claim(&name("x"), at(1));
+    let (step, fx) = s.claim(&name("x"), BUDGET, at(1));
     let lease = granted(step);
     assert!(sent(&fx).iter().any(|(to, m)| *to == "b"
         && matches!(m, Msg::Held(h) if &*h.id == "x" && h.token == lease.token && h.since == at(1))));
     // Claiming again while holding hands back the same tenure.
-    let again = granted(s.claim(&name("x"), at(2)).0);
+    let again = granted(s.claim(&name("x"), BUDGET, at(2)).0);
     assert_eq!(again.token, lease.token);
     assert_eq!(holder_of(&s, "x").as_deref(), Some("a"));
 }
@@ -193,7 +197,7 @@ fn a_claim_is_granted_when_this_node_is_its_own_arbiter() {
 fn a_claim_is_busy_while_another_member_holds_the_id() {
     let mut s = ready("a");
     let _ = connect(&mut s, "b", vec![hold("x", 7 << 10, at(0))]);
-    let (step, fx) = s.claim(&name("x"), at(1));
+    let (step, fx) = s.claim(&name("x"), BUDGET, at(1));
     match step {
         Step::Busy(h) => {
             assert_eq!(h.node, "b");
@@ -209,7 +213,7 @@ fn a_claim_waits_on_the_arbiter_and_completes_with_its_grant() {
     // "b" asks "a", the lowest name in view.
     let mut s = ready("b");
     let (conn, _) = connect(&mut s, "a", vec![]);
-    let (step, fx) = s.claim(&name("x"), at(1));
+    let (step, fx) = s.claim(&name("x"), BUDGET, at(1));
     assert!(matches!(step, Step::Asked), "{step:?}");
     assert_eq!(sent(&fx), [("a", &Msg::ClaimReq { id: name("x") })]);
     // The grant carries the highest token the arbiter saw: the tenure's
@@ -235,6 +239,8 @@ fn a_claim_waits_on_the_arbiter_and_completes_with_its_grant() {
             .iter()
             .any(|(to, m)| *to == "a" && matches!(m, Msg::Held(h) if h.token == token))
     );
+    // The tenure keeps the budget the claim gave.
+    assert_eq!(s.own.get("x").map(|t| t.budget), Some(BUDGET));
     // The grant's reply comes last: the I/O layer may release it again.
     assert!(matches!(fx.list().last(), Some(Effect::Reply { .. })));
     assert_eq!(holder_of(&s, "x").as_deref(), Some("b"));
@@ -244,7 +250,7 @@ fn a_claim_waits_on_the_arbiter_and_completes_with_its_grant() {
 fn a_claim_denied_by_the_arbiter_names_the_holder() {
     let mut s = ready("b");
     let (conn, _) = connect(&mut s, "a", vec![]);
-    let _ = s.claim(&name("x"), at(1));
+    let _ = s.claim(&name("x"), BUDGET, at(1));
     let deny = Msg::Deny {
         id: name("x"),
         holder: Some((name("c"), 0)),
@@ -297,7 +303,7 @@ fn the_arbiter_grants_one_claimant_at_a_time_and_frees_the_others() {
         )]
     );
     // This node itself sees the reservation too.
-    assert!(matches!(s.claim(&name("x"), at(1)).0, Step::Busy(h) if h.node == "b"));
+    assert!(matches!(s.claim(&name("x"), BUDGET, at(1)).0, Step::Busy(h) if h.node == "b"));
     // "b" takes it, then lets go: "c" is told the id is free.
     let fx = s.on_frame(&name("b"), b, Msg::Held(hold("x", 1 << 10, at(2))), at(2));
     assert!(!sent(&fx).iter().any(|(_, m)| matches!(m, Msg::Free { .. })));
@@ -348,8 +354,11 @@ fn a_member_declared_dead_ends_its_claims_and_wakes_waiters() {
     let mut s = ready("b");
     let (a, _) = connect(&mut s, "a", vec![hold("x", 3 << 10, at(0))]);
     // A guardian waits on "x"; another claim waits on "a" as arbiter.
-    assert!(matches!(s.claim(&name("x"), at(1)).0, Step::Busy(_)));
-    assert!(matches!(s.claim(&name("y"), at(1)).0, Step::Asked));
+    assert!(matches!(
+        s.claim(&name("x"), BUDGET, at(1)).0,
+        Step::Busy(_)
+    ));
+    assert!(matches!(s.claim(&name("y"), BUDGET, at(1)).0, Step::Asked));
     let fx = s.conn_closed(&name("a"), a);
     assert!(has(&fx, |e| matches!(e, Effect::Stop(c) if *c == a)));
     assert!(woken(&fx, "x"), "the waiter on x wakes");
@@ -360,7 +369,7 @@ fn a_member_declared_dead_ends_its_claims_and_wakes_waiters() {
     assert!(!s.peer("a").unwrap().reachable());
     // Alone now, this node is its own arbiter, and its token is above the
     // dead holder's.
-    let lease = granted(s.claim(&name("x"), at(0)).0);
+    let lease = granted(s.claim(&name("x"), BUDGET, at(0)).0);
     assert!(lease.token > 3 << 10);
     // A frame on the closed connection changes nothing.
     let stale = s.on_frame(&name("a"), a, Msg::Held(hold("z", 1, 1)), at(2));
@@ -372,10 +381,10 @@ fn a_member_declared_dead_ends_its_claims_and_wakes_waiters() {
 fn tokens_grow_across_tenures_on_one_node_and_across_nodes() {
     let mut s = ready("a");
     let x = name("x");
-    let first = granted(s.claim(&x, at(5)).0).token;
+    let first = granted(s.claim(&x, BUDGET, at(5)).0).token;
     let _ = s.release("x", first);
     // The clock has not moved: the counter still grows.
-    let second = granted(s.claim(&x, at(5)).0).token;
+    let second = granted(s.claim(&x, BUDGET, at(5)).0).token;
     assert!(second > first);
     let _ = s.release("x", second);
     // Another node held it with a larger token meanwhile: above that too.
@@ -391,7 +400,7 @@ fn tokens_grow_across_tenures_on_one_node_and_across_nodes() {
         },
         at(7),
     );
-    let third = granted(s.claim(&x, at(5)).0).token;
+    let third = granted(s.claim(&x, BUDGET, at(5)).0).token;
     assert!(third > theirs);
     // A release with a stale token changes nothing.
     assert!(s.release("x", second).list().is_empty());
@@ -424,7 +433,7 @@ fn a_hold_relayed_by_a_loser_counts_until_the_failure_timeout() {
         })
     );
     assert_eq!(holder_of(&s, "x").as_deref(), Some("a"));
-    assert!(matches!(s.claim(&name("x"), at(12)).0, Step::Busy(h) if h.node == "a"));
+    assert!(matches!(s.claim(&name("x"), BUDGET, at(12)).0, Step::Busy(h) if h.node == "a"));
     let fx = s.expired(timer.unwrap());
     assert!(woken(&fx, "x"));
     assert_eq!(holder_of(&s, "x"), None);
