@@ -16,6 +16,9 @@ use proc_macro2::TokenStream;
 #[path = "../../highlander-macros/src/ast.rs"]
 mod ast;
 #[allow(dead_code, unreachable_pub)]
+#[path = "../../highlander-macros/src/duration.rs"]
+mod duration;
+#[allow(dead_code, unreachable_pub)]
 #[path = "../../highlander-macros/src/expand.rs"]
 mod expand;
 #[allow(dead_code, unreachable_pub)]

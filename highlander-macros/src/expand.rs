@@ -38,9 +38,10 @@ fn expand(target: &Target, checked: &Checked) -> TokenStream {
     let krate = &checked.krate;
     let id = &checked.id;
     let restart = format_ident!("{}", checked.restart);
-    let shutdown_ms = checked.shutdown_ms;
+    let (shutdown_secs, shutdown_nanos) =
+        (checked.shutdown.as_secs(), checked.shutdown.subsec_nanos());
     let intensity = checked.intensity;
-    let period_ms = checked.period_ms;
+    let (period_secs, period_nanos) = (checked.period.as_secs(), checked.period.subsec_nanos());
     let p = quote!(#krate::__private);
     let construct = match &checked.init {
         Some(init) => {
@@ -72,10 +73,10 @@ fn expand(target: &Target, checked: &Checked) -> TokenStream {
                         #id,
                         #p::core::concat!(#p::core::module_path!(), "::", #p::core::stringify!(#ident)),
                         #krate::Restart::#restart,
-                        #p::core::time::Duration::from_millis(#shutdown_ms),
+                        #p::core::time::Duration::new(#shutdown_secs, #shutdown_nanos),
                         #krate::Intensity {
                             max_restarts: #intensity,
-                            period: #p::core::time::Duration::from_millis(#period_ms),
+                            period: #p::core::time::Duration::new(#period_secs, #period_nanos),
                         },
                         build,
                     )

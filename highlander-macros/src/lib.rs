@@ -8,6 +8,7 @@
 use proc_macro::TokenStream;
 
 mod ast;
+mod duration;
 mod expand;
 mod valid;
 

@@ -1,5 +1,7 @@
 //! Checks: the parsed attribute and the item it is on, every error with a span.
 
+use std::time::Duration;
+
 use proc_macro2::Span;
 use syn::spanned::Spanned;
 
@@ -12,9 +14,9 @@ pub(crate) const MAX_ID_LEN: usize = 200;
 pub(crate) struct Checked {
     pub(crate) id: String,
     pub(crate) restart: &'static str,
-    pub(crate) shutdown_ms: u64,
+    pub(crate) shutdown: Duration,
     pub(crate) intensity: u32,
-    pub(crate) period_ms: u64,
+    pub(crate) period: Duration,
     pub(crate) init: Option<syn::Path>,
     pub(crate) krate: syn::Path,
 }
@@ -53,8 +55,8 @@ pub(crate) fn check_args(args: Args, errors: &mut Errors) -> Option<Checked> {
             }
         },
     };
-    let shutdown_ms = duration(args.shutdown, "shutdown", 5_000, errors);
-    let period_ms = duration(args.period, "period", 5_000, errors);
+    let shutdown = duration(args.shutdown, "shutdown", Duration::from_secs(5), errors);
+    let period = duration(args.period, "period", Duration::from_secs(5), errors);
     let intensity = args.intensity.map(|i| i.value).unwrap_or(3);
     let krate = args
         .krate
@@ -62,9 +64,9 @@ pub(crate) fn check_args(args: Args, errors: &mut Errors) -> Option<Checked> {
     Some(Checked {
         id: id?,
         restart: restart?,
-        shutdown_ms: shutdown_ms?,
+        shutdown: shutdown?,
         intensity,
-        period_ms: period_ms?,
+        period: period?,
         init: args.init,
         krate,
     })
@@ -95,46 +97,24 @@ fn check_id(id: &str, span: Span, errors: &mut Errors) -> bool {
     true
 }
 
+/// A duration key's value, read as the runtime reads durations in backend
+/// URLs (`crate::duration`).
 fn duration(
     value: Option<crate::ast::WithSpan<String>>,
     key: &str,
-    default_ms: u64,
+    default: Duration,
     errors: &mut Errors,
-) -> Option<u64> {
+) -> Option<Duration> {
     let Some(value) = value else {
-        return Some(default_ms);
+        return Some(default);
     };
-    match parse_duration_ms(&value.value) {
-        Some(ms) => Some(ms),
-        None => {
-            errors.push(
-                value.span,
-                format_args!(
-                    "cannot read `{}` as a duration for `{key}`: write a whole number and a unit, like \"500ms\", \"5s\", \"2m\" or \"1h\"",
-                    value.value
-                ),
-            );
+    match crate::duration::parse(&value.value) {
+        Ok(d) => Some(d),
+        Err(why) => {
+            errors.push(value.span, format_args!("`{key}`: {why}"));
             None
         }
     }
-}
-
-/// `"500ms"`, `"5s"`, `"2m"`, `"1h"` to milliseconds.
-pub(crate) fn parse_duration_ms(text: &str) -> Option<u64> {
-    let text = text.trim();
-    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
-    if digits == 0 {
-        return None;
-    }
-    let number: u64 = text[..digits].parse().ok()?;
-    let factor = match text[digits..].trim_start() {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        _ => return None,
-    };
-    number.checked_mul(factor)
 }
 
 pub(crate) fn check_item(item: &syn::Item, errors: &mut Errors) -> Option<Target> {
@@ -179,19 +159,26 @@ fn item_keyword_span(item: &syn::Item) -> Span {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_duration_ms;
+    use crate::duration::parse;
+    use std::time::Duration;
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration_ms("500ms"), Some(500));
-        assert_eq!(parse_duration_ms("5s"), Some(5_000));
-        assert_eq!(parse_duration_ms("2m"), Some(120_000));
-        assert_eq!(parse_duration_ms("1h"), Some(3_600_000));
-        assert_eq!(parse_duration_ms("0s"), Some(0));
-        assert_eq!(parse_duration_ms("5"), None);
-        assert_eq!(parse_duration_ms("s"), None);
-        assert_eq!(parse_duration_ms("1.5s"), None);
-        assert_eq!(parse_duration_ms("5 days"), None);
-        assert_eq!(parse_duration_ms("99999999999999999999h"), None);
+        let ms = Duration::from_millis;
+        assert_eq!(parse("500ms"), Ok(ms(500)));
+        assert_eq!(parse("5s"), Ok(ms(5_000)));
+        assert_eq!(parse("2m"), Ok(ms(120_000)));
+        assert_eq!(parse("1h"), Ok(ms(3_600_000)));
+        assert_eq!(parse("0s"), Ok(Duration::ZERO));
+        assert_eq!(parse("1.5s"), Ok(ms(1_500)));
+        assert_eq!(parse("1h 30m"), Ok(ms(5_400_000)));
+        assert!(
+            parse("5")
+                .unwrap_err()
+                .contains("has no unit: add one, like `5s`")
+        );
+        assert!(parse("s").is_err());
+        assert!(parse("5 parsecs").is_err());
+        assert!(parse("99999999999999999999h").is_err());
     }
 }

@@ -238,10 +238,13 @@ impl Error {
     }
 
     /// Whether trying the same thing again later may succeed: a backend
-    /// that cannot be reached now, or a lease lost to a network blip. False
-    /// for what only a change of configuration fixes (bad credentials, a
-    /// missing database, TLS files that do not load, an invalid id) and for
-    /// [`Error::Unreachable`] itself (the retrying is over).
+    /// that cannot be reached now, or a lease lost to a network blip
+    /// ([`BackendErrorKind::Unreachable`], [`BackendErrorKind::LeaseLost`]).
+    /// False for what only a change of configuration fixes (bad
+    /// credentials, a missing database, TLS files that do not load, an
+    /// invalid id), for [`BackendErrorKind::Other`] (not known to be
+    /// transient) and for [`Error::Unreachable`] itself (the retrying is
+    /// over).
     ///
     /// ```
     /// use highlander::{BackendErrorKind, Error};
@@ -279,7 +282,10 @@ pub enum BackendErrorKind {
     /// The engine answered something this crate does not understand (a
     /// version it does not speak, a corrupt frame).
     Protocol,
-    /// Anything else the engine reported; retried like a transient failure.
+    /// Anything else the engine reported. Not known to be transient, so
+    /// `start()` does not retry it: a backend marks what retrying can fix
+    /// as [`Unreachable`](Self::Unreachable) or [`LeaseLost`](Self::LeaseLost).
+    /// (A running guardian retries every failed claim whatever its kind.)
     Other,
 }
 
@@ -287,13 +293,12 @@ impl BackendErrorKind {
     /// Whether an error of this kind may go away by itself.
     fn is_retryable(self) -> bool {
         match self {
-            BackendErrorKind::Unreachable
-            | BackendErrorKind::LeaseLost
-            | BackendErrorKind::Other => true,
+            BackendErrorKind::Unreachable | BackendErrorKind::LeaseLost => true,
             BackendErrorKind::Auth
             | BackendErrorKind::Tls
             | BackendErrorKind::Refused
-            | BackendErrorKind::Protocol => false,
+            | BackendErrorKind::Protocol
+            | BackendErrorKind::Other => false,
         }
     }
 }
@@ -377,7 +382,7 @@ mod tests {
         for (kind, retry) in [
             (Unreachable, true),
             (LeaseLost, true),
-            (Other, true),
+            (Other, false),
             (Auth, false),
             (Tls, false),
             (Refused, false),

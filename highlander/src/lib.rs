@@ -94,9 +94,9 @@ pub use spec::{
 /// |---|---|---|
 /// | `id` | the uniqueness key: 1–200 bytes of `[A-Za-z0-9._:/-]` | required |
 /// | `restart` | `"permanent"`, `"transient"` or `"temporary"` (OTP meanings) | `"permanent"` |
-/// | `shutdown` | how long cancellation plus `terminate` may take: `"500ms"`, `"5s"`, `"2m"`; `run` and the children get the first three quarters, then `terminate` always runs with the rest | `"5s"` |
+/// | `shutdown` | how long cancellation plus `terminate` may take: a duration with its unit, such as `"500ms"`, `"5s"`, `"2m"` or `"1h 30m"` (the grammar of backend URL options; a bare number is refused); `run` and the children get the first three quarters, then `terminate` always runs with the rest | `"5s"` |
 /// | `intensity` | restarts allowed within `period` before the node steps down | `3` |
-/// | `period` | the window for `intensity` | `"5s"` |
+/// | `period` | the window for `intensity` (a duration, as `shutdown`) | `"5s"` |
 /// | `init` | path to `async fn(&Context) -> highlander::Result<Self>`, used instead of `Default` | `Default::default()` |
 /// | `crate` | path to the `highlander` crate, for re-exporters | `::highlander` |
 pub use highlander_macros::highlander;

@@ -185,6 +185,9 @@ impl MemoryCluster {
     }
 }
 
+/// Per side and id, every holder with when its tenure began.
+type Contenders = HashMap<(u64, Arc<str>), Vec<(Instant, String)>>;
+
 impl State {
     fn group_of(&self, node: &str) -> Option<u64> {
         self.nodes.get(node).map(|n| n.group)
@@ -207,8 +210,7 @@ impl State {
     /// After a change of sides: settle ids held more than once within one
     /// side, and wake every waiter (a holder may have become unreachable).
     fn settle_all(&mut self) {
-        // Per side and id, every holder with when its tenure began.
-        let mut holders: HashMap<(u64, Arc<str>), Vec<(Instant, String)>> = HashMap::new();
+        let mut holders: Contenders = HashMap::new();
         for (name, n) in &self.nodes {
             for (id, tenure) in n.held.iter() {
                 holders
@@ -326,7 +328,7 @@ impl MemorySession {
             let holder = Holder::new(node.clone(), Some(tenure.token));
             // Under the lock that every bump takes: no release can slip
             // between this answer and the waiter.
-            let wake = state.wakes.waiter(request.id.clone());
+            let wake = state.wakes.waiter(&request.id);
             return Ok(Claim::Busy {
                 holder: Some(holder),
                 wake: Box::pin(wake),

@@ -37,7 +37,8 @@
 //! 1. calls `connect`; on success, the node is up;
 //! 2. on an error retrying cannot fix ([`Error::is_retryable`] is false: a
 //!    refused password or certificate, a missing database, TLS files that do
-//!    not load, a bad URL), fails `start()` at once with that error;
+//!    not load, a bad URL, and any error the backend did not mark as
+//!    transient), fails `start()` at once with that error;
 //! 3. otherwise logs one warning line with the cause, waits (50 ms doubling
 //!    to 2 s, jittered) and tries again, until the start timeout has passed
 //!    since the first try: then `start()` fails with [`Error::Unreachable`],
@@ -95,7 +96,8 @@ pub trait Backend: Send + Sync + 'static {
     /// configuration fixes (fails `start()` at once);
     /// [`BackendErrorKind::Unreachable`](crate::BackendErrorKind::Unreachable)
     /// for an engine that cannot be reached now (retried until the start
-    /// timeout). The attempt bounds itself with the backend's own connect
+    /// timeout). [`BackendErrorKind::Other`](crate::BackendErrorKind::Other)
+    /// is not retried: mark what retrying can fix. The attempt bounds itself with the backend's own connect
     /// timeout, and must be cancel-safe: the runtime drops it when the start
     /// timeout passes or the process is told to stop.
     fn connect(&self, node: &str) -> BoxFuture<'static, Result<Arc<dyn Session>>>;

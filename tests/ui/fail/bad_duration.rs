@@ -1,7 +1,7 @@
 #![allow(dead_code)]
 use highlander::highlander;
 
-#[highlander(id = "sweeper", shutdown = "5 seconds")]
+#[highlander(id = "sweeper", shutdown = "5")]
 #[derive(Default)]
 struct Sweeper;
 

@@ -42,7 +42,7 @@ impl<K> Default for Wakes<K> {
     }
 }
 
-impl<K: Eq + Hash> Wakes<K> {
+impl<K: Eq + Hash + Clone> Wakes<K> {
     /// No waiters yet.
     pub(crate) fn new() -> Self {
         Wakes::default()
@@ -74,19 +74,18 @@ impl<K: Eq + Hash> Wakes<K> {
     /// A future that completes at the first bump of `key` after this call,
     /// or at once when the wakes are (or get) [`clear`](Self::clear)ed or
     /// [`close`](Self::close)d: a waiter then asks again and learns why.
-    pub(crate) fn waiter(&self, key: K) -> impl Future<Output = ()> + Send + 'static {
+    pub(crate) fn waiter(&self, key: &K) -> impl Future<Output = ()> + Send + 'static {
         let rx = {
             let mut inner = self.lock();
             if inner.closed {
                 None
+            } else if let Some(tx) = inner.keys.get(key) {
+                Some(tx.subscribe())
             } else {
-                Some(
-                    inner
-                        .keys
-                        .entry(key)
-                        .or_insert_with(|| watch::Sender::new(0))
-                        .subscribe(),
-                )
+                let tx = watch::Sender::new(0);
+                let rx = tx.subscribe();
+                inner.keys.insert(key.clone(), tx);
+                Some(rx)
             }
         };
         async move {
@@ -153,8 +152,8 @@ mod tests {
     async fn a_waiter_wakes_at_the_next_bump_of_its_key_only() {
         let wakes: Wakes<Arc<str>> = Wakes::new();
         wakes.bump("a"); // before any waiter: nothing to wake, nothing kept
-        let a = wakes.waiter("a".into());
-        let b = wakes.waiter("b".into());
+        let a = wakes.waiter(&"a".into());
+        let b = wakes.waiter(&"b".into());
         wakes.bump("b");
         assert!(done(b).await);
         let mut a = Box::pin(a);
@@ -162,7 +161,7 @@ mod tests {
         wakes.bump("a");
         assert!(done(a).await);
         // a waiter created after a bump waits for the next one
-        let late = wakes.waiter("a".into());
+        let late = wakes.waiter(&"a".into());
         let mut late = Box::pin(late);
         assert!(!done(late.as_mut()).await);
         wakes.bump_all();
@@ -172,24 +171,24 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn clear_and_close_release_every_waiter() {
         let wakes: Wakes<String> = Wakes::new();
-        let w = wakes.waiter("a".into());
+        let w = wakes.waiter(&"a".into());
         wakes.clear();
         assert!(done(w).await, "cleared: completes at once");
-        let mut again = Box::pin(wakes.waiter("a".into()));
+        let mut again = Box::pin(wakes.waiter(&"a".into()));
         assert!(
             !done(again.as_mut()).await,
             "after clear, waiters wait again"
         );
         wakes.close();
         assert!(done(again).await);
-        assert!(done(wakes.waiter("b".into())).await, "closed: at once");
+        assert!(done(wakes.waiter(&"b".into())).await, "closed: at once");
         assert_eq!(wakes.len(), 0);
     }
 
     #[tokio::test(start_paused = true)]
     async fn forget_only_drops_keys_nobody_waits_on() {
         let wakes: Wakes<String> = Wakes::new();
-        let w = wakes.waiter("a".into());
+        let w = wakes.waiter(&"a".into());
         assert!(!wakes.forget("a"));
         assert_eq!(wakes.len(), 1);
         drop(w);
@@ -201,7 +200,7 @@ mod tests {
     #[tokio::test]
     async fn a_bump_from_another_task_wakes_a_waiter() {
         let wakes: Arc<Wakes<u32>> = Arc::new(Wakes::new());
-        let waiter = wakes.waiter(1);
+        let waiter = wakes.waiter(&1);
         let bumper = {
             let wakes = wakes.clone();
             tokio::spawn(async move { wakes.bump(&1) })
