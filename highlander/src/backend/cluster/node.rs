@@ -213,7 +213,7 @@ impl Node {
 
     /// Completes when something about `id` changes, or membership does.
     fn waker(&self, id: &Arc<str>) -> BoxFuture<'static, ()> {
-        let id_changed = self.wakes.waiter(id.clone());
+        let id_changed = self.wakes.waiter(id);
         let mut epoch_rx = self.epoch.subscribe();
         Box::pin(async move {
             tokio::select! {
