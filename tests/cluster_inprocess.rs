@@ -995,3 +995,64 @@ async fn the_cluster_works_over_ipv6_loopback() {
         n.shutdown().await;
     }
 }
+
+/// A node that is not one of its own seeds must hear from one: with its
+/// only seed down, `start()` retries (binding its fixed port again each
+/// time) and fails once the start timeout has passed, naming the seed and
+/// the last dial's error. A node that lists itself among its seeds founds
+/// the cluster alone instead, whatever the other seeds do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_hears_from_no_seed_fails_to_start_within_the_timeout() {
+    use highlander::backend::Backend;
+    use highlander::{BackendErrorKind, Error};
+    let [me, dead, founder] = highlander_tests::free_ports(3)[..] else {
+        unreachable!()
+    };
+    let dead = format!("127.0.0.1:{dead}");
+    let timeout = Duration::from_secs(2);
+    let lonely = Cluster::new(format!("127.0.0.1:{me}"))
+        .cookie(LONG_COOKIE)
+        .seeds([dead.clone()])
+        .start_timeout(timeout);
+    assert_eq!(Backend::start_timeout(&lonely), Some(timeout));
+    let started = Runtime::builder().node("lonely").backend(lonely).start();
+    let err = tokio::time::timeout(GUARD, started)
+        .await
+        .expect("start() gives up by itself")
+        .expect_err("no seed answers");
+    let Error::Unreachable { waited, source, .. } = &err else {
+        panic!("expected Error::Unreachable, got {err:?}")
+    };
+    assert_eq!(*waited, timeout);
+    assert_eq!(
+        source.kind(),
+        Some(BackendErrorKind::Unreachable),
+        "{source}"
+    );
+    let text = err.to_string();
+    assert!(text.contains("heard from none of its seeds"), "{text}");
+    assert!(
+        text.contains(&format!("cannot connect to {dead}")),
+        "{text}"
+    );
+    assert!(
+        !text.contains(LONG_COOKIE) && !text.contains('\n'),
+        "{text}"
+    );
+
+    // Listing itself among its seeds, a node may found the cluster alone.
+    let log = Log::default();
+    let own = format!("127.0.0.1:{founder}");
+    let alone = start(
+        "founder",
+        Cluster::new(own.clone())
+            .cookie(LONG_COOKIE)
+            .seeds([own, dead])
+            .start_timeout(timeout),
+        &["solo"],
+        &log,
+    )
+    .await;
+    alone.wait_until(|s| s.is_running("solo")).await;
+    alone.shutdown().await;
+}

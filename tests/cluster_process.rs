@@ -377,8 +377,9 @@ async fn idle_connections_lock_out_neither_failover_nor_a_join() {
         )
     };
     let mut fleet = fleet("solo");
+    // a is its own seed, so it may found the cluster before b is up.
     let pa = fleet
-        .spawn("a", &[("HIGHLANDER_BACKEND", &url(a, b, ""))])
+        .spawn("a", &[("HIGHLANDER_BACKEND", &url(a, a, ""))])
         .await;
     fleet.wait_start("solo", GUARD).await;
     // Each node also runs an id of its own, which starts once it has joined.

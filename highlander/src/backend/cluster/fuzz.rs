@@ -5,7 +5,8 @@
 use bytes::BytesMut;
 
 use super::seal;
-use super::wire::{Handshake, MemberInfo, Msg, NONCE_LEN, PROTOCOL_VERSION, Role, Transcript};
+use super::transcript::{Role, Transcript};
+use super::wire::{Handshake, MemberInfo, Msg, NONCE_LEN, PROTOCOL_VERSION};
 
 /// Decodes `payload` as a frame after the handshake (a peer controls every
 /// byte of it); a frame that decodes encodes back to the same message.

@@ -50,16 +50,29 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use crate::Result;
+use crate::backend::kit::secret::Secret;
 use crate::backend::{Backend, Session};
 use crate::service::BoxFuture;
-use crate::{Error, Result, redact_url};
 
+mod accept;
+mod config;
+mod dial;
+mod discovery;
+mod encoding;
 mod faults;
+mod gate;
+mod join;
 mod node;
 mod seal;
+mod session;
+mod state;
+mod tokens;
+mod transcript;
+mod transport;
 mod wire;
 
 #[cfg(feature = "test-util")]
@@ -90,96 +103,8 @@ pub struct Cluster {
     settings: Settings,
 }
 
-#[derive(Clone)]
-pub(crate) struct Settings {
-    listen: String,
-    advertise: Option<String>,
-    seeds: Vec<String>,
-    cookie: Option<Secret>,
-    heartbeat: Duration,
-    failure_timeout: Duration,
-    join_timeout: Duration,
-    redial: Duration,
-    faults: Option<Faults>,
-    /// Where the listener of the last node started from this configuration
-    /// (or a clone of it) is bound: shared by the clones.
-    bound: Arc<Mutex<Option<SocketAddr>>>,
-}
-
-/// Allowed ranges, in milliseconds: `(URL key, builder method, min, max)`.
-const HEARTBEAT_MS: (&str, &str, u64, u64) = ("heartbeat_ms", "heartbeat", 10, 60_000);
-const FAILURE_TIMEOUT_MS: (&str, &str, u64, u64) =
-    ("failure_timeout_ms", "failure_timeout", 50, 600_000);
-const JOIN_MS: (&str, &str, u64, u64) = ("join_ms", "join_timeout", 0, 600_000);
-const REDIAL_MS: (&str, &str, u64, u64) = ("redial_ms", "redial", 10, 60_000);
-/// At most this many seeds.
-const MAX_SEEDS: usize = 1024;
-/// A cookie on a listen address other hosts can reach has at least this
-/// many bytes.
-pub(crate) const MIN_PUBLIC_COOKIE: usize = 16;
-
-impl Settings {
-    /// Checks every duration and count. `url` is the redacted URL the
-    /// settings came from, to name its keys in the error; without it the
-    /// builder methods are named.
-    fn validate(&self, url: Option<&str>) -> Result<()> {
-        for ((key, method, min, max), value) in [
-            (HEARTBEAT_MS, self.heartbeat),
-            (FAILURE_TIMEOUT_MS, self.failure_timeout),
-            (JOIN_MS, self.join_timeout),
-            (REDIAL_MS, self.redial),
-        ] {
-            let range = Duration::from_millis(min)..=Duration::from_millis(max);
-            if !range.contains(&value) {
-                return Err(Error::config(match url {
-                    Some(url) => format!(
-                        "`{url}`: {key} must be between {min} and {max} (milliseconds), got {}",
-                        value.as_millis()
-                    ),
-                    None => format!(
-                        "cluster backend: Cluster::{method} must be between {min} ms and {max} ms, \
-                         got {value:?}"
-                    ),
-                }));
-            }
-        }
-        if self.failure_timeout <= self.heartbeat {
-            return Err(Error::config(match url {
-                Some(url) => format!(
-                    "`{url}`: failure_timeout_ms must be longer than heartbeat_ms (several heartbeats)"
-                ),
-                None => "cluster backend: Cluster::failure_timeout must be longer than \
-                         Cluster::heartbeat (several heartbeats)"
-                    .to_string(),
-            }));
-        }
-        if self.seeds.len() > MAX_SEEDS {
-            return Err(Error::config(format!(
-                "cluster backend: {} seeds given, at most {MAX_SEEDS} are allowed; list a few \
-                 members, the others are learned from them",
-                self.seeds.len()
-            )));
-        }
-        if self.cookie.as_ref().is_some_and(|c| c.0.is_empty()) {
-            return Err(Error::config(format!(
-                "{}the cluster cookie is empty: anyone could compute its proofs. Use a long random \
-                 secret, the same on every node, e.g. `head -c 32 /dev/urandom | base64`",
-                url.map(|u| format!("`{u}`: ")).unwrap_or_default()
-            )));
-        }
-        Ok(())
-    }
-}
-
-/// A secret that never shows in `Debug`.
-#[derive(Clone)]
-struct Secret(String);
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
-    }
-}
+pub(crate) use config::from_url;
+use config::{MIN_PUBLIC_COOKIE, Settings};
 
 impl Cluster {
     /// A node listening on `listen` (`host:port`; port 0 picks a free one),
@@ -195,18 +120,7 @@ impl Cluster {
     /// ```
     pub fn new(listen: impl Into<String>) -> Self {
         Cluster {
-            settings: Settings {
-                listen: listen.into(),
-                advertise: None,
-                seeds: Vec::new(),
-                cookie: None,
-                heartbeat: Duration::from_millis(200),
-                failure_timeout: Duration::from_secs(1),
-                join_timeout: Duration::from_millis(500),
-                redial: Duration::from_millis(100),
-                faults: None,
-                bound: Arc::default(),
-            },
+            settings: Settings::new(listen.into()),
         }
     }
 
@@ -226,7 +140,7 @@ impl Cluster {
     /// The cluster secret, instead of `HIGHLANDER_COOKIE`. Every node needs
     /// the same one; it is never sent, logged or shown.
     pub fn cookie(mut self, cookie: impl Into<String>) -> Self {
-        self.settings.cookie = Some(Secret(cookie.into()));
+        self.settings.cookie = Some(Secret::new(cookie));
         self
     }
 
@@ -264,6 +178,25 @@ impl Cluster {
     /// How soon an unreachable member is dialed again (default 100 ms).
     pub fn redial(mut self, every: Duration) -> Self {
         self.settings.redial = every;
+        self
+    }
+
+    /// How long `start()` keeps trying to hear from a seed before it fails
+    /// with [`Error::Unreachable`](crate::Error::Unreachable) (100 ms to
+    /// 10 min; default
+    /// [`DEFAULT_START_TIMEOUT`](crate::backend::DEFAULT_START_TIMEOUT), or
+    /// [`Builder::start_timeout`](crate::Builder::start_timeout), which wins
+    /// over this). A node that is one of its own seeds, or has none, never
+    /// waits for that: it may found the cluster alone.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let cluster = highlander::backend::cluster::Cluster::new("0.0.0.0:7400")
+    ///     .seeds(["app-1:7400", "app-2:7400"])
+    ///     .start_timeout(Duration::from_secs(10));
+    /// ```
+    pub fn start_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.start_timeout = Some(timeout);
         self
     }
 
@@ -333,9 +266,13 @@ impl Backend for Cluster {
         let name = node.to_string();
         Box::pin(async move {
             settings.validate(None)?;
-            let node = node::start(settings, &name).await?;
-            Ok(Arc::new(node::ClusterSession { node }) as Arc<dyn Session>)
+            let node = join::start(settings, &name).await?;
+            Ok(Arc::new(session::ClusterSession { node }) as Arc<dyn Session>)
         })
+    }
+
+    fn start_timeout(&self) -> Option<Duration> {
+        self.settings.start_timeout
     }
 
     fn describe(&self) -> String {
@@ -350,145 +287,5 @@ impl Backend for Cluster {
             out.push_str(&format!("{sep}advertise={a}"));
         }
         out
-    }
-}
-
-/// Parses `cluster://HOST:PORT?seeds=a:7400,b:7400`, with optional
-/// `advertise=HOST:PORT`, `heartbeat_ms`, `failure_timeout_ms`, `join_ms`,
-/// `redial_ms` and `cookie` (prefer `HIGHLANDER_COOKIE`: URLs end up in
-/// process listings).
-pub(crate) fn from_url(url: &str) -> Result<Box<dyn Backend>> {
-    let shown = redact_url(url);
-    let rest = url
-        .strip_prefix("cluster://")
-        .ok_or_else(|| Error::config(format!("`{shown}` is not a cluster:// URL")))?;
-    let (listen, query) = rest.split_once('?').unwrap_or((rest, ""));
-    let listen = listen.trim_end_matches('/');
-    if listen.is_empty() || !listen.contains(':') {
-        return Err(Error::config(format!(
-            "`{shown}` needs a listen address with a port, as in \
-             cluster://0.0.0.0:7400?seeds=host1:7400,host2:7400"
-        )));
-    }
-    let mut cluster = Cluster::new(listen);
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let millis = || {
-            value
-                .parse::<u64>()
-                .map(Duration::from_millis)
-                .map_err(|_| {
-                    Error::config(format!(
-                        "`{shown}`: `{key}` must be a number of milliseconds"
-                    ))
-                })
-        };
-        cluster = match key {
-            "seeds" => cluster.seeds(value.split(',').map(str::trim).filter(|s| !s.is_empty())),
-            "advertise" => cluster.advertise(value),
-            "cookie" => cluster.cookie(value),
-            "heartbeat_ms" => cluster.heartbeat(millis()?),
-            "failure_timeout_ms" => cluster.failure_timeout(millis()?),
-            "join_ms" => cluster.join_timeout(millis()?),
-            "redial_ms" => cluster.redial(millis()?),
-            _ => {
-                return Err(Error::config(format!(
-                    "`{shown}`: unknown parameter `{key}`; use seeds, advertise, heartbeat_ms, \
-                     failure_timeout_ms, join_ms, redial_ms (and HIGHLANDER_COOKIE for the secret)"
-                )));
-            }
-        };
-    }
-    cluster.settings.validate(Some(&shown))?;
-    Ok(Box::new(cluster))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn urls_parse_and_hide_the_cookie() {
-        let b = from_url(
-            "cluster://0.0.0.0:7400?seeds=a:7400,b:7400&cookie=hunter2&failure_timeout_ms=800",
-        )
-        .unwrap();
-        assert_eq!(b.describe(), "cluster://0.0.0.0:7400?seeds=a:7400,b:7400");
-        let err = from_url("cluster://0.0.0.0:7400?cookie=hunter2&bogus=1")
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(err.contains("bogus") && !err.contains("hunter2"), "{err}");
-        assert!(from_url("cluster://?seeds=a:1").is_err());
-        assert!(from_url("cluster://127.0.0.1:1?heartbeat_ms=500&failure_timeout_ms=400").is_err());
-        let dbg = format!("{:?}", Cluster::new("127.0.0.1:1").cookie("hunter2"));
-        assert!(!dbg.contains("hunter2"), "{dbg}");
-    }
-
-    #[test]
-    fn an_empty_cookie_in_the_url_is_refused() {
-        let err = from_url("cluster://0.0.0.0:7400?cookie=")
-            .err()
-            .expect("an empty cookie is refused")
-            .to_string();
-        assert!(err.contains("empty"), "{err}");
-    }
-
-    #[test]
-    fn numbers_out_of_range_are_refused_with_one_line() {
-        for (url, key) in [
-            (
-                "cluster://127.0.0.1:0?failure_timeout_ms=18446744073709551615",
-                "failure_timeout_ms",
-            ),
-            ("cluster://127.0.0.1:0?redial_ms=0", "redial_ms"),
-            ("cluster://127.0.0.1:0?heartbeat_ms=0", "heartbeat_ms"),
-            (
-                "cluster://127.0.0.1:0?heartbeat_ms=18446744073709551615",
-                "heartbeat_ms",
-            ),
-            (
-                "cluster://127.0.0.1:0?join_ms=18446744073709551615",
-                "join_ms",
-            ),
-            (
-                "cluster://127.0.0.1:0?redial_ms=18446744073709551615",
-                "redial_ms",
-            ),
-        ] {
-            let err = from_url(url)
-                .err()
-                .unwrap_or_else(|| panic!("{url} is refused"));
-            let err = err.to_string();
-            assert!(err.contains(key) && err.contains("between"), "{url}: {err}");
-            assert!(!err.contains('\n'), "{err}");
-        }
-    }
-
-    #[tokio::test]
-    async fn builder_numbers_out_of_range_are_refused() {
-        for (cluster, what) in [
-            (
-                Cluster::new("127.0.0.1:0").heartbeat(Duration::ZERO),
-                "heartbeat",
-            ),
-            (Cluster::new("127.0.0.1:0").redial(Duration::ZERO), "redial"),
-            (
-                Cluster::new("127.0.0.1:0").failure_timeout(Duration::MAX),
-                "failure_timeout",
-            ),
-            (
-                Cluster::new("127.0.0.1:0").join_timeout(Duration::MAX),
-                "join_timeout",
-            ),
-        ] {
-            let err = cluster
-                .connect("a")
-                .await
-                .err()
-                .unwrap_or_else(|| panic!("{what} out of range is refused"))
-                .to_string();
-            assert!(err.contains(what) && err.contains("between"), "{err}");
-        }
     }
 }

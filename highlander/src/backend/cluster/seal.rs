@@ -13,7 +13,7 @@ use chacha20poly1305::aead::AeadInPlace;
 use chacha20poly1305::{ChaCha20Poly1305, Key, KeyInit, Nonce, Tag};
 use hmac::Mac;
 
-use super::wire::{Role, Transcript};
+use super::transcript::{Role, Transcript};
 
 /// Bytes a sealed frame adds to its payload.
 pub(super) const TAG_LEN: usize = 16;
