@@ -99,6 +99,8 @@ async fn run(cli: Cli) -> Result<(), String> {
     let handle = Runtime::builder()
         .node(format!("highlander-cli-{}", std::process::id()))
         .backend(backend)
+        // --timeout bounds reaching the backend too (the start-up policy).
+        .start_timeout(timeout)
         .start()
         .await
         .map_err(|e| e.to_string())?;
