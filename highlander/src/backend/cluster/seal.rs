@@ -117,34 +117,16 @@ pub(super) fn channel(key: &[u8], me: Role, transcript: &Transcript<'_>) -> (Sea
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::cluster::wire::{MemberInfo, Msg, NONCE_LEN};
+    use crate::backend::cluster::wire::Msg;
     use std::sync::Arc;
 
     fn pair(key_a: &[u8], key_b: &[u8]) -> ((Sealer, Opener), (Sealer, Opener)) {
-        let a = MemberInfo {
-            name: Arc::from("a"),
-            incarnation: 1,
-            addr: None,
-        };
-        let b = MemberInfo {
-            name: Arc::from("b"),
-            incarnation: 2,
-            addr: None,
-        };
-        let (na, nb) = ([1u8; NONCE_LEN], [2u8; NONCE_LEN]);
-        let t = Transcript {
-            version: crate::backend::cluster::wire::PROTOCOL_VERSION,
-            dialer: &a,
-            dialer_port: 1,
-            dialer_nonce: &na,
-            acceptor: &b,
-            acceptor_port: 2,
-            acceptor_nonce: &nb,
-        };
-        (
-            channel(key_a, Role::Dialer, &t),
-            channel(key_b, Role::Acceptor, &t),
-        )
+        crate::backend::cluster::transcript::tests::with_sample(|_, t| {
+            (
+                channel(key_a, Role::Dialer, t),
+                channel(key_b, Role::Acceptor, t),
+            )
+        })
     }
 
     /// Splits sealed bytes into codec payloads (length prefixes removed).

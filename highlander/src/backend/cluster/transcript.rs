@@ -95,12 +95,14 @@ impl Role {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::backend::cluster::wire::PROTOCOL_VERSION;
 
-    #[test]
-    fn proofs_differ_by_role_and_key() {
+    /// Calls `f` with the transcript of a handshake between members `a`
+    /// (incarnation 1, port 1, nonce all 1s) and `b` (2, 2, all 2s): the
+    /// fixture of the handshake tests here and in `seal.rs`.
+    pub(crate) fn with_sample<R>(f: impl FnOnce(&MemberInfo, &Transcript<'_>) -> R) -> R {
         let a = MemberInfo {
             name: "a".into(),
             incarnation: 1,
@@ -121,34 +123,41 @@ mod tests {
             acceptor_port: 2,
             acceptor_nonce: &nb,
         };
-        let d = t.proof(b"k", Role::Dialer);
-        assert_ne!(d, t.proof(b"k", Role::Acceptor));
-        assert_ne!(d, t.proof(b"j", Role::Dialer));
-        assert!(t.verify(b"k", Role::Dialer, &d));
-        assert!(!t.verify(b"k", Role::Acceptor, &d));
-        assert!(!t.verify(b"j", Role::Dialer, &d));
-        // Every field of the handshake is in the proof.
-        let moved = MemberInfo {
-            addr: Some("evil:1".into()),
-            ..a.clone()
-        };
-        let altered = [
-            Transcript { version: 3, ..t },
-            Transcript {
-                dialer_port: 9,
-                ..t
-            },
-            Transcript {
-                acceptor_port: 9,
-                ..t
-            },
-            Transcript {
-                dialer: &moved,
-                ..t
-            },
-        ];
-        for other in altered {
-            assert!(!other.verify(b"k", Role::Dialer, &d));
-        }
+        f(&a, &t)
+    }
+
+    #[test]
+    fn proofs_differ_by_role_and_key() {
+        with_sample(|a, &t| {
+            let d = t.proof(b"k", Role::Dialer);
+            assert_ne!(d, t.proof(b"k", Role::Acceptor));
+            assert_ne!(d, t.proof(b"j", Role::Dialer));
+            assert!(t.verify(b"k", Role::Dialer, &d));
+            assert!(!t.verify(b"k", Role::Acceptor, &d));
+            assert!(!t.verify(b"j", Role::Dialer, &d));
+            // Every field of the handshake is in the proof.
+            let moved = MemberInfo {
+                addr: Some("evil:1".into()),
+                ..a.clone()
+            };
+            let altered = [
+                Transcript { version: 3, ..t },
+                Transcript {
+                    dialer_port: 9,
+                    ..t
+                },
+                Transcript {
+                    acceptor_port: 9,
+                    ..t
+                },
+                Transcript {
+                    dialer: &moved,
+                    ..t
+                },
+            ];
+            for other in altered {
+                assert!(!other.verify(b"k", Role::Dialer, &d));
+            }
+        });
     }
 }
