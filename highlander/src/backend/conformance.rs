@@ -1,3 +1,5 @@
+//! Checks every backend can run on itself (used by each backend's tests).
+
 use std::future::Future;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};

@@ -1,3 +1,5 @@
+//! Tests of the seam: from_url and the start-up policy.
+
 use super::from_url;
 
 /// Found by the `from_url` fuzz target: the etcd parser ended the
