@@ -170,6 +170,7 @@ impl<K: Eq + Hash, X> Tenures<K, X> {
     }
 
     /// How many tenures this node holds.
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.map.len()
     }

@@ -28,7 +28,6 @@ pub(crate) struct Wakes<K> {
 
 struct Inner<K> {
     keys: HashMap<K, watch::Sender<u64>>,
-    closed: bool,
 }
 
 impl<K> Default for Wakes<K> {
@@ -36,7 +35,6 @@ impl<K> Default for Wakes<K> {
         Wakes {
             inner: Mutex::new(Inner {
                 keys: HashMap::new(),
-                closed: false,
             }),
         }
     }
@@ -72,28 +70,26 @@ impl<K: Eq + Hash + Clone> Wakes<K> {
     }
 
     /// A future that completes at the first bump of `key` after this call,
-    /// or at once when the wakes are (or get) [`clear`](Self::clear)ed or
-    /// [`close`](Self::close)d: a waiter then asks again and learns why.
+    /// or at once when the wakes are dropped (the session is gone): a waiter
+    /// then asks again and learns why.
     pub(crate) fn waiter(&self, key: &K) -> impl Future<Output = ()> + Send + 'static {
         let rx = {
             let mut inner = self.lock();
-            if inner.closed {
-                None
-            } else if let Some(tx) = inner.keys.get(key) {
-                Some(tx.subscribe())
-            } else {
-                let tx = watch::Sender::new(0);
-                let rx = tx.subscribe();
-                inner.keys.insert(key.clone(), tx);
-                Some(rx)
+            match inner.keys.get(key) {
+                Some(tx) => tx.subscribe(),
+                None => {
+                    let tx = watch::Sender::new(0);
+                    let rx = tx.subscribe();
+                    inner.keys.insert(key.clone(), tx);
+                    rx
+                }
             }
         };
+        let mut rx = rx;
         async move {
-            if let Some(mut rx) = rx {
-                // `subscribe` marked the current value seen: this waits for
-                // the next bump, or for the sender to go (cleared, closed).
-                let _ = rx.changed().await;
-            }
+            // `subscribe` marked the current value seen: this waits for the
+            // next bump, or for the sender to go (the wakes dropped).
+            let _ = rx.changed().await;
         }
     }
 
@@ -114,21 +110,8 @@ impl<K: Eq + Hash + Clone> Wakes<K> {
         }
     }
 
-    /// Drops every entry: every waiter completes at once (the state it
-    /// waited on is gone; it asks again). New waiters wait as usual.
-    pub(crate) fn clear(&self) {
-        self.lock().keys.clear();
-    }
-
-    /// [`clear`](Self::clear)s, and makes every later waiter complete at
-    /// once: for a session that is closing.
-    pub(crate) fn close(&self) {
-        let mut inner = self.lock();
-        inner.closed = true;
-        inner.keys.clear();
-    }
-
     /// How many keys have an entry.
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.lock().keys.len()
     }
@@ -166,23 +149,6 @@ mod tests {
         assert!(!done(late.as_mut()).await);
         wakes.bump_all();
         assert!(done(late).await);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn clear_and_close_release_every_waiter() {
-        let wakes: Wakes<String> = Wakes::new();
-        let w = wakes.waiter(&"a".into());
-        wakes.clear();
-        assert!(done(w).await, "cleared: completes at once");
-        let mut again = Box::pin(wakes.waiter(&"a".into()));
-        assert!(
-            !done(again.as_mut()).await,
-            "after clear, waiters wait again"
-        );
-        wakes.close();
-        assert!(done(again).await);
-        assert!(done(wakes.waiter(&"b".into())).await, "closed: at once");
-        assert_eq!(wakes.len(), 0);
     }
 
     #[tokio::test(start_paused = true)]
