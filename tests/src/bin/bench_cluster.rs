@@ -140,7 +140,13 @@ async fn graceful(runs: usize) {
         let t0 = unix_nanos();
         victim.signal("TERM");
         let stop = wait_stop(&mut fleet, &holder, "solo").await;
-        let start = fleet.wait_start("solo", GUARD).await;
+        // The new holder's START comes through another pipe and may have
+        // been read while waiting for the STOP.
+        let start = fleet
+            .seen_or_wait(GUARD, |e| {
+                e.kind == EventKind::Start && e.id == "solo" && e.at_nanos >= t0
+            })
+            .await;
         from_stop.push(ms(start.at_nanos.saturating_sub(stop.at_nanos)));
         from_signal.push(ms(start.at_nanos.saturating_sub(t0)));
         victim.wait_exit(GUARD).await;
