@@ -833,12 +833,12 @@ async fn refusals_are_logged_rate_limited_and_without_forged_lines() {
         .parse()
         .unwrap();
     // A name that would start a forged line.
-    stranger(addr, &raw_hello(4, b"x\nERROR forged: cluster compromised")).await;
+    stranger(addr, &raw_hello(5, b"x\nERROR forged: cluster compromised")).await;
     stranger(addr, &raw_hello(3, b"x\nERROR forged: cluster compromised")).await;
     // A flood of refusals from one address, each from its own port and with
     // its own name.
     for i in 0..1100 {
-        let version = if i % 2 == 0 { 99 } else { 4 };
+        let version = if i % 2 == 0 { 99 } else { 5 };
         stranger(addr, &raw_hello(version, format!("flood-{i}").as_bytes())).await;
     }
     let text = captured.text();
