@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::{ConnId, Effect, Effects, State};
 use crate::backend::cluster::encoding::catalog_id_len;
@@ -166,6 +166,7 @@ impl State {
                         next: 0,
                         ids: Vec::new(),
                     });
+                    debug!(node = %self.name, %peer, ids = head.len, "asking a member for its catalog");
                     let want = Msg::CatalogWant {
                         digest: head.digest,
                     };
@@ -193,7 +194,9 @@ impl State {
         else {
             return;
         };
-        for part in catalog_parts(&profile.catalog, SYNC_CHUNK) {
+        let parts = catalog_parts(&profile.catalog, SYNC_CHUNK);
+        debug!(node = %self.name, %peer, ids = profile.catalog.len(), parts = parts.len(), "sending this node's catalog");
+        for part in parts {
             fx.send(vec![(peer.clone(), conn)], part);
         }
     }
@@ -256,6 +259,7 @@ impl State {
                 ));
             }
         }
+        debug!(node = %self.name, %peer, ids = head.len, "received a member's catalog");
         fx.push(Effect::Members);
     }
 
