@@ -1041,7 +1041,7 @@ async fn a_node_that_hears_from_no_seed_fails_to_start_within_the_timeout() {
     );
 
     // Listing itself among its seeds, a node may found the cluster alone.
-    let log = Log::default();
+    let probe = Probe::new();
     let own = format!("127.0.0.1:{founder}");
     let alone = start(
         "founder",
@@ -1050,9 +1050,9 @@ async fn a_node_that_hears_from_no_seed_fails_to_start_within_the_timeout() {
             .seeds([own, dead])
             .start_timeout(timeout),
         &["solo"],
-        &log,
+        &probe,
     )
     .await;
-    alone.wait_until(|s| s.is_running("solo")).await;
+    wait::running(&alone, "solo").await;
     alone.shutdown().await;
 }

@@ -148,13 +148,14 @@ async fn every_member_sees_every_profile() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn catalogs_of_100000_ids_reach_a_joining_and_a_connected_member() {
-    // About 20 MB of ids: several parts, each far below the frame limit.
+    // About 20 MB of ids: several parts, each far below the frame limit;
+    // and about 2 MB, one part.
     let long = profile(
         2,
         &["big"],
         (0..100_000).map(|i| format!("tenant-{i:06}/{}", "w".repeat(180))),
     );
-    let short = profile(1, &[], (0..100_000).map(|i| format!("fleet/{i}")));
+    let short = profile(1, &[], (0..100_000).map(|i| format!("fleet/worker-{i:06}")));
     // Sealing and opening 20 MB in a debug build keeps both cores busy for
     // seconds (the cipher's generic code is built without optimisation): a
     // failure timeout that long keeps heartbeats out of the test.
