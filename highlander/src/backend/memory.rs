@@ -23,17 +23,32 @@
 //! Every other holder's lease ends with [`LeaseEnd::Conflict`], so its
 //! instance is stopped with [`ShutdownReason::Conflict`](crate::ShutdownReason::Conflict)
 //! and its `terminate` runs. The embedded cluster backend uses the same rule.
+//!
+//! # Placement
+//!
+//! [`Session::announce`] stores the node's [`Profile`] in the cluster;
+//! [`Session::members`] shows it for the members on the asking node's side
+//! (the reachable ones), and [`Session::members_changed`] completes on every
+//! join, leave, change of sides and announcement. [`Session::release_to`]
+//! releases the id and reserves it for the named node for
+//! [`RESERVATION`]: another node's claim is `Busy` with the named node as
+//! the holder-to-be, the named node's claim is granted at once. The
+//! reservation ends early when the named node claims the id, leaves, or is
+//! on another side than the claimer.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::kit::tenures::{Tenure, Tenures};
 use super::kit::wake::Wakes;
-use super::{Backend, Claim, ClaimRequest, HeldId, Holder, Lease, LeaseEnd, Member, Session};
+use super::{
+    Backend, Claim, ClaimRequest, HeldId, Holder, Lease, LeaseEnd, Member, Profile, Session,
+};
 use crate::service::BoxFuture;
 use crate::{BackendErrorKind, Error, Result};
 
@@ -58,6 +73,9 @@ pub struct MemoryCluster {
     inner: Arc<Mutex<State>>,
 }
 
+/// How long [`Session::release_to`] keeps an id for the node it names.
+pub const RESERVATION: Duration = Duration::from_secs(2);
+
 #[derive(Default)]
 struct State {
     nodes: HashMap<String, NodeState>,
@@ -66,14 +84,41 @@ struct State {
     /// Waiters for ids held elsewhere; bumped whenever a holder may have
     /// gone (a release, a node leaving, a change of sides).
     wakes: Wakes<Arc<str>>,
+    /// Ids released to a named node ([`Session::release_to`]).
+    reserved: HashMap<Arc<str>, Reservation>,
+    /// Bumped on every join, leave, change of sides and announcement.
+    members: Changes,
     partitioned: bool,
     next_group: u64,
     next_session: u64,
 }
 
+/// An id kept for `node` until `until`.
+struct Reservation {
+    node: String,
+    until: Instant,
+}
+
+/// A counter that [`Session::members_changed`] futures wait on.
+struct Changes(watch::Sender<u64>);
+
+impl Default for Changes {
+    fn default() -> Self {
+        Changes(watch::Sender::new(0))
+    }
+}
+
+impl Changes {
+    fn bump(&self) {
+        self.0.send_modify(|n| *n = n.wrapping_add(1));
+    }
+}
+
 struct NodeState {
     group: u64,
     session: u64,
+    /// What the node announced last, if anything.
+    profile: Option<Profile>,
     /// This node's tenures; the extra is when each began (the earliest
     /// wins a healed split).
     held: Tenures<Arc<str>, Instant>,
@@ -182,6 +227,17 @@ impl MemoryCluster {
         for id in ids {
             state.wakes.bump(&id);
         }
+        let kept: Vec<Arc<str>> = state
+            .reserved
+            .iter()
+            .filter(|(_, r)| r.node == node)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in kept {
+            state.reserved.remove(&id);
+            state.wakes.bump(&id);
+        }
+        state.members.bump();
     }
 }
 
@@ -189,6 +245,36 @@ impl MemoryCluster {
 type Contenders = HashMap<(u64, Arc<str>), Vec<(Instant, String)>>;
 
 impl State {
+    /// A claim of `id` by `node` (on side `group`) that a reservation for
+    /// another node refuses, as `Busy` with that node as the holder-to-be.
+    /// Drops the reservation when it no longer applies to anyone: expired,
+    /// its node gone, or claimed by its node (this claim).
+    fn reservation_for(&mut self, id: &Arc<str>, node: &str, group: u64) -> Option<Claim> {
+        let r = self.reserved.get(id)?;
+        let now = Instant::now();
+        let target = self.nodes.get(&r.node);
+        if r.until <= now || target.is_none() || r.node == node {
+            self.reserved.remove(id);
+            return None;
+        }
+        if target.is_some_and(|t| t.group != group) {
+            // The node it is kept for is out of sight: liveness first.
+            return None;
+        }
+        let holder = Holder::new(r.node.clone(), None);
+        let until = r.until;
+        let wake = self.wakes.waiter(id);
+        Some(Claim::Busy {
+            holder: Some(holder),
+            wake: Box::pin(async move {
+                tokio::select! {
+                    () = wake => {}
+                    () = tokio::time::sleep_until(until) => {}
+                }
+            }),
+        })
+    }
+
     fn group_of(&self, node: &str) -> Option<u64> {
         self.nodes.get(node).map(|n| n.group)
     }
@@ -236,6 +322,7 @@ impl State {
             }
         }
         self.wakes.bump_all();
+        self.members.bump();
     }
 }
 
@@ -276,9 +363,11 @@ impl Backend for MemoryCluster {
                     NodeState {
                         group,
                         session,
+                        profile: None,
                         held: Tenures::new(),
                     },
                 );
+                state.members.bump();
                 session
             };
             Ok(Arc::new(MemorySession {
@@ -333,6 +422,9 @@ impl MemorySession {
                 holder: Some(holder),
                 wake: Box::pin(wake),
             });
+        }
+        if let Some(busy) = state.reservation_for(&request.id, &self.node, group) {
+            return Ok(busy);
         }
         let token = {
             let last = state.tokens.entry(request.id.clone()).or_default();
@@ -391,17 +483,71 @@ impl Session for MemorySession {
             let mut members: Vec<Member> = state
                 .nodes
                 .iter()
-                .map(|(name, n)| Member {
-                    node: name.clone(),
-                    reachable: Some(n.group) == group,
-                    address: None,
-                    profile: None,
+                .map(|(name, n)| {
+                    let reachable = Some(n.group) == group;
+                    Member {
+                        node: name.clone(),
+                        reachable,
+                        address: None,
+                        profile: n.profile.clone().filter(|_| reachable),
+                    }
                 })
                 .collect();
             members.sort_by(|a, b| a.node.cmp(&b.node));
             members
         };
         Box::pin(async move { Ok(members) })
+    }
+
+    fn announce(&self, profile: Profile) -> BoxFuture<'_, Result<()>> {
+        let answer = {
+            let mut state = self.cluster.lock();
+            match state.node_of(&self.node, self.session) {
+                Some(n) => {
+                    if n.profile.as_ref() != Some(&profile) {
+                        n.profile = Some(profile);
+                        state.members.bump();
+                    }
+                    Ok(())
+                }
+                None => Err(self.left()),
+            }
+        };
+        Box::pin(async move { answer })
+    }
+
+    fn members_changed(&self) -> BoxFuture<'static, ()> {
+        let mut rx = self.cluster.lock().members.0.subscribe();
+        Box::pin(async move {
+            // The sender lives as long as the cluster: an error means the
+            // cluster is gone, which is a change too.
+            let _ = rx.changed().await;
+        })
+    }
+
+    fn release_to(&self, id: &str, token: u64, node: &str) -> BoxFuture<'_, Result<()>> {
+        {
+            let mut state = self.cluster.lock();
+            let released = state
+                .node_of(&self.node, self.session)
+                .and_then(|n| n.held.remove_if(id, token))
+                .is_some();
+            if released {
+                if node != self.node && state.nodes.contains_key(node) {
+                    let now = Instant::now();
+                    state.reserved.retain(|_, r| r.until > now);
+                    state.reserved.insert(
+                        Arc::from(id),
+                        Reservation {
+                            node: node.to_string(),
+                            until: now + RESERVATION,
+                        },
+                    );
+                }
+                state.wakes.bump(id);
+            }
+        }
+        Box::pin(async { Ok(()) })
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {
@@ -439,5 +585,160 @@ impl Session for MemorySession {
 impl Drop for MemorySession {
     fn drop(&mut self) {
         self.cluster.leave(&self.node, self.session);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::{Context, Waker};
+
+    use super::*;
+    use crate::backend::Catalog;
+
+    async fn node(cluster: &MemoryCluster, name: &str) -> Arc<dyn Session> {
+        cluster.connect(name).await.expect("connect")
+    }
+
+    fn req(id: &str) -> ClaimRequest {
+        ClaimRequest::new(id, Duration::from_secs(1))
+    }
+
+    fn ready<F: Future>(fut: &mut std::pin::Pin<&mut F>) -> bool {
+        fut.as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()))
+            .is_ready()
+    }
+
+    async fn granted(s: &dyn Session, id: &str) -> u64 {
+        match s.try_claim(req(id)).await.expect("claim") {
+            Claim::Granted(lease) => lease.token,
+            other => panic!("{id}: expected a grant, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn members_show_the_profiles_of_the_reachable_side_only() {
+        let cluster = MemoryCluster::new();
+        let a = node(&cluster, "a").await;
+        let b = node(&cluster, "b").await;
+        let pa = Profile::new(3, vec!["zone=eu".into()], Catalog::new(["x", "y"]));
+        a.announce(pa.clone()).await.unwrap();
+        let members = b.members().await.unwrap();
+        assert_eq!(members[0].profile.as_ref(), Some(&pa));
+        assert_eq!(members[1].profile, None, "b announced nothing");
+
+        cluster.partition(&[&["a"], &["b"]]);
+        let members = b.members().await.unwrap();
+        assert!(!members[0].reachable);
+        assert_eq!(members[0].profile, None, "a is out of sight");
+        assert_eq!(a.members().await.unwrap()[0].profile.as_ref(), Some(&pa));
+        cluster.heal();
+        assert_eq!(b.members().await.unwrap()[0].profile.as_ref(), Some(&pa));
+    }
+
+    #[tokio::test]
+    async fn members_changed_completes_on_every_change_and_only_then() {
+        let cluster = MemoryCluster::new();
+        let a = node(&cluster, "a").await;
+        let profile = Profile::new(1, vec![], Catalog::new(["x"]));
+        let mut quiet = pin!(a.members_changed());
+        assert!(!ready(&mut quiet), "nothing changed yet");
+
+        let mut announced = pin!(a.members_changed());
+        assert!(!ready(&mut announced), "early");
+        a.announce(profile.clone()).await.unwrap();
+        assert!(ready(&mut announced), "announce missed");
+        let mut split = pin!(a.members_changed());
+        cluster.partition(&[&["a"]]);
+        assert!(ready(&mut split), "partition missed");
+        let mut healed = pin!(a.members_changed());
+        cluster.heal();
+        assert!(ready(&mut healed), "heal missed");
+        // The same profile again is no change.
+        let mut same = pin!(a.members_changed());
+        a.announce(profile).await.unwrap();
+        assert!(!ready(&mut same));
+
+        let mut join = pin!(a.members_changed());
+        let b = node(&cluster, "b").await;
+        assert!(ready(&mut join), "join missed");
+        let mut leave = pin!(a.members_changed());
+        b.close().await;
+        assert!(ready(&mut leave), "leave missed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn release_to_keeps_the_id_for_the_named_node() {
+        let cluster = MemoryCluster::new();
+        let a = node(&cluster, "a").await;
+        let b = node(&cluster, "b").await;
+        let c = node(&cluster, "c").await;
+        let token = granted(&*a, "x").await;
+        a.release_to("x", token, "b").await.unwrap();
+
+        // c is refused, with b as the holder-to-be, and woken when the
+        // reservation ends.
+        let Claim::Busy { holder, wake } = c.try_claim(req("x")).await.unwrap() else {
+            panic!("c claimed an id kept for b");
+        };
+        assert_eq!(holder, Some(Holder::new("b", None)));
+        let Claim::Busy { .. } = a.try_claim(req("x")).await.unwrap() else {
+            panic!("a claimed back an id it gave to b");
+        };
+        // b gets it at once, with a greater token.
+        assert!(granted(&*b, "x").await > token);
+        let Claim::Busy { holder, .. } = c.try_claim(req("x")).await.unwrap() else {
+            panic!("c claimed a held id");
+        };
+        assert_eq!(holder.map(|h| h.node), Some("b".to_string()));
+        drop(wake);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reservation_ends_after_a_while_or_when_its_node_leaves() {
+        let cluster = MemoryCluster::new();
+        let a = node(&cluster, "a").await;
+        let b = node(&cluster, "b").await;
+        let c = node(&cluster, "c").await;
+
+        // Expiry: the waiter is woken when the reservation ends.
+        let token = granted(&*a, "x").await;
+        a.release_to("x", token, "b").await.unwrap();
+        let Claim::Busy { wake, .. } = c.try_claim(req("x")).await.unwrap() else {
+            panic!("c claimed an id kept for b");
+        };
+        let started = Instant::now();
+        wake.await;
+        assert!(started.elapsed() >= RESERVATION - Duration::from_millis(1));
+        let tc = granted(&*c, "x").await;
+
+        // The named node leaves: the id is free at once.
+        c.release_to("y", 0, "b").await.unwrap(); // not held: nothing kept
+        let _ = granted(&*a, "y").await;
+        c.release("x", tc).await.unwrap();
+        let token = granted(&*a, "x").await;
+        a.release_to("x", token, "b").await.unwrap();
+        let Claim::Busy { wake, .. } = c.try_claim(req("x")).await.unwrap() else {
+            panic!("c claimed an id kept for b");
+        };
+        let mut wake = pin!(wake);
+        assert!(!ready(&mut wake));
+        b.close().await;
+        assert!(ready(&mut wake), "the leave did not wake the waiter");
+        let _ = granted(&*c, "x").await;
+    }
+
+    #[tokio::test]
+    async fn a_reservation_for_a_node_out_of_sight_does_not_block() {
+        let cluster = MemoryCluster::new();
+        let a = node(&cluster, "a").await;
+        let _b = node(&cluster, "b").await;
+        let c = node(&cluster, "c").await;
+        let token = granted(&*a, "x").await;
+        a.release_to("x", token, "b").await.unwrap();
+        cluster.partition(&[&["a", "c"], &["b"]]);
+        let _ = granted(&*c, "x").await;
     }
 }
