@@ -5,7 +5,7 @@
 //! instances of one tenure.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -103,7 +103,20 @@ pub(crate) struct Slot {
     removed: AtomicBool,
     /// The tenure a drain last asked to move, so each tenure is asked once.
     pub(crate) moving: AtomicU64,
+    /// How many members rank ahead of this node for the id (placement);
+    /// `u32::MAX`: no placement, claim at once.
+    pub(crate) rank: AtomicU32,
+    /// [`name_hash`] of the best member other than this node.
+    pub(crate) rival: AtomicU64,
     pub(crate) ops: crate::ops::SlotOps,
+}
+
+/// A hash of a node name, to compare names without keeping a copy.
+pub(crate) fn name_hash(node: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    node.hash(&mut h);
+    h.finish() | 1
 }
 
 impl Slot {
@@ -117,6 +130,8 @@ impl Slot {
             cancel: shared.shutdown.child_token(),
             removed: AtomicBool::new(false),
             moving: AtomicU64::new(0),
+            rank: AtomicU32::new(u32::MAX),
+            rival: AtomicU64::new(0),
         }
     }
 
@@ -165,6 +180,23 @@ impl Slot {
         }
     }
 
+    /// How many ranks this node defers its claim by: its rank among the
+    /// members that run the id, not counting `holder` (the [`name_hash`] of
+    /// the id's last known holder, 0: none) when it ranks ahead, so that
+    /// after a holder fails the best of the others claims at once.
+    pub(crate) fn defer_ranks(&self, holder: u64) -> u32 {
+        let rank = self.rank.load(Ordering::Relaxed);
+        if rank == u32::MAX {
+            return 0;
+        }
+        let rank = if rank > 0 && holder != 0 && self.rival.load(Ordering::Relaxed) == holder {
+            rank - 1
+        } else {
+            rank
+        };
+        rank.min(crate::runtime::MAX_DEFER_RANKS)
+    }
+
     /// The token of the tenure this node holds, if it holds the id.
     pub(crate) fn held_token(&self) -> Option<u64> {
         match *self.lock() {
@@ -190,6 +222,8 @@ pub(crate) struct Shared {
     pub(crate) draining: watch::Sender<bool>,
     /// How many ids a drain hands over per second.
     pub(crate) handoff_rate: u32,
+    /// Where ids belong, and where those handed over go.
+    pub(crate) placement: crate::runtime::Placement,
 }
 
 impl Shared {
@@ -320,6 +354,13 @@ impl Guardian {
                 }
                 continue;
             }
+            // Placement: a node further down the ranking for this id lets
+            // the better-placed ones claim it first (boxed: only a
+            // deferring guardian pays for the timer).
+            let ranks = self.slot.defer_ranks(last_holder);
+            if ranks > 0 && Box::pin(self.defer(last_holder)).await {
+                break;
+            }
             let Some(claim) = Box::pin(self.claim()).await else {
                 break;
             };
@@ -386,8 +427,7 @@ impl Guardian {
                 self.pause(self.shared.stepdown_delay).await
             }
             Outcome::Moved => {
-                self.release(lease.token).await;
-                info!(token = lease.token, "handed over");
+                self.hand_over(lease.token).await;
                 false
             }
             Outcome::Finished(reason) => {
@@ -407,13 +447,8 @@ impl Guardian {
     /// Shows `Waiting` on `holder`, logging when it is not the holder last
     /// logged (`last`, a hash of its name); returns the new hash.
     fn wait_on(&self, holder: Option<Holder>, last: u64) -> u64 {
-        use std::hash::{Hash, Hasher};
         let node = holder.as_ref().map(|h| h.node.as_str());
-        let seen = node.map_or(0, |n| {
-            let mut h = std::hash::DefaultHasher::new();
-            n.hash(&mut h);
-            h.finish() | 1
-        });
+        let seen = node.map_or(0, name_hash);
         if seen != last {
             debug!(
                 holder = node.unwrap_or("unknown"),
@@ -475,11 +510,49 @@ impl Guardian {
                     // Only a handoff releases a finished id; a step-down
                     // permit is for a running one.
                     if self.slot.asked_reason() == ShutdownReason::Moved {
-                        self.release(lease.token).await;
-                        info!(token = lease.token, "handed over");
+                        self.hand_over(lease.token).await;
                         return false;
                     }
                 }
+            }
+        }
+    }
+
+    /// Releases a tenure that was asked to move, to the member it moves to
+    /// when there is one.
+    async fn hand_over(&self, token: u64) {
+        let id = &*self.slot.spec.id;
+        let Some(target) = self.shared.placement.take_target(id) else {
+            self.release(token).await;
+            info!(token, "handed over");
+            return;
+        };
+        match self.shared.session.release_to(id, token, &target).await {
+            Ok(()) => info!(token, to = %target, "handed over"),
+            Err(e) => {
+                warn!(token, to = %target, error = %e, "release failed; the backend frees the id when this node's session ends")
+            }
+        }
+    }
+
+    /// Waits while better-placed members may claim the id: `grace` per rank
+    /// ahead of this node, measured from now and looked at again whenever
+    /// the ranks are recomputed. True when the guardian is cancelled first.
+    async fn defer(&self, holder: u64) -> bool {
+        let grace = self.shared.placement.grace;
+        let start = tokio::time::Instant::now();
+        let mut epoch = self.shared.placement.epoch.subscribe();
+        loop {
+            epoch.borrow_and_update();
+            let ranks = self.slot.defer_ranks(holder);
+            if ranks == 0 || grace.is_zero() {
+                return false;
+            }
+            tokio::select! {
+                biased;
+                _ = self.slot.cancel.cancelled() => return true,
+                _ = tokio::time::sleep_until(start + grace * ranks) => return false,
+                changed = epoch.changed() => if changed.is_err() { return false },
             }
         }
     }

@@ -33,6 +33,7 @@ async fn future_sizes() {
         ops,
         draining: watch::Sender::new(false),
         handoff_rate: 1_000,
+        placement: crate::runtime::Placement::new(crate::runtime::DEFAULT_GRACE, true),
     });
     let slot = Arc::new(Slot::new(spec, &shared));
     let guardian = Guardian {

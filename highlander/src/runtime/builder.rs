@@ -1,7 +1,8 @@
 //! [`Builder`]: what a runtime runs and how it starts.
 
 use super::{
-    DEFAULT_HANDOFF_RATE, HandleInner, Registry, RuntimeHandle, ShutdownSignals, lock, report_panic,
+    DEFAULT_GRACE, DEFAULT_HANDOFF_RATE, HandleInner, Placement, Registry, RuntimeHandle,
+    ShutdownSignals, lock, report_panic,
 };
 use std::any::{Any, TypeId};
 use std::collections::{BTreeMap, HashMap};
@@ -40,6 +41,8 @@ pub struct Builder {
     labels: Option<Vec<String>>,
     drain_on_shutdown: bool,
     handoff_rate: Option<u32>,
+    placement_grace: Option<Duration>,
+    rebalance: Option<bool>,
     start_timeout: Option<Duration>,
     pub(crate) ops: OpsConfig,
 }
@@ -178,6 +181,35 @@ impl Builder {
         self
     }
 
+    /// How long a node lets the members better placed for an id claim it
+    /// first, per place ahead of it (default 50 ms; zero turns the deferral
+    /// off). When an id comes free, the member it belongs to
+    /// ([`placement`](crate::placement)) claims at once, the next one after
+    /// `grace`, the one after that after `2 × grace`, and so on: liveness
+    /// first, whoever is left claims after its wait. After a holder fails,
+    /// it does not count: the best of the others claims at once, so
+    /// failover is not slower. Without placement on the backend, nobody
+    /// waits.
+    pub fn placement_grace(mut self, grace: Duration) -> Self {
+        self.placement_grace = Some(grace);
+        self
+    }
+
+    /// Whether a change of members hands ids over to where they now belong
+    /// (default on): each id held here whose best candidate is another
+    /// reachable member that runs it is released to that member (its
+    /// instance stopped with
+    /// [`ShutdownReason::Moved`](crate::ShutdownReason::Moved), `terminate`
+    /// runs), at most [`Builder::handoff_rate`] per second, once the
+    /// members have been unchanged for 300 ms. This is what balances nodes
+    /// started apart (the first one up claims everything) and gives a node
+    /// that joins its share; off, ids stay where they are until they come
+    /// free.
+    pub fn rebalance(mut self, rebalance: bool) -> Self {
+        self.rebalance = Some(rebalance);
+        self
+    }
+
     /// How long [`Builder::start`] tries to reach the backend before it
     /// fails with [`Error::Unreachable`] (default: the backend URL's
     /// `start_timeout=` option, else
@@ -261,7 +293,15 @@ impl Builder {
             ops: ops.clone(),
             draining: watch::Sender::new(false),
             handoff_rate: self.handoff_rate.unwrap_or(DEFAULT_HANDOFF_RATE),
+            placement: Placement::new(
+                self.placement_grace.unwrap_or(DEFAULT_GRACE),
+                self.rebalance.unwrap_or(true),
+            ),
         });
+        // Before the first claim: tell the others which ids this node runs,
+        // and learn where each stands.
+        let ids = specs.iter().map(|s| s.id.clone()).collect();
+        super::placer::start(&shared, ids, weight, &labels).await;
 
         let done = CancellationToken::new();
         crate::ops::spawn_probe(&ops, &shared, done.clone()).await;
@@ -278,6 +318,18 @@ impl Builder {
             let mut reg = lock(&registry);
             for spec in specs {
                 reg.insert(spec, &shared, &rt);
+            }
+            if let Some(tasks) = reg.tasks.as_mut() {
+                tasks.spawn_on(
+                    super::placer::run(
+                        registry.clone(),
+                        shared.clone(),
+                        weight,
+                        labels.clone(),
+                        done.clone(),
+                    ),
+                    &rt,
+                );
             }
         }
         let main = {

@@ -115,6 +115,52 @@ impl RuntimeHandle {
         Ok(())
     }
 
+    /// Hands `id`, held here, over to the member `node`: the instance stops
+    /// with [`ShutdownReason::Moved`](crate::ShutdownReason::Moved)
+    /// (`terminate` runs) and the id is released to `node`, which the
+    /// backend lets claim it first for a short while. Returns once asked;
+    /// [`RuntimeHandle::status`] shows the id `Waiting` on `node` once it
+    /// moved.
+    ///
+    /// The members and the ids they run are the ones the backend showed at
+    /// the last change of members ([`RuntimeHandle::members`]). With
+    /// rebalancing on ([`Builder::rebalance`](crate::Builder::rebalance)),
+    /// the next change of members may move the id back to where it belongs.
+    ///
+    /// Fails, moving nothing, when `id` is not held here, `node` is this
+    /// node or no reachable member that announced itself (on a backend
+    /// without placement: none), or `node` does not run `id`.
+    pub fn transfer(&self, id: &str, node: &str) -> Result<()> {
+        let slot = self.slot(id)?;
+        let shared = self.inner.shared.upgrade().ok_or(Error::Stopped)?;
+        let Some(token) = slot.held_token() else {
+            return Err(Error::config(format!(
+                "cannot transfer `{id}`: this node does not hold it (status() shows who does)"
+            )));
+        };
+        if node == &*self.inner.node {
+            return Err(Error::config(format!(
+                "cannot transfer `{id}` to `{node}`: that is this node, which holds it already"
+            )));
+        }
+        let view = shared.placement.view();
+        let Some(catalog) = view.member(node) else {
+            return Err(Error::config(format!(
+                "cannot transfer `{id}` to `{node}`: no reachable member of that name has announced \
+                 itself (members() lists the members; the backend may not support placement)"
+            )));
+        };
+        if !catalog.contains(id) {
+            return Err(Error::config(format!(
+                "cannot transfer `{id}` to `{node}`: that node does not run it (add it there first)"
+            )));
+        }
+        shared
+            .placement
+            .move_to(&slot, token, Some(Arc::from(node)));
+        Ok(())
+    }
+
     fn slot(&self, id: &str) -> Result<Arc<Slot>> {
         lock(&self.inner.registry)
             .get(id)
@@ -168,6 +214,7 @@ impl RuntimeHandle {
         debug!(node = %self.inner.node, id = %spec.id, "singleton added");
         reg.insert(spec, &shared, &self.inner.rt);
         drop(reg);
+        shared.placement.dirty.notify_one();
         shared.bump();
         Ok(())
     }
@@ -200,6 +247,7 @@ impl RuntimeHandle {
                 debug!(node = %self.inner.node, id = %slot.spec.id, "singleton removed");
                 slot.remove();
                 if let Some(shared) = self.inner.shared.upgrade() {
+                    shared.placement.dirty.notify_one();
                     shared.bump();
                 }
                 Ok(slot)
@@ -461,10 +509,13 @@ pub(super) async fn hand_over_all(
             })
             .take(batch)
             .collect();
+        let view = shared.placement.view();
         for (slot, token) in &todo {
-            slot.moving
-                .store(*token, std::sync::atomic::Ordering::SeqCst);
-            slot.ask(Ask::Moved);
+            // To the best other member that runs the id, when placement
+            // knows one; else a plain release.
+            shared
+                .placement
+                .move_to(slot, *token, view.best_other(slot));
         }
         if !todo.is_empty() {
             debug!(node = %shared.node, ids = todo.len(), "handing over");

@@ -20,12 +20,14 @@ use crate::spec::ChildSpec;
 
 mod builder;
 mod handle;
+mod placer;
 mod signals;
 mod status;
 
 pub use builder::Builder;
 use handle::HandleInner;
 pub use handle::RuntimeHandle;
+pub(crate) use placer::{DEFAULT_GRACE, MAX_DEFER_RANKS, Placement};
 use signals::ShutdownSignals;
 pub use status::{SingletonStatus, Status};
 
@@ -160,6 +162,7 @@ impl Registry {
         let after = self.leaving.remove(&spec.id);
         let id = spec.id.clone();
         let slot = Arc::new(Slot::new(spec, shared));
+        shared.placement.view().place(&slot);
         let guardian = Guardian {
             slot: slot.clone(),
             shared: shared.clone(),
