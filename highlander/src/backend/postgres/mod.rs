@@ -106,6 +106,7 @@ mod connect;
 mod driver;
 mod errors;
 mod keys;
+mod members;
 mod probe;
 mod session;
 mod sql;
