@@ -1,4 +1,3 @@
-
 use super::from_url;
 
 /// Found by the `from_url` fuzz target: the etcd parser ended the

@@ -86,11 +86,14 @@ mod batch;
 mod conn;
 mod connect;
 mod failure;
+mod fleet;
 mod keeper;
 mod members;
 mod pb;
+mod roster;
 mod session;
 mod state;
+mod txn;
 mod url;
 mod watch;
 
