@@ -6,6 +6,7 @@
 //! Deadlines here are hang guards, never timing claims.
 
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use highlander::backend::etcd::Etcd;
@@ -240,6 +241,33 @@ async fn release_to_keeps_others_out_while_its_target_takes_the_id_then_lapses()
         .expect("release_to");
     assert!(matches!(claim(&*a, "job").await, Claim::Busy { .. }));
     for s in [a, b, c] {
+        s.close().await;
+    }
+}
+
+/// A claim dropped after it was sent (a deferred claim given up, a node
+/// shutting down) leaves no tenure behind: when etcd grants it anyway, the
+/// backend releases it at once, and a waiting node takes the id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_dropped_in_flight_leaves_no_tenure() {
+    let etcd = EtcdCluster::single().await;
+    let a = session(&etcd, "a").await;
+    let b = session(&etcd, "b").await;
+    let mut dropped = a.try_claim(ClaimRequest::new("orphan", BUDGET));
+    let first = std::future::poll_fn(|cx| Poll::Ready(dropped.as_mut().poll(cx))).await;
+    assert!(first.is_pending(), "the claim went to etcd");
+    drop(dropped);
+    within("b holding the id nobody runs", GUARD, async {
+        loop {
+            match claim(&*b, "orphan").await {
+                Claim::Granted(_) => break,
+                Claim::Busy { wake, .. } => wake.await,
+                _ => panic!("neither granted nor busy"),
+            }
+        }
+    })
+    .await;
+    for s in [a, b] {
         s.close().await;
     }
 }

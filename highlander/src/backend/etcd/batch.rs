@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
+use tracing::debug;
 
 use super::conn::Conn;
 use super::failure::{Call, Failure, classify, reason};
@@ -371,7 +372,10 @@ impl Inner {
                 return;
             }
             Answer::Put { id, budget, reply } => {
-                let _ = reply.send(self.granted(&id, budget, lease_id, revision as u64));
+                let granted = self.granted(&id, budget, lease_id, revision as u64);
+                if let Err(Ok(Claim::Granted(lease))) = reply.send(granted) {
+                    self.abandon(id, lease.token);
+                }
                 return;
             }
             Answer::Exists {
@@ -451,6 +455,15 @@ impl Inner {
             holder: Some(Holder::new(target, None)),
             wake,
         }));
+    }
+
+    /// A tenure was granted for a claim whose future is gone: nobody runs
+    /// it, so it ends and its key is deleted at once, as a release would.
+    fn abandon(&self, id: Arc<str>, token: u64) {
+        debug!(node = %self.node, %id, token, "granted after the claim was dropped: released at once");
+        self.lock().end_tenure(&id, token);
+        let (reply, _) = oneshot::channel();
+        let _ = self.ops.send(Op::Release { id, token, reply });
     }
 
     fn granted(&self, id: &Arc<str>, budget: Duration, lease_id: i64, token: u64) -> Result<Claim> {
