@@ -116,7 +116,6 @@ mod postgres {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "needs the Postgres backend's placement (wip-pg2)"]
     async fn every_scenario() {
         let pg = tokio::task::spawn_blocking(PgServer::start)
             .await
@@ -149,7 +148,6 @@ mod etcd {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "needs the etcd backend's placement (wip-etcd2)"]
     async fn every_scenario() {
         let etcd = EtcdCluster::single().await;
         run_all(&EtcdFixture(etcd.endpoints()), true).await;

@@ -20,6 +20,8 @@ use crate::wait::{wait_until, within};
 
 /// The hang guard of every wait.
 const GUARD: Duration = Duration::from_secs(60);
+/// Each instance's shutdown budget: short, and within etcd's test TTL.
+const BUDGET: Duration = Duration::from_secs(1);
 /// Ids per node in the balance scenarios.
 const IDS: usize = 600;
 
@@ -79,7 +81,7 @@ impl Fleet {
             .node(node)
             .backend(self.space.backend(node)));
         for id in ids {
-            builder = builder.child(self.probe.spec(id));
+            builder = builder.child(self.spec(id));
         }
         let handle = within(
             &format!("{}: {node} started", self.name),
@@ -90,6 +92,11 @@ impl Fleet {
         .unwrap_or_else(|e| panic!("{}: node {node} does not start: {e}", self.name));
         self.nodes.push(handle.clone());
         handle
+    }
+
+    /// The probe's spec for `id`.
+    fn spec(&self, id: &str) -> highlander::ChildSpec {
+        self.probe.spec(id).shutdown(BUDGET)
     }
 
     /// Who runs each of `ids` now, from the nodes' status.
@@ -380,7 +387,7 @@ pub async fn add_and_remove_under_load(fixture: &dyn Fixture, exact: bool) {
     let added = ids("added", 300);
     for id in &added {
         for n in &f.nodes {
-            n.add(f.probe.spec(id)).expect("add");
+            n.add(f.spec(id)).expect("add");
         }
     }
     let mut all = base.clone();
