@@ -302,6 +302,12 @@ pub async fn drain_hands_everything_over(fixture: &dyn Fixture, exact: bool) {
             f.name
         );
     }
+    // Resumed, it gets its share back: every id at its place again.
+    b.resume();
+    wait_until(&format!("{}: b's ids back on b", f.name), GUARD, || {
+        at_place(&f, &all, &["a", "b", "c"])
+    })
+    .await;
     f.finish().await;
 }
 

@@ -225,6 +225,7 @@ pub(super) async fn run(
     let placement = &shared.placement;
     let mut draining = shared.draining.subscribe();
     let mut announced = true; // by `start`
+    let mut batch = true;
     let mut rebalance_at: Option<Instant> = None;
     let mut retry = Duration::from_millis(100);
     let mut pass: VecDeque<Arc<Slot>> = VecDeque::new();
@@ -235,8 +236,12 @@ pub(super) async fn run(
         }
         let changed = shared.session.members_changed();
         if !announced {
-            // Batch a burst of adds or removes into one announcement.
-            sleep(ANNOUNCE_BATCH).await;
+            // Batch a burst of adds or removes into one announcement; a
+            // drain or resume goes out at once (the others must see even
+            // a short drain, to hand the ids back when it ends).
+            if batch {
+                sleep(ANNOUNCE_BATCH).await;
+            }
             let profile = profile(&registry, &shared, weight, &labels);
             if let Err(e) = shared.session.announce(profile).await {
                 debug!(error = %e, "announcing the profile failed; trying again");
@@ -245,6 +250,7 @@ pub(super) async fn run(
                 continue;
             }
             announced = true;
+            batch = true;
         }
         match shared.session.members().await {
             Ok(members) => {
@@ -293,7 +299,10 @@ pub(super) async fn run(
             _ = done.cancelled() => return,
             _ = changed => {}
             _ = placement.dirty.notified() => announced = false,
-            _ = draining.changed() => announced = false,
+            _ = draining.changed() => {
+                announced = false;
+                batch = false;
+            }
             _ = settle => {
                 rebalance_at = None;
                 if !*shared.draining.borrow() {
