@@ -833,12 +833,12 @@ async fn refusals_are_logged_rate_limited_and_without_forged_lines() {
         .parse()
         .unwrap();
     // A name that would start a forged line.
-    stranger(addr, &raw_hello(4, b"x\nERROR forged: cluster compromised")).await;
+    stranger(addr, &raw_hello(5, b"x\nERROR forged: cluster compromised")).await;
     stranger(addr, &raw_hello(3, b"x\nERROR forged: cluster compromised")).await;
     // A flood of refusals from one address, each from its own port and with
     // its own name.
     for i in 0..1100 {
-        let version = if i % 2 == 0 { 99 } else { 4 };
+        let version = if i % 2 == 0 { 99 } else { 5 };
         stranger(addr, &raw_hello(version, format!("flood-{i}").as_bytes())).await;
     }
     let text = captured.text();
@@ -1041,7 +1041,7 @@ async fn a_node_that_hears_from_no_seed_fails_to_start_within_the_timeout() {
     );
 
     // Listing itself among its seeds, a node may found the cluster alone.
-    let log = Log::default();
+    let probe = Probe::new();
     let own = format!("127.0.0.1:{founder}");
     let alone = start(
         "founder",
@@ -1050,9 +1050,9 @@ async fn a_node_that_hears_from_no_seed_fails_to_start_within_the_timeout() {
             .seeds([own, dead])
             .start_timeout(timeout),
         &["solo"],
-        &log,
+        &probe,
     )
     .await;
-    alone.wait_until(|s| s.is_running("solo")).await;
+    wait::running(&alone, "solo").await;
     alone.shutdown().await;
 }

@@ -157,7 +157,12 @@ impl Node {
         let reject = |reason| Handshake::Reject { reason }.encode();
         if version != PROTOCOL_VERSION {
             if self.may_warn("version", &source) {
-                warn!(node = %self.name, remote = %remote.ip(), version, "refused a peer speaking another protocol version (logged at most once a minute per address)");
+                warn!(
+                    node = %self.name, remote = %remote.ip(),
+                    "refused a peer speaking cluster protocol version {version}: this node speaks \
+                     version {PROTOCOL_VERSION}; run the same highlander version on every node \
+                     (logged at most once a minute per address)"
+                );
             }
             let _ = wr.write_all(&reject(RejectReason::Version)).await;
             return None;

@@ -222,7 +222,12 @@ impl Node {
             }
             RejectReason::Version => {
                 if self.may_warn("version-dial", addr) {
-                    warn!(node = %self.name, %addr, "refused by a peer speaking another protocol version (logged at most once a minute per address)");
+                    warn!(
+                        node = %self.name, %addr,
+                        "refused by a peer speaking another cluster protocol version than this \
+                         node's {PROTOCOL_VERSION} (its own log names its version); run the same \
+                         highlander version on every node (logged at most once a minute per address)"
+                    );
                 }
             }
             RejectReason::SelfDial => {

@@ -376,6 +376,7 @@ mod tests {
             ready: true,
             members,
             holdings: vec![],
+            profile: None,
         };
         let _ = state.on_frame(&info.name, conn, sync, 0);
         conn

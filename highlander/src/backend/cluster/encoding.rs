@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use super::wire::{Handshake, Hold, Malformed, MemberInfo, Msg, RejectReason};
+use super::wire::{Handshake, Hold, Malformed, MemberInfo, Msg, ProfileHead, RejectReason};
 
 impl RejectReason {
     fn code(self) -> u8 {
@@ -70,6 +70,21 @@ fn put_hold(buf: &mut BytesMut, h: &Hold) {
     put_str(buf, &h.id);
     buf.put_u64(h.token);
     buf.put_u64(h.since);
+}
+
+fn put_head(buf: &mut BytesMut, p: &ProfileHead) {
+    buf.put_u32(p.weight);
+    buf.put_u32(p.labels.len() as u32);
+    for l in &p.labels {
+        put_str(buf, l);
+    }
+    buf.put_u64(p.digest);
+    buf.put_u32(p.len);
+}
+
+/// Bytes an id takes in a `CatalogPart`.
+pub(super) fn catalog_id_len(id: &str) -> usize {
+    2 + id.len().min(u16::MAX as usize)
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -135,6 +150,17 @@ impl Reader<'_> {
             id: self.arc_str()?,
             token: self.u64()?,
             since: self.u64()?,
+        })
+    }
+    fn head(&mut self) -> Result<ProfileHead, Malformed> {
+        let weight = self.u32()?;
+        let n = self.count(2)?;
+        let labels = (0..n).map(|_| self.string()).collect::<Result<_, _>>()?;
+        Ok(ProfileHead {
+            weight,
+            labels,
+            digest: self.u64()?,
+            len: self.u32()?,
         })
     }
     fn count(&mut self, min_item: usize) -> Result<usize, Malformed> {
@@ -233,8 +259,9 @@ impl Msg {
                 ready,
                 members,
                 holdings,
+                profile,
             } => {
-                buf.reserve(16 + members.len() * 48 + holdings.len() * 40);
+                buf.reserve(64 + members.len() * 48 + holdings.len() * 40);
                 buf.put_u8(2);
                 buf.put_u8(u8::from(*ready));
                 buf.put_u32(members.len() as u32);
@@ -244,6 +271,13 @@ impl Msg {
                 buf.put_u32(holdings.len() as u32);
                 for h in holdings {
                     put_hold(buf, h);
+                }
+                match profile {
+                    Some(p) => {
+                        buf.put_u8(1);
+                        put_head(buf, p);
+                    }
+                    None => buf.put_u8(0),
                 }
             }
             Msg::SyncPart { holdings } => {
@@ -313,6 +347,36 @@ impl Msg {
                 buf.put_u64(*winner_token);
                 buf.put_u64(*winner_since);
             }
+            Msg::Announce(head) => {
+                buf.put_u8(16);
+                put_head(buf, head);
+            }
+            Msg::CatalogWant { digest } => {
+                buf.put_u8(17);
+                buf.put_u64(*digest);
+            }
+            Msg::CatalogPart {
+                digest,
+                part,
+                last,
+                ids,
+            } => {
+                buf.reserve(24 + ids.iter().map(|id| catalog_id_len(id)).sum::<usize>());
+                buf.put_u8(18);
+                buf.put_u64(*digest);
+                buf.put_u32(*part);
+                buf.put_u8(u8::from(*last));
+                buf.put_u32(ids.len() as u32);
+                for id in ids {
+                    put_str(buf, id);
+                }
+            }
+            Msg::Handoff { id, token, to } => {
+                buf.put_u8(19);
+                put_str(buf, id);
+                buf.put_u64(*token);
+                put_str(buf, to);
+            }
         })
     }
 
@@ -327,10 +391,16 @@ impl Msg {
                 let members = (0..n).map(|_| r.member()).collect::<Result<_, _>>()?;
                 let n = r.count(18)?;
                 let holdings = (0..n).map(|_| r.hold()).collect::<Result<_, _>>()?;
+                let profile = match r.u8()? {
+                    0 => None,
+                    1 => Some(r.head()?),
+                    _ => return Err(Malformed("bad option tag")),
+                };
                 Msg::Sync {
                     ready,
                     members,
                     holdings,
+                    profile,
                 }
             }
             15 => {
@@ -370,6 +440,30 @@ impl Msg {
                 winner_token: r.u64()?,
                 winner_since: r.u64()?,
             },
+            16 => Msg::Announce(r.head()?),
+            17 => Msg::CatalogWant { digest: r.u64()? },
+            18 => {
+                let digest = r.u64()?;
+                let part = r.u32()?;
+                let last = match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(Malformed("bad flag")),
+                };
+                let n = r.count(2)?;
+                let ids = (0..n).map(|_| r.arc_str()).collect::<Result<_, _>>()?;
+                Msg::CatalogPart {
+                    digest,
+                    part,
+                    last,
+                    ids,
+                }
+            }
+            19 => Msg::Handoff {
+                id: r.arc_str()?,
+                token: r.u64()?,
+                to: r.arc_str()?,
+            },
             _ => return Err(Malformed("unknown message tag")),
         };
         r.end()?;
@@ -405,6 +499,44 @@ mod tests {
             ready: true,
             members: vec![m.clone()],
             holdings: vec![h.clone()],
+            profile: None,
+        });
+        let head = ProfileHead {
+            weight: 3,
+            labels: vec!["zone=eu".into(), "ssd".into()],
+            digest: u64::MAX - 1,
+            len: 2,
+        };
+        roundtrip(Msg::Sync {
+            ready: false,
+            members: vec![],
+            holdings: vec![],
+            profile: Some(head.clone()),
+        });
+        roundtrip(Msg::Announce(head));
+        roundtrip(Msg::Announce(ProfileHead {
+            weight: 0,
+            labels: vec![],
+            digest: 0,
+            len: 0,
+        }));
+        roundtrip(Msg::CatalogWant { digest: 42 });
+        roundtrip(Msg::CatalogPart {
+            digest: 42,
+            part: 3,
+            last: true,
+            ids: vec!["a".into(), "b/c".into()],
+        });
+        roundtrip(Msg::CatalogPart {
+            digest: 1,
+            part: 0,
+            last: false,
+            ids: vec![],
+        });
+        roundtrip(Msg::Handoff {
+            id: "x".into(),
+            token: 9,
+            to: "c".into(),
         });
         roundtrip(Msg::MemberUp(MemberInfo { addr: None, ..m }));
         roundtrip(Msg::Held(h));
@@ -447,6 +579,10 @@ mod tests {
         assert!(Msg::decode(&[2, 1, 255, 255, 255, 255]).is_err());
         assert!(Msg::decode(&[5, 0, 10, b'a']).is_err());
         assert!(Msg::decode(&[1, 0]).is_err());
+        // A catalog part claiming more ids than its bytes can hold.
+        assert!(Msg::decode(&[18, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 1, 0, 0]).is_err());
+        // A flag that is neither 0 nor 1.
+        assert!(Msg::decode(&[18, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 2, 0, 0, 0, 0]).is_err());
         assert!(Handshake::decode(&[9]).is_err());
     }
 }

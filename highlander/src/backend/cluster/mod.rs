@@ -38,6 +38,18 @@
 //!   the other ends with [`LeaseEnd::Conflict`](crate::backend::LeaseEnd::Conflict).
 //! - **Leave.** [`Session::close`] releases
 //!   every id and says goodbye to every member before the process exits.
+//! - **Profiles** ([`Session::announce`]). The head of a node's profile
+//!   (weight, labels, its catalog's digest and length) rides in its first
+//!   frame on every connection and goes to every member when it changes;
+//!   the catalog (the ids it runs) is sent only to a member that asks for
+//!   it, having no catalog of that digest yet, in parts of about 4 MiB.
+//!   [`Session::members`] shows each member's profile once complete; it is
+//!   dropped when the member goes down or leaves, and
+//!   [`Session::members_changed`] watches the member table.
+//! - **Hand-off** ([`Session::release_to`]). A release in favour of a
+//!   member reserves the id for it on every member that can reach it: for
+//!   2 s (or until it holds the id or goes down) everyone else's claims are
+//!   busy, and it claims as soon as it hears of the release.
 //! - **Fencing tokens** are `counter << 10 | hash(node) & 1023`, the counter
 //!   one above the highest token seen for the id (from holders and from the
 //!   arbiter) and at least the wall clock in milliseconds. Within a connected

@@ -27,7 +27,7 @@ use super::state::{ConnId, Effect, Effects, Reply, State, Step, Timer};
 use super::tokens::unix_nanos;
 use super::wire::{MemberInfo, Msg, RejectReason, SYNC_CHUNK};
 use crate::backend::kit::wake::Wakes;
-use crate::backend::{Claim, HeldId, Holder, Member};
+use crate::backend::{Claim, HeldId, Holder, Member, Profile};
 use crate::service::BoxFuture;
 use crate::{Error, Result};
 
@@ -45,6 +45,8 @@ pub(super) struct Node {
     shared: Mutex<Shared>,
     /// Bumped on every membership change; every waiting guardian watches it.
     epoch: watch::Sender<u64>,
+    /// Bumped on every change of the member list: membership, and profiles.
+    members: watch::Sender<u64>,
     /// Per id: bumped when something about it changed.
     wakes: Wakes<Arc<str>>,
     /// Bumped when a dial ends (a starting node waits on it).
@@ -102,6 +104,7 @@ impl Node {
             listen_port,
             local_ip,
             epoch: watch::Sender::new(0),
+            members: watch::Sender::new(0),
             dials: watch::Sender::new(0),
             kick: Notify::new(),
             resolve_now: Notify::new(),
@@ -116,6 +119,22 @@ impl Node {
 
     pub(super) fn bump_epoch(&self) {
         self.epoch.send_modify(|e| *e = e.wrapping_add(1));
+        self.bump_members();
+    }
+
+    fn bump_members(&self) {
+        self.members.send_modify(|e| *e = e.wrapping_add(1));
+    }
+
+    /// Completes at the next change of the member list after this call
+    /// (never, once the node is gone).
+    pub(super) fn members_changed(&self) -> BoxFuture<'static, ()> {
+        let mut rx = self.members.subscribe();
+        Box::pin(async move {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        })
     }
 
     /// Changes with every membership change.
@@ -166,6 +185,7 @@ impl Node {
                 Effect::Reply { id, reply } => self.reply(sh, id, reply),
                 Effect::Wake(id) => self.wakes.bump(&id),
                 Effect::Epoch => self.bump_epoch(),
+                Effect::Members => self.bump_members(),
                 Effect::Dial => self.kick.notify_one(),
                 Effect::Timer(timer) => self.spawn_timer(timer),
             }
@@ -198,9 +218,9 @@ impl Node {
         }
     }
 
-    /// After the failure timeout, hands `timer` back to the state.
+    /// After the timer's delay, hands `timer` back to the state.
     fn spawn_timer(&self, timer: Timer) {
-        let after = self.settings.failure_timeout;
+        let after = timer.delay(self.settings.failure_timeout);
         if let Some(node) = self.weak.upgrade() {
             tokio::spawn(async move {
                 sleep(after).await;
@@ -272,6 +292,18 @@ impl Node {
     pub(super) fn release(&self, id: &str, token: u64) {
         let mut sh = self.lock();
         let fx = sh.state.release(id, token);
+        self.apply(&mut sh, fx);
+    }
+
+    pub(super) fn release_to(&self, id: &str, token: u64, to: &str) {
+        let mut sh = self.lock();
+        let fx = sh.state.release_to(id, token, to);
+        self.apply(&mut sh, fx);
+    }
+
+    pub(super) fn announce(&self, profile: Profile) {
+        let mut sh = self.lock();
+        let fx = sh.state.announce(profile);
         self.apply(&mut sh, fx);
     }
 

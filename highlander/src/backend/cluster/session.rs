@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::node::Node;
 use crate::Result;
-use crate::backend::{Claim, ClaimRequest, HeldId, Holder, Member, Session};
+use crate::backend::{Claim, ClaimRequest, HeldId, Holder, Member, Profile, Session};
 use crate::service::BoxFuture;
 
 /// The [`Session`] of one cluster node. Dropping it without `close` is a
@@ -32,6 +32,26 @@ impl Session for ClusterSession {
     fn members(&self) -> BoxFuture<'_, Result<Vec<Member>>> {
         let members = self.node.members();
         Box::pin(async move { Ok(members) })
+    }
+
+    /// Kept for every later connection (a reconnect announces it again),
+    /// its head sent to every member at once; a member without that
+    /// catalog asks for it.
+    fn announce(&self, profile: Profile) -> BoxFuture<'_, Result<()>> {
+        self.node.announce(profile);
+        Box::pin(async { Ok(()) })
+    }
+
+    /// A watch on the member table: joins, leaves, deaths and profiles.
+    fn members_changed(&self) -> BoxFuture<'static, ()> {
+        self.node.members_changed()
+    }
+
+    /// Released at once (as `release`), with a reservation of the id for
+    /// `node` that every member honours for 2 s (see `docs/cluster.md`).
+    fn release_to(&self, id: &str, token: u64, node: &str) -> BoxFuture<'_, Result<()>> {
+        self.node.release_to(id, token, node);
+        Box::pin(async { Ok(()) })
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {

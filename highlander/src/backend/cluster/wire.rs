@@ -4,13 +4,15 @@
 
 use std::sync::Arc;
 
-/// Bumped on any incompatible change of the frames below.
-pub(super) const PROTOCOL_VERSION: u8 = 4;
+/// Bumped on any incompatible change of the frames below (5: profiles,
+/// catalogs and hand-offs).
+pub(super) const PROTOCOL_VERSION: u8 = 5;
 /// Largest frame accepted (a full sync of a node holding many ids).
 pub(super) const MAX_FRAME: usize = 64 << 20;
 /// A `Sync` whose holdings take more than this is sent in parts
-/// (`SyncPart` frames, then the `Sync` with the rest), so that no frame
-/// comes near [`MAX_FRAME`] however many ids a node holds.
+/// (`SyncPart` frames, then the `Sync` with the rest), and a catalog in
+/// `CatalogPart`s of about this size, so that no frame comes near
+/// [`MAX_FRAME`] however many ids a node holds or runs.
 pub(super) const SYNC_CHUNK: usize = 4 << 20;
 /// Largest frame accepted before the peer has authenticated.
 pub(super) const MAX_HANDSHAKE_FRAME: usize = 4 << 10;
@@ -41,6 +43,19 @@ impl Hold {
     pub(super) fn encoded_len(&self) -> usize {
         2 + self.id.len().min(u16::MAX as usize) + 16
     }
+}
+
+/// What a member announced for placement, without its catalog: its weight,
+/// its labels, and the digest and length of its catalog. Small (tens of
+/// bytes), so it rides in every `Sync` and `Announce`; the catalog itself
+/// is sent only to a member that has no catalog with that digest yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct ProfileHead {
+    pub(super) weight: u32,
+    pub(super) labels: Vec<String>,
+    pub(super) digest: u64,
+    /// How many ids the catalog has.
+    pub(super) len: u32,
 }
 
 /// Whether `name` is a node name as the runtime accepts them: 1 to 200
@@ -103,11 +118,13 @@ pub(super) enum Handshake {
 pub(super) enum Msg {
     /// Heartbeat, sent when nothing else was for a heartbeat interval.
     Ping,
-    /// First frame on a new connection: the sender's whole state.
+    /// First frame on a new connection: the sender's whole state, its
+    /// profile's head included when it announced one.
     Sync {
         ready: bool,
         members: Vec<MemberInfo>,
         holdings: Vec<Hold>,
+        profile: Option<ProfileHead>,
     },
     /// Part of the sender's holdings, ahead of the `Sync` that completes
     /// them (a node holding more ids than one frame carries).
@@ -148,6 +165,25 @@ pub(super) enum Msg {
     Leave,
     /// The sender closes this connection because a better one exists.
     Superseded,
+    /// The sender announced a new profile.
+    Announce(ProfileHead),
+    /// Asks the sender of a profile for its catalog of this digest.
+    CatalogWant { digest: u64 },
+    /// Part `part` (from 0) of the sender's catalog of `digest`, its ids in
+    /// order; `last` ends it.
+    CatalogPart {
+        digest: u64,
+        part: u32,
+        last: bool,
+        ids: Vec<Arc<str>>,
+    },
+    /// The sender gave up its tenure of an id in favour of `to`: a
+    /// `Released` that also reserves the id for `to` for a short while.
+    Handoff {
+        id: Arc<str>,
+        token: u64,
+        to: Arc<str>,
+    },
 }
 
 /// A malformed frame.

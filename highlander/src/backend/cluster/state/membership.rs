@@ -44,8 +44,10 @@ impl State {
     }
 
     /// `peer` can no longer be reached: its holds no longer count, its
-    /// reservations lapse, requests to it are asked again elsewhere.
+    /// reservations lapse (hand-offs to it too), requests to it are asked
+    /// again elsewhere, and its profile is dropped.
     pub(super) fn member_down(&mut self, peer: &Arc<str>, fx: &mut Effects) {
+        self.drop_profile(peer);
         let Some(p) = self.members.get_mut(peer) else {
             return;
         };
@@ -63,9 +65,13 @@ impl State {
         let reserved: Vec<Arc<str>> = self
             .ids
             .iter_mut()
-            .filter(|(_, v)| v.reservation.as_ref() == Some(peer))
+            .filter(|(_, v)| {
+                v.reservation.as_ref() == Some(peer)
+                    || v.handoff.as_ref().is_some_and(|h| h.to == *peer)
+            })
             .map(|(id, v)| {
                 v.reservation = None;
+                v.handoff = None;
                 id.clone()
             })
             .collect();
@@ -229,8 +235,8 @@ impl State {
     }
 
     /// This node's whole state for a new connection to `peer`: every id it
-    /// holds and every member it is synced with. Holdings beyond `chunk`
-    /// bytes go ahead in `SyncPart` frames, so a frame stays far below the
+    /// holds, every member it is synced with, and its profile's head.
+    /// Holdings beyond `chunk` bytes go ahead in `SyncPart` frames, so a frame stays far below the
     /// frame limit however many ids this node holds.
     fn sync_frames(&self, peer: &Arc<str>, chunk: usize) -> Vec<Msg> {
         let mut frames = Vec::new();
@@ -264,6 +270,7 @@ impl State {
                 })
                 .collect(),
             holdings: part,
+            profile: self.own_head(),
         });
         frames
     }
@@ -343,6 +350,7 @@ mod tests {
                 ready: true,
                 members: vec![info("c", 1)],
                 holdings: vec![hold("y", 2 << 10, at(0))],
+                profile: None,
             },
             at(2),
         );
@@ -362,6 +370,7 @@ mod tests {
                 ready: true,
                 members: vec![],
                 holdings: vec![],
+                profile: None,
             },
             at(3),
         );
@@ -422,6 +431,7 @@ mod tests {
                 ready: true,
                 members: vec![],
                 holdings: vec![hold("x", 1, 1)],
+                profile: None,
             },
             at(1),
         );

@@ -6,7 +6,9 @@
 //! a task or a channel, so every rule has a plain test (`tests.rs`, and
 //! `membership.rs` for its own).
 
+mod handoff;
 mod membership;
+mod profiles;
 mod registry;
 #[cfg(test)]
 mod tests;
@@ -21,7 +23,9 @@ use tracing::{debug, info};
 use super::tokens;
 use super::wire::{Hold, Msg};
 use crate::backend::kit::tenures::Tenures;
-use crate::backend::{HeldId, Holder, Lease, LeaseEnd, LeaseSignal, Member};
+use crate::backend::{HeldId, Holder, Lease, LeaseEnd, LeaseSignal, Member, Profile};
+
+use handoff::HANDOFF;
 
 /// A connection's number, unique within the node.
 pub(super) type ConnId = u64;
@@ -53,8 +57,11 @@ pub(super) enum Effect {
     /// Something about `id` changed: wake this node's guardian waiting on it.
     Wake(Arc<str>),
     /// Membership changed: wake every waiting guardian (and a join in
-    /// progress).
+    /// progress), and whoever waits on the member list.
     Epoch,
+    /// A member's profile changed: wake whoever waits on the member list
+    /// (not the guardians: where an id may be claimed has not changed).
+    Members,
     /// Dial now: a member was learned or lost.
     Dial,
     /// Call [`State::expired`] with this after the failure timeout.
@@ -132,6 +139,23 @@ pub(super) enum Timer {
         winner: Arc<str>,
         token: u64,
     },
+    /// The reservation of `id` for `to`, made when the tenure with `token`
+    /// was handed off, lapses (after [`HANDOFF`], not the failure timeout).
+    Handoff {
+        id: Arc<str>,
+        to: Arc<str>,
+        token: u64,
+    },
+}
+
+impl Timer {
+    /// How long after it was asked for the timer runs out.
+    pub(super) fn delay(&self, failure_timeout: Duration) -> Duration {
+        match self {
+            Timer::Switching { .. } | Timer::Relayed { .. } => failure_timeout,
+            Timer::Handoff { .. } => HANDOFF,
+        }
+    }
 }
 
 /// Everything a node knows about the others and about who holds what.
@@ -153,6 +177,8 @@ pub(super) struct State {
     ready: bool,
     closed: bool,
     next_conn: ConnId,
+    /// What this node announced last, sent to every member.
+    profile: Option<Profile>,
 }
 
 /// Another member as this node sees it.
@@ -163,6 +189,8 @@ pub(super) struct Peer {
     ready: bool,
     holdings: HashSet<Arc<str>>,
     down_since: Instant,
+    /// What it announced, as far as this node has it.
+    profile: profiles::Announced,
 }
 
 enum Link {
@@ -192,6 +220,7 @@ impl Peer {
             ready: false,
             holdings: HashSet::new(),
             down_since: Instant::now(),
+            profile: profiles::Announced::default(),
         }
     }
 
@@ -242,6 +271,16 @@ struct IdView {
     /// As arbiter: nodes denied the id, told with `Free` when it frees.
     waiters: HashSet<Arc<str>>,
     max_token: u64,
+    /// Its last holder released it in favour of this member: only it may
+    /// claim the id until it holds it, goes down, or [`HANDOFF`] passes.
+    handoff: Option<Handoff>,
+}
+
+/// A release in favour of `to`, of the tenure with `token`.
+#[derive(Debug, Clone)]
+struct Handoff {
+    to: Arc<str>,
+    token: u64,
 }
 
 struct RemoteHold {
@@ -269,6 +308,7 @@ impl State {
             ready: false,
             closed: false,
             next_conn: 1,
+            profile: None,
         }
     }
 
@@ -343,6 +383,7 @@ impl State {
                 ready,
                 members,
                 mut holdings,
+                profile,
             } => {
                 if let Some(Link::Up(c)) = self.members.get_mut(peer).map(|p| &mut p.link)
                     && !c.partial.is_empty()
@@ -351,7 +392,10 @@ impl State {
                     all.append(&mut holdings);
                     holdings = all;
                 }
-                self.on_sync(peer, ready, members, holdings, &mut fx)
+                self.on_sync(peer, ready, members, holdings, &mut fx);
+                if let Some(head) = profile {
+                    self.on_announce(peer, conn, head, &mut fx);
+                }
             }
             Msg::Ready => {
                 if let Some(p) = self.members.get_mut(peer) {
@@ -384,6 +428,15 @@ impl State {
                     self.left.insert((peer.clone(), p.incarnation));
                 }
             }
+            Msg::Announce(head) => self.on_announce(peer, conn, head, &mut fx),
+            Msg::CatalogWant { digest } => self.on_catalog_want(peer, conn, digest, &mut fx),
+            Msg::CatalogPart {
+                digest,
+                part,
+                last,
+                ids,
+            } => self.on_catalog_part(peer, digest, part, last, ids, &mut fx),
+            Msg::Handoff { id, token, to } => self.on_handoff(peer, &id, token, to, &mut fx),
             Msg::Superseded => {
                 if let Some(p) = self.members.get_mut(peer) {
                     p.link = Link::Switching { conn };
@@ -425,18 +478,28 @@ impl State {
             Timer::Relayed { id, winner, token } => {
                 self.relayed_expired(&id, &winner, token, &mut fx)
             }
+            Timer::Handoff { id, to, token } => self.handoff_expired(&id, &to, token, &mut fx),
         }
         fx
     }
 
-    /// Every member, this node (at `addr`) included, sorted by name.
+    /// Every member, this node (at `addr`) included, sorted by name, each
+    /// with the profile it announced when this node has all of it.
     pub(super) fn members(&self, addr: Option<String>) -> Vec<Member> {
+        let with = |m: Member, profile: Option<&Profile>| match profile {
+            Some(p) => m.with_profile(p.clone()),
+            None => m,
+        };
         let mut members: Vec<Member> = self
             .members
             .iter()
-            .map(|(name, p)| Member::new(name.to_string(), p.reachable(), p.addr.clone()))
+            .map(|(name, p)| {
+                let m = Member::new(name.to_string(), p.reachable(), p.addr.clone());
+                with(m, p.profile.shown())
+            })
             .collect();
-        members.push(Member::new(self.name.to_string(), !self.closed, addr));
+        let me = Member::new(self.name.to_string(), !self.closed, addr);
+        members.push(with(me, self.profile.as_ref()));
         members.sort_by(|a, b| a.node.cmp(&b.node));
         members
     }

@@ -1,6 +1,7 @@
 //! The registry: who holds each id, claims settled by the arbiter (grant,
-//! deny, reservation), tenures started and ended, and the heal rule that
-//! picks one survivor where two tenures of an id meet.
+//! deny, reservation), tenures started and ended (also handed off to a
+//! chosen member), and the heal rule that picks one survivor where two
+//! tenures of an id meet.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,7 +55,8 @@ impl State {
     }
 
     /// Something about `id` changed: wake this node's waiter, and if the id
-    /// is now free, tell the nodes this node denied it to as arbiter.
+    /// is now free, tell the nodes this node denied it to as arbiter (only
+    /// the chosen one while the id is handed off).
     pub(super) fn touch(&mut self, id: &Arc<str>, fx: &mut Effects) {
         fx.push(Effect::Wake(id.clone()));
         let free = self.own.get(id).is_none();
@@ -63,7 +65,10 @@ impl State {
         };
         if free && view.holders.is_empty() && view.reservation.is_none() && !view.waiters.is_empty()
         {
-            let waiters: Vec<Arc<str>> = view.waiters.drain().collect();
+            let waiters: Vec<Arc<str>> = match &view.handoff {
+                Some(h) => view.waiters.take(&h.to).into_iter().collect(),
+                None => view.waiters.drain().collect(),
+            };
             let to = waiters.iter().flat_map(|w| self.conn_to(w)).collect();
             fx.send(to, Msg::Free { id: id.clone() });
         }
@@ -83,6 +88,7 @@ impl State {
         let view = self.ids.entry(id.clone()).or_default();
         let token = tokens::next(view.max_token.max(floor), now / 1_000_000, self.slot);
         view.max_token = token;
+        view.handoff = None;
         let since = now;
         let (lease, signal) = Lease::new(token);
         // Never replaces a tenure: a claim of an id held here is answered
@@ -169,6 +175,9 @@ impl State {
         let reserved = self.ids.get(id).and_then(|v| v.reservation.clone());
         if let Some(r) = reserved.filter(|r| self.reachable(r)) {
             return (Step::Busy(Holder::new(r.to_string(), None)), fx);
+        }
+        if let Some(to) = self.handed_to(id).filter(|to| *to != self.name) {
+            return (Step::Busy(Holder::new(to.to_string(), None)), fx);
         }
         let arbiter = self.arbiter();
         if arbiter == self.name {
@@ -318,6 +327,8 @@ impl State {
         if view.reservation.as_ref() == Some(peer) {
             view.reservation = None;
         }
+        // Held: a hand-off is over, whoever took the id.
+        view.handoff = None;
         if let Some(own) = self.own.get(&hold.id) {
             // Two tenures of one id can see each other: a healed split, or
             // two arbiters during a membership change.
@@ -335,8 +346,9 @@ impl State {
     }
 
     /// As arbiter: `peer` asks for `id`. Denied when this node holds it or
-    /// sees another holder or another member's reservation; otherwise
-    /// reserved for `peer` and granted. Held back while this node joins.
+    /// sees another holder, another member's reservation, or a hand-off to
+    /// another member; otherwise reserved for `peer` and granted. Held back
+    /// while this node joins.
     pub(super) fn on_claim_req(&mut self, peer: &Arc<str>, id: Arc<str>, fx: &mut Effects) {
         if !self.ready {
             self.deferred.push((peer.clone(), id));
@@ -358,7 +370,10 @@ impl State {
                     Some(r) if r != *peer && self.members.get(&r).is_some_and(Peer::reachable) => {
                         Some(Some((r, 0)))
                     }
-                    _ => None,
+                    _ => match view.handoff.as_ref().map(|h| h.to.clone()) {
+                        Some(to) if to != *peer => Some(Some((to, 0))),
+                        _ => None,
+                    },
                 },
             }
         };

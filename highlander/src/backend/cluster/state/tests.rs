@@ -52,6 +52,7 @@ pub(super) fn connect(s: &mut State, peer: &str, holdings: Vec<Hold>) -> (ConnId
         ready: true,
         members: vec![],
         holdings,
+        profile: None,
     };
     (conn, s.on_frame(&name(peer), conn, sync, at(0)))
 }
