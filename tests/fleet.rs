@@ -1,10 +1,6 @@
 //! The fleet scenarios (`highlander_tests::fleet`) on each backend: one
 //! module per backend, each with its fixture and one test that runs every
 //! scenario (each in a space of its own).
-//!
-//! A backend runs them once it carries placement (`Session::announce`,
-//! `members_changed`, `release_to`); until then its test is ignored, with
-//! the reason.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -91,7 +87,6 @@ mod cluster {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "needs the embedded cluster's placement (wip-cluster2)"]
     async fn every_scenario() {
         run_all(&Embedded, false).await;
     }

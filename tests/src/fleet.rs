@@ -352,7 +352,13 @@ pub async fn transfer_moves_one_id(fixture: &dyn Fixture, exact: bool) {
     assert_eq!(stops[before].node, from);
     assert_eq!(stops[before].reason(), Some(&ShutdownReason::Moved));
 
-    // Refusals, one line each.
+    // Refusals, one line each (once the old holder has let go).
+    within(
+        &format!("{}: {from} let {id} go", f.name),
+        GUARD,
+        holder.wait_until(|s| !s.is_running(&id)),
+    )
+    .await;
     let not_held = holder.transfer(&id, &to).unwrap_err().to_string();
     assert!(not_held.contains("does not hold it"), "{not_held}");
     let unknown = other.transfer(&id, "zed").unwrap_err().to_string();
