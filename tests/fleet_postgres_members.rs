@@ -61,15 +61,17 @@ async fn count(pg: &PgServer, sql: &str) -> i64 {
 /// changes already under way (notifications, the watch of the new
 /// members' sessions) have been told, and this one waits for the next.
 async fn settled(session: &Arc<dyn Session>) -> BoxFuture<'static, ()> {
-    within("members_changed settling", GUARD, async {
-        loop {
-            let mut changed = session.members_changed();
-            if tokio::time::timeout(QUIET, &mut changed).await.is_err() {
-                return changed;
-            }
+    let deadline = tokio::time::Instant::now() + GUARD;
+    loop {
+        let mut changed = session.members_changed();
+        if tokio::time::timeout(QUIET, &mut changed).await.is_err() {
+            return changed;
         }
-    })
-    .await
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "hang guard: members_changed kept firing for {GUARD:?} with nothing changing"
+        );
+    }
 }
 
 /// Awaits `changed`, which must complete because of what the caller just
