@@ -61,15 +61,17 @@ async fn count(pg: &PgServer, sql: &str) -> i64 {
 /// changes already under way (notifications, the watch of the new
 /// members' sessions) have been told, and this one waits for the next.
 async fn settled(session: &Arc<dyn Session>) -> BoxFuture<'static, ()> {
-    within("members_changed settling", GUARD, async {
-        loop {
-            let mut changed = session.members_changed();
-            if tokio::time::timeout(QUIET, &mut changed).await.is_err() {
-                return changed;
-            }
+    let deadline = tokio::time::Instant::now() + GUARD;
+    loop {
+        let mut changed = session.members_changed();
+        if tokio::time::timeout(QUIET, &mut changed).await.is_err() {
+            return changed;
         }
-    })
-    .await
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "hang guard: members_changed kept firing for {GUARD:?} with nothing changing"
+        );
+    }
 }
 
 /// Awaits `changed`, which must complete because of what the caller just
@@ -249,6 +251,46 @@ async fn members_changed_on_join_leave_crash_and_announce() {
     .await;
     // Its row stopped counting without any cleanup.
     assert_eq!(members(&a).await[0].node, "a");
+}
+
+/// An administrator ends a node's session (`pg_terminate_backend`): the
+/// others see it leave, and once it has reconnected by itself, its profile
+/// again, published under its new session (a member row counts only for
+/// the session it names).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnected_node_publishes_its_profile_again() {
+    let pg = server().await;
+    let ns = "reconnect";
+    let a = connect(&pg, ns, "a").await;
+    let b = connect(&pg, ns, "b").await;
+    let p = profile(5, &["again"], ["x".to_string(), "y".to_string()]);
+    a.announce(p.clone()).await.unwrap();
+    assert_eq!(members(&b).await[0].profile.as_ref(), Some(&p));
+    let owner = "SELECT owner FROM highlander_members WHERE namespace = 'reconnect' AND node = 'a'";
+    let before = count(&pg, owner).await;
+    let changed = settled(&b).await;
+    assert_eq!(pg.terminate("a").await, 1);
+    fires("a's session ending", changed).await;
+    within("a's profile back after its reconnect", GUARD, async {
+        loop {
+            let changed = b.members_changed();
+            let seen = members(&b).await;
+            if seen
+                .iter()
+                .any(|m| m.node == "a" && m.profile.as_ref() == Some(&p))
+            {
+                break;
+            }
+            changed.await;
+        }
+    })
+    .await;
+    assert_ne!(
+        count(&pg, owner).await,
+        before,
+        "published under the new session"
+    );
+    drop(a);
 }
 
 /// A holder releases an id to `b`: a third node's claim is refused (Busy)
