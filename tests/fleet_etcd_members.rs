@@ -183,6 +183,21 @@ async fn members_changed_fires_on_join_leave_crash_and_reannounce() {
     })
     .await;
     assert_eq!(seen(&*a).await[0].0, "a");
+
+    // A member key deleted from outside is written again.
+    let changed = a.members_changed();
+    etcd.etcdctl(&["del", "/highlander/~m/a"]);
+    within("members_changed on the deletion", GUARD, changed).await;
+    within("a's member key written again", GUARD, async {
+        while seen(&*a).await.len() != 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        seen(&*a).await[0],
+        ("a".to_string(), Some(Profile::default()))
+    );
     a.close().await;
 }
 

@@ -13,6 +13,7 @@
 //! key names is in place at every revision at which it names it).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -52,6 +53,9 @@ pub(super) struct Fleet {
     desired: Mutex<(u64, Option<Profile>)>,
     /// Wakes the publisher when a profile is announced.
     nudge: Notify,
+    /// Set when this node's member key was deleted while its lease may
+    /// live (from outside: `etcdctl del`): everything is written again.
+    rewrite: AtomicBool,
     /// The publisher's latest attempt: the number of the profile it tried
     /// and why it failed, if it did.
     outcome: watch::Sender<(u64, Option<String>)>,
@@ -68,6 +72,7 @@ impl Default for Fleet {
         Fleet {
             desired: Mutex::new((0, None)),
             nudge: Notify::new(),
+            rewrite: AtomicBool::new(false),
             outcome: watch::Sender::new((0, None)),
             changes: watch::Sender::new(0),
             catalogs: Mutex::new(HashMap::new()),
@@ -81,6 +86,13 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Fleet {
+    /// This node's member key was deleted: the publisher writes it (and its
+    /// catalog) again, under the node's lease if it still has one.
+    pub(super) fn rewrite(&self) {
+        self.rewrite.store(true, Ordering::SeqCst);
+        self.nudge.notify_one();
+    }
+
     /// A member key changed (or may have, unseen).
     pub(super) fn bump(&self) {
         self.changes.send_modify(|v| *v = v.wrapping_add(1));
@@ -153,6 +165,9 @@ impl Inner {
         let mut done: Option<Published> = None;
         let mut retry = RETRY_MIN;
         loop {
+            if self.fleet.rewrite.swap(false, Ordering::SeqCst) {
+                done = None;
+            }
             let lease = self.lock().lease.map(|l| l.id);
             let (version, profile) = lock(&self.fleet.desired).clone();
             let current = done.is_some_and(|d| Some(d.lease) == lease && d.version == version);

@@ -271,7 +271,12 @@ impl Inner {
     fn on_event(&self, kind: EventType, kv: &KeyValue) {
         let id = match self.layout.kind(&kv.key) {
             Some(KeyKind::Id(id)) => id,
-            Some(KeyKind::Member(_)) => return self.fleet.bump(),
+            Some(KeyKind::Member(node)) => {
+                if node == self.node && kind == EventType::Delete {
+                    self.fleet.rewrite();
+                }
+                return self.fleet.bump();
+            }
             Some(KeyKind::Reservation(id)) => {
                 // A reservation taken, or lapsed: the id may be free.
                 if kind == EventType::Delete {

@@ -286,3 +286,32 @@ fn a_failed_transaction_fails_every_call_it_carried_once() {
         assert!(matches!(rx.try_recv(), Ok(Err(_))));
     }
 }
+
+#[test]
+fn a_refused_claim_reads_the_reservation_second() {
+    let (ops, _replies) = calls(&["reserved"], &[]);
+    let reservation = KeyValue {
+        key: reserved("reserved"),
+        value: b"node-3".to_vec(),
+        mod_revision: 77,
+        ..KeyValue::default()
+    };
+    let range = |kvs: Vec<KeyValue>| ResponseOp {
+        response: Some(response_op::Response::ResponseRange(RangeResponse {
+            kvs,
+            ..RangeResponse::default()
+        })),
+    };
+    let refused = ResponseOp {
+        response: Some(response_op::Response::ResponseTxn(TxnResponse {
+            succeeded: false,
+            responses: vec![range(Vec::new()), range(vec![reservation.clone()])],
+            ..TxnResponse::default()
+        })),
+    };
+    let answered = answers(ops, vec![refused]);
+    assert!(matches!(
+        &answered[0],
+        Answer::Exists { kv: None, reserved: Some(r), .. } if *r == reservation
+    ));
+}
