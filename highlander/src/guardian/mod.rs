@@ -424,7 +424,14 @@ impl Guardian {
             Outcome::Stepdown => {
                 self.release(lease.token).await;
                 self.set(SingletonState::SteppedDown);
-                self.pause(self.shared.stepdown_delay).await
+                // While stepped down this node does not run the id: its
+                // profile says so, so nobody hands the id back meanwhile.
+                self.shared.placement.dirty.notify_one();
+                let end = self.pause(self.shared.stepdown_delay).await;
+                // Announced after the claim loop has moved on (the batch
+                // waits 20 ms): the id is in the profile again.
+                self.shared.placement.dirty.notify_one();
+                end
             }
             Outcome::Moved => {
                 self.hand_over(lease.token).await;

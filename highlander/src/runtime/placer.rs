@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 
 use super::{HANDOFF_TICK, Registry, lock};
 use crate::backend::{Catalog, Profile};
-use crate::guardian::{Ask, Shared, Slot, name_hash};
+use crate::guardian::{Ask, Shared, SingletonState, Slot, name_hash};
 use crate::placement::{Candidate, standing};
 
 /// How long a node whose rank for an id is `r > 0` lets the better-placed
@@ -163,11 +163,13 @@ impl Placement {
     }
 }
 
-/// This node's profile now.
+/// This node's profile now: its ids, but for those it stepped down from
+/// (it does not compete for them until the step-down delay is over).
 fn profile(registry: &Mutex<Registry>, shared: &Shared, weight: u32, labels: &[String]) -> Profile {
     let ids: Vec<Arc<str>> = lock(registry)
         .slots
         .values()
+        .filter(|s| !matches!(*s.lock(), SingletonState::SteppedDown))
         .map(|s| s.spec.id.clone())
         .collect();
     profile_of(ids, shared, weight, labels)
