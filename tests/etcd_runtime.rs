@@ -49,9 +49,11 @@ async fn node_with(
     probe: &Probe,
     ttl: Duration,
 ) -> RuntimeHandle {
+    // The backend's own promises: ids stay where first claimed.
     let mut builder = Runtime::builder()
         .node(name)
-        .backend(etcd_with(cluster, ttl));
+        .backend(etcd_with(cluster, ttl))
+        .rebalance(false);
     for id in ids {
         builder = builder.child(probe_spec(probe, id));
     }
@@ -541,6 +543,7 @@ async fn a_dead_endpoint_in_the_list_neither_stops_a_start_nor_a_holder() {
         let handle = Runtime::builder()
             .node(name)
             .backend(backend)
+            .rebalance(false)
             .child(probe_spec(&probe, "solo"))
             .start()
             .await
