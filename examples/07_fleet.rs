@@ -1,12 +1,16 @@
-//! # A fleet of tenants: ids added at run time, a node drained for
-//! # maintenance, an id removed
+//! # A fleet of tenants: ids added at run time and placed, a node drained
+//! # for maintenance, an id transferred, an id removed
 //!
 //! Three nodes in one process share one sync per tenant. The tenants are
-//! added while the nodes run (`RuntimeHandle::add`). Node `a` is then
-//! drained: each of its tenants stops there with `moved` and starts on `b` or
-//! `c`, while `a` stays up holding nothing; it resumes afterwards. Finally
-//! one tenant is removed everywhere, from its holder last: it stops once,
-//! with `removed`, and runs nowhere.
+//! added while the nodes run (`RuntimeHandle::add`) and spread over the
+//! nodes by placement (each node announces the ids it runs; the members
+//! rank each id the same way, and a tenant claimed first by the "wrong"
+//! node is handed to its place). Node `a` is then drained: each of its
+//! tenants stops there with `moved` and starts on `b` or `c`, while `a`
+//! stays up holding nothing; when it resumes, its tenants come back to it.
+//! One tenant is transferred by hand (`RuntimeHandle::transfer`), and one
+//! is removed everywhere, from its holder last: it stops once, with
+//! `removed`, and runs nowhere.
 //!
 //! ```text
 //! cargo run --example 07_fleet
@@ -76,6 +80,20 @@ async fn all_running(nodes: &[&RuntimeHandle], n: usize) {
     }
 }
 
+/// Waits until the tenants stop moving: the counts stay the same for half
+/// a second (rebalancing begins once the members have been still for
+/// 300 ms).
+async fn at_rest(nodes: &[&RuntimeHandle], n: usize) {
+    loop {
+        all_running(nodes, n).await;
+        let before = counts(nodes);
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        if counts(nodes) == before {
+            return;
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> highlander::Result<()> {
     let cluster = MemoryCluster::new();
@@ -100,7 +118,7 @@ async fn main() -> highlander::Result<()> {
             node.add(sync(tenant))?;
         }
     }
-    all_running(&[a, b, c], TENANTS.len()).await;
+    at_rest(&[a, b, c], TENANTS.len()).await;
     println!("   {}", counts(&[a, b, c]));
 
     println!("2. a drains for maintenance: its tenants move, a stays up");
@@ -112,10 +130,29 @@ async fn main() -> highlander::Result<()> {
         a.status().draining
     );
 
-    println!("3. a resumes: it competes again for tenants that become free");
+    println!("3. a resumes: the others hand its tenants back");
     a.resume();
+    at_rest(&[a, b, c], TENANTS.len()).await;
+    println!("   {}", counts(&[a, b, c]));
 
-    println!("4. wonka is removed everywhere, from its holder last");
+    let acme = "tenant-sync/acme";
+    let from = [a, b, c]
+        .into_iter()
+        .find(|n| n.status().is_running(acme))
+        .expect("acme runs");
+    let to = [a, b, c]
+        .into_iter()
+        .find(|n| n.node() != from.node())
+        .expect("another node");
+    println!(
+        "4. acme is transferred from {} to {}",
+        from.node(),
+        to.node()
+    );
+    from.transfer(acme, to.node())?;
+    to.wait_until(|s| s.is_running(acme)).await;
+
+    println!("5. wonka is removed everywhere, from its holder last");
     // Removed from the holder first, it would start on a standby before
     // being removed there too: the waiting nodes first, then the holder.
     let mut order = [a, b, c];

@@ -16,7 +16,12 @@ use highlander_tests::wait::{
 
 async fn start(name: &str, cluster: Cluster, ids: &[&str], probe: &Probe) -> RuntimeHandle {
     highlander_tests::init_tracing();
-    let mut builder = Runtime::builder().node(name).backend(cluster);
+    // The backend's own promises: ids stay where first claimed (rebalancing
+    // is tests/src/fleet.rs's).
+    let mut builder = Runtime::builder()
+        .node(name)
+        .backend(cluster)
+        .rebalance(false);
     for id in ids {
         builder = builder.child(probe.spec(id).shutdown(Duration::from_secs(2)));
     }

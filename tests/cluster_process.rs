@@ -34,6 +34,7 @@ fn fleet(ids: &str) -> Fleet {
             ("HIGHLANDER_COOKIE", COOKIE),
             ("HL_IDS", ids),
             ("HL_SHUTDOWN_MS", "1000"),
+            ("HL_REBALANCE", "0"),
         ],
     )
 }

@@ -721,3 +721,65 @@ async fn memory_per_id() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A node that stepped down from an id is not handed it back by
+/// rebalancing while its step-down delay runs (its profile leaves the id
+/// out), and gets it back by rebalancing once the delay is over, where
+/// placement puts it.
+#[tokio::test(start_paused = true)]
+async fn rebalancing_respects_a_step_down() {
+    let cluster = MemoryCluster::new();
+    let probe = highlander_tests::probe::Probe::new();
+    let delay = Duration::from_secs(10);
+    let start = |name: &'static str, ids: &'static [&'static str]| {
+        let mut b = Runtime::builder()
+            .node(name)
+            .backend(cluster.clone())
+            .stepdown_delay(delay);
+        for id in ids {
+            b = b.child(probe.spec(id));
+        }
+        b.start()
+    };
+    let a = start("a", &["x"]).await.unwrap();
+    let b = start("b", &["x"]).await.unwrap();
+    // x settles where placement puts it.
+    let candidates = [
+        highlander::placement::Candidate::new("a", 1),
+        highlander::placement::Candidate::new("b", 1),
+    ];
+    let place = highlander::placement::place("x", &Default::default(), &candidates)
+        .unwrap()
+        .name()
+        .to_string();
+    let (home, other) = if place == "a" { (&a, &b) } else { (&b, &a) };
+    home.wait_until(|s| s.is_running("x")).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(home.status().is_running("x"));
+
+    let before = probe.stops("x").len();
+    home.step_down("x").unwrap();
+    other.wait_until(|s| s.is_running("x")).await;
+    // A change of members while home is stepped down: x stays put.
+    let c = start("c", &[]).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(other.status().is_running("x"), "{:?}", probe);
+    assert!(
+        !probe.stops("x")[before..]
+            .iter()
+            .any(|e| e.reason() == Some(&ShutdownReason::Moved)),
+        "{probe:?}"
+    );
+    // After the delay home runs it again: handed back with Moved.
+    home.wait_until(|s| s.is_running("x")).await;
+    let stops = probe.stops("x");
+    assert_eq!(
+        stops.last().and_then(|e| e.reason()),
+        Some(&ShutdownReason::Moved),
+        "{probe:?}"
+    );
+    probe.assert_one_at_a_time();
+    for n in [&a, &b, &c] {
+        n.shutdown().await;
+    }
+}

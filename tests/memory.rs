@@ -18,7 +18,12 @@ use highlander_tests::wait::{GUARD, holder, running, waiting, within};
 
 async fn node(cluster: &MemoryCluster, name: &str, specs: Vec<ChildSpec>) -> RuntimeHandle {
     highlander_tests::init_tracing();
-    let mut builder = Runtime::builder().node(name).backend(cluster.clone());
+    // These tests are about the backend: ids stay where first claimed
+    // (rebalancing is tests/src/fleet.rs's).
+    let mut builder = Runtime::builder()
+        .node(name)
+        .backend(cluster.clone())
+        .rebalance(false);
     for spec in specs {
         builder = builder.child(spec);
     }

@@ -67,6 +67,7 @@ async fn a_silent_holder_stops_before_the_server_could_free_its_ids() {
     let probe = Probe::new();
     let proxy = BackendProxy::start(server(&pg), Some(SERVER_TIMEOUT)).await;
     let holder = Runtime::builder()
+        .rebalance(false)
         .node("holder")
         .backend(via_proxy(&pg, &proxy))
         .child(spec(&probe))
@@ -77,6 +78,7 @@ async fn a_silent_holder_stops_before_the_server_could_free_its_ids() {
         .await
         .unwrap();
     let standby = Runtime::builder()
+        .rebalance(false)
         .node("standby")
         .backend(Postgres::new(pg.url()))
         .child(spec(&probe))
@@ -131,6 +133,7 @@ async fn a_holder_that_gives_up_keeps_its_ids_until_its_instance_has_stopped() {
             .shutdown(Duration::from_secs(1))
     };
     let holder = Runtime::builder()
+        .rebalance(false)
         .node("holder")
         .backend(via_proxy(&pg, &proxy))
         .child(slow(&probe))
@@ -139,6 +142,7 @@ async fn a_holder_that_gives_up_keeps_its_ids_until_its_instance_has_stopped() {
         .unwrap();
     probe.wait_start("holder", "slow-stop").await;
     let standby = Runtime::builder()
+        .rebalance(false)
         .node("standby")
         .backend(Postgres::new(pg.url()))
         .child(slow(&probe))
@@ -195,6 +199,7 @@ async fn a_long_stop_budget_survives_a_dead_link_that_comes_back() {
     let stop = Duration::from_secs(7);
     let slow = |probe: &Probe| probe.slow_spec("long", stop).shutdown(budget);
     let holder = Runtime::builder()
+        .rebalance(false)
         .node("holder")
         .backend(
             Postgres::new(pg.url_at(ns.ns_ip()))
@@ -210,6 +215,7 @@ async fn a_long_stop_budget_survives_a_dead_link_that_comes_back() {
     // The standby reaches the server over its Unix socket: the cut does
     // not touch it.
     let standby = Runtime::builder()
+        .rebalance(false)
         .node("standby")
         .backend(Postgres::new(pg.url_via_socket()))
         .child(slow(&probe))
@@ -256,6 +262,7 @@ async fn a_role_idle_session_timeout_does_not_end_the_session() {
     // A heartbeat slower than the role's idle timeout: the session is idle
     // for 4 s at a time.
     let holder = Runtime::builder()
+        .rebalance(false)
         .node("holder")
         .backend(Postgres::new(pg.url()).heartbeat(Duration::from_secs(4)))
         .child(spec(&probe))
@@ -297,6 +304,7 @@ async fn a_failed_raise_of_the_server_timeout_is_not_recorded() {
     let probe = Probe::new();
     // The 5 s budget needs a 6 s server timeout; the session has 3 s.
     let holder = Runtime::builder()
+        .rebalance(false)
         .node("holder")
         .backend(
             Postgres::new(pg.url())

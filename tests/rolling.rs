@@ -28,6 +28,8 @@ fn fleet(extra: &[(&str, &str)]) -> Fleet {
         ("HL_ID_COUNT", count.as_str()),
         ("HL_ID_PREFIX", "roll-"),
         ("HL_SHUTDOWN_MS", "1000"),
+        // What a restart moves, not where ids belong: no rebalancing.
+        ("HL_REBALANCE", "0"),
     ];
     env.extend_from_slice(extra);
     Fleet::new(env!("CARGO_BIN_EXE_node"), "", &env)

@@ -241,6 +241,35 @@ pub fn position(
         .position(|c| c.name() == node)
 }
 
+/// Where `me` stands for `id` among `me` and `others` (who must not include
+/// `me`), without sorting or allocating: how many of `others` rank ahead of
+/// `me`, and the best of `others` (the one `me` would hand the id to). What
+/// the runtime computes for every id at each change of members.
+pub(crate) fn standing<'a>(
+    id: &str,
+    affinity: &Affinity,
+    me: &Candidate,
+    others: impl IntoIterator<Item = &'a Candidate>,
+) -> (usize, Option<&'a Candidate>) {
+    let prefix = id_prefix(id);
+    let mine = Key::new(prefix, affinity, me);
+    let mut ahead = 0;
+    let mut best: Option<(Key, &Candidate)> = None;
+    for c in others {
+        let key = Key::new(prefix, affinity, c);
+        if key.cmp(&mine, c, me) == Ordering::Less {
+            ahead += 1;
+        }
+        if best
+            .as_ref()
+            .is_none_or(|(k, b)| key.cmp(k, c, b) == Ordering::Less)
+        {
+            best = Some((key, c));
+        }
+    }
+    (ahead, best.map(|(_, c)| c))
+}
+
 /// The sort key of one candidate for one id: lower sorts first.
 struct Key {
     zero_weight: bool,
@@ -738,5 +767,24 @@ mod tests {
         assert!(e.contains("twice"), "{e}");
         let e = Affinity::default().avoid([""]).check().unwrap_err();
         assert!(e.contains("empty"), "{e}");
+    }
+
+    #[test]
+    fn standing_agrees_with_rank() {
+        let nodes: Vec<Candidate> = (0..5)
+            .map(|i| Candidate::new(format!("n{i}"), (i % 3) as u32).labels(["zone=eu"]))
+            .collect();
+        let affinity = Affinity::default().prefer(["n3"]).avoid(["n1"]);
+        for id in (0..200).map(|i| format!("id/{i}")) {
+            let order = rank(&id, &affinity, &nodes);
+            for me in &nodes {
+                let others = nodes.iter().filter(|c| c.name() != me.name());
+                let (ahead, best) = standing(&id, &affinity, me, others);
+                let pos = order.iter().position(|c| c.name() == me.name()).unwrap();
+                assert_eq!(ahead, pos, "{id} {me}");
+                let first_other = order.iter().find(|c| c.name() != me.name()).unwrap();
+                assert_eq!(best.unwrap().name(), first_other.name());
+            }
+        }
     }
 }

@@ -91,9 +91,12 @@ impl Scene {
 
     /// As [`Scene::start`], with probes whose `terminate` takes `stop`.
     async fn start_with(&self, node: &str, ids: &[String], stop: Duration) -> RuntimeHandle {
+        // The seam's promises, not placement's: an id stays where it was
+        // first claimed (tests/src/fleet.rs covers rebalancing).
         let mut builder = Runtime::builder()
             .node(node)
-            .backend(self.space.backend(node));
+            .backend(self.space.backend(node))
+            .rebalance(false);
         for id in ids {
             builder = builder.child(self.probe.slow_spec(id, stop).shutdown(BUDGET));
         }

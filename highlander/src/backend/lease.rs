@@ -35,7 +35,7 @@ impl ClaimRequest {
     }
 }
 
-/// The answer to [`Session::try_claim`].
+/// The answer to [`Session::try_claim`](super::Session::try_claim).
 #[non_exhaustive]
 pub enum Claim {
     /// This node now holds the id.

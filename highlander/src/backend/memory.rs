@@ -23,17 +23,32 @@
 //! Every other holder's lease ends with [`LeaseEnd::Conflict`], so its
 //! instance is stopped with [`ShutdownReason::Conflict`](crate::ShutdownReason::Conflict)
 //! and its `terminate` runs. The embedded cluster backend uses the same rule.
+//!
+//! # Placement
+//!
+//! [`Session::announce`] stores the node's [`Profile`] in the cluster;
+//! [`Session::members`] shows it for the members on the asking node's side
+//! (the reachable ones), and [`Session::members_changed`] completes on every
+//! join, leave, change of sides and announcement. [`Session::release_to`]
+//! releases the id and reserves it for the named node for
+//! [`RESERVATION`]: another node's claim is `Busy` with the named node as
+//! the holder-to-be, the named node's claim is granted at once. The
+//! reservation ends early when the named node claims the id, leaves, or is
+//! on another side than the claimer.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::kit::tenures::{Tenure, Tenures};
 use super::kit::wake::Wakes;
-use super::{Backend, Claim, ClaimRequest, HeldId, Holder, Lease, LeaseEnd, Member, Session};
+use super::{
+    Backend, Claim, ClaimRequest, HeldId, Holder, Lease, LeaseEnd, Member, Profile, Session,
+};
 use crate::service::BoxFuture;
 use crate::{BackendErrorKind, Error, Result};
 
@@ -58,6 +73,9 @@ pub struct MemoryCluster {
     inner: Arc<Mutex<State>>,
 }
 
+/// How long [`Session::release_to`] keeps an id for the node it names.
+pub const RESERVATION: Duration = Duration::from_secs(2);
+
 #[derive(Default)]
 struct State {
     nodes: HashMap<String, NodeState>,
@@ -66,14 +84,41 @@ struct State {
     /// Waiters for ids held elsewhere; bumped whenever a holder may have
     /// gone (a release, a node leaving, a change of sides).
     wakes: Wakes<Arc<str>>,
+    /// Ids released to a named node ([`Session::release_to`]).
+    reserved: HashMap<Arc<str>, Reservation>,
+    /// Bumped on every join, leave, change of sides and announcement.
+    members: Changes,
     partitioned: bool,
     next_group: u64,
     next_session: u64,
 }
 
+/// An id kept for `node` until `until`.
+struct Reservation {
+    node: String,
+    until: Instant,
+}
+
+/// A counter that [`Session::members_changed`] futures wait on.
+struct Changes(watch::Sender<u64>);
+
+impl Default for Changes {
+    fn default() -> Self {
+        Changes(watch::Sender::new(0))
+    }
+}
+
+impl Changes {
+    fn bump(&self) {
+        self.0.send_modify(|n| *n = n.wrapping_add(1));
+    }
+}
+
 struct NodeState {
     group: u64,
     session: u64,
+    /// What the node announced last, if anything.
+    profile: Option<Profile>,
     /// This node's tenures; the extra is when each began (the earliest
     /// wins a healed split).
     held: Tenures<Arc<str>, Instant>,
@@ -182,6 +227,17 @@ impl MemoryCluster {
         for id in ids {
             state.wakes.bump(&id);
         }
+        let kept: Vec<Arc<str>> = state
+            .reserved
+            .iter()
+            .filter(|(_, r)| r.node == node)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in kept {
+            state.reserved.remove(&id);
+            state.wakes.bump(&id);
+        }
+        state.members.bump();
     }
 }
 
@@ -189,6 +245,36 @@ impl MemoryCluster {
 type Contenders = HashMap<(u64, Arc<str>), Vec<(Instant, String)>>;
 
 impl State {
+    /// A claim of `id` by `node` (on side `group`) that a reservation for
+    /// another node refuses, as `Busy` with that node as the holder-to-be.
+    /// Drops the reservation when it no longer applies to anyone: expired,
+    /// its node gone, or claimed by its node (this claim).
+    fn reservation_for(&mut self, id: &Arc<str>, node: &str, group: u64) -> Option<Claim> {
+        let r = self.reserved.get(id)?;
+        let now = Instant::now();
+        let target = self.nodes.get(&r.node);
+        if r.until <= now || target.is_none() || r.node == node {
+            self.reserved.remove(id);
+            return None;
+        }
+        if target.is_some_and(|t| t.group != group) {
+            // The node it is kept for is out of sight: liveness first.
+            return None;
+        }
+        let holder = Holder::new(r.node.clone(), None);
+        let until = r.until;
+        let wake = self.wakes.waiter(id);
+        Some(Claim::Busy {
+            holder: Some(holder),
+            wake: Box::pin(async move {
+                tokio::select! {
+                    () = wake => {}
+                    () = tokio::time::sleep_until(until) => {}
+                }
+            }),
+        })
+    }
+
     fn group_of(&self, node: &str) -> Option<u64> {
         self.nodes.get(node).map(|n| n.group)
     }
@@ -236,6 +322,7 @@ impl State {
             }
         }
         self.wakes.bump_all();
+        self.members.bump();
     }
 }
 
@@ -276,9 +363,11 @@ impl Backend for MemoryCluster {
                     NodeState {
                         group,
                         session,
+                        profile: None,
                         held: Tenures::new(),
                     },
                 );
+                state.members.bump();
                 session
             };
             Ok(Arc::new(MemorySession {
@@ -333,6 +422,9 @@ impl MemorySession {
                 holder: Some(holder),
                 wake: Box::pin(wake),
             });
+        }
+        if let Some(busy) = state.reservation_for(&request.id, &self.node, group) {
+            return Ok(busy);
         }
         let token = {
             let last = state.tokens.entry(request.id.clone()).or_default();
@@ -391,17 +483,71 @@ impl Session for MemorySession {
             let mut members: Vec<Member> = state
                 .nodes
                 .iter()
-                .map(|(name, n)| Member {
-                    node: name.clone(),
-                    reachable: Some(n.group) == group,
-                    address: None,
-                    profile: None,
+                .map(|(name, n)| {
+                    let reachable = Some(n.group) == group;
+                    Member {
+                        node: name.clone(),
+                        reachable,
+                        address: None,
+                        profile: n.profile.clone().filter(|_| reachable),
+                    }
                 })
                 .collect();
             members.sort_by(|a, b| a.node.cmp(&b.node));
             members
         };
         Box::pin(async move { Ok(members) })
+    }
+
+    fn announce(&self, profile: Profile) -> BoxFuture<'_, Result<()>> {
+        let answer = {
+            let mut state = self.cluster.lock();
+            match state.node_of(&self.node, self.session) {
+                Some(n) => {
+                    if n.profile.as_ref() != Some(&profile) {
+                        n.profile = Some(profile);
+                        state.members.bump();
+                    }
+                    Ok(())
+                }
+                None => Err(self.left()),
+            }
+        };
+        Box::pin(async move { answer })
+    }
+
+    fn members_changed(&self) -> BoxFuture<'static, ()> {
+        let mut rx = self.cluster.lock().members.0.subscribe();
+        Box::pin(async move {
+            // The sender lives as long as the cluster: an error means the
+            // cluster is gone, which is a change too.
+            let _ = rx.changed().await;
+        })
+    }
+
+    fn release_to(&self, id: &str, token: u64, node: &str) -> BoxFuture<'_, Result<()>> {
+        {
+            let mut state = self.cluster.lock();
+            let released = state
+                .node_of(&self.node, self.session)
+                .and_then(|n| n.held.remove_if(id, token))
+                .is_some();
+            if released {
+                if node != self.node && state.nodes.contains_key(node) {
+                    let now = Instant::now();
+                    state.reserved.retain(|_, r| r.until > now);
+                    state.reserved.insert(
+                        Arc::from(id),
+                        Reservation {
+                            node: node.to_string(),
+                            until: now + RESERVATION,
+                        },
+                    );
+                }
+                state.wakes.bump(id);
+            }
+        }
+        Box::pin(async { Ok(()) })
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {
@@ -441,3 +587,7 @@ impl Drop for MemorySession {
         self.cluster.leave(&self.node, self.session);
     }
 }
+
+#[cfg(test)]
+#[path = "memory_tests.rs"]
+mod tests;

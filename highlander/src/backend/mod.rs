@@ -35,13 +35,13 @@
 //! [`Backend::connect`] is one attempt. The runtime:
 //!
 //! 1. calls `connect`; on success, the node is up;
-//! 2. on an error retrying cannot fix ([`Error::is_retryable`] is false: a
+//! 2. on an error retrying cannot fix ([`Error::is_retryable`](crate::Error::is_retryable) is false: a
 //!    refused password or certificate, a missing database, TLS files that do
 //!    not load, a bad URL, and any error the backend did not mark as
 //!    transient), fails `start()` at once with that error;
 //! 3. otherwise logs one warning line with the cause, waits (50 ms doubling
 //!    to 2 s, jittered) and tries again, until the start timeout has passed
-//!    since the first try: then `start()` fails with [`Error::Unreachable`],
+//!    since the first try: then `start()` fails with [`Error::Unreachable`](crate::Error::Unreachable),
 //!    which names the backend and carries the last cause.
 //!
 //! The start timeout is [`Builder::start_timeout`](crate::Builder::start_timeout)
@@ -68,7 +68,7 @@ pub mod memory;
 mod profile;
 
 /// How long `start()` tries to reach the backend before it fails with
-/// [`Error::Unreachable`]: 30 s, long enough to ride out a database or
+/// [`Error::Unreachable`](crate::Error::Unreachable): 30 s, long enough to ride out a database or
 /// etcd restarting alongside the application (a container started in the
 /// same deployment, a failover of a managed database: typically 5 to 20 s),
 /// short enough that a wrong address fails the deployment while someone is
@@ -87,8 +87,8 @@ pub trait Backend: Send + Sync + 'static {
     /// (see [Start-up](self#start-up-one-policy-for-every-backend)).
     ///
     /// Fails with a message a user can act on. The error's kind tells the
-    /// runtime whether to try again: [`Error::config`], or
-    /// [`Error::backend`] with [`BackendErrorKind::Auth`](crate::BackendErrorKind::Auth),
+    /// runtime whether to try again: [`Error::config`](crate::Error::config), or
+    /// [`Error::backend`](crate::Error::backend) with [`BackendErrorKind::Auth`](crate::BackendErrorKind::Auth),
     /// `Tls`, `Refused` or `Protocol`, for what only a change of
     /// configuration fixes (fails `start()` at once);
     /// [`BackendErrorKind::Unreachable`](crate::BackendErrorKind::Unreachable)

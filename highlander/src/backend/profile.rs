@@ -50,7 +50,6 @@ impl Profile {
     }
 
     /// This member as a placement candidate named `node`.
-    #[allow(dead_code)] // the runtime's placement view uses it next
     pub(crate) fn candidate(&self, node: &str) -> Candidate {
         Candidate::new(node, self.weight).labels(self.labels.iter().cloned())
     }

@@ -26,7 +26,7 @@ impl Holder {
     }
 }
 
-/// One held id, as [`Session::holders`] lists it.
+/// One held id, as [`Session::holders`](super::Session::holders) lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct HeldId {
@@ -61,7 +61,7 @@ pub struct Member {
     pub reachable: bool,
     /// Its address, when it has one.
     pub address: Option<String>,
-    /// What it announced for placement ([`Session::announce`]): `None` for
+    /// What it announced for placement ([`Session::announce`](super::Session::announce)): `None` for
     /// a member that announced nothing yet (it is no placement candidate)
     /// and on backends without placement.
     #[cfg_attr(

@@ -192,7 +192,14 @@ impl NodeOps {
         };
         {
             let mut probe = self.lock_probe();
-            if let Some(members) = members {
+            if let Some(mut members) = members {
+                // Status shows a member's weight and labels, not the ids it
+                // runs (which may be 100,000 and are not in the JSON).
+                for m in &mut members {
+                    if let Some(p) = &mut m.profile {
+                        p.catalog = crate::backend::Catalog::default();
+                    }
+                }
                 probe.members = members;
             }
             probe.lease_deadline = lease_deadline;

@@ -2,6 +2,12 @@
 //! queued calls go into the next transaction, the nested transaction each
 //! becomes, and what etcd's answer means for each call. Those three are
 //! plain functions tested here; the batcher task sends the transactions.
+//!
+//! A release in favour of a node (`release_to`) deletes the id's key and
+//! puts a reservation key naming that node, under a lease of its own that
+//! lapses after [`RESERVATION_TTL`](super::fleet::RESERVATION_TTL); every
+//! claim requires that no reservation exists, and the node named takes a
+//! reserved id with a transaction that requires that very reservation.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -9,25 +15,27 @@ use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
+use tracing::debug;
 
 use super::conn::Conn;
 use super::failure::{Call, Failure, classify, reason};
-use super::pb::etcdserverpb::{
-    Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, ResponseOp, TxnRequest,
-    compare, request_op, response_op,
-};
+use super::pb::etcdserverpb::{ResponseOp, TxnRequest, response_op};
 use super::pb::mvccpb::KeyValue;
+use super::roster::Layout;
 use super::session::{Inner, holder_of};
 use super::state::{NotGranted, State};
-use crate::backend::Claim;
+use super::txn::{claim_txn, delete_if_created_at, op_txn, release_to_txn, take_txn};
+use crate::backend::{Claim, Holder};
 use crate::service::BoxFuture;
 use crate::{Error, Result};
 
 /// Claims and releases per transaction. etcd's default `--max-txn-ops` is
-/// 128, and it counts a nested transaction's operations against what the
-/// outer one leaves: 127 nested transactions of one operation each is the
-/// most one transaction may carry.
-pub(super) const MAX_OPS_PER_TXN: usize = 127;
+/// 128, and it counts a nested transaction's operations (the most of its
+/// compares, success and failure operations) against what the outer one
+/// leaves: a claim compares two keys (the id's and its reservation's), so
+/// 126 nested transactions of two operations each is the most one
+/// transaction may carry.
+pub(super) const MAX_OPS_PER_TXN: usize = 126;
 /// Claim transactions in flight at once.
 const TXNS_IN_FLIGHT: usize = 4;
 
@@ -43,22 +51,42 @@ pub(super) enum Op {
         token: u64,
         reply: oneshot::Sender<Result<()>>,
     },
+    /// A release that reserves the id for `target` under the short lease
+    /// `lease`.
+    ReleaseTo {
+        id: Arc<str>,
+        token: u64,
+        target: Arc<str>,
+        lease: i64,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    /// A claim of an id reserved for this node by the reservation put at
+    /// revision `reserved_at`.
+    Take {
+        id: Arc<str>,
+        budget: Duration,
+        reserved_at: i64,
+        reply: oneshot::Sender<Result<Claim>>,
+    },
 }
 
 impl Op {
     fn id(&self) -> &str {
         match self {
-            Op::Claim { id, .. } | Op::Release { id, .. } => id,
+            Op::Claim { id, .. }
+            | Op::Release { id, .. }
+            | Op::ReleaseTo { id, .. }
+            | Op::Take { id, .. } => id,
         }
     }
 
     /// Answers the call with `error`.
     pub(super) fn fail(self, error: Error) {
         match self {
-            Op::Claim { reply, .. } => {
+            Op::Claim { reply, .. } | Op::Take { reply, .. } => {
                 let _ = reply.send(Err(error));
             }
-            Op::Release { reply, .. } => {
+            Op::Release { reply, .. } | Op::ReleaseTo { reply, .. } => {
                 let _ = reply.send(Err(error));
             }
         }
@@ -90,61 +118,6 @@ fn take_batch<T>(queue: &mut VecDeque<T>, max: usize, id: impl Fn(&T) -> &str) -
     batch
 }
 
-pub(super) fn one_op(request: request_op::Request) -> RequestOp {
-    RequestOp {
-        request: Some(request),
-    }
-}
-
-/// `if create_revision(key) == revision`.
-fn created_at(key: &[u8], revision: i64) -> Compare {
-    Compare {
-        result: compare::CompareResult::Equal as i32,
-        target: compare::CompareTarget::Create as i32,
-        key: key.to_vec(),
-        target_union: Some(compare::TargetUnion::CreateRevision(revision)),
-        ..Compare::default()
-    }
-}
-
-/// A nested transaction, as one operation of the outer one.
-fn op_txn(txn: TxnRequest) -> RequestOp {
-    one_op(request_op::Request::RequestTxn(txn))
-}
-
-/// `if create_revision(key) == token then delete(key)`.
-fn delete_if_created_at(key: &[u8], token: i64) -> TxnRequest {
-    TxnRequest {
-        compare: vec![created_at(key, token)],
-        success: vec![one_op(request_op::Request::RequestDeleteRange(
-            DeleteRangeRequest {
-                key: key.to_vec(),
-                ..DeleteRangeRequest::default()
-            },
-        ))],
-        failure: Vec::new(),
-    }
-}
-
-/// `if create_revision(key) == 0 then put(key, node, lease) else get(key)`.
-fn claim_txn(key: &[u8], node: &str, lease: i64) -> TxnRequest {
-    let put = PutRequest {
-        key: key.to_vec(),
-        value: node.as_bytes().to_vec(),
-        lease,
-        ..PutRequest::default()
-    };
-    let get = RangeRequest {
-        key: key.to_vec(),
-        ..RangeRequest::default()
-    };
-    TxnRequest {
-        compare: vec![created_at(key, 0)],
-        success: vec![one_op(request_op::Request::RequestPut(put))],
-        failure: vec![one_op(request_op::Request::RequestRange(get))],
-    }
-}
-
 /// One transaction, ready to send.
 struct Plan {
     /// One nested transaction per call of `pending`, in the same order.
@@ -166,7 +139,7 @@ fn plan(
     now: Instant,
     interval: Duration,
     node: &str,
-    key: impl Fn(&str) -> Vec<u8>,
+    layout: &Layout,
 ) -> std::result::Result<Plan, Vec<Op>> {
     if state.closed {
         return Err(batch);
@@ -179,20 +152,34 @@ fn plan(
         lease_id: lease.map(|l| l.id).unwrap_or_default(),
     };
     for op in batch {
-        let key = key(op.id());
+        let key = layout.id(op.id());
+        let reserved = layout.reservation(op.id());
         let txn = match &op {
-            Op::Claim { budget, .. } => {
-                match lease.filter(|l| now + interval < l.deadline(*budget)) {
-                    Some(lease) => claim_txn(&key, node, lease.id),
-                    None => {
-                        plan.no_lease.push(op);
-                        continue;
+            Op::Claim { budget, .. } | Op::Take { budget, .. } => {
+                let Some(lease) = lease.filter(|l| now + interval < l.deadline(*budget)) else {
+                    plan.no_lease.push(op);
+                    continue;
+                };
+                match &op {
+                    Op::Take { reserved_at, .. } => {
+                        take_txn(&key, &reserved, node, lease.id, *reserved_at)
                     }
+                    _ => claim_txn(&key, &reserved, node, lease.id),
                 }
             }
             Op::Release { id, token, .. } => {
                 state.release(id, *token);
                 delete_if_created_at(&key, *token as i64)
+            }
+            Op::ReleaseTo {
+                id,
+                token,
+                target,
+                lease,
+                ..
+            } => {
+                state.release(id, *token);
+                release_to_txn(&key, *token as i64, &reserved, target, *lease)
             }
         };
         plan.txn.success.push(op_txn(txn));
@@ -212,13 +199,15 @@ enum Answer {
         budget: Duration,
         reply: oneshot::Sender<Result<Claim>>,
     },
-    /// The key exists (`None`: it vanished in between, which one
-    /// transaction rules out; answered "try again" all the same).
+    /// The key exists, or the id is reserved (`kv` and `reserved` both
+    /// `None`: both vanished in between, which one transaction rules out;
+    /// answered "try again" all the same).
     Exists {
         id: Arc<str>,
         budget: Duration,
         reply: oneshot::Sender<Result<Claim>>,
         kv: Option<KeyValue>,
+        reserved: Option<KeyValue>,
     },
     /// No nested transaction's answer in its place.
     Garbled(Op),
@@ -239,22 +228,31 @@ fn answers(pending: Vec<Op>, responses: Vec<ResponseOp>) -> Vec<Answer> {
                 return Answer::Garbled(op);
             };
             match op {
-                Op::Release { reply, .. } => Answer::Released(reply),
-                Op::Claim { id, budget, reply } if answer.succeeded => {
-                    Answer::Put { id, budget, reply }
-                }
-                Op::Claim { id, budget, reply } => {
-                    let kv = answer.responses.into_iter().find_map(|r| match r.response {
+                Op::Release { reply, .. } | Op::ReleaseTo { reply, .. } => Answer::Released(reply),
+                Op::Claim { id, budget, reply }
+                | Op::Take {
+                    id, budget, reply, ..
+                } if answer.succeeded => Answer::Put { id, budget, reply },
+                Op::Claim { id, budget, reply }
+                | Op::Take {
+                    id, budget, reply, ..
+                } => {
+                    // The failure branch reads the id's key, then its
+                    // reservation's.
+                    let mut ranges = answer.responses.into_iter().map(|r| match r.response {
                         Some(response_op::Response::ResponseRange(range)) => {
                             range.kvs.into_iter().next()
                         }
                         _ => None,
                     });
+                    let kv = ranges.next().flatten();
+                    let reserved = ranges.next().flatten();
                     Answer::Exists {
                         id,
                         budget,
                         reply,
                         kv,
+                        reserved,
                     }
                 }
             }
@@ -305,7 +303,7 @@ impl Inner {
             Instant::now(),
             self.interval,
             &self.node,
-            |id| self.key(id).into_bytes(),
+            &self.layout,
         );
         let plan = match planned {
             Ok(plan) => plan,
@@ -361,7 +359,7 @@ impl Inner {
 
     /// Answers one call of a transaction etcd applied at `revision`.
     fn complete(self: &Arc<Self>, answer: Answer, lease_id: i64, revision: i64) {
-        let (id, budget, reply, kv) = match answer {
+        let (id, budget, reply, kv, reserved) = match answer {
             Answer::Garbled(op) => {
                 op.fail(Error::backend(
                     crate::BackendErrorKind::Other,
@@ -374,7 +372,10 @@ impl Inner {
                 return;
             }
             Answer::Put { id, budget, reply } => {
-                let _ = reply.send(self.granted(&id, budget, lease_id, revision as u64));
+                let granted = self.granted(&id, budget, lease_id, revision as u64);
+                if let Err(Ok(Claim::Granted(lease))) = reply.send(granted) {
+                    self.abandon(id, lease.token);
+                }
                 return;
             }
             Answer::Exists {
@@ -382,13 +383,11 @@ impl Inner {
                 budget,
                 reply,
                 kv,
-            } => (id, budget, reply, kv),
+                reserved,
+            } => (id, budget, reply, kv, reserved),
         };
         let Some(kv) = kv else {
-            let _ = reply.send(Ok(Claim::Busy {
-                holder: None,
-                wake: Box::pin(async {}),
-            }));
+            self.reserved(id, budget, reply, reserved, revision);
             return;
         };
         let token = kv.create_revision;
@@ -419,6 +418,54 @@ impl Inner {
         }));
     }
 
+    /// A claim of `id` found its key free but the reservation `reserved`
+    /// in place at `revision` (`None`: both vanished in between). The node
+    /// it names takes the id at once; any other waits until it is taken,
+    /// released or lapses.
+    fn reserved(
+        &self,
+        id: Arc<str>,
+        budget: Duration,
+        reply: oneshot::Sender<Result<Claim>>,
+        reserved: Option<KeyValue>,
+        revision: i64,
+    ) {
+        let Some(reserved) = reserved else {
+            let _ = reply.send(Ok(Claim::Busy {
+                holder: None,
+                wake: Box::pin(async {}),
+            }));
+            return;
+        };
+        if reserved.value == self.node.as_bytes() {
+            let take = Op::Take {
+                id,
+                budget,
+                reserved_at: reserved.mod_revision,
+                reply,
+            };
+            if let Err(mpsc::error::SendError(op)) = self.ops.send(take) {
+                op.fail(self.closed_error());
+            }
+            return;
+        }
+        let target = String::from_utf8_lossy(&reserved.value).into_owned();
+        let wake = self.wake_after(&id, revision);
+        let _ = reply.send(Ok(Claim::Busy {
+            holder: Some(Holder::new(target, None)),
+            wake,
+        }));
+    }
+
+    /// A tenure was granted for a claim whose future is gone: nobody runs
+    /// it, so it ends and its key is deleted at once, as a release would.
+    fn abandon(&self, id: Arc<str>, token: u64) {
+        debug!(node = %self.node, %id, token, "granted after the claim was dropped: released at once");
+        self.lock().end_tenure(&id, token);
+        let (reply, _) = oneshot::channel();
+        let _ = self.ops.send(Op::Release { id, token, reply });
+    }
+
     fn granted(&self, id: &Arc<str>, budget: Duration, lease_id: i64, token: u64) -> Result<Claim> {
         let granted = self
             .lock()
@@ -444,7 +491,7 @@ impl Inner {
     }
 
     async fn delete_stale(&self, id: &str, token: i64) -> Result<()> {
-        let txn = delete_if_created_at(self.key(id).as_bytes(), token);
+        let txn = delete_if_created_at(&self.layout.id(id), token);
         let send = |c: Conn| {
             let request = c.request(txn.clone());
             async move { c.kv().txn(request).await }
@@ -452,9 +499,10 @@ impl Inner {
         self.answer(self.request(send).await).map(drop)
     }
 
-    /// Completes once the watch has seen the key of `id` deleted at a
-    /// revision after `seen_busy`: the waiter's entry exists before its
-    /// claim was sent, so no deletion can slip between check and await.
+    /// Completes once the watch has seen the key of `id`, or its
+    /// reservation, deleted at a revision after `seen_busy`: the waiter's
+    /// entry exists before its claim was sent, so no deletion can slip
+    /// between check and await.
     fn wake_after(&self, id: &str, seen_busy: i64) -> BoxFuture<'static, ()> {
         let rx = self.lock().wakes.get(id).map(|w| w.subscribe());
         Box::pin(async move {

@@ -10,10 +10,10 @@
 //!   holds: lease traffic is O(1) however many ids the node runs.
 //! - **Claim** = a transaction: put `/{namespace}/{id}` = node name (`%` and
 //!   `/` in the namespace percent-encoded, so namespaces never nest), attached
-//!   to the node's lease, if the key's create revision is 0. Claims from many
-//!   guardians are batched into one transaction (at most 127 per
-//!   transaction: etcd's limit is 128 operations, nested ones included; a
-//!   few transactions in flight).
+//!   to the node's lease, if neither that key nor the id's reservation
+//!   (below) exists. Claims from many guardians are batched into one
+//!   transaction (at most 126 per transaction: etcd's limit is 128
+//!   operations, nested ones included; a few transactions in flight).
 //! - **Fencing token** = the key's create revision: etcd's revision only
 //!   grows, so every tenure of an id gets a larger token than the one before.
 //! - **Waiting**: one watch stream per node over the namespace prefix wakes a
@@ -28,6 +28,18 @@
 //!   before any other node can be granted the id. A keep-alive answered with
 //!   "lease not found" (expired, or `etcdctl lease revoke`) ends every tenure
 //!   at once, and so does the watch seeing a held key deleted.
+//! - **Members**: each node puts a member key `/{namespace}/~m/{node}` under
+//!   its lease (so it goes when the node leaves or dies) naming its weight,
+//!   labels and the digest of its catalog, whose ids are stored once per
+//!   distinct catalog under `/{namespace}/~~c/{node}/{digest}/`, in chunks
+//!   of at most 1 MiB. `~` is in no id, so these never meet an id's key.
+//!   The watch sees member keys change (`members_changed`).
+//! - **Handing an id to a node** (`release_to`): one transaction deletes the
+//!   id's key (if it is still this tenure's) and puts a reservation key
+//!   `/{namespace}/~r/{id}` naming that node, under a lease of 2 s; every
+//!   claim requires that no reservation exists, except the named node's,
+//!   which requires that very reservation and deletes it as it puts the id's
+//!   key.
 //!
 //! The default TTL is [`DEFAULT_TTL`] (10 s): it must exceed the longest
 //! shutdown budget plus the time to ride out an etcd leader election (1–3 s
@@ -86,11 +98,14 @@ mod batch;
 mod conn;
 mod connect;
 mod failure;
+mod fleet;
 mod keeper;
 mod members;
 mod pb;
+mod roster;
 mod session;
 mod state;
+mod txn;
 mod url;
 mod watch;
 

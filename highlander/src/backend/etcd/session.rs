@@ -1,7 +1,7 @@
 //! One node's etcd session: the [`Session`] the guardians call, and what
 //! its tasks share (the members, the state, the queue of claims and
-//! releases). The tasks themselves live in `keeper` (the lease), `watch`
-//! and `batch`.
+//! releases). The tasks themselves live in `keeper` (the lease), `watch`,
+//! `batch` and `fleet` (the node's member key and profile).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -17,11 +17,13 @@ use tracing::{debug, warn};
 use super::batch::Op;
 use super::conn::{Conn, DialError};
 use super::failure::{Call, Failure, classify, reason};
+use super::fleet::Fleet;
 use super::members::{Members, Outcome, Use, out_of_reach};
 use super::pb::etcdserverpb::RangeRequest;
 use super::pb::mvccpb::KeyValue;
+use super::roster::Layout;
 use super::state::{State, budget_fits};
-use crate::backend::{Claim, ClaimRequest, HeldId, Holder, Session};
+use crate::backend::{Claim, ClaimRequest, HeldId, Holder, Member, Profile, Session};
 use crate::service::BoxFuture;
 use crate::{Error, Result};
 
@@ -54,6 +56,10 @@ pub(super) struct Inner {
     pub(super) changes: watch::Sender<u64>,
     pub(super) ops: mpsc::UnboundedSender<Op>,
     pub(super) stop: CancellationToken,
+    /// Where each kind of key lives.
+    pub(super) layout: Layout,
+    /// The node's profile and what it knows of the other members.
+    pub(super) fleet: Fleet,
 }
 
 /// The [`Session`] of one node on etcd.
@@ -84,7 +90,7 @@ impl EtcdSession {
             request_timeout: members.request_timeout(),
             members,
             node: settings.node,
-            prefix: settings.prefix,
+            prefix: settings.prefix.clone(),
             ttl_secs: settings.ttl_secs,
             interval: settings.interval,
             describe: settings.describe,
@@ -92,12 +98,15 @@ impl EtcdSession {
             changes: watch::Sender::new(0),
             ops: ops_tx,
             stop: CancellationToken::new(),
+            layout: Layout::new(settings.prefix.clone()),
+            fleet: Fleet::default(),
         });
         inner.install_lease(lease, ttl, sent);
         tokio::spawn(inner.clone().keeper());
         tokio::spawn(inner.clone().watchdog());
         tokio::spawn(inner.clone().watcher(revision + 1));
         tokio::spawn(inner.clone().batcher(ops_rx));
+        tokio::spawn(inner.clone().publisher());
         Arc::new(EtcdSession { inner })
     }
 }
@@ -308,9 +317,52 @@ impl Session for EtcdSession {
         })
     }
 
+    fn members(&self) -> BoxFuture<'_, Result<Vec<Member>>> {
+        Box::pin(self.inner.members())
+    }
+
+    fn announce(&self, profile: Profile) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.inner.announce(profile))
+    }
+
+    fn members_changed(&self) -> BoxFuture<'static, ()> {
+        self.inner.fleet.changed()
+    }
+
+    /// Reserves `id` for `node` for [`RESERVATION_TTL`](super::fleet::RESERVATION_TTL)
+    /// as it releases it. The tenure is over for this node at once, and the
+    /// release goes out whatever happens to the future (a task finishes it);
+    /// when no reservation lease can be had, it is a plain release.
+    fn release_to(&self, id: &str, token: u64, node: &str) -> BoxFuture<'_, Result<()>> {
+        let id: Arc<str> = Arc::from(id);
+        let target: Arc<str> = Arc::from(node);
+        self.inner.lock().release(&id, token);
+        let (reply, answer) = oneshot::channel();
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let op = match inner.reservation_lease().await {
+                Some(lease) => Op::ReleaseTo {
+                    id,
+                    token,
+                    target,
+                    lease,
+                    reply,
+                },
+                None => Op::Release { id, token, reply },
+            };
+            if let Err(mpsc::error::SendError(op)) = inner.ops.send(op) {
+                op.fail(inner.closed_error());
+            }
+        });
+        Box::pin(async move {
+            let inner = &self.inner;
+            answer.await.map_err(|_| inner.closed_error())?
+        })
+    }
+
     fn holders(&self) -> BoxFuture<'_, Result<Vec<HeldId>>> {
         let prefix = self.inner.prefix.as_bytes().to_vec();
-        let end = prefix_end(&prefix);
+        let end = self.inner.layout.ids_end();
         Box::pin(async move {
             let kvs = self.inner.read(prefix.clone(), end).await?;
             let mut held: Vec<HeldId> = kvs

@@ -1,8 +1,11 @@
 //! The one watch over the namespace: it wakes the node's waiters when a key
-//! is deleted, ends a held tenure whose key was deleted or replaced from
-//! outside, and after it resumed reads the held keys again (a deletion in a
+//! (or a reservation) is deleted, ends a held tenure whose key was deleted
+//! or replaced from outside, tells `members_changed` when a member key
+//! changes, and after it resumed reads the held keys again (a deletion in a
 //! compacted gap is never delivered). Which tenure an event ends, and which
-//! waiter it wakes, are `State` rules tested here without etcd.
+//! waiter it wakes, are `State` rules tested here without etcd. The watch
+//! covers the ids, the member keys and the reservations, not the catalogs
+//! (see `roster`).
 
 use std::sync::Arc;
 
@@ -10,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio::time::timeout;
 use tracing::{debug, warn};
 
-use super::batch::{MAX_OPS_PER_TXN, one_op};
+use super::batch::MAX_OPS_PER_TXN;
 use super::conn::Conn;
 use super::failure::{Call, classify, reason};
 use super::members::Use;
@@ -19,8 +22,10 @@ use super::pb::etcdserverpb::{
     watch_request,
 };
 use super::pb::mvccpb::{KeyValue, event::EventType};
-use super::session::{Inner, RETRY_MAX, RETRY_MIN, outbound, prefix_end};
+use super::roster::KeyKind;
+use super::session::{Inner, RETRY_MAX, RETRY_MIN, outbound};
 use super::state::State;
+use super::txn::one_op;
 
 impl State {
     /// The watch saw a `kind` event on the key of `id` (created at
@@ -38,15 +43,7 @@ impl State {
     ) -> Option<u64> {
         let lost = match kind {
             EventType::Delete => {
-                if let Some(wake) = self.wakes.get(id) {
-                    wake.send_if_modified(|v| {
-                        let newer = mod_revision > *v;
-                        if newer {
-                            *v = mod_revision;
-                        }
-                        newer
-                    });
-                }
+                self.wake(id, mod_revision);
                 self.held
                     .get(id)
                     .is_some_and(|h| (h.token as i64) < mod_revision)
@@ -57,6 +54,20 @@ impl State {
                 .is_some_and(|h| create_revision > h.token as i64),
         };
         self.held.get(id).filter(|_| lost).map(|h| h.token)
+    }
+
+    /// Wakes the waiter of `id` for a deletion (of its key, or of its
+    /// reservation) at `revision`, when that is newer than what it has seen.
+    pub(super) fn wake(&self, id: &str, revision: i64) {
+        if let Some(wake) = self.wakes.get(id) {
+            wake.send_if_modified(|v| {
+                let newer = revision > *v;
+                if newer {
+                    *v = revision;
+                }
+                newer
+            });
+        }
     }
 
     /// The watch fell behind a compaction at `compacted`: events were lost,
@@ -90,7 +101,7 @@ impl Inner {
         let mut retry = RETRY_MIN;
         let mut resumed = false;
         let prefix = self.prefix.as_bytes().to_vec();
-        let range_end = prefix_end(&prefix);
+        let range_end = self.layout.watch_end();
         while !self.stop.is_cancelled() {
             let Some(conn) = self.stream_client(Use::Watch).await else {
                 if !self.pause(retry).await {
@@ -149,6 +160,8 @@ impl Inner {
                             if resp.compact_revision > 0 {
                                 next = resp.compact_revision;
                                 self.lock().compacted(next);
+                                // Member keys may have changed unseen.
+                                self.fleet.bump();
                             } else if !conn.reauthenticate().await {
                                 self.members.failed(Use::Watch, false);
                             }
@@ -256,11 +269,22 @@ impl Inner {
     }
 
     fn on_event(&self, kind: EventType, kv: &KeyValue) {
-        let Some(id) = kv.key.strip_prefix(self.prefix.as_bytes()) else {
-            return;
-        };
-        let Ok(id) = std::str::from_utf8(id) else {
-            return;
+        let id = match self.layout.kind(&kv.key) {
+            Some(KeyKind::Id(id)) => id,
+            Some(KeyKind::Member(node)) => {
+                if node == self.node && kind == EventType::Delete {
+                    self.fleet.rewrite();
+                }
+                return self.fleet.bump();
+            }
+            Some(KeyKind::Reservation(id)) => {
+                // A reservation taken, or lapsed: the id may be free.
+                if kind == EventType::Delete {
+                    self.lock().wake(id, kv.mod_revision);
+                }
+                return;
+            }
+            Some(KeyKind::Other) | None => return,
         };
         let lost = self
             .lock()
@@ -335,6 +359,18 @@ mod tests {
         // A put never wakes anyone.
         state.on_event(EventType::Put, "b", 30, 30);
         assert!(!wake.has_changed().unwrap());
+    }
+
+    #[test]
+    fn a_reservation_gone_wakes_the_waiter_and_ends_no_tenure() {
+        let (mut state, signal, mut wake) = state();
+        state.wake("b", 21);
+        assert_eq!(*wake.borrow_and_update(), 21);
+        state.wake("b", 21);
+        assert!(!wake.has_changed().unwrap(), "once per revision");
+        state.wake("a", 22);
+        assert!(signal.ended_with().is_none());
+        assert_eq!(state.on_event(EventType::Delete, "a", 0, 23), Some(10));
     }
 
     #[test]

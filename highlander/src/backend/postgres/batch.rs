@@ -22,6 +22,10 @@ use crate::{BackendErrorKind, Error};
 /// many times at once before it waits a probe interval.
 const FREE_RETRIES: u8 = 3;
 
+/// How long an id released to a node (`release_to`) is reserved for it:
+/// other nodes' claims are refused meanwhile, on the server's clock.
+pub(super) const RESERVATION: Duration = Duration::from_secs(2);
+
 /// The claims of the next batch: the oldest `max` pending ones, less those
 /// whose stop budget no server's dead-peer timeout can cover, which come
 /// back apart (to be refused, see [`too_long`]).
@@ -127,6 +131,10 @@ pub(super) struct StatusRow {
     pub(super) owner: Option<i32>,
     pub(super) node: Option<String>,
     pub(super) token: i64,
+    /// The node a handoff reserved the id for, while it is reserved.
+    pub(super) reserved_for: Option<String>,
+    /// How many more seconds the reservation runs (`None`: none runs).
+    pub(super) reserved: Option<f64>,
 }
 
 /// What one claim of a batch comes to.
@@ -145,15 +153,19 @@ pub(super) enum Outcome {
     Retry,
     /// Still free but not granted after the retries: wait a poll interval.
     Poll(Option<Holder>),
+    /// Released to another node, which alone may claim it for `remaining`.
+    Reserved { remaining: Duration },
 }
 
 /// The outcome of claim `c`, from the rows granted (key to new token) and
-/// its status row. `me` is this session's presence number.
+/// its status row. `me` is this session's presence number, `node` its node
+/// name.
 pub(super) fn outcome(
     c: &PendingClaim,
     granted: &HashMap<i64, i64>,
     status: Option<&StatusRow>,
     me: i32,
+    node: &str,
     namespace: &str,
 ) -> Outcome {
     if let Some(&token) = granted.get(&c.key) {
@@ -177,6 +189,14 @@ pub(super) fn outcome(
                 token,
             },
         },
+        _ if row.reserved.is_some_and(|s| s > 0.0)
+            && row.reserved_for.as_deref().is_some_and(|n| n != node) =>
+        {
+            let secs = row.reserved.unwrap_or_default();
+            Outcome::Reserved {
+                remaining: Duration::from_secs_f64(secs.min(RESERVATION.as_secs_f64() * 2.0)),
+            }
+        }
         _ if c.retries < FREE_RETRIES => Outcome::Retry,
         _ => Outcome::Poll(row.node.clone().map(|node| Holder { node, token })),
     }
@@ -194,13 +214,14 @@ pub(super) fn complete(
     batch: Vec<PendingClaim>,
     granted: &HashMap<i64, i64>,
     status: &HashMap<i64, StatusRow>,
-    me: i32,
+    (me, node): (i32, &str),
     seq0: u64,
 ) -> bool {
     let mut queued = false;
     for mut c in batch {
         st.known.insert(c.key);
-        let reply = match outcome(&c, granted, status.get(&c.key), me, &settings.namespace) {
+        let status = status.get(&c.key);
+        let reply = match outcome(&c, granted, status, me, node, &settings.namespace) {
             Outcome::Granted(token) => {
                 let (lease, signal) = Lease::new(token);
                 // An older tenure of the same key still recorded is ended.
@@ -211,6 +232,7 @@ pub(super) fn complete(
                     }
                     st.releases.push(PendingRelease {
                         keys: vec![c.key],
+                        to: None,
                         reply: None,
                         failures: 0,
                     });
@@ -262,6 +284,12 @@ pub(super) fn complete(
                 holder,
                 wake: Box::pin(sleep(settings.timing.poll)),
             }),
+            // Retried once the reservation has run out (the reserved node
+            // has taken it by then, or anyone may).
+            Outcome::Reserved { remaining } => Ok(Claim::Busy {
+                holder: None,
+                wake: Box::pin(sleep(remaining + settings.timing.poll)),
+            }),
         };
         let _ = c.reply.send(reply);
     }
@@ -269,12 +297,23 @@ pub(super) fn complete(
 }
 
 /// The keys a release batch frees, in key order (the order every statement
-/// locks rows in), each once.
-pub(super) fn release_keys(batch: &[PendingRelease]) -> Vec<i64> {
-    let mut keys: Vec<i64> = batch.iter().flat_map(|r| r.keys.iter().copied()).collect();
+/// locks rows in), each once, with the node each is released to (`None`:
+/// a plain release). A key released both ways goes to the node.
+pub(super) fn release_keys(batch: &[PendingRelease]) -> (Vec<i64>, Vec<Option<String>>) {
+    let mut keys: Vec<(i64, Option<String>)> = batch
+        .iter()
+        .flat_map(|r| {
+            r.keys
+                .iter()
+                .map(|&k| (k, r.to.as_deref().map(str::to_string)))
+        })
+        .collect();
+    // `None` sorts first: keep the last of each key.
     keys.sort_unstable();
-    keys.dedup();
-    keys
+    keys.reverse();
+    keys.dedup_by_key(|(k, _)| *k);
+    keys.reverse();
+    keys.into_iter().unzip()
 }
 
 /// A release batch failed with `err`: each release is told and queued

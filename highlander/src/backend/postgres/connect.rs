@@ -1,5 +1,6 @@
 //! Opening one connection and making it ready: the dead-peer settings, the
-//! table, the presence lock, `LISTEN` and the prepared statements.
+//! tables, the presence lock, `LISTEN` (and a notification that this node
+//! joined) and the prepared statements.
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
@@ -51,6 +52,7 @@ impl Live {
         LiveInfo {
             client: self.client.clone(),
             stmts: self.stmts.clone(),
+            me: self.me,
         }
     }
 }
@@ -245,18 +247,28 @@ async fn prepare(
             ));
         }
     }
+    // The notification tells the other members a session joined.
     client
-        .batch_execute(&format!("LISTEN {}", settings.channel))
+        .batch_execute(&format!(
+            "LISTEN {channel}; NOTIFY {channel}, '{payload}'",
+            channel = settings.channel,
+            payload = super::probe::MEMBERS_PAYLOAD
+        ))
         .await?;
     let sent = Instant::now();
-    let (insert, claim, status, probe, release, holder, members) = tokio::try_join!(
+    let (insert, claim, status, probe, release, holder) = tokio::try_join!(
         client.prepare(sql::INSERT),
         client.prepare(sql::CLAIM),
         client.prepare(sql::STATUS),
         client.prepare(sql::PROBE),
         client.prepare(sql::RELEASE),
         client.prepare(sql::HOLDER),
+    )?;
+    let (members, member_owners, catalogs, announce_known) = tokio::try_join!(
         client.prepare(sql::MEMBERS),
+        client.prepare(sql::MEMBER_OWNERS),
+        client.prepare(sql::CATALOGS),
+        client.prepare(sql::ANNOUNCE_KNOWN),
     )?;
     let stmts = Statements {
         insert,
@@ -266,6 +278,9 @@ async fn prepare(
         release,
         holder,
         members,
+        member_owners,
+        catalogs,
+        announce_known,
     };
     Ok(Ok((me, stmts, sent, version)))
 }

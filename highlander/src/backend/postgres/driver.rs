@@ -1,7 +1,8 @@
 //! The task that owns the connection start-up opened: it sends claim and
 //! release batches, heartbeats and probes, hands releases heard on the
-//! channel to the waiters, ends every tenure before the server could hand
-//! it to another node, and after a loss reconnects with backoff.
+//! channel to the waiters and membership changes to `members_changed`,
+//! ends every tenure before the server could hand it to another node, and
+//! after a loss reconnects with backoff (and publishes the profile again).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -16,7 +17,8 @@ use tracing::{debug, info, warn};
 use super::batch::{self, Arrays, StatusRow};
 use super::connect::{Live, open};
 use super::errors::StatementError;
-use super::probe::{ProbeDone, finish_probe, start_probe};
+use super::members;
+use super::probe::{Heard, ProbeDone, finish_probe, start_probe};
 use super::sql;
 use super::state::{Inner, PendingClaim, PendingRelease};
 use super::timing::Timing;
@@ -34,6 +36,7 @@ pub(super) async fn drive(inner: Arc<Inner>, first: Live) {
     let mut backoff = RECONNECT_MIN;
     let mut attempt: u32 = 0;
     loop {
+        let reconnected = first.is_none();
         let mut live = match first.take() {
             Some(live) => live,
             None => {
@@ -67,7 +70,7 @@ pub(super) async fn drive(inner: Arc<Inner>, first: Live) {
             st.live = Some(live.info());
             st.last_error = None;
         }
-        let Ended { why, drain } = run_epoch(&inner, &mut live).await;
+        let Ended { why, drain } = run_epoch(&inner, &mut live, reconnected).await;
         inner.lose(&why);
         if inner.stop.is_cancelled() {
             // Graceful: let the connection say goodbye (Terminate) before
@@ -115,8 +118,15 @@ struct Ended {
     drain: Duration,
 }
 
-/// Runs one connection until it is lost.
-async fn run_epoch(inner: &Arc<Inner>, live: &mut Live) -> Ended {
+type Watched = (
+    u64,
+    Result<std::collections::HashSet<i32>, tokio_postgres::Error>,
+);
+
+/// Runs one connection until it is lost. On a connection after the first
+/// (`reconnected`), the members may differ, and the profile is published
+/// again under the new presence number.
+async fn run_epoch(inner: &Arc<Inner>, live: &mut Live, reconnected: bool) -> Ended {
     let timing = inner.settings.timing;
     let mut claim: Pending<ClaimDone> = None;
     let mut release: Pending<ReleaseDone> = None;
@@ -124,12 +134,30 @@ async fn run_epoch(inner: &Arc<Inner>, live: &mut Live) -> Ended {
     let mut last_probe = Instant::now();
     // The largest stop budget of the tenures granted in this epoch.
     let mut budget = Duration::ZERO;
+    // Which members' presence the probe watches: looked up now and after
+    // every membership notification (one lookup at a time).
+    let mut watch: Pending<Watched> = None;
+    let mut watch_again = true;
+    let mut republish: Pending<()> = None;
+    if reconnected {
+        republish = Some(Box::pin(members::republish(inner.clone(), live.info())));
+        inner.members_changed();
+    }
     loop {
         if claim.is_none() {
             claim = start_claims(inner, live);
         }
         if release.is_none() {
             release = start_releases(inner, live);
+        }
+        if watch.is_none() && watch_again {
+            watch_again = false;
+            let seq = inner.lock().members.lookup_sent();
+            watch = Some(Box::pin(members::watch_owners(
+                inner.clone(),
+                live.info(),
+                seq,
+            )));
         }
         let deadline = live.vouched.deadline(&timing, budget);
         let waiting = {
@@ -173,18 +201,34 @@ async fn run_epoch(inner: &Arc<Inner>, live: &mut Live) -> Ended {
                 probe = None;
                 finish_probe(inner, live, done);
             }
-            Some((owner, keys)) = live.releases.rx.recv() => {
+            Some(heard) = live.releases.rx.recv() => match heard {
                 // A forged release (any role may NOTIFY) only makes the
                 // named owner's waiters retry once.
-                if owner != live.me {
-                    inner.lock().waiters.owner_changed(owner, keys.as_ref());
+                Heard::Release((owner, keys)) => {
+                    if owner != live.me {
+                        inner.lock().waiters.owner_changed(owner, keys.as_ref());
+                    }
                 }
-            }
+                // A forged one only wakes `members_changed` for nothing.
+                Heard::Members => {
+                    inner.members_changed();
+                    watch_again = true;
+                }
+            },
             _ = live.releases.lost.notify.notified() => {
                 if live.releases.lost.take() {
                     debug!(node = %inner.node, "notifications were dropped: every waiter retries");
                     inner.lock().waiters.wake_all();
+                    inner.members_changed();
+                    watch_again = true;
                 }
+            }
+            done = maybe(&mut watch) => {
+                watch = None;
+                members::owners_watched(inner, done);
+            }
+            () = maybe(&mut republish) => {
+                republish = None;
             }
             _ = sleep_until(probe_at), if probe.is_none() => {
                 last_probe = Instant::now();
@@ -395,13 +439,16 @@ fn finish_claims_sent(
                 owner: r.get(3),
                 node: r.get(4),
                 token: r.get(5),
+                reserved_for: r.get(6),
+                reserved: r.get(7),
             };
             (r.get(0), row)
         })
         .collect();
     let queued = {
         let mut st = inner.lock();
-        batch::complete(&mut st, settings, batch, &granted, &status, live.me, seq0)
+        let me = (live.me, inner.node.as_str());
+        batch::complete(&mut st, settings, batch, &granted, &status, me, seq0)
     };
     if queued {
         inner.kick.notify_one();
@@ -418,7 +465,8 @@ fn start_releases(inner: &Arc<Inner>, live: &Live) -> Pending<ReleaseDone> {
         }
         st.releases.drain(..).collect()
     };
-    let keys = batch::release_keys(&batch);
+    let (keys, targets) = batch::release_keys(&batch);
+    let reserve = batch::RESERVATION.as_secs_f64();
     let client = live.client.clone();
     let stmts = live.stmts.clone();
     let me = live.me;
@@ -427,7 +475,7 @@ fn start_releases(inner: &Arc<Inner>, live: &Live) -> Pending<ReleaseDone> {
     Some(Box::pin(async move {
         let sent = Instant::now();
         let result = client
-            .query(&stmts.release, &[&keys, &me, &channel])
+            .query(&stmts.release, &[&keys, &me, &channel, &targets, &reserve])
             .await
             .map(|_| sent);
         ReleaseDone { batch, x, result }

@@ -89,7 +89,7 @@ fn server_refusal(code: &str) -> (&'static str, BackendErrorKind) {
         ),
         "3D000" => ("the database does not exist", BackendErrorKind::Refused),
         "42501" => (
-            "permission denied: the role needs CREATE on the schema to create the highlander_leases table, or an administrator creates it",
+            "permission denied: the role needs CREATE on the schema to create highlander's tables (and to own highlander_leases to add its reservation columns), or an administrator creates them (docs/postgres.md)",
             BackendErrorKind::Refused,
         ),
         c if c.starts_with("08") || c == "53300" || c.starts_with("57P") => (

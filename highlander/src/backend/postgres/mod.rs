@@ -37,6 +37,15 @@
 //!   every node `LISTEN`s to; a crashed holder is noticed by probing the
 //!   presence locks of the few holders a node waits on (one tiny query every
 //!   20 ms while waiting), never by polling ids.
+//! - the members are the sessions holding a presence lock; what each
+//!   announced for placement (weight, labels, catalog) is a row naming its
+//!   presence number, so it counts exactly as long as the session, and a
+//!   catalog is stored once per distinct list of ids. Joins, announces and
+//!   leaves `NOTIFY` the channel; the probe also watches the members'
+//!   presence locks, so a death is seen within a probe interval.
+//! - `release_to` reserves the released id for its target for 2 s on the
+//!   server's clock: the claim statement refuses it to every other node
+//!   meanwhile.
 //! - a heartbeat (every second, or the probe while waiting) proves the
 //!   session alive. The client gives its leases up a safety margin before the
 //!   server could end the session on its own, which it is told to do per
@@ -96,6 +105,7 @@ use crate::service::BoxFuture;
 // - driver: the task that owns the connection (connect, epochs, batches),
 //   opened by connect (errors sorts its failures);
 // - state, waiters: what the session and its driver share;
+// - members: who is connected, what each announced, and noticing changes;
 // - batch, probe, timing: the rules, as plain code with plain tests:
 //   which claims go out and what each answer means, who moved, and how
 //   long this node may still vouch for its tenures;
@@ -106,6 +116,7 @@ mod connect;
 mod driver;
 mod errors;
 mod keys;
+mod members;
 mod probe;
 mod session;
 mod sql;

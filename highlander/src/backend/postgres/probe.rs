@@ -1,7 +1,8 @@
-//! Noticing that a holder moved: the release notifications heard on the
-//! namespace's channel (read and queued by the task that drives the
-//! connection), and the probe of the presence locks of the holders this
-//! node waits on, which is also the heartbeat.
+//! Noticing that a holder or a member moved: the release and membership
+//! notifications heard on the namespace's channel (read and queued by the
+//! task that drives the connection), and the probe of the presence locks of
+//! the holders this node waits on and of the members it knows, which is
+//! also the heartbeat.
 
 use std::collections::HashSet;
 use std::future::{Future, poll_fn};
@@ -33,13 +34,35 @@ const RELEASE_QUEUE: usize = 1_024;
 /// released when it named them.
 pub(super) type Release = (i32, Option<HashSet<i64>>);
 
-/// The releases the connection task hears, parsed, in a bounded queue.
+/// What a notification on the namespace's channel says.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Heard {
+    /// An owner released ids.
+    Release(Release),
+    /// A member joined, announced a profile or left (payload `m`).
+    Members,
+}
+
+/// The payload of a membership notification.
+pub(super) const MEMBERS_PAYLOAD: &str = "m";
+
+/// A notification's payload, read: a release, a membership change, or
+/// (`None`) anything else, ignored.
+pub(super) fn parse_heard(payload: &str) -> Option<Heard> {
+    if payload == MEMBERS_PAYLOAD {
+        return Some(Heard::Members);
+    }
+    parse_release(payload).map(Heard::Release)
+}
+
+/// The releases and membership changes the connection task hears, parsed,
+/// in a bounded queue.
 /// When the driver falls behind (a flood of notifications, which any role
 /// may send), the task drops them and raises `lost`, and the driver wakes
 /// every waiter instead: a few retries for nothing, no missed wake-up, and
 /// no memory growing with the flood.
 pub(super) struct Releases {
-    pub(super) rx: mpsc::Receiver<Release>,
+    pub(super) rx: mpsc::Receiver<Heard>,
     pub(super) lost: Arc<Lost>,
 }
 
@@ -92,10 +115,10 @@ where
                 Some(Ok(AsyncMessage::Notification(n))) => {
                     // Any role may NOTIFY the channel: what is not exactly a
                     // release's payload is ignored here.
-                    let release = (n.channel() == channel)
-                        .then(|| parse_release(n.payload()))
+                    let heard = (n.channel() == channel)
+                        .then(|| parse_heard(n.payload()))
                         .flatten();
-                    if let Some(release) = release {
+                    if let Some(release) = heard {
                         // Never wait here: this task drives the connection.
                         if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(release) {
                             lost_tx.raise();
@@ -151,13 +174,20 @@ pub(super) struct ProbeDone {
     result: Result<Vec<i32>, tokio_postgres::Error>,
 }
 
-/// Asks which of the owners this node waits on have lost their presence
-/// lock; with none, a plain heartbeat.
+/// Asks which of the owners this node waits on, and of the members it
+/// knows, have lost their presence lock; with none, a plain heartbeat.
 pub(super) fn start_probe(
     inner: &Arc<Inner>,
     live: &Live,
 ) -> Pin<Box<dyn Future<Output = ProbeDone> + Send>> {
-    let owners: Vec<i32> = inner.lock().waiters.owners();
+    let owners: Vec<i32> = {
+        let st = inner.lock();
+        let mut owners = st.waiters.owners();
+        owners.extend(st.members.watched());
+        owners.sort_unstable();
+        owners.dedup();
+        owners
+    };
     let client = live.client.clone();
     let stmts = live.stmts.clone();
     let namespace_key = inner.settings.namespace_key;
@@ -172,18 +202,25 @@ pub(super) fn start_probe(
     })
 }
 
-/// A probe answered: the session is alive as of its send time, and the
-/// claims waiting on a dead owner retry. A failed probe changes nothing
-/// (the deadline notices a connection that stopped answering).
+/// A probe answered: the session is alive as of its send time, the claims
+/// waiting on a dead owner retry, and a dead member is a membership change.
+/// A failed probe changes nothing (the deadline notices a connection that
+/// stopped answering).
 pub(super) fn finish_probe(inner: &Arc<Inner>, live: &mut Live, done: ProbeDone) {
     match done.result {
         Ok(dead) => {
             live.vouched.note_ok(done.sent, done.x);
             if !dead.is_empty() {
                 let mut st = inner.lock();
+                let mut left = false;
                 for owner in dead {
-                    debug!(node = %inner.node, owner, "a holder's session ended: retrying its ids");
+                    debug!(node = %inner.node, owner, "a holder's or member's session ended");
                     st.waiters.owner_changed(owner, None);
+                    left |= st.members.forget(owner);
+                }
+                drop(st);
+                if left {
+                    inner.members_changed();
                 }
             }
         }
@@ -222,6 +259,15 @@ mod tests {
         // The most a release names.
         let keys = vec!["-9223372036854775808"; 300].join(",");
         assert!(parse_release(&format!("1:{keys}")).is_some());
+    }
+
+    /// `m` is a membership change; a release is a release; junk is nothing.
+    #[test]
+    fn membership_notifications_are_told_apart() {
+        assert_eq!(parse_heard("m"), Some(Heard::Members));
+        assert_eq!(parse_heard("42"), Some(Heard::Release((42, None))));
+        assert_eq!(parse_heard("m:1"), None);
+        assert_eq!(parse_heard("M"), None);
     }
 
     #[test]

@@ -1,14 +1,16 @@
 //! The [`Session`] one node's guardians use: claims and releases are queued
 //! for the driver task (which batches them on the one connection), lookups
-//! run on the connection directly, and `close` releases everything.
+//! and announces run on the connection directly (see `members`), and
+//! `close` releases everything and leaves.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -17,10 +19,11 @@ use super::connect::open;
 use super::driver::drive;
 use super::errors::{query_error, unreachable};
 use super::keys::lock_key;
+use super::members;
 use super::sql;
 use super::state::{Inner, LiveInfo, PendingClaim, PendingRelease, State};
 use crate::Result;
-use crate::backend::{Claim, ClaimRequest, HeldId, Holder, LeaseEnd, Member, Session};
+use crate::backend::{Claim, ClaimRequest, HeldId, Holder, LeaseEnd, Member, Profile, Session};
 use crate::service::BoxFuture;
 
 pub(crate) struct PgSession {
@@ -41,6 +44,8 @@ impl PgSession {
             state: Mutex::new(State::default()),
             kick: Notify::new(),
             stop: CancellationToken::new(),
+            members_tx: watch::channel(0).0,
+            announcing: tokio::sync::Mutex::new(()),
         });
         let live = open(&inner).await?;
         // Connected from the first moment: claims and lookups made right
@@ -70,7 +75,6 @@ impl Drop for PgSession {
 enum Lookup {
     Holder { key: i64 },
     Holders,
-    Members,
 }
 
 impl Lookup {
@@ -90,12 +94,36 @@ impl Lookup {
                     .query(sql::HOLDERS, &[&inner.settings.namespace, &ns])
                     .await,
             ),
-            Lookup::Members => (
-                "member lookup",
-                live.client.query(&live.stmts.members, &[&ns]).await,
-            ),
         };
         rows.map_err(|e| query_error(&inner.settings, what, e))
+    }
+}
+
+impl PgSession {
+    /// Queues the release of this tenure of `id` (to `to`, when given).
+    fn release_for(&self, id: &str, token: u64, to: Option<Arc<str>>) -> BoxFuture<'_, Result<()>> {
+        let inner = &self.inner;
+        let key = lock_key(&inner.settings.namespace, id);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut st = inner.lock();
+            // Only this tenure's release: an older one's must not end a newer.
+            if st.held.remove_if(&key, token).is_none() {
+                return Box::pin(async { Ok(()) });
+            }
+            if st.live.is_none() {
+                // The session that held it is gone: the server frees it.
+                return Box::pin(async { Ok(()) });
+            }
+            st.releases.push(PendingRelease {
+                keys: vec![key],
+                to,
+                reply: Some(tx),
+                failures: 0,
+            });
+        }
+        inner.kick.notify_one();
+        Box::pin(async move { rx.await.unwrap_or(Ok(())) })
     }
 }
 
@@ -130,27 +158,16 @@ impl Session for PgSession {
     }
 
     fn release(&self, id: &str, token: u64) -> BoxFuture<'_, Result<()>> {
-        let inner = &self.inner;
-        let key = lock_key(&inner.settings.namespace, id);
-        let (tx, rx) = oneshot::channel();
-        {
-            let mut st = inner.lock();
-            // Only this tenure's release: an older one's must not end a newer.
-            if st.held.remove_if(&key, token).is_none() {
-                return Box::pin(async { Ok(()) });
-            }
-            if st.live.is_none() {
-                // The session that held it is gone: the server frees it.
-                return Box::pin(async { Ok(()) });
-            }
-            st.releases.push(PendingRelease {
-                keys: vec![key],
-                reply: Some(tx),
-                failures: 0,
-            });
-        }
-        inner.kick.notify_one();
-        Box::pin(async move { rx.await.unwrap_or(Ok(())) })
+        self.release_for(id, token, None)
+    }
+
+    /// Releases as `release` does, reserving the id for `node` for a
+    /// moment ([`RESERVATION`](super::batch::RESERVATION), on the server's
+    /// clock): the other nodes' claims are refused meanwhile. The
+    /// reservation never lets a claim take a held row, so it cannot make
+    /// two holders.
+    fn release_to(&self, id: &str, token: u64, node: &str) -> BoxFuture<'_, Result<()>> {
+        self.release_for(id, token, Some(node.into()))
     }
 
     fn holder(&self, id: &str) -> BoxFuture<'_, Result<Option<Holder>>> {
@@ -168,19 +185,27 @@ impl Session for PgSession {
     fn members(&self) -> BoxFuture<'_, Result<Vec<Member>>> {
         let inner = &self.inner;
         let live = inner.live();
+        Box::pin(async move { members::lookup(inner, &live?).await })
+    }
+
+    /// Stores the profile (published again after every reconnect), then
+    /// publishes it: one round trip when its catalog is stored already,
+    /// two (with the ids) when not.
+    fn announce(&self, profile: Profile) -> BoxFuture<'_, Result<()>> {
+        let inner = &self.inner;
         Box::pin(async move {
-            let rows = Lookup::Members.rows(inner, live).await?;
-            let mut members: Vec<Member> = rows
-                .iter()
-                .map(|row| Member {
-                    node: row.get::<_, Option<String>>(0).unwrap_or_default(),
-                    reachable: true,
-                    address: row.get(1),
-                    profile: None,
-                })
-                .collect();
-            members.sort_by(|a, b| a.node.cmp(&b.node));
-            Ok(members)
+            let _turn = inner.announcing.lock().await;
+            inner.lock().members.profile = Some(profile.clone());
+            let live = inner.live()?;
+            members::publish(inner, &live, &profile).await
+        })
+    }
+
+    fn members_changed(&self) -> BoxFuture<'static, ()> {
+        let mut rx = self.inner.members_tx.subscribe();
+        Box::pin(async move {
+            // A closed channel (the session is gone) counts as a change.
+            let _ = rx.changed().await;
         })
     }
 
@@ -220,6 +245,7 @@ impl Session for PgSession {
                     let (tx, rx) = oneshot::channel();
                     st.releases.push(PendingRelease {
                         keys,
+                        to: None,
                         reply: Some(tx),
                         failures: 0,
                     });
@@ -231,6 +257,20 @@ impl Session for PgSession {
             inner.kick.notify_one();
             if let Some(rx) = rx {
                 let _ = timeout(Duration::from_secs(5), rx).await;
+            }
+            // Tell the others this node left, without waiting for the
+            // connection to close (a failure changes nothing: closing it
+            // says the same, a little later).
+            if let Ok(live) = inner.live() {
+                let settings = &inner.settings;
+                let params: [&(dyn ToSql + Sync); 4] = [
+                    &settings.namespace_key,
+                    &live.me,
+                    &settings.channel,
+                    &settings.namespace,
+                ];
+                let leave = live.client.query(sql::LEAVE, &params);
+                let _ = timeout(Duration::from_secs(2), leave).await;
             }
             inner.stop.cancel();
             let driver = self.driver.lock().unwrap_or_else(|e| e.into_inner()).take();

@@ -1,18 +1,19 @@
 //! What a session's handles share with its driver task: the claims and
-//! releases waiting to be sent, the tenures held, the waiting claims, and
-//! the connection in use now.
+//! releases waiting to be sent, the tenures held, the waiting claims, what
+//! this node knows of the members, and the connection in use now.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, oneshot, watch};
 use tokio::time::Instant;
 use tokio_postgres::{Client, Statement};
 use tokio_util::sync::CancellationToken;
 
 use super::config::Settings;
 use super::errors::unreachable;
+use super::members::Membership;
 use super::waiters::Waiters;
 use crate::backend::kit::tenures::Tenures;
 use crate::backend::{Claim, LeaseEnd};
@@ -26,6 +27,12 @@ pub(super) struct Inner {
     pub(super) kick: Notify,
     /// Cancelled by `close` (and on drop): the driver stops.
     pub(super) stop: CancellationToken,
+    /// Bumped whenever the members may answer differently
+    /// (`Session::members_changed` waits on it).
+    pub(super) members_tx: watch::Sender<u64>,
+    /// Held while a profile is being published, so that the latest one is
+    /// the last one sent.
+    pub(super) announcing: tokio::sync::Mutex<()>,
 }
 
 #[derive(Default)]
@@ -45,6 +52,8 @@ pub(super) struct State {
     pub(super) deadline: Option<Instant>,
     /// Keys whose row is known to exist (rows are never deleted).
     pub(super) known: HashSet<i64>,
+    /// This node's profile, the catalogs read, the members watched.
+    pub(super) members: Membership,
 }
 
 /// The connection's handles, for the lookups made outside the driver.
@@ -52,6 +61,8 @@ pub(super) struct State {
 pub(super) struct LiveInfo {
     pub(super) client: Arc<Client>,
     pub(super) stmts: Arc<Statements>,
+    /// This session's presence number.
+    pub(super) me: i32,
 }
 
 pub(super) struct PendingClaim {
@@ -64,6 +75,8 @@ pub(super) struct PendingClaim {
 
 pub(super) struct PendingRelease {
     pub(super) keys: Vec<i64>,
+    /// The node the keys are released to (`release_to`), if any.
+    pub(super) to: Option<Arc<str>>,
     pub(super) reply: Option<oneshot::Sender<Result<()>>>,
     pub(super) failures: u8,
 }
@@ -77,6 +90,9 @@ pub(super) struct Statements {
     pub(super) release: Statement,
     pub(super) holder: Statement,
     pub(super) members: Statement,
+    pub(super) member_owners: Statement,
+    pub(super) catalogs: Statement,
+    pub(super) announce_known: Statement,
 }
 
 impl Inner {
@@ -98,10 +114,17 @@ impl Inner {
     }
 
     /// Ends the epoch: every tenure is lost, every waiting claim and waiter
-    /// is woken (to find the session disconnected).
+    /// is woken (to find the session disconnected), and so is every wait
+    /// for a membership change.
     pub(super) fn lose(&self, why: &str) {
         let message = format!("postgres at {}: {why}", self.settings.target);
         self.lock().lose(message);
+        self.members_changed();
+    }
+
+    /// The members may answer differently now: wakes `members_changed`.
+    pub(super) fn members_changed(&self) {
+        self.members_tx.send_modify(|n| *n = n.wrapping_add(1));
     }
 }
 
@@ -122,6 +145,7 @@ impl State {
             }
         }
         self.waiters.connection_lost();
+        self.members.connection_lost();
         self.last_error = Some(message);
     }
 }
@@ -149,6 +173,7 @@ mod tests {
         let (tx, mut release) = oneshot::channel();
         st.releases.push(PendingRelease {
             keys: vec![4],
+            to: None,
             reply: Some(tx),
             failures: 0,
         });

@@ -3,6 +3,7 @@
 use super::*;
 use crate::backend::LeaseSignal;
 use crate::backend::etcd::pb::etcdserverpb::{RangeResponse, TxnResponse};
+use crate::backend::etcd::pb::etcdserverpb::{RequestOp, compare, request_op};
 use crate::backend::kit::tenures::Tenure;
 
 const TTL: Duration = Duration::from_secs(10);
@@ -13,7 +14,7 @@ fn ids<T: AsRef<str>>(ops: &[T]) -> Vec<&str> {
 }
 
 #[test]
-fn a_batch_is_at_most_127_calls_in_queue_order() {
+fn a_batch_is_at_most_126_calls_in_queue_order() {
     let mut queue: VecDeque<String> = (0..300).map(|i| format!("id{i}")).collect();
     let sizes: Vec<usize> = std::iter::from_fn(|| {
         let batch = take_batch(&mut queue, MAX_OPS_PER_TXN, String::as_str);
@@ -29,7 +30,7 @@ fn a_batch_is_at_most_127_calls_in_queue_order() {
         batch.len()
     })
     .collect();
-    assert_eq!(sizes, vec![127, 127, 46]);
+    assert_eq!(sizes, vec![126, 126, 48]);
 }
 
 #[test]
@@ -80,6 +81,14 @@ fn key(id: &str) -> Vec<u8> {
     format!("/ns/{id}").into_bytes()
 }
 
+fn reserved(id: &str) -> Vec<u8> {
+    format!("/ns/~r/{id}").into_bytes()
+}
+
+fn layout() -> Layout {
+    Layout::new("/ns/")
+}
+
 fn nested(op: &RequestOp) -> &TxnRequest {
     match &op.request {
         Some(request_op::Request::RequestTxn(txn)) => txn,
@@ -97,7 +106,8 @@ fn a_plan_has_one_nested_transaction_per_call_in_order() {
         Tenure::new(5, Duration::ZERO, LeaseSignal::new()),
     );
     let (ops, _replies) = calls(&["a", "b"], &["r"]);
-    let planned = plan(ops, &mut state, now, INTERVAL, "node-1", key).unwrap_or_else(|_| panic!());
+    let planned =
+        plan(ops, &mut state, now, INTERVAL, "node-1", &layout()).unwrap_or_else(|_| panic!());
     let plan = planned;
     assert_eq!(plan.lease_id, 7);
     assert!(plan.no_lease.is_empty());
@@ -107,7 +117,7 @@ fn a_plan_has_one_nested_transaction_per_call_in_order() {
     assert!(plan.txn.compare.is_empty() && plan.txn.failure.is_empty());
     // A claim: if the key was never created, put it with the lease.
     let claim = nested(&plan.txn.success[0]);
-    assert_eq!(claim, &claim_txn(&key("a"), "node-1", 7));
+    assert_eq!(claim, &claim_txn(&key("a"), &reserved("a"), "node-1", 7));
     let Some(request_op::Request::RequestPut(put)) = &claim.success[0].request else {
         panic!("a claim puts");
     };
@@ -115,10 +125,16 @@ fn a_plan_has_one_nested_transaction_per_call_in_order() {
         (put.key.as_slice(), put.value.as_slice(), put.lease),
         (&b"/ns/a"[..], &b"node-1"[..], 7)
     );
-    assert_eq!(
-        claim.compare[0].target_union,
-        Some(compare::TargetUnion::CreateRevision(0))
-    );
+    // ... and only while it is not reserved.
+    assert_eq!(claim.compare.len(), 2);
+    for (compared, want) in claim.compare.iter().zip([key("a"), reserved("a")]) {
+        assert_eq!(compared.key, want);
+        assert_eq!(
+            compared.target_union,
+            Some(compare::TargetUnion::CreateRevision(0))
+        );
+    }
+    assert_eq!(claim.failure.len(), 2, "reads both when refused");
     // A release: delete only the key that tenure created.
     let release = nested(&plan.txn.success[2]);
     assert_eq!(release, &delete_if_created_at(&key("r"), 5));
@@ -133,7 +149,7 @@ fn claims_wait_for_a_live_lease_releases_do_not() {
     let now = Instant::now();
     let mut state = State::default();
     let (ops, _replies) = calls(&["a"], &["r"]);
-    let first = plan(ops, &mut state, now, INTERVAL, "n", key).unwrap_or_else(|_| panic!());
+    let first = plan(ops, &mut state, now, INTERVAL, "n", &layout()).unwrap_or_else(|_| panic!());
     assert_eq!(
         ids(&first.no_lease.iter().map(Op::id).collect::<Vec<_>>()),
         ["a"]
@@ -148,11 +164,13 @@ fn claims_wait_for_a_live_lease_releases_do_not() {
     state.install(7, TTL, now);
     let late = now + Duration::from_millis(7_650);
     let (ops, _replies) = calls(&["a"], &[]);
-    let plan_late = plan(ops, &mut state, late, INTERVAL, "n", key).unwrap_or_else(|_| panic!());
+    let plan_late =
+        plan(ops, &mut state, late, INTERVAL, "n", &layout()).unwrap_or_else(|_| panic!());
     assert_eq!(plan_late.no_lease.len(), 1);
     let (ops, _replies) = calls(&["a"], &[]);
     let early = late - Duration::from_millis(1);
-    let plan_early = plan(ops, &mut state, early, INTERVAL, "n", key).unwrap_or_else(|_| panic!());
+    let plan_early =
+        plan(ops, &mut state, early, INTERVAL, "n", &layout()).unwrap_or_else(|_| panic!());
     assert_eq!(plan_early.pending.len(), 1);
 }
 
@@ -163,7 +181,7 @@ fn a_closed_session_plans_nothing() {
         ..State::default()
     };
     let (ops, _replies) = calls(&["a"], &["r"]);
-    let Err(back) = plan(ops, &mut state, Instant::now(), INTERVAL, "n", key) else {
+    let Err(back) = plan(ops, &mut state, Instant::now(), INTERVAL, "n", &layout()) else {
         panic!("closed");
     };
     assert_eq!(back.len(), 2);
@@ -251,7 +269,8 @@ fn a_failed_transaction_fails_every_call_it_carried_once() {
     let mut sent = 0;
     while !queue.is_empty() {
         let batch = take_batch(&mut queue, MAX_OPS_PER_TXN, Op::id);
-        let planned = plan(batch, &mut state, now, INTERVAL, "n", key).unwrap_or_else(|_| panic!());
+        let planned =
+            plan(batch, &mut state, now, INTERVAL, "n", &layout()).unwrap_or_else(|_| panic!());
         sent += planned.txn.success.len();
         // etcd did not answer: each call the transaction carried fails.
         for op in planned.pending.into_iter().chain(planned.no_lease) {
@@ -266,4 +285,33 @@ fn a_failed_transaction_fails_every_call_it_carried_once() {
     for mut rx in released {
         assert!(matches!(rx.try_recv(), Ok(Err(_))));
     }
+}
+
+#[test]
+fn a_refused_claim_reads_the_reservation_second() {
+    let (ops, _replies) = calls(&["reserved"], &[]);
+    let reservation = KeyValue {
+        key: reserved("reserved"),
+        value: b"node-3".to_vec(),
+        mod_revision: 77,
+        ..KeyValue::default()
+    };
+    let range = |kvs: Vec<KeyValue>| ResponseOp {
+        response: Some(response_op::Response::ResponseRange(RangeResponse {
+            kvs,
+            ..RangeResponse::default()
+        })),
+    };
+    let refused = ResponseOp {
+        response: Some(response_op::Response::ResponseTxn(TxnResponse {
+            succeeded: false,
+            responses: vec![range(Vec::new()), range(vec![reservation.clone()])],
+            ..TxnResponse::default()
+        })),
+    };
+    let answered = answers(ops, vec![refused]);
+    assert!(matches!(
+        &answered[0],
+        Answer::Exists { kv: None, reserved: Some(r), .. } if *r == reservation
+    ));
 }

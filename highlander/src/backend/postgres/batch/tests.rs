@@ -32,6 +32,8 @@ fn row(id: &str, owner: Option<i32>, node: Option<&str>, token: i64) -> StatusRo
         owner,
         node: node.map(str::to_string),
         token,
+        reserved_for: None,
+        reserved: None,
     }
 }
 
@@ -136,12 +138,12 @@ fn outcomes_follow_the_rows() {
     // Granted wins over whatever the (older) status row says.
     let held = row("solo", Some(42), Some("b"), 7);
     assert_eq!(
-        outcome(&c, &granted, Some(&held), me, ns),
+        outcome(&c, &granted, Some(&held), me, "a", ns),
         Outcome::Granted(8)
     );
-    assert_eq!(outcome(&c, &none, None, me, ns), Outcome::Missing);
+    assert_eq!(outcome(&c, &none, None, me, "a", ns), Outcome::Missing);
     assert_eq!(
-        outcome(&c, &none, Some(&row("other", None, None, 0)), me, ns),
+        outcome(&c, &none, Some(&row("other", None, None, 0)), me, "a", ns),
         Outcome::Collision {
             namespace: ns.to_string(),
             id: "other".to_string()
@@ -150,11 +152,11 @@ fn outcomes_follow_the_rows() {
     let mut elsewhere = row("solo", None, None, 0);
     elsewhere.namespace = "billing".to_string();
     assert!(matches!(
-        outcome(&c, &none, Some(&elsewhere), me, ns),
+        outcome(&c, &none, Some(&elsewhere), me, "a", ns),
         Outcome::Collision { .. }
     ));
     assert_eq!(
-        outcome(&c, &none, Some(&held), me, ns),
+        outcome(&c, &none, Some(&held), me, "a", ns),
         Outcome::HeldBy {
             owner: 42,
             holder: Holder::new("b", Some(7))
@@ -162,7 +164,14 @@ fn outcomes_follow_the_rows() {
     );
     // A holder without a node name still names its token.
     assert_eq!(
-        outcome(&c, &none, Some(&row("solo", Some(42), None, 7)), me, ns),
+        outcome(
+            &c,
+            &none,
+            Some(&row("solo", Some(42), None, 7)),
+            me,
+            "a",
+            ns
+        ),
         Outcome::HeldBy {
             owner: 42,
             holder: Holder::new("", Some(7))
@@ -176,7 +185,10 @@ fn outcomes_follow_the_rows() {
     ] {
         let (mut c, _rx) = claim("solo", 1, Duration::ZERO);
         for _ in 0..FREE_RETRIES {
-            assert_eq!(outcome(&c, &none, Some(&status), me, ns), Outcome::Retry);
+            assert_eq!(
+                outcome(&c, &none, Some(&status), me, "a", ns),
+                Outcome::Retry
+            );
             c.retries += 1;
         }
         let holder = status
@@ -184,7 +196,7 @@ fn outcomes_follow_the_rows() {
             .as_ref()
             .map(|n| Holder::new(n.clone(), Some(3)));
         assert_eq!(
-            outcome(&c, &none, Some(&status), me, ns),
+            outcome(&c, &none, Some(&status), me, "a", ns),
             Outcome::Poll(holder)
         );
     }
@@ -221,7 +233,7 @@ async fn completing_a_batch() {
         vec![c1, c2, c3, c4, c5],
         &granted,
         &status,
-        me,
+        (me, "a"),
         seq0,
     );
     assert!(requeued);
@@ -276,7 +288,7 @@ async fn a_claim_that_keeps_missing_a_free_row_polls() {
         vec![c],
         &HashMap::new(),
         &status,
-        1,
+        (1, "a"),
         0
     ));
     let Ok(Ok(Claim::Busy { holder, wake })) = rx.try_recv() else {
@@ -308,7 +320,7 @@ fn a_grant_nobody_takes_is_released() {
         vec![gone, kept],
         &granted,
         &HashMap::new(),
-        1,
+        (1, "a"),
         0,
     );
     assert!(queued, "the release goes out at once");
@@ -318,7 +330,7 @@ fn a_grant_nobody_takes_is_released() {
         Some(LeaseEnd::Lost),
         "nor of an older one"
     );
-    assert_eq!(release_keys(&st.releases), vec![6]);
+    assert_eq!(release_keys(&st.releases).0, vec![6]);
     assert!(st.releases[0].reply.is_none());
     assert!(matches!(kept_rx.try_recv(), Ok(Ok(Claim::Granted(_)))));
     assert_eq!(st.held.get(&7).map(|t| t.token), Some(5));
@@ -332,7 +344,15 @@ fn collisions_name_both_ids() {
     let mut other = row("theirs", None, None, 0);
     other.namespace = "billing".to_string();
     let status = HashMap::from([(3, other)]);
-    complete(&mut st, &settings, vec![c], &HashMap::new(), &status, 1, 0);
+    complete(
+        &mut st,
+        &settings,
+        vec![c],
+        &HashMap::new(),
+        &status,
+        (1, "a"),
+        0,
+    );
     let err = rx.try_recv().unwrap().unwrap_err().to_string();
     assert!(err.contains("id `mine` in namespace `highlander`"), "{err}");
     assert!(
@@ -345,6 +365,7 @@ fn release(keys: Vec<i64>) -> (PendingRelease, oneshot::Receiver<crate::Result<(
     let (tx, rx) = oneshot::channel();
     let r = PendingRelease {
         keys,
+        to: None,
         reply: Some(tx),
         failures: 0,
     };
@@ -354,7 +375,55 @@ fn release(keys: Vec<i64>) -> (PendingRelease, oneshot::Receiver<crate::Result<(
 #[test]
 fn releases_go_in_key_order_once() {
     let batch = vec![release(vec![5, -3]).0, release(vec![2, 5]).0];
-    assert_eq!(release_keys(&batch), vec![-3, 2, 5]);
+    assert_eq!(release_keys(&batch), (vec![-3, 2, 5], vec![None; 3]));
+}
+
+/// A key released to a node carries the node's name; released both ways
+/// in one batch, it goes to the node.
+#[test]
+fn releases_to_a_node_name_it() {
+    let mut to_b = release(vec![2]).0;
+    to_b.to = Some("b".into());
+    let batch = vec![release(vec![5, 2]).0, to_b];
+    assert_eq!(
+        release_keys(&batch),
+        (vec![2, 5], vec![Some("b".to_string()), None])
+    );
+}
+
+/// While a handoff's reservation runs, another node's claim of a free id
+/// waits for it to run out; the node it names claims as usual, and a
+/// lapsed one (no seconds left) is no reservation.
+#[test]
+fn a_reservation_keeps_other_nodes_out() {
+    let (c, _rx) = claim("solo", 9, DEFAULT_SHUTDOWN);
+    let none = HashMap::new();
+    let mut status = row("solo", None, None, 3);
+    status.reserved_for = Some("b".into());
+    status.reserved = Some(1.5);
+    assert_eq!(
+        outcome(&c, &none, Some(&status), 1, "c", "highlander"),
+        Outcome::Reserved {
+            remaining: Duration::from_millis(1500)
+        }
+    );
+    assert_eq!(
+        outcome(&c, &none, Some(&status), 1, "b", "highlander"),
+        Outcome::Retry
+    );
+    status.reserved = None;
+    assert_eq!(
+        outcome(&c, &none, Some(&status), 1, "c", "highlander"),
+        Outcome::Retry
+    );
+    // Held beats reserved (a reservation is only ever set on a free row).
+    let mut held = row("solo", Some(42), Some("b"), 4);
+    held.reserved_for = Some("b".into());
+    held.reserved = Some(1.0);
+    assert!(matches!(
+        outcome(&c, &none, Some(&held), 1, "c", "highlander"),
+        Outcome::HeldBy { owner: 42, .. }
+    ));
 }
 
 /// A failed release is told and retried; the third failure of one release

@@ -1,0 +1,579 @@
+//! One guardian per singleton id: claim, run the instance under its
+//! supervisor, watch the lease, release, and take over when the holder goes.
+//!
+//! This file holds the states and the claim loop; `supervise.rs` runs the
+//! instances of one tenure.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use tokio::sync::{Notify, watch};
+use tokio::time::sleep;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::ShutdownReason;
+use crate::backend::{Claim, ClaimRequest, Holder, Lease, Session};
+use crate::context::{StateMap, panic_text};
+use crate::service::BoxFuture;
+use crate::spec::ChildSpec;
+
+/// Retry delays when the backend cannot be asked.
+const RETRY_MIN: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Where one singleton stands on this node.
+///
+/// With the `serde` feature it is an object tagged by `"state"` in
+/// snake case: `{"state": "running", "token": 7, "restarts": 0}`,
+/// `{"state": "waiting", "holder": {"node": "b", "token": 3}}`,
+/// `{"state": "claiming"}`, `{"state": "draining"}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(tag = "state", rename_all = "snake_case")
+)]
+#[non_exhaustive]
+pub enum SingletonState {
+    /// Asking the backend for the id.
+    Claiming,
+    /// Another node holds the id; this node waits to take over.
+    Waiting {
+        /// The holder, when the backend said.
+        holder: Option<Holder>,
+    },
+    /// This node holds the id and runs the instance.
+    Running {
+        /// The fencing token of this tenure.
+        token: u64,
+        /// Restarts within this tenure.
+        restarts: u32,
+    },
+    /// This node holds the id but the instance has ended for good
+    /// (`temporary`, or `transient` after a normal return).
+    Finished {
+        /// The fencing token of this tenure.
+        token: u64,
+        /// Why the last instance stopped.
+        reason: ShutdownReason,
+    },
+    /// This node gave the id up and waits before claiming it again.
+    SteppedDown,
+    /// This node is draining
+    /// ([`RuntimeHandle::drain`](crate::RuntimeHandle::drain)): it neither
+    /// holds nor claims the id until
+    /// [`RuntimeHandle::resume`](crate::RuntimeHandle::resume); another
+    /// node may hold it.
+    Draining,
+    /// The backend could not be asked; retrying.
+    Retrying {
+        /// The backend's error.
+        error: String,
+    },
+    /// The runtime has stopped; nothing runs here.
+    Stopped,
+}
+
+/// Why a handle asks a running instance to stop and give its id up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Ask {
+    /// [`RuntimeHandle::step_down`](crate::RuntimeHandle::step_down).
+    Stepdown = 1,
+    /// A handoff: the id moves to another node (a drain).
+    Moved = 2,
+}
+
+/// The state of one guardian, shared with the runtime handle.
+pub(crate) struct Slot {
+    pub(crate) spec: ChildSpec,
+    pub(crate) state: Mutex<SingletonState>,
+    /// A permit to stop the instance and give the id up; `asked` says why.
+    step_down: Notify,
+    /// The strongest [`Ask`] since the permit was last taken (0: none).
+    asked: AtomicU8,
+    /// Cancelled when the node shuts down (a child of the runtime's token)
+    /// or the id is removed from this node.
+    pub(crate) cancel: CancellationToken,
+    /// Set before `cancel` when the id is removed.
+    removed: AtomicBool,
+    /// The tenure a drain last asked to move, so each tenure is asked once.
+    pub(crate) moving: AtomicU64,
+    /// How many members rank ahead of this node for the id (placement);
+    /// `u32::MAX`: no placement, claim at once.
+    pub(crate) rank: AtomicU32,
+    /// [`name_hash`] of the best member other than this node.
+    pub(crate) rival: AtomicU64,
+    pub(crate) ops: crate::ops::SlotOps,
+}
+
+/// A hash of a node name, to compare names without keeping a copy.
+pub(crate) fn name_hash(node: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    node.hash(&mut h);
+    h.finish() | 1
+}
+
+impl Slot {
+    pub(crate) fn new(spec: ChildSpec, shared: &Shared) -> Slot {
+        Slot {
+            ops: shared.ops.slot(&spec.id),
+            spec,
+            state: Mutex::new(SingletonState::Claiming),
+            step_down: Notify::new(),
+            asked: AtomicU8::new(0),
+            cancel: shared.shutdown.child_token(),
+            removed: AtomicBool::new(false),
+            moving: AtomicU64::new(0),
+            rank: AtomicU32::new(u32::MAX),
+            rival: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, SingletonState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Asks the current tenure's instance to stop and give the id up.
+    ///
+    /// A permit, not a wake-up of current waiters: the instance may not yet
+    /// be listening (its first poll may come after `run` has begun), and
+    /// the request must not be lost then. A permit left when the tenure
+    /// ends otherwise is dropped when the next tenure begins.
+    pub(crate) fn ask(&self, ask: Ask) {
+        self.asked.fetch_max(ask as u8, Ordering::SeqCst);
+        self.step_down.notify_one();
+    }
+
+    /// Why the instance was asked to stop, once the permit is taken.
+    fn asked_reason(&self) -> ShutdownReason {
+        match self.asked.swap(0, Ordering::SeqCst) {
+            x if x == Ask::Moved as u8 => ShutdownReason::Moved,
+            _ => ShutdownReason::Stepdown,
+        }
+    }
+
+    /// Drops a permit left from an earlier tenure.
+    fn clear_asks(&self) {
+        let _ = self.step_down.notified().now_or_never();
+        self.asked.store(0, Ordering::SeqCst);
+    }
+
+    /// Withdraws the id from this node: its instance stops with
+    /// [`ShutdownReason::Removed`], the id is released and the guardian ends.
+    pub(crate) fn remove(&self) {
+        self.removed.store(true, Ordering::SeqCst);
+        self.cancel.cancel();
+    }
+
+    /// Why the instance stops once `cancel` is cancelled.
+    fn cancel_reason(&self) -> ShutdownReason {
+        if self.removed.load(Ordering::SeqCst) {
+            ShutdownReason::Removed
+        } else {
+            ShutdownReason::NodeShutdown
+        }
+    }
+
+    /// How many ranks this node defers its claim by: its rank among the
+    /// members that run the id, not counting `holder` (the [`name_hash`] of
+    /// the id's last known holder, 0: none) when it ranks ahead, so that
+    /// after a holder fails the best of the others claims at once.
+    pub(crate) fn defer_ranks(&self, holder: u64) -> u32 {
+        let rank = self.rank.load(Ordering::Relaxed);
+        if rank == u32::MAX {
+            return 0;
+        }
+        let rank = if rank > 0 && holder != 0 && self.rival.load(Ordering::Relaxed) == holder {
+            rank - 1
+        } else {
+            rank
+        };
+        rank.min(crate::runtime::MAX_DEFER_RANKS)
+    }
+
+    /// The token of the tenure this node holds, if it holds the id.
+    pub(crate) fn held_token(&self) -> Option<u64> {
+        match *self.lock() {
+            SingletonState::Running { token, .. } | SingletonState::Finished { token, .. } => {
+                Some(token)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Runtime-wide things every guardian uses.
+pub(crate) struct Shared {
+    pub(crate) node: Arc<str>,
+    pub(crate) session: Arc<dyn Session>,
+    pub(crate) state: Arc<StateMap>,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) stepdown_delay: Duration,
+    /// Bumped on every state change, for `RuntimeHandle::changed`.
+    pub(crate) version: watch::Sender<u64>,
+    pub(crate) ops: Arc<crate::ops::NodeOps>,
+    /// True while the node drains: guardians do not claim.
+    pub(crate) draining: watch::Sender<bool>,
+    /// How many ids a drain hands over per second.
+    pub(crate) handoff_rate: u32,
+    /// Where ids belong, and where those handed over go.
+    pub(crate) placement: crate::runtime::Placement,
+}
+
+impl Shared {
+    pub(crate) fn bump(&self) {
+        self.version.send_modify(|v| *v = v.wrapping_add(1));
+    }
+}
+
+/// How a tenure's supervision ended.
+enum Outcome {
+    /// The node shuts down or the id was removed: release and end.
+    Shutdown,
+    Lost(ShutdownReason),
+    Stepdown,
+    /// Handed over: release and compete again (not while draining).
+    Moved,
+    Finished(ShutdownReason),
+}
+
+pub(crate) struct Guardian {
+    pub(crate) slot: Arc<Slot>,
+    pub(crate) shared: Arc<Shared>,
+    /// The guardian of the same id removed before this one was added: it
+    /// may still be stopping its instance, so this one waits for its end.
+    pub(crate) after: Option<Arc<Slot>>,
+}
+
+impl Guardian {
+    fn set(&self, state: SingletonState) {
+        self.set_locked(self.slot.lock(), state);
+    }
+
+    fn set_locked(&self, mut current: MutexGuard<'_, SingletonState>, state: SingletonState) {
+        if *current != state {
+            self.slot.ops.transition(&self.shared.ops, &current, &state);
+            *current = state;
+            drop(current);
+            self.shared.bump();
+        }
+    }
+
+    /// Shows `Claiming` and returns true, or, while the node drains, shows
+    /// `Draining` and returns false. Under the state lock, so a drain that
+    /// has begun sees either this guardian claiming or one that will not.
+    fn may_claim(&self) -> bool {
+        let state = self.slot.lock();
+        let draining = *self.shared.draining.borrow();
+        let next = if draining {
+            SingletonState::Draining
+        } else {
+            SingletonState::Claiming
+        };
+        self.set_locked(state, next);
+        !draining
+    }
+
+    /// Waits until the guardian this one replaces has ended; false if this
+    /// one is cancelled first.
+    async fn wait_for(&self, previous: &Slot) -> bool {
+        let mut version = self.shared.version.subscribe();
+        loop {
+            version.borrow_and_update();
+            if matches!(*previous.lock(), SingletonState::Stopped) {
+                return true;
+            }
+            tokio::select! {
+                _ = self.slot.cancel.cancelled() => return false,
+                changed = version.changed() => if changed.is_err() { return false },
+            }
+        }
+    }
+
+    /// Runs until the node shuts down.
+    ///
+    /// User code never unwinds into the guardian (see [`Guarded`]); this is
+    /// the last resort should the guardian itself panic: the tenure it holds
+    /// is released, the status says it stepped down, and after the step-down
+    /// delay it claims again. A guardian never ends with a lease held.
+    pub(crate) async fn run(mut self) {
+        let span = info_span!("singleton", id = %self.slot.spec.id, node = %self.shared.node);
+        let _exit = crate::ops::ExitGuard::new(&self.slot, &self.shared.ops);
+        let after = self.after.take();
+        async {
+            if let Some(previous) = after
+                && !Box::pin(self.wait_for(&previous)).await
+            {
+                self.set(SingletonState::Stopped);
+                return;
+            }
+            let held = Mutex::new(None);
+            loop {
+                match AssertUnwindSafe(self.guard(&held)).catch_unwind().await {
+                    Ok(()) => break,
+                    Err(panic) => {
+                        let panic = panic_text(panic);
+                        error!(%panic, "the guardian panicked (a bug in highlander): releasing the id and claiming again");
+                        let token = held.lock().unwrap_or_else(|e| e.into_inner()).take();
+                        if let Some(token) = token {
+                            self.release(token).await;
+                        }
+                        self.set(SingletonState::SteppedDown);
+                        if Box::pin(self.pause(self.shared.stepdown_delay)).await {
+                            break;
+                        }
+                    }
+                }
+            }
+            self.set(SingletonState::Stopped);
+        }
+        .instrument(span)
+        .await;
+    }
+
+    /// Claims, supervises and releases until the node shuts down or the id
+    /// is removed. `held` names the tenure this node holds, for
+    /// [`Guardian::run`].
+    async fn guard(&self, held: &Mutex<Option<u64>>) {
+        let mut retry = RETRY_MIN;
+        // Which holder was last logged, as a hash of its name (0: none):
+        // eight bytes instead of a copy of the name in every guardian.
+        let mut last_holder = 0u64;
+        loop {
+            // The rare and the short-lived waits are boxed: what every
+            // guardian task carries is only the wait on a holder.
+            if !self.may_claim() {
+                if Box::pin(self.wait_resumed()).await {
+                    break;
+                }
+                continue;
+            }
+            // Placement: a node further down the ranking for this id lets
+            // the better-placed ones claim it first (boxed: only a
+            // deferring guardian pays for the timer).
+            let ranks = self.slot.defer_ranks(last_holder);
+            if ranks > 0 && Box::pin(self.defer(last_holder)).await {
+                break;
+            }
+            let Some(claim) = Box::pin(self.claim()).await else {
+                break;
+            };
+            match claim {
+                Err(e) => {
+                    debug!(error = %e, retry_in = ?retry, "cannot claim now");
+                    self.set(SingletonState::Retrying {
+                        error: e.to_string(),
+                    });
+                    if Box::pin(self.pause(retry)).await {
+                        break;
+                    }
+                    retry = (retry * 2).min(RETRY_MAX);
+                }
+                Ok(Claim::Busy { holder, wake }) => {
+                    retry = RETRY_MIN;
+                    last_holder = self.wait_on(holder, last_holder);
+                    if self.wait_holder(wake).await {
+                        break;
+                    }
+                }
+                Ok(Claim::Granted(lease)) => {
+                    retry = RETRY_MIN;
+                    last_holder = 0;
+                    // Boxed: only the ids held here pay for a running
+                    // instance's state; a waiting guardian stays small.
+                    if Box::pin(self.tenure(lease, held)).await {
+                        break;
+                    }
+                }
+            }
+        }
+        self.set(SingletonState::Stopped);
+    }
+
+    /// Waits for the holder to change; true when the guardian is cancelled
+    /// first.
+    async fn wait_holder(&self, wake: BoxFuture<'static, ()>) -> bool {
+        tokio::select! {
+            _ = self.slot.cancel.cancelled() => true,
+            _ = wake => false,
+        }
+    }
+
+    /// One tenure: supervise the instance while the lease holds, then
+    /// release by the outcome. True when the guardian ends.
+    async fn tenure(&self, lease: Lease, held: &Mutex<Option<u64>>) -> bool {
+        *held.lock().unwrap_or_else(|e| e.into_inner()) = Some(lease.token);
+        let tenure = info_span!("tenure", token = lease.token);
+        tenure.in_scope(|| info!("claimed: running here"));
+        let outcome = self.supervise(&lease).instrument(tenure).await;
+        let end = match outcome {
+            Outcome::Shutdown => {
+                self.release(lease.token).await;
+                true
+            }
+            Outcome::Lost(reason) => {
+                info!(token = lease.token, %reason, "tenure ended");
+                false
+            }
+            Outcome::Stepdown => {
+                self.release(lease.token).await;
+                self.set(SingletonState::SteppedDown);
+                // While stepped down this node does not run the id: its
+                // profile says so, so nobody hands the id back meanwhile.
+                self.shared.placement.dirty.notify_one();
+                let end = self.pause(self.shared.stepdown_delay).await;
+                // Announced after the claim loop has moved on (the batch
+                // waits 20 ms): the id is in the profile again.
+                self.shared.placement.dirty.notify_one();
+                end
+            }
+            Outcome::Moved => {
+                self.hand_over(lease.token).await;
+                false
+            }
+            Outcome::Finished(reason) => {
+                self.set(SingletonState::Finished {
+                    token: lease.token,
+                    reason,
+                });
+                self.hold_finished(&lease).await
+            }
+        };
+        if !end {
+            *held.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+        end
+    }
+
+    /// Shows `Waiting` on `holder`, logging when it is not the holder last
+    /// logged (`last`, a hash of its name); returns the new hash.
+    fn wait_on(&self, holder: Option<Holder>, last: u64) -> u64 {
+        let node = holder.as_ref().map(|h| h.node.as_str());
+        let seen = node.map_or(0, name_hash);
+        if seen != last {
+            debug!(
+                holder = node.unwrap_or("unknown"),
+                "waiting: held elsewhere"
+            );
+        }
+        self.set(SingletonState::Waiting { holder });
+        seen
+    }
+
+    /// Waits `delay`; true when the guardian is cancelled first.
+    async fn pause(&self, delay: Duration) -> bool {
+        tokio::select! {
+            _ = self.slot.cancel.cancelled() => true,
+            _ = sleep(delay) => false,
+        }
+    }
+
+    /// Waits until the node no longer drains; true when the guardian is
+    /// cancelled first.
+    async fn wait_resumed(&self) -> bool {
+        let mut draining = self.shared.draining.subscribe();
+        tokio::select! {
+            biased;
+            _ = self.slot.cancel.cancelled() => true,
+            _ = draining.wait_for(|d| !*d) => false,
+        }
+    }
+
+    /// Asks the backend for the id; `None` when the guardian is cancelled
+    /// first.
+    async fn claim(&self) -> Option<crate::Result<Claim>> {
+        let request = ClaimRequest {
+            id: self.slot.spec.id.clone(),
+            stop_budget: self.slot.spec.shutdown,
+        };
+        tokio::select! {
+            biased;
+            _ = self.slot.cancel.cancelled() => None,
+            claim = self.shared.session.try_claim(request) => Some(claim),
+        }
+    }
+
+    /// Keeps a finished tenure until the lease ends, the id is handed
+    /// over, or the guardian is cancelled (then the id is released and true
+    /// returned: the guardian ends).
+    async fn hold_finished(&self, lease: &Lease) -> bool {
+        loop {
+            tokio::select! {
+                _ = self.slot.cancel.cancelled() => {
+                    self.release(lease.token).await;
+                    return true;
+                }
+                end = lease.ended() => {
+                    info!(token = lease.token, reason = %ShutdownReason::from(end), "tenure ended");
+                    return false;
+                }
+                _ = self.slot.step_down.notified() => {
+                    // Only a handoff releases a finished id; a step-down
+                    // permit is for a running one.
+                    if self.slot.asked_reason() == ShutdownReason::Moved {
+                        self.hand_over(lease.token).await;
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Releases a tenure that was asked to move, to the member it moves to
+    /// when there is one.
+    async fn hand_over(&self, token: u64) {
+        let id = &*self.slot.spec.id;
+        let Some(target) = self.shared.placement.take_target(id) else {
+            self.release(token).await;
+            info!(token, "handed over");
+            return;
+        };
+        match self.shared.session.release_to(id, token, &target).await {
+            Ok(()) => info!(token, to = %target, "handed over"),
+            Err(e) => {
+                warn!(token, to = %target, error = %e, "release failed; the backend frees the id when this node's session ends")
+            }
+        }
+    }
+
+    /// Waits while better-placed members may claim the id: `grace` per rank
+    /// ahead of this node, measured from now and looked at again whenever
+    /// the ranks are recomputed. True when the guardian is cancelled first.
+    async fn defer(&self, holder: u64) -> bool {
+        let grace = self.shared.placement.grace;
+        let start = tokio::time::Instant::now();
+        let mut epoch = self.shared.placement.epoch.subscribe();
+        loop {
+            epoch.borrow_and_update();
+            let ranks = self.slot.defer_ranks(holder);
+            if ranks == 0 || grace.is_zero() {
+                return false;
+            }
+            tokio::select! {
+                biased;
+                _ = self.slot.cancel.cancelled() => return true,
+                _ = tokio::time::sleep_until(start + grace * ranks) => return false,
+                changed = epoch.changed() => if changed.is_err() { return false },
+            }
+        }
+    }
+
+    async fn release(&self, token: u64) {
+        match self.shared.session.release(&self.slot.spec.id, token).await {
+            Ok(()) => debug!(token, "released"),
+            Err(e) => {
+                warn!(token, error = %e, "release failed; the backend frees the id when this node's session ends")
+            }
+        }
+    }
+}
+
+mod supervise;
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,403 @@
+//! One tenure's instances: build, run, restart by policy, and stop each
+//! the same way, with every call into user code guarded.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+
+use tokio::time::{Instant, sleep, timeout_at};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::backend::Lease;
+use crate::context::{Children, catch, describe_error};
+use crate::service::BoxFuture;
+use crate::spec::{Restart, terminate_reserve};
+use crate::{Context, ShutdownReason};
+
+use super::{Guardian, Outcome, SingletonState};
+
+/// The first restart waits this long; each further one twice as long.
+const RESTART_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+impl Guardian {
+    /// Runs instances while the lease holds, restarting them by policy.
+    pub(super) async fn supervise(&self, lease: &Lease) -> Outcome {
+        let spec = &self.slot.spec;
+        let mut restarts: VecDeque<Instant> = VecDeque::new();
+        let mut total_restarts = 0u32;
+        let mut backoff = RESTART_BACKOFF_MIN;
+        // A step-down asked for during an earlier tenure is not for this one.
+        self.slot.clear_asks();
+        loop {
+            self.set(SingletonState::Running {
+                token: lease.token,
+                restarts: total_restarts,
+            });
+            let started = Instant::now();
+            let reason = self.run_instance(lease).await;
+            self.slot.ops.stopped(&reason);
+            let restart = match &reason {
+                ShutdownReason::NodeShutdown | ShutdownReason::Removed => return Outcome::Shutdown,
+                ShutdownReason::Moved => return Outcome::Moved,
+                ShutdownReason::LeaseLost | ShutdownReason::Conflict => {
+                    return Outcome::Lost(reason);
+                }
+                ShutdownReason::Stepdown => return Outcome::Stepdown,
+                ShutdownReason::Normal => spec.restart == Restart::Permanent,
+                ShutdownReason::Error(_) => spec.restart != Restart::Temporary,
+            };
+            if !restart {
+                info!(%reason, "instance ended; not restarted ({:?})", spec.restart);
+                return Outcome::Finished(reason);
+            }
+            let now = Instant::now();
+            if now.duration_since(started) > spec.intensity.period {
+                backoff = RESTART_BACKOFF_MIN;
+            }
+            restarts.push_back(now);
+            while restarts
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > spec.intensity.period)
+            {
+                restarts.pop_front();
+            }
+            if restarts.len() > spec.intensity.max_restarts as usize {
+                warn!(
+                    %reason,
+                    max_restarts = spec.intensity.max_restarts,
+                    period = ?spec.intensity.period,
+                    "restart intensity exceeded: stepping down so another node can try"
+                );
+                return Outcome::Stepdown;
+            }
+            total_restarts += 1;
+            info!(%reason, restart_in = ?backoff, "instance stopped; restarting");
+            // Boxed: only an instance between restarts pays for it.
+            if let Some(outcome) = Box::pin(self.backoff(lease, backoff)).await {
+                return outcome;
+            }
+            backoff = (backoff * 2).min(RESTART_BACKOFF_MAX);
+        }
+    }
+
+    /// Waits `backoff` before a restart, unless the tenure ends first.
+    async fn backoff(&self, lease: &Lease, backoff: Duration) -> Option<Outcome> {
+        tokio::select! {
+            _ = self.slot.cancel.cancelled() => Some(Outcome::Shutdown),
+            end = lease.ended() => Some(Outcome::Lost(end.into())),
+            _ = self.slot.step_down.notified() => Some(match self.slot.asked_reason() {
+                ShutdownReason::Moved => Outcome::Moved,
+                _ => Outcome::Stepdown,
+            }),
+            _ = sleep(backoff) => None,
+        }
+    }
+
+    /// Builds and runs one instance, and always ends it the same way:
+    /// cancel, await `run` and every child until the terminate reserve is all
+    /// that is left of the shutdown budget (abandoning what still runs), then
+    /// `terminate(reason)` with the rest. Returns why it stopped.
+    ///
+    /// Every call into user code (the factory, `run`, `terminate`, dropping
+    /// their futures and the service, an error's `Display`) goes through
+    /// [`Guarded`] or [`catch`], so a panic anywhere in it becomes
+    /// [`ShutdownReason::Error`] and never unwinds into the guardian.
+    pub(super) async fn run_instance(&self, lease: &Lease) -> ShutdownReason {
+        let spec = &self.slot.spec;
+        let ctx = Context::new(
+            spec.id.clone(),
+            self.shared.node.clone(),
+            lease.token,
+            self.shared.state.clone(),
+            // Not a child of the slot's token: the reason must be known
+            // before the instance sees the cancellation.
+            CancellationToken::new(),
+        );
+        let children = ctx.children().clone();
+        let _abort_children = AbortOnDrop(children.clone());
+        let late = LatePanic::default();
+
+        let stop_trigger = async {
+            tokio::select! {
+                _ = self.slot.cancel.cancelled() => self.slot.cancel_reason(),
+                // A child failed: it stopped the context with its error.
+                _ = ctx.cancelled() => ctx.reason().unwrap_or(ShutdownReason::Normal),
+                end = lease.ended() => end.into(),
+                _ = self.slot.step_down.notified() => self.slot.asked_reason(),
+            }
+        };
+        tokio::pin!(stop_trigger);
+
+        // Build the instance: the factory is called inside the guarded poll,
+        // so a panic in its synchronous part is caught too.
+        let mut build = Guarded::new("the factory", || (spec.build)(&ctx), &late);
+        let built = tokio::select! {
+            built = &mut build => built,
+            reason = &mut stop_trigger => {
+                ctx.stop(reason.clone());
+                drop(build);
+                let deadline = Instant::now() + spec.shutdown;
+                Box::pin(stop_children(&children, deadline, deadline)).await;
+                return late.after(reason);
+            }
+        };
+        drop(build);
+        let mut service = match built {
+            Ok(Ok(service)) => service,
+            failed => {
+                let reason = ShutdownReason::Error(match failed {
+                    Ok(Err(e)) => format!("init failed: {}", describe_error(e)),
+                    Err(panic) => format!("init panicked: {panic}"),
+                    Ok(Ok(_)) => unreachable!("matched above"),
+                });
+                warn!(%reason, "instance could not be built");
+                ctx.stop(reason.clone());
+                let deadline = Instant::now() + spec.shutdown;
+                Box::pin(stop_children(&children, deadline, deadline)).await;
+                return reason;
+            }
+        };
+
+        // Run it until it returns or something stops it. `run` and the
+        // children may use the budget up to the terminate reserve.
+        let (reason, deadline) = {
+            let mut run = Guarded::new("run", || service.run_dyn(&ctx), &late);
+            let (reason, returned) = tokio::select! {
+                result = &mut run => {
+                    let reason = match result {
+                        Ok(Ok(())) => ctx.reason().unwrap_or(ShutdownReason::Normal),
+                        Ok(Err(e)) => ShutdownReason::Error(describe_error(e)),
+                        Err(panic) => ShutdownReason::Error(format!("panicked: {panic}")),
+                    };
+                    (reason, true)
+                }
+                reason = &mut stop_trigger => (reason, false),
+            };
+            ctx.stop(reason.clone());
+            let reason = ctx.reason().unwrap_or(reason);
+            let deadline = Instant::now() + spec.shutdown;
+            // Boxed, as is `terminate` below: only an instance that is
+            // stopping pays for the timers of its stop.
+            Box::pin(stop_run(
+                run,
+                returned,
+                &reason,
+                &children,
+                deadline,
+                spec.shutdown,
+            ))
+            .await;
+            (reason, deadline)
+        };
+
+        Box::pin(terminate(
+            &mut *service,
+            &reason,
+            deadline,
+            spec.shutdown,
+            &late,
+        ))
+        .await;
+        if let Err(panic) = catch(move || drop(service)) {
+            warn!(%panic, "dropping the service panicked");
+            late.record(format!("dropping the service panicked: {panic}"));
+        }
+        late.after(reason)
+    }
+}
+
+/// Stops `run` once the instance is cancelled: awaits it until only the
+/// terminate reserve is left of the budget (unless it has returned), drops
+/// it (guarded), then awaits the children likewise.
+async fn stop_run<'a, F>(
+    mut run: Guarded<'a, F, crate::Result<()>>,
+    returned: bool,
+    reason: &ShutdownReason,
+    children: &Children,
+    deadline: Instant,
+    budget: Duration,
+) where
+    F: FnOnce() -> BoxFuture<'a, crate::Result<()>> + Unpin,
+{
+    let abandon_at = deadline - terminate_reserve(budget);
+    if !returned {
+        debug!(%reason, "stopping instance");
+        match timeout_at(abandon_at, &mut run).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => {
+                debug!(error = %describe_error(e), "run returned an error while stopping")
+            }
+            Ok(Err(panic)) => warn!(%panic, "run panicked while stopping"),
+            Err(_) => {
+                warn!(
+                    ?budget,
+                    %reason,
+                    "run did not return within its share of the shutdown budget: dropped; terminate runs now"
+                );
+            }
+        }
+    }
+    // An unfinished `run` is dropped here (guarded), before `terminate`
+    // borrows the service.
+    drop(run);
+    if !stop_children(children, abandon_at, deadline).await {
+        debug!("terminate runs with the budget's reserve");
+    }
+}
+
+/// Runs `terminate(reason)` until the end of the budget.
+async fn terminate(
+    service: &mut dyn crate::service::DynService,
+    reason: &ShutdownReason,
+    deadline: Instant,
+    budget: Duration,
+    late: &LatePanic,
+) {
+    let mut terminate = Guarded::new("terminate", || service.terminate_dyn(reason.clone()), late);
+    match timeout_at(deadline, &mut terminate).await {
+        Ok(Ok(())) => {}
+        Ok(Err(panic)) => {
+            warn!(%panic, "terminate panicked");
+            late.record(format!("terminate panicked: {panic}"));
+        }
+        Err(_) => {
+            warn!(?budget, %reason, "terminate overran the shutdown budget: dropped")
+        }
+    }
+}
+
+/// The first panic that happened after the instance's reason was known: in
+/// `terminate`, or while dropping the service or an unfinished future.
+#[derive(Default)]
+struct LatePanic(Mutex<Option<String>>);
+
+impl LatePanic {
+    fn record(&self, why: String) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(why);
+    }
+
+    /// The instance's final reason: a late panic turns a normal stop into an
+    /// error (so `transient` restarts it). Any other reason stands: the
+    /// instance was stopping for it anyway, and an error already says so.
+    fn after(&self, reason: ShutdownReason) -> ShutdownReason {
+        let late = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match (reason, late) {
+            (ShutdownReason::Normal, Some(why)) => ShutdownReason::Error(why),
+            (reason, Some(why)) => {
+                debug!(%reason, panic = %why, "panic while stopping; the reason stands");
+                reason
+            }
+            (reason, None) => reason,
+        }
+    }
+}
+
+/// A future of user code that cannot unwind into the guardian: the call that
+/// creates it (the synchronous part of a factory, `run` or `terminate`), every
+/// poll, and dropping it, finished or not, all run under `catch_unwind`. A
+/// panic while polling or finishing is its output, `Err(message)`; a panic
+/// while dropping it unfinished is recorded in the instance's [`LatePanic`].
+struct Guarded<'a, F, T> {
+    what: &'static str,
+    make: Option<F>,
+    future: Option<BoxFuture<'a, T>>,
+    late: &'a LatePanic,
+}
+
+impl<'a, F, T> Guarded<'a, F, T>
+where
+    F: FnOnce() -> BoxFuture<'a, T> + Unpin,
+{
+    fn new(what: &'static str, make: F, late: &'a LatePanic) -> Self {
+        Guarded {
+            what,
+            make: Some(make),
+            future: None,
+            late,
+        }
+    }
+}
+
+impl<'a, F, T> Future for Guarded<'a, F, T>
+where
+    F: FnOnce() -> BoxFuture<'a, T> + Unpin,
+{
+    type Output = Result<T, String>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let polled = catch(|| {
+            if this.future.is_none() {
+                let make = this.make.take()?;
+                this.future = Some(make());
+            }
+            this.future.as_mut().map(|f| f.as_mut().poll(cx))
+        });
+        match polled {
+            Ok(Some(Poll::Pending)) => Poll::Pending,
+            Ok(Some(Poll::Ready(value))) => {
+                let future = this.future.take();
+                match catch(move || drop(future)) {
+                    Ok(()) => Poll::Ready(Ok(value)),
+                    Err(panic) => {
+                        let _ = catch(move || drop(value));
+                        Poll::Ready(Err(format!("dropping {} panicked: {panic}", this.what)))
+                    }
+                }
+            }
+            Ok(None) => Poll::Ready(Err(format!("{} was polled after it finished", this.what))),
+            Err(panic) => {
+                let future = this.future.take();
+                let _ = catch(move || drop(future));
+                Poll::Ready(Err(panic))
+            }
+        }
+    }
+}
+
+impl<F, T> Drop for Guarded<'_, F, T> {
+    fn drop(&mut self) {
+        let future = self.future.take();
+        if let Err(panic) = catch(move || drop(future)) {
+            warn!(%panic, "dropping unfinished {} panicked", self.what);
+            self.late.record(format!(
+                "dropping unfinished {} panicked: {panic}",
+                self.what
+            ));
+        }
+    }
+}
+
+/// Awaits every child until `abandon_at`, then aborts the rest and awaits
+/// their end (an aborted task ends at its next turn; bounded by `deadline`).
+/// Returns false when the children overran their share of the budget.
+async fn stop_children(children: &Children, abandon_at: Instant, deadline: Instant) -> bool {
+    if timeout_at(abandon_at, children.wait()).await.is_ok() {
+        return true;
+    }
+    warn!(
+        running = children.running(),
+        "child tasks overran their share of the shutdown budget: aborted"
+    );
+    children.abort_all();
+    let _ = timeout_at(deadline, children.wait()).await;
+    false
+}
+
+/// Aborts the instance's children if the instance's future is dropped (the
+/// runtime was aborted), so no child outlives its instance.
+struct AbortOnDrop(Arc<Children>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort_all();
+    }
+}

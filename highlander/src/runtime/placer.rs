@@ -1,0 +1,359 @@
+//! Placement at run time: the node announces its [`Profile`], keeps a view
+//! of the members that announced theirs, and from it computes, once per
+//! change of members, where each of its ids stands ([`crate::placement`]).
+//! Guardians read their standing from their slot (two atomics) to defer a
+//! claim by `grace × rank`; the rebalancing pass hands each held id whose
+//! best candidate is another member over to that member.
+//!
+//! On a backend without placement (no profile comes back from `members`)
+//! the view stays empty, no rank is set, and nodes claim as ids come free.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+use tokio::time::{Instant, sleep, sleep_until};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{HANDOFF_TICK, Registry, lock};
+use crate::backend::{Catalog, Profile};
+use crate::guardian::{Ask, Shared, SingletonState, Slot, name_hash};
+use crate::placement::{Candidate, standing};
+
+/// How long a node whose rank for an id is `r > 0` lets the better-placed
+/// nodes claim it first, per rank, unless set.
+pub(crate) const DEFAULT_GRACE: Duration = Duration::from_millis(50);
+/// How long the members must stay unchanged before a rebalancing pass: the
+/// other nodes' views catch up meanwhile, so that every node hands over
+/// by the same ranking.
+const SETTLE: Duration = Duration::from_millis(300);
+/// At most this many ranks of deferral (a node far down waits no longer).
+pub(crate) const MAX_DEFER_RANKS: u32 = 16;
+/// Announcements after a change of ids are batched over this long.
+const ANNOUNCE_BATCH: Duration = Duration::from_millis(20);
+
+/// What the members look like from here, as far as placement goes.
+#[derive(Default)]
+pub(crate) struct View {
+    /// This node as a candidate; `None` while the backend shows no profile
+    /// of this node (no placement).
+    me: Option<Candidate>,
+    /// The reachable members that announced a profile, this node excepted.
+    others: Vec<(Candidate, Catalog)>,
+}
+
+impl View {
+    fn same(&self, other: &View) -> bool {
+        let key = |v: &View| {
+            (
+                v.me.as_ref().map(|c| (c.to_string(), c.weight())),
+                v.others
+                    .iter()
+                    .map(|(c, cat)| (c.to_string(), c.weight(), cat.digest()))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        key(self) == key(other)
+    }
+
+    /// Whether placement is on (this node's profile came back).
+    pub(crate) fn active(&self) -> bool {
+        self.me.is_some()
+    }
+
+    /// How many members rank ahead of this node for `slot`'s id, and the
+    /// best other candidate; `None` without placement.
+    fn standing(&self, slot: &Slot) -> Option<(usize, Option<&Candidate>)> {
+        let me = self.me.as_ref()?;
+        let id = &*slot.spec.id;
+        let others = self
+            .others
+            .iter()
+            .filter(|(_, cat)| cat.contains(id))
+            .map(|(c, _)| c);
+        Some(standing(id, slot.spec.affinity(), me, others))
+    }
+
+    /// Stores `slot`'s standing in it.
+    pub(crate) fn place(&self, slot: &Slot) {
+        match self.standing(slot) {
+            Some((ahead, best)) => {
+                let rival = best.map_or(0, |c| name_hash(c.name()));
+                slot.rival.store(rival, Ordering::Relaxed);
+                slot.rank.store(
+                    u32::try_from(ahead).unwrap_or(u32::MAX - 1),
+                    Ordering::Relaxed,
+                );
+            }
+            None => slot.rank.store(u32::MAX, Ordering::Relaxed),
+        }
+    }
+
+    /// The best member other than this node for `slot`'s id, if any runs it.
+    pub(crate) fn best_other(&self, slot: &Slot) -> Option<Arc<str>> {
+        let (_, best) = self.standing(slot)?;
+        best.map(|c| Arc::from(c.name()))
+    }
+
+    /// A reachable member that announced a profile, by name, with its ids.
+    pub(crate) fn member(&self, node: &str) -> Option<&Catalog> {
+        self.others
+            .iter()
+            .find(|(c, _)| c.name() == node)
+            .map(|(_, cat)| cat)
+    }
+}
+
+/// The runtime-wide part of placement that guardians and the handle use.
+pub(crate) struct Placement {
+    /// Deferral per rank.
+    pub(crate) grace: Duration,
+    /// Whether a change of members hands ids over to where they belong.
+    pub(crate) rebalance: bool,
+    /// Bumped whenever ranks were recomputed: deferring guardians look
+    /// again.
+    pub(crate) epoch: watch::Sender<u64>,
+    view: Mutex<Arc<View>>,
+    /// Where an id being handed over goes ([`Session::release_to`](crate::backend::Session::release_to)).
+    targets: Mutex<HashMap<Arc<str>, Arc<str>>>,
+    /// Notified when this node's ids change (add, remove) or it starts or
+    /// stops draining: the profile is announced again.
+    pub(crate) dirty: Notify,
+}
+
+impl Placement {
+    pub(crate) fn new(grace: Duration, rebalance: bool) -> Self {
+        Placement {
+            grace,
+            rebalance,
+            epoch: watch::Sender::new(0),
+            view: Mutex::new(Arc::new(View::default())),
+            targets: Mutex::new(HashMap::new()),
+            dirty: Notify::new(),
+        }
+    }
+
+    /// The current view.
+    pub(crate) fn view(&self) -> Arc<View> {
+        self.view.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn targets(&self) -> MutexGuard<'_, HashMap<Arc<str>, Arc<str>>> {
+        self.targets.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands `slot`'s tenure `token` over to `node`: the instance stops
+    /// with `Moved`, and the id is released to `node`.
+    pub(crate) fn move_to(&self, slot: &Slot, token: u64, node: Option<Arc<str>>) {
+        match node {
+            Some(node) => self.targets().insert(slot.spec.id.clone(), node),
+            None => self.targets().remove(&slot.spec.id),
+        };
+        slot.moving.store(token, Ordering::SeqCst);
+        slot.ask(Ask::Moved);
+    }
+
+    /// Where the id being handed over goes, once (the guardian asks when
+    /// it releases).
+    pub(crate) fn take_target(&self, id: &str) -> Option<Arc<str>> {
+        self.targets().remove(id)
+    }
+}
+
+/// This node's profile now: its ids, but for those it stepped down from
+/// (it does not compete for them until the step-down delay is over).
+fn profile(registry: &Mutex<Registry>, shared: &Shared, weight: u32, labels: &[String]) -> Profile {
+    let ids: Vec<Arc<str>> = lock(registry)
+        .slots
+        .values()
+        .filter(|s| !matches!(*s.lock(), SingletonState::SteppedDown))
+        .map(|s| s.spec.id.clone())
+        .collect();
+    profile_of(ids, shared, weight, labels)
+}
+
+fn profile_of(ids: Vec<Arc<str>>, shared: &Shared, weight: u32, labels: &[String]) -> Profile {
+    let draining = *shared.draining.borrow();
+    // A draining node ranks last everywhere: nobody defers to it.
+    let weight = if draining { 0 } else { weight };
+    Profile::new(weight, labels.to_vec(), Catalog::new(ids))
+}
+
+/// Before the first claim: announces this node's profile with `ids` and
+/// reads the members once, so that the guardians start with their ranks.
+pub(super) async fn start(shared: &Shared, ids: Vec<Arc<str>>, weight: u32, labels: &[String]) {
+    let profile = profile_of(ids, shared, weight, labels);
+    if let Err(e) = shared.session.announce(profile).await {
+        warn!(node = %shared.node, error = %e, "cannot announce this node's profile yet: claiming without placement until it is");
+        return;
+    }
+    if let Ok(members) = shared.session.members().await {
+        *shared
+            .placement
+            .view
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Arc::new(View::new(members, &shared.node));
+    }
+}
+
+impl View {
+    fn new(members: Vec<crate::backend::Member>, node: &str) -> View {
+        let mut view = View::default();
+        for m in members {
+            let Some(p) = m.profile else { continue };
+            let c = p.candidate(&m.node);
+            if m.node == node {
+                view.me = Some(c);
+            } else if m.reachable {
+                view.others.push((c, p.catalog));
+            }
+        }
+        view
+    }
+}
+
+/// The placement task: announce, watch the members, rank every id at each
+/// change, and rebalance once the members have settled.
+pub(super) async fn run(
+    registry: Arc<Mutex<Registry>>,
+    shared: Arc<Shared>,
+    weight: u32,
+    labels: Arc<[String]>,
+    done: CancellationToken,
+) {
+    let placement = &shared.placement;
+    let mut draining = shared.draining.subscribe();
+    let mut announced = true; // by `start`
+    let mut batch = true;
+    let mut rebalance_at: Option<Instant> = None;
+    let mut retry = Duration::from_millis(100);
+    let mut pass: VecDeque<Arc<Slot>> = VecDeque::new();
+    let mut moved = 0usize;
+    loop {
+        if shared.shutdown.is_cancelled() || done.is_cancelled() {
+            return;
+        }
+        let changed = shared.session.members_changed();
+        if !announced {
+            // Batch a burst of adds or removes into one announcement; a
+            // drain or resume goes out at once (the others must see even
+            // a short drain, to hand the ids back when it ends).
+            if batch {
+                sleep(ANNOUNCE_BATCH).await;
+            }
+            let profile = profile(&registry, &shared, weight, &labels);
+            if let Err(e) = shared.session.announce(profile).await {
+                debug!(error = %e, "announcing the profile failed; trying again");
+                sleep(retry).await;
+                retry = (retry * 2).min(Duration::from_secs(5));
+                continue;
+            }
+            announced = true;
+            batch = true;
+        }
+        match shared.session.members().await {
+            Ok(members) => {
+                retry = Duration::from_millis(100);
+                let view = View::new(members, &shared.node);
+                if !view.same(&placement.view()) {
+                    let view = Arc::new(view);
+                    *placement.view.lock().unwrap_or_else(|e| e.into_inner()) = view.clone();
+                    let slots: Vec<Arc<Slot>> = lock(&registry).slots.values().cloned().collect();
+                    for slot in &slots {
+                        view.place(slot);
+                    }
+                    placement.epoch.send_modify(|e| *e = e.wrapping_add(1));
+                    debug!(
+                        members = view.others.len() + 1,
+                        active = view.active(),
+                        "placement view changed"
+                    );
+                    pass.clear();
+                    if placement.rebalance && view.active() {
+                        rebalance_at = Some(Instant::now() + SETTLE);
+                    }
+                }
+            }
+            Err(e) => {
+                debug!(error = %e, "cannot read the members now");
+                sleep(retry).await;
+                retry = (retry * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        }
+        let settle = async {
+            match rebalance_at {
+                Some(at) => sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let tick = async {
+            match pass.is_empty() {
+                true => std::future::pending().await,
+                false => sleep(HANDOFF_TICK).await,
+            }
+        };
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = done.cancelled() => return,
+            _ = changed => {}
+            _ = placement.dirty.notified() => announced = false,
+            _ = draining.changed() => {
+                announced = false;
+                batch = false;
+            }
+            _ = settle => {
+                rebalance_at = None;
+                if !*shared.draining.borrow() {
+                    pass = lock(&registry).slots.values().cloned().collect();
+                    moved = 0;
+                    moved += rebalance(&mut pass, &shared);
+                }
+            }
+            _ = tick => {
+                moved += rebalance(&mut pass, &shared);
+                if pass.is_empty() && moved > 0 {
+                    info!(node = %shared.node, ids = moved, "rebalanced: handed ids over to where they belong");
+                }
+            }
+        }
+    }
+}
+
+/// One batch of a rebalancing pass: each id of `pass` held here whose best
+/// candidate is another reachable member that runs it is handed over to
+/// that member, a tenth of
+/// [`Builder::handoff_rate`](crate::Builder::handoff_rate) per batch, one
+/// batch per tick. A change of members drops the rest of the pass (a new
+/// one follows once the members settle). Returns how many ids it moved.
+fn rebalance(pass: &mut VecDeque<Arc<Slot>>, shared: &Shared) -> usize {
+    let placement = &shared.placement;
+    let view = placement.view();
+    let batch = (shared.handoff_rate / 10).max(1) as usize;
+    let mut moved = 0usize;
+    while moved < batch {
+        if *shared.draining.borrow() || shared.shutdown.is_cancelled() {
+            pass.clear();
+            break;
+        }
+        let Some(slot) = pass.pop_front() else { break };
+        if slot.rank.load(Ordering::Relaxed) == 0 || slot.cancel.is_cancelled() {
+            continue;
+        }
+        let Some(token) = slot.held_token() else {
+            continue;
+        };
+        if slot.moving.load(Ordering::SeqCst) == token {
+            continue;
+        }
+        let Some(target) = view.best_other(&slot) else {
+            continue;
+        };
+        placement.move_to(&slot, token, Some(target));
+        moved += 1;
+    }
+    moved
+}
