@@ -452,17 +452,8 @@ impl Session for MemorySession {
     }
 
     fn release(&self, id: &str, token: u64) -> BoxFuture<'_, Result<()>> {
-        {
-            let mut state = self.cluster.lock();
-            let released = state
-                .node_of(&self.node, self.session)
-                .and_then(|n| n.held.remove_if(id, token))
-                .is_some();
-            if released {
-                state.wakes.bump(id);
-            }
-        }
-        Box::pin(async { Ok(()) })
+        // A release in favour of this node itself keeps nothing for anyone.
+        self.release_to(id, token, &self.node)
     }
 
     fn holder(&self, id: &str) -> BoxFuture<'_, Result<Option<Holder>>> {

@@ -10,34 +10,15 @@
 // With every backend on (`--all-features`, what clippy checks), each piece
 // of the kit must have a user; a build with fewer backends leaves the pieces
 // only the missing ones use.
-#[cfg_attr(
+#![cfg_attr(
     not(all(feature = "postgres", feature = "etcd", feature = "cluster")),
     allow(dead_code)
 )]
+
 pub(crate) mod duration;
-#[cfg_attr(
-    not(all(feature = "postgres", feature = "etcd", feature = "cluster")),
-    allow(dead_code)
-)]
 pub(crate) mod secret;
 pub(crate) mod startup;
-#[cfg_attr(
-    not(all(feature = "postgres", feature = "etcd", feature = "cluster")),
-    allow(dead_code)
-)]
 pub(crate) mod tenures;
-#[cfg_attr(
-    not(all(feature = "postgres", feature = "etcd", feature = "cluster")),
-    allow(dead_code)
-)]
 pub(crate) mod url;
-#[cfg_attr(
-    not(all(feature = "postgres", feature = "etcd", feature = "cluster")),
-    allow(dead_code)
-)]
 pub(crate) mod vouch;
-#[cfg_attr(
-    not(all(feature = "postgres", feature = "etcd", feature = "cluster")),
-    allow(dead_code)
-)]
 pub(crate) mod wake;
