@@ -138,6 +138,9 @@ async fn run_epoch(inner: &Arc<Inner>, live: &mut Live, reconnected: bool) -> En
     // every membership notification (one lookup at a time).
     let mut watch: Pending<Watched> = None;
     let mut watch_again = true;
+    // After a failed lookup, the next waits a heartbeat (the probe wakes
+    // this loop at least that often).
+    let mut watch_not_before = Instant::now();
     let mut republish: Pending<()> = None;
     if reconnected {
         republish = Some(Box::pin(members::republish(inner.clone(), live.info())));
@@ -150,7 +153,7 @@ async fn run_epoch(inner: &Arc<Inner>, live: &mut Live, reconnected: bool) -> En
         if release.is_none() {
             release = start_releases(inner, live);
         }
-        if watch.is_none() && watch_again {
+        if watch.is_none() && watch_again && Instant::now() >= watch_not_before {
             watch_again = false;
             let seq = inner.lock().members.lookup_sent();
             watch = Some(Box::pin(members::watch_owners(
@@ -225,7 +228,10 @@ async fn run_epoch(inner: &Arc<Inner>, live: &mut Live, reconnected: bool) -> En
             }
             done = maybe(&mut watch) => {
                 watch = None;
-                members::owners_watched(inner, done);
+                if !members::owners_watched(inner, done) {
+                    watch_again = true;
+                    watch_not_before = Instant::now() + timing.heartbeat;
+                }
             }
             () = maybe(&mut republish) => {
                 republish = None;

@@ -281,23 +281,26 @@ pub(super) async fn watch_owners(
     (seq, result)
 }
 
-/// A refresh of the watched presence numbers answered.
+/// A refresh of the watched presence numbers answered: whether it
+/// succeeded (the driver tries a failed one again a heartbeat later).
 pub(super) fn owners_watched(
     inner: &Inner,
     done: (
         u64,
         std::result::Result<HashSet<i32>, tokio_postgres::Error>,
     ),
-) {
+) -> bool {
     match done {
         (seq, Ok(owners)) => {
             let changed = inner.lock().members.owners_found(seq, owners);
             if changed {
                 inner.members_changed();
             }
+            true
         }
         (_, Err(e)) => {
-            debug!(node = %inner.node, error = %query_error(&inner.settings, "member watch", e), "member watch failed")
+            debug!(node = %inner.node, error = %query_error(&inner.settings, "member watch", e), "member watch failed");
+            false
         }
     }
 }
