@@ -103,6 +103,8 @@ async fn main() -> highlander::Result<()> {
             Runtime::builder()
                 .node(name)
                 .backend(cluster.clone())
+                // Hand ids to where placement puts them when members change.
+                .rebalance(true)
                 .start()
                 .await?,
         );

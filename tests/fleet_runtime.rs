@@ -66,7 +66,10 @@ async fn hang_guard<T>(what: &str, future: impl Future<Output = T>) -> T {
 
 async fn start(cluster: &MemoryCluster, name: &str, specs: Vec<ChildSpec>) -> RuntimeHandle {
     highlander_tests::init_tracing();
-    let mut builder = Runtime::builder().node(name).backend(cluster.clone());
+    let mut builder = Runtime::builder()
+        .rebalance(true)
+        .node(name)
+        .backend(cluster.clone());
     for spec in specs {
         builder = builder.child(spec);
     }
@@ -368,6 +371,7 @@ async fn a_drain_hands_over_at_the_handoff_rate() {
     let tenants = ids("tenant", 30);
     let specs: Vec<ChildSpec> = tenants.iter().map(|id| probe(id, &log)).collect();
     let mut builder = Runtime::builder()
+        .rebalance(true)
         .node("a")
         .backend(cluster.clone())
         .handoff_rate(50); // 5 per 100 ms tick
@@ -447,7 +451,10 @@ async fn resume_calls_an_unfinished_drain_off() {
     let specs = ids("tenant", 50).iter().map(|id| probe(id, &log)).collect();
     let a = start(&cluster, "a", specs).await;
     a.wait_until(|s| s.running().count() == 50).await;
-    let mut builder_b = Runtime::builder().node("b").backend(cluster.clone());
+    let mut builder_b = Runtime::builder()
+        .rebalance(true)
+        .node("b")
+        .backend(cluster.clone());
     for id in ids("tenant", 50) {
         builder_b = builder_b.child(probe(&id, &log));
     }
@@ -474,6 +481,7 @@ async fn weight_labels_and_affinity_are_shown_in_status() {
     let cluster = MemoryCluster::new();
     let log = Log::default();
     let a = Runtime::builder()
+        .rebalance(true)
         .node("a")
         .backend(cluster.clone())
         .weight(3)
@@ -520,6 +528,7 @@ async fn weight_labels_and_affinity_are_shown_in_status() {
         "singleton `odd`: `prefer` entry `node a` cannot name a node: use only visible ASCII characters (no spaces)"
     );
     let err = Runtime::builder()
+        .rebalance(true)
         .node("b")
         .backend(cluster.clone())
         .child(probe("odd", &log).prefer(["x"]).avoid(["x"]))
@@ -529,6 +538,7 @@ async fn weight_labels_and_affinity_are_shown_in_status() {
     assert!(err.to_string().contains("`x` is given twice"), "{err}");
     // Bad labels from the builder.
     let err = Runtime::builder()
+        .rebalance(true)
         .node("b")
         .backend(cluster.clone())
         .labels(["zone=eu", "a,b"])
@@ -556,6 +566,7 @@ async fn sigterm_drains_first_when_asked_to() {
     let log = Log::default();
     let tenants = ids("tenant", 20);
     let mut builder = Runtime::builder()
+        .rebalance(true)
         .node("a")
         .backend(cluster.clone())
         .drain_on_shutdown(true);
@@ -689,6 +700,7 @@ async fn memory_per_id() {
         || (0..N).map(|i| ChildSpec::new(format!("tenant/{i:06}"), |_ctx| async { Ok(Idle) }));
     let before = rss_kib();
     let mut builder = Runtime::builder()
+        .rebalance(true)
         .node("a")
         .backend(cluster.clone())
         .metrics_per_id(false);
@@ -699,6 +711,7 @@ async fn memory_per_id() {
     a.wait_until(|s| s.running().count() == N).await;
     let running = rss_kib();
     let mut builder = Runtime::builder()
+        .rebalance(true)
         .node("b")
         .backend(cluster.clone())
         .metrics_per_id(false);
@@ -733,6 +746,7 @@ async fn rebalancing_respects_a_step_down() {
     let delay = Duration::from_secs(10);
     let start = |name: &'static str, ids: &'static [&'static str]| {
         let mut b = Runtime::builder()
+            .rebalance(true)
             .node(name)
             .backend(cluster.clone())
             .stepdown_delay(delay);

@@ -79,7 +79,8 @@ impl Fleet {
     ) -> RuntimeHandle {
         let mut builder = f(Runtime::builder()
             .node(node)
-            .backend(self.space.backend(node)));
+            .backend(self.space.backend(node))
+            .rebalance(true));
         for id in ids {
             builder = builder.child(self.spec(id));
         }

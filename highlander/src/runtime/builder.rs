@@ -196,7 +196,7 @@ impl Builder {
     }
 
     /// Whether a change of members hands ids over to where they now belong
-    /// (default on): each id held here whose best candidate is another
+    /// (default off, see `docs/fleets.md` for why): each id held here whose best candidate is another
     /// reachable member that runs it is released to that member (its
     /// instance stopped with
     /// [`ShutdownReason::Moved`](crate::ShutdownReason::Moved), `terminate`
@@ -295,7 +295,7 @@ impl Builder {
             handoff_rate: self.handoff_rate.unwrap_or(DEFAULT_HANDOFF_RATE),
             placement: Placement::new(
                 self.placement_grace.unwrap_or(DEFAULT_GRACE),
-                self.rebalance.unwrap_or(true),
+                self.rebalance.unwrap_or(false),
             ),
         });
         // Before the first claim: tell the others which ids this node runs,

@@ -140,7 +140,10 @@ struct Bench {
 
 impl Bench {
     async fn start(&mut self, node: &str, ids: &[String]) -> RuntimeHandle {
-        let mut b = Runtime::builder().node(node).backend(self.space.backend());
+        let mut b = Runtime::builder()
+            .node(node)
+            .backend(self.space.backend())
+            .rebalance(true);
         if !self.placement {
             b = b.placement_grace(Duration::ZERO).rebalance(false);
         }

@@ -7,7 +7,7 @@
 //! - `HL_IDS`: comma-separated singleton ids (default `solo`);
 //! - `HL_ID_COUNT` + `HL_ID_PREFIX`: instead, ids `{prefix}{0..count}`;
 //! - `HL_SHUTDOWN_MS`: the shutdown budget (default 2000);
-//! - `HL_REBALANCE=0`: no rebalancing (`Builder::rebalance(false)`);
+//! - `HL_REBALANCE=1`: rebalancing on (`Builder::rebalance(true)`; off by default, as in the library);
 //! - `HL_NOFILE` (optional): the process's open-file limit (`setrlimit`);
 //! - `HL_FENCE_ADDR` (optional): a fence register (`host:port`, see
 //!   `highlander_tests::chaos::fence`). Each instance then writes
@@ -171,9 +171,9 @@ async fn main() {
         .and_then(|v| v.parse().ok())
         .map(Duration::from_millis)
         .unwrap_or(Duration::from_secs(2));
-    // `HL_REBALANCE=0`: ids stay where first claimed (tests of a backend's
-    // own promises).
-    let rebalance = std::env::var("HL_REBALANCE").map_or(true, |v| v != "0");
+    // `HL_REBALANCE=1`: ids move to where placement puts them when members
+    // change; otherwise they stay where first claimed (the library's default).
+    let rebalance = std::env::var("HL_REBALANCE").is_ok_and(|v| v == "1");
     let mut builder = Runtime::builder().rebalance(rebalance);
     for id in ids() {
         let spec_id = id.clone();
