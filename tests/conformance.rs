@@ -1,153 +1,36 @@
 //! The scenarios every backend must pass (`highlander_tests::conformance`),
-//! run on each backend: one module per backend, each with its fixture and
-//! one test that runs every scenario on one server (each scenario in a
-//! namespace, or a cluster, of its own). What is particular to a backend is
-//! tested in its own file.
+//! run on each backend: one test per backend that runs every scenario on one
+//! server (each scenario in a namespace, or a cluster, of its own; the
+//! fixtures are in `highlander_tests::fixtures`). What is particular to a
+//! backend is tested in its own file.
 
-use std::collections::BTreeMap;
-use std::sync::Mutex;
-use std::time::Duration;
+use highlander_tests::conformance::run_all;
+use highlander_tests::fixtures::{Embedded, EtcdFixture, Memory, Pg};
 
-use highlander::backend::Backend;
-use highlander_tests::conformance::{Fixture, Space, run_all};
-
-/// A space whose every node gets the same backend configuration.
-struct Same<B>(B);
-
-impl<B: Backend + Clone> Space for Same<B> {
-    fn backend(&self, _node: &str) -> Box<dyn Backend> {
-        Box::new(self.0.clone())
-    }
+/// The in-process memory backend, on tokio's paused clock.
+#[tokio::test(start_paused = true)]
+async fn memory() {
+    run_all(&Memory).await;
 }
 
-/// The in-process memory backend, on tokio's paused clock: a new
-/// `MemoryCluster` per scenario.
-mod memory {
-    use super::*;
-    use highlander::MemoryCluster;
-
-    struct Memory;
-
-    impl Fixture for Memory {
-        fn name(&self) -> &'static str {
-            "memory"
-        }
-
-        fn space(&self, _scenario: &str) -> Box<dyn Space> {
-            Box::new(Same(MemoryCluster::new()))
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn every_scenario() {
-        run_all(&Memory).await;
-    }
+/// The embedded cluster over loopback TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster() {
+    run_all(&Embedded).await;
 }
 
-/// The embedded cluster over loopback TCP: a new cluster per scenario,
-/// each node listening on a free port and seeded with the nodes started
-/// before it (the latest incarnation of each other name).
-mod cluster {
-    use super::*;
-    use highlander::backend::cluster::Cluster;
-
-    struct Embedded;
-
-    impl Fixture for Embedded {
-        fn name(&self) -> &'static str {
-            "cluster"
-        }
-
-        fn space(&self, _scenario: &str) -> Box<dyn Space> {
-            Box::new(Nodes::default())
-        }
-    }
-
-    /// The configuration of every node started so far, in start order.
-    #[derive(Default)]
-    struct Nodes(Mutex<Vec<(String, Cluster)>>);
-
-    impl Space for Nodes {
-        fn backend(&self, node: &str) -> Box<dyn Backend> {
-            let mut nodes = self.0.lock().unwrap();
-            // The latest incarnation of every other name.
-            let mut latest: BTreeMap<&str, &Cluster> = BTreeMap::new();
-            for (name, cluster) in nodes.iter().filter(|(name, _)| name != node) {
-                latest.insert(name, cluster);
-            }
-            let seeds: Vec<String> = latest
-                .values()
-                .filter_map(|c| c.local_addr())
-                .map(|a| a.to_string())
-                .collect();
-            let cluster = Cluster::new("127.0.0.1:0")
-                .cookie("conformance test cookie")
-                .seeds(seeds);
-            nodes.push((node.to_string(), cluster.clone()));
-            Box::new(cluster)
-        }
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn every_scenario() {
-        run_all(&Embedded).await;
-    }
+/// Postgres: one server for every scenario.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres() {
+    let pg = tokio::task::spawn_blocking(highlander_tests::postgres::PgServer::start)
+        .await
+        .expect("the Postgres harness starts");
+    run_all(&Pg(pg.url())).await;
 }
 
-/// Postgres: one server for every scenario, a namespace per scenario.
-mod postgres {
-    use super::*;
-    use highlander::backend::postgres::Postgres;
-    use highlander_tests::postgres::PgServer;
-
-    struct Pg(String);
-
-    impl Fixture for Pg {
-        fn name(&self) -> &'static str {
-            "postgres"
-        }
-
-        fn space(&self, scenario: &str) -> Box<dyn Space> {
-            Box::new(Same(Postgres::new(self.0.clone()).namespace(scenario)))
-        }
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn every_scenario() {
-        let pg = tokio::task::spawn_blocking(PgServer::start)
-            .await
-            .expect("the Postgres harness starts");
-        run_all(&Pg(pg.url())).await;
-    }
-}
-
-/// etcd: one single-member server for every scenario, a namespace per
-/// scenario, a short TTL so that a crashed holder's lease expires soon.
-mod etcd {
-    use super::*;
-    use highlander::backend::etcd::Etcd;
-    use highlander_tests::etcd::EtcdCluster;
-
-    struct EtcdFixture(Vec<String>);
-
-    impl Fixture for EtcdFixture {
-        fn name(&self) -> &'static str {
-            "etcd"
-        }
-
-        fn space(&self, scenario: &str) -> Box<dyn Space> {
-            Box::new(Same(
-                Etcd::new(self.0.clone())
-                    .namespace(scenario)
-                    .ttl(Duration::from_secs(3))
-                    .keepalive_interval(Duration::from_millis(250)),
-            ))
-        }
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn every_scenario() {
-        let etcd = EtcdCluster::single().await;
-        run_all(&EtcdFixture(etcd.endpoints())).await;
-    }
+/// etcd: one single-member server for every scenario.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd() {
+    let etcd = highlander_tests::etcd::EtcdCluster::single().await;
+    run_all(&EtcdFixture(etcd.endpoints())).await;
 }

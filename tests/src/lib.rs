@@ -13,6 +13,7 @@ pub mod chaos;
 pub mod cluster;
 pub mod conformance;
 pub mod etcd;
+pub mod fixtures;
 pub mod fleet;
 pub mod log;
 pub mod netns;
