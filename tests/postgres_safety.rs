@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use highlander::backend::postgres::Postgres;
-use highlander::{ChildSpec, Runtime, ShutdownReason, SingletonState};
+use highlander::{ChildSpec, Runtime, RuntimeHandle, ShutdownReason, SingletonState};
 use highlander_tests::chaos::proxy::BackendProxy;
 use highlander_tests::postgres::PgServer;
 use highlander_tests::probe::{Event, Probe};
@@ -141,20 +141,7 @@ async fn a_holder_that_gives_up_keeps_its_ids_until_its_instance_has_stopped() {
         .await
         .unwrap();
     probe.wait_start("holder", "slow-stop").await;
-    let standby = Runtime::builder()
-        .rebalance(false)
-        .node("standby")
-        .backend(Postgres::new(pg.url()))
-        .child(slow(&probe))
-        .start()
-        .await
-        .unwrap();
-    timeout(
-        GUARD,
-        standby.wait_until(|s| matches!(s.get("slow-stop"), Some(SingletonState::Waiting { .. }))),
-    )
-    .await
-    .unwrap();
+    let standby = standby_waiting(Postgres::new(pg.url()), slow(&probe)).await;
 
     // Stall past the holder's 1.77 s deadline, within the 3 s server timeout.
     proxy.cut();
@@ -168,6 +155,27 @@ async fn a_holder_that_gives_up_keeps_its_ids_until_its_instance_has_stopped() {
     assert!(stopped < taken);
     holder.shutdown().await;
     standby.shutdown().await;
+}
+
+/// Starts node `standby` on `backend` with `spec` and waits until it
+/// waits for the spec's id (held by the other node).
+async fn standby_waiting(backend: Postgres, spec: ChildSpec) -> RuntimeHandle {
+    let id = spec.id().to_string();
+    let standby = Runtime::builder()
+        .rebalance(false)
+        .node("standby")
+        .backend(backend)
+        .child(spec)
+        .start()
+        .await
+        .unwrap();
+    timeout(
+        GUARD,
+        standby.wait_until(|s| matches!(s.get(&id), Some(SingletonState::Waiting { .. }))),
+    )
+    .await
+    .unwrap();
+    standby
 }
 
 /// The first start of `id` after `after`, waited for (hang-guarded).
@@ -214,20 +222,7 @@ async fn a_long_stop_budget_survives_a_dead_link_that_comes_back() {
     probe.wait_start("holder", "long").await;
     // The standby reaches the server over its Unix socket: the cut does
     // not touch it.
-    let standby = Runtime::builder()
-        .rebalance(false)
-        .node("standby")
-        .backend(Postgres::new(pg.url_via_socket()))
-        .child(slow(&probe))
-        .start()
-        .await
-        .unwrap();
-    timeout(
-        GUARD,
-        standby.wait_until(|s| matches!(s.get("long"), Some(SingletonState::Waiting { .. }))),
-    )
-    .await
-    .unwrap();
+    let standby = standby_waiting(Postgres::new(pg.url_via_socket()), slow(&probe)).await;
 
     ns.cut();
     let cut = Instant::now();
