@@ -470,6 +470,8 @@ async fn a_waiting_node_waits_for_the_watch_and_does_not_spin() {
     b.shutdown().await;
 }
 
+/// Revoking a node's lease from outside ends every tenure under it with
+/// `LeaseLost`, and every id then runs once more on a larger token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_a_nodes_lease_ends_all_its_tenures_at_once() {
     let cluster = EtcdCluster::single().await;
@@ -496,12 +498,8 @@ async fn revoking_a_nodes_lease_ends_all_its_tenures_at_once() {
         .lease_of("/highlander/part-0")
         .expect("a's key has a lease");
     assert!(leases.contains(&a_lease), "{leases:?}");
+    let before = running(&[&a]);
     cluster.etcdctl(&["lease", "revoke", &a_lease]);
-    within(
-        "b runs all",
-        b.wait_until(|s| s.running().count() == ids.len()),
-    )
-    .await;
     probe
         .wait_for("a stopping every id with lease lost", |events| {
             events
@@ -511,17 +509,24 @@ async fn revoking_a_nodes_lease_ends_all_its_tenures_at_once() {
                 == ids.len()
         })
         .await;
-    assert_eq!(a.status().running().count(), 0);
-    // a got a new lease and waits for every id again.
-    within(
-        "a waits again",
-        a.wait_until(|s| {
-            s.singletons
-                .iter()
-                .all(|x| matches!(x.state, SingletonState::Waiting { .. }))
-        }),
-    )
+    // Every id runs again, once, on a new tenure. Mostly on b, which saw the
+    // keys go at once; but a gets a new lease within moments and, as the ids'
+    // last holder, claims without deferring, so on a loaded machine it may win
+    // some back. Either is right: what matters is one holder per id.
+    wait::wait_until("every id runs again exactly once", GUARD, || {
+        let now = running(&[&a, &b]);
+        let mut seen: Vec<&str> = now.iter().map(|(id, _, _)| id.as_str()).collect();
+        seen.dedup();
+        seen.len() == ids.len() && now.len() == ids.len()
+    })
     .await;
+    for (id, node, token) in running(&[&a, &b]) {
+        let (_, _, old) = before.iter().find(|(i, _, _)| *i == id).expect("a ran it");
+        assert!(
+            token > *old,
+            "{id} on {node}: token {token} not above {old}"
+        );
+    }
     assert!(!cluster.leases().contains(&a_lease));
     b.shutdown().await;
     a.shutdown().await;
