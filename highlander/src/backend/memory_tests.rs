@@ -22,6 +22,26 @@ fn ready<F: Future>(fut: &mut std::pin::Pin<&mut F>) -> bool {
         .is_ready()
 }
 
+/// Three nodes, `a`, `b` and `c`.
+async fn three(cluster: &MemoryCluster) -> [Arc<dyn Session>; 3] {
+    [
+        node(cluster, "a").await,
+        node(cluster, "b").await,
+        node(cluster, "c").await,
+    ]
+}
+
+/// `a` claims `x` and releases it to `b`; `c`'s claim then finds it busy,
+/// and gets the wake of the reservation.
+async fn kept_for_b(a: &dyn Session, c: &dyn Session) -> BoxFuture<'static, ()> {
+    let token = granted(a, "x").await;
+    a.release_to("x", token, "b").await.unwrap();
+    let Claim::Busy { wake, .. } = c.try_claim(req("x")).await.unwrap() else {
+        panic!("c claimed an id kept for b");
+    };
+    wake
+}
+
 async fn granted(s: &dyn Session, id: &str) -> u64 {
     match s.try_claim(req(id)).await.expect("claim") {
         Claim::Granted(lease) => lease.token,
@@ -110,16 +130,10 @@ async fn release_to_keeps_the_id_for_the_named_node() {
 #[tokio::test(start_paused = true)]
 async fn a_reservation_ends_after_a_while_or_when_its_node_leaves() {
     let cluster = MemoryCluster::new();
-    let a = node(&cluster, "a").await;
-    let b = node(&cluster, "b").await;
-    let c = node(&cluster, "c").await;
+    let [a, b, c] = three(&cluster).await;
 
     // Expiry: the waiter is woken when the reservation ends.
-    let token = granted(&*a, "x").await;
-    a.release_to("x", token, "b").await.unwrap();
-    let Claim::Busy { wake, .. } = c.try_claim(req("x")).await.unwrap() else {
-        panic!("c claimed an id kept for b");
-    };
+    let wake = kept_for_b(&*a, &*c).await;
     let started = Instant::now();
     wake.await;
     assert!(started.elapsed() >= RESERVATION - Duration::from_millis(1));
@@ -129,12 +143,7 @@ async fn a_reservation_ends_after_a_while_or_when_its_node_leaves() {
     c.release_to("y", 0, "b").await.unwrap(); // not held: nothing kept
     let _ = granted(&*a, "y").await;
     c.release("x", tc).await.unwrap();
-    let token = granted(&*a, "x").await;
-    a.release_to("x", token, "b").await.unwrap();
-    let Claim::Busy { wake, .. } = c.try_claim(req("x")).await.unwrap() else {
-        panic!("c claimed an id kept for b");
-    };
-    let mut wake = pin!(wake);
+    let mut wake = pin!(kept_for_b(&*a, &*c).await);
     assert!(!ready(&mut wake));
     b.close().await;
     assert!(ready(&mut wake), "the leave did not wake the waiter");
@@ -144,9 +153,7 @@ async fn a_reservation_ends_after_a_while_or_when_its_node_leaves() {
 #[tokio::test]
 async fn a_reservation_for_a_node_out_of_sight_does_not_block() {
     let cluster = MemoryCluster::new();
-    let a = node(&cluster, "a").await;
-    let _b = node(&cluster, "b").await;
-    let c = node(&cluster, "c").await;
+    let [a, _b, c] = three(&cluster).await;
     let token = granted(&*a, "x").await;
     a.release_to("x", token, "b").await.unwrap();
     cluster.partition(&[&["a", "c"], &["b"]]);

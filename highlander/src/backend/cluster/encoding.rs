@@ -333,19 +333,14 @@ impl Msg {
             }
             Msg::Leave => buf.put_u8(12),
             Msg::Superseded => buf.put_u8(13),
-            Msg::Ceded {
-                id,
-                token,
-                winner,
-                winner_token,
-                winner_since,
-            } => {
+            Msg::Ceded { token, winner, won } => {
+                // On the wire: id, token, winner, winner's token, since.
                 buf.put_u8(14);
-                put_str(buf, id);
+                put_str(buf, &won.id);
                 buf.put_u64(*token);
                 put_str(buf, winner);
-                buf.put_u64(*winner_token);
-                buf.put_u64(*winner_since);
+                buf.put_u64(won.token);
+                buf.put_u64(won.since);
             }
             Msg::Announce(head) => {
                 buf.put_u8(16);
@@ -433,13 +428,15 @@ impl Msg {
             11 => Msg::Free { id: r.arc_str()? },
             12 => Msg::Leave,
             13 => Msg::Superseded,
-            14 => Msg::Ceded {
-                id: r.arc_str()?,
-                token: r.u64()?,
-                winner: r.arc_str()?,
-                winner_token: r.u64()?,
-                winner_since: r.u64()?,
-            },
+            14 => {
+                let (id, token, winner) = (r.arc_str()?, r.u64()?, r.arc_str()?);
+                let won = Hold {
+                    id,
+                    token: r.u64()?,
+                    since: r.u64()?,
+                };
+                Msg::Ceded { token, winner, won }
+            }
             16 => Msg::Announce(r.head()?),
             17 => Msg::CatalogWant { digest: r.u64()? },
             18 => {
@@ -565,11 +562,13 @@ mod tests {
             }],
         });
         roundtrip(Msg::Ceded {
-            id: "x".into(),
             token: 3,
             winner: "a".into(),
-            winner_token: 2,
-            winner_since: 1,
+            won: Hold {
+                id: "x".into(),
+                token: 2,
+                since: 1,
+            },
         });
     }
 

@@ -137,15 +137,13 @@ pub(super) enum Msg {
     Held(Hold),
     /// The sender gave up its tenure of an id.
     Released { id: Arc<str>, token: u64 },
-    /// The sender's tenure of an id ended in a conflict that `winner`
-    /// (node, token, since) won: a `Released` that also says who holds the
-    /// id, for receivers not yet connected to the winner.
+    /// The sender's tenure (`token`) of the id `won.id` ended in a conflict
+    /// that `winner` won with the tenure `won`: a `Released` that also says
+    /// who holds the id, for receivers not yet connected to the winner.
     Ceded {
-        id: Arc<str>,
         token: u64,
         winner: Arc<str>,
-        winner_token: u64,
-        winner_since: u64,
+        won: Hold,
     },
     /// Asks the receiver, as arbiter, for an id.
     ClaimReq { id: Arc<str> },

@@ -194,23 +194,24 @@ enum Answer {
     Released(oneshot::Sender<Result<()>>),
     /// The key was put: the claim is granted, its token the transaction's
     /// revision.
-    Put {
-        id: Arc<str>,
-        budget: Duration,
-        reply: oneshot::Sender<Result<Claim>>,
-    },
+    Put(Asked),
     /// The key exists, or the id is reserved (`kv` and `reserved` both
     /// `None`: both vanished in between, which one transaction rules out;
     /// answered "try again" all the same).
     Exists {
-        id: Arc<str>,
-        budget: Duration,
-        reply: oneshot::Sender<Result<Claim>>,
+        asked: Asked,
         kv: Option<KeyValue>,
         reserved: Option<KeyValue>,
     },
     /// No nested transaction's answer in its place.
     Garbled(Op),
+}
+
+/// A claim waiting for its answer: the id, its budget, where to answer.
+struct Asked {
+    id: Arc<str>,
+    budget: Duration,
+    reply: oneshot::Sender<Result<Claim>>,
 }
 
 /// Pairs each pending call with its answer, in order; a call without an
@@ -232,7 +233,7 @@ fn answers(pending: Vec<Op>, responses: Vec<ResponseOp>) -> Vec<Answer> {
                 Op::Claim { id, budget, reply }
                 | Op::Take {
                     id, budget, reply, ..
-                } if answer.succeeded => Answer::Put { id, budget, reply },
+                } if answer.succeeded => Answer::Put(Asked { id, budget, reply }),
                 Op::Claim { id, budget, reply }
                 | Op::Take {
                     id, budget, reply, ..
@@ -247,10 +248,9 @@ fn answers(pending: Vec<Op>, responses: Vec<ResponseOp>) -> Vec<Answer> {
                     });
                     let kv = ranges.next().flatten();
                     let reserved = ranges.next().flatten();
+                    let asked = Asked { id, budget, reply };
                     Answer::Exists {
-                        id,
-                        budget,
-                        reply,
+                        asked,
                         kv,
                         reserved,
                     }
@@ -359,7 +359,7 @@ impl Inner {
 
     /// Answers one call of a transaction etcd applied at `revision`.
     fn complete(self: &Arc<Self>, answer: Answer, lease_id: i64, revision: i64) {
-        let (id, budget, reply, kv, reserved) = match answer {
+        let (asked, kv, reserved) = match answer {
             Answer::Garbled(op) => {
                 op.fail(Error::backend(
                     crate::BackendErrorKind::Other,
@@ -371,7 +371,7 @@ impl Inner {
                 let _ = reply.send(Ok(()));
                 return;
             }
-            Answer::Put { id, budget, reply } => {
+            Answer::Put(Asked { id, budget, reply }) => {
                 let granted = self.granted(&id, budget, lease_id, revision as u64);
                 if let Err(Ok(Claim::Granted(lease))) = reply.send(granted) {
                     self.abandon(id, lease.token);
@@ -379,13 +379,12 @@ impl Inner {
                 return;
             }
             Answer::Exists {
-                id,
-                budget,
-                reply,
+                asked,
                 kv,
                 reserved,
-            } => (id, budget, reply, kv, reserved),
+            } => (asked, kv, reserved),
         };
+        let Asked { id, budget, reply } = asked;
         let Some(kv) = kv else {
             self.reserved(id, budget, reply, reserved, revision);
             return;

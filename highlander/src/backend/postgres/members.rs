@@ -23,6 +23,7 @@ use std::time::Duration;
 use tokio::time::sleep;
 use tokio_postgres::Row;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
 use tracing::{debug, warn};
 
 use super::errors::query_error;
@@ -314,45 +315,26 @@ pub(super) async fn publish(inner: &Inner, live: &LiveInfo, profile: &Profile) -
     let failed = |e| query_error(settings, "announcing this node's profile", e);
     let weight = i64::from(profile.weight);
     let digest = profile.catalog.digest() as i64;
+    let ids: Vec<&str> = profile.catalog.ids().iter().map(|s| &**s).collect();
+    // ANNOUNCE_FULL takes the same parameters as the statement that finds
+    // the catalog known, and then the ids.
+    let head: [&(dyn ToSql + Sync); 7] = [
+        &settings.namespace,
+        &inner.node,
+        &live.me,
+        &weight,
+        &profile.labels,
+        &digest,
+        &settings.channel,
+    ];
+    let full: Vec<&(dyn ToSql + Sync)> = head.iter().copied().chain([&ids as _]).collect();
     let mut tries = 0;
     loop {
         tries += 1;
-        let known = live
-            .client
-            .query(
-                &live.stmts.announce_known,
-                &[
-                    &settings.namespace,
-                    &inner.node,
-                    &live.me,
-                    &weight,
-                    &profile.labels,
-                    &digest,
-                    &settings.channel,
-                ],
-            )
-            .await;
+        let known = live.client.query(&live.stmts.announce_known, &head).await;
         let result = match known {
             Ok(rows) if !rows.is_empty() => Ok(()),
-            Ok(_) => {
-                let ids: Vec<&str> = profile.catalog.ids().iter().map(|s| &**s).collect();
-                live.client
-                    .query(
-                        sql::ANNOUNCE_FULL,
-                        &[
-                            &settings.namespace,
-                            &inner.node,
-                            &live.me,
-                            &weight,
-                            &profile.labels,
-                            &digest,
-                            &settings.channel,
-                            &ids,
-                        ],
-                    )
-                    .await
-                    .map(drop)
-            }
+            Ok(_) => live.client.query(sql::ANNOUNCE_FULL, &full).await.map(drop),
             Err(e) => Err(e),
         };
         match result {

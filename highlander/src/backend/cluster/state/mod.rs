@@ -406,14 +406,9 @@ impl State {
             Msg::MemberUp(m) => self.learn(m, &mut fx),
             Msg::Held(hold) => self.on_held(peer, hold, &mut fx),
             Msg::Released { id, token } => self.on_released(peer, &id, token, &mut fx),
-            Msg::Ceded {
-                id,
-                token,
-                winner,
-                winner_token,
-                winner_since,
-            } => {
-                self.on_relayed_hold(&id, winner, winner_token, winner_since, &mut fx);
+            Msg::Ceded { token, winner, won } => {
+                let id = won.id.clone();
+                self.on_relayed_hold(winner, won, &mut fx);
                 self.on_released(peer, &id, token, &mut fx);
             }
             Msg::ClaimReq { id } => self.on_claim_req(peer, id, &mut fx),

@@ -137,11 +137,13 @@ impl State {
                 },
             });
             let ceded = Msg::Ceded {
-                id: id.clone(),
                 token: own.token,
                 winner: winner.clone(),
-                winner_token: token,
-                winner_since: since,
+                won: Hold {
+                    id: id.clone(),
+                    token,
+                    since,
+                },
             };
             fx.send(self.every_conn(), ceded);
             self.touch(id, fx);
@@ -234,14 +236,9 @@ impl State {
     /// later. The relayed hold counts until the winner's own `Sync` or
     /// `Held` replaces it, or for the failure timeout: a winner this node
     /// still cannot reach by then is on the other side of a split.
-    pub(super) fn on_relayed_hold(
-        &mut self,
-        id: &Arc<str>,
-        winner: Arc<str>,
-        token: u64,
-        since: u64,
-        fx: &mut Effects,
-    ) {
+    pub(super) fn on_relayed_hold(&mut self, winner: Arc<str>, won: Hold, fx: &mut Effects) {
+        let Hold { id, token, since } = &won;
+        let (id, token, since) = (id, *token, *since);
         if winner == self.name {
             return;
         }

@@ -143,11 +143,9 @@ fn a_heal_ends_the_later_tenure_with_conflict_in_both_orders() {
     assert!(sent(&fx).iter().any(|(to, m)| *to == "b"
         && **m
             == Msg::Ceded {
-                id: name("x"),
                 token,
                 winner: name("b"),
-                winner_token: 99,
-                winner_since: at(10),
+                won: hold("x", 99, at(10)),
             }));
     assert_eq!(holder_of(&s, "x").as_deref(), Some("b"));
 
@@ -414,11 +412,9 @@ fn a_hold_relayed_by_a_loser_counts_until_the_failure_timeout() {
     let (b, _) = connect(&mut s, "b", vec![hold("x", 5 << 10, at(10))]);
     // "b" lost to "a", which "c" cannot reach yet.
     let ceded = Msg::Ceded {
-        id: name("x"),
         token: 5 << 10,
         winner: name("a"),
-        winner_token: 4 << 10,
-        winner_since: at(5),
+        won: hold("x", 4 << 10, at(5)),
     };
     let fx = s.on_frame(&name("b"), b, ceded, at(11));
     let timer = fx.list().iter().find_map(|e| match e {

@@ -226,11 +226,13 @@ fn each_answer_completes_its_own_call() {
             txn_answer(true, None),
         ],
     );
-    assert!(matches!(&answered[0], Answer::Put { id, .. } if &**id == "won"));
+    assert!(matches!(&answered[0], Answer::Put(asked) if &*asked.id == "won"));
     assert!(
-        matches!(&answered[1], Answer::Exists { id, kv: Some(kv), .. } if &**id == "busy" && *kv == holder)
+        matches!(&answered[1], Answer::Exists { asked, kv: Some(kv), .. } if &*asked.id == "busy" && *kv == holder)
     );
-    assert!(matches!(&answered[2], Answer::Exists { id, kv: None, .. } if &**id == "vanished"));
+    assert!(
+        matches!(&answered[2], Answer::Exists { asked, kv: None, .. } if &*asked.id == "vanished")
+    );
     assert!(matches!(&answered[3], Answer::Released(_)));
 }
 
@@ -244,7 +246,7 @@ fn every_call_is_answered_once_even_when_etcd_answers_short_or_wrong() {
     };
     let answered = answers(ops, vec![txn_answer(true, None), wrong]);
     assert_eq!(answered.len(), 4, "one answer per call");
-    assert!(matches!(&answered[0], Answer::Put { .. }));
+    assert!(matches!(&answered[0], Answer::Put(_)));
     for answer in answered.into_iter().skip(1) {
         let Answer::Garbled(op) = answer else {
             panic!("no answer of the right kind");

@@ -37,6 +37,17 @@ fn row(id: &str, owner: Option<i32>, node: Option<&str>, token: i64) -> StatusRo
     }
 }
 
+/// Completes one claim that was not granted, on node `(1, "a")`, against
+/// the status rows `status`: whether a release must go out at once.
+fn complete_lost(
+    st: &mut State,
+    settings: &Settings,
+    c: PendingClaim,
+    status: &HashMap<i64, StatusRow>,
+) -> bool {
+    complete(st, settings, vec![c], &HashMap::new(), status, (1, "a"), 0)
+}
+
 fn keys(batch: &[PendingClaim]) -> Vec<i64> {
     batch.iter().map(|c| c.key).collect()
 }
@@ -282,15 +293,7 @@ async fn a_claim_that_keeps_missing_a_free_row_polls() {
     let (mut c, mut rx) = claim("free", 3, Duration::ZERO);
     c.retries = FREE_RETRIES;
     let status = HashMap::from([(3, row("free", None, Some("gone"), 4))]);
-    assert!(!complete(
-        &mut st,
-        &settings,
-        vec![c],
-        &HashMap::new(),
-        &status,
-        (1, "a"),
-        0
-    ));
+    assert!(!complete_lost(&mut st, &settings, c, &status));
     let Ok(Ok(Claim::Busy { holder, wake })) = rx.try_recv() else {
         panic!("busy")
     };
@@ -344,15 +347,7 @@ fn collisions_name_both_ids() {
     let mut other = row("theirs", None, None, 0);
     other.namespace = "billing".to_string();
     let status = HashMap::from([(3, other)]);
-    complete(
-        &mut st,
-        &settings,
-        vec![c],
-        &HashMap::new(),
-        &status,
-        (1, "a"),
-        0,
-    );
+    complete_lost(&mut st, &settings, c, &status);
     let err = rx.try_recv().unwrap().unwrap_err().to_string();
     assert!(err.contains("id `mine` in namespace `highlander`"), "{err}");
     assert!(
