@@ -232,6 +232,38 @@ impl Shared {
     }
 }
 
+/// The tenure a guardian holds, for [`Guardian::run`] to release should
+/// the guardian panic. Two atomics: smaller than a mutex, and every guardian
+/// task carries one.
+#[derive(Default)]
+struct Held {
+    is: AtomicBool,
+    token: AtomicU64,
+}
+
+impl Held {
+    fn set(&self, token: Option<u64>) {
+        self.token.store(token.unwrap_or(0), Ordering::SeqCst);
+        self.is.store(token.is_some(), Ordering::SeqCst);
+    }
+
+    fn take(&self) -> Option<u64> {
+        self.is
+            .swap(false, Ordering::SeqCst)
+            .then(|| self.token.load(Ordering::SeqCst))
+    }
+}
+
+/// What the claim loop does after an answer from the backend.
+enum Next {
+    /// Wait, then ask again.
+    Retry,
+    /// Wait for the holder to change.
+    Wait(BoxFuture<'static, ()>),
+    /// Run the tenure.
+    Hold(Lease),
+}
+
 /// How a tenure's supervision ended.
 enum Outcome {
     /// The node shuts down or the id was removed: release and end.
@@ -313,14 +345,14 @@ impl Guardian {
                 self.set(SingletonState::Stopped);
                 return;
             }
-            let held = Mutex::new(None);
+            let held = Held::default();
             loop {
                 match AssertUnwindSafe(self.guard(&held)).catch_unwind().await {
                     Ok(()) => break,
                     Err(panic) => {
                         let panic = panic_text(panic);
                         error!(%panic, "the guardian panicked (a bug in highlander): releasing the id and claiming again");
-                        let token = held.lock().unwrap_or_else(|e| e.into_inner()).take();
+                        let token = held.take();
                         if let Some(token) = token {
                             self.release(token).await;
                         }
@@ -340,14 +372,15 @@ impl Guardian {
     /// Claims, supervises and releases until the node shuts down or the id
     /// is removed. `held` names the tenure this node holds, for
     /// [`Guardian::run`].
-    async fn guard(&self, held: &Mutex<Option<u64>>) {
+    async fn guard(&self, held: &Held) {
         let mut retry = RETRY_MIN;
         // Which holder was last logged, as a hash of its name (0: none):
         // eight bytes instead of a copy of the name in every guardian.
         let mut last_holder = 0u64;
         loop {
-            // The rare and the short-lived waits are boxed: what every
-            // guardian task carries is only the wait on a holder.
+            // Every wait is boxed: the task carries only what each state
+            // needs (a waiting id the wait on its holder, a held one its
+            // running tenure), and the task itself stays small.
             if !self.may_claim() {
                 if Box::pin(self.wait_resumed()).await {
                     break;
@@ -361,36 +394,45 @@ impl Guardian {
             if ranks > 0 && Box::pin(self.defer(last_holder)).await {
                 break;
             }
-            let Some(claim) = Box::pin(self.claim()).await else {
-                break;
+            // The answer is taken apart in a block of its own, so the task
+            // does not keep room for it while it waits or runs.
+            let next = {
+                let Some(claim) = Box::pin(self.claim()).await else {
+                    break;
+                };
+                match claim {
+                    Err(e) => {
+                        debug!(error = %e, retry_in = ?retry, "cannot claim now");
+                        self.set(SingletonState::Retrying {
+                            error: e.to_string(),
+                        });
+                        Next::Retry
+                    }
+                    Ok(Claim::Busy { holder, wake }) => {
+                        retry = RETRY_MIN;
+                        last_holder = self.wait_on(holder, last_holder);
+                        Next::Wait(wake)
+                    }
+                    Ok(Claim::Granted(lease)) => {
+                        retry = RETRY_MIN;
+                        last_holder = 0;
+                        Next::Hold(lease)
+                    }
+                }
             };
-            match claim {
-                Err(e) => {
-                    debug!(error = %e, retry_in = ?retry, "cannot claim now");
-                    self.set(SingletonState::Retrying {
-                        error: e.to_string(),
-                    });
-                    if Box::pin(self.pause(retry)).await {
-                        break;
-                    }
+            let end = match next {
+                Next::Retry => {
+                    let end = Box::pin(self.pause(retry)).await;
                     retry = (retry * 2).min(RETRY_MAX);
+                    end
                 }
-                Ok(Claim::Busy { holder, wake }) => {
-                    retry = RETRY_MIN;
-                    last_holder = self.wait_on(holder, last_holder);
-                    if self.wait_holder(wake).await {
-                        break;
-                    }
-                }
-                Ok(Claim::Granted(lease)) => {
-                    retry = RETRY_MIN;
-                    last_holder = 0;
-                    // Boxed: only the ids held here pay for a running
-                    // instance's state; a waiting guardian stays small.
-                    if Box::pin(self.tenure(lease, held)).await {
-                        break;
-                    }
-                }
+                Next::Wait(wake) => Box::pin(self.wait_holder(wake)).await,
+                // Boxed: only the ids held here pay for a running
+                // instance's state; a waiting guardian stays small.
+                Next::Hold(lease) => Box::pin(self.tenure(lease, held)).await,
+            };
+            if end {
+                break;
             }
         }
         self.set(SingletonState::Stopped);
@@ -407,12 +449,27 @@ impl Guardian {
 
     /// One tenure: supervise the instance while the lease holds, then
     /// release by the outcome. True when the guardian ends.
-    async fn tenure(&self, lease: Lease, held: &Mutex<Option<u64>>) -> bool {
-        *held.lock().unwrap_or_else(|e| e.into_inner()) = Some(lease.token);
-        let tenure = info_span!("tenure", token = lease.token);
-        tenure.in_scope(|| info!("claimed: running here"));
-        let outcome = self.supervise(&lease).instrument(tenure).await;
-        let end = match outcome {
+    async fn tenure(&self, lease: Lease, held: &Held) -> bool {
+        held.set(Some(lease.token));
+        let running = {
+            let tenure = info_span!("tenure", token = lease.token);
+            tenure.in_scope(|| info!("claimed: running here"));
+            // The span moves into the future: no second copy is kept.
+            self.supervise(&lease).instrument(tenure)
+        };
+        let outcome = running.await;
+        // Boxed: what follows a tenure is rare next to a running one.
+        let end = Box::pin(self.end_tenure(outcome, &lease)).await;
+        if !end {
+            held.set(None);
+        }
+        end
+    }
+
+    /// Releases the id by how its tenure ended (see [`Outcome`]); true
+    /// when the guardian ends.
+    async fn end_tenure(&self, outcome: Outcome, lease: &Lease) -> bool {
+        match outcome {
             Outcome::Shutdown => {
                 self.release(lease.token).await;
                 true
@@ -442,13 +499,9 @@ impl Guardian {
                     token: lease.token,
                     reason,
                 });
-                self.hold_finished(&lease).await
+                self.hold_finished(lease).await
             }
-        };
-        if !end {
-            *held.lock().unwrap_or_else(|e| e.into_inner()) = None;
         }
-        end
     }
 
     /// Shows `Waiting` on `holder`, logging when it is not the holder last

@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
@@ -28,9 +28,9 @@ impl Guardian {
     /// Runs instances while the lease holds, restarting them by policy.
     pub(super) async fn supervise(&self, lease: &Lease) -> Outcome {
         let spec = &self.slot.spec;
-        let mut restarts: VecDeque<Instant> = VecDeque::new();
+        // Boxed, and made at the first restart: most tenures never restart.
+        let mut history: Option<Box<Restarts>> = None;
         let mut total_restarts = 0u32;
-        let mut backoff = RESTART_BACKOFF_MIN;
         // A step-down asked for during an earlier tenure is not for this one.
         self.slot.clear_asks();
         loop {
@@ -56,17 +56,24 @@ impl Guardian {
                 return Outcome::Finished(reason);
             }
             let now = Instant::now();
+            let restarts = history.get_or_insert_with(|| {
+                Box::new(Restarts {
+                    at: VecDeque::new(),
+                    backoff: RESTART_BACKOFF_MIN,
+                })
+            });
             if now.duration_since(started) > spec.intensity.period {
-                backoff = RESTART_BACKOFF_MIN;
+                restarts.backoff = RESTART_BACKOFF_MIN;
             }
-            restarts.push_back(now);
+            restarts.at.push_back(now);
             while restarts
+                .at
                 .front()
                 .is_some_and(|t| now.duration_since(*t) > spec.intensity.period)
             {
-                restarts.pop_front();
+                restarts.at.pop_front();
             }
-            if restarts.len() > spec.intensity.max_restarts as usize {
+            if restarts.at.len() > spec.intensity.max_restarts as usize {
                 warn!(
                     %reason,
                     max_restarts = spec.intensity.max_restarts,
@@ -76,12 +83,13 @@ impl Guardian {
                 return Outcome::Stepdown;
             }
             total_restarts += 1;
+            let backoff = restarts.backoff;
             info!(%reason, restart_in = ?backoff, "instance stopped; restarting");
             // Boxed: only an instance between restarts pays for it.
             if let Some(outcome) = Box::pin(self.backoff(lease, backoff)).await {
                 return outcome;
             }
-            backoff = (backoff * 2).min(RESTART_BACKOFF_MAX);
+            restarts.backoff = (backoff * 2).min(RESTART_BACKOFF_MAX);
         }
     }
 
@@ -118,49 +126,15 @@ impl Guardian {
             // before the instance sees the cancellation.
             CancellationToken::new(),
         );
-        let children = ctx.children().clone();
-        let _abort_children = AbortOnDrop(children.clone());
+        let children = ctx.children();
+        let _abort_children = AbortOnDrop(children);
         let late = LatePanic::default();
+        let mut stop_trigger = std::pin::pin!(self.stop_trigger(&ctx, lease));
 
-        let stop_trigger = async {
-            tokio::select! {
-                _ = self.slot.cancel.cancelled() => self.slot.cancel_reason(),
-                // A child failed: it stopped the context with its error.
-                _ = ctx.cancelled() => ctx.reason().unwrap_or(ShutdownReason::Normal),
-                end = lease.ended() => end.into(),
-                _ = self.slot.step_down.notified() => self.slot.asked_reason(),
-            }
-        };
-        tokio::pin!(stop_trigger);
-
-        // Build the instance: the factory is called inside the guarded poll,
-        // so a panic in its synchronous part is caught too.
-        let mut build = Guarded::new("the factory", || (spec.build)(&ctx), &late);
-        let built = tokio::select! {
-            built = &mut build => built,
-            reason = &mut stop_trigger => {
-                ctx.stop(reason.clone());
-                drop(build);
-                let deadline = Instant::now() + spec.shutdown;
-                Box::pin(stop_children(&children, deadline, deadline)).await;
-                return late.after(reason);
-            }
-        };
-        drop(build);
-        let mut service = match built {
-            Ok(Ok(service)) => service,
-            failed => {
-                let reason = ShutdownReason::Error(match failed {
-                    Ok(Err(e)) => format!("init failed: {}", describe_error(e)),
-                    Err(panic) => format!("init panicked: {panic}"),
-                    Ok(Ok(_)) => unreachable!("matched above"),
-                });
-                warn!(%reason, "instance could not be built");
-                ctx.stop(reason.clone());
-                let deadline = Instant::now() + spec.shutdown;
-                Box::pin(stop_children(&children, deadline, deadline)).await;
-                return reason;
-            }
+        // Boxed: only an instance being built pays for the factory's state.
+        let mut service = match Box::pin(build(&ctx, spec, &late, stop_trigger.as_mut())).await {
+            Ok(service) => service,
+            Err(reason) => return reason,
         };
 
         // Run it until it returns or something stops it. `run` and the
@@ -187,7 +161,7 @@ impl Guardian {
                 run,
                 returned,
                 &reason,
-                &children,
+                children,
                 deadline,
                 spec.shutdown,
             ))
@@ -208,6 +182,66 @@ impl Guardian {
             late.record(format!("dropping the service panicked: {panic}"));
         }
         late.after(reason)
+    }
+
+    /// Completes with the reason when something outside the instance stops
+    /// it: the node shuts down or the id is removed, a child failed, the
+    /// lease ended, or a handle asked it to give the id up.
+    async fn stop_trigger(&self, ctx: &Context, lease: &Lease) -> ShutdownReason {
+        tokio::select! {
+            _ = self.slot.cancel.cancelled() => self.slot.cancel_reason(),
+            // A child failed: it stopped the context with its error.
+            _ = ctx.cancelled() => ctx.reason().unwrap_or(ShutdownReason::Normal),
+            end = lease.ended() => end.into(),
+            _ = self.slot.step_down.notified() => self.slot.asked_reason(),
+        }
+    }
+}
+
+/// A tenure's restarts: when each happened (within the intensity period)
+/// and the wait before the next one.
+struct Restarts {
+    at: VecDeque<Instant>,
+    backoff: Duration,
+}
+
+/// Builds the instance, unless `stop_trigger` fires first; then, or when
+/// the factory fails, stops what it started and returns the reason. The
+/// factory is called inside the guarded poll, so a panic in its synchronous
+/// part is caught too.
+async fn build(
+    ctx: &Context,
+    spec: &crate::spec::ChildSpec,
+    late: &LatePanic,
+    stop_trigger: Pin<&mut impl Future<Output = ShutdownReason>>,
+) -> Result<Box<dyn crate::service::DynService>, ShutdownReason> {
+    let children = ctx.children();
+    let mut build = Guarded::new("the factory", || (spec.build)(ctx), late);
+    let built = tokio::select! {
+        built = &mut build => built,
+        reason = stop_trigger => {
+            ctx.stop(reason.clone());
+            drop(build);
+            let deadline = Instant::now() + spec.shutdown;
+            stop_children(children, deadline, deadline).await;
+            return Err(late.after(reason));
+        }
+    };
+    drop(build);
+    match built {
+        Ok(Ok(service)) => Ok(service),
+        failed => {
+            let reason = ShutdownReason::Error(match failed {
+                Ok(Err(e)) => format!("init failed: {}", describe_error(e)),
+                Err(panic) => format!("init panicked: {panic}"),
+                Ok(Ok(_)) => unreachable!("matched above"),
+            });
+            warn!(%reason, "instance could not be built");
+            ctx.stop(reason.clone());
+            let deadline = Instant::now() + spec.shutdown;
+            stop_children(children, deadline, deadline).await;
+            Err(reason)
+        }
     }
 }
 
@@ -394,9 +428,9 @@ async fn stop_children(children: &Children, abandon_at: Instant, deadline: Insta
 
 /// Aborts the instance's children if the instance's future is dropped (the
 /// runtime was aborted), so no child outlives its instance.
-struct AbortOnDrop(Arc<Children>);
+struct AbortOnDrop<'a>(&'a Children);
 
-impl Drop for AbortOnDrop {
+impl Drop for AbortOnDrop<'_> {
     fn drop(&mut self) {
         self.0.abort_all();
     }

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! cargo run --release -p highlander-tests --bin bench_fleet -- --backend memory|cluster|postgres|etcd [--ids 10000] [--no-placement]
-//! cargo run --release -p highlander-tests --bin bench_fleet -- --rss [--ids 100000]
+//! cargo run --release -p highlander-tests --bin bench_fleet -- --rss [--ids 100000] [--probe]
 //! ```
 //!
 //! Scenarios, in order, on one fleet:
@@ -22,9 +22,12 @@
 //! `--no-placement` turns the claim deferral and the rebalancing off
 //! (`placement_grace(0)`, `rebalance(false)`): first come, first served.
 //!
-//! `--rss`: one node on the embedded cluster backend runs `--ids` ids:
-//! bring-up time and the resident memory per running id (VmRSS of this
-//! process before and after).
+//! `--rss`: one node on the embedded cluster backend runs `--ids` ids of an
+//! idle service (`--probe`: the test probe, which also logs every start and
+//! stop): bring-up time and the resident memory per running id (VmRSS of
+//! this process before and after); then a second node starts that waits on
+//! every id, and the same per waiting id. For the heap by owner, run it
+//! under `heaptrack` (peak consumers).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -50,6 +53,7 @@ struct Args {
     ids: usize,
     placement: bool,
     rss: bool,
+    probe: bool,
 }
 
 fn args() -> Args {
@@ -58,6 +62,7 @@ fn args() -> Args {
         ids: 0,
         placement: true,
         rss: false,
+        probe: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -67,8 +72,9 @@ fn args() -> Args {
             "--ids" => args.ids = value().parse().expect("--ids N"),
             "--no-placement" => args.placement = false,
             "--rss" => args.rss = true,
+            "--probe" => args.probe = true,
             other => panic!(
-                "unknown argument {other}: use --backend memory|cluster|postgres|etcd, --ids N, --no-placement, --rss"
+                "unknown argument {other}: use --backend memory|cluster|postgres|etcd, --ids N, --no-placement, --rss, --probe"
             ),
         }
     }
@@ -373,16 +379,62 @@ fn vm_rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// What VmRSS grew by from `before` (KiB) to `after`, per id.
+fn per_id(before: u64, after: u64, n: usize) -> String {
+    let grown = after.saturating_sub(before);
+    format!(
+        "VmRSS {before} KiB -> {after} KiB: {:.0} B ({:.2} KiB)",
+        (grown * 1024) as f64 / n as f64,
+        grown as f64 / n as f64,
+    )
+}
+
+/// The least a service can be: it waits to be stopped.
+struct Idle;
+
+impl highlander::Service for Idle {
+    async fn run(&mut self, ctx: &highlander::Context) -> highlander::Result<()> {
+        ctx.cancelled().await;
+        Ok(())
+    }
+}
+
+/// What `--rss` runs per id: the idle service, or with `--probe` the test
+/// probe (which also records every start and stop, two strings each).
+fn rss_spec(probe: Option<&Probe>, id: &str) -> highlander::ChildSpec {
+    match probe {
+        Some(probe) => probe.spec(id),
+        None => highlander::ChildSpec::new(id, |_ctx| async { Ok(Idle) }),
+    }
+    .shutdown(BUDGET)
+}
+
+/// A node of `space` with every id of `ids`, built but not started, so
+/// that what is measured is the running ids and not their specs.
+fn rss_node(
+    space: &Space,
+    node: &str,
+    ids: &[String],
+    probe: Option<&Probe>,
+) -> highlander::Builder {
+    // No rebalancing: the second node waits on every id instead of taking
+    // its share.
+    let mut builder = Runtime::builder()
+        .node(node)
+        .backend(space.backend())
+        .rebalance(false);
+    for id in ids {
+        builder = builder.child(rss_spec(probe, id));
+    }
+    builder
+}
+
 async fn rss(args: &Args) {
     let n = args.ids;
     let space = Space::new("cluster").await;
     let ids: Vec<String> = (0..n).map(|i| format!("tenant/{i}")).collect();
-    // Build the specs first, so that what is measured is the running ids.
-    let probe = Probe::new();
-    let mut builder = Runtime::builder().node("rss").backend(space.backend());
-    for id in &ids {
-        builder = builder.child(probe.spec(id).shutdown(BUDGET));
-    }
+    let probe = args.probe.then(Probe::new);
+    let builder = rss_node(&space, "rss", &ids, probe.as_ref());
     let before = vm_rss_kib();
     let t = Instant::now();
     let h = builder.start().await.expect("the node starts");
@@ -392,12 +444,42 @@ async fn rss(args: &Args) {
     }
     let up = t.elapsed();
     sleep(Duration::from_secs(1)).await;
+    let running = vm_rss_kib();
+    println!(
+        "rss: {n} ids on one embedded-cluster node ({} service): all running after {:.0} ms",
+        if args.probe { "probe" } else { "idle" },
+        ms(up),
+    );
+    println!("  per running id: {}", per_id(before, running, n));
+
+    // A second node that waits on every id.
+    let builder = rss_node(&space, "rss-standby", &ids, probe.as_ref());
+    let before = vm_rss_kib();
+    let t = Instant::now();
+    let w = builder.start().await.expect("the standby starts");
+    let waiting = || {
+        w.status()
+            .singletons
+            .iter()
+            .filter(|s| matches!(s.state, highlander::SingletonState::Waiting { .. }))
+            .count()
+    };
+    while waiting() < n {
+        assert!(t.elapsed() < GUARD, "not all ids wait");
+        sleep(Duration::from_millis(50)).await;
+    }
+    let all_waiting = t.elapsed();
+    sleep(Duration::from_secs(1)).await;
     let after = vm_rss_kib();
     println!(
-        "rss: {n} ids on one embedded-cluster node: all running after {:.0} ms; VmRSS {before} KiB -> {after} KiB, {:.2} KiB per running id",
-        ms(up),
-        (after.saturating_sub(before)) as f64 / n as f64
+        "  standby waiting on all {n} ids after {:.0} ms",
+        ms(all_waiting)
     );
+    println!(
+        "  per waiting id (both nodes in this process: the standby's guardians, and the holder's view of a waiter): {}",
+        per_id(before, after, n)
+    );
+    w.shutdown().await;
     h.shutdown().await;
 }
 
