@@ -441,29 +441,10 @@ async fn transfer(
         Ok(to) => to,
         Err(why) => return text(StatusCode::BAD_REQUEST, why),
     };
-    let not_held = |id: &str| match app.handle.status().singletons.iter().find(|s| s.id == id) {
-        None => Some(text(
-            StatusCode::NOT_FOUND,
-            format!("no singleton `{id}` is configured on this node"),
-        )),
-        Some(s) if s.token().is_none() => Some(text(
-            StatusCode::CONFLICT,
-            format!(
-                "`{id}` does not run on this node: ask the node that holds it (GET /status names it)"
-            ),
-        )),
-        Some(_) => None,
+    let token = match held_token(&app.handle, &id) {
+        Ok(token) => token,
+        Err(answer) => return answer,
     };
-    if let Some(answer) = not_held(&id) {
-        return answer;
-    }
-    let token = app
-        .handle
-        .status()
-        .singletons
-        .iter()
-        .find(|s| s.id == id)
-        .and_then(|s| s.token());
     match app.handle.transfer(&id, &to) {
         Ok(()) => {
             info!(node = app.handle.node(), id = %id, to = %to, "transfer asked over HTTP");
@@ -476,9 +457,31 @@ async fn transfer(
         }
         Err(crate::Error::Stopped) => shutting_down("transfer"),
         // The id may have gone or moved since the check above.
-        Err(e) => {
-            not_held(&id).unwrap_or_else(|| text(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))
-        }
+        Err(e) => match held_token(&app.handle, &id) {
+            Ok(_) => text(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
+            Err(answer) => answer,
+        },
+    }
+}
+
+/// The token of this node's tenure of `id`; else the answer that says why
+/// there is none: 404 for an id not configured here, 409 for one not held
+/// here.
+fn held_token(handle: &RuntimeHandle, id: &str) -> std::result::Result<u64, Response> {
+    let status = handle.status();
+    match status.singletons.iter().find(|s| s.id == id) {
+        None => Err(text(
+            StatusCode::NOT_FOUND,
+            format!("no singleton `{id}` is configured on this node"),
+        )),
+        Some(s) => s.token().ok_or_else(|| {
+            text(
+                StatusCode::CONFLICT,
+                format!(
+                    "`{id}` does not run on this node: ask the node that holds it (GET /status names it)"
+                ),
+            )
+        }),
     }
 }
 
@@ -582,6 +585,30 @@ mod tests {
         for bad in ["", "99999", "example.com:80", "127.0.0.1", "x:y"] {
             let e = parse_addr(bad).unwrap_err();
             assert!(!e.contains('\n'), "{e}");
+        }
+    }
+
+    #[test]
+    fn transfer_targets() {
+        assert_eq!(target(Some("to=node-b")).unwrap(), "node-b");
+        assert_eq!(target(Some("to=a%26b%3D1")).unwrap(), "a&b=1");
+        assert_eq!(target(Some("&to=b&")).unwrap(), "b");
+        for bad in [
+            None,
+            Some(""),
+            Some("to="),
+            Some("to"),
+            Some("node=b"),
+            Some("to=a&to=b"),
+            Some("to=%4"),
+            Some("to=%zz"),
+        ] {
+            let e = target(bad).unwrap_err();
+            assert!(!e.contains('\n'), "{e}");
+            assert!(
+                e.contains("to=") || e.contains('%') || e.contains("twice"),
+                "{bad:?}: {e}"
+            );
         }
     }
 
