@@ -443,7 +443,7 @@ async fn transfer(
     };
     let token = match held_token(&app.handle, &id) {
         Ok(token) => token,
-        Err(answer) => return answer,
+        Err((code, why)) => return text(code, why),
     };
     match app.handle.transfer(&id, &to) {
         Ok(()) => {
@@ -459,23 +459,23 @@ async fn transfer(
         // The id may have gone or moved since the check above.
         Err(e) => match held_token(&app.handle, &id) {
             Ok(_) => text(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
-            Err(answer) => answer,
+            Err((code, why)) => text(code, why),
         },
     }
 }
 
-/// The token of this node's tenure of `id`; else the answer that says why
-/// there is none: 404 for an id not configured here, 409 for one not held
-/// here.
-fn held_token(handle: &RuntimeHandle, id: &str) -> std::result::Result<u64, Response> {
+/// The token of this node's tenure of `id`; else the status and line that
+/// say why there is none: 404 for an id not configured here, 409 for one
+/// not held here.
+fn held_token(handle: &RuntimeHandle, id: &str) -> std::result::Result<u64, (StatusCode, String)> {
     let status = handle.status();
     match status.singletons.iter().find(|s| s.id == id) {
-        None => Err(text(
+        None => Err((
             StatusCode::NOT_FOUND,
             format!("no singleton `{id}` is configured on this node"),
         )),
         Some(s) => s.token().ok_or_else(|| {
-            text(
+            (
                 StatusCode::CONFLICT,
                 format!(
                     "`{id}` does not run on this node: ask the node that holds it (GET /status names it)"
