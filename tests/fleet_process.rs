@@ -104,10 +104,11 @@ async fn settle(
         }
         if tokio::time::Instant::now() > deadline {
             panic!(
-                "hang guard: not {what} within {GUARD:?}; shares {:?}, {} of {} ids run once",
+                "hang guard: not {what} within {GUARD:?}; shares {:?}, {} of {} ids run once; {}",
                 shares(&owners),
                 owners.len(),
-                ids.len()
+                ids.len(),
+                misplaced(fleet, &owners, alive)
             );
         }
         fleet.next_event(Duration::from_millis(100)).await;
@@ -130,6 +131,37 @@ fn at_place(owners: &HashMap<String, String>, nodes: &[&str]) -> bool {
     owners.iter().all(|(id, node)| {
         place(id, &Affinity::default(), &candidates).is_some_and(|best| best.name() == node)
     })
+}
+
+/// For a failure message: the events of a few ids that do not run where
+/// placement among `alive` (weight 1 each) puts them.
+fn misplaced(fleet: &Fleet, owners: &HashMap<String, String>, alive: &[&str]) -> String {
+    let candidates: Vec<Candidate> = alive.iter().map(|n| Candidate::new(*n, 1)).collect();
+    let mut off: Vec<(&String, &String, String)> = owners
+        .iter()
+        .filter_map(|(id, node)| {
+            let best = place(id, &Affinity::default(), &candidates)?
+                .name()
+                .to_string();
+            (best != *node).then_some((id, node, best))
+        })
+        .collect();
+    off.sort();
+    let count = off.len();
+    let examples: Vec<String> = off
+        .into_iter()
+        .take(3)
+        .map(|(id, node, best)| {
+            let events: Vec<String> = fleet
+                .history
+                .iter()
+                .filter(|e| e.id == *id)
+                .map(|e| format!("{:?} {} {} {:?}", e.kind, e.node, e.token, e.reason))
+                .collect();
+            format!("{id} on {node}, placed on {best}: {events:?}")
+        })
+        .collect();
+    format!("{count} ids off their place among {alive:?}, e.g. {examples:#?}")
 }
 
 fn after(fleet: &Fleet, mark: usize, mut pred: impl FnMut(&Event) -> bool) -> Vec<Event> {
