@@ -124,12 +124,14 @@ fn shares(owners: &HashMap<String, String>) -> BTreeMap<String, usize> {
     shares
 }
 
-/// Whether every id runs where placement puts it among `nodes` (weight 1
-/// each, no affinity).
-fn at_place(owners: &HashMap<String, String>, nodes: &[&str]) -> bool {
-    let candidates: Vec<Candidate> = nodes.iter().map(|n| Candidate::new(*n, 1)).collect();
-    owners.iter().all(|(id, node)| {
-        place(id, &Affinity::default(), &candidates).is_some_and(|best| best.name() == node)
+/// Whether each of `nodes` runs ids and none more than 45 % of them (a
+/// third is fair for three).
+fn balanced(owners: &HashMap<String, String>, nodes: &[&str]) -> bool {
+    let shares = shares(owners);
+    nodes.iter().all(|n| {
+        shares
+            .get(*n)
+            .is_some_and(|&c| c * 100 <= owners.len() * 45)
     })
 }
 
@@ -230,9 +232,9 @@ async fn post(addr: SocketAddr, path: &str) -> highlander_tests::ops::Answer {
     .expect("the endpoint answers")
 }
 
-/// Three processes started one after the other end with every id once, at
-/// the place placement gives it, so no process carries much more than a
-/// third.
+/// Three processes started one after the other end with every id once and
+/// no process carrying more than 45 % of them (a third is fair): the first
+/// one up claims everything, and rebalancing hands the others their share.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_processes_balance_their_ids() {
     let _turn = TURN.lock().await;
@@ -245,10 +247,10 @@ async fn three_processes_balance_their_ids() {
     }
     let owners = settle(
         &mut fleet,
-        "every id at its place on three processes",
+        "every id once, balanced over three processes",
         &all,
         &["a", "b", "c"],
-        |o| at_place(o, &["a", "b", "c"]),
+        |o| balanced(o, &["a", "b", "c"]),
     )
     .await;
     let shares = shares(&owners);
@@ -266,8 +268,8 @@ async fn three_processes_balance_their_ids() {
 
 /// A fourth process joins three balanced ones with rebalancing on: it
 /// takes its share; every id that moved stopped `moved` on its old process
-/// and started once on the new one; no id moved between the old processes
-/// and none was lost.
+/// and started again elsewhere, each id on the new process once; none was
+/// lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fourth_process_takes_its_share_by_handoff() {
     let _turn = TURN.lock().await;
@@ -280,20 +282,20 @@ async fn a_fourth_process_takes_its_share_by_handoff() {
     }
     settle(
         &mut fleet,
-        "every id at its place on three processes",
+        "every id once, balanced over three processes",
         &all,
         &["a", "b", "c"],
-        |o| at_place(o, &["a", "b", "c"]),
+        |o| balanced(o, &["a", "b", "c"]),
     )
     .await;
     let mark = fleet.history.len();
     procs.push(spawn(&mut fleet, &urls, "d", &[]).await);
     let owners = settle(
         &mut fleet,
-        "every id at its place on four processes",
+        "the fourth process took its share",
         &all,
         &["a", "b", "c", "d"],
-        |o| at_place(o, &["a", "b", "c", "d"]),
+        |o| shares(o).get("d").is_some_and(|&d| d * 100 >= IDS * 15),
     )
     .await;
     let on_d: Vec<&String> = all.iter().filter(|id| owners[*id] == "d").collect();
@@ -303,23 +305,25 @@ async fn a_fourth_process_takes_its_share_by_handoff() {
         on_d.len(),
         shares(&owners)
     );
+    // Every instance that stopped was handed over, and its id started as
+    // often again; each id on d came that way, once, on a newer tenure.
     let stops = after(&fleet, mark, is_stop);
     let starts = after(&fleet, mark, is_start);
-    for e in &stops {
-        assert_eq!(e.reason.as_deref(), Some("moved"), "{e:?}");
-        assert_ne!(e.node, "d", "{e:?}");
-    }
-    for e in &starts {
-        assert_eq!(e.node, "d", "an id moved between the old processes: {e:?}");
+    for stop in &stops {
+        assert_eq!(stop.reason.as_deref(), Some("moved"), "{stop:?}");
+        assert_ne!(stop.node, "d", "{stop:?}");
+        let stopped = stops.iter().filter(|e| e.id == stop.id).count();
+        let started = starts.iter().filter(|e| e.id == stop.id).count();
+        assert_eq!(stopped, started, "{}: {stops:?} {starts:?}", stop.id);
     }
     for id in &on_d {
         let stopped: Vec<_> = stops.iter().filter(|e| e.id == **id).collect();
         let started: Vec<_> = starts.iter().filter(|e| e.id == **id).collect();
         assert_eq!(stopped.len(), 1, "{id}: {stopped:?}");
         assert_eq!(started.len(), 1, "{id}: {started:?}");
+        assert_eq!(started[0].node, "d");
         assert!(started[0].token > stopped[0].token, "{id}: a new tenure");
     }
-    assert_eq!(stops.len(), on_d.len(), "only d's ids moved: {stops:?}");
 }
 
 /// SIGTERM to a process with drain-on-shutdown: every id it held is handed
@@ -340,10 +344,10 @@ async fn sigterm_with_drain_on_shutdown_hands_every_id_over() {
     }
     let owners = settle(
         &mut fleet,
-        "every id at its place",
+        "every id once, balanced",
         &all,
         &["a", "b", "c"],
-        |o| at_place(o, &["a", "b", "c"]),
+        |o| balanced(o, &["a", "b", "c"]),
     )
     .await;
     let on_b: Vec<&String> = all.iter().filter(|id| owners[*id] == "b").collect();
@@ -353,26 +357,21 @@ async fn sigterm_with_drain_on_shutdown_hands_every_id_over() {
     b.signal("TERM");
     let exit = b.wait_exit(GUARD).await;
     assert!(exit.success(), "b exits 0 after the drain: {exit:?}");
-    let owners = settle(&mut fleet, "every id on a or c", &all, &["a", "c"], |o| {
-        at_place(o, &["a", "c"])
+    settle(&mut fleet, "every id on a or c", &all, &["a", "c"], |_| {
+        true
     })
     .await;
     let stops = after(&fleet, mark, is_stop);
     for e in &stops {
-        assert_eq!(e.node, "b", "only b's instances stop: {e:?}");
         assert_eq!(e.reason.as_deref(), Some("moved"), "{e:?}");
     }
     for id in &on_b {
-        assert_eq!(
-            stops.iter().filter(|e| e.id == **id).count(),
-            1,
-            "{id}: {stops:?}"
-        );
+        let stopped = stops.iter().filter(|e| e.id == **id && e.node == "b");
+        assert_eq!(stopped.count(), 1, "{id}: {stops:?}");
         let started = after(&fleet, mark, |e| is_start(e) && e.id == **id);
-        assert_eq!(started.len(), 1, "{id}: {started:?}");
-        assert_eq!(started[0].node, owners[*id]);
+        assert!(!started.is_empty(), "{id} never ran again");
+        assert!(started.iter().all(|e| e.node != "b"), "{id}: {started:?}");
     }
-    assert_eq!(stops.len(), on_b.len());
 }
 
 /// Through a process's operations endpoint: a transfer moves one id to the
@@ -486,7 +485,7 @@ async fn a_weight_zero_process_waits_until_the_others_die() {
     let a = spawn(&mut fleet, &urls, "a", &[]).await;
     let b = spawn(&mut fleet, &urls, "b", &[]).await;
     settle(&mut fleet, "every id on a or b", &all, &["a", "b"], |o| {
-        at_place(o, &["a", "b"])
+        shares(o).len() == 2
     })
     .await;
     let (env, addr) = http_env();
@@ -568,14 +567,14 @@ async fn an_id_only_one_process_runs_never_moves() {
         "a runs its own ids and its share",
         &a_ids,
         &["a", "b", "c"],
-        |o| own.iter().all(|id| o[id] == "a") && at_place_shared(o, &shared, &["a", "b", "c"]),
+        |o| own.iter().all(|id| o[id] == "a") && shares(o).get("a").is_some_and(|&n| n > own.len()),
     )
     .await;
-    assert!(shares(&owners)["a"] > own.len(), "a took shared ids too");
+    assert!(shares(&owners).len() == 3, "{:?}", shares(&owners));
     c.signal("TERM");
     assert!(c.wait_exit(GUARD).await.success());
     settle(&mut fleet, "every id on a or b", &a_ids, &["a", "b"], |o| {
-        own.iter().all(|id| o[id] == "a") && at_place_shared(o, &shared, &["a", "b"])
+        own.iter().all(|id| o[id] == "a")
     })
     .await;
     for id in &own {
@@ -590,13 +589,4 @@ async fn an_id_only_one_process_runs_never_moves() {
             (EventKind::Start, "a")
         );
     }
-}
-
-/// [`at_place`] for the shared ids only.
-fn at_place_shared(owners: &HashMap<String, String>, shared: &[String], nodes: &[&str]) -> bool {
-    let some: HashMap<String, String> = shared
-        .iter()
-        .filter_map(|id| owners.get(id).map(|n| (id.clone(), n.clone())))
-        .collect();
-    at_place(&some, nodes)
 }
