@@ -1,18 +1,20 @@
 //! The operations endpoint (feature `http`): health, readiness, status as
-//! JSON, Prometheus text, the status page, and step-down with a bearer
-//! token. One axum router on one listener, bound at start-up so that a bad
-//! address or a port in use fails [`Builder::start`](crate::Builder::start)
-//! with one clear line.
+//! JSON, Prometheus text, the status page, and the write routes (step-down,
+//! drain, resume, transfer), each behind one bearer token. One axum router
+//! on one listener, bound at start-up so that a bad address or a port in
+//! use fails [`Builder::start`](crate::Builder::start) with one clear line.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use futures_util::FutureExt;
+use serde_json::json;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
@@ -35,18 +37,20 @@ impl Builder {
     ///
     /// Routes: `GET /healthz`, `/readyz`, `/status` (JSON of
     /// [`Status`](crate::Status)), `/metrics` (Prometheus text, with the
-    /// `metrics` feature), `/` (the status page), `POST /holders`, and
-    /// `POST /step-down/{id}` (needs [`Builder::http_token`]). Needs the
-    /// `http` feature.
+    /// `metrics` feature), `/` (the status page), `POST /holders`, and the
+    /// write routes, which need [`Builder::http_token`]: `POST
+    /// /step-down/{id}`, `POST /drain`, `POST /resume` and `POST
+    /// /transfer/{id}?to=NODE`. Needs the `http` feature.
     #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
     pub fn http(mut self, addr: impl Into<String>) -> Self {
         self.ops.http = Some(addr.into());
         self
     }
 
-    /// The bearer token that `POST /step-down/{id}` requires (default:
-    /// `HIGHLANDER_HTTP_TOKEN`). Without one, step-down over HTTP is
-    /// disabled (403). Needs the `http` feature.
+    /// The bearer token that the write routes require, `POST
+    /// /step-down/{id}`, `/drain`, `/resume` and `/transfer/{id}` (default:
+    /// `HIGHLANDER_HTTP_TOKEN`). Without one, they are disabled (403).
+    /// Needs the `http` feature.
     #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
     pub fn http_token(mut self, token: impl Into<String>) -> Self {
         self.ops.http_token = Some(token.into());
@@ -150,7 +154,7 @@ pub(crate) fn serve(bound: Option<Bound>, handle: &RuntimeHandle) {
             node = handle.node(),
             %addr,
             "HTTP endpoint on a non-loopback address: anyone who reaches it reads the status{}",
-            if token.is_some() { ", and the step-down token travels in clear text unless a TLS proxy fronts it" } else { "" }
+            if token.is_some() { ", and the token of the write routes travels in clear text unless a TLS proxy fronts it" } else { "" }
         );
     }
     let app = App {
@@ -165,6 +169,9 @@ pub(crate) fn serve(bound: Option<Bound>, handle: &RuntimeHandle) {
         .route("/metrics", get(metrics))
         .route("/holders", post(holders))
         .route("/step-down/{*id}", post(step_down))
+        .route("/drain", post(drain))
+        .route("/resume", post(resume))
+        .route("/transfer/{*id}", post(transfer))
         .with_state(app);
     let stopped = handle.clone();
     tokio::spawn(async move {
@@ -279,12 +286,17 @@ async fn holders(State(app): State<App>, body: Bytes) -> Response {
     json(&map)
 }
 
-async fn step_down(State(app): State<App>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+/// The one rule of every write route: disabled (403) without a configured
+/// token, refused (401) without the right bearer token. `None` lets the
+/// request through.
+fn refused(app: &App, headers: &HeaderMap, action: &str) -> Option<Response> {
     let Some(expected) = &app.token else {
-        return text(
+        return Some(text(
             StatusCode::FORBIDDEN,
-            "step-down over HTTP is disabled: set HIGHLANDER_HTTP_TOKEN (or Builder::http_token) to enable it",
-        );
+            format!(
+                "{action} over HTTP is disabled: set HIGHLANDER_HTTP_TOKEN (or Builder::http_token) to enable it"
+            ),
+        ));
     };
     if !authorized(headers.get(header::AUTHORIZATION), expected) {
         let mut response = text(
@@ -294,7 +306,22 @@ async fn step_down(State(app): State<App>, Path(id): Path<String>, headers: Head
         response
             .headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        return response;
+        return Some(response);
+    }
+    None
+}
+
+/// The answer of a write route once the node has begun shutting down.
+fn shutting_down(action: &str) -> Response {
+    text(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("cannot {action}: the node is shutting down"),
+    )
+}
+
+async fn step_down(State(app): State<App>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    if let Some(refusal) = refused(&app, &headers, "step-down") {
+        return refusal;
     }
     let running = app.handle.status().is_running(&id);
     match app.handle.step_down(&id) {
@@ -310,6 +337,151 @@ async fn step_down(State(app): State<App>, Path(id): Path<String>, headers: Head
             StatusCode::CONFLICT,
             format!("`{id}` does not run on this node: nothing to step down"),
         ),
+    }
+}
+
+/// How many ids this node holds now (running or finished).
+fn held(handle: &RuntimeHandle) -> usize {
+    handle
+        .status()
+        .singletons
+        .iter()
+        .filter(|s| s.token().is_some())
+        .count()
+}
+
+/// `POST /drain`: begins a drain (or joins the one under way) and answers
+/// at once with how many ids this node still holds; asking again reads the
+/// count, which is 0 once every id is handed over.
+async fn drain(State(app): State<App>, headers: HeaderMap) -> Response {
+    if let Some(refusal) = refused(&app, &headers, "drain") {
+        return refusal;
+    }
+    if app.handle.is_stopping() {
+        return shutting_down("drain");
+    }
+    let was_draining = app.handle.is_draining();
+    // The drain begins at the call; the future only waits for its end, and
+    // dropping it does not call the drain off.
+    if let Some(Err(crate::Error::Stopped)) = app.handle.drain().now_or_never() {
+        return shutting_down("drain");
+    }
+    if !was_draining {
+        info!(node = app.handle.node(), "drain asked over HTTP");
+    }
+    json(&json!({
+        "node": app.handle.node(),
+        "draining": true,
+        "started": !was_draining,
+        "held": held(&app.handle),
+    }))
+}
+
+/// `POST /resume`: calls a drain off; answers whether there was one.
+async fn resume(State(app): State<App>, headers: HeaderMap) -> Response {
+    if let Some(refusal) = refused(&app, &headers, "resume") {
+        return refusal;
+    }
+    if app.handle.is_stopping() {
+        return shutting_down("resume");
+    }
+    let was_draining = app.handle.is_draining();
+    app.handle.resume();
+    if was_draining {
+        info!(node = app.handle.node(), "resume asked over HTTP");
+    }
+    json(&json!({
+        "node": app.handle.node(),
+        "draining": false,
+        "resumed": was_draining,
+        "held": held(&app.handle),
+    }))
+}
+
+/// The target node of `POST /transfer/{id}?to=NODE`, percent-decoded.
+fn target(query: Option<&str>) -> std::result::Result<String, String> {
+    const HOW: &str = "name the node to hand the id to: POST /transfer/{id}?to=NODE";
+    let query = query.unwrap_or_default();
+    let mut to = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if key != "to" {
+            return Err(format!(
+                "unknown parameter `{}`: {HOW}",
+                key.chars().take(40).collect::<String>()
+            ));
+        }
+        if to.is_some() {
+            return Err(format!("`to` is given twice: {HOW}"));
+        }
+        let value = crate::backend::kit::url::percent_decode(value)
+            .map_err(|why| format!("`to`: {why}"))?;
+        to = Some(value);
+    }
+    match to {
+        Some(to) if !to.is_empty() => Ok(to),
+        _ => Err(HOW.to_string()),
+    }
+}
+
+/// `POST /transfer/{id}?to=NODE`: hands `id`, held here, over to `NODE`.
+async fn transfer(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(refusal) = refused(&app, &headers, "transfer") {
+        return refusal;
+    }
+    if app.handle.is_stopping() {
+        return shutting_down("transfer");
+    }
+    let to = match target(query.as_deref()) {
+        Ok(to) => to,
+        Err(why) => return text(StatusCode::BAD_REQUEST, why),
+    };
+    let token = match held_token(&app.handle, &id) {
+        Ok(token) => token,
+        Err((code, why)) => return text(code, why),
+    };
+    match app.handle.transfer(&id, &to) {
+        Ok(()) => {
+            info!(node = app.handle.node(), id = %id, to = %to, "transfer asked over HTTP");
+            json(&json!({
+                "id": id,
+                "from": app.handle.node(),
+                "to": to,
+                "token": token,
+            }))
+        }
+        Err(crate::Error::Stopped) => shutting_down("transfer"),
+        // The id may have gone or moved since the check above.
+        Err(e) => match held_token(&app.handle, &id) {
+            Ok(_) => text(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
+            Err((code, why)) => text(code, why),
+        },
+    }
+}
+
+/// The token of this node's tenure of `id`; else the status and line that
+/// say why there is none: 404 for an id not configured here, 409 for one
+/// not held here.
+fn held_token(handle: &RuntimeHandle, id: &str) -> std::result::Result<u64, (StatusCode, String)> {
+    let status = handle.status();
+    match status.singletons.iter().find(|s| s.id == id) {
+        None => Err((
+            StatusCode::NOT_FOUND,
+            format!("no singleton `{id}` is configured on this node"),
+        )),
+        Some(s) => s.token().ok_or_else(|| {
+            (
+                StatusCode::CONFLICT,
+                format!(
+                    "`{id}` does not run on this node: ask the node that holds it (GET /status names it)"
+                ),
+            )
+        }),
     }
 }
 
@@ -413,6 +585,30 @@ mod tests {
         for bad in ["", "99999", "example.com:80", "127.0.0.1", "x:y"] {
             let e = parse_addr(bad).unwrap_err();
             assert!(!e.contains('\n'), "{e}");
+        }
+    }
+
+    #[test]
+    fn transfer_targets() {
+        assert_eq!(target(Some("to=node-b")).unwrap(), "node-b");
+        assert_eq!(target(Some("to=a%26b%3D1")).unwrap(), "a&b=1");
+        assert_eq!(target(Some("&to=b&")).unwrap(), "b");
+        for bad in [
+            None,
+            Some(""),
+            Some("to="),
+            Some("to"),
+            Some("node=b"),
+            Some("to=a&to=b"),
+            Some("to=%4"),
+            Some("to=%zz"),
+        ] {
+            let e = target(bad).unwrap_err();
+            assert!(!e.contains('\n'), "{e}");
+            assert!(
+                e.contains("to=") || e.contains('%') || e.contains("twice"),
+                "{bad:?}: {e}"
+            );
         }
     }
 

@@ -9,8 +9,9 @@
 //! - `ops::metrics` (feature `metrics`): every metric name, label and
 //!   unit, in one table.
 //! - The HTTP endpoint (feature `http`): `Builder::http` for `/healthz`,
-//!   `/readyz`, `/status`, `/metrics`, the status page at `/`, and
-//!   `POST /step-down/{id}` with `Builder::http_token`.
+//!   `/readyz`, `/status`, `/metrics`, the status page at `/`, and, with
+//!   `Builder::http_token`, `POST /step-down/{id}`, `/drain`, `/resume`
+//!   and `/transfer/{id}?to=NODE`.
 //!
 //! `docs/operations.md` has the whole picture, with the status page, JSON
 //! logs and measured costs.
@@ -55,7 +56,8 @@ pub(crate) struct OpsConfig {
     /// The HTTP address as given (`Builder::http`), parsed at start.
     #[cfg(feature = "http")]
     pub(crate) http: Option<String>,
-    /// The bearer token for POST /step-down.
+    /// The bearer token of the write routes (step-down, drain, resume,
+    /// transfer).
     #[cfg(feature = "http")]
     pub(crate) http_token: Option<String>,
 }

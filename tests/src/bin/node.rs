@@ -8,6 +8,11 @@
 //! - `HL_ID_COUNT` + `HL_ID_PREFIX`: instead, ids `{prefix}{0..count}`;
 //! - `HL_SHUTDOWN_MS`: the shutdown budget (default 2000);
 //! - `HL_REBALANCE=1`: rebalancing on (`Builder::rebalance(true)`; off by default, as in the library);
+//! - `HL_DRAIN_ON_SHUTDOWN=1`: drain at SIGTERM before shutting down
+//!   (`Builder::drain_on_shutdown(true)`; off by default, as in the library);
+//! - read by the library itself: `HIGHLANDER_NODE_WEIGHT`,
+//!   `HIGHLANDER_NODE_LABELS` (placement), `HIGHLANDER_HTTP`,
+//!   `HIGHLANDER_HTTP_TOKEN` (the operations endpoint);
 //! - `HL_NOFILE` (optional): the process's open-file limit (`setrlimit`);
 //! - `HL_FENCE_ADDR` (optional): a fence register (`host:port`, see
 //!   `highlander_tests::chaos::fence`). Each instance then writes
@@ -174,7 +179,11 @@ async fn main() {
     // `HL_REBALANCE=1`: ids move to where placement puts them when members
     // change; otherwise they stay where first claimed (the library's default).
     let rebalance = std::env::var("HL_REBALANCE").is_ok_and(|v| v == "1");
-    let mut builder = Runtime::builder().rebalance(rebalance);
+    // `HL_DRAIN_ON_SHUTDOWN=1`: SIGTERM hands every id over first.
+    let drain = std::env::var("HL_DRAIN_ON_SHUTDOWN").is_ok_and(|v| v == "1");
+    let mut builder = Runtime::builder()
+        .rebalance(rebalance)
+        .drain_on_shutdown(drain);
     for id in ids() {
         let spec_id = id.clone();
         builder = builder.child(
