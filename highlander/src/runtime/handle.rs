@@ -147,7 +147,7 @@ impl RuntimeHandle {
         let Some(catalog) = view.member(node) else {
             return Err(Error::config(format!(
                 "cannot transfer `{id}` to `{node}`: no reachable member of that name has announced \
-                 itself (members() lists the members; the backend may not support placement)"
+                 itself (check the name against the members the status or `highlander members` lists)"
             )));
         };
         if !catalog.contains(id) {
