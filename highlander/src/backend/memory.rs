@@ -293,6 +293,24 @@ impl State {
             .find_map(|(name, n)| Some((name, n.held.get(id)?)))
     }
 
+    /// Whether `node`'s tenure of `id` with `token` may overlap another:
+    /// some node is on another side, or another node holds `id`. False
+    /// once that tenure is over.
+    fn contested(&self, node: &str, session: u64, id: &str, token: u64) -> bool {
+        let Some(group) = self
+            .nodes
+            .get(node)
+            .filter(|n| n.session == session && n.held.holds(id, token))
+            .map(|n| n.group)
+        else {
+            return false;
+        };
+        self.nodes
+            .iter()
+            .filter(|(name, _)| name.as_str() != node)
+            .any(|(_, n)| n.group != group || n.held.get(id).is_some())
+    }
+
     /// After a change of sides: settle ids held more than once within one
     /// side, and wake every waiter (a holder may have become unreachable).
     fn settle_all(&mut self) {
@@ -539,6 +557,15 @@ impl Session for MemorySession {
             }
         }
         Box::pin(async { Ok(()) })
+    }
+
+    /// Contested while the cluster is split with this node on one side
+    /// (the other side may take the id any moment) or another node holds
+    /// the id: a node learns of a split only from it, so this answers as a
+    /// node of the embedded cluster would, and never counts on the other
+    /// side not having claimed yet.
+    fn contested(&self, id: &str, token: u64) -> bool {
+        self.cluster.lock().contested(&self.node, self.session, id, token)
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {

@@ -159,3 +159,30 @@ async fn a_reservation_for_a_node_out_of_sight_does_not_block() {
     cluster.partition(&[&["a", "c"], &["b"]]);
     let _ = granted(&*c, "x").await;
 }
+
+#[tokio::test]
+async fn a_tenure_is_contested_while_split_and_settled_by_the_heal() {
+    let cluster = MemoryCluster::new();
+    let [a, b, _c] = three(&cluster).await;
+    let ta = granted(&*a, "x").await;
+    assert!(!a.contested("x", ta), "one holder, one side");
+    assert!(!a.contested("x", ta + 1), "not this tenure");
+    assert!(!b.contested("x", ta), "b holds nothing");
+
+    // Split: a's side cannot tell whether the other took x, even before it
+    // does.
+    cluster.partition(&[&["a"], &["b", "c"]]);
+    assert!(a.contested("x", ta));
+    let tb = granted(&*b, "x").await;
+    assert!(a.contested("x", ta) && b.contested("x", tb));
+
+    // The heal settles it: a's earlier tenure keeps x, b's ends.
+    cluster.heal();
+    assert!(!a.contested("x", ta));
+    assert!(!b.contested("x", tb), "b's tenure is over");
+    assert_eq!(cluster.holders("x"), vec![Holder::new("a", Some(ta))]);
+
+    // Everybody on one side of a "split" is no split.
+    cluster.partition(&[&["a", "b", "c"]]);
+    assert!(!a.contested("x", ta));
+}

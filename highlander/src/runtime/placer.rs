@@ -232,6 +232,7 @@ pub(super) async fn run(
     let mut retry = Duration::from_millis(100);
     let mut pass: VecDeque<Arc<Slot>> = VecDeque::new();
     let mut moved = 0usize;
+    let mut contested = 0usize;
     loop {
         if shared.shutdown.is_cancelled() || done.is_cancelled() {
             return;
@@ -272,6 +273,8 @@ pub(super) async fn run(
                         "placement view changed"
                     );
                     pass.clear();
+                    moved = 0;
+                    contested = 0;
                     if placement.rebalance && view.active() {
                         rebalance_at = Some(Instant::now() + SETTLE);
                     }
@@ -309,16 +312,27 @@ pub(super) async fn run(
                 rebalance_at = None;
                 if !*shared.draining.borrow() {
                     pass = lock(&registry).slots.values().cloned().collect();
-                    moved = 0;
-                    moved += rebalance(&mut pass, &shared);
+                    (moved, contested) = rebalance(&mut pass, &shared);
                 }
             }
             _ = tick => {
-                moved += rebalance(&mut pass, &shared);
-                if pass.is_empty() && moved > 0 {
-                    info!(node = %shared.node, ids = moved, "rebalanced: handed ids over to where they belong");
-                }
+                let (m, c) = rebalance(&mut pass, &shared);
+                moved += m;
+                contested += c;
             }
+        }
+        if pass.is_empty() && (moved > 0 || contested > 0) {
+            if moved > 0 {
+                info!(node = %shared.node, ids = moved, "rebalanced: handed ids over to where they belong");
+            }
+            if contested > 0 {
+                // Kept until the backend settles the conflict or sees the
+                // other side again: look again after a while.
+                debug!(node = %shared.node, ids = contested, "not handing over ids whose tenure may overlap another's (a split, or a conflict not settled yet); trying again");
+                rebalance_at.get_or_insert(Instant::now() + SETTLE);
+            }
+            moved = 0;
+            contested = 0;
         }
     }
 }
@@ -328,12 +342,16 @@ pub(super) async fn run(
 /// that member, a tenth of
 /// [`Builder::handoff_rate`](crate::Builder::handoff_rate) per batch, one
 /// batch per tick. A change of members drops the rest of the pass (a new
-/// one follows once the members settle). Returns how many ids it moved.
-fn rebalance(pass: &mut VecDeque<Arc<Slot>>, shared: &Shared) -> usize {
+/// one follows once the members settle). A tenure the backend calls
+/// [contested](crate::backend::Session::contested) stays: its overlap, if
+/// any, ends by the heal rule. Returns how many ids it moved, and how many
+/// it kept because they were contested.
+fn rebalance(pass: &mut VecDeque<Arc<Slot>>, shared: &Shared) -> (usize, usize) {
     let placement = &shared.placement;
     let view = placement.view();
     let batch = (shared.handoff_rate / 10).max(1) as usize;
     let mut moved = 0usize;
+    let mut contested = 0usize;
     while moved < batch {
         if *shared.draining.borrow() || shared.shutdown.is_cancelled() {
             pass.clear();
@@ -352,8 +370,12 @@ fn rebalance(pass: &mut VecDeque<Arc<Slot>>, shared: &Shared) -> usize {
         let Some(target) = view.best_other(&slot) else {
             continue;
         };
+        if shared.session.contested(&slot.spec.id, token) {
+            contested += 1;
+            continue;
+        }
         placement.move_to(&slot, token, Some(target));
         moved += 1;
     }
-    moved
+    (moved, contested)
 }

@@ -189,6 +189,8 @@ pub(super) struct Peer {
     ready: bool,
     holdings: HashSet<Arc<str>>,
     down_since: Instant,
+    /// When its current connection last brought a frame (or was adopted).
+    heard: Instant,
     /// What it announced, as far as this node has it.
     profile: profiles::Announced,
 }
@@ -220,6 +222,7 @@ impl Peer {
             ready: false,
             holdings: HashSet::new(),
             down_since: Instant::now(),
+            heard: Instant::now(),
             profile: profiles::Announced::default(),
         }
     }
@@ -371,6 +374,9 @@ impl State {
         let mut fx = Effects::default();
         if !self.current(peer, conn) {
             return fx;
+        }
+        if let Some(p) = self.members.get_mut(peer) {
+            p.heard = Instant::now();
         }
         match msg {
             Msg::Ping => {}

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
 use tracing::{debug, info};
 
 use super::{Effect, Effects, IdView, Peer, Pending, RemoteHold, Reply, State, Step};
@@ -52,6 +53,30 @@ impl State {
         own.into_iter()
             .chain(remote)
             .min_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)))
+    }
+
+    /// Whether this node's tenure of `id` with `token` may overlap another
+    /// node's at `now`: another holder of `id` is in view (the heal rule
+    /// kept this tenure, and the loser has not ceded yet), or the cluster
+    /// may be split: a member is unreachable, or has been silent for
+    /// `failure_timeout` (down by the failure detector's own rule, though
+    /// its reader has not run yet: this node may have been paused). False
+    /// once the tenure is over.
+    pub(in crate::backend::cluster) fn contested(
+        &self,
+        id: &str,
+        token: u64,
+        now: Instant,
+        failure_timeout: Duration,
+    ) -> bool {
+        if !self.own.holds(id, token) {
+            return false;
+        }
+        let other_holder = self.ids.get(id).is_some_and(|v| !v.holders.is_empty());
+        let split = self.members.values().any(|p| {
+            !p.reachable() || now.saturating_duration_since(p.heard) >= failure_timeout
+        });
+        other_holder || split
     }
 
     /// Something about `id` changed: wake this node's waiter, and if the id
