@@ -379,3 +379,85 @@ fn rebalance(pass: &mut VecDeque<Arc<Slot>>, shared: &Shared) -> (usize, usize) 
     }
     (moved, contested)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{Backend, Claim, ClaimRequest, MemoryCluster, Session};
+    use crate::context::StateMap;
+    use crate::spec::ChildSpec;
+    use crate::{Context, Service};
+
+    struct Idle;
+    impl Service for Idle {
+        async fn run(&mut self, ctx: &Context) -> crate::Result<()> {
+            ctx.cancelled().await;
+            Ok(())
+        }
+    }
+
+    fn shared(session: Arc<dyn Session>) -> Arc<Shared> {
+        let node: Arc<str> = Arc::from("a");
+        Arc::new(Shared {
+            ops: crate::ops::NodeOps::new(node.clone(), &crate::ops::OpsConfig::default()),
+            node,
+            session,
+            state: Arc::new(StateMap::new()),
+            shutdown: CancellationToken::new(),
+            stepdown_delay: Duration::from_secs(5),
+            version: watch::Sender::new(0),
+            draining: watch::Sender::new(false),
+            handoff_rate: 1_000,
+            placement: Placement::new(DEFAULT_GRACE, true),
+        })
+    }
+
+    /// `a` holds `x`, and `b` (far heavier) is where `x` belongs: a pass
+    /// hands it over, unless the backend calls a's tenure contested.
+    #[tokio::test]
+    async fn a_pass_keeps_a_contested_tenure_and_moves_it_once_settled() {
+        let cluster = MemoryCluster::new();
+        let a = cluster.connect("a").await.unwrap();
+        let b = cluster.connect("b").await.unwrap();
+        a.announce(Profile::new(1, vec![], Catalog::new(["x"])))
+            .await
+            .unwrap();
+        b.announce(Profile::new(1_000, vec![], Catalog::new(["x"])))
+            .await
+            .unwrap();
+        let Claim::Granted(lease) = a
+            .try_claim(ClaimRequest::new("x", Duration::from_secs(1)))
+            .await
+            .unwrap()
+        else {
+            panic!("a claims x");
+        };
+        let shared = shared(a.clone());
+        let slot = Arc::new(Slot::new(
+            ChildSpec::new("x", |_ctx| async { Ok(Idle) }),
+            &shared,
+        ));
+        *slot.lock() = SingletonState::Running {
+            token: lease.token,
+            restarts: 0,
+        };
+        let view = View::new(a.members().await.unwrap(), "a");
+        view.place(&slot);
+        assert!(slot.rank.load(Ordering::Relaxed) > 0, "b ranks ahead of a");
+        *shared.placement.view.lock().unwrap() = Arc::new(view);
+
+        // Split: the view still shows b (the placer has not read the
+        // members again), but the backend knows better.
+        cluster.partition(&[&["a"], &["b"]]);
+        let mut pass = VecDeque::from([slot.clone()]);
+        assert_eq!(rebalance(&mut pass, &shared), (0, 1));
+        assert_ne!(slot.moving.load(Ordering::SeqCst), lease.token, "not moved");
+
+        // Healed: one holder, everybody in reach. The next pass moves it.
+        cluster.heal();
+        let mut pass = VecDeque::from([slot.clone()]);
+        assert_eq!(rebalance(&mut pass, &shared), (1, 0));
+        assert_eq!(slot.moving.load(Ordering::SeqCst), lease.token);
+        assert_eq!(shared.placement.take_target("x").as_deref(), Some("b"));
+    }
+}
