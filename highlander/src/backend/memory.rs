@@ -86,11 +86,21 @@ struct State {
     wakes: Wakes<Arc<str>>,
     /// Ids released to a named node ([`Session::release_to`]).
     reserved: HashMap<Arc<str>, Reservation>,
+    /// Per id, the tenure that won a healed split and until when a loser's
+    /// instance may still be stopping (its stop budget from the heal).
+    settling: HashMap<Arc<str>, Settling>,
     /// Bumped on every join, leave, change of sides and announcement.
     members: Changes,
     partitioned: bool,
     next_group: u64,
     next_session: u64,
+}
+
+/// The winner's tenure (its token) of a conflict whose losers may still be
+/// stopping until `until`.
+struct Settling {
+    token: u64,
+    until: Instant,
 }
 
 /// An id kept for `node` until `until`.
@@ -294,8 +304,10 @@ impl State {
     }
 
     /// Whether `node`'s tenure of `id` with `token` may overlap another:
-    /// some node is on another side, or another node holds `id`. False
-    /// once that tenure is over.
+    /// some node is on another side, another node holds `id`, or the
+    /// tenure won a healed split less than a loser's stop budget ago (the
+    /// loser's instance may still be stopping). False once that tenure is
+    /// over.
     fn contested(&self, node: &str, session: u64, id: &str, token: u64) -> bool {
         let Some(group) = self
             .nodes
@@ -305,10 +317,16 @@ impl State {
         else {
             return false;
         };
-        self.nodes
-            .iter()
-            .filter(|(name, _)| name.as_str() != node)
-            .any(|(_, n)| n.group != group || n.held.get(id).is_some())
+        let settling = self
+            .settling
+            .get(id)
+            .is_some_and(|s| s.token == token && s.until > Instant::now());
+        settling
+            || self
+                .nodes
+                .iter()
+                .filter(|(name, _)| name.as_str() != node)
+                .any(|(_, n)| n.group != group || n.held.get(id).is_some())
     }
 
     /// After a change of sides: settle ids held more than once within one
@@ -323,13 +341,18 @@ impl State {
                     .push((tenure.extra, name.clone()));
             }
         }
+        let now = Instant::now();
+        self.settling.retain(|_, s| s.until > now);
         for ((_, id), mut contenders) in holders.into_iter().filter(|(_, c)| c.len() > 1) {
             // The earliest tenure wins; ties go to the lower node name.
             contenders.sort();
             let (_, winner) = contenders.remove(0);
+            let mut until = now;
             for (_, loser) in contenders {
                 let node = self.nodes.get_mut(&loser).expect("a holder is a node");
-                let token = node.held.get(&id).expect("it holds the id").token;
+                let tenure = node.held.get(&id).expect("it holds the id");
+                let token = tenure.token;
+                until = until.max(now + tenure.budget);
                 node.held.end(
                     &id,
                     token,
@@ -338,6 +361,8 @@ impl State {
                     },
                 );
             }
+            let token = self.nodes[&winner].held.get(&id).expect("it holds the id").token;
+            self.settling.insert(id, Settling { token, until });
         }
         self.wakes.bump_all();
         self.members.bump();
@@ -560,10 +585,11 @@ impl Session for MemorySession {
     }
 
     /// Contested while the cluster is split with this node on one side
-    /// (the other side may take the id any moment) or another node holds
-    /// the id: a node learns of a split only from it, so this answers as a
-    /// node of the embedded cluster would, and never counts on the other
-    /// side not having claimed yet.
+    /// (the other side may take the id any moment; this answers as a node
+    /// of the embedded cluster would, and never counts on the other side
+    /// not having claimed yet), while another node holds the id, and after
+    /// a heal this tenure won, for the losers' stop budget (their instances
+    /// may still be stopping).
     fn contested(&self, id: &str, token: u64) -> bool {
         self.cluster.lock().contested(&self.node, self.session, id, token)
     }

@@ -179,6 +179,10 @@ pub(super) struct State {
     next_conn: ConnId,
     /// What this node announced last, sent to every member.
     profile: Option<Profile>,
+    /// Per id, this node's tenure (its token) that won a conflict, and
+    /// until when the loser's instance may still be stopping: the loser
+    /// ceded, and stops within its stop budget.
+    settling: HashMap<Arc<str>, (u64, Instant)>,
 }
 
 /// Another member as this node sees it.
@@ -312,6 +316,7 @@ impl State {
             closed: false,
             next_conn: 1,
             profile: None,
+            settling: HashMap::new(),
         }
     }
 

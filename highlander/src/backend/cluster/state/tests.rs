@@ -178,8 +178,14 @@ fn a_tenure_the_heal_rule_kept_is_contested_until_the_loser_cedes() {
         won: hold("x", token, at(10)),
     };
     let _ = s.on_frame(&name("b"), b, ceded, at(30));
-    assert!(!s.contested("x", token, now, SILENCE));
+    assert!(s.contested("x", token, now, SILENCE), "b's instance may still be stopping");
     assert!(!s.contested("x", token + 1, now, SILENCE), "not this tenure");
+    // b's instance stops within its budget (x's, the same on every node);
+    // b is not silent meanwhile (a failure timeout longer than the budget).
+    let long = BUDGET * 2;
+    let now = tokio::time::Instant::now();
+    assert!(s.contested("x", token, now + BUDGET - Duration::from_millis(1), long));
+    assert!(!s.contested("x", token, now + BUDGET, long));
     // The loser's tenure is over: nothing of it to keep.
     let (s, _, token) = heal("b", at(20), "a", at(10));
     assert!(!s.contested("x", token, now, SILENCE));
