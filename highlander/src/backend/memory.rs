@@ -35,6 +35,11 @@
 //! the holder-to-be, the named node's claim is granted at once. The
 //! reservation ends early when the named node claims the id, leaves, or is
 //! on another side than the claimer.
+//!
+//! [`Session::contested`] is true for a tenure while any node is on another
+//! side, while another node holds the id, and, for a heal's winner, until
+//! the losers' stop budget has passed: rebalancing then keeps the id, so an
+//! overlap always ends by the rule above.
 
 use std::collections::HashMap;
 use std::fmt;
