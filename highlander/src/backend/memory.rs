@@ -366,7 +366,11 @@ impl State {
                     },
                 );
             }
-            let token = self.nodes[&winner].held.get(&id).expect("it holds the id").token;
+            let token = self.nodes[&winner]
+                .held
+                .get(&id)
+                .expect("it holds the id")
+                .token;
             self.settling.insert(id, Settling { token, until });
         }
         self.wakes.bump_all();
@@ -596,7 +600,9 @@ impl Session for MemorySession {
     /// a heal this tenure won, for the losers' stop budget (their instances
     /// may still be stopping).
     fn contested(&self, id: &str, token: u64) -> bool {
-        self.cluster.lock().contested(&self.node, self.session, id, token)
+        self.cluster
+            .lock()
+            .contested(&self.node, self.session, id, token)
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {

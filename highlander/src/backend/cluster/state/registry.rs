@@ -78,9 +78,10 @@ impl State {
             .get(id)
             .is_some_and(|(t, until)| *t == token && *until > now);
         let other_holder = settling || self.ids.get(id).is_some_and(|v| !v.holders.is_empty());
-        let split = self.members.values().any(|p| {
-            !p.reachable() || now.saturating_duration_since(p.heard) >= failure_timeout
-        });
+        let split = self
+            .members
+            .values()
+            .any(|p| !p.reachable() || now.saturating_duration_since(p.heard) >= failure_timeout);
         other_holder || split
     }
 

@@ -178,8 +178,14 @@ fn a_tenure_the_heal_rule_kept_is_contested_until_the_loser_cedes() {
         won: hold("x", token, at(10)),
     };
     let _ = s.on_frame(&name("b"), b, ceded, at(30));
-    assert!(s.contested("x", token, now, SILENCE), "b's instance may still be stopping");
-    assert!(!s.contested("x", token + 1, now, SILENCE), "not this tenure");
+    assert!(
+        s.contested("x", token, now, SILENCE),
+        "b's instance may still be stopping"
+    );
+    assert!(
+        !s.contested("x", token + 1, now, SILENCE),
+        "not this tenure"
+    );
     // b's instance stops within its budget (x's, the same on every node);
     // b is not silent meanwhile (a failure timeout longer than the budget).
     let long = BUDGET * 2;
@@ -197,7 +203,10 @@ fn a_tenure_is_contested_while_a_member_is_out_of_reach_or_silent() {
     let (b, _) = connect(&mut s, "b", vec![]);
     let token = granted(s.claim(&name("x"), BUDGET, at(1)).0).token;
     let now = tokio::time::Instant::now();
-    assert!(!s.contested("x", token, now, SILENCE), "one holder, all in reach");
+    assert!(
+        !s.contested("x", token, now, SILENCE),
+        "one holder, all in reach"
+    );
     // Silent for the failure timeout (this node was paused, say, and b's
     // reader has not noticed yet): across a split, b may hold x.
     let later = now + SILENCE;
