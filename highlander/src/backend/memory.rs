@@ -35,6 +35,11 @@
 //! the holder-to-be, the named node's claim is granted at once. The
 //! reservation ends early when the named node claims the id, leaves, or is
 //! on another side than the claimer.
+//!
+//! [`Session::contested`] is true for a tenure while any node is on another
+//! side, while another node holds the id, and, for a heal's winner, until
+//! the losers' stop budget has passed: rebalancing then keeps the id, so an
+//! overlap always ends by the rule above.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -51,6 +56,7 @@ use super::{
 };
 use crate::service::BoxFuture;
 use crate::{BackendErrorKind, Error, Result};
+use split::Settling;
 
 /// An in-process cluster: several runtimes in one process that use the same
 /// `MemoryCluster` coordinate as if they were nodes of one cluster.
@@ -86,6 +92,9 @@ struct State {
     wakes: Wakes<Arc<str>>,
     /// Ids released to a named node ([`Session::release_to`]).
     reserved: HashMap<Arc<str>, Reservation>,
+    /// Per id, the tenure that won a healed split and until when a loser's
+    /// instance may still be stopping (its stop budget from the heal).
+    settling: HashMap<Arc<str>, Settling>,
     /// Bumped on every join, leave, change of sides and announcement.
     members: Changes,
     partitioned: bool,
@@ -141,56 +150,6 @@ impl MemoryCluster {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Splits the cluster into sides that cannot see each other. Each inner
-    /// slice is one side; a connected node named in no side is cut off from
-    /// every other node, and so is a node that connects during the split.
-    /// Sides joined by this call settle conflicts as [`MemoryCluster::heal`]
-    /// does.
-    ///
-    /// ```
-    /// # let cluster = highlander::MemoryCluster::new();
-    /// cluster.partition(&[&["a"], &["b", "c"]]);
-    /// cluster.heal();
-    /// ```
-    pub fn partition(&self, sides: &[&[&str]]) {
-        let mut state = self.lock();
-        state.partitioned = true;
-        let mut assigned: HashMap<&str, u64> = HashMap::new();
-        for side in sides {
-            state.next_group += 1;
-            for node in *side {
-                assigned.insert(node, state.next_group);
-            }
-        }
-        let names: Vec<String> = state.nodes.keys().cloned().collect();
-        for name in names {
-            let group = match assigned.get(name.as_str()) {
-                Some(g) => *g,
-                None => {
-                    state.next_group += 1;
-                    state.next_group
-                }
-            };
-            if let Some(node) = state.nodes.get_mut(&name) {
-                node.group = group;
-            }
-        }
-        state.settle_all();
-    }
-
-    /// Joins every node into one side again. Where a split left an id held
-    /// on several nodes, the earliest tenure keeps it (ties: lower node
-    /// name) and every other holder's lease ends with
-    /// [`LeaseEnd::Conflict`].
-    pub fn heal(&self) {
-        let mut state = self.lock();
-        state.partitioned = false;
-        for node in state.nodes.values_mut() {
-            node.group = 0;
-        }
-        state.settle_all();
-    }
-
     /// The nodes connected now, sorted by name.
     pub fn nodes(&self) -> Vec<String> {
         let mut names: Vec<String> = self.lock().nodes.keys().cloned().collect();
@@ -241,9 +200,6 @@ impl MemoryCluster {
     }
 }
 
-/// Per side and id, every holder with when its tenure began.
-type Contenders = HashMap<(u64, Arc<str>), Vec<(Instant, String)>>;
-
 impl State {
     /// A claim of `id` by `node` (on side `group`) that a reservation for
     /// another node refuses, as `Busy` with that node as the holder-to-be.
@@ -291,38 +247,6 @@ impl State {
             .iter()
             .filter(|(_, n)| n.group == group)
             .find_map(|(name, n)| Some((name, n.held.get(id)?)))
-    }
-
-    /// After a change of sides: settle ids held more than once within one
-    /// side, and wake every waiter (a holder may have become unreachable).
-    fn settle_all(&mut self) {
-        let mut holders: Contenders = HashMap::new();
-        for (name, n) in &self.nodes {
-            for (id, tenure) in n.held.iter() {
-                holders
-                    .entry((n.group, id.clone()))
-                    .or_default()
-                    .push((tenure.extra, name.clone()));
-            }
-        }
-        for ((_, id), mut contenders) in holders.into_iter().filter(|(_, c)| c.len() > 1) {
-            // The earliest tenure wins; ties go to the lower node name.
-            contenders.sort();
-            let (_, winner) = contenders.remove(0);
-            for (_, loser) in contenders {
-                let node = self.nodes.get_mut(&loser).expect("a holder is a node");
-                let token = node.held.get(&id).expect("it holds the id").token;
-                node.held.end(
-                    &id,
-                    token,
-                    LeaseEnd::Conflict {
-                        winner: Some(winner.clone()),
-                    },
-                );
-            }
-        }
-        self.wakes.bump_all();
-        self.members.bump();
     }
 }
 
@@ -541,6 +465,18 @@ impl Session for MemorySession {
         Box::pin(async { Ok(()) })
     }
 
+    /// Contested while the cluster is split with this node on one side
+    /// (the other side may take the id any moment; this answers as a node
+    /// of the embedded cluster would, and never counts on the other side
+    /// not having claimed yet), while another node holds the id, and after
+    /// a heal this tenure won, for the losers' stop budget (their instances
+    /// may still be stopping).
+    fn contested(&self, id: &str, token: u64) -> bool {
+        self.cluster
+            .lock()
+            .contested(&self.node, self.session, id, token)
+    }
+
     fn close(&self) -> BoxFuture<'_, ()> {
         self.cluster.leave(&self.node, self.session);
         Box::pin(async {})
@@ -578,6 +514,9 @@ impl Drop for MemorySession {
         self.cluster.leave(&self.node, self.session);
     }
 }
+
+#[path = "memory_split.rs"]
+mod split;
 
 #[cfg(test)]
 #[path = "memory_tests.rs"]

@@ -159,3 +159,36 @@ async fn a_reservation_for_a_node_out_of_sight_does_not_block() {
     cluster.partition(&[&["a", "c"], &["b"]]);
     let _ = granted(&*c, "x").await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_tenure_is_contested_while_split_and_until_the_loser_has_stopped() {
+    let cluster = MemoryCluster::new();
+    let [a, b, _c] = three(&cluster).await;
+    let ta = granted(&*a, "x").await;
+    assert!(!a.contested("x", ta), "one holder, one side");
+    assert!(!a.contested("x", ta + 1), "not this tenure");
+    assert!(!b.contested("x", ta), "b holds nothing");
+
+    // Split: a's side cannot tell whether the other took x, even before it
+    // does.
+    cluster.partition(&[&["a"], &["b", "c"]]);
+    assert!(a.contested("x", ta));
+    let tb = granted(&*b, "x").await;
+    assert!(a.contested("x", ta) && b.contested("x", tb));
+
+    // The heal settles it: a's earlier tenure keeps x, b's ends. b's
+    // instance may take its stop budget to stop: until then, a's tenure
+    // still overlaps it.
+    cluster.heal();
+    assert_eq!(cluster.holders("x"), vec![Holder::new("a", Some(ta))]);
+    assert!(!b.contested("x", tb), "b's tenure is over");
+    assert!(a.contested("x", ta), "b's instance may still be stopping");
+    tokio::time::advance(Duration::from_millis(999)).await;
+    assert!(a.contested("x", ta));
+    tokio::time::advance(Duration::from_millis(1)).await;
+    assert!(!a.contested("x", ta), "b's stop budget is over");
+
+    // Everybody on one side of a "split" is no split.
+    cluster.partition(&[&["a", "b", "c"]]);
+    assert!(!a.contested("x", ta));
+}

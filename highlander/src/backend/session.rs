@@ -119,6 +119,28 @@ pub trait Session: Send + Sync + 'static {
         self.release(id, token)
     }
 
+    /// Whether this node's tenure of `id` (the one with `token`) may overlap
+    /// another node's tenure of `id`, as far as this session knows: another
+    /// holder is in view whose conflict the heal rule has not settled yet,
+    /// or the cluster may be split (a member this node cannot reach, or has
+    /// not heard from within its failure timeout, may have taken the id on
+    /// its side). False once the tenure is over.
+    ///
+    /// The runtime does not hand a contested tenure over
+    /// ([`Builder::rebalance`](crate::Builder::rebalance)): an instance
+    /// that overlapped another must be stopped by the heal rule with
+    /// [`LeaseEnd::Conflict`](super::LeaseEnd::Conflict), which tells the
+    /// service so, never with `Moved`, which says that nothing overlapped.
+    /// The default is false: a CP backend never has a second holder.
+    ///
+    /// # Cancel safety
+    ///
+    /// Synchronous: nothing to cancel.
+    fn contested(&self, id: &str, token: u64) -> bool {
+        let _ = (id, token);
+        false
+    }
+
     /// Every id held now as far as this node can see (in its namespace, for
     /// the backends that have one), sorted by id: what status tools such as
     /// the `highlander` CLI show. A backend that cannot list its holders

@@ -196,7 +196,7 @@ impl Builder {
     }
 
     /// Whether a change of members hands ids over to where they now belong
-    /// (default off, see `docs/fleets.md` for why): each id held here whose best candidate is another
+    /// (default off): each id held here whose best candidate is another
     /// reachable member that runs it is released to that member (its
     /// instance stopped with
     /// [`ShutdownReason::Moved`](crate::ShutdownReason::Moved), `terminate`
@@ -205,6 +205,17 @@ impl Builder {
     /// started apart (the first one up claims everything) and gives a node
     /// that joins its share; off, ids stay where they are until they come
     /// free.
+    ///
+    /// A tenure the backend calls
+    /// [contested](crate::backend::Session::contested) is not handed over
+    /// (on the AP backends: while the cluster may be split, or a healed
+    /// conflict is not settled), so an instance that overlapped another is
+    /// always stopped by the heal rule with
+    /// [`ShutdownReason::Conflict`](crate::ShutdownReason::Conflict), never
+    /// with `Moved`; an earlier version could do the latter, and no longer
+    /// does. It stays off by default because moving running work costs a
+    /// restart of each instance moved, which users should opt into (see
+    /// `docs/fleets.md`).
     pub fn rebalance(mut self, rebalance: bool) -> Self {
         self.rebalance = Some(rebalance);
         self

@@ -232,6 +232,7 @@ pub(super) async fn run(
     let mut retry = Duration::from_millis(100);
     let mut pass: VecDeque<Arc<Slot>> = VecDeque::new();
     let mut moved = 0usize;
+    let mut contested = 0usize;
     loop {
         if shared.shutdown.is_cancelled() || done.is_cancelled() {
             return;
@@ -272,6 +273,8 @@ pub(super) async fn run(
                         "placement view changed"
                     );
                     pass.clear();
+                    moved = 0;
+                    contested = 0;
                     if placement.rebalance && view.active() {
                         rebalance_at = Some(Instant::now() + SETTLE);
                     }
@@ -309,16 +312,27 @@ pub(super) async fn run(
                 rebalance_at = None;
                 if !*shared.draining.borrow() {
                     pass = lock(&registry).slots.values().cloned().collect();
-                    moved = 0;
-                    moved += rebalance(&mut pass, &shared);
+                    (moved, contested) = rebalance(&mut pass, &shared);
                 }
             }
             _ = tick => {
-                moved += rebalance(&mut pass, &shared);
-                if pass.is_empty() && moved > 0 {
-                    info!(node = %shared.node, ids = moved, "rebalanced: handed ids over to where they belong");
-                }
+                let (m, c) = rebalance(&mut pass, &shared);
+                moved += m;
+                contested += c;
             }
+        }
+        if pass.is_empty() && (moved > 0 || contested > 0) {
+            if moved > 0 {
+                info!(node = %shared.node, ids = moved, "rebalanced: handed ids over to where they belong");
+            }
+            if contested > 0 {
+                // Kept until the backend settles the conflict or sees the
+                // other side again: look again after a while.
+                debug!(node = %shared.node, ids = contested, "not handing over ids whose tenure may overlap another's (a split, or a conflict not settled yet); trying again");
+                rebalance_at.get_or_insert(Instant::now() + SETTLE);
+            }
+            moved = 0;
+            contested = 0;
         }
     }
 }
@@ -328,12 +342,16 @@ pub(super) async fn run(
 /// that member, a tenth of
 /// [`Builder::handoff_rate`](crate::Builder::handoff_rate) per batch, one
 /// batch per tick. A change of members drops the rest of the pass (a new
-/// one follows once the members settle). Returns how many ids it moved.
-fn rebalance(pass: &mut VecDeque<Arc<Slot>>, shared: &Shared) -> usize {
+/// one follows once the members settle). A tenure the backend calls
+/// [contested](crate::backend::Session::contested) stays: its overlap, if
+/// any, ends by the heal rule. Returns how many ids it moved, and how many
+/// it kept because they were contested.
+fn rebalance(pass: &mut VecDeque<Arc<Slot>>, shared: &Shared) -> (usize, usize) {
     let placement = &shared.placement;
     let view = placement.view();
     let batch = (shared.handoff_rate / 10).max(1) as usize;
     let mut moved = 0usize;
+    let mut contested = 0usize;
     while moved < batch {
         if *shared.draining.borrow() || shared.shutdown.is_cancelled() {
             pass.clear();
@@ -352,8 +370,94 @@ fn rebalance(pass: &mut VecDeque<Arc<Slot>>, shared: &Shared) -> usize {
         let Some(target) = view.best_other(&slot) else {
             continue;
         };
+        if shared.session.contested(&slot.spec.id, token) {
+            contested += 1;
+            continue;
+        }
         placement.move_to(&slot, token, Some(target));
         moved += 1;
     }
-    moved
+    (moved, contested)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{Backend, Claim, ClaimRequest, MemoryCluster, Session};
+    use crate::context::StateMap;
+    use crate::spec::ChildSpec;
+    use crate::{Context, Service};
+
+    struct Idle;
+    impl Service for Idle {
+        async fn run(&mut self, ctx: &Context) -> crate::Result<()> {
+            ctx.cancelled().await;
+            Ok(())
+        }
+    }
+
+    fn shared(session: Arc<dyn Session>) -> Arc<Shared> {
+        let node: Arc<str> = Arc::from("a");
+        Arc::new(Shared {
+            ops: crate::ops::NodeOps::new(node.clone(), &crate::ops::OpsConfig::default()),
+            node,
+            session,
+            state: Arc::new(StateMap::new()),
+            shutdown: CancellationToken::new(),
+            stepdown_delay: Duration::from_secs(5),
+            version: watch::Sender::new(0),
+            draining: watch::Sender::new(false),
+            handoff_rate: 1_000,
+            placement: Placement::new(DEFAULT_GRACE, true),
+        })
+    }
+
+    /// `a` holds `x`, and `b` (far heavier) is where `x` belongs: a pass
+    /// hands it over, unless the backend calls a's tenure contested.
+    #[tokio::test]
+    async fn a_pass_keeps_a_contested_tenure_and_moves_it_once_settled() {
+        let cluster = MemoryCluster::new();
+        let a = cluster.connect("a").await.unwrap();
+        let b = cluster.connect("b").await.unwrap();
+        a.announce(Profile::new(1, vec![], Catalog::new(["x"])))
+            .await
+            .unwrap();
+        b.announce(Profile::new(1_000, vec![], Catalog::new(["x"])))
+            .await
+            .unwrap();
+        let Claim::Granted(lease) = a
+            .try_claim(ClaimRequest::new("x", Duration::from_secs(1)))
+            .await
+            .unwrap()
+        else {
+            panic!("a claims x");
+        };
+        let shared = shared(a.clone());
+        let slot = Arc::new(Slot::new(
+            ChildSpec::new("x", |_ctx| async { Ok(Idle) }),
+            &shared,
+        ));
+        *slot.lock() = SingletonState::Running {
+            token: lease.token,
+            restarts: 0,
+        };
+        let view = View::new(a.members().await.unwrap(), "a");
+        view.place(&slot);
+        assert!(slot.rank.load(Ordering::Relaxed) > 0, "b ranks ahead of a");
+        *shared.placement.view.lock().unwrap() = Arc::new(view);
+
+        // Split: the view still shows b (the placer has not read the
+        // members again), but the backend knows better.
+        cluster.partition(&[&["a"], &["b"]]);
+        let mut pass = VecDeque::from([slot.clone()]);
+        assert_eq!(rebalance(&mut pass, &shared), (0, 1));
+        assert_ne!(slot.moving.load(Ordering::SeqCst), lease.token, "not moved");
+
+        // Healed: one holder, everybody in reach. The next pass moves it.
+        cluster.heal();
+        let mut pass = VecDeque::from([slot.clone()]);
+        assert_eq!(rebalance(&mut pass, &shared), (1, 0));
+        assert_eq!(slot.moving.load(Ordering::SeqCst), lease.token);
+        assert_eq!(shared.placement.take_target("x").as_deref(), Some("b"));
+    }
 }

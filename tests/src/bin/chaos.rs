@@ -12,7 +12,8 @@
 //! `--seed S`, `--kinds kill,pause,restart,partition,backend-restart`,
 //! `--slack-ms MS` (added to every bound, default 1000), `--quick` (short
 //! Postgres holds), `--netns` (cluster nodes in network namespaces,
-//! partitions by `iptables`; needs root), `--quiet`. See `docs/chaos.md`.
+//! partitions by `iptables`; needs root), `--rebalance` (every node
+//! rebalances), `--quiet`. See `docs/chaos.md`.
 
 use std::time::Duration;
 
@@ -21,7 +22,7 @@ use highlander_tests::chaos::{Backend, FaultKind, RunConfig, run};
 fn usage(msg: &str) -> ! {
     eprintln!(
         "{msg}\nusage: chaos --backend memory|postgres|etcd|cluster|all [--faults N] [--seed S] \
-         [--kinds kill,pause,restart,partition,backend-restart] [--slack-ms MS] [--quick] [--netns] [--quiet]"
+         [--kinds kill,pause,restart,partition,backend-restart] [--slack-ms MS] [--quick] [--netns] [--rebalance] [--quiet]"
     );
     std::process::exit(2)
 }
@@ -37,6 +38,7 @@ async fn main() {
     let mut quick = false;
     let mut netns = false;
     let mut verbose = true;
+    let mut rebalance = false;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || {
@@ -72,6 +74,7 @@ async fn main() {
             }
             "--quick" => quick = true,
             "--netns" => netns = true,
+            "--rebalance" => rebalance = true,
             "--quiet" => verbose = false,
             other => usage(&format!("unknown argument {other}")),
         }
@@ -99,6 +102,7 @@ async fn main() {
         cfg.quick = quick;
         cfg.netns = netns && backend == Backend::Cluster;
         cfg.verbose = verbose;
+        cfg.rebalance = rebalance;
         eprintln!(
             "chaos: {}{} with {faults} faults, seed {seed}",
             backend.name(),

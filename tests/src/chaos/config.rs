@@ -216,6 +216,9 @@ pub struct RunConfig {
     /// with `iptables` there instead of the harness's TCP proxies. Needs
     /// root.
     pub netns: bool,
+    /// Every node rebalances (`Builder::rebalance(true)`): held ids move to
+    /// where placement puts them when the members change.
+    pub rebalance: bool,
 }
 
 impl RunConfig {
@@ -234,6 +237,7 @@ impl RunConfig {
             verbose: false,
             always_holder: false,
             netns: false,
+            rebalance: false,
         }
     }
 }

@@ -24,6 +24,7 @@ const FENCE_EVERY: Duration = Duration::from_millis(20);
 pub(super) struct MemoryDriver {
     cluster: MemoryCluster,
     ids: Vec<String>,
+    rebalance: bool,
     names: Vec<String>,
     handles: HashMap<String, RuntimeHandle>,
     probe: Probe,
@@ -36,6 +37,7 @@ impl MemoryDriver {
         let mut d = MemoryDriver {
             cluster: MemoryCluster::new(),
             ids: cfg.ids.clone(),
+            rebalance: cfg.rebalance,
             names: (0..cfg.nodes).map(|i| format!("n{i}")).collect(),
             handles: HashMap::new(),
             probe: Probe::new(),
@@ -49,7 +51,10 @@ impl MemoryDriver {
     }
 
     fn builder(&self, name: &str) -> highlander::Builder {
-        let mut builder = Runtime::builder().node(name).backend(self.cluster.clone());
+        let mut builder = Runtime::builder()
+            .node(name)
+            .backend(self.cluster.clone())
+            .rebalance(self.rebalance);
         for id in &self.ids {
             let fence = self.fence.clone();
             let write = Arc::new(move |id: &str, token: u64, node: &str| {

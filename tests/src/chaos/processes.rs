@@ -140,6 +140,9 @@ impl ProcessDriver {
             ("HL_FENCE_ADDR".into(), fence_addr),
             ("HIGHLANDER_COOKIE".into(), COOKIE.into()),
         ];
+        if cfg.rebalance {
+            env.push(("HL_REBALANCE".into(), "1".into()));
+        }
         let mut bin = cfg.node_bin.clone();
         if let Server::Beam {
             epmd_port, ctl_dir, ..

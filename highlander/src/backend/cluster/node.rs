@@ -365,6 +365,13 @@ impl Node {
         self.lock().state.members(self.me.addr.clone())
     }
 
+    pub(super) fn contested(&self, id: &str, token: u64) -> bool {
+        let failure_timeout = self.settings.failure_timeout;
+        self.lock()
+            .state
+            .contested(id, token, tokio::time::Instant::now(), failure_timeout)
+    }
+
     pub(super) fn holder(&self, id: &str) -> Option<Holder> {
         self.lock().state.holder(id)
     }

@@ -54,6 +54,13 @@ impl Session for ClusterSession {
         Box::pin(async { Ok(()) })
     }
 
+    /// Contested while another holder is in view (a conflict the heal rule
+    /// has not settled), or a member is unreachable or silent for the
+    /// failure timeout: across a split, the other side may hold the id.
+    fn contested(&self, id: &str, token: u64) -> bool {
+        self.node.contested(id, token)
+    }
+
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(self.node.leave())
     }

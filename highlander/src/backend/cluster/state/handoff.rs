@@ -44,6 +44,7 @@ impl State {
             return fx;
         };
         self.own.remove(&id);
+        self.settling.remove(&id);
         let handoff = Msg::Handoff {
             id: id.clone(),
             token,

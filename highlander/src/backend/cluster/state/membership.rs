@@ -211,6 +211,7 @@ impl State {
             synced: was_synced,
             partial: Vec::new(),
         };
+        p.heard = Instant::now();
         if let Link::Up(old) = std::mem::replace(&mut p.link, Link::Up(conn)) {
             // The old writer sends this, then closes its half.
             fx.send(vec![(info.name.clone(), old.id)], Msg::Superseded);

@@ -179,6 +179,10 @@ pub(super) struct State {
     next_conn: ConnId,
     /// What this node announced last, sent to every member.
     profile: Option<Profile>,
+    /// Per id, this node's tenure (its token) that won a conflict, and
+    /// until when the loser's instance may still be stopping: the loser
+    /// ceded, and stops within its stop budget.
+    settling: HashMap<Arc<str>, (u64, Instant)>,
 }
 
 /// Another member as this node sees it.
@@ -189,6 +193,8 @@ pub(super) struct Peer {
     ready: bool,
     holdings: HashSet<Arc<str>>,
     down_since: Instant,
+    /// When its current connection last brought a frame (or was adopted).
+    heard: Instant,
     /// What it announced, as far as this node has it.
     profile: profiles::Announced,
 }
@@ -220,6 +226,7 @@ impl Peer {
             ready: false,
             holdings: HashSet::new(),
             down_since: Instant::now(),
+            heard: Instant::now(),
             profile: profiles::Announced::default(),
         }
     }
@@ -309,6 +316,7 @@ impl State {
             closed: false,
             next_conn: 1,
             profile: None,
+            settling: HashMap::new(),
         }
     }
 
@@ -371,6 +379,9 @@ impl State {
         let mut fx = Effects::default();
         if !self.current(peer, conn) {
             return fx;
+        }
+        if let Some(p) = self.members.get_mut(peer) {
+            p.heard = Instant::now();
         }
         match msg {
             Msg::Ping => {}

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
 use tracing::{debug, info};
 
 use super::{Effect, Effects, IdView, Peer, Pending, RemoteHold, Reply, State, Step};
@@ -52,6 +53,36 @@ impl State {
         own.into_iter()
             .chain(remote)
             .min_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)))
+    }
+
+    /// Whether this node's tenure of `id` with `token` may overlap another
+    /// node's at `now`: another holder of `id` is in view (the heal rule
+    /// kept this tenure, and the loser has not ceded yet, or ceded less than
+    /// the stop budget ago: its instance may still be stopping), or the cluster
+    /// may be split: a member is unreachable, or has been silent for
+    /// `failure_timeout` (down by the failure detector's own rule, though
+    /// its reader has not run yet: this node may have been paused). False
+    /// once the tenure is over.
+    pub(in crate::backend::cluster) fn contested(
+        &self,
+        id: &str,
+        token: u64,
+        now: Instant,
+        failure_timeout: Duration,
+    ) -> bool {
+        if !self.own.holds(id, token) {
+            return false;
+        }
+        let settling = self
+            .settling
+            .get(id)
+            .is_some_and(|(t, until)| *t == token && *until > now);
+        let other_holder = settling || self.ids.get(id).is_some_and(|v| !v.holders.is_empty());
+        let split = self
+            .members
+            .values()
+            .any(|p| !p.reachable() || now.saturating_duration_since(p.heard) >= failure_timeout);
+        other_holder || split
     }
 
     /// Something about `id` changed: wake this node's waiter, and if the id
@@ -108,6 +139,7 @@ impl State {
     /// Ends this node's tenure of `id` (its lease with `end`, when given)
     /// and tells every member.
     pub(super) fn drop_own(&mut self, id: &Arc<str>, end: Option<LeaseEnd>, fx: &mut Effects) {
+        self.settling.remove(id);
         if let Some(own) = self.own.remove(id) {
             if let Some(end) = end {
                 fx.push(Effect::EndLease {
@@ -128,6 +160,7 @@ impl State {
     /// Ends this node's tenure of `id` because `winner`'s older tenure
     /// keeps it, and tells every member who holds it now.
     fn cede(&mut self, id: &Arc<str>, winner: &Arc<str>, token: u64, since: u64, fx: &mut Effects) {
+        self.settling.remove(id);
         if let Some(own) = self.own.remove(id) {
             fx.push(Effect::EndLease {
                 id: id.clone(),
@@ -240,6 +273,15 @@ impl State {
         let Hold { id, token, since } = &won;
         let (id, token, since) = (id, *token, *since);
         if winner == self.name {
+            // The loser's instance is stopping now, within its stop budget
+            // (this tenure's: one id, one spec): this tenure overlaps it
+            // until then.
+            if let Some(own) = self.own.get(id).filter(|o| o.token == token) {
+                let now = Instant::now();
+                let until = now + own.budget;
+                self.settling.retain(|_, (_, u)| *u > now);
+                self.settling.insert(id.clone(), (token, until));
+            }
             return;
         }
         let view = self.ids.entry(id.clone()).or_default();

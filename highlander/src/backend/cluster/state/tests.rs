@@ -159,6 +159,69 @@ fn a_heal_ends_the_later_tenure_with_conflict_in_both_orders() {
     assert_eq!(holder_of(&s, "x").as_deref(), Some("a"));
 }
 
+/// The failure timeout the `contested` tests give.
+const SILENCE: Duration = Duration::from_secs(1);
+
+#[test]
+fn a_tenure_the_heal_rule_kept_is_contested_until_the_loser_cedes() {
+    // a's tenure is older: a keeps x, but b runs its own until it sees a's.
+    let mut s = ready("a");
+    let token = granted(s.claim(&name("x"), BUDGET, at(10)).0).token;
+    let (b, fx) = connect(&mut s, "b", vec![hold("x", 99, at(20))]);
+    assert!(ended(&fx).is_empty(), "a keeps x");
+    let now = tokio::time::Instant::now();
+    assert!(s.contested("x", token, now, SILENCE), "b still runs x");
+    // b cedes: x has one holder again.
+    let ceded = Msg::Ceded {
+        token: 99,
+        winner: name("a"),
+        won: hold("x", token, at(10)),
+    };
+    let _ = s.on_frame(&name("b"), b, ceded, at(30));
+    assert!(
+        s.contested("x", token, now, SILENCE),
+        "b's instance may still be stopping"
+    );
+    assert!(
+        !s.contested("x", token + 1, now, SILENCE),
+        "not this tenure"
+    );
+    // b's instance stops within its budget (x's, the same on every node);
+    // b is not silent meanwhile (a failure timeout longer than the budget).
+    let long = BUDGET * 2;
+    let now = tokio::time::Instant::now();
+    assert!(s.contested("x", token, now + BUDGET - Duration::from_millis(1), long));
+    assert!(!s.contested("x", token, now + BUDGET, long));
+    // The loser's tenure is over: nothing of it to keep.
+    let (s, _, token) = heal("b", at(20), "a", at(10));
+    assert!(!s.contested("x", token, now, SILENCE));
+}
+
+#[test]
+fn a_tenure_is_contested_while_a_member_is_out_of_reach_or_silent() {
+    let mut s = ready("a");
+    let (b, _) = connect(&mut s, "b", vec![]);
+    let token = granted(s.claim(&name("x"), BUDGET, at(1)).0).token;
+    let now = tokio::time::Instant::now();
+    assert!(
+        !s.contested("x", token, now, SILENCE),
+        "one holder, all in reach"
+    );
+    // Silent for the failure timeout (this node was paused, say, and b's
+    // reader has not noticed yet): across a split, b may hold x.
+    let later = now + SILENCE;
+    assert!(s.contested("x", token, later, SILENCE));
+    // A frame from b: heard again.
+    let _ = s.on_frame(&name("b"), b, Msg::Ping, at(2));
+    assert!(!s.contested("x", token, now, SILENCE));
+    // b is declared down: it may hold x on its side of a split.
+    let _ = s.conn_closed(&name("b"), b);
+    assert!(s.contested("x", token, now, SILENCE));
+    // Back, with its whole state: nothing in it contests x.
+    let _ = connect(&mut s, "b", vec![]);
+    assert!(!s.contested("x", token, tokio::time::Instant::now(), SILENCE));
+}
+
 #[test]
 fn a_heal_between_equal_starts_goes_to_the_lower_name() {
     let (s, fx, _) = heal("a", at(10), "b", at(10));
