@@ -19,6 +19,30 @@
 //!   after a fault and ended within that fault's failover allowance after
 //!   the fault was undone; tokens never repeat for an id; every node shut
 //!   down cleanly at the end and no tenure was left open.
+//! - **Moves, joins, leaves and drains** (all models):
+//!   - `handoff`: an instance that stopped with reason `moved` (a drain,
+//!     rebalancing, a transfer) is followed by the id's next tenure on
+//!     *another* node within [`Bounds::handoff`] of the stop; such a gap is
+//!     judged by this bound, not by the fault allowance. A moved id may
+//!     not overlap its next tenure any more than any other: never on CP,
+//!     and on AP only as the split rule above allows (a handoff is not a
+//!     partition, so the loser must still see `conflict`).
+//!   - `drain`: a drain got to the point where the drained node held
+//!     nothing; every tenure the node had when the drain began (or began
+//!     while it drained) ended with `moved` by then; and from then until
+//!     the resume the node began no tenure. That every id it held runs
+//!     elsewhere, soon, is the `handoff` rule.
+//!   - `leave`: the node that left began nothing after the leave began
+//!     (it never comes back under its name), and each of its tenures
+//!     ended gracefully (`STOP`, not a kill) by the time it exited. Its
+//!     ids run elsewhere within the leave's failover allowance (a graceful
+//!     stop's: the restart bound), which is the unowned-stretch rule.
+//!   - `join`: the joining node's name ran nothing before it joined (a new
+//!     name). Nothing runs twice after it (the overlap rules).
+//!   - `moved-twice`: between two consecutive fault boundaries (each
+//!     fault's start and its end are changes of membership or of a
+//!     member's profile), an id moves at most once: rebalancing must not
+//!     bounce an id.
 //!
 //! All processes run on one host, so every timestamp comes from one clock;
 //! the recorded instance intervals lie inside the leases (`START` is printed
@@ -55,6 +79,9 @@ pub struct Bounds {
     pub heal: Duration,
     /// CP: how long a holder paused past its lease may run on after SIGCONT.
     pub wake_grace: Duration,
+    /// How long an id whose instance stopped with `moved` may be without a
+    /// tenure before the member it was handed to runs it.
+    pub handoff: Duration,
 }
 
 impl Bounds {
@@ -93,6 +120,9 @@ pub struct Gap {
     pub length: Duration,
     /// When the id became free (Unix nanoseconds).
     pub from: u128,
+    /// It followed a stop with reason `moved`, so it was judged by the
+    /// handoff bound.
+    pub handoff: bool,
 }
 
 /// What the checker found.
@@ -191,25 +221,27 @@ pub fn check(history: &History, model: Model, bounds: &Bounds) -> Verdict {
             }
         }
         // Unowned stretches, from the first tenure to the final shutdown.
-        let mut covered_until = list.first().map(|t| t.end).unwrap_or(0);
-        let mut intervals: Vec<(u128, u128)> = list.iter().map(|t| (t.start, t.end)).collect();
-        intervals.sort();
-        for (start, end) in intervals.into_iter().skip(1) {
-            if start > covered_until + eps && covered_until < history.shutdown_at {
-                gap(history, bounds, id, covered_until, start, &mut verdict);
+        // `cover` is the tenure that ends last among those begun so far.
+        let mut cover: Option<&Tenure> = None;
+        for t in list {
+            let Some(c) = cover else {
+                cover = Some(t);
+                continue;
+            };
+            if t.start > c.end + eps && c.end < history.shutdown_at {
+                gap(history, bounds, c, t.start, &mut verdict);
             }
-            covered_until = covered_until.max(end);
+            if t.end > c.end {
+                cover = Some(t);
+            }
         }
-        if covered_until + eps < history.shutdown_at {
-            gap(
-                history,
-                bounds,
-                id,
-                covered_until,
-                history.shutdown_at,
-                &mut verdict,
-            );
+        if let Some(c) = cover
+            && c.end + eps < history.shutdown_at
+        {
+            gap(history, bounds, c, history.shutdown_at, &mut verdict);
         }
+        handoffs(history, bounds, list, &mut verdict);
+        moved_once(history, id, list, &mut verdict);
         // Left open.
         for t in list.iter().filter(|t| t.how == End::Open) {
             verdict.violations.push(Violation {
@@ -250,6 +282,8 @@ pub fn check(history: &History, model: Model, bounds: &Bounds) -> Verdict {
             });
         }
     }
+
+    membership(history, bounds, &tenures, &mut verdict);
 
     for exit in &history.exits {
         if let Some(problem) = &exit.problem {
@@ -327,20 +361,34 @@ fn past(end: u128, undone: u128) -> Duration {
     Duration::from_nanos(end.saturating_sub(undone) as u64)
 }
 
-fn gap(history: &History, bounds: &Bounds, id: &str, from: u128, to: u128, verdict: &mut Verdict) {
+fn moved(t: &Tenure) -> bool {
+    matches!(&t.how, End::Stopped(r) if r == "moved")
+}
+
+/// Records the stretch from the end of `from` to `to` in which its id had
+/// no tenure, and whether it is within the allowance: after a `moved` stop,
+/// the handoff rule judges it (see [`handoffs`]); otherwise the latest fault
+/// that began before the id became free must explain it.
+fn gap(history: &History, bounds: &Bounds, from: &Tenure, to: u128, verdict: &mut Verdict) {
     let eps = bounds.clock_error.as_nanos();
+    let (id, from_tenure, from) = (from.id.as_str(), from, from.end);
     // The latest fault that began before the id became free.
     let fault = history.faults.iter().rev().find(|f| f.at <= from + eps);
     let length = Duration::from_nanos((to - from) as u64);
-    let explained = fault.filter(|f| {
-        let limit = f.until + bounds.failover_for(f.kind).as_nanos();
-        from <= limit && to <= limit
-    });
+    let handoff = moved(from_tenure);
     verdict.gaps.push(Gap {
         id: id.to_string(),
         fault: fault.map(|f| f.kind),
         length,
         from,
+        handoff,
+    });
+    if handoff {
+        return;
+    }
+    let explained = fault.filter(|f| {
+        let limit = f.until + bounds.failover_for(f.kind).as_nanos();
+        from <= limit && to <= limit
     });
     if explained.is_none() {
         let why = match fault {
@@ -360,6 +408,169 @@ fn gap(history: &History, bounds: &Bounds, id: &str, from: u128, to: u128, verdi
                 ms(to - from)
             ),
         });
+    }
+}
+
+/// Every instance stopped with `moved` is followed, within the handoff
+/// bound, by the id's next tenure on another node (`list`: one id's
+/// tenures by start).
+fn handoffs(history: &History, bounds: &Bounds, list: &[&Tenure], verdict: &mut Verdict) {
+    let eps = bounds.clock_error.as_nanos();
+    let limit = bounds.handoff.as_nanos();
+    for (i, t) in list.iter().enumerate() {
+        if !moved(t) || t.end >= history.shutdown_at {
+            continue;
+        }
+        // Already running elsewhere when this one stopped (an overlap is
+        // the overlap rules' business): taken over at once.
+        if list
+            .iter()
+            .any(|n| n.node != t.node && n.start <= t.end + eps && n.end > t.end)
+        {
+            continue;
+        }
+        // The first tenure to begin at or after the stop.
+        let next = list
+            .iter()
+            .enumerate()
+            .find(|(j, n)| *j != i && n.start + eps >= t.end)
+            .map(|(_, n)| *n);
+        let problem = match next {
+            Some(n) if n.start > t.end + limit => Some(format!(
+                "the next tenure began {:.1} ms after the stop (bound {:?}):\n  {t}\n  {n}",
+                ms(n.start - t.end),
+                bounds.handoff
+            )),
+            Some(n) if n.node == t.node => Some(format!(
+                "the next tenure ran on the node it moved from:\n  {t}\n  {n}"
+            )),
+            Some(_) => None,
+            None if t.end + limit < history.shutdown_at => Some(format!(
+                "it never ran again before the final shutdown:\n  {t}"
+            )),
+            None => None,
+        };
+        if let Some(p) = problem {
+            verdict.violations.push(Violation {
+                rule: "handoff",
+                detail: format!("{} moved from {}: {p}", t.id, t.node),
+            });
+        }
+    }
+}
+
+/// At most one `moved` stop of an id between two consecutive fault
+/// boundaries (every fault's start and end), from the first fault on.
+fn moved_once(history: &History, id: &str, list: &[&Tenure], verdict: &mut Verdict) {
+    let mut bounds: Vec<u128> = history
+        .faults
+        .iter()
+        .flat_map(|f| [f.at, f.until])
+        .chain([history.shutdown_at])
+        .collect();
+    bounds.sort();
+    bounds.dedup();
+    for w in bounds.windows(2) {
+        let moves: Vec<&&Tenure> = list
+            .iter()
+            .filter(|t| moved(t) && w[0] <= t.end && t.end < w[1])
+            .collect();
+        if moves.len() > 1 {
+            let lines: Vec<String> = moves.iter().map(|t| format!("  {t}")).collect();
+            verdict.violations.push(Violation {
+                rule: "moved-twice",
+                detail: format!(
+                    "{id} moved {} times between {} and {} with no change of members in between:\n{}",
+                    moves.len(),
+                    w[0],
+                    w[1],
+                    lines.join("\n")
+                ),
+            });
+        }
+    }
+}
+
+/// The drain, leave and join rules (see the module docs).
+fn membership(history: &History, bounds: &Bounds, tenures: &[Tenure], verdict: &mut Verdict) {
+    let eps = bounds.clock_error.as_nanos();
+    let mut push = |rule: &'static str, detail: String| {
+        verdict.violations.push(Violation { rule, detail });
+    };
+    for f in &history.faults {
+        let Some(node) = f.node.as_deref() else {
+            continue;
+        };
+        let on_node = || tenures.iter().filter(move |t| t.node == node);
+        match f.kind {
+            FaultKind::Drain => {
+                let Some(drained) = f.drained else {
+                    push(
+                        "drain",
+                        format!("the drain of {node} from {} never emptied the node", f.at),
+                    );
+                    continue;
+                };
+                // What it had, or began, before it held nothing.
+                for t in on_node().filter(|t| t.start <= drained + eps && t.end + eps >= f.at) {
+                    if t.end > drained + eps {
+                        push(
+                            "drain",
+                            format!(
+                                "{node} still ran an instance after its drain completed at {drained}:\n  {t}"
+                            ),
+                        );
+                    } else if !moved(t) {
+                        push(
+                            "drain",
+                            format!(
+                                "a drain of {node} stopped an instance without `moved`:\n  {t}"
+                            ),
+                        );
+                    }
+                }
+                for t in on_node().filter(|t| t.start > drained + eps && t.start < f.until) {
+                    push(
+                        "drain",
+                        format!(
+                            "{node} began a tenure while drained (from {drained} until the resume at {}):\n  {t}",
+                            f.until
+                        ),
+                    );
+                }
+            }
+            FaultKind::Leave => {
+                for t in on_node().filter(|t| t.start > f.at + eps) {
+                    push(
+                        "leave",
+                        format!("{node} began a tenure after it left at {}:\n  {t}", f.at),
+                    );
+                }
+                for t in on_node().filter(|t| t.start <= f.at + eps && t.end + eps >= f.at) {
+                    if !matches!(t.how, End::Stopped(_)) || t.end > f.until + eps {
+                        push(
+                            "leave",
+                            format!(
+                                "a tenure of {node} did not stop gracefully by its exit at {}:\n  {t}",
+                                f.until
+                            ),
+                        );
+                    }
+                }
+            }
+            FaultKind::Join => {
+                for t in on_node().filter(|t| t.start + eps < f.at) {
+                    push(
+                        "join",
+                        format!(
+                            "{node} joined at {} under a name that had already run:\n  {t}",
+                            f.at
+                        ),
+                    );
+                }
+            }
+            _ => {}
+        }
     }
 }
 
@@ -391,12 +602,7 @@ mod tests {
     }
 
     fn fault(kind: FaultKind, node: &str, at: u128, until: u128) -> Fault {
-        Fault {
-            kind,
-            node: Some(node.into()),
-            at: at * MS,
-            until: until * MS,
-        }
+        Fault::new(kind, Some(node), at * MS, until * MS)
     }
 
     fn bounds() -> Bounds {
@@ -408,6 +614,7 @@ mod tests {
                 .collect(),
             heal: Duration::from_millis(300),
             wake_grace: Duration::from_millis(200),
+            handoff: Duration::from_millis(100),
         }
     }
 
@@ -605,5 +812,222 @@ mod tests {
         let mut found = rules(&check(&h, Model::Ap, &bounds()));
         found.sort();
         assert_eq!(found, vec!["left-running", "unclean-shutdown"]);
+    }
+
+    fn with_id(mut e: Event, id: &str) -> Event {
+        e.id = id.into();
+        e
+    }
+
+    fn drain(node: &str, at: u128, drained: Option<u128>, until: u128) -> Fault {
+        let mut f = fault(FaultKind::Drain, node, at, until);
+        f.drained = drained.map(|d| d * MS);
+        f
+    }
+
+    #[test]
+    fn a_moved_id_must_run_elsewhere_within_the_handoff_bound() {
+        let h = |events| history(events, vec![], 1000);
+        let ok = h(vec![
+            start(0, "a", 1),
+            stop(100, "a", 1, "moved"),
+            start(150, "b", 2),
+            stop(1000, "b", 2, "node_shutdown"),
+        ]);
+        let v = check(&ok, Model::Cp, &bounds());
+        assert!(v.passed(), "{:?}", v.violations);
+        assert!(v.gaps[0].handoff, "{:?}", v.gaps);
+        // Too slow: 200 ms, bound 100 ms (and no fault needed to blame).
+        let slow = h(vec![
+            start(0, "a", 1),
+            stop(100, "a", 1, "moved"),
+            start(300, "b", 2),
+            stop(1000, "b", 2, "node_shutdown"),
+        ]);
+        for model in [Model::Cp, Model::Ap] {
+            assert_eq!(rules(&check(&slow, model, &bounds())), vec!["handoff"]);
+        }
+        // Back on the node it moved from.
+        let back = h(vec![
+            start(0, "a", 1),
+            stop(100, "a", 1, "moved"),
+            start(150, "a", 2),
+            stop(1000, "a", 2, "node_shutdown"),
+        ]);
+        assert_eq!(rules(&check(&back, Model::Cp, &bounds())), vec!["handoff"]);
+        // Never again.
+        let never = h(vec![start(0, "a", 1), stop(100, "a", 1, "moved")]);
+        assert_eq!(rules(&check(&never, Model::Ap, &bounds())), vec!["handoff"]);
+    }
+
+    #[test]
+    fn a_move_excuses_no_overlap_cp_never_ap_only_a_split_ended_by_conflict() {
+        // The next holder began before the mover had stopped.
+        let early = history(
+            vec![
+                start(0, "a", 1),
+                start(90, "b", 2),
+                stop(100, "a", 1, "moved"),
+                stop(1000, "b", 2, "node_shutdown"),
+            ],
+            vec![fault(FaultKind::Join, "b", 50, 60)],
+            1000,
+        );
+        for model in [Model::Cp, Model::Ap] {
+            assert_eq!(rules(&check(&early, model, &bounds())), vec!["overlap"]);
+        }
+        // AP, during a split: the loser stopped with `moved`, not `conflict`.
+        let split = history(
+            vec![
+                start(0, "a", 1),
+                start(200, "b", 2),
+                stop(1100, "b", 2, "moved"),
+                stop(2000, "a", 1, "node_shutdown"),
+            ],
+            vec![fault(FaultKind::Partition, "a", 100, 1000)],
+            2000,
+        );
+        assert_eq!(rules(&check(&split, Model::Ap, &bounds())), vec!["overlap"]);
+    }
+
+    #[test]
+    fn a_drained_node_hands_everything_over_and_holds_nothing_until_resumed() {
+        let base = vec![
+            start(0, "a", 1),
+            stop(140, "a", 1, "moved"),
+            start(160, "b", 2),
+            stop(2000, "b", 2, "node_shutdown"),
+        ];
+        let ok = check(
+            &history(base.clone(), vec![drain("a", 100, Some(150), 1000)], 2000),
+            Model::Cp,
+            &bounds(),
+        );
+        assert!(ok.passed(), "{:?}", ok.violations);
+        // It never got empty.
+        let never = check(
+            &history(base.clone(), vec![drain("a", 100, None, 1000)], 2000),
+            Model::Cp,
+            &bounds(),
+        );
+        assert_eq!(rules(&never), vec!["drain"]);
+        // Its instance ran on past the moment it was said to be empty.
+        let late = history(
+            vec![
+                start(0, "a", 1),
+                stop(300, "a", 1, "moved"),
+                start(320, "b", 2),
+                stop(2000, "b", 2, "node_shutdown"),
+            ],
+            vec![drain("a", 100, Some(150), 1000)],
+            2000,
+        );
+        assert_eq!(rules(&check(&late, Model::Cp, &bounds())), vec!["drain"]);
+        // Stopped for another reason than a handoff.
+        let mut reason = base.clone();
+        reason[1] = stop(140, "a", 1, "lease_lost");
+        let reason = history(reason, vec![drain("a", 100, Some(150), 1000)], 2000);
+        assert_eq!(rules(&check(&reason, Model::Ap, &bounds())), vec!["drain"]);
+        // Began another id's tenure while drained.
+        let mut began = base;
+        began.push(with_id(start(500, "a", 3), "y"));
+        began.push(with_id(stop(2000, "a", 3, "node_shutdown"), "y"));
+        let began = history(began, vec![drain("a", 100, Some(150), 1000)], 2000);
+        assert_eq!(rules(&check(&began, Model::Cp, &bounds())), vec!["drain"]);
+    }
+
+    #[test]
+    fn a_node_that_left_stopped_gracefully_never_returns_and_its_ids_run_elsewhere() {
+        let leave = || vec![fault(FaultKind::Leave, "a", 90, 150)];
+        let events = |stop_at, next_at| {
+            vec![
+                start(0, "a", 1),
+                stop(stop_at, "a", 1, "node_shutdown"),
+                start(next_at, "b", 2),
+                stop(2000, "b", 2, "node_shutdown"),
+            ]
+        };
+        let ok = check(
+            &history(events(100, 110), leave(), 2000),
+            Model::Cp,
+            &bounds(),
+        );
+        assert!(ok.passed(), "{:?}", ok.violations);
+        // Back under its name.
+        let mut back = events(100, 110);
+        back.push(with_id(start(500, "a", 5), "y"));
+        back.push(with_id(stop(2000, "a", 5, "node_shutdown"), "y"));
+        let back = check(&history(back, leave(), 2000), Model::Ap, &bounds());
+        assert_eq!(rules(&back), vec!["leave"]);
+        // Its instance stopped after the process had exited.
+        let after = check(
+            &history(events(200, 210), leave(), 2000),
+            Model::Cp,
+            &bounds(),
+        );
+        assert_eq!(rules(&after), vec!["leave"]);
+        // Its id ran elsewhere too late: past the exit + the allowance.
+        let slow = check(
+            &history(events(100, 800), leave(), 2000),
+            Model::Cp,
+            &bounds(),
+        );
+        assert_eq!(rules(&slow), vec!["unowned"]);
+        assert!(slow.violations[0].detail.contains("after a leave of a"));
+    }
+
+    #[test]
+    fn a_join_takes_a_new_name_and_moves_each_id_at_most_once() {
+        // Rebalancing after the join moves x twice (a to b, b to c) with no
+        // change of members in between.
+        let events = vec![
+            start(0, "a", 1),
+            stop(200, "a", 1, "moved"),
+            start(210, "b", 2),
+            stop(400, "b", 2, "moved"),
+            start(410, "c", 3),
+            stop(2000, "c", 3, "node_shutdown"),
+        ];
+        let join_c = fault(FaultKind::Join, "c", 100, 110);
+        let twice = check(
+            &history(events.clone(), vec![join_c.clone()], 2000),
+            Model::Cp,
+            &bounds(),
+        );
+        assert_eq!(rules(&twice), vec!["moved-twice"]);
+        // Two joins, one move after each: fine.
+        let two_joins = vec![join_c, fault(FaultKind::Join, "d", 300, 310)];
+        let ok = check(&history(events, two_joins, 2000), Model::Cp, &bounds());
+        assert!(ok.passed(), "{:?}", ok.violations);
+        // A join under a name that already ran.
+        let reused = history(
+            vec![
+                start(0, "c", 1),
+                stop(100, "c", 1, "node_shutdown"),
+                start(120, "a", 2),
+                stop(2000, "a", 2, "node_shutdown"),
+            ],
+            vec![
+                fault(FaultKind::Leave, "c", 90, 130),
+                fault(FaultKind::Join, "c", 500, 510),
+            ],
+            2000,
+        );
+        assert_eq!(rules(&check(&reused, Model::Ap, &bounds())), vec!["join"]);
+        // Nothing runs twice after a join on CP.
+        let twice_running = history(
+            vec![
+                start(0, "a", 1),
+                start(300, "c", 2),
+                stop(1000, "a", 1, "node_shutdown"),
+                stop(1000, "c", 2, "node_shutdown"),
+            ],
+            vec![fault(FaultKind::Join, "c", 100, 110)],
+            1000,
+        );
+        assert_eq!(
+            rules(&check(&twice_running, Model::Cp, &bounds())),
+            vec!["overlap"]
+        );
     }
 }
