@@ -2,20 +2,27 @@
 //! results are in `docs/chaos.md`). Each run fails with the offending pair
 //! when the checker finds a broken promise; the checker itself is tested on
 //! hand-made bad histories in `highlander_tests::chaos::checker`.
+//!
+//! The default mix has joins, leaves and drains in it; the `*_rebalance_*`
+//! runs turn rebalancing on, so that joins, resumes and returns move ids,
+//! with the membership faults and crashes only on the AP backends (a
+//! rebalancing handoff can race the heal rule after a split, the reason
+//! rebalancing is off by default: `docs/fleets.md`).
 
-use highlander_tests::chaos::{Backend, RunConfig, run};
+use highlander_tests::chaos::history::End;
+use highlander_tests::chaos::{Backend, FaultKind, RunConfig, run};
 
 static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 async fn chaos(backend: Backend, faults: usize, seed: u64) {
-    chaos_with(backend, faults, seed, false).await;
+    chaos_with(backend, faults, seed, |_| {}).await;
 }
 
-async fn chaos_with(backend: Backend, faults: usize, seed: u64, netns: bool) {
+async fn chaos_with(backend: Backend, faults: usize, seed: u64, tune: impl FnOnce(&mut RunConfig)) {
     let _turn = TURN.lock().await;
     let mut cfg = RunConfig::new(backend, faults, seed, env!("CARGO_BIN_EXE_node").into());
     cfg.quick = true;
-    cfg.netns = netns;
+    tune(&mut cfg);
     let outcome = run(&cfg).await;
     println!("{}", outcome.summary());
     assert_eq!(
@@ -24,6 +31,44 @@ async fn chaos_with(backend: Backend, faults: usize, seed: u64, netns: bool) {
         "every fault was injected"
     );
     assert!(outcome.verdict.passed(), "{}", outcome.summary());
+    if cfg.kinds.is_none() || cfg.rebalance {
+        // Joins, leaves and drains were in it, and did something.
+        let kinds: Vec<FaultKind> = outcome.history.faults.iter().map(|f| f.kind).collect();
+        for k in [FaultKind::Leave, FaultKind::Drain] {
+            assert!(kinds.contains(&k), "a {k} in the mix: {kinds:?}");
+        }
+        assert!(
+            cfg.netns || kinds.contains(&FaultKind::Join),
+            "a join in the mix: {kinds:?}"
+        );
+    }
+    if cfg.rebalance {
+        let moved = outcome
+            .history
+            .tenures()
+            .iter()
+            .filter(|t| t.how == End::Stopped("moved".into()))
+            .count();
+        assert!(moved > 0, "rebalancing or a drain moved an id");
+    }
+}
+
+/// Rebalancing on, with join, leave, drain and crashes (and on CP backends
+/// every other fault too).
+async fn rebalancing(backend: Backend, faults: usize, seed: u64) {
+    chaos_with(backend, faults, seed, |cfg| {
+        cfg.rebalance = true;
+        if backend.model() == highlander_tests::chaos::Model::Ap {
+            cfg.kinds = Some(vec![
+                FaultKind::Kill,
+                FaultKind::Restart,
+                FaultKind::Join,
+                FaultKind::Leave,
+                FaultKind::Drain,
+            ]);
+        }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -51,14 +96,34 @@ async fn cluster_chaos() {
 /// of the harness. Needs root.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_netns_chaos() {
-    chaos_with(Backend::Cluster, 24, 7, true).await;
+    chaos_with(Backend::Cluster, 24, 7, |cfg| cfg.netns = true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_rebalance_chaos() {
+    rebalancing(Backend::Memory, 12, 5).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_rebalance_chaos() {
+    rebalancing(Backend::Postgres, 12, 7).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_rebalance_chaos() {
+    rebalancing(Backend::Etcd, 12, 7).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_rebalance_chaos() {
+    rebalancing(Backend::Cluster, 12, 5).await;
 }
 
 /// The checker fails a real recorded history once it is doctored: the
 /// second tenure of an id moved to begin while the first still ran.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_doctored_history_fails_the_check() {
-    use highlander_tests::chaos::{FaultKind, Model, check};
+    use highlander_tests::chaos::{Model, check};
     use highlander_tests::process::EventKind;
     let _turn = TURN.lock().await;
     let mut cfg = RunConfig::new(Backend::Memory, 6, 3, env!("CARGO_BIN_EXE_node").into());

@@ -246,7 +246,8 @@ pub struct RunConfig {
     /// Cluster only: run each node in a network namespace of its own
     /// ([`Topology`](crate::netns_cluster::Topology)) and make partitions
     /// with `iptables` there instead of the harness's TCP proxies. Needs
-    /// root.
+    /// root. Joins are left out of the mix then (the namespaces are made
+    /// once, for the starting nodes).
     pub netns: bool,
 }
 

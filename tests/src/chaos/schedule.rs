@@ -2,9 +2,11 @@
 //! same faults in the same order.
 //!
 //! The schedule keeps the fleet's size within bounds: never fewer than
-//! [`MIN_LIVE`] live nodes (a leave that would go below is a join instead)
-//! and never more than [`MAX_JOINED`] above the starting size (a join that
-//! would go above is a leave instead).
+//! [`MIN_LIVE`] live nodes and never more than [`MAX_JOINED`] above the
+//! starting size. Each step is drawn among the kinds that keep it there (no
+//! leave at the minimum, no join at the maximum); when none is left (only
+//! leaves in the mix, at the minimum), the step is the other one of the
+//! pair.
 
 use std::time::Duration;
 
@@ -82,14 +84,33 @@ pub fn schedule(
     nodes: usize,
 ) -> Vec<Step> {
     let mut rng = Rng::new(seed);
-    let total: u64 = weights.iter().map(|(_, w)| u64::from(*w)).sum();
-    assert!(total > 0, "at least one fault kind needs a weight");
+    let all: u64 = weights.iter().map(|(_, w)| u64::from(*w)).sum();
+    assert!(all > 0, "at least one fault kind needs a weight");
     let (min, max) = (MIN_LIVE.min(nodes), nodes + MAX_JOINED);
     let mut live = nodes;
     (0..count)
         .map(|_| {
+            let mut feasible: Vec<(FaultKind, u32)> = weights
+                .iter()
+                .copied()
+                .filter(|(k, _)| match k {
+                    FaultKind::Leave => live > min,
+                    FaultKind::Join => live < max,
+                    _ => true,
+                })
+                .collect();
+            let mut total: u64 = feasible.iter().map(|(_, w)| u64::from(*w)).sum();
+            if total == 0 {
+                let other = if live <= min {
+                    FaultKind::Join
+                } else {
+                    FaultKind::Leave
+                };
+                feasible = vec![(other, 1)];
+                total = 1;
+            }
             let mut pick = rng.below(total);
-            let kind = weights
+            let kind = feasible
                 .iter()
                 .find(|(_, w)| {
                     if pick < u64::from(*w) {
@@ -101,11 +122,6 @@ pub fn schedule(
                 })
                 .map(|(k, _)| *k)
                 .expect("the pick is below the total weight");
-            let kind = match kind {
-                FaultKind::Leave if live <= min => FaultKind::Join,
-                FaultKind::Join if live >= max => FaultKind::Leave,
-                other => other,
-            };
             match kind {
                 FaultKind::Join => live += 1,
                 FaultKind::Leave => live -= 1,
@@ -169,6 +185,8 @@ mod tests {
                 assert!((MIN_LIVE..=3 + MAX_JOINED).contains(&live), "{live} live");
             }
             // Both directions happen: a lone kind turns at the bounds.
+            // (Only leaves: a join at the minimum; only joins: a leave at
+            // the maximum.)
             assert!(steps.iter().any(|s| s.kind == FaultKind::Join));
             assert!(steps.iter().any(|s| s.kind == FaultKind::Leave));
         }
