@@ -50,7 +50,71 @@ async fn chaos_with(backend: Backend, faults: usize, seed: u64, tune: impl FnOnc
             .filter(|t| t.how == End::Stopped("moved".into()))
             .count();
         assert!(moved > 0, "rebalancing or a drain moved an id");
+        doctored_moves_fail(&outcome);
     }
+}
+
+/// The membership rules fail this real history once it is doctored: a
+/// moved id's next tenure begun past the handoff bound, and a tenure begun
+/// on a node while it was drained.
+fn doctored_moves_fail(outcome: &highlander_tests::chaos::Outcome) {
+    use highlander_tests::chaos::check;
+    use highlander_tests::process::{Event, EventKind};
+    let tenures = outcome.history.tenures();
+    let model = outcome.model;
+    let rules = |h: &highlander_tests::chaos::History| -> Vec<&'static str> {
+        check(h, model, &outcome.bounds)
+            .violations
+            .iter()
+            .map(|v| v.rule)
+            .collect()
+    };
+    // The first move followed by a tenure of the id: that START, late.
+    let late = tenures.iter().find_map(|t| {
+        if t.how != End::Stopped("moved".into()) {
+            return None;
+        }
+        tenures
+            .iter()
+            .filter(|n| n.id == t.id && n.start >= t.end)
+            .min_by_key(|n| n.start)
+            .map(|n| (n.clone(), t.end))
+    });
+    let (next, stop) = late.expect("a moved id ran again");
+    let mut h = outcome.history.clone();
+    for e in h.events.iter_mut().filter(|e| {
+        e.id == next.id
+            && e.node == next.node
+            && e.token == next.token
+            && e.kind == EventKind::Start
+    }) {
+        e.at_nanos = stop + 2 * outcome.bounds.handoff.as_nanos();
+    }
+    assert!(rules(&h).contains(&"handoff"), "{:?}", rules(&h));
+    // A drained node that claims: a tenure of a new token in its drain.
+    let drain = outcome
+        .history
+        .faults
+        .iter()
+        .find(|f| f.kind == FaultKind::Drain && f.drained.is_some_and(|d| d + 2_000_000 < f.until))
+        .expect("a drain that held the node empty for a while");
+    let node = drain.node.clone().expect("a drain has a node");
+    let at = drain.drained.expect("just checked") + 1_000_000;
+    let mut h = outcome.history.clone();
+    for (kind, at, reason) in [
+        (EventKind::Start, at, None),
+        (EventKind::Stop, at + 100_000, Some("moved".to_string())),
+    ] {
+        h.events.push(Event {
+            kind,
+            at_nanos: at,
+            node: node.clone(),
+            id: "chaos-doctored".into(),
+            token: u64::MAX,
+            reason,
+        });
+    }
+    assert!(rules(&h).contains(&"drain"), "{:?}", rules(&h));
 }
 
 /// Rebalancing on, with join, leave, drain and crashes (and on CP backends
