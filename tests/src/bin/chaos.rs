@@ -9,11 +9,11 @@
 //! ```
 //!
 //! Options: `--backend memory|postgres|etcd|cluster|all`, `--faults N`,
-//! `--seed S`, `--kinds kill,pause,restart,partition,backend-restart`,
+//! `--seed S`, `--kinds kill,pause,restart,partition,backend-restart,join,leave,drain`,
 //! `--slack-ms MS` (added to every bound, default 1000), `--quick` (short
-//! Postgres holds), `--netns` (cluster nodes in network namespaces,
-//! partitions by `iptables`; needs root), `--rebalance` (every node
-//! rebalances), `--quiet`. See `docs/chaos.md`.
+//! Postgres holds), `--rebalance` (rebalancing on in every node),
+//! `--netns` (cluster nodes in network namespaces, partitions by
+//! `iptables`; needs root), `--quiet`. See `docs/chaos.md`.
 
 use std::time::Duration;
 
@@ -22,7 +22,8 @@ use highlander_tests::chaos::{Backend, FaultKind, RunConfig, run};
 fn usage(msg: &str) -> ! {
     eprintln!(
         "{msg}\nusage: chaos --backend memory|postgres|etcd|cluster|all [--faults N] [--seed S] \
-         [--kinds kill,pause,restart,partition,backend-restart] [--slack-ms MS] [--quick] [--netns] [--rebalance] [--quiet]"
+         [--kinds kill,pause,restart,partition,backend-restart,join,leave,drain] [--slack-ms MS] \
+         [--quick] [--rebalance] [--netns] [--quiet]"
     );
     std::process::exit(2)
 }
@@ -37,8 +38,8 @@ async fn main() {
     let mut slack = Duration::from_secs(1);
     let mut quick = false;
     let mut netns = false;
-    let mut verbose = true;
     let mut rebalance = false;
+    let mut verbose = true;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || {
@@ -101,12 +102,13 @@ async fn main() {
         cfg.slack = slack;
         cfg.quick = quick;
         cfg.netns = netns && backend == Backend::Cluster;
-        cfg.verbose = verbose;
         cfg.rebalance = rebalance;
+        cfg.verbose = verbose;
         eprintln!(
-            "chaos: {}{} with {faults} faults, seed {seed}",
+            "chaos: {}{}{} with {faults} faults, seed {seed}",
             backend.name(),
-            if cfg.netns { " (netns)" } else { "" }
+            if cfg.netns { " (netns)" } else { "" },
+            if cfg.rebalance { " (rebalancing)" } else { "" }
         );
         let outcome = run(&cfg).await;
         print!("{}", outcome.summary());

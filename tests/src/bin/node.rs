@@ -26,12 +26,17 @@
 //! STOP <unix_nanos> <node> <id> <token> <reason>
 //! ```
 //! It exits 0 after SIGTERM / Ctrl-C, once every id is released.
+//!
+//! SIGUSR1 drains the node (`RuntimeHandle::drain`: every id handed over,
+//! nothing claimed) and SIGUSR2 resumes it (`RuntimeHandle::resume`); the
+//! handlers are in place before `READY` is printed.
 
 use std::io::Write;
 use std::time::Duration;
 
 use highlander::{ChildSpec, Context, Runtime, Service, ShutdownReason};
 use highlander_tests::event_line;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 struct Probe {
     id: String,
@@ -201,9 +206,88 @@ async fn main() {
         );
     }
     let node = std::env::var("HIGHLANDER_NODE").unwrap_or_default();
+    let mut signals = Signals::install();
     emit(&format!("READY {node}"));
-    if let Err(e) = builder.run().await {
+    if let Err(e) = run(builder, &mut signals).await {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
+}
+
+/// SIGTERM and Ctrl-C stop the node; SIGUSR1 drains it, SIGUSR2 resumes it.
+struct Signals {
+    term: Signal,
+    int: Signal,
+    usr1: Signal,
+    usr2: Signal,
+}
+
+enum Sig {
+    Stop,
+    Drain,
+    Resume,
+}
+
+impl Signals {
+    fn install() -> Signals {
+        let listen = |kind| signal(kind).expect("listen for a signal");
+        Signals {
+            term: listen(SignalKind::terminate()),
+            int: listen(SignalKind::interrupt()),
+            usr1: listen(SignalKind::user_defined1()),
+            usr2: listen(SignalKind::user_defined2()),
+        }
+    }
+
+    async fn recv(&mut self) -> Sig {
+        tokio::select! {
+            _ = self.term.recv() => Sig::Stop,
+            _ = self.int.recv() => Sig::Stop,
+            _ = self.usr1.recv() => Sig::Drain,
+            _ = self.usr2.recv() => Sig::Resume,
+        }
+    }
+}
+
+/// What `Builder::run` does (start, run until SIGTERM or Ctrl-C, shut down
+/// gracefully; a stop signal while starting stops cleanly), with the drain
+/// and resume signals on top (one that arrives while starting counts once
+/// started).
+async fn run(builder: highlander::Builder, signals: &mut Signals) -> highlander::Result<()> {
+    let start = builder.start();
+    tokio::pin!(start);
+    let mut draining = false;
+    let handle = loop {
+        tokio::select! {
+            handle = &mut start => break handle?,
+            sig = signals.recv() => match sig {
+                Sig::Stop => return Ok(()),
+                Sig::Drain => draining = true,
+                Sig::Resume => draining = false,
+            },
+        }
+    };
+    let drain = |handle: &highlander::RuntimeHandle| {
+        let drain = handle.drain();
+        tokio::spawn(async move {
+            if let Err(e) = drain.await {
+                tracing::info!(error = %e, "the drain did not finish");
+            }
+        });
+    };
+    if draining {
+        drain(&handle);
+    }
+    loop {
+        tokio::select! {
+            sig = signals.recv() => match sig {
+                Sig::Stop => break,
+                Sig::Drain => drain(&handle),
+                Sig::Resume => handle.resume(),
+            },
+            () = handle.stopped() => return Ok(()),
+        }
+    }
+    handle.shutdown().await;
+    Ok(())
 }

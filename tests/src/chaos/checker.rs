@@ -19,6 +19,30 @@
 //!   after a fault and ended within that fault's failover allowance after
 //!   the fault was undone; tokens never repeat for an id; every node shut
 //!   down cleanly at the end and no tenure was left open.
+//! - **Moves, joins, leaves and drains** (all models):
+//!   - `handoff`: an instance that stopped with reason `moved` (a drain,
+//!     rebalancing, a transfer) is followed by the id's next tenure on
+//!     *another* node within [`Bounds::handoff`] of the stop; such a gap is
+//!     judged by this bound, not by the fault allowance. A moved id may
+//!     not overlap its next tenure any more than any other: never on CP,
+//!     and on AP only as the split rule above allows (a handoff is not a
+//!     partition, so the loser must still see `conflict`).
+//!   - `drain`: a drain got to the point where the drained node held
+//!     nothing; every tenure the node had when the drain began (or began
+//!     while it drained) ended with `moved` by then; and from then until
+//!     the resume the node began no tenure. That every id it held runs
+//!     elsewhere, soon, is the `handoff` rule.
+//!   - `leave`: the node that left began nothing after the leave began
+//!     (it never comes back under its name), and each of its tenures
+//!     ended gracefully (`STOP`, not a kill) by the time it exited. Its
+//!     ids run elsewhere within the leave's failover allowance (a graceful
+//!     stop's: the restart bound), which is the unowned-stretch rule.
+//!   - `join`: the joining node's name ran nothing before it joined (a new
+//!     name). Nothing runs twice after it (the overlap rules).
+//!   - `moved-twice`: between two consecutive fault boundaries (each
+//!     fault's start and its end are changes of membership or of a
+//!     member's profile), an id moves at most once: rebalancing must not
+//!     bounce an id.
 //!
 //! All processes run on one host, so every timestamp comes from one clock;
 //! the recorded instance intervals lie inside the leases (`START` is printed
@@ -55,6 +79,9 @@ pub struct Bounds {
     pub heal: Duration,
     /// CP: how long a holder paused past its lease may run on after SIGCONT.
     pub wake_grace: Duration,
+    /// How long an id whose instance stopped with `moved` may be without a
+    /// tenure before the member it was handed to runs it.
+    pub handoff: Duration,
 }
 
 impl Bounds {
@@ -93,6 +120,9 @@ pub struct Gap {
     pub length: Duration,
     /// When the id became free (Unix nanoseconds).
     pub from: u128,
+    /// It followed a stop with reason `moved`, so it was judged by the
+    /// handoff bound.
+    pub handoff: bool,
 }
 
 /// What the checker found.
@@ -191,25 +221,27 @@ pub fn check(history: &History, model: Model, bounds: &Bounds) -> Verdict {
             }
         }
         // Unowned stretches, from the first tenure to the final shutdown.
-        let mut covered_until = list.first().map(|t| t.end).unwrap_or(0);
-        let mut intervals: Vec<(u128, u128)> = list.iter().map(|t| (t.start, t.end)).collect();
-        intervals.sort();
-        for (start, end) in intervals.into_iter().skip(1) {
-            if start > covered_until + eps && covered_until < history.shutdown_at {
-                gap(history, bounds, id, covered_until, start, &mut verdict);
+        // `cover` is the tenure that ends last among those begun so far.
+        let mut cover: Option<&Tenure> = None;
+        for t in list {
+            let Some(c) = cover else {
+                cover = Some(t);
+                continue;
+            };
+            if t.start > c.end + eps && c.end < history.shutdown_at {
+                gap(history, bounds, c, t.start, &mut verdict);
             }
-            covered_until = covered_until.max(end);
+            if t.end > c.end {
+                cover = Some(t);
+            }
         }
-        if covered_until + eps < history.shutdown_at {
-            gap(
-                history,
-                bounds,
-                id,
-                covered_until,
-                history.shutdown_at,
-                &mut verdict,
-            );
+        if let Some(c) = cover
+            && c.end + eps < history.shutdown_at
+        {
+            gap(history, bounds, c, history.shutdown_at, &mut verdict);
         }
+        handoffs(history, bounds, list, &mut verdict);
+        moved_once(history, id, list, &mut verdict);
         // Left open.
         for t in list.iter().filter(|t| t.how == End::Open) {
             verdict.violations.push(Violation {
@@ -250,6 +282,8 @@ pub fn check(history: &History, model: Model, bounds: &Bounds) -> Verdict {
             });
         }
     }
+
+    membership(history, bounds, &tenures, &mut verdict);
 
     for exit in &history.exits {
         if let Some(problem) = &exit.problem {
@@ -327,20 +361,34 @@ fn past(end: u128, undone: u128) -> Duration {
     Duration::from_nanos(end.saturating_sub(undone) as u64)
 }
 
-fn gap(history: &History, bounds: &Bounds, id: &str, from: u128, to: u128, verdict: &mut Verdict) {
+fn moved(t: &Tenure) -> bool {
+    matches!(&t.how, End::Stopped(r) if r == "moved")
+}
+
+/// Records the stretch from the end of `from` to `to` in which its id had
+/// no tenure, and whether it is within the allowance: after a `moved` stop,
+/// the handoff rule judges it (see [`handoffs`]); otherwise the latest fault
+/// that began before the id became free must explain it.
+fn gap(history: &History, bounds: &Bounds, from: &Tenure, to: u128, verdict: &mut Verdict) {
     let eps = bounds.clock_error.as_nanos();
+    let (id, from_tenure, from) = (from.id.as_str(), from, from.end);
     // The latest fault that began before the id became free.
     let fault = history.faults.iter().rev().find(|f| f.at <= from + eps);
     let length = Duration::from_nanos((to - from) as u64);
-    let explained = fault.filter(|f| {
-        let limit = f.until + bounds.failover_for(f.kind).as_nanos();
-        from <= limit && to <= limit
-    });
+    let handoff = moved(from_tenure);
     verdict.gaps.push(Gap {
         id: id.to_string(),
         fault: fault.map(|f| f.kind),
         length,
         from,
+        handoff,
+    });
+    if handoff {
+        return;
+    }
+    let explained = fault.filter(|f| {
+        let limit = f.until + bounds.failover_for(f.kind).as_nanos();
+        from <= limit && to <= limit
     });
     if explained.is_none() {
         let why = match fault {
@@ -363,247 +411,168 @@ fn gap(history: &History, bounds: &Bounds, id: &str, from: u128, to: u128, verdi
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::chaos::history::{Exit, Fault, FenceWrite};
-    use crate::process::{Event, EventKind};
-
-    const MS: u128 = 1_000_000;
-
-    fn ev(kind: EventKind, at_ms: u128, node: &str, token: u64, reason: Option<&str>) -> Event {
-        Event {
-            kind,
-            at_nanos: at_ms * MS,
-            node: node.into(),
-            id: "x".into(),
-            token,
-            reason: reason.map(str::to_string),
+/// Every instance stopped with `moved` is followed, within the handoff
+/// bound, by the id's next tenure on another node (`list`: one id's
+/// tenures by start).
+fn handoffs(history: &History, bounds: &Bounds, list: &[&Tenure], verdict: &mut Verdict) {
+    let eps = bounds.clock_error.as_nanos();
+    let limit = bounds.handoff.as_nanos();
+    for (i, t) in list.iter().enumerate() {
+        if !moved(t) || t.end >= history.shutdown_at {
+            continue;
         }
-    }
-
-    fn start(at: u128, node: &str, token: u64) -> Event {
-        ev(EventKind::Start, at, node, token, None)
-    }
-
-    fn stop(at: u128, node: &str, token: u64, reason: &str) -> Event {
-        ev(EventKind::Stop, at, node, token, Some(reason))
-    }
-
-    fn fault(kind: FaultKind, node: &str, at: u128, until: u128) -> Fault {
-        Fault {
-            kind,
-            node: Some(node.into()),
-            at: at * MS,
-            until: until * MS,
+        // Already running elsewhere when this one stopped (an overlap is
+        // the overlap rules' business): taken over at once.
+        if list
+            .iter()
+            .any(|n| n.node != t.node && n.start <= t.end + eps && n.end > t.end)
+        {
+            continue;
         }
-    }
-
-    fn bounds() -> Bounds {
-        Bounds {
-            clock_error: Duration::from_millis(1),
-            failover: FaultKind::ALL
-                .into_iter()
-                .map(|k| (k, Duration::from_millis(500)))
-                .collect(),
-            heal: Duration::from_millis(300),
-            wake_grace: Duration::from_millis(200),
-        }
-    }
-
-    fn history(events: Vec<Event>, faults: Vec<Fault>, end: u128) -> History {
-        History {
-            ids: vec!["x".into()],
-            events,
-            faults,
-            writes: vec![],
-            shutdown_at: end * MS,
-            end: end * MS,
-            exits: vec![],
-        }
-    }
-
-    fn rules(v: &Verdict) -> Vec<&'static str> {
-        v.violations.iter().map(|v| v.rule).collect()
-    }
-
-    /// A clean kill-and-take-over passes both models.
-    #[test]
-    fn a_clean_failover_passes() {
-        let h = history(
-            vec![
-                start(0, "a", 1),
-                start(120, "b", 2),
-                stop(1000, "b", 2, "node_shutdown"),
-            ],
-            vec![fault(FaultKind::Kill, "a", 100, 300)],
-            1000,
-        );
-        for model in [Model::Cp, Model::Ap] {
-            let v = check(&h, model, &bounds());
-            assert!(v.passed(), "{:?}", v.violations);
-            assert_eq!(v.gaps.len(), 1);
-            assert_eq!(v.gaps[0].fault, Some(FaultKind::Kill));
-        }
-    }
-
-    #[test]
-    fn cp_overlap_is_caught_and_names_both_tenures() {
-        let h = history(
-            vec![
-                start(0, "a", 1),
-                start(100, "b", 2),
-                stop(150, "a", 1, "lease_lost"),
-                stop(1000, "b", 2, "node_shutdown"),
-            ],
-            vec![],
-            1000,
-        );
-        let v = check(&h, Model::Cp, &bounds());
-        assert_eq!(rules(&v), vec!["overlap"]);
-        assert!(v.violations[0].detail.contains("x on a token 1"));
-        assert!(v.violations[0].detail.contains("x on b token 2"));
-    }
-
-    #[test]
-    fn cp_tokens_must_grow_with_start() {
-        let h = history(
-            vec![
-                start(0, "a", 5),
-                stop(100, "a", 5, "node_shutdown"),
-                start(101, "b", 3),
-                stop(1000, "b", 3, "node_shutdown"),
-            ],
-            vec![fault(FaultKind::Restart, "a", 99, 200)],
-            1000,
-        );
-        assert_eq!(rules(&check(&h, Model::Cp, &bounds())), vec!["token-order"]);
-        // AP does not order tokens across a split.
-        assert!(check(&h, Model::Ap, &bounds()).passed());
-    }
-
-    #[test]
-    fn cp_paused_holder_that_stops_on_wake_is_excused_one_that_runs_on_is_not() {
-        let events = |stop_at| {
-            vec![
-                start(0, "a", 1),
-                start(3000, "b", 2),
-                stop(stop_at, "a", 1, "lease_lost"),
-                stop(6000, "b", 2, "node_shutdown"),
-            ]
+        // The first tenure to begin at or after the stop.
+        let next = list
+            .iter()
+            .enumerate()
+            .find(|(j, n)| *j != i && n.start + eps >= t.end)
+            .map(|(_, n)| *n);
+        let problem = match next {
+            Some(n) if n.start > t.end + limit => Some(format!(
+                "the next tenure began {:.1} ms after the stop (bound {:?}):\n  {t}\n  {n}",
+                ms(n.start - t.end),
+                bounds.handoff
+            )),
+            Some(n) if n.node == t.node => Some(format!(
+                "the next tenure ran on the node it moved from:\n  {t}\n  {n}"
+            )),
+            Some(_) => None,
+            None if t.end + limit < history.shutdown_at => Some(format!(
+                "it never ran again before the final shutdown:\n  {t}"
+            )),
+            None => None,
         };
-        let faults = vec![fault(FaultKind::Pause, "a", 100, 4000)];
-        let ok = check(
-            &history(events(4010), faults.clone(), 6000),
-            Model::Cp,
-            &bounds(),
-        );
-        assert!(ok.passed(), "{:?}", ok.violations);
-        assert_eq!(ok.excused_overlaps, 1);
-        let bad = check(&history(events(4500), faults, 6000), Model::Cp, &bounds());
-        assert_eq!(rules(&bad), vec!["overlap"]);
-    }
-
-    #[test]
-    fn cp_stale_fenced_write_accepted_is_caught() {
-        let mut h = history(
-            vec![
-                start(0, "a", 1),
-                stop(100, "a", 1, "lease_lost"),
-                start(110, "b", 2),
-                stop(1000, "b", 2, "node_shutdown"),
-            ],
-            vec![fault(FaultKind::Partition, "a", 50, 500)],
-            1000,
-        );
-        let write = |at: u128, token, node: &str, accepted| FenceWrite {
-            at: at * MS,
-            id: "x".into(),
-            token,
-            node: node.into(),
-            accepted,
-        };
-        h.writes = vec![
-            write(10, 1, "a", true),
-            write(109, 2, "b", true),
-            write(130, 1, "a", false),
-        ];
-        let v = check(&h, Model::Cp, &bounds());
-        assert!(v.passed(), "{:?}", v.violations);
-        assert_eq!((v.writes_accepted, v.writes_rejected), (2, 1));
-        h.writes.push(write(140, 1, "a", true));
-        assert_eq!(rules(&check(&h, Model::Cp, &bounds())), vec!["stale-write"]);
-    }
-
-    #[test]
-    fn ap_overlap_needs_a_partition_a_quick_heal_and_a_conflict() {
-        let events = |stop_at, reason: &str| {
-            vec![
-                start(0, "a", 1),
-                start(200, "b", 2),
-                stop(stop_at, "b", 2, reason),
-                stop(2000, "a", 1, "node_shutdown"),
-            ]
-        };
-        let split = vec![fault(FaultKind::Partition, "a", 100, 1000)];
-        let ok = check(
-            &history(events(1100, "conflict"), split.clone(), 2000),
-            Model::Ap,
-            &bounds(),
-        );
-        assert!(ok.passed(), "{:?}", ok.violations);
-        assert_eq!(ok.excused_overlaps, 1);
-        // Too long after the heal.
-        let slow = check(
-            &history(events(1500, "conflict"), split.clone(), 2000),
-            Model::Ap,
-            &bounds(),
-        );
-        assert_eq!(rules(&slow), vec!["overlap"]);
-        // The loser did not see a conflict.
-        let reason = check(
-            &history(events(1100, "lease_lost"), split, 2000),
-            Model::Ap,
-            &bounds(),
-        );
-        assert_eq!(rules(&reason), vec!["overlap"]);
-        // No split at all.
-        let none = check(
-            &history(events(1100, "conflict"), vec![], 2000),
-            Model::Ap,
-            &bounds(),
-        );
-        assert_eq!(rules(&none), vec!["overlap"]);
-    }
-
-    #[test]
-    fn an_unexplained_or_too_long_gap_is_caught() {
-        let events = vec![
-            start(0, "a", 1),
-            stop(100, "a", 1, "lease_lost"),
-            start(2000, "b", 2),
-            stop(3000, "b", 2, "node_shutdown"),
-        ];
-        let none = check(&history(events.clone(), vec![], 3000), Model::Cp, &bounds());
-        assert_eq!(rules(&none), vec!["unowned"]);
-        let slow = check(
-            &history(events, vec![fault(FaultKind::Kill, "a", 90, 300)], 3000),
-            Model::Cp,
-            &bounds(),
-        );
-        assert_eq!(rules(&slow), vec!["unowned"]);
-        assert!(slow.violations[0].detail.contains("after a kill of a"));
-    }
-
-    #[test]
-    fn unclean_shutdown_and_open_tenures_are_caught() {
-        let mut h = history(vec![start(0, "a", 1)], vec![], 1000);
-        h.exits = vec![Exit {
-            node: "a".into(),
-            problem: Some("exit status 101".into()),
-        }];
-        let mut found = rules(&check(&h, Model::Ap, &bounds()));
-        found.sort();
-        assert_eq!(found, vec!["left-running", "unclean-shutdown"]);
+        if let Some(p) = problem {
+            verdict.violations.push(Violation {
+                rule: "handoff",
+                detail: format!("{} moved from {}: {p}", t.id, t.node),
+            });
+        }
     }
 }
+
+/// At most one `moved` stop of an id between two consecutive fault
+/// boundaries (every fault's start and end), from the first fault on.
+fn moved_once(history: &History, id: &str, list: &[&Tenure], verdict: &mut Verdict) {
+    let mut bounds: Vec<u128> = history
+        .faults
+        .iter()
+        .flat_map(|f| [f.at, f.until])
+        .chain([history.shutdown_at])
+        .collect();
+    bounds.sort();
+    bounds.dedup();
+    for w in bounds.windows(2) {
+        let moves: Vec<&&Tenure> = list
+            .iter()
+            .filter(|t| moved(t) && w[0] <= t.end && t.end < w[1])
+            .collect();
+        if moves.len() > 1 {
+            let lines: Vec<String> = moves.iter().map(|t| format!("  {t}")).collect();
+            verdict.violations.push(Violation {
+                rule: "moved-twice",
+                detail: format!(
+                    "{id} moved {} times between {} and {} with no change of members in between:\n{}",
+                    moves.len(),
+                    w[0],
+                    w[1],
+                    lines.join("\n")
+                ),
+            });
+        }
+    }
+}
+
+/// The drain, leave and join rules (see the module docs).
+fn membership(history: &History, bounds: &Bounds, tenures: &[Tenure], verdict: &mut Verdict) {
+    let eps = bounds.clock_error.as_nanos();
+    let mut push = |rule: &'static str, detail: String| {
+        verdict.violations.push(Violation { rule, detail });
+    };
+    for f in &history.faults {
+        let Some(node) = f.node.as_deref() else {
+            continue;
+        };
+        let on_node = || tenures.iter().filter(move |t| t.node == node);
+        match f.kind {
+            FaultKind::Drain => {
+                let Some(drained) = f.drained else {
+                    push(
+                        "drain",
+                        format!("the drain of {node} from {} never emptied the node", f.at),
+                    );
+                    continue;
+                };
+                // What it had, or began, before it held nothing.
+                for t in on_node().filter(|t| t.start <= drained + eps && t.end + eps >= f.at) {
+                    if t.end > drained + eps {
+                        push(
+                            "drain",
+                            format!(
+                                "{node} still ran an instance after its drain completed at {drained}:\n  {t}"
+                            ),
+                        );
+                    } else if !moved(t) {
+                        push(
+                            "drain",
+                            format!(
+                                "a drain of {node} stopped an instance without `moved`:\n  {t}"
+                            ),
+                        );
+                    }
+                }
+                for t in on_node().filter(|t| t.start > drained + eps && t.start < f.until) {
+                    push(
+                        "drain",
+                        format!(
+                            "{node} began a tenure while drained (from {drained} until the resume at {}):\n  {t}",
+                            f.until
+                        ),
+                    );
+                }
+            }
+            FaultKind::Leave => {
+                for t in on_node().filter(|t| t.start > f.at + eps) {
+                    push(
+                        "leave",
+                        format!("{node} began a tenure after it left at {}:\n  {t}", f.at),
+                    );
+                }
+                for t in on_node().filter(|t| t.start <= f.at + eps && t.end + eps >= f.at) {
+                    if !matches!(t.how, End::Stopped(_)) || t.end > f.until + eps {
+                        push(
+                            "leave",
+                            format!(
+                                "a tenure of {node} did not stop gracefully by its exit at {}:\n  {t}",
+                                f.until
+                            ),
+                        );
+                    }
+                }
+            }
+            FaultKind::Join => {
+                for t in on_node().filter(|t| t.start + eps < f.at) {
+                    push(
+                        "join",
+                        format!(
+                            "{node} joined at {} under a name that had already run:\n  {t}",
+                            f.at
+                        ),
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

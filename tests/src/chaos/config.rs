@@ -72,22 +72,33 @@ impl Backend {
         }
     }
 
-    /// The faults that make sense for it, with their weights.
+    /// The faults that make sense for it, with their weights. Join, leave
+    /// and drain are part of every highlander backend's mix (not the BEAM
+    /// comparison's: its nodes know no drain).
     pub fn weights(self) -> Vec<(FaultKind, u32)> {
         use FaultKind::*;
+        let membership = [(Join, 1), (Leave, 1), (Drain, 1)];
         match self {
             // One process: no signals, no server.
-            Backend::Memory => vec![(Kill, 3), (Restart, 2), (Partition, 3)],
-            Backend::Postgres | Backend::Etcd => vec![
+            Backend::Memory => [(Kill, 3), (Restart, 2), (Partition, 3)]
+                .into_iter()
+                .chain(membership)
+                .collect(),
+            Backend::Postgres | Backend::Etcd => [
                 (Kill, 3),
                 (Pause, 2),
                 (Restart, 2),
                 (Partition, 2),
                 (BackendRestart, 1),
-            ],
-            Backend::Cluster | Backend::Beam => {
-                vec![(Kill, 3), (Pause, 2), (Restart, 2), (Partition, 3)]
-            }
+            ]
+            .into_iter()
+            .chain(membership)
+            .collect(),
+            Backend::Cluster => [(Kill, 3), (Pause, 2), (Restart, 2), (Partition, 3)]
+                .into_iter()
+                .chain(membership)
+                .collect(),
+            Backend::Beam => vec![(Kill, 3), (Pause, 2), (Restart, 2), (Partition, 3)],
         }
     }
 
@@ -115,7 +126,14 @@ impl Backend {
         use FaultKind::*;
         let ms = Duration::from_millis;
         let ttl = ms(ETCD_TTL_S * 1000);
-        let failover: Vec<(FaultKind, Duration)> = match self {
+        // A graceful release (or a release to a chosen member) is seen by
+        // the others at once: memory in the same call, the cluster by
+        // broadcast, Postgres by NOTIFY, etcd by its watch.
+        let handoff = match self {
+            Backend::Memory | Backend::Cluster | Backend::Beam => ms(100),
+            Backend::Postgres | Backend::Etcd => ms(200),
+        };
+        let mut failover: Vec<(FaultKind, Duration)> = match self {
             // Release and takeover happen in the same call.
             Backend::Memory => vec![(Kill, ms(100)), (Restart, ms(100)), (Partition, ms(100))],
             // A killed holder's presence lock is free within a millisecond
@@ -158,8 +176,17 @@ impl Backend {
                 (Partition, ms(100)),
             ],
         };
+        // A leave is a graceful stop that is not followed by a restart: its
+        // ids go as a restart's do. A join or a drain frees an id only by a
+        // handoff.
+        let graceful = failover
+            .iter()
+            .find(|(k, _)| *k == Restart)
+            .map_or(handoff, |(_, d)| *d);
+        failover.extend([(Leave, graceful), (Join, handoff), (Drain, handoff)]);
         Bounds {
             clock_error: ms(1),
+            handoff: handoff + slack,
             failover: failover.into_iter().map(|(k, d)| (k, d + slack)).collect(),
             // :global resolves a conflict within about 210 ms of the heal.
             heal: if self == Backend::Beam {
@@ -211,14 +238,17 @@ pub struct RunConfig {
     pub verbose: bool,
     /// Aim every fault at the holder of the first id (for measurements).
     pub always_holder: bool,
+    /// Rebalancing on in every node (`Builder::rebalance(true)`; the
+    /// `node` binary's `HL_REBALANCE=1`): a change of members hands ids
+    /// over to where placement puts them. Off by default, as in the
+    /// library.
+    pub rebalance: bool,
     /// Cluster only: run each node in a network namespace of its own
     /// ([`Topology`](crate::netns_cluster::Topology)) and make partitions
     /// with `iptables` there instead of the harness's TCP proxies. Needs
-    /// root.
+    /// root. Joins are left out of the mix then (the namespaces are made
+    /// once, for the starting nodes).
     pub netns: bool,
-    /// Every node rebalances (`Builder::rebalance(true)`): held ids move to
-    /// where placement puts them when the members change.
-    pub rebalance: bool,
 }
 
 impl RunConfig {
@@ -236,8 +266,8 @@ impl RunConfig {
             node_bin,
             verbose: false,
             always_holder: false,
-            netns: false,
             rebalance: false,
+            netns: false,
         }
     }
 }

@@ -21,19 +21,33 @@ pub enum FaultKind {
     Partition,
     /// The backend server itself stopped and started again.
     BackendRestart,
+    /// A node with a name never used before starts and stays: the fleet
+    /// grows (with rebalancing on, ids move to it).
+    Join,
+    /// A node shuts down gracefully (SIGTERM; memory:
+    /// `RuntimeHandle::shutdown`) and does not come back under its name.
+    Leave,
+    /// A node drains (SIGUSR1 to the `node` binary; memory:
+    /// `RuntimeHandle::drain`), holds nothing for a while, then resumes
+    /// (SIGUSR2; memory: `RuntimeHandle::resume`).
+    Drain,
 }
 
 impl FaultKind {
     /// Every kind, in a fixed order.
-    pub const ALL: [FaultKind; 5] = [
+    pub const ALL: [FaultKind; 8] = [
         FaultKind::Kill,
         FaultKind::Pause,
         FaultKind::Restart,
         FaultKind::Partition,
         FaultKind::BackendRestart,
+        FaultKind::Join,
+        FaultKind::Leave,
+        FaultKind::Drain,
     ];
 
-    /// A short name (`kill`, `pause`, `restart`, `partition`, `backend-restart`).
+    /// A short name (`kill`, `pause`, `restart`, `partition`,
+    /// `backend-restart`, `join`, `leave`, `drain`).
     pub fn name(self) -> &'static str {
         match self {
             FaultKind::Kill => "kill",
@@ -41,12 +55,21 @@ impl FaultKind {
             FaultKind::Restart => "restart",
             FaultKind::Partition => "partition",
             FaultKind::BackendRestart => "backend-restart",
+            FaultKind::Join => "join",
+            FaultKind::Leave => "leave",
+            FaultKind::Drain => "drain",
         }
     }
 
     /// The kind named `name` (as [`FaultKind::name`] writes it).
     pub fn parse(name: &str) -> Option<FaultKind> {
         FaultKind::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// Whether it changes who is in the fleet or what a member takes on
+    /// (join, leave, drain) rather than breaking something.
+    pub fn is_membership(self) -> bool {
+        matches!(self, FaultKind::Join | FaultKind::Leave | FaultKind::Drain)
     }
 }
 
@@ -66,8 +89,27 @@ pub struct Fault {
     /// When it began (just before the signal, cut or stop).
     pub at: u128,
     /// When it was undone: the SIGCONT, the heal, the replacement node or
-    /// the restarted server ready (for a kill: the new process ready).
+    /// the restarted server ready (for a kill: the new process ready). For a
+    /// join: the new node's process ready; for a leave: the node exited;
+    /// for a drain: the resume.
     pub until: u128,
+    /// A drain only: when the drained node held nothing any more (its last
+    /// instance stopped); `None` if it never got there, or for other kinds.
+    pub drained: Option<u128>,
+}
+
+impl Fault {
+    /// A fault of `kind` on `node` (`None`: the backend server) from `at`
+    /// to `until`.
+    pub fn new(kind: FaultKind, node: Option<&str>, at: u128, until: u128) -> Fault {
+        Fault {
+            kind,
+            node: node.map(str::to_string),
+            at,
+            until,
+            drained: None,
+        }
+    }
 }
 
 /// One write the downstream register answered.
@@ -269,7 +311,16 @@ impl History {
         for f in &self.faults {
             let who = f.node.as_deref().unwrap_or("backend");
             lines.push((f.at, format!("FAULT {} {who} begins", f.kind)));
-            lines.push((f.until, format!("FAULT {} {who} undone", f.kind)));
+            if let Some(drained) = f.drained {
+                lines.push((drained, format!("FAULT {} {who} holds nothing", f.kind)));
+            }
+            let undone = match f.kind {
+                FaultKind::Join => "ready",
+                FaultKind::Leave => "exited",
+                FaultKind::Drain => "resumed",
+                _ => "undone",
+            };
+            lines.push((f.until, format!("FAULT {} {who} {undone}", f.kind)));
         }
         lines.push((self.shutdown_at, "SHUTDOWN begins".into()));
         lines.sort_by_key(|(at, _)| *at);

@@ -2,7 +2,8 @@
 //! one `MemoryCluster`, each running a probe per id that writes to the
 //! fence register while it runs. A crash is an aborted runtime, a
 //! partition the cluster's, a pause (one process cannot pause in part) a
-//! partition too.
+//! partition too; a join a runtime under a new name, a leave a runtime shut
+//! down for good, a drain `RuntimeHandle::drain` and later `resume`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,8 +25,12 @@ const FENCE_EVERY: Duration = Duration::from_millis(20);
 pub(super) struct MemoryDriver {
     cluster: MemoryCluster,
     ids: Vec<String>,
-    rebalance: bool,
+    /// The nodes in the fleet now, sorted.
     names: Vec<String>,
+    /// How many nodes were ever started (the next joining node is
+    /// `n{named}`).
+    named: usize,
+    rebalance: bool,
     handles: HashMap<String, RuntimeHandle>,
     probe: Probe,
     seen: Vec<Event>,
@@ -37,8 +42,9 @@ impl MemoryDriver {
         let mut d = MemoryDriver {
             cluster: MemoryCluster::new(),
             ids: cfg.ids.clone(),
-            rebalance: cfg.rebalance,
             names: (0..cfg.nodes).map(|i| format!("n{i}")).collect(),
+            named: cfg.nodes,
+            rebalance: cfg.rebalance,
             handles: HashMap::new(),
             probe: Probe::new(),
             seen: Vec::new(),
@@ -128,12 +134,7 @@ impl Driver for MemoryDriver {
         h.abort();
         h.stopped().await;
         self.spawn(node).await;
-        Fault {
-            kind: FaultKind::Kill,
-            node: Some(node.into()),
-            at,
-            until: unix_nanos(),
-        }
+        Fault::new(FaultKind::Kill, Some(node), at, unix_nanos())
     }
 
     async fn pause(&mut self, node: &str, hold: Duration) -> Fault {
@@ -148,12 +149,7 @@ impl Driver for MemoryDriver {
         let h = self.handles.remove(node).expect("a running node");
         h.shutdown().await;
         self.spawn(node).await;
-        let fault = Fault {
-            kind: FaultKind::Restart,
-            node: Some(node.into()),
-            at,
-            until: unix_nanos(),
-        };
+        let fault = Fault::new(FaultKind::Restart, Some(node), at, unix_nanos());
         (fault, None)
     }
 
@@ -168,22 +164,54 @@ impl Driver for MemoryDriver {
         self.cluster.partition(&[&[node], &others]);
         self.collect(hold).await;
         self.cluster.heal();
-        Fault {
-            kind: FaultKind::Partition,
-            node: Some(node.into()),
-            at,
-            until: unix_nanos(),
-        }
+        Fault::new(FaultKind::Partition, Some(node), at, unix_nanos())
     }
 
     async fn backend_restart(&mut self) -> Fault {
         let now = unix_nanos();
-        Fault {
-            kind: FaultKind::BackendRestart,
-            node: None,
-            at: now,
-            until: now,
-        }
+        Fault::new(FaultKind::BackendRestart, None, now, now)
+    }
+
+    async fn join(&mut self) -> Fault {
+        let name = format!("n{}", self.named);
+        self.named += 1;
+        let at = unix_nanos();
+        self.spawn(&name).await;
+        self.names.push(name.clone());
+        self.names.sort();
+        Fault::new(FaultKind::Join, Some(&name), at, unix_nanos())
+    }
+
+    async fn leave(&mut self, node: &str) -> (Fault, Option<String>) {
+        let at = unix_nanos();
+        let h = self.handles.remove(node).expect("a running node");
+        let done = tokio::time::timeout(Duration::from_secs(30), h.shutdown()).await;
+        self.names.retain(|n| n != node);
+        let problem = done
+            .is_err()
+            .then(|| "did not shut down within 30 s".to_string());
+        (
+            Fault::new(FaultKind::Leave, Some(node), at, unix_nanos()),
+            problem,
+        )
+    }
+
+    async fn drain(&mut self, node: &str, hold: Duration) -> Fault {
+        let at = unix_nanos();
+        let h = self.handles[node].clone();
+        let drained = match tokio::time::timeout(Duration::from_secs(30), h.drain()).await {
+            Ok(Ok(())) => Some(unix_nanos()),
+            Ok(Err(e)) => {
+                eprintln!("chaos: the drain of {node} failed: {e}");
+                None
+            }
+            Err(_) => None,
+        };
+        self.collect(hold).await;
+        h.resume();
+        let mut f = Fault::new(FaultKind::Drain, Some(node), at, unix_nanos());
+        f.drained = drained;
+        f
     }
 
     async fn shutdown(&mut self) -> Vec<Exit> {

@@ -34,6 +34,13 @@ pub(super) struct ProcessDriver {
     backend: Backend,
     fleet: Fleet,
     procs: HashMap<String, NodeProcess>,
+    /// The nodes in the fleet now (a left node is gone for good), sorted.
+    live: Vec<String>,
+    /// How many nodes were ever started under a name of their own (the
+    /// next joining node is `n{named}`).
+    named: usize,
+    /// When each node's current process was started.
+    spawned_at: HashMap<String, u128>,
     urls: HashMap<String, String>,
     proxies: HashMap<String, BackendProxy>,
     /// Per node, what its binary is run through (`ip netns exec <ns>`).
@@ -139,10 +146,11 @@ impl ProcessDriver {
             ("HL_SHUTDOWN_MS".into(), shutdown),
             ("HL_FENCE_ADDR".into(), fence_addr),
             ("HIGHLANDER_COOKIE".into(), COOKIE.into()),
+            (
+                "HL_REBALANCE".into(),
+                if cfg.rebalance { "1" } else { "0" }.into(),
+            ),
         ];
-        if cfg.rebalance {
-            env.push(("HL_REBALANCE".into(), "1".into()));
-        }
         let mut bin = cfg.node_bin.clone();
         if let Server::Beam {
             epmd_port, ctl_dir, ..
@@ -164,6 +172,9 @@ impl ProcessDriver {
             backend: cfg.backend,
             fleet,
             procs: HashMap::new(),
+            live: names.clone(),
+            named: names.len(),
+            spawned_at: HashMap::new(),
             urls,
             proxies,
             prefixes,
@@ -180,19 +191,86 @@ impl ProcessDriver {
     async fn spawn(&mut self, name: &str) {
         let url = self.urls[name].clone();
         let prefix = self.prefixes.get(name).cloned().unwrap_or_default();
+        self.spawned_at.insert(name.to_string(), unix_nanos());
         let p = self
             .fleet
             .spawn_in(name, &[("HIGHLANDER_BACKEND", url.as_str())], &prefix)
             .await;
         self.procs.insert(name.to_string(), p);
     }
+
+    /// The backend URL of a node that joins the fleet now, as `index`-th
+    /// node ever: a proxy of its own to the server (Postgres, etcd), or a
+    /// listener behind the partitioning proxies with the live nodes as
+    /// seeds (cluster). Joins are not in the mix in network namespaces (made
+    /// once, at the start) nor for the BEAM.
+    async fn add_url(&mut self, name: &str, index: usize) -> String {
+        match &mut self.server {
+            Server::Postgres(pg) => {
+                let target: SocketAddr = ([127, 0, 0, 1], pg.port()).into();
+                let proxy = BackendProxy::start(target, Some(PG_SERVER_TIMEOUT)).await;
+                let url = pg.url().replace(
+                    &format!(":{}/", pg.port()),
+                    &format!(":{}/", proxy.addr.port()),
+                );
+                self.proxies.insert(name.to_string(), proxy);
+                url
+            }
+            Server::Etcd(etcd) => {
+                let target: SocketAddr = etcd.endpoints()[0].parse().expect("an etcd endpoint");
+                let proxy = BackendProxy::start(target, None).await;
+                let url = format!("etcd://{}/highlander?ttl={ETCD_TTL_S}s", proxy.addr);
+                self.proxies.insert(name.to_string(), proxy);
+                url
+            }
+            Server::Cluster(partitioner) => {
+                let ip = crate::cluster::node_ip(index);
+                let listen = SocketAddr::new(ip.into(), crate::cluster::free_port_on(ip));
+                let own = partitioner.add(name, listen).await.to_string();
+                // Not its own seed: it joins the cluster that is there
+                // rather than founding one of its own.
+                let seeds: Vec<String> = self
+                    .live
+                    .iter()
+                    .map(|n| partitioner.proxy(n).to_string())
+                    .collect();
+                crate::cluster::cluster_url(&listen.to_string(), Some(&own), &seeds)
+            }
+            Server::ClusterNetns(_) | Server::Beam { .. } => {
+                panic!("a node cannot join a {} run here", self.backend.name())
+            }
+        }
+    }
+
+    /// The ids `node`'s current process runs now, from its `START` and
+    /// `STOP` lines, and when the last of them stopped.
+    fn running_on(&self, node: &str) -> (usize, u128) {
+        let since = self.spawned_at.get(node).copied().unwrap_or(0);
+        let mut open = std::collections::HashSet::new();
+        let mut last_stop = 0;
+        for e in self
+            .fleet
+            .history
+            .iter()
+            .filter(|e| e.node == node && e.at_nanos >= since)
+        {
+            match e.kind {
+                crate::process::EventKind::Start => {
+                    open.insert((e.id.as_str(), e.token));
+                }
+                crate::process::EventKind::Stop => {
+                    open.remove(&(e.id.as_str(), e.token));
+                    last_stop = last_stop.max(e.at_nanos);
+                }
+            }
+        }
+        (open.len(), last_stop)
+    }
 }
 
 impl Driver for ProcessDriver {
     fn nodes(&self) -> Vec<String> {
-        let mut n: Vec<String> = self.urls.keys().cloned().collect();
-        n.sort();
-        n
+        self.live.clone()
     }
 
     async fn collect(&mut self, wait: Duration) {
@@ -215,12 +293,7 @@ impl Driver for ProcessDriver {
         p.signal("KILL");
         let _ = p.wait_exit(Duration::from_secs(30)).await;
         self.spawn(node).await;
-        Fault {
-            kind: FaultKind::Kill,
-            node: Some(node.into()),
-            at,
-            until: unix_nanos(),
-        }
+        Fault::new(FaultKind::Kill, Some(node), at, unix_nanos())
     }
 
     async fn pause(&mut self, node: &str, hold: Duration) -> Fault {
@@ -228,12 +301,7 @@ impl Driver for ProcessDriver {
         self.procs[node].signal("STOP");
         self.collect(hold).await;
         self.procs[node].signal("CONT");
-        Fault {
-            kind: FaultKind::Pause,
-            node: Some(node.into()),
-            at,
-            until: unix_nanos(),
-        }
+        Fault::new(FaultKind::Pause, Some(node), at, unix_nanos())
     }
 
     async fn restart(&mut self, node: &str) -> (Fault, Option<String>) {
@@ -243,12 +311,7 @@ impl Driver for ProcessDriver {
         let status = p.wait_exit(Duration::from_secs(30)).await;
         let problem = (!status.success()).then(|| format!("after SIGTERM: {status}"));
         self.spawn(node).await;
-        let fault = Fault {
-            kind: FaultKind::Restart,
-            node: Some(node.into()),
-            at,
-            until: unix_nanos(),
-        };
+        let fault = Fault::new(FaultKind::Restart, Some(node), at, unix_nanos());
         (fault, problem)
     }
 
@@ -279,12 +342,7 @@ impl Driver for ProcessDriver {
             }
             _ => self.proxies[node].heal(),
         }
-        Fault {
-            kind: FaultKind::Partition,
-            node: Some(node.into()),
-            at,
-            until: unix_nanos(),
-        }
+        Fault::new(FaultKind::Partition, Some(node), at, unix_nanos())
     }
 
     async fn backend_restart(&mut self) -> Fault {
@@ -298,12 +356,54 @@ impl Driver for ProcessDriver {
             Server::Cluster(_) | Server::ClusterNetns(_) | Server::Beam { .. } => {}
         }
         let _ = self.backend;
-        Fault {
-            kind: FaultKind::BackendRestart,
-            node: None,
-            at,
-            until: unix_nanos(),
-        }
+        Fault::new(FaultKind::BackendRestart, None, at, unix_nanos())
+    }
+
+    async fn join(&mut self) -> Fault {
+        let index = self.named;
+        self.named += 1;
+        let name = format!("n{index}");
+        let at = unix_nanos();
+        let url = self.add_url(&name, index).await;
+        self.urls.insert(name.clone(), url);
+        self.spawn(&name).await;
+        self.live.push(name.clone());
+        self.live.sort();
+        Fault::new(FaultKind::Join, Some(&name), at, unix_nanos())
+    }
+
+    async fn leave(&mut self, node: &str) -> (Fault, Option<String>) {
+        let at = unix_nanos();
+        let mut p = self.procs.remove(node).expect("a running node");
+        p.signal("TERM");
+        let status = p.wait_exit(Duration::from_secs(30)).await;
+        let problem = (!status.success()).then(|| format!("after SIGTERM: {status}"));
+        self.live.retain(|n| n != node);
+        (
+            Fault::new(FaultKind::Leave, Some(node), at, unix_nanos()),
+            problem,
+        )
+    }
+
+    async fn drain(&mut self, node: &str, hold: Duration) -> Fault {
+        let at = unix_nanos();
+        self.procs[node].signal("USR1");
+        let guard = tokio::time::Instant::now() + Duration::from_secs(30);
+        let drained = loop {
+            self.collect(Duration::from_millis(20)).await;
+            let (running, last_stop) = self.running_on(node);
+            if running == 0 {
+                break Some(last_stop.max(at));
+            }
+            if tokio::time::Instant::now() > guard {
+                break None;
+            }
+        };
+        self.collect(hold).await;
+        self.procs[node].signal("USR2");
+        let mut f = Fault::new(FaultKind::Drain, Some(node), at, unix_nanos());
+        f.drained = drained;
+        f
     }
 
     async fn shutdown(&mut self) -> Vec<Exit> {

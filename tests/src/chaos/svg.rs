@@ -132,6 +132,9 @@ pub fn timeline(title: &str, history: &History, id: &str) -> String {
         (FaultKind::Restart, "#76b7b2"),
         (FaultKind::Partition, "#b07aa1"),
         (FaultKind::BackendRestart, "#9c755f"),
+        (FaultKind::Join, "#59a14f"),
+        (FaultKind::Leave, "#bab0ac"),
+        (FaultKind::Drain, "#4e79a7"),
     ]
     .into_iter()
     .collect();
