@@ -208,7 +208,7 @@ async fn main() {
     let node = std::env::var("HIGHLANDER_NODE").unwrap_or_default();
     let mut signals = Signals::install();
     emit(&format!("READY {node}"));
-    if let Err(e) = run(builder, &mut signals).await {
+    if let Err(e) = run(builder, drain, &mut signals).await {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
@@ -249,11 +249,16 @@ impl Signals {
     }
 }
 
-/// What `Builder::run` does (start, run until SIGTERM or Ctrl-C, shut down
-/// gracefully; a stop signal while starting stops cleanly), with the drain
+/// What `Builder::run` does (start, run until SIGTERM or Ctrl-C, drain
+/// first when `drain_on_shutdown`, shut down gracefully; a stop signal while
+/// starting stops cleanly), with the drain
 /// and resume signals on top (one that arrives while starting counts once
 /// started).
-async fn run(builder: highlander::Builder, signals: &mut Signals) -> highlander::Result<()> {
+async fn run(
+    builder: highlander::Builder,
+    drain_on_shutdown: bool,
+    signals: &mut Signals,
+) -> highlander::Result<()> {
     let start = builder.start();
     tokio::pin!(start);
     let mut draining = false;
@@ -285,6 +290,19 @@ async fn run(builder: highlander::Builder, signals: &mut Signals) -> highlander:
                 Sig::Drain => drain(&handle),
                 Sig::Resume => handle.resume(),
             },
+            () = handle.stopped() => return Ok(()),
+        }
+    }
+    if drain_on_shutdown {
+        // As `Builder::run` does: hand every id over first; a second stop
+        // signal cuts the drain short.
+        tokio::select! {
+            drained = handle.drain() => {
+                if let Err(e) = drained {
+                    tracing::info!(error = %e, "the drain did not finish");
+                }
+            }
+            _ = async { while !matches!(signals.recv().await, Sig::Stop) {} } => {}
             () = handle.stopped() => return Ok(()),
         }
     }
