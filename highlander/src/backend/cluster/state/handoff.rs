@@ -2,9 +2,12 @@
 //! ([`Session::release_to`](crate::backend::Session::release_to)). Every
 //! member that can reach the chosen one reserves the id for it: claims by
 //! anyone else are busy (and, as arbiter, denied naming it) until it holds
-//! the id, goes down, or [`HANDOFF`] has passed; an arbiter that had
+//! the id, goes down, or [`HANDOFF`] has passed. The chosen member claims
+//! as soon as it hears of the release and takes the id without asking the
+//! arbiter: nobody else may claim it, so there is nothing to settle, and
+//! the id is unowned for one frame's trip, not three. An arbiter that had
 //! denied the id to the chosen member tells it (and only it) the id is
-//! free, so it claims as soon as it hears of the release.
+//! free.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -260,6 +263,72 @@ mod tests {
     }
 
     #[test]
+    fn the_chosen_member_takes_the_id_without_asking_the_arbiter() {
+        // "d" is handed x by "b"; "a" arbitrates (the lowest name).
+        let mut d = ready("d");
+        let _ = connect(&mut d, "a", vec![]);
+        let (b, _) = connect(&mut d, "b", vec![hold("x", 5 << 10, at(0))]);
+        assert!(matches!(
+            d.claim(&name("x"), BUDGET, at(1)).0,
+            Step::Busy(_)
+        ));
+        let fx = d.on_frame(&name("b"), b, handoff("x", 5 << 10, "d"), at(2));
+        assert!(woken(&fx, "x"), "its waiter claims at once");
+        let (step, fx) = d.claim(&name("x"), BUDGET, at(3));
+        let lease = granted(step);
+        assert!(lease.token > 5 << 10, "above the token handed off");
+        // No request to the arbiter: every member hears it holds the id.
+        let mut told: Vec<&str> = sent(&fx)
+            .into_iter()
+            .map(|(peer, msg)| {
+                assert!(
+                    matches!(msg, Msg::Held(h) if h.token == lease.token),
+                    "{msg:?}"
+                );
+                peer
+            })
+            .collect();
+        told.sort();
+        assert_eq!(told, ["a", "b"]);
+        assert_eq!(holder_of(&d, "x").as_deref(), Some("d"));
+        assert_eq!(d.handed_to("x"), None, "the hand-off is over");
+    }
+
+    #[test]
+    fn the_chosen_member_asks_the_arbiter_while_joining_or_already_asking() {
+        // Still joining: it may not see every holder yet.
+        let mut d = State::new(name("d"));
+        let (a, _) = connect(&mut d, "a", vec![]);
+        let (b, _) = connect(&mut d, "b", vec![hold("x", 5 << 10, at(0))]);
+        let _ = d.on_frame(&name("b"), b, handoff("x", 5 << 10, "d"), at(2));
+        let (step, fx) = d.claim(&name("x"), BUDGET, at(3));
+        assert!(matches!(step, Step::Asked));
+        assert_eq!(sent(&fx), [("a", &Msg::ClaimReq { id: name("x") })]);
+        // Joined, but a request of the id is out: its answer settles it.
+        let _ = d.become_ready();
+        let (step, fx) = d.claim(&name("x"), BUDGET, at(4));
+        assert!(matches!(step, Step::Asked));
+        assert_eq!(sent(&fx), [("a", &Msg::ClaimReq { id: name("x") })]);
+        let fx = d.on_frame(
+            &name("a"),
+            a,
+            Msg::Grant {
+                id: name("x"),
+                floor: 5 << 10,
+            },
+            at(5),
+        );
+        assert!(has(&fx, |e| matches!(
+            e,
+            Effect::Reply {
+                reply: super::super::Reply::Granted(_),
+                ..
+            }
+        )));
+        assert_eq!(holder_of(&d, "x").as_deref(), Some("d"));
+    }
+
+    #[test]
     fn the_reservation_lapses_and_the_others_are_freed() {
         let mut s = ready("a");
         let (b, _) = connect(&mut s, "b", vec![hold("x", 5 << 10, at(0))]);
@@ -302,6 +371,9 @@ mod tests {
         let (b, _) = connect(&mut d, "b", vec![hold("x", 5 << 10, at(0))]);
         let fx = d.on_frame(&name("b"), b, handoff("x", 5 << 10, "d"), at(2));
         assert!(woken(&fx, "x"), "it claims as soon as it hears");
-        assert!(matches!(d.claim(&name("x"), BUDGET, at(3)).0, Step::Asked));
+        assert!(matches!(
+            d.claim(&name("x"), BUDGET, at(3)).0,
+            Step::Granted(_)
+        ));
     }
 }

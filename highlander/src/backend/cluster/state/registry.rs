@@ -184,9 +184,10 @@ impl State {
     }
 
     /// A guardian claims `id` at `now`, its instance given `budget` to
-    /// stop: granted at once when this node holds it or is its own arbiter,
-    /// busy when a holder or a reservation is in view, otherwise asked of
-    /// the arbiter.
+    /// stop: granted at once when this node holds it, is its own arbiter,
+    /// or the id was handed off to it (and no request of it is out); busy
+    /// when a holder, a reservation or a hand-off to another member is in
+    /// view; otherwise asked of the arbiter.
     pub(in crate::backend::cluster) fn claim(
         &mut self,
         id: &Arc<str>,
@@ -211,11 +212,20 @@ impl State {
         if let Some(r) = reserved.filter(|r| self.reachable(r)) {
             return (Step::Busy(Holder::new(r.to_string(), None)), fx);
         }
-        if let Some(to) = self.handed_to(id).filter(|to| *to != self.name) {
-            return (Step::Busy(Holder::new(to.to_string(), None)), fx);
-        }
+        let handed_here = match self.handed_to(id) {
+            Some(to) if to != self.name => {
+                return (Step::Busy(Holder::new(to.to_string(), None)), fx);
+            }
+            Some(_) => self.ready && !self.pending.contains_key(id),
+            None => false,
+        };
         let arbiter = self.arbiter();
-        if arbiter == self.name {
+        // Handed off to this node: its holder released it to this node
+        // alone, and every member that heard of it keeps it for this node
+        // (the arbiter too, or it still sees the holder). The arbiter would
+        // grant it and deny everyone else, so asking it adds a round trip
+        // and settles nothing.
+        if arbiter == self.name || handed_here {
             let lease = self.take(id, 0, budget, now, &mut fx);
             return (Step::Granted(lease), fx);
         }
