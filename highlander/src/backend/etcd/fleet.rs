@@ -43,6 +43,26 @@ pub(super) const RESERVATION_TTL: Duration = Duration::from_secs(2);
 /// for 1.5 to 2 s.
 const RESERVATION_REUSE: Duration = Duration::from_millis(500);
 
+/// What to do with the reservation lease asked for `age` ago (`None`: none
+/// yet) when a reservation is about to be put.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LeaseUse {
+    /// Put it with this lease.
+    Reuse,
+    /// Put it with this lease, and ask for the next one meanwhile.
+    ReuseAndRenew,
+    /// Ask for a lease first: none, or used for long enough.
+    Grant,
+}
+
+fn lease_use(age: Option<Duration>) -> LeaseUse {
+    match age {
+        Some(age) if age < RESERVATION_REUSE / 2 => LeaseUse::Reuse,
+        Some(age) if age < RESERVATION_REUSE => LeaseUse::ReuseAndRenew,
+        _ => LeaseUse::Grant,
+    }
+}
+
 /// How many times `members` reads again when a catalog cannot be read at
 /// the member keys' revision (compacted away meanwhile).
 const MEMBER_READS: usize = 3;
@@ -65,6 +85,8 @@ pub(super) struct Fleet {
     catalogs: Mutex<HashMap<u64, Catalog>>,
     /// The lease reservations are put with, and when it was asked for.
     reservation: tokio::sync::Mutex<Option<(i64, Instant)>>,
+    /// Set while the next reservation lease is being asked for.
+    renewing: AtomicBool,
 }
 
 impl Default for Fleet {
@@ -77,6 +99,7 @@ impl Default for Fleet {
             changes: watch::Sender::new(0),
             catalogs: Mutex::new(HashMap::new()),
             reservation: tokio::sync::Mutex::new(None),
+            renewing: AtomicBool::new(false),
         }
     }
 }
@@ -371,14 +394,38 @@ impl Inner {
 
     /// The lease a reservation is put with: the last one asked for if that
     /// was less than [`RESERVATION_REUSE`] ago, else a new one of
-    /// [`RESERVATION_TTL`]. `None` when etcd grants none now.
-    pub(super) async fn reservation_lease(&self) -> Option<i64> {
+    /// [`RESERVATION_TTL`]. `None` when etcd grants none now. Past half its
+    /// use, the next one is asked for meanwhile, so that a stream of
+    /// handoffs seldom waits for a grant.
+    pub(super) async fn reservation_lease(self: &Arc<Self>) -> Option<i64> {
         let mut reservation = self.fleet.reservation.lock().await;
-        if let Some((id, at)) = *reservation
-            && at.elapsed() < RESERVATION_REUSE
-        {
-            return Some(id);
+        let current = *reservation;
+        match lease_use(current.map(|(_, at)| at.elapsed())) {
+            LeaseUse::Reuse => return current.map(|(id, _)| id),
+            LeaseUse::ReuseAndRenew => {
+                if !self.fleet.renewing.swap(true, Ordering::SeqCst) {
+                    let inner = self.clone();
+                    tokio::spawn(async move {
+                        if let Some(granted) = inner.grant_reservation_lease().await {
+                            let mut reservation = inner.fleet.reservation.lock().await;
+                            if reservation.is_none_or(|(_, at)| at < granted.1) {
+                                *reservation = Some(granted);
+                            }
+                        }
+                        inner.fleet.renewing.store(false, Ordering::SeqCst);
+                    });
+                }
+                return current.map(|(id, _)| id);
+            }
+            LeaseUse::Grant => {}
         }
+        let granted = self.grant_reservation_lease().await?;
+        *reservation = Some(granted);
+        Some(granted.0)
+    }
+
+    /// A new lease of [`RESERVATION_TTL`] and when it was asked for.
+    async fn grant_reservation_lease(&self) -> Option<(i64, Instant)> {
         let at = Instant::now();
         let send = |c: Conn| {
             let request = c.request(LeaseGrantRequest {
@@ -388,10 +435,7 @@ impl Inner {
             async move { c.lease().lease_grant(request).await }
         };
         match self.request(send).await {
-            Ok(Ok(resp)) if resp.ttl > 0 => {
-                *reservation = Some((resp.id, at));
-                Some(resp.id)
-            }
+            Ok(Ok(resp)) if resp.ttl > 0 => Some((resp.id, at)),
             outcome => {
                 let why = match outcome {
                     Ok(Err(e)) => reason(&e),
@@ -402,5 +446,29 @@ impl Inner {
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reservation_lease_is_renewed_before_it_is_used_up() {
+        assert_eq!(lease_use(None), LeaseUse::Grant);
+        assert_eq!(lease_use(Some(Duration::ZERO)), LeaseUse::Reuse);
+        let half = RESERVATION_REUSE / 2;
+        assert_eq!(
+            lease_use(Some(half - Duration::from_millis(1))),
+            LeaseUse::Reuse
+        );
+        // Past half its use: used, and the next one asked for meanwhile.
+        assert_eq!(lease_use(Some(half)), LeaseUse::ReuseAndRenew);
+        assert_eq!(
+            lease_use(Some(RESERVATION_REUSE - Duration::from_millis(1))),
+            LeaseUse::ReuseAndRenew
+        );
+        // Used up: every reservation keeps the others out long enough.
+        assert_eq!(lease_use(Some(RESERVATION_REUSE)), LeaseUse::Grant);
     }
 }

@@ -274,18 +274,26 @@ impl Session for EtcdSession {
         Box::pin(async move {
             let inner = &self.inner;
             inner.check_budget(&request.id, request.stop_budget)?;
-            {
+            let reserved_at = {
                 let mut state = inner.lock();
                 if state.closed {
                     return Err(inner.closed_error());
                 }
                 state.expect(&request.id);
-            }
+                state.take_reservation(&request.id)
+            };
             let (reply, answer) = oneshot::channel();
-            let op = Op::Claim {
-                id: request.id,
-                budget: request.stop_budget,
-                reply,
+            let (id, budget) = (request.id, request.stop_budget);
+            // An id handed to this node is taken through its reservation in
+            // one transaction, not refused first by the plain claim's.
+            let op = match reserved_at {
+                Some(reserved_at) => Op::Take {
+                    id,
+                    budget,
+                    reserved_at,
+                    reply,
+                },
+                None => Op::Claim { id, budget, reply },
             };
             inner.ops.send(op).map_err(|_| inner.closed_error())?;
             answer.await.map_err(|_| inner.closed_error())?

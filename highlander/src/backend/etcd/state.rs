@@ -80,6 +80,10 @@ pub(super) struct State {
     /// its key that the watch has seen. A waiter wakes when it passes the
     /// revision at which the id was seen busy.
     pub(super) wakes: HashMap<Arc<str>, watch::Sender<i64>>,
+    /// Ids another node released in favour of this one, as the watch saw
+    /// them: the mod revision of each reservation naming this node. A
+    /// claim of such an id takes it through that reservation at once.
+    pub(super) reserved: HashMap<Arc<str>, i64>,
     pub(super) closed: bool,
 }
 
@@ -207,6 +211,36 @@ impl State {
             .or_insert_with(|| watch::Sender::new(0));
     }
 
+    /// The watch saw the reservation of `id` put at `revision`, naming this
+    /// node (`for_me`) or another.
+    pub(super) fn reservation_put(&mut self, id: &str, for_me: bool, revision: i64) {
+        if for_me {
+            let id = self
+                .wakes
+                .get_key_value(id)
+                .map_or_else(|| Arc::from(id), |(id, _)| id.clone());
+            self.reserved.insert(id, revision);
+        } else {
+            self.reserved.remove(id);
+        }
+    }
+
+    /// The watch saw the reservation of `id` deleted at `revision` (taken,
+    /// or lapsed): it is gone, and the id's waiter wakes.
+    pub(super) fn reservation_deleted(&mut self, id: &str, revision: i64) {
+        if self.reserved.get(id).is_some_and(|&at| at < revision) {
+            self.reserved.remove(id);
+        }
+        self.wake(id, revision);
+    }
+
+    /// The reservation of `id` naming this node, if the watch saw one: the
+    /// claim about to be sent takes the id through it, once (if it is gone
+    /// by then, the claim fails and the next one asks afresh).
+    pub(super) fn take_reservation(&mut self, id: &str) -> Option<i64> {
+        self.reserved.remove(id)
+    }
+
     /// Closes: every tenure ends, nothing waits any more; the leases to
     /// revoke.
     pub(super) fn close(&mut self) -> Vec<i64> {
@@ -214,6 +248,7 @@ impl State {
         self.end_all();
         self.lease = None;
         self.wakes.clear();
+        self.reserved.clear();
         self.ours.drain().collect()
     }
 }

@@ -87,8 +87,10 @@ pub(super) fn delete_if_created_at(key: &[u8], token: i64) -> TxnRequest {
     }
 }
 
-/// `if create_revision(key) == token then delete(key), put(reserved,
-/// target, lease)`: the release of `release_to`.
+/// `if create_revision(key) == token then put(reserved, target, lease),
+/// delete(key)`: the release of `release_to`. Both happen at one revision;
+/// the put comes first so that watchers see the reservation before the
+/// deletion that wakes the waiting target.
 pub(super) fn release_to_txn(
     key: &[u8],
     token: i64,
@@ -98,7 +100,7 @@ pub(super) fn release_to_txn(
 ) -> TxnRequest {
     TxnRequest {
         compare: vec![created_at(key, token)],
-        success: vec![delete(key), put(reserved, target.as_bytes(), lease)],
+        success: vec![put(reserved, target.as_bytes(), lease), delete(key)],
         failure: Vec::new(),
     }
 }
@@ -152,9 +154,11 @@ mod tests {
                 Some(&compare::TargetUnion::CreateRevision(40))
             )]
         );
+        // The reservation first: a watcher sees it before the deletion
+        // that wakes the target.
         assert_eq!(
             txn.success,
-            [delete(b"/ns/a"), put(b"/ns/~r/a", b"node-2", 9)]
+            [put(b"/ns/~r/a", b"node-2", 9), delete(b"/ns/a")]
         );
         assert!(txn.failure.is_empty(), "not our tenure: nothing happens");
     }

@@ -71,8 +71,10 @@ impl State {
     }
 
     /// The watch fell behind a compaction at `compacted`: events were lost,
-    /// so every waiter that has not seen that revision wakes and retries.
-    pub(super) fn compacted(&self, compacted: i64) {
+    /// so every waiter that has not seen that revision wakes and retries
+    /// (and asks afresh: the reservations seen may be gone).
+    pub(super) fn compacted(&mut self, compacted: i64) {
+        self.reserved.clear();
         for wake in self.wakes.values() {
             wake.send_if_modified(|v| {
                 let bump = *v < compacted;
@@ -278,9 +280,17 @@ impl Inner {
                 return self.fleet.bump();
             }
             Some(KeyKind::Reservation(id)) => {
-                // A reservation taken, or lapsed: the id may be free.
-                if kind == EventType::Delete {
-                    self.lock().wake(id, kv.mod_revision);
+                let mut state = self.lock();
+                match kind {
+                    // Seen before the deletion of the id's key (the release
+                    // puts it first): the waiter it wakes takes the id at
+                    // once.
+                    EventType::Put => {
+                        let for_me = kv.value == self.node.as_bytes();
+                        state.reservation_put(id, for_me, kv.mod_revision);
+                    }
+                    // A reservation taken, or lapsed: the id may be free.
+                    EventType::Delete => state.reservation_deleted(id, kv.mod_revision),
                 }
                 return;
             }
@@ -374,8 +384,33 @@ mod tests {
     }
 
     #[test]
+    fn a_reservation_for_this_node_is_taken_once_and_goes_with_its_deletion() {
+        let (mut state, _, mut wake) = state();
+        state.reservation_put("b", true, 20);
+        assert!(
+            !wake.has_changed().unwrap(),
+            "the deletion of the key wakes"
+        );
+        assert_eq!(state.take_reservation("b"), Some(20));
+        assert_eq!(state.take_reservation("b"), None, "once");
+        // Another node's reservation replaces this node's.
+        state.reservation_put("b", true, 21);
+        state.reservation_put("b", false, 22);
+        assert_eq!(state.take_reservation("b"), None);
+        // Taken or lapsed: gone, and the waiter wakes.
+        state.reservation_put("b", true, 23);
+        state.reservation_deleted("b", 24);
+        assert_eq!(state.take_reservation("b"), None);
+        assert_eq!(*wake.borrow_and_update(), 24);
+        // A compaction may have hidden its deletion: asked afresh.
+        state.reservation_put("b", true, 25);
+        state.compacted(30);
+        assert_eq!(state.take_reservation("b"), None);
+    }
+
+    #[test]
     fn a_compaction_wakes_every_waiter_behind_it() {
-        let (state, _, mut wake) = state();
+        let (mut state, _, mut wake) = state();
         state.compacted(40);
         assert_eq!(*wake.borrow_and_update(), 40);
         state.compacted(30);
