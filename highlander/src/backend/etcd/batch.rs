@@ -80,6 +80,14 @@ impl Op {
         }
     }
 
+    /// Whether the call moves an id on (a release, a handoff, the take of
+    /// a handoff) rather than asks for one held elsewhere: it goes in the
+    /// next transaction before the plain claims, which are mostly waiters
+    /// asking again and refused.
+    fn urgent(&self) -> bool {
+        !matches!(self, Op::Claim { .. })
+    }
+
     /// Answers the call with `error`.
     pub(super) fn fail(self, error: Error) {
         match self {
@@ -93,14 +101,44 @@ impl Op {
     }
 }
 
-/// Takes the next transaction's calls from the front of `queue`: at most
-/// `max`, at most one per id (etcd refuses a transaction that names a key
-/// twice), in queue order. What is left stays queued, in order.
-fn take_batch<T>(queue: &mut VecDeque<T>, max: usize, id: impl Fn(&T) -> &str) -> Vec<T> {
+/// Takes the next transaction's calls from `queue`: at most `max`, at most
+/// one per id (etcd refuses a transaction that names a key twice), the
+/// `urgent` ones first, each kind in queue order; an urgent call never
+/// passes an earlier call of its id. What is left stays queued, in order.
+fn take_batch<T>(
+    queue: &mut VecDeque<T>,
+    max: usize,
+    id: impl Fn(&T) -> &str,
+    urgent: impl Fn(&T) -> bool,
+) -> Vec<T> {
     let mut batch = Vec::new();
+    {
+        let mut seen = HashSet::new();
+        let mut rest = VecDeque::with_capacity(queue.len());
+        while let Some(op) = queue.pop_front() {
+            let first = seen.insert(id(&op).to_string());
+            if first && batch.len() < max && urgent(&op) {
+                batch.push(op);
+            } else {
+                rest.push_back(op);
+            }
+        }
+        *queue = rest;
+    }
+    take_in_order(queue, max, id, batch)
+}
+
+/// Adds to `batch` the calls at the front of `queue` up to `max`, at most
+/// one per id, in queue order.
+fn take_in_order<T>(
+    queue: &mut VecDeque<T>,
+    max: usize,
+    id: impl Fn(&T) -> &str,
+    mut batch: Vec<T>,
+) -> Vec<T> {
     let mut later = VecDeque::new();
     {
-        let mut ids = HashSet::new();
+        let mut ids: HashSet<String> = batch.iter().map(|op| id(op).to_string()).collect();
         while let Some(op) = queue.pop_front() {
             if batch.len() == max {
                 later.push_back(op);
@@ -286,7 +324,7 @@ impl Inner {
             while let Ok(op) = rx.try_recv() {
                 queue.push_back(op);
             }
-            let batch = take_batch(&mut queue, MAX_OPS_PER_TXN, Op::id);
+            let batch = take_batch(&mut queue, MAX_OPS_PER_TXN, Op::id, Op::urgent);
             let inner = self.clone();
             tokio::spawn(async move {
                 inner.run_batch(batch).await;

@@ -17,7 +17,7 @@ fn ids<T: AsRef<str>>(ops: &[T]) -> Vec<&str> {
 fn a_batch_is_at_most_126_calls_in_queue_order() {
     let mut queue: VecDeque<String> = (0..300).map(|i| format!("id{i}")).collect();
     let sizes: Vec<usize> = std::iter::from_fn(|| {
-        let batch = take_batch(&mut queue, MAX_OPS_PER_TXN, String::as_str);
+        let batch = take_batch(&mut queue, MAX_OPS_PER_TXN, String::as_str, |_| false);
         (!batch.is_empty()).then_some(batch)
     })
     .enumerate()
@@ -36,15 +36,46 @@ fn a_batch_is_at_most_126_calls_in_queue_order() {
 #[test]
 fn one_call_per_id_per_batch_the_second_waits_in_order() {
     let mut queue: VecDeque<&str> = ["a", "b", "a", "c", "a", "b"].into_iter().collect();
-    assert_eq!(take_batch(&mut queue, 127, |s| s), ["a", "b", "c"]);
+    assert_eq!(
+        take_batch(&mut queue, 127, |s| s, |_| false),
+        ["a", "b", "c"]
+    );
     assert_eq!(ids(&Vec::from(queue.clone())), ["a", "a", "b"]);
-    assert_eq!(take_batch(&mut queue, 127, |s| s), ["a", "b"]);
-    assert_eq!(take_batch(&mut queue, 127, |s| s), ["a"]);
+    assert_eq!(take_batch(&mut queue, 127, |s| s, |_| false), ["a", "b"]);
+    assert_eq!(take_batch(&mut queue, 127, |s| s, |_| false), ["a"]);
     assert!(queue.is_empty());
     // A full batch leaves the skipped calls ahead of the rest.
     let mut queue: VecDeque<&str> = ["a", "a", "b", "c", "d"].into_iter().collect();
-    assert_eq!(take_batch(&mut queue, 2, |s| s), ["a", "b"]);
+    assert_eq!(take_batch(&mut queue, 2, |s| s, |_| false), ["a", "b"]);
     assert_eq!(ids(&Vec::from(queue)), ["a", "c", "d"]);
+}
+
+#[test]
+fn releases_and_takes_go_before_claims_but_never_pass_their_id() {
+    // (id, urgent): a release, a handoff or a take is urgent; a claim not.
+    let mut queue: VecDeque<(&'static str, bool)> = [
+        ("a", false),
+        ("b", false),
+        ("x", true),
+        ("c", false),
+        ("y", true),
+        ("b", true),
+        ("z", true),
+    ]
+    .into_iter()
+    .collect();
+    let take = |q: &mut VecDeque<(&'static str, bool)>| -> Vec<&'static str> {
+        take_batch(q, 4, |op| op.0, |op| op.1)
+            .into_iter()
+            .map(|op| op.0)
+            .collect()
+    };
+    // The urgent "b" waits behind the claim of its id.
+    assert_eq!(take(&mut queue), ["x", "y", "z", "a"]);
+    assert_eq!(take(&mut queue), ["b", "c"]);
+    assert_eq!(queue, [("b", true)]);
+    assert_eq!(take(&mut queue), ["b"]);
+    assert!(queue.is_empty());
 }
 
 type Replies = (
@@ -270,7 +301,7 @@ fn a_failed_transaction_fails_every_call_it_carried_once() {
     let mut queue: VecDeque<Op> = ops.into();
     let mut sent = 0;
     while !queue.is_empty() {
-        let batch = take_batch(&mut queue, MAX_OPS_PER_TXN, Op::id);
+        let batch = take_batch(&mut queue, MAX_OPS_PER_TXN, Op::id, Op::urgent);
         let planned =
             plan(batch, &mut state, now, INTERVAL, "n", &layout()).unwrap_or_else(|_| panic!());
         sent += planned.txn.success.len();
