@@ -84,6 +84,11 @@ pub(super) struct State {
     /// them: the mod revision of each reservation naming this node. A
     /// claim of such an id takes it through that reservation at once.
     pub(super) reserved: HashMap<Arc<str>, i64>,
+    /// Ids reserved for another node, as the watch saw them: the mod
+    /// revision of each reservation. The deletion of the id's key at that
+    /// revision (the handoff itself) wakes nobody here: the id is not free
+    /// for this node; its waiter wakes when the reservation goes.
+    pub(super) reserved_elsewhere: HashMap<Arc<str>, i64>,
     pub(super) closed: bool,
 }
 
@@ -219,10 +224,18 @@ impl State {
                 .wakes
                 .get_key_value(id)
                 .map_or_else(|| Arc::from(id), |(id, _)| id.clone());
+            self.reserved_elsewhere.remove(&id);
             self.reserved.insert(id, revision);
         } else {
             self.reserved.remove(id);
+            self.reserved_elsewhere.insert(Arc::from(id), revision);
         }
+    }
+
+    /// Whether the deletion of the key of `id` at `revision` handed it to
+    /// another node (its reservation was put at that revision).
+    pub(super) fn handed_elsewhere(&self, id: &str, revision: i64) -> bool {
+        self.reserved_elsewhere.get(id) == Some(&revision)
     }
 
     /// The watch saw the reservation of `id` deleted at `revision` (taken,
@@ -230,6 +243,13 @@ impl State {
     pub(super) fn reservation_deleted(&mut self, id: &str, revision: i64) {
         if self.reserved.get(id).is_some_and(|&at| at < revision) {
             self.reserved.remove(id);
+        }
+        if self
+            .reserved_elsewhere
+            .get(id)
+            .is_some_and(|&at| at < revision)
+        {
+            self.reserved_elsewhere.remove(id);
         }
         self.wake(id, revision);
     }
@@ -249,6 +269,7 @@ impl State {
         self.lease = None;
         self.wakes.clear();
         self.reserved.clear();
+        self.reserved_elsewhere.clear();
         self.ours.drain().collect()
     }
 }

@@ -43,7 +43,10 @@ impl State {
     ) -> Option<u64> {
         let lost = match kind {
             EventType::Delete => {
-                self.wake(id, mod_revision);
+                // Handed to another node: not free for this one.
+                if !self.handed_elsewhere(id, mod_revision) {
+                    self.wake(id, mod_revision);
+                }
                 self.held
                     .get(id)
                     .is_some_and(|h| (h.token as i64) < mod_revision)
@@ -75,6 +78,7 @@ impl State {
     /// (and asks afresh: the reservations seen may be gone).
     pub(super) fn compacted(&mut self, compacted: i64) {
         self.reserved.clear();
+        self.reserved_elsewhere.clear();
         for wake in self.wakes.values() {
             wake.send_if_modified(|v| {
                 let bump = *v < compacted;
@@ -406,6 +410,26 @@ mod tests {
         state.reservation_put("b", true, 25);
         state.compacted(30);
         assert_eq!(state.take_reservation("b"), None);
+    }
+
+    #[test]
+    fn a_handoff_to_another_node_wakes_nobody_until_its_reservation_goes() {
+        let (mut state, _, mut wake) = state();
+        // The handoff: the reservation for "z", then the key deleted.
+        state.reservation_put("b", false, 20);
+        state.on_event(EventType::Delete, "b", 0, 20);
+        assert!(!wake.has_changed().unwrap(), "not free for this node");
+        assert_eq!(state.take_reservation("b"), None);
+        // Taken (or lapsed): the waiter asks again.
+        state.reservation_deleted("b", 21);
+        assert_eq!(*wake.borrow_and_update(), 21);
+        // A later release of the id wakes it as any deletion does.
+        state.on_event(EventType::Delete, "b", 0, 30);
+        assert_eq!(*wake.borrow_and_update(), 30);
+        // A handoff to this node wakes it at the deletion.
+        state.reservation_put("b", true, 40);
+        state.on_event(EventType::Delete, "b", 0, 40);
+        assert_eq!(*wake.borrow_and_update(), 40);
     }
 
     #[test]
