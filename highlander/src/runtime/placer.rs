@@ -18,10 +18,11 @@ use tokio::time::{Instant, sleep, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{HANDOFF_TICK, Registry, lock};
+use super::{Registry, lock};
 use crate::backend::{Catalog, Profile};
 use crate::guardian::{Ask, Shared, SingletonState, Slot, name_hash};
 use crate::placement::{Candidate, standing};
+use crate::service::BoxFuture;
 
 /// How long a node whose rank for an id is `r > 0` lets the better-placed
 /// nodes claim it first, per rank, unless set.
@@ -34,6 +35,13 @@ const SETTLE: Duration = Duration::from_millis(300);
 pub(crate) const MAX_DEFER_RANKS: u32 = 16;
 /// Announcements after a change of ids are batched over this long.
 const ANNOUNCE_BATCH: Duration = Duration::from_millis(20);
+/// A rebalancing pass hands ids over in small batches, one per tick, at
+/// the handoff rate: a burst of handoffs queues each behind the others'
+/// work (on every node they touch), and that wait is time the ids run
+/// nowhere.
+const REBALANCE_TICK: Duration = Duration::from_millis(10);
+/// At most this many ticks' worth of handoffs go out at once.
+const MAX_CREDIT_TICKS: u64 = 5;
 
 /// What the members look like from here, as far as placement goes.
 #[derive(Default)]
@@ -233,59 +241,70 @@ pub(super) async fn run(
     let mut pass: VecDeque<Arc<Slot>> = VecDeque::new();
     let mut moved = 0usize;
     let mut contested = 0usize;
+    // How many handoffs the pass may still make, in thousandths, as of
+    // the last batch.
+    let mut credit = 0u64;
+    let mut last_batch = Instant::now();
+    // Armed before the members were last read; `None`: read them (again).
+    let mut changed: Option<BoxFuture<'static, ()>> = None;
     loop {
         if shared.shutdown.is_cancelled() || done.is_cancelled() {
             return;
         }
-        let changed = shared.session.members_changed();
-        if !announced {
-            // Batch a burst of adds or removes into one announcement; a
-            // drain or resume goes out at once (the others must see even
-            // a short drain, to hand the ids back when it ends).
-            if batch {
-                sleep(ANNOUNCE_BATCH).await;
+        // A rebalancing tick changes no member: nothing to read again.
+        if changed.is_none() {
+            let armed = shared.session.members_changed();
+            if !announced {
+                // Batch a burst of adds or removes into one announcement; a
+                // drain or resume goes out at once (the others must see even
+                // a short drain, to hand the ids back when it ends).
+                if batch {
+                    sleep(ANNOUNCE_BATCH).await;
+                }
+                let profile = profile(&registry, &shared, weight, &labels);
+                if let Err(e) = shared.session.announce(profile).await {
+                    debug!(error = %e, "announcing the profile failed; trying again");
+                    sleep(retry).await;
+                    retry = (retry * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+                announced = true;
+                batch = true;
             }
-            let profile = profile(&registry, &shared, weight, &labels);
-            if let Err(e) = shared.session.announce(profile).await {
-                debug!(error = %e, "announcing the profile failed; trying again");
-                sleep(retry).await;
-                retry = (retry * 2).min(Duration::from_secs(5));
-                continue;
-            }
-            announced = true;
-            batch = true;
-        }
-        match shared.session.members().await {
-            Ok(members) => {
-                retry = Duration::from_millis(100);
-                let view = View::new(members, &shared.node);
-                if !view.same(&placement.view()) {
-                    let view = Arc::new(view);
-                    *placement.view.lock().unwrap_or_else(|e| e.into_inner()) = view.clone();
-                    let slots: Vec<Arc<Slot>> = lock(&registry).slots.values().cloned().collect();
-                    for slot in &slots {
-                        view.place(slot);
-                    }
-                    placement.epoch.send_modify(|e| *e = e.wrapping_add(1));
-                    debug!(
-                        members = view.others.len() + 1,
-                        active = view.active(),
-                        "placement view changed"
-                    );
-                    pass.clear();
-                    moved = 0;
-                    contested = 0;
-                    if placement.rebalance && view.active() {
-                        rebalance_at = Some(Instant::now() + SETTLE);
+            match shared.session.members().await {
+                Ok(members) => {
+                    retry = Duration::from_millis(100);
+                    let view = View::new(members, &shared.node);
+                    if !view.same(&placement.view()) {
+                        let view = Arc::new(view);
+                        *placement.view.lock().unwrap_or_else(|e| e.into_inner()) = view.clone();
+                        let slots: Vec<Arc<Slot>> =
+                            lock(&registry).slots.values().cloned().collect();
+                        for slot in &slots {
+                            view.place(slot);
+                        }
+                        placement.epoch.send_modify(|e| *e = e.wrapping_add(1));
+                        debug!(
+                            members = view.others.len() + 1,
+                            active = view.active(),
+                            "placement view changed"
+                        );
+                        pass.clear();
+                        moved = 0;
+                        contested = 0;
+                        if placement.rebalance && view.active() {
+                            rebalance_at = Some(Instant::now() + SETTLE);
+                        }
                     }
                 }
+                Err(e) => {
+                    debug!(error = %e, "cannot read the members now");
+                    sleep(retry).await;
+                    retry = (retry * 2).min(Duration::from_secs(5));
+                    continue;
+                }
             }
-            Err(e) => {
-                debug!(error = %e, "cannot read the members now");
-                sleep(retry).await;
-                retry = (retry * 2).min(Duration::from_secs(5));
-                continue;
-            }
+            changed = Some(armed);
         }
         let settle = async {
             match rebalance_at {
@@ -296,27 +315,39 @@ pub(super) async fn run(
         let tick = async {
             match pass.is_empty() {
                 true => std::future::pending().await,
-                false => sleep(HANDOFF_TICK).await,
+                false => sleep(REBALANCE_TICK).await,
             }
         };
+        let members = changed.as_mut().expect("armed above");
         tokio::select! {
             _ = shared.shutdown.cancelled() => return,
             _ = done.cancelled() => return,
-            _ = changed => {}
-            _ = placement.dirty.notified() => announced = false,
+            _ = members => changed = None,
+            _ = placement.dirty.notified() => {
+                announced = false;
+                changed = None;
+            }
             _ = draining.changed() => {
                 announced = false;
                 batch = false;
+                changed = None;
             }
             _ = settle => {
                 rebalance_at = None;
                 if !*shared.draining.borrow() {
                     pass = lock(&registry).slots.values().cloned().collect();
-                    (moved, contested) = rebalance(&mut pass, &shared);
+                    // The first handoff goes at once.
+                    credit = 1_000;
+                    last_batch = Instant::now();
+                    let n = handoffs(shared.handoff_rate, &mut credit, Duration::ZERO);
+                    (moved, contested) = rebalance(&mut pass, &shared, n);
                 }
             }
             _ = tick => {
-                let (m, c) = rebalance(&mut pass, &shared);
+                let elapsed = last_batch.elapsed();
+                last_batch = Instant::now();
+                let n = handoffs(shared.handoff_rate, &mut credit, elapsed);
+                let (m, c) = rebalance(&mut pass, &shared, n);
                 moved += m;
                 contested += c;
             }
@@ -337,19 +368,34 @@ pub(super) async fn run(
     }
 }
 
+/// How many ids a rebalancing tick may hand over at `rate` ids per
+/// second, `elapsed` after the one before: what the rate earned meanwhile
+/// and what earlier ticks left, counted in thousandths of an id in
+/// `credit` (which keeps the remainder). Time, not ticks, earns: a timer
+/// that fires late does not slow the pass down. A stall earns at most
+/// [`MAX_CREDIT_TICKS`] ticks' worth, so it is not followed by a burst.
+fn handoffs(rate: u32, credit: &mut u64, elapsed: Duration) -> usize {
+    let rate = u64::from(rate);
+    let cap = (rate * REBALANCE_TICK.as_millis() as u64 * MAX_CREDIT_TICKS).max(1_000);
+    let earned = (rate * elapsed.as_micros() as u64 / 1_000).min(cap);
+    *credit = (*credit + earned).min(cap);
+    let n = *credit / 1_000;
+    *credit %= 1_000;
+    n as usize
+}
+
 /// One batch of a rebalancing pass: each id of `pass` held here whose best
 /// candidate is another reachable member that runs it is handed over to
-/// that member, a tenth of
-/// [`Builder::handoff_rate`](crate::Builder::handoff_rate) per batch, one
-/// batch per tick. A change of members drops the rest of the pass (a new
-/// one follows once the members settle). A tenure the backend calls
+/// that member, at most `batch` of them (one batch per tick, at
+/// [`Builder::handoff_rate`](crate::Builder::handoff_rate)). A change of
+/// members drops the rest of the pass (a new one follows once the members
+/// settle). A tenure the backend calls
 /// [contested](crate::backend::Session::contested) stays: its overlap, if
 /// any, ends by the heal rule. Returns how many ids it moved, and how many
 /// it kept because they were contested.
-fn rebalance(pass: &mut VecDeque<Arc<Slot>>, shared: &Shared) -> (usize, usize) {
+fn rebalance(pass: &mut VecDeque<Arc<Slot>>, shared: &Shared, batch: usize) -> (usize, usize) {
     let placement = &shared.placement;
     let view = placement.view();
-    let batch = (shared.handoff_rate / 10).max(1) as usize;
     let mut moved = 0usize;
     let mut contested = 0usize;
     while moved < batch {
@@ -450,14 +496,44 @@ mod tests {
         // members again), but the backend knows better.
         cluster.partition(&[&["a"], &["b"]]);
         let mut pass = VecDeque::from([slot.clone()]);
-        assert_eq!(rebalance(&mut pass, &shared), (0, 1));
+        assert_eq!(rebalance(&mut pass, &shared, 100), (0, 1));
         assert_ne!(slot.moving.load(Ordering::SeqCst), lease.token, "not moved");
 
         // Healed: one holder, everybody in reach. The next pass moves it.
         cluster.heal();
         let mut pass = VecDeque::from([slot.clone()]);
-        assert_eq!(rebalance(&mut pass, &shared), (1, 0));
+        assert_eq!(rebalance(&mut pass, &shared, 100), (1, 0));
         assert_eq!(slot.moving.load(Ordering::SeqCst), lease.token);
         assert_eq!(shared.placement.take_target("x").as_deref(), Some("b"));
+    }
+
+    /// The ids handed over at `rate` by a pass's first batch and then by
+    /// a tick after each of `gaps` milliseconds.
+    fn batches(rate: u32, gaps: impl IntoIterator<Item = u64>) -> Vec<usize> {
+        let mut credit = 1_000;
+        let mut out = vec![handoffs(rate, &mut credit, Duration::ZERO)];
+        for ms in gaps {
+            out.push(handoffs(rate, &mut credit, Duration::from_millis(ms)));
+        }
+        out
+    }
+
+    #[test]
+    fn handoffs_go_out_evenly_at_the_rate() {
+        // The default: one at once, then ten per 10 ms tick.
+        let per_tick = batches(1_000, [10; 100]);
+        assert_eq!(per_tick[0], 1);
+        assert!(per_tick[1..].iter().all(|&n| n == 10), "{per_tick:?}");
+        // Late ticks hand over what the time earned: the rate holds.
+        assert_eq!(batches(1_000, [11; 100]).iter().sum::<usize>(), 1 + 1_100);
+        // A rate below one per tick: one id at once, then one every
+        // fifth tick (20 per second), never a burst.
+        let slow = batches(20, [10; 50]);
+        assert_eq!(slow.iter().sum::<usize>(), 1 + 10);
+        assert!(slow.iter().all(|&n| n <= 1));
+        // A rate that does not divide: what a tick cannot use is kept.
+        assert_eq!(batches(150, [10; 100]).iter().sum::<usize>(), 1 + 150);
+        // After a stall, at most five ticks' worth at once.
+        assert_eq!(batches(1_000, [1_000]), [1, 50]);
     }
 }
