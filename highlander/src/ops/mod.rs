@@ -137,7 +137,7 @@ impl NodeOps {
     }
 
     /// The per-id record of one singleton.
-    pub(crate) fn slot(&self, id: &str) -> SlotOps {
+    pub(crate) fn slot(&self, id: &Arc<str>) -> SlotOps {
         let _ = (id, self.per_id);
         // Every slot starts in `Claiming`, which counts as busy.
         self.busy.fetch_add(1, Ordering::Relaxed);
