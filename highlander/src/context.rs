@@ -9,6 +9,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use futures_util::FutureExt;
+use futures_util::task::AtomicWaker;
 use tokio::task::AbortHandle;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tokio_util::task::TaskTracker;
@@ -44,9 +45,13 @@ struct Inner {
     node: Arc<str>,
     token: u64,
     cancel: CancellationToken,
+    /// The guardian's task, woken by [`Context::stop`] (see
+    /// [`Context::stopped`]).
+    stopper: AtomicWaker,
     reason: OnceLock<ShutdownReason>,
     state: Arc<StateMap>,
-    children: Arc<Children>,
+    /// Inline, not an `Arc` of its own: one allocation per instance.
+    children: Children,
     /// The instance's spans (`singleton` with `id` and `node`, `tenure`
     /// with `token`), so child tasks log with them too.
     span: tracing::Span,
@@ -104,18 +109,19 @@ impl Context {
         state: Arc<StateMap>,
         cancel: CancellationToken,
     ) -> Context {
-        let children = Arc::new(Children {
+        let children = Children {
             tracker: OnceLock::new(),
             handles: Mutex::new(Handles {
                 aborts: Vec::new(),
                 open: true,
             }),
-        });
+        };
         let inner = Inner {
             id,
             node,
             token,
             cancel,
+            stopper: AtomicWaker::new(),
             reason: OnceLock::new(),
             state,
             children,
@@ -126,7 +132,7 @@ impl Context {
         }
     }
 
-    pub(crate) fn children(&self) -> &Arc<Children> {
+    pub(crate) fn children(&self) -> &Children {
         &self.inner.children
     }
 
@@ -136,6 +142,27 @@ impl Context {
         let _ = self.inner.reason.set(reason);
         self.inner.children.close();
         self.inner.cancel.cancel();
+        self.inner.stopper.wake();
+    }
+
+    /// Completes once [`Context::stop`] has run (a child task failed), for
+    /// the one task that runs the instance: a reference instead of a
+    /// registration in the token's wait list, so the running part of every
+    /// held id stays small. User code waits with [`Context::cancelled`].
+    pub(crate) fn stopped(&self) -> impl Future<Output = ()> + Send + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.is_cancelled() {
+                return std::task::Poll::Ready(());
+            }
+            self.inner.stopper.register(cx.waker());
+            // Looked at again after registering: a stop in between has
+            // either been seen here or wakes the waker just registered.
+            if self.is_cancelled() {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
     }
 
     /// The singleton id this instance runs for.

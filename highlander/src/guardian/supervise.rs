@@ -96,12 +96,12 @@ impl Guardian {
     /// Waits `backoff` before a restart, unless the tenure ends first.
     async fn backoff(&self, lease: &Lease, backoff: Duration) -> Option<Outcome> {
         tokio::select! {
-            _ = self.slot.cancel.cancelled() => Some(Outcome::Shutdown),
-            end = lease.ended() => Some(Outcome::Lost(end.into())),
-            _ = self.slot.step_down.notified() => Some(match self.slot.asked_reason() {
+            reason = self.slot.stop_or_ask() => Some(match reason {
                 ShutdownReason::Moved => Outcome::Moved,
-                _ => Outcome::Stepdown,
+                ShutdownReason::Stepdown => Outcome::Stepdown,
+                _ => Outcome::Shutdown,
             }),
+            end = lease.holder_ended() => Some(Outcome::Lost(end.into())),
             _ = sleep(backoff) => None,
         }
     }
@@ -187,13 +187,13 @@ impl Guardian {
     /// Completes with the reason when something outside the instance stops
     /// it: the node shuts down or the id is removed, a child failed, the
     /// lease ended, or a handle asked it to give the id up.
-    async fn stop_trigger(&self, ctx: &Context, lease: &Lease) -> ShutdownReason {
+    pub(super) async fn stop_trigger(&self, ctx: &Context, lease: &Lease) -> ShutdownReason {
         tokio::select! {
-            _ = self.slot.cancel.cancelled() => self.slot.cancel_reason(),
+            // The node shuts down, the id was removed, or a handle asked.
+            reason = self.slot.stop_or_ask() => reason,
             // A child failed: it stopped the context with its error.
-            _ = ctx.cancelled() => ctx.reason().unwrap_or(ShutdownReason::Normal),
-            end = lease.ended() => end.into(),
-            _ = self.slot.step_down.notified() => self.slot.asked_reason(),
+            _ = ctx.stopped() => ctx.reason().unwrap_or(ShutdownReason::Normal),
+            end = lease.holder_ended() => end.into(),
         }
     }
 }

@@ -36,29 +36,39 @@ async fn future_sizes() {
         placement: crate::runtime::Placement::new(crate::runtime::DEFAULT_GRACE, true),
     });
     let slot = Arc::new(Slot::new(spec, &shared));
-    let guardian = Guardian {
-        slot,
-        shared,
-        after: None,
-    };
+    let guardian = Guardian { slot, shared };
     let (lease, _signal) = Lease::new(1);
     let instance = std::mem::size_of_val(&guardian.run_instance(&lease));
     let supervise = std::mem::size_of_val(&guardian.supervise(&lease));
     let held = Held::default();
     let guard = std::mem::size_of_val(&guardian.guard(&held));
     let tenure = std::mem::size_of_val(&guardian.tenure(lease.clone(), &held));
+    let ctx = Context::new(
+        "sizes".into(),
+        "a".into(),
+        1,
+        Arc::new(StateMap::new()),
+        CancellationToken::new(),
+    );
+    let trigger = std::mem::size_of_val(&guardian.stop_trigger(&ctx, &lease));
     let slot = std::mem::size_of::<Slot>();
-    let task = std::mem::size_of_val(&guardian.run());
+    let task = std::mem::size_of_val(&guardian.run(None));
     println!(
         "guardian task future {task} B (guard {guard} B), running part (boxed) {tenure} B \
-         (supervise {supervise} B, instance {instance} B), slot {slot} B"
+         (supervise {supervise} B, instance {instance} B, its stop trigger {trigger} B), \
+         slot {slot} B"
     );
     // Every id carries the task; a held one the running part too. They
     // were 1824 and 1288 B before the rarely used states were boxed, then
     // 472 B and (supervise alone) 976 B before every wait, the build of an
-    // instance and the end of a tenure were boxed. tokio's task cell
-    // (header, future, trailer, in steps of 128 B) is 512 B around a
-    // 288 B future, 640 B around 472 B.
-    assert!(task <= 288, "the guardian task grew to {task} B");
-    assert!(tenure <= 900, "the running part grew to {tenure} B");
+    // instance and the end of a tenure were boxed, then 288 and 824 B
+    // before the stop trigger waited on the slot, the lease and the
+    // context by reference (16 B each) instead of in wait lists (72 to
+    // 104 B each). tokio's task cell (header, future, trailer, in steps of
+    // 128 B) is 384 B around a 280 B future, 512 B around 288 B: eight
+    // bytes more cost 128 per id.
+    assert!(task <= 280, "the guardian task grew to {task} B");
+    assert!(tenure <= 576, "the running part grew to {tenure} B");
+    assert!(trigger <= 112, "the stop trigger grew to {trigger} B");
+    assert!(slot <= 280, "the slot grew to {slot} B");
 }
