@@ -145,22 +145,21 @@ impl SlotSignal {
         self.waker.wake();
     }
 
-    /// Completes with the raised bits of `mask` once any is raised. Only
-    /// the guardian's task may wait (see [`SlotSignal`]).
-    fn wait(&self, mask: u8) -> impl Future<Output = u8> + Send + '_ {
-        std::future::poll_fn(move |cx| {
-            let raised = self.flags.load(Ordering::SeqCst) & mask;
-            if raised != 0 {
-                return Poll::Ready(raised);
-            }
-            self.waker.register(cx.waker());
-            // Looked at again after registering: a raise in between has
-            // either been seen here or wakes the waker just registered.
-            match self.flags.load(Ordering::SeqCst) & mask {
-                0 => Poll::Pending,
-                raised => Poll::Ready(raised),
-            }
-        })
+    /// Ready with the raised bits of `mask` once any is raised. Only the
+    /// guardian's task may wait (see [`SlotSignal`]). The waits are
+    /// `poll_fn`s around it: a reference and a mask, no state of their own.
+    fn poll_wait(&self, mask: u8, cx: &mut std::task::Context<'_>) -> Poll<u8> {
+        let raised = self.flags.load(Ordering::SeqCst) & mask;
+        if raised != 0 {
+            return Poll::Ready(raised);
+        }
+        self.waker.register(cx.waker());
+        // Looked at again after registering: a raise in between has either
+        // been seen here or wakes the waker just registered.
+        match self.flags.load(Ordering::SeqCst) & mask {
+            0 => Poll::Pending,
+            raised => Poll::Ready(raised),
+        }
     }
 
     /// True once the node shuts down or the id was removed.
@@ -169,8 +168,8 @@ impl SlotSignal {
     }
 
     /// Completes once the node shuts down or the id was removed.
-    pub(crate) async fn cancelled(&self) {
-        self.wait(STOP).await;
+    pub(crate) fn cancelled(&self) -> impl Future<Output = ()> + Send + '_ {
+        std::future::poll_fn(move |cx| self.poll_wait(STOP, cx).map(drop))
     }
 }
 
@@ -229,8 +228,8 @@ impl Slot {
 
     /// Completes once a permit to give the id up is there (taken by
     /// [`Slot::asked_reason`]).
-    async fn asked(&self) {
-        self.cancel.wait(ASKS).await;
+    fn asked(&self) -> impl Future<Output = ()> + Send + '_ {
+        std::future::poll_fn(move |cx| self.cancel.poll_wait(ASKS, cx).map(drop))
     }
 
     /// Takes the permit: why the instance was asked to stop (the strongest
@@ -252,13 +251,16 @@ impl Slot {
     /// What stops a running instance from outside: the node shuts down or
     /// the id was removed (that reason, whichever came first of the two),
     /// or a permit to give the id up (taken).
-    async fn stop_or_ask(&self) -> ShutdownReason {
-        let raised = self.cancel.wait(STOP | ASKS).await;
-        if raised & STOP != 0 {
-            self.cancel_reason()
-        } else {
-            self.asked_reason()
-        }
+    fn stop_or_ask(&self) -> impl Future<Output = ShutdownReason> + Send + '_ {
+        std::future::poll_fn(move |cx| {
+            self.cancel.poll_wait(STOP | ASKS, cx).map(|raised| {
+                if raised & STOP != 0 {
+                    self.cancel_reason()
+                } else {
+                    self.asked_reason()
+                }
+            })
+        })
     }
 
     /// Withdraws the id from this node: its instance stops with

@@ -131,10 +131,7 @@ impl NodeMetrics {
             Some(shared) => shared.clone(),
             None => Arc::new(Handles::new(node, Some(id))),
         };
-        IdMetrics {
-            handles,
-            claim_latency: self.claim_latency.clone(),
-        }
+        IdMetrics { handles }
     }
 
     /// After each probe.
@@ -191,15 +188,16 @@ impl Handles {
     }
 }
 
-/// One id's handles (or the node's shared ones).
+/// One id's handles (or the node's shared ones). The claim latency is
+/// the node's histogram, passed in, not a copy of its handle in every id.
 pub(crate) struct IdMetrics {
     handles: Arc<Handles>,
-    claim_latency: Histogram,
 }
 
 impl IdMetrics {
     pub(crate) fn transition(
         &self,
+        node: &NodeMetrics,
         old: &SingletonState,
         new: &SingletonState,
         restarted: bool,
@@ -216,7 +214,7 @@ impl IdMetrics {
         if let Some(latency) = tenure_latency {
             h.tenures.increment(1);
             if let Some(latency) = latency {
-                self.claim_latency.record(latency.as_secs_f64());
+                node.claim_latency.record(latency.as_secs_f64());
             }
         }
         if restarted {

@@ -317,7 +317,8 @@ impl SlotOps {
             self.restarts.fetch_add(1, Ordering::Relaxed);
         }
         #[cfg(feature = "metrics")]
-        self.metrics.transition(old, new, restarted, tenure_latency);
+        self.metrics
+            .transition(&node.metrics, old, new, restarted, tenure_latency);
         #[cfg(not(feature = "metrics"))]
         let _ = tenure_latency;
     }
