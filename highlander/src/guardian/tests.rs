@@ -13,28 +13,85 @@ impl crate::Service for Idle {
     }
 }
 
+fn shared() -> Arc<Shared> {
+    let node: Arc<str> = Arc::from("a");
+    Arc::new(Shared {
+        node: node.clone(),
+        session: futures_util::FutureExt::now_or_never(MemoryCluster::new().connect("a"))
+            .expect("the memory backend connects at once")
+            .unwrap(),
+        state: Arc::new(StateMap::new()),
+        shutdown: CancellationToken::new(),
+        stepdown_delay: Duration::from_secs(5),
+        version: watch::Sender::new(0),
+        ops: crate::ops::NodeOps::new(node, &crate::ops::OpsConfig::default()),
+        draining: watch::Sender::new(false),
+        handoff_rate: 1_000,
+        placement: crate::runtime::Placement::new(crate::runtime::DEFAULT_GRACE, true),
+    })
+}
+
+/// `fut`'s output, if it completes once every other task ran.
+async fn soon<T>(fut: impl std::future::Future<Output = T>) -> Option<T> {
+    tokio::time::timeout(Duration::from_millis(50), fut)
+        .await
+        .ok()
+}
+
+/// The slot's signal keeps what was raised until it is taken: an ask made
+/// before anyone listens is not lost, a handoff beats a step-down, a
+/// permit is taken once, and a removal names the reason even when the node
+/// shuts down too.
+#[tokio::test(start_paused = true)]
+async fn the_slot_signal_keeps_what_was_raised() {
+    let slot = Slot::new(
+        ChildSpec::new("signal", |_ctx| async { Ok(Idle) }),
+        &shared(),
+    );
+    assert!(soon(slot.stop_or_ask()).await.is_none(), "nothing raised");
+    assert!(!slot.cancel.is_cancelled());
+
+    slot.ask(Ask::Stepdown);
+    slot.ask(Ask::Moved);
+    assert_eq!(soon(slot.stop_or_ask()).await, Some(ShutdownReason::Moved));
+    assert!(soon(slot.asked()).await.is_none(), "the permit was taken");
+
+    slot.ask(Ask::Stepdown);
+    slot.clear_asks();
+    assert!(
+        soon(slot.asked()).await.is_none(),
+        "a cleared permit is gone"
+    );
+    assert!(
+        soon(slot.cancel.cancelled()).await.is_none(),
+        "an ask is no stop"
+    );
+
+    slot.shut_down();
+    assert!(slot.cancel.is_cancelled());
+    assert_eq!(
+        soon(slot.stop_or_ask()).await,
+        Some(ShutdownReason::NodeShutdown)
+    );
+    slot.remove();
+    assert_eq!(
+        soon(slot.stop_or_ask()).await,
+        Some(ShutdownReason::Removed)
+    );
+    assert!(
+        soon(slot.cancel.cancelled()).await.is_some(),
+        "a stop stays raised"
+    );
+}
+
 /// The futures every id keeps in memory: the guardian's (one task per
 /// id, waiting or running) and the boxed running part of a held id.
 /// Printed with `--nocapture`; bounded so that growth is a deliberate
 /// choice.
 #[tokio::test]
 async fn future_sizes() {
-    let session = MemoryCluster::new().connect("a").await.unwrap();
-    let node: Arc<str> = Arc::from("a");
-    let ops = crate::ops::NodeOps::new(node.clone(), &crate::ops::OpsConfig::default());
     let spec = ChildSpec::new("sizes", |_ctx| async { Ok(Idle) });
-    let shared = Arc::new(Shared {
-        node,
-        session,
-        state: Arc::new(StateMap::new()),
-        shutdown: CancellationToken::new(),
-        stepdown_delay: Duration::from_secs(5),
-        version: watch::Sender::new(0),
-        ops,
-        draining: watch::Sender::new(false),
-        handoff_rate: 1_000,
-        placement: crate::runtime::Placement::new(crate::runtime::DEFAULT_GRACE, true),
-    });
+    let shared = shared();
     let slot = Arc::new(Slot::new(spec, &shared));
     let guardian = Guardian { slot, shared };
     let (lease, _signal) = Lease::new(1);

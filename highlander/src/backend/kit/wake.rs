@@ -240,8 +240,8 @@ mod tests {
         let waiter = std::mem::size_of_val(&waiter);
         let key = std::mem::size_of::<super::Key>();
         println!("wake key record {key} B (plus the Arc's counts), waiter future {waiter} B");
-        assert!(key <= 64, "the key record grew to {key} B");
-        assert!(waiter <= 128, "the waiter future grew to {waiter} B");
+        assert!(key <= 40, "the key record grew to {key} B");
+        assert!(waiter <= 104, "the waiter future grew to {waiter} B");
     }
 
     #[tokio::test]
