@@ -120,19 +120,21 @@ impl<K: Eq + Hash + Clone> Wakes<K> {
     /// or at once when the wakes are dropped (the session is gone): a waiter
     /// then asks again and learns why.
     pub(crate) fn waiter(&self, key: &K) -> impl Future<Output = ()> + Send + 'static {
-        let record = {
+        let (record, seen) = {
             let mut inner = self.lock();
-            match inner.keys.get(key) {
+            let record = match inner.keys.get(key) {
                 Some(record) => record.clone(),
                 None => {
                     let record = Key::new();
                     inner.keys.insert(key.clone(), record.clone());
                     record
                 }
-            }
+            };
+            // Read under the lock that every bump takes, and now, not at the
+            // first poll: every bump after this call completes the waiter.
+            let seen = record.count.load(Ordering::SeqCst);
+            (record, seen)
         };
-        // Read now, not at the first poll: a bump from here on completes it.
-        let seen = record.count.load(Ordering::SeqCst);
         async move {
             loop {
                 let notified = record.notify.notified();
