@@ -4,13 +4,16 @@
 //! This file holds the states and the claim loop; `supervise.rs` runs the
 //! instances of one tenure.
 
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use tokio::sync::{Notify, watch};
+use futures_util::task::AtomicWaker;
+use tokio::sync::watch;
 use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
@@ -88,19 +91,96 @@ pub(crate) enum Ask {
     Moved = 2,
 }
 
+impl Ask {
+    /// Its bit in [`SlotSignal`].
+    fn bit(self) -> u8 {
+        match self {
+            Ask::Stepdown => ASK_STEPDOWN,
+            Ask::Moved => ASK_MOVED,
+        }
+    }
+}
+
+/// [`SlotSignal`] bits: the node shuts down.
+const SHUTDOWN: u8 = 1;
+/// The id was removed from this node.
+const REMOVED: u8 = 2;
+/// A handle asked the instance to step down.
+const ASK_STEPDOWN: u8 = 4;
+/// A handoff asked the instance to give the id up (stronger than a
+/// step-down: when both were asked, the id moves).
+const ASK_MOVED: u8 = 8;
+/// The guardian must end.
+const STOP: u8 = SHUTDOWN | REMOVED;
+/// A permit to stop the instance and give the id up.
+const ASKS: u8 = ASK_STEPDOWN | ASK_MOVED;
+
+/// What tells a guardian to act: the node shuts down, the id is removed,
+/// or a handle asks the instance to give the id up. One set of flags and
+/// one waker per id, inline in its [`Slot`], for all three: no cancellation
+/// token per id (a tree node of its own, some 110 bytes), and a wait is a
+/// reference and a mask (16 bytes), not a registration in a wait list
+/// (some 100 bytes in every wait of every guardian).
+///
+/// One waker, not a list: only the guardian's own task waits on its slot
+/// (every wait of it polls with the task's waker), the runtime and the
+/// handles only raise flags. A flag stays raised until it is taken, so a
+/// signal raised before anyone listens is not lost: every wait registers
+/// the waker, then looks at the flags.
+pub(crate) struct SlotSignal {
+    flags: AtomicU8,
+    waker: AtomicWaker,
+}
+
+impl SlotSignal {
+    fn new() -> SlotSignal {
+        SlotSignal {
+            flags: AtomicU8::new(0),
+            waker: AtomicWaker::new(),
+        }
+    }
+
+    fn raise(&self, bits: u8) {
+        self.flags.fetch_or(bits, Ordering::SeqCst);
+        self.waker.wake();
+    }
+
+    /// Ready with the raised bits of `mask` once any is raised. Only the
+    /// guardian's task may wait (see [`SlotSignal`]). The waits are
+    /// `poll_fn`s around it: a reference and a mask, no state of their own.
+    fn poll_wait(&self, mask: u8, cx: &mut std::task::Context<'_>) -> Poll<u8> {
+        let raised = self.flags.load(Ordering::SeqCst) & mask;
+        if raised != 0 {
+            return Poll::Ready(raised);
+        }
+        self.waker.register(cx.waker());
+        // Looked at again after registering: a raise in between has either
+        // been seen here or wakes the waker just registered.
+        match self.flags.load(Ordering::SeqCst) & mask {
+            0 => Poll::Pending,
+            raised => Poll::Ready(raised),
+        }
+    }
+
+    /// True once the node shuts down or the id was removed.
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.flags.load(Ordering::SeqCst) & STOP != 0
+    }
+
+    /// Completes once the node shuts down or the id was removed.
+    pub(crate) fn cancelled(&self) -> impl Future<Output = ()> + Send + '_ {
+        std::future::poll_fn(move |cx| self.poll_wait(STOP, cx).map(drop))
+    }
+}
+
 /// The state of one guardian, shared with the runtime handle.
 pub(crate) struct Slot {
     pub(crate) spec: ChildSpec,
     pub(crate) state: Mutex<SingletonState>,
-    /// A permit to stop the instance and give the id up; `asked` says why.
-    step_down: Notify,
-    /// The strongest [`Ask`] since the permit was last taken (0: none).
-    asked: AtomicU8,
-    /// Cancelled when the node shuts down (a child of the runtime's token)
-    /// or the id is removed from this node.
-    pub(crate) cancel: CancellationToken,
-    /// Set before `cancel` when the id is removed.
-    removed: AtomicBool,
+    /// Raised when the node shuts down ([`Slot::shut_down`], by the
+    /// runtime) or the id is removed from this node, and by the asks to
+    /// give the id up.
+    pub(crate) cancel: SlotSignal,
     /// The tenure a drain last asked to move, so each tenure is asked once.
     pub(crate) moving: AtomicU64,
     /// How many members rank ahead of this node for the id (placement);
@@ -125,10 +205,7 @@ impl Slot {
             ops: shared.ops.slot(&spec.id),
             spec,
             state: Mutex::new(SingletonState::Claiming),
-            step_down: Notify::new(),
-            asked: AtomicU8::new(0),
-            cancel: shared.shutdown.child_token(),
-            removed: AtomicBool::new(false),
+            cancel: SlotSignal::new(),
             moving: AtomicU64::new(0),
             rank: AtomicU32::new(u32::MAX),
             rival: AtomicU64::new(0),
@@ -146,34 +223,63 @@ impl Slot {
     /// the request must not be lost then. A permit left when the tenure
     /// ends otherwise is dropped when the next tenure begins.
     pub(crate) fn ask(&self, ask: Ask) {
-        self.asked.fetch_max(ask as u8, Ordering::SeqCst);
-        self.step_down.notify_one();
+        self.cancel.raise(ask.bit());
     }
 
-    /// Why the instance was asked to stop, once the permit is taken.
+    /// Completes once a permit to give the id up is there (taken by
+    /// [`Slot::asked_reason`]).
+    fn asked(&self) -> impl Future<Output = ()> + Send + '_ {
+        std::future::poll_fn(move |cx| self.cancel.poll_wait(ASKS, cx).map(drop))
+    }
+
+    /// Takes the permit: why the instance was asked to stop (the strongest
+    /// ask since the permit was last taken).
     fn asked_reason(&self) -> ShutdownReason {
-        match self.asked.swap(0, Ordering::SeqCst) {
-            x if x == Ask::Moved as u8 => ShutdownReason::Moved,
-            _ => ShutdownReason::Stepdown,
+        let asked = self.cancel.flags.fetch_and(!ASKS, Ordering::SeqCst);
+        if asked & ASK_MOVED != 0 {
+            ShutdownReason::Moved
+        } else {
+            ShutdownReason::Stepdown
         }
     }
 
     /// Drops a permit left from an earlier tenure.
     fn clear_asks(&self) {
-        let _ = self.step_down.notified().now_or_never();
-        self.asked.store(0, Ordering::SeqCst);
+        self.cancel.flags.fetch_and(!ASKS, Ordering::SeqCst);
+    }
+
+    /// What stops a running instance from outside: the node shuts down or
+    /// the id was removed (that reason, whichever came first of the two),
+    /// or a permit to give the id up (taken).
+    fn stop_or_ask(&self) -> impl Future<Output = ShutdownReason> + Send + '_ {
+        std::future::poll_fn(move |cx| {
+            self.cancel.poll_wait(STOP | ASKS, cx).map(|raised| {
+                if raised & STOP != 0 {
+                    self.cancel_reason()
+                } else {
+                    self.asked_reason()
+                }
+            })
+        })
     }
 
     /// Withdraws the id from this node: its instance stops with
     /// [`ShutdownReason::Removed`], the id is released and the guardian ends.
     pub(crate) fn remove(&self) {
-        self.removed.store(true, Ordering::SeqCst);
-        self.cancel.cancel();
+        self.cancel.raise(REMOVED);
     }
 
-    /// Why the instance stops once `cancel` is cancelled.
+    /// The node shuts down: the instance stops with
+    /// [`ShutdownReason::NodeShutdown`] (unless the id was removed first),
+    /// the id is released and the guardian ends. The runtime calls it for
+    /// every slot once its shutdown has begun.
+    pub(crate) fn shut_down(&self) {
+        self.cancel.raise(SHUTDOWN);
+    }
+
+    /// Why the instance stops once `cancel` is raised.
     fn cancel_reason(&self) -> ShutdownReason {
-        if self.removed.load(Ordering::SeqCst) {
+        if self.cancel.flags.load(Ordering::SeqCst) & REMOVED != 0 {
             ShutdownReason::Removed
         } else {
             ShutdownReason::NodeShutdown
@@ -278,9 +384,6 @@ enum Outcome {
 pub(crate) struct Guardian {
     pub(crate) slot: Arc<Slot>,
     pub(crate) shared: Arc<Shared>,
-    /// The guardian of the same id removed before this one was added: it
-    /// may still be stopping its instance, so this one waits for its end.
-    pub(crate) after: Option<Arc<Slot>>,
 }
 
 impl Guardian {
@@ -334,10 +437,15 @@ impl Guardian {
     /// the last resort should the guardian itself panic: the tenure it holds
     /// is released, the status says it stepped down, and after the step-down
     /// delay it claims again. A guardian never ends with a lease held.
-    pub(crate) async fn run(mut self) {
+    ///
+    /// `after` is the guardian of the same id removed before this one was
+    /// added: it may still be stopping its instance, so this one waits for
+    /// its end first. (A parameter, not a field: every guardian task would
+    /// carry the empty field, and eight bytes more put the task in tokio's
+    /// next size of task cell, 128 bytes larger.)
+    pub(crate) async fn run(self, after: Option<Arc<Slot>>) {
         let span = info_span!("singleton", id = %self.slot.spec.id, node = %self.shared.node);
         let _exit = crate::ops::ExitGuard::new(&self.slot, &self.shared.ops);
-        let after = self.after.take();
         async {
             if let Some(previous) = after
                 && !Box::pin(self.wait_for(&previous)).await
@@ -562,11 +670,11 @@ impl Guardian {
                     self.release(lease.token).await;
                     return true;
                 }
-                end = lease.ended() => {
+                end = lease.holder_ended() => {
                     info!(token = lease.token, reason = %ShutdownReason::from(end), "tenure ended");
                     return false;
                 }
-                _ = self.slot.step_down.notified() => {
+                _ = self.slot.asked() => {
                     // Only a handoff releases a finished id; a step-down
                     // permit is for a running one.
                     if self.slot.asked_reason() == ShutdownReason::Moved {

@@ -96,12 +96,12 @@ impl Guardian {
     /// Waits `backoff` before a restart, unless the tenure ends first.
     async fn backoff(&self, lease: &Lease, backoff: Duration) -> Option<Outcome> {
         tokio::select! {
-            _ = self.slot.cancel.cancelled() => Some(Outcome::Shutdown),
-            end = lease.ended() => Some(Outcome::Lost(end.into())),
-            _ = self.slot.step_down.notified() => Some(match self.slot.asked_reason() {
+            reason = self.slot.stop_or_ask() => Some(match reason {
                 ShutdownReason::Moved => Outcome::Moved,
-                _ => Outcome::Stepdown,
+                ShutdownReason::Stepdown => Outcome::Stepdown,
+                _ => Outcome::Shutdown,
             }),
+            end = lease.holder_ended() => Some(Outcome::Lost(end.into())),
             _ = sleep(backoff) => None,
         }
     }
@@ -140,7 +140,7 @@ impl Guardian {
         // Run it until it returns or something stops it. `run` and the
         // children may use the budget up to the terminate reserve.
         let (reason, deadline) = {
-            let mut run = Guarded::new("run", || service.run_dyn(&ctx), &late);
+            let mut run = Guarded::new(What::Run, || service.run_dyn(&ctx), &late);
             let (reason, returned) = tokio::select! {
                 result = &mut run => {
                     let reason = match result {
@@ -187,13 +187,13 @@ impl Guardian {
     /// Completes with the reason when something outside the instance stops
     /// it: the node shuts down or the id is removed, a child failed, the
     /// lease ended, or a handle asked it to give the id up.
-    async fn stop_trigger(&self, ctx: &Context, lease: &Lease) -> ShutdownReason {
+    pub(super) async fn stop_trigger(&self, ctx: &Context, lease: &Lease) -> ShutdownReason {
         tokio::select! {
-            _ = self.slot.cancel.cancelled() => self.slot.cancel_reason(),
+            // The node shuts down, the id was removed, or a handle asked.
+            reason = self.slot.stop_or_ask() => reason,
             // A child failed: it stopped the context with its error.
-            _ = ctx.cancelled() => ctx.reason().unwrap_or(ShutdownReason::Normal),
-            end = lease.ended() => end.into(),
-            _ = self.slot.step_down.notified() => self.slot.asked_reason(),
+            _ = ctx.stopped() => ctx.reason().unwrap_or(ShutdownReason::Normal),
+            end = lease.holder_ended() => end.into(),
         }
     }
 }
@@ -216,7 +216,7 @@ async fn build(
     stop_trigger: Pin<&mut impl Future<Output = ShutdownReason>>,
 ) -> Result<Box<dyn crate::service::DynService>, ShutdownReason> {
     let children = ctx.children();
-    let mut build = Guarded::new("the factory", || (spec.build)(ctx), late);
+    let mut build = Guarded::new(What::Factory, || (spec.build)(ctx), late);
     let built = tokio::select! {
         built = &mut build => built,
         reason = stop_trigger => {
@@ -292,7 +292,11 @@ async fn terminate(
     budget: Duration,
     late: &LatePanic,
 ) {
-    let mut terminate = Guarded::new("terminate", || service.terminate_dyn(reason.clone()), late);
+    let mut terminate = Guarded::new(
+        What::Terminate,
+        || service.terminate_dyn(reason.clone()),
+        late,
+    );
     match timeout_at(deadline, &mut terminate).await {
         Ok(Ok(())) => {}
         Ok(Err(panic)) => {
@@ -307,15 +311,17 @@ async fn terminate(
 
 /// The first panic that happened after the instance's reason was known: in
 /// `terminate`, or while dropping the service or an unfinished future.
+///
+/// A boxed `str`, not a `String`: every running instance keeps one.
 #[derive(Default)]
-struct LatePanic(Mutex<Option<String>>);
+struct LatePanic(Mutex<Option<Box<str>>>);
 
 impl LatePanic {
     fn record(&self, why: String) {
         self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get_or_insert(why);
+            .get_or_insert(why.into_boxed_str());
     }
 
     /// The instance's final reason: a late panic turns a normal stop into an
@@ -324,7 +330,7 @@ impl LatePanic {
     fn after(&self, reason: ShutdownReason) -> ShutdownReason {
         let late = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
         match (reason, late) {
-            (ShutdownReason::Normal, Some(why)) => ShutdownReason::Error(why),
+            (ShutdownReason::Normal, Some(why)) => ShutdownReason::Error(why.into()),
             (reason, Some(why)) => {
                 debug!(%reason, panic = %why, "panic while stopping; the reason stands");
                 reason
@@ -334,13 +340,32 @@ impl LatePanic {
     }
 }
 
+/// Which user code a [`Guarded`] runs, for its messages: one byte, not a
+/// `&str` (the `run` of every running instance keeps one).
+#[derive(Clone, Copy)]
+enum What {
+    Factory,
+    Run,
+    Terminate,
+}
+
+impl std::fmt::Display for What {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            What::Factory => "the factory",
+            What::Run => "run",
+            What::Terminate => "terminate",
+        })
+    }
+}
+
 /// A future of user code that cannot unwind into the guardian: the call that
 /// creates it (the synchronous part of a factory, `run` or `terminate`), every
 /// poll, and dropping it, finished or not, all run under `catch_unwind`. A
 /// panic while polling or finishing is its output, `Err(message)`; a panic
 /// while dropping it unfinished is recorded in the instance's [`LatePanic`].
 struct Guarded<'a, F, T> {
-    what: &'static str,
+    what: What,
     make: Option<F>,
     future: Option<BoxFuture<'a, T>>,
     late: &'a LatePanic,
@@ -350,7 +375,7 @@ impl<'a, F, T> Guarded<'a, F, T>
 where
     F: FnOnce() -> BoxFuture<'a, T> + Unpin,
 {
-    fn new(what: &'static str, make: F, late: &'a LatePanic) -> Self {
+    fn new(what: What, make: F, late: &'a LatePanic) -> Self {
         Guarded {
             what,
             make: Some(make),

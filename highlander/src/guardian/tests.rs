@@ -13,52 +13,121 @@ impl crate::Service for Idle {
     }
 }
 
+fn shared() -> Arc<Shared> {
+    let node: Arc<str> = Arc::from("a");
+    Arc::new(Shared {
+        node: node.clone(),
+        session: futures_util::FutureExt::now_or_never(MemoryCluster::new().connect("a"))
+            .expect("the memory backend connects at once")
+            .unwrap(),
+        state: Arc::new(StateMap::new()),
+        shutdown: CancellationToken::new(),
+        stepdown_delay: Duration::from_secs(5),
+        version: watch::Sender::new(0),
+        ops: crate::ops::NodeOps::new(node, &crate::ops::OpsConfig::default()),
+        draining: watch::Sender::new(false),
+        handoff_rate: 1_000,
+        placement: crate::runtime::Placement::new(crate::runtime::DEFAULT_GRACE, true),
+    })
+}
+
+/// `fut`'s output, if it completes once every other task ran.
+async fn soon<T>(fut: impl std::future::Future<Output = T>) -> Option<T> {
+    tokio::time::timeout(Duration::from_millis(50), fut)
+        .await
+        .ok()
+}
+
+/// The slot's signal keeps what was raised until it is taken: an ask made
+/// before anyone listens is not lost, a handoff beats a step-down, a
+/// permit is taken once, and a removal names the reason even when the node
+/// shuts down too.
+#[tokio::test(start_paused = true)]
+async fn the_slot_signal_keeps_what_was_raised() {
+    let slot = Slot::new(
+        ChildSpec::new("signal", |_ctx| async { Ok(Idle) }),
+        &shared(),
+    );
+    assert!(soon(slot.stop_or_ask()).await.is_none(), "nothing raised");
+    assert!(!slot.cancel.is_cancelled());
+
+    slot.ask(Ask::Stepdown);
+    slot.ask(Ask::Moved);
+    assert_eq!(soon(slot.stop_or_ask()).await, Some(ShutdownReason::Moved));
+    assert!(soon(slot.asked()).await.is_none(), "the permit was taken");
+
+    slot.ask(Ask::Stepdown);
+    slot.clear_asks();
+    assert!(
+        soon(slot.asked()).await.is_none(),
+        "a cleared permit is gone"
+    );
+    assert!(
+        soon(slot.cancel.cancelled()).await.is_none(),
+        "an ask is no stop"
+    );
+
+    slot.shut_down();
+    assert!(slot.cancel.is_cancelled());
+    assert_eq!(
+        soon(slot.stop_or_ask()).await,
+        Some(ShutdownReason::NodeShutdown)
+    );
+    slot.remove();
+    assert_eq!(
+        soon(slot.stop_or_ask()).await,
+        Some(ShutdownReason::Removed)
+    );
+    assert!(
+        soon(slot.cancel.cancelled()).await.is_some(),
+        "a stop stays raised"
+    );
+}
+
 /// The futures every id keeps in memory: the guardian's (one task per
 /// id, waiting or running) and the boxed running part of a held id.
 /// Printed with `--nocapture`; bounded so that growth is a deliberate
 /// choice.
 #[tokio::test]
 async fn future_sizes() {
-    let session = MemoryCluster::new().connect("a").await.unwrap();
-    let node: Arc<str> = Arc::from("a");
-    let ops = crate::ops::NodeOps::new(node.clone(), &crate::ops::OpsConfig::default());
     let spec = ChildSpec::new("sizes", |_ctx| async { Ok(Idle) });
-    let shared = Arc::new(Shared {
-        node,
-        session,
-        state: Arc::new(StateMap::new()),
-        shutdown: CancellationToken::new(),
-        stepdown_delay: Duration::from_secs(5),
-        version: watch::Sender::new(0),
-        ops,
-        draining: watch::Sender::new(false),
-        handoff_rate: 1_000,
-        placement: crate::runtime::Placement::new(crate::runtime::DEFAULT_GRACE, true),
-    });
+    let shared = shared();
     let slot = Arc::new(Slot::new(spec, &shared));
-    let guardian = Guardian {
-        slot,
-        shared,
-        after: None,
-    };
+    let guardian = Guardian { slot, shared };
     let (lease, _signal) = Lease::new(1);
     let instance = std::mem::size_of_val(&guardian.run_instance(&lease));
     let supervise = std::mem::size_of_val(&guardian.supervise(&lease));
     let held = Held::default();
     let guard = std::mem::size_of_val(&guardian.guard(&held));
     let tenure = std::mem::size_of_val(&guardian.tenure(lease.clone(), &held));
+    let ctx = Context::new(
+        "sizes".into(),
+        "a".into(),
+        1,
+        Arc::new(StateMap::new()),
+        CancellationToken::new(),
+    );
+    let trigger = std::mem::size_of_val(&guardian.stop_trigger(&ctx, &lease));
     let slot = std::mem::size_of::<Slot>();
-    let task = std::mem::size_of_val(&guardian.run());
+    let task = std::mem::size_of_val(&guardian.run(None));
     println!(
         "guardian task future {task} B (guard {guard} B), running part (boxed) {tenure} B \
-         (supervise {supervise} B, instance {instance} B), slot {slot} B"
+         (supervise {supervise} B, instance {instance} B, its stop trigger {trigger} B), \
+         slot {slot} B"
     );
     // Every id carries the task; a held one the running part too. They
     // were 1824 and 1288 B before the rarely used states were boxed, then
     // 472 B and (supervise alone) 976 B before every wait, the build of an
-    // instance and the end of a tenure were boxed. tokio's task cell
-    // (header, future, trailer, in steps of 128 B) is 512 B around a
-    // 288 B future, 640 B around 472 B.
-    assert!(task <= 288, "the guardian task grew to {task} B");
-    assert!(tenure <= 900, "the running part grew to {tenure} B");
+    // instance and the end of a tenure were boxed, then 288 and 824 B
+    // before the stop trigger waited on the slot, the lease and the
+    // context by reference (16 B each) instead of in wait lists (72 to
+    // 104 B each); 520 B since (with malloc's header a 528 B chunk).
+    // tokio's task cell (header, future, trailer, in steps of 128 B) is
+    // 384 B around a 280 B future, 512 B around 288 B: eight bytes more
+    // cost 128 per id.
+    assert!(task <= 280, "the guardian task grew to {task} B");
+    assert!(tenure <= 520, "the running part grew to {tenure} B");
+    assert!(trigger <= 80, "the stop trigger grew to {trigger} B");
+    // 264 B: with the Arc's counts and malloc's header, a 288 B chunk.
+    assert!(slot <= 264, "the slot grew to {slot} B");
 }

@@ -113,28 +113,25 @@ pub(crate) struct NodeMetrics {
 }
 
 impl NodeMetrics {
-    pub(crate) fn new(node: &str, per_id: bool) -> NodeMetrics {
+    pub(crate) fn new(node: &Arc<str>, per_id: bool) -> NodeMetrics {
         describe();
-        let node = node.to_string();
+        let node = node.clone();
         NodeMetrics {
-            session_up: ::metrics::gauge!(SESSION_UP, "node" => node.clone()),
-            members: ::metrics::gauge!(MEMBERS, "node" => node.clone()),
-            reachable: ::metrics::gauge!(MEMBERS_REACHABLE, "node" => node.clone()),
-            lease_deadline: ::metrics::gauge!(LEASE_DEADLINE, "node" => node.clone()),
-            claim_latency: ::metrics::histogram!(CLAIM_LATENCY, "node" => node.clone()),
+            session_up: ::metrics::gauge!(SESSION_UP, "node" => label(&node)),
+            members: ::metrics::gauge!(MEMBERS, "node" => label(&node)),
+            reachable: ::metrics::gauge!(MEMBERS_REACHABLE, "node" => label(&node)),
+            lease_deadline: ::metrics::gauge!(LEASE_DEADLINE, "node" => label(&node)),
+            claim_latency: ::metrics::histogram!(CLAIM_LATENCY, "node" => label(&node)),
             shared: (!per_id).then(|| Arc::new(Handles::new(&node, None))),
         }
     }
 
-    pub(crate) fn for_id(&self, node: &str, id: &str) -> IdMetrics {
+    pub(crate) fn for_id(&self, node: &Arc<str>, id: &Arc<str>) -> IdMetrics {
         let handles = match &self.shared {
             Some(shared) => shared.clone(),
             None => Arc::new(Handles::new(node, Some(id))),
         };
-        IdMetrics {
-            handles,
-            claim_latency: self.claim_latency.clone(),
-        }
+        IdMetrics { handles }
     }
 
     /// After each probe.
@@ -157,9 +154,17 @@ impl NodeMetrics {
     }
 }
 
+/// A label value that shares the name's allocation instead of copying it.
+fn label(name: &Arc<str>) -> ::metrics::SharedString {
+    ::metrics::SharedString::from(name.clone())
+}
+
+/// One id's handles, or the node's shared ones. The names are the node's
+/// and the spec's own (`Arc` clones): per id that is one allocation, the
+/// `Arc` of the handles, and no copy of either name.
 struct Handles {
-    node: String,
-    id: Option<String>,
+    node: Arc<str>,
+    id: Option<Arc<str>>,
     running: Gauge,
     tenures: Counter,
     restarts: Counter,
@@ -167,18 +172,14 @@ struct Handles {
 }
 
 impl Handles {
-    fn new(node: &str, id: Option<&str>) -> Handles {
-        let mut labels = vec![("node", node.to_string())];
+    fn new(node: &Arc<str>, id: Option<&Arc<str>>) -> Handles {
+        let mut labels = vec![::metrics::Label::new("node", label(node))];
         if let Some(id) = id {
-            labels.push(("id", id.to_string()));
+            labels.push(::metrics::Label::new("id", label(id)));
         }
-        let labels: Vec<::metrics::Label> = labels
-            .into_iter()
-            .map(|(k, v)| ::metrics::Label::new(k, v))
-            .collect();
         Handles {
-            node: node.to_string(),
-            id: id.map(str::to_string),
+            node: node.clone(),
+            id: id.cloned(),
             running: ::metrics::gauge!(RUNNING, labels.clone()),
             tenures: ::metrics::counter!(TENURES_STARTED, labels.clone()),
             restarts: ::metrics::counter!(RESTARTS, labels.clone()),
@@ -187,15 +188,16 @@ impl Handles {
     }
 }
 
-/// One id's handles (or the node's shared ones).
+/// One id's handles (or the node's shared ones). The claim latency is
+/// the node's histogram, passed in, not a copy of its handle in every id.
 pub(crate) struct IdMetrics {
     handles: Arc<Handles>,
-    claim_latency: Histogram,
 }
 
 impl IdMetrics {
     pub(crate) fn transition(
         &self,
+        node: &NodeMetrics,
         old: &SingletonState,
         new: &SingletonState,
         restarted: bool,
@@ -212,7 +214,7 @@ impl IdMetrics {
         if let Some(latency) = tenure_latency {
             h.tenures.increment(1);
             if let Some(latency) = latency {
-                self.claim_latency.record(latency.as_secs_f64());
+                node.claim_latency.record(latency.as_secs_f64());
             }
         }
         if restarted {
@@ -235,8 +237,8 @@ impl IdMetrics {
         let h = &self.handles;
         let reason = super::reason_label(reason);
         match &h.id {
-            Some(id) => ::metrics::counter!(STOPS, "node" => h.node.clone(), "id" => id.clone(), "reason" => reason),
-            None => ::metrics::counter!(STOPS, "node" => h.node.clone(), "reason" => reason),
+            Some(id) => ::metrics::counter!(STOPS, "node" => label(&h.node), "id" => label(id), "reason" => reason),
+            None => ::metrics::counter!(STOPS, "node" => label(&h.node), "reason" => reason),
         }
         .increment(1);
     }

@@ -137,7 +137,7 @@ impl NodeOps {
     }
 
     /// The per-id record of one singleton.
-    pub(crate) fn slot(&self, id: &str) -> SlotOps {
+    pub(crate) fn slot(&self, id: &Arc<str>) -> SlotOps {
         let _ = (id, self.per_id);
         // Every slot starts in `Claiming`, which counts as busy.
         self.busy.fetch_add(1, Ordering::Relaxed);
@@ -317,7 +317,8 @@ impl SlotOps {
             self.restarts.fetch_add(1, Ordering::Relaxed);
         }
         #[cfg(feature = "metrics")]
-        self.metrics.transition(old, new, restarted, tenure_latency);
+        self.metrics
+            .transition(&node.metrics, old, new, restarted, tenure_latency);
         #[cfg(not(feature = "metrics"))]
         let _ = tenure_latency;
     }

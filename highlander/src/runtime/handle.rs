@@ -74,7 +74,13 @@ impl RuntimeHandle {
     /// budget, all at once), releases every id so standbys take over at
     /// once, closes the backend session, and returns when all that is done.
     pub async fn shutdown(&self) {
-        self.inner.shutdown.cancel();
+        {
+            // Under the registry's lock: a singleton added meanwhile is
+            // either here or sees the shutdown when it is added.
+            let registry = lock(&self.inner.registry);
+            self.inner.shutdown.cancel();
+            registry.shut_down();
+        }
         self.inner.done.cancelled().await;
     }
 

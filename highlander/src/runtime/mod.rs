@@ -162,16 +162,26 @@ impl Registry {
         let after = self.leaving.remove(&spec.id);
         let id = spec.id.clone();
         let slot = Arc::new(Slot::new(spec, shared));
+        if shared.shutdown.is_cancelled() {
+            slot.shut_down();
+        }
         shared.placement.view().place(&slot);
         let guardian = Guardian {
             slot: slot.clone(),
             shared: shared.clone(),
-            after,
         };
-        tasks.spawn_on(guardian.run(), rt);
+        tasks.spawn_on(guardian.run(after), rt);
         self.by_id.insert(id, self.next);
         self.slots.insert(self.next, slot);
         self.next += 1;
+    }
+
+    /// Tells every guardian, those of removed ids still stopping too, that
+    /// the node shuts down.
+    pub(super) fn shut_down(&self) {
+        for slot in self.slots.values().chain(self.leaving.values()) {
+            slot.shut_down();
+        }
     }
 
     pub(super) fn get(&self, id: &str) -> Option<&Arc<Slot>> {

@@ -4,30 +4,68 @@ use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
-/// A counter per key behind a [`watch`] channel: [`bump`](Self::bump)
-/// wakes every waiter of a key, [`waiter`](Self::waiter) waits for the next
-/// bump.
+/// A counter per key behind a [`Notify`]: [`bump`](Self::bump) wakes every
+/// waiter of a key, [`waiter`](Self::waiter) waits for the next bump.
 ///
 /// To wait without missing a wake-up, create the waiter **before** asking
 /// the engine whether the key is free (or while holding the lock that a
 /// bump also takes): a bump between the question and the answer then
 /// completes it, and the caller simply asks again.
 ///
+/// A key costs one small shared record (a counter and a `Notify`, some 80
+/// bytes with its allocation), not a channel: a node may wait on 100,000
+/// ids at once.
+///
 /// # Cancel safety
 ///
-/// Every method is synchronous, and a waiter future holds nothing but a
-/// receiver: dropping it at any point loses nothing and leaks nothing
+/// Every method is synchronous, and a waiter future holds nothing but its
+/// key's record: dropping it at any point loses nothing and leaks nothing
 /// (once nobody waits, [`forget`](Self::forget) removes the key's entry).
 pub(crate) struct Wakes<K> {
     inner: Mutex<Inner<K>>,
 }
 
 struct Inner<K> {
-    keys: HashMap<K, watch::Sender<u64>>,
+    keys: HashMap<K, Arc<Key>>,
+}
+
+/// One key's record, shared by the map and the key's waiters.
+struct Key {
+    /// Bumps so far; [`CLOSED`] once the wakes are dropped.
+    count: AtomicU64,
+    notify: Notify,
+}
+
+/// The count of a key whose wakes are gone: every waiter completes.
+const CLOSED: u64 = u64::MAX;
+
+impl Key {
+    fn new() -> Arc<Key> {
+        Arc::new(Key {
+            count: AtomicU64::new(0),
+            notify: Notify::new(),
+        })
+    }
+
+    /// Counts a bump (never reaching [`CLOSED`]) and wakes the waiters.
+    fn bump(&self) {
+        let _ = self
+            .count
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n != CLOSED).then(|| if n + 1 == CLOSED { 0 } else { n + 1 })
+            });
+        self.notify.notify_waiters();
+    }
+
+    fn close(&self) {
+        self.count.store(CLOSED, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
 }
 
 impl<K> Default for Wakes<K> {
@@ -36,6 +74,15 @@ impl<K> Default for Wakes<K> {
             inner: Mutex::new(Inner {
                 keys: HashMap::new(),
             }),
+        }
+    }
+}
+
+impl<K> Drop for Wakes<K> {
+    fn drop(&mut self) {
+        let inner = self.inner.get_mut().unwrap_or_else(|e| e.into_inner());
+        for key in inner.keys.values() {
+            key.close();
         }
     }
 }
@@ -57,15 +104,15 @@ impl<K: Eq + Hash + Clone> Wakes<K> {
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        if let Some(tx) = self.lock().keys.get(key) {
-            tx.send_modify(|n| *n = n.wrapping_add(1));
+        if let Some(key) = self.lock().keys.get(key) {
+            key.bump();
         }
     }
 
     /// Wakes every waiter of every key.
     pub(crate) fn bump_all(&self) {
-        for tx in self.lock().keys.values() {
-            tx.send_modify(|n| *n = n.wrapping_add(1));
+        for key in self.lock().keys.values() {
+            key.bump();
         }
     }
 
@@ -73,23 +120,34 @@ impl<K: Eq + Hash + Clone> Wakes<K> {
     /// or at once when the wakes are dropped (the session is gone): a waiter
     /// then asks again and learns why.
     pub(crate) fn waiter(&self, key: &K) -> impl Future<Output = ()> + Send + 'static {
-        let rx = {
+        let (record, seen) = {
             let mut inner = self.lock();
-            match inner.keys.get(key) {
-                Some(tx) => tx.subscribe(),
+            let record = match inner.keys.get(key) {
+                Some(record) => record.clone(),
                 None => {
-                    let tx = watch::Sender::new(0);
-                    let rx = tx.subscribe();
-                    inner.keys.insert(key.clone(), tx);
-                    rx
+                    let record = Key::new();
+                    inner.keys.insert(key.clone(), record.clone());
+                    record
                 }
-            }
+            };
+            // Read under the lock that every bump takes, and now, not at the
+            // first poll: every bump after this call completes the waiter.
+            let seen = record.count.load(Ordering::SeqCst);
+            (record, seen)
         };
-        let mut rx = rx;
         async move {
-            // `subscribe` marked the current value seen: this waits for the
-            // next bump, or for the sender to go (the wakes dropped).
-            let _ = rx.changed().await;
+            loop {
+                let notified = record.notify.notified();
+                let mut notified = std::pin::pin!(notified);
+                // Registered before the count is read again: a bump after
+                // the read wakes this registration.
+                notified.as_mut().enable();
+                let now = record.count.load(Ordering::SeqCst);
+                if now != seen || now == CLOSED {
+                    return;
+                }
+                notified.await;
+            }
         }
     }
 
@@ -102,7 +160,7 @@ impl<K: Eq + Hash + Clone> Wakes<K> {
     {
         let mut inner = self.lock();
         match inner.keys.get(key) {
-            Some(tx) if tx.receiver_count() == 0 => {
+            Some(record) if Arc::strong_count(record) == 1 => {
                 inner.keys.remove(key);
                 true
             }
@@ -161,6 +219,31 @@ mod tests {
         assert!(wakes.forget("a"));
         assert_eq!(wakes.len(), 0);
         assert!(!wakes.forget("never"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dropping_the_wakes_completes_every_waiter() {
+        let wakes: Wakes<u32> = Wakes::new();
+        let a = wakes.waiter(&1);
+        let b = wakes.waiter(&2);
+        let mut a = Box::pin(a);
+        assert!(!done(a.as_mut()).await);
+        drop(wakes);
+        assert!(done(a).await);
+        assert!(done(b).await, "a waiter never polled completes too");
+    }
+
+    /// What a key and a waiter cost: a node may wait on 100,000 ids (a
+    /// watch channel per key was some 350 bytes).
+    #[test]
+    fn a_key_and_a_waiter_stay_small() {
+        let wakes: Wakes<u32> = Wakes::new();
+        let waiter = wakes.waiter(&1);
+        let waiter = std::mem::size_of_val(&waiter);
+        let key = std::mem::size_of::<super::Key>();
+        println!("wake key record {key} B (plus the Arc's counts), waiter future {waiter} B");
+        assert!(key <= 40, "the key record grew to {key} B");
+        assert!(waiter <= 104, "the waiter future grew to {waiter} B");
     }
 
     #[tokio::test]
