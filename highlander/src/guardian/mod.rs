@@ -737,4 +737,4 @@ impl Guardian {
 
 mod supervise;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

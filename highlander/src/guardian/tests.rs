@@ -5,7 +5,8 @@ use crate::Context;
 use crate::backend::{Backend, MemoryCluster};
 use crate::spec::ChildSpec;
 
-struct Idle;
+/// A service that runs until cancelled.
+pub(crate) struct Idle;
 impl crate::Service for Idle {
     async fn run(&mut self, ctx: &Context) -> crate::Result<()> {
         ctx.cancelled().await;
@@ -14,12 +15,19 @@ impl crate::Service for Idle {
 }
 
 fn shared() -> Arc<Shared> {
+    shared_on(
+        futures_util::FutureExt::now_or_never(MemoryCluster::new().connect("a"))
+            .expect("the memory backend connects at once")
+            .unwrap(),
+    )
+}
+
+/// What the guardians of node `a` share, on `session`, rebalancing on.
+pub(crate) fn shared_on(session: Arc<dyn crate::backend::Session>) -> Arc<Shared> {
     let node: Arc<str> = Arc::from("a");
     Arc::new(Shared {
         node: node.clone(),
-        session: futures_util::FutureExt::now_or_never(MemoryCluster::new().connect("a"))
-            .expect("the memory backend connects at once")
-            .unwrap(),
+        session,
         state: Arc::new(StateMap::new()),
         shutdown: CancellationToken::new(),
         stepdown_delay: Duration::from_secs(5),

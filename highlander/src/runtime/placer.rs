@@ -429,34 +429,10 @@ fn rebalance(pass: &mut VecDeque<Arc<Slot>>, shared: &Shared, batch: usize) -> (
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{Backend, Claim, ClaimRequest, MemoryCluster, Session};
-    use crate::context::StateMap;
+    use crate::backend::{Backend, Claim, ClaimRequest, MemoryCluster};
     use crate::spec::ChildSpec;
-    use crate::{Context, Service};
 
-    struct Idle;
-    impl Service for Idle {
-        async fn run(&mut self, ctx: &Context) -> crate::Result<()> {
-            ctx.cancelled().await;
-            Ok(())
-        }
-    }
-
-    fn shared(session: Arc<dyn Session>) -> Arc<Shared> {
-        let node: Arc<str> = Arc::from("a");
-        Arc::new(Shared {
-            ops: crate::ops::NodeOps::new(node.clone(), &crate::ops::OpsConfig::default()),
-            node,
-            session,
-            state: Arc::new(StateMap::new()),
-            shutdown: CancellationToken::new(),
-            stepdown_delay: Duration::from_secs(5),
-            version: watch::Sender::new(0),
-            draining: watch::Sender::new(false),
-            handoff_rate: 1_000,
-            placement: Placement::new(DEFAULT_GRACE, true),
-        })
-    }
+    use crate::guardian::tests::{Idle, shared_on as shared};
 
     /// `a` holds `x`, and `b` (far heavier) is where `x` belongs: a pass
     /// hands it over, unless the backend calls a's tenure contested.
