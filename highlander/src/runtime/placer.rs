@@ -31,6 +31,14 @@ pub(crate) const DEFAULT_GRACE: Duration = Duration::from_millis(50);
 /// other nodes' views catch up meanwhile, so that every node hands over
 /// by the same ranking.
 const SETTLE: Duration = Duration::from_millis(300);
+/// How long after a pass that handed ids over a node looks again: longer
+/// than a reservation (2 s), so that an id whose handoff did not complete
+/// (its target did not take it in time, and this node, its last holder,
+/// claimed it back) is handed over again instead of staying misplaced
+/// until the members next change.
+const CHECK_AFTER: Duration = Duration::from_millis(2_500);
+/// At most this many such checks per change of members.
+const MAX_CHECKS: u32 = 3;
 /// At most this many ranks of deferral (a node far down waits no longer).
 pub(crate) const MAX_DEFER_RANKS: u32 = 16;
 /// Announcements after a change of ids are batched over this long.
@@ -241,6 +249,7 @@ pub(super) async fn run(
     let mut pass: VecDeque<Arc<Slot>> = VecDeque::new();
     let mut moved = 0usize;
     let mut contested = 0usize;
+    let mut checks = 0u32;
     // How many handoffs the pass may still make, in thousandths, as of
     // the last batch.
     let mut credit = 0u64;
@@ -292,6 +301,7 @@ pub(super) async fn run(
                         pass.clear();
                         moved = 0;
                         contested = 0;
+                        checks = 0;
                         if placement.rebalance && view.active() {
                             rebalance_at = Some(Instant::now() + SETTLE);
                         }
@@ -355,6 +365,10 @@ pub(super) async fn run(
         if pass.is_empty() && (moved > 0 || contested > 0) {
             if moved > 0 {
                 info!(node = %shared.node, ids = moved, "rebalanced: handed ids over to where they belong");
+                if checks < MAX_CHECKS {
+                    checks += 1;
+                    rebalance_at.get_or_insert(Instant::now() + CHECK_AFTER);
+                }
             }
             if contested > 0 {
                 // Kept until the backend settles the conflict or sees the
