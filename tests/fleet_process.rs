@@ -66,6 +66,28 @@ async fn spawn(
     fleet.spawn(name, &all).await
 }
 
+/// Processes `a`, `b` and `c` (with `env`), settled with every id once and
+/// balanced over the three: the processes, in that order, and the owners.
+async fn three_balanced(
+    fleet: &mut Fleet,
+    urls: &HashMap<String, String>,
+    env: &[(&str, &str)],
+) -> (Vec<NodeProcess>, HashMap<String, String>) {
+    let mut procs = Vec::new();
+    for name in ["a", "b", "c"] {
+        procs.push(spawn(fleet, urls, name, env).await);
+    }
+    let owners = settle(
+        fleet,
+        "every id once, balanced over three processes",
+        &ids(),
+        &["a", "b", "c"],
+        |o| balanced(o, &["a", "b", "c"]),
+    )
+    .await;
+    (procs, owners)
+}
+
 /// Who runs each id, counting only the processes in `alive` (a killed
 /// process prints no `STOP`).
 fn runners(fleet: &Fleet, alive: &[&str]) -> HashMap<String, Vec<String>> {
@@ -238,21 +260,9 @@ async fn post(addr: SocketAddr, path: &str) -> highlander_tests::ops::Answer {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_processes_balance_their_ids() {
     let _turn = TURN.lock().await;
-    let all = ids();
     let urls = urls(&["a", "b", "c"]);
     let mut fleet = fleet(true);
-    let mut procs = Vec::new();
-    for name in ["a", "b", "c"] {
-        procs.push(spawn(&mut fleet, &urls, name, &[]).await);
-    }
-    let owners = settle(
-        &mut fleet,
-        "every id once, balanced over three processes",
-        &all,
-        &["a", "b", "c"],
-        |o| balanced(o, &["a", "b", "c"]),
-    )
-    .await;
+    let (_procs, owners) = three_balanced(&mut fleet, &urls, &[]).await;
     let shares = shares(&owners);
     assert_eq!(shares.len(), 3, "{shares:?}");
     let largest = shares.values().copied().max().unwrap();
@@ -276,18 +286,7 @@ async fn a_fourth_process_takes_its_share_by_handoff() {
     let all = ids();
     let urls = urls(&["a", "b", "c", "d"]);
     let mut fleet = fleet(true);
-    let mut procs = Vec::new();
-    for name in ["a", "b", "c"] {
-        procs.push(spawn(&mut fleet, &urls, name, &[]).await);
-    }
-    settle(
-        &mut fleet,
-        "every id once, balanced over three processes",
-        &all,
-        &["a", "b", "c"],
-        |o| balanced(o, &["a", "b", "c"]),
-    )
-    .await;
+    let (mut procs, _) = three_balanced(&mut fleet, &urls, &[]).await;
     let mark = fleet.history.len();
     procs.push(spawn(&mut fleet, &urls, "d", &[]).await);
     let owners = settle(
@@ -335,25 +334,12 @@ async fn sigterm_with_drain_on_shutdown_hands_every_id_over() {
     let all = ids();
     let urls = urls(&["a", "b", "c"]);
     let mut fleet = fleet(true);
-    let mut procs = HashMap::new();
-    for name in ["a", "b", "c"] {
-        procs.insert(
-            name,
-            spawn(&mut fleet, &urls, name, &[("HL_DRAIN_ON_SHUTDOWN", "1")]).await,
-        );
-    }
-    let owners = settle(
-        &mut fleet,
-        "every id once, balanced",
-        &all,
-        &["a", "b", "c"],
-        |o| balanced(o, &["a", "b", "c"]),
-    )
-    .await;
+    let (mut procs, owners) =
+        three_balanced(&mut fleet, &urls, &[("HL_DRAIN_ON_SHUTDOWN", "1")]).await;
     let on_b: Vec<&String> = all.iter().filter(|id| owners[*id] == "b").collect();
     assert!(!on_b.is_empty());
     let mark = fleet.history.len();
-    let b = procs.get_mut("b").unwrap();
+    let b = &mut procs[1];
     b.signal("TERM");
     let exit = b.wait_exit(GUARD).await;
     assert!(exit.success(), "b exits 0 after the drain: {exit:?}");
