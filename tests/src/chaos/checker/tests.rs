@@ -55,6 +55,16 @@ fn history(events: Vec<Event>, faults: Vec<Fault>, end: u128) -> History {
     }
 }
 
+/// `h` checked against the CP promises and [`bounds`].
+fn cp(h: &History) -> Verdict {
+    check(h, Model::Cp, &bounds())
+}
+
+/// `h` checked against the AP promises and [`bounds`].
+fn ap(h: &History) -> Verdict {
+    check(h, Model::Ap, &bounds())
+}
+
 fn rules(v: &Verdict) -> Vec<&'static str> {
     v.violations.iter().map(|v| v.rule).collect()
 }
@@ -91,7 +101,7 @@ fn cp_overlap_is_caught_and_names_both_tenures() {
         vec![],
         1000,
     );
-    let v = check(&h, Model::Cp, &bounds());
+    let v = cp(&h);
     assert_eq!(rules(&v), vec!["overlap"]);
     assert!(v.violations[0].detail.contains("x on a token 1"));
     assert!(v.violations[0].detail.contains("x on b token 2"));
@@ -109,9 +119,9 @@ fn cp_tokens_must_grow_with_start() {
         vec![fault(FaultKind::Restart, "a", 99, 200)],
         1000,
     );
-    assert_eq!(rules(&check(&h, Model::Cp, &bounds())), vec!["token-order"]);
+    assert_eq!(rules(&cp(&h)), vec!["token-order"]);
     // AP does not order tokens across a split.
-    assert!(check(&h, Model::Ap, &bounds()).passed());
+    assert!(ap(&h).passed());
 }
 
 #[test]
@@ -125,14 +135,10 @@ fn cp_paused_holder_that_stops_on_wake_is_excused_one_that_runs_on_is_not() {
         ]
     };
     let faults = vec![fault(FaultKind::Pause, "a", 100, 4000)];
-    let ok = check(
-        &history(events(4010), faults.clone(), 6000),
-        Model::Cp,
-        &bounds(),
-    );
+    let ok = cp(&history(events(4010), faults.clone(), 6000));
     assert!(ok.passed(), "{:?}", ok.violations);
     assert_eq!(ok.excused_overlaps, 1);
-    let bad = check(&history(events(4500), faults, 6000), Model::Cp, &bounds());
+    let bad = cp(&history(events(4500), faults, 6000));
     assert_eq!(rules(&bad), vec!["overlap"]);
 }
 
@@ -160,11 +166,11 @@ fn cp_stale_fenced_write_accepted_is_caught() {
         write(109, 2, "b", true),
         write(130, 1, "a", false),
     ];
-    let v = check(&h, Model::Cp, &bounds());
+    let v = cp(&h);
     assert!(v.passed(), "{:?}", v.violations);
     assert_eq!((v.writes_accepted, v.writes_rejected), (2, 1));
     h.writes.push(write(140, 1, "a", true));
-    assert_eq!(rules(&check(&h, Model::Cp, &bounds())), vec!["stale-write"]);
+    assert_eq!(rules(&cp(&h)), vec!["stale-write"]);
 }
 
 #[test]
@@ -178,33 +184,17 @@ fn ap_overlap_needs_a_partition_a_quick_heal_and_a_conflict() {
         ]
     };
     let split = vec![fault(FaultKind::Partition, "a", 100, 1000)];
-    let ok = check(
-        &history(events(1100, "conflict"), split.clone(), 2000),
-        Model::Ap,
-        &bounds(),
-    );
+    let ok = ap(&history(events(1100, "conflict"), split.clone(), 2000));
     assert!(ok.passed(), "{:?}", ok.violations);
     assert_eq!(ok.excused_overlaps, 1);
     // Too long after the heal.
-    let slow = check(
-        &history(events(1500, "conflict"), split.clone(), 2000),
-        Model::Ap,
-        &bounds(),
-    );
+    let slow = ap(&history(events(1500, "conflict"), split.clone(), 2000));
     assert_eq!(rules(&slow), vec!["overlap"]);
     // The loser did not see a conflict.
-    let reason = check(
-        &history(events(1100, "lease_lost"), split, 2000),
-        Model::Ap,
-        &bounds(),
-    );
+    let reason = ap(&history(events(1100, "lease_lost"), split, 2000));
     assert_eq!(rules(&reason), vec!["overlap"]);
     // No split at all.
-    let none = check(
-        &history(events(1100, "conflict"), vec![], 2000),
-        Model::Ap,
-        &bounds(),
-    );
+    let none = ap(&history(events(1100, "conflict"), vec![], 2000));
     assert_eq!(rules(&none), vec!["overlap"]);
 }
 
@@ -216,13 +206,13 @@ fn an_unexplained_or_too_long_gap_is_caught() {
         start(2000, "b", 2),
         stop(3000, "b", 2, "node_shutdown"),
     ];
-    let none = check(&history(events.clone(), vec![], 3000), Model::Cp, &bounds());
+    let none = cp(&history(events.clone(), vec![], 3000));
     assert_eq!(rules(&none), vec!["unowned"]);
-    let slow = check(
-        &history(events, vec![fault(FaultKind::Kill, "a", 90, 300)], 3000),
-        Model::Cp,
-        &bounds(),
-    );
+    let slow = cp(&history(
+        events,
+        vec![fault(FaultKind::Kill, "a", 90, 300)],
+        3000,
+    ));
     assert_eq!(rules(&slow), vec!["unowned"]);
     assert!(slow.violations[0].detail.contains("after a kill of a"));
 }
@@ -234,7 +224,7 @@ fn unclean_shutdown_and_open_tenures_are_caught() {
         node: "a".into(),
         problem: Some("exit status 101".into()),
     }];
-    let mut found = rules(&check(&h, Model::Ap, &bounds()));
+    let mut found = rules(&ap(&h));
     found.sort();
     assert_eq!(found, vec!["left-running", "unclean-shutdown"]);
 }
@@ -259,7 +249,7 @@ fn a_moved_id_must_run_elsewhere_within_the_handoff_bound() {
         start(150, "b", 2),
         stop(1000, "b", 2, "node_shutdown"),
     ]);
-    let v = check(&ok, Model::Cp, &bounds());
+    let v = cp(&ok);
     assert!(v.passed(), "{:?}", v.violations);
     assert!(v.gaps[0].handoff, "{:?}", v.gaps);
     // Too slow: 200 ms, bound 100 ms (and no fault needed to blame).
@@ -279,10 +269,10 @@ fn a_moved_id_must_run_elsewhere_within_the_handoff_bound() {
         start(150, "a", 2),
         stop(1000, "a", 2, "node_shutdown"),
     ]);
-    assert_eq!(rules(&check(&back, Model::Cp, &bounds())), vec!["handoff"]);
+    assert_eq!(rules(&cp(&back)), vec!["handoff"]);
     // Never again.
     let never = h(vec![start(0, "a", 1), stop(100, "a", 1, "moved")]);
-    assert_eq!(rules(&check(&never, Model::Ap, &bounds())), vec!["handoff"]);
+    assert_eq!(rules(&ap(&never)), vec!["handoff"]);
 }
 
 #[test]
@@ -312,7 +302,7 @@ fn a_move_excuses_no_overlap_cp_never_ap_only_a_split_ended_by_conflict() {
         vec![fault(FaultKind::Partition, "a", 100, 1000)],
         2000,
     );
-    assert_eq!(rules(&check(&split, Model::Ap, &bounds())), vec!["overlap"]);
+    assert_eq!(rules(&ap(&split)), vec!["overlap"]);
 }
 
 #[test]
@@ -323,18 +313,18 @@ fn a_drained_node_hands_everything_over_and_holds_nothing_until_resumed() {
         start(160, "b", 2),
         stop(2000, "b", 2, "node_shutdown"),
     ];
-    let ok = check(
-        &history(base.clone(), vec![drain("a", 100, Some(150), 1000)], 2000),
-        Model::Cp,
-        &bounds(),
-    );
+    let ok = cp(&history(
+        base.clone(),
+        vec![drain("a", 100, Some(150), 1000)],
+        2000,
+    ));
     assert!(ok.passed(), "{:?}", ok.violations);
     // It never got empty.
-    let never = check(
-        &history(base.clone(), vec![drain("a", 100, None, 1000)], 2000),
-        Model::Cp,
-        &bounds(),
-    );
+    let never = cp(&history(
+        base.clone(),
+        vec![drain("a", 100, None, 1000)],
+        2000,
+    ));
     assert_eq!(rules(&never), vec!["drain"]);
     // Its instance ran on past the moment it was said to be empty.
     let late = history(
@@ -347,18 +337,18 @@ fn a_drained_node_hands_everything_over_and_holds_nothing_until_resumed() {
         vec![drain("a", 100, Some(150), 1000)],
         2000,
     );
-    assert_eq!(rules(&check(&late, Model::Cp, &bounds())), vec!["drain"]);
+    assert_eq!(rules(&cp(&late)), vec!["drain"]);
     // Stopped for another reason than a handoff.
     let mut reason = base.clone();
     reason[1] = stop(140, "a", 1, "lease_lost");
     let reason = history(reason, vec![drain("a", 100, Some(150), 1000)], 2000);
-    assert_eq!(rules(&check(&reason, Model::Ap, &bounds())), vec!["drain"]);
+    assert_eq!(rules(&ap(&reason)), vec!["drain"]);
     // Began another id's tenure while drained.
     let mut began = base;
     began.push(with_id(start(500, "a", 3), "y"));
     began.push(with_id(stop(2000, "a", 3, "node_shutdown"), "y"));
     let began = history(began, vec![drain("a", 100, Some(150), 1000)], 2000);
-    assert_eq!(rules(&check(&began, Model::Cp, &bounds())), vec!["drain"]);
+    assert_eq!(rules(&cp(&began)), vec!["drain"]);
 }
 
 #[test]
@@ -372,31 +362,19 @@ fn a_node_that_left_stopped_gracefully_never_returns_and_its_ids_run_elsewhere()
             stop(2000, "b", 2, "node_shutdown"),
         ]
     };
-    let ok = check(
-        &history(events(100, 110), leave(), 2000),
-        Model::Cp,
-        &bounds(),
-    );
+    let ok = cp(&history(events(100, 110), leave(), 2000));
     assert!(ok.passed(), "{:?}", ok.violations);
     // Back under its name.
     let mut back = events(100, 110);
     back.push(with_id(start(500, "a", 5), "y"));
     back.push(with_id(stop(2000, "a", 5, "node_shutdown"), "y"));
-    let back = check(&history(back, leave(), 2000), Model::Ap, &bounds());
+    let back = ap(&history(back, leave(), 2000));
     assert_eq!(rules(&back), vec!["leave"]);
     // Its instance stopped after the process had exited.
-    let after = check(
-        &history(events(200, 210), leave(), 2000),
-        Model::Cp,
-        &bounds(),
-    );
+    let after = cp(&history(events(200, 210), leave(), 2000));
     assert_eq!(rules(&after), vec!["leave"]);
     // Its id ran elsewhere too late: past the exit + the allowance.
-    let slow = check(
-        &history(events(100, 800), leave(), 2000),
-        Model::Cp,
-        &bounds(),
-    );
+    let slow = cp(&history(events(100, 800), leave(), 2000));
     assert_eq!(rules(&slow), vec!["unowned"]);
     assert!(slow.violations[0].detail.contains("after a leave of a"));
 }
@@ -414,15 +392,11 @@ fn a_join_takes_a_new_name_and_moves_each_id_at_most_once() {
         stop(2000, "c", 3, "node_shutdown"),
     ];
     let join_c = fault(FaultKind::Join, "c", 100, 110);
-    let twice = check(
-        &history(events.clone(), vec![join_c.clone()], 2000),
-        Model::Cp,
-        &bounds(),
-    );
+    let twice = cp(&history(events.clone(), vec![join_c.clone()], 2000));
     assert_eq!(rules(&twice), vec!["moved-twice"]);
     // Two joins, one move after each: fine.
     let two_joins = vec![join_c, fault(FaultKind::Join, "d", 300, 310)];
-    let ok = check(&history(events, two_joins, 2000), Model::Cp, &bounds());
+    let ok = cp(&history(events, two_joins, 2000));
     assert!(ok.passed(), "{:?}", ok.violations);
     // A join under a name that already ran.
     let reused = history(
@@ -438,7 +412,7 @@ fn a_join_takes_a_new_name_and_moves_each_id_at_most_once() {
         ],
         2000,
     );
-    assert_eq!(rules(&check(&reused, Model::Ap, &bounds())), vec!["join"]);
+    assert_eq!(rules(&ap(&reused)), vec!["join"]);
     // Nothing runs twice after a join on CP.
     let twice_running = history(
         vec![
@@ -450,8 +424,5 @@ fn a_join_takes_a_new_name_and_moves_each_id_at_most_once() {
         vec![fault(FaultKind::Join, "c", 100, 110)],
         1000,
     );
-    assert_eq!(
-        rules(&check(&twice_running, Model::Cp, &bounds())),
-        vec!["overlap"]
-    );
+    assert_eq!(rules(&cp(&twice_running)), vec!["overlap"]);
 }
