@@ -25,12 +25,16 @@ fn secs(ttl: i64) -> Duration {
 
 impl Inner {
     /// Lease `id` with `ttl` (seconds) was granted by a request sent at
-    /// `sent`.
-    pub(super) fn install_lease(&self, id: i64, ttl: i64, sent: Instant) {
+    /// `sent`. False when the session closed meanwhile: the lease is not
+    /// the node's, and the caller revokes it.
+    pub(super) fn install_lease(&self, id: i64, ttl: i64, sent: Instant) -> bool {
         let ttl = secs(ttl);
-        self.lock().install(id, ttl, sent);
+        if !self.lock().install(id, ttl, sent) {
+            return false;
+        }
         info!(node = %self.node, lease = format_args!("{id:x}"), ttl = ?ttl, "etcd lease granted");
         self.bump();
+        true
     }
 
     /// A keep-alive sent at `sent` succeeded.
@@ -116,7 +120,15 @@ impl Inner {
                 retry = (retry * 2).min(self.interval.max(RETRY_MIN));
                 continue;
             };
-            let current = self.lock().lease;
+            let (current, closed) = {
+                let state = self.lock();
+                (state.lease, state.closed)
+            };
+            // `close` clears the lease: a new one now would outlive the
+            // session.
+            if closed {
+                break;
+            }
             let Some(lease) = current else {
                 let sent = Instant::now();
                 let grant = conn.call(|c: Conn| {
@@ -128,7 +140,12 @@ impl Inner {
                 });
                 match timeout(self.request_timeout, grant).await {
                     Ok(Ok(resp)) if resp.ttl > 0 => {
-                        self.install_lease(resp.id, resp.ttl, sent);
+                        if !self.install_lease(resp.id, resp.ttl, sent) {
+                            // Closed while the grant was on its way: give
+                            // the lease back (`close` waits for this task).
+                            let _ = self.revoke(resp.id).await;
+                            break;
+                        }
                         retry = RETRY_MIN;
                     }
                     outcome => {

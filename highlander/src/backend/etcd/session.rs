@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use futures_util::Stream;
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep};
 use tokio_util::sync::CancellationToken;
 use tonic::Response;
@@ -65,6 +66,9 @@ pub(super) struct Inner {
 /// The [`Session`] of one node on etcd.
 pub(super) struct EtcdSession {
     inner: Arc<Inner>,
+    /// The keep-alive task, which `close` waits for: a lease it was being
+    /// granted as the session closed is revoked before `close` returns.
+    keeper: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Drop for EtcdSession {
@@ -102,12 +106,15 @@ impl EtcdSession {
             fleet: Fleet::default(),
         });
         inner.install_lease(lease, ttl, sent);
-        tokio::spawn(inner.clone().keeper());
+        let keeper = tokio::spawn(inner.clone().keeper());
         tokio::spawn(inner.clone().watchdog());
         tokio::spawn(inner.clone().watcher(revision + 1));
         tokio::spawn(inner.clone().batcher(ops_rx));
         tokio::spawn(inner.clone().publisher());
-        Arc::new(EtcdSession { inner })
+        Arc::new(EtcdSession {
+            inner,
+            keeper: Mutex::new(Some(keeper)),
+        })
     }
 }
 
@@ -410,6 +417,12 @@ impl Session for EtcdSession {
                         warn!(node = %inner.node, "cannot revoke the etcd lease in time; it expires after its TTL")
                     }
                 }
+            }
+            // A grant in flight as the session closed ends in a revoke;
+            // both are bounded by the request timeout.
+            let keeper = self.keeper.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(keeper) = keeper {
+                let _ = tokio::time::timeout(inner.request_timeout * 3, keeper).await;
             }
         })
     }

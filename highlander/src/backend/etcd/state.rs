@@ -115,13 +115,19 @@ impl State {
     }
 
     /// Lease `id` with `ttl` was granted by a request sent at `sent`.
-    pub(super) fn install(&mut self, id: i64, ttl: Duration, sent: Instant) {
+    /// False, and nothing installed, once the session is closed: the
+    /// caller revokes the lease it was just granted.
+    pub(super) fn install(&mut self, id: i64, ttl: Duration, sent: Instant) -> bool {
+        if self.closed {
+            return false;
+        }
         self.lease = Some(NodeLease {
             id,
             ttl,
             last_ok: sent,
         });
         self.ours.insert(id);
+        true
     }
 
     /// A keep-alive of lease `id` sent at `sent` succeeded (etcd answering
@@ -433,6 +439,10 @@ mod tests {
         assert_eq!(leases, vec![5, 7]);
         assert_eq!(a.ended_with(), Some(LeaseEnd::Lost));
         assert!(state.closed && state.lease.is_none() && state.wakes.is_empty());
+        // A lease granted after the close is not taken as the node's: its
+        // keeper revokes it (it would otherwise outlive the session).
+        assert!(!state.install(9, TTL, Instant::now()));
+        assert!(state.lease.is_none() && state.ours.is_empty());
     }
 
     #[test]
