@@ -622,6 +622,78 @@ async fn sigterm_drains_first_when_asked_to() {
     b.shutdown().await;
 }
 
+/// `RuntimeHandle::graceful_shutdown` (for applications with their own
+/// signal handling) does what a SIGTERM does in `run()`: with
+/// `drain_on_shutdown(true)` every id is handed over before the runtime
+/// stops; without it, every instance stops with `node shutdown` and the
+/// ids are released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_drains_only_when_configured_to() {
+    highlander_tests::init_tracing();
+    let cluster = MemoryCluster::new();
+    let log = Log::default();
+    let tenants = ids("tenant", 20);
+    let node = |name: &str, drain: bool| {
+        let mut builder = Runtime::builder()
+            .node(name)
+            .backend(cluster.clone())
+            .drain_on_shutdown(drain);
+        for id in &tenants {
+            builder = builder.child(probe(id, &log));
+        }
+        builder.start()
+    };
+    let a = node("a", true).await.expect("a starts");
+    hang_guard(
+        "a runs everything",
+        a.wait_until(|s| s.running().count() == 20),
+    )
+    .await;
+    let b = node("b", false).await.expect("b starts");
+    b.wait_until(|s| {
+        s.singletons
+            .iter()
+            .all(|x| matches!(x.state, SingletonState::Waiting { .. }))
+    })
+    .await;
+
+    // Draining: each id stops `moved` on a and runs on b before a stops.
+    hang_guard("a drains and stops", a.graceful_shutdown()).await;
+    hang_guard("a has stopped", a.stopped()).await;
+    for id in &tenants {
+        assert_eq!(
+            log.count(&format!("terminate {id} a moved ")),
+            1,
+            "{id}: {:?}",
+            log.lines()
+        );
+    }
+    assert_eq!(
+        log.count("terminate "),
+        20,
+        "nothing but the handoffs stopped"
+    );
+    hang_guard(
+        "b runs everything",
+        b.wait_until(|s| s.running().count() == 20),
+    )
+    .await;
+
+    // Not draining: a plain shutdown.
+    hang_guard("b stops", b.graceful_shutdown()).await;
+    for id in &tenants {
+        assert_eq!(
+            log.count(&format!("terminate {id} b node shutdown ")),
+            1,
+            "{id}: {:?}",
+            log.lines()
+        );
+    }
+    assert_eq!(log.count("terminate "), 40);
+    // On a stopped runtime it returns at once.
+    hang_guard("again", a.graceful_shutdown()).await;
+}
+
 /// Runs the `node` binary with `env` and returns its exit code and stderr.
 fn node(env: &[(&str, &str)]) -> (i32, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_node"))

@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::backend::{self, Backend};
 use crate::context::StateMap;
@@ -381,6 +381,7 @@ impl Builder {
                 shutdown,
                 done,
                 main: main.abort_handle(),
+                drain_on_shutdown: self.drain_on_shutdown,
             }),
         };
         #[cfg(feature = "http")]
@@ -391,14 +392,17 @@ impl Builder {
     /// Starts the runtime, runs until SIGTERM or Ctrl-C, then shuts it down
     /// gracefully (every instance stopped with
     /// [`ShutdownReason::NodeShutdown`](crate::ShutdownReason::NodeShutdown),
-    /// every id released) and returns.
+    /// every id released) and returns. With
+    /// [`Builder::drain_on_shutdown`] on, every id is handed over first and a
+    /// second signal cuts that short: see
+    /// [`RuntimeHandle::graceful_shutdown`], which does the same for
+    /// applications that handle signals themselves.
     ///
     /// The signal handlers are installed before anything else, so a SIGTERM
     /// that arrives while the runtime is still connecting stops it cleanly
     /// too (the start is abandoned and nothing was claimed), instead of
     /// killing the process by the signal's default action.
     pub async fn run(self) -> Result<()> {
-        let drain = self.drain_on_shutdown;
         let mut signals = ShutdownSignals::install()?;
         let handle = tokio::select! {
             handle = self.start() => handle?,
@@ -413,23 +417,13 @@ impl Builder {
             }
             _ = handle.stopped() => return Ok(()),
         }
-        if drain {
-            info!(
-                node = handle.node(),
-                "draining first: handing every id over (a second signal shuts down at once)"
-            );
-            tokio::select! {
-                drained = handle.drain() => match drained {
-                    Ok(()) => info!(node = handle.node(), "drained: every id handed over"),
-                    Err(e) => warn!(node = handle.node(), error = %e, "the drain did not finish"),
-                },
-                name = signals.recv() => {
-                    info!(node = handle.node(), signal = name, "shutting down without finishing the drain");
-                }
-                _ = handle.stopped() => return Ok(()),
+        tokio::select! {
+            () = handle.graceful_shutdown() => {}
+            name = signals.recv() => {
+                info!(node = handle.node(), signal = name, "shutting down without finishing the drain");
+                handle.shutdown().await;
             }
         }
-        handle.shutdown().await;
         Ok(())
     }
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, Weak};
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::backend::{HeldId, Holder, Member, Session};
 use crate::guardian::{Ask, Shared, SingletonState, Slot};
@@ -41,6 +41,8 @@ pub(super) struct HandleInner {
     pub(super) shutdown: CancellationToken,
     pub(super) done: CancellationToken,
     pub(super) main: AbortHandle,
+    /// [`Builder::drain_on_shutdown`](crate::Builder::drain_on_shutdown).
+    pub(super) drain_on_shutdown: bool,
 }
 
 impl fmt::Debug for RuntimeHandle {
@@ -82,6 +84,47 @@ impl RuntimeHandle {
             registry.shut_down();
         }
         self.inner.done.cancelled().await;
+    }
+
+    /// What a stop signal does in [`Builder::run`](crate::Builder::run), for
+    /// applications that handle signals themselves: with
+    /// [`Builder::drain_on_shutdown`](crate::Builder::drain_on_shutdown) on,
+    /// every id is handed over first ([`drain`](Self::drain): each instance
+    /// stopped with [`ShutdownReason::Moved`](crate::ShutdownReason::Moved),
+    /// another node takes it over), then the runtime
+    /// [shuts down](Self::shutdown); with it off (the default), the same as
+    /// `shutdown`. A drain that cannot finish (no other node runs an id,
+    /// [`resume`](Self::resume) called it off) is logged and the shutdown
+    /// goes ahead. To cut a drain short, say at a second signal, call
+    /// `shutdown` meanwhile, or drop this future and call it.
+    ///
+    /// ```no_run
+    /// # async fn example(handle: highlander::RuntimeHandle) {
+    /// use tokio::signal::unix::{SignalKind, signal};
+    ///
+    /// let mut term = signal(SignalKind::terminate()).expect("listen for SIGTERM");
+    /// term.recv().await;
+    /// tokio::select! {
+    ///     () = handle.graceful_shutdown() => {}
+    ///     _ = term.recv() => handle.shutdown().await,
+    /// }
+    /// # }
+    /// ```
+    pub async fn graceful_shutdown(&self) {
+        if self.inner.drain_on_shutdown && !self.inner.done.is_cancelled() {
+            info!(
+                node = %self.inner.node,
+                "draining first: handing every id over (shutting down meanwhile cuts it short)"
+            );
+            tokio::select! {
+                drained = self.drain() => match drained {
+                    Ok(()) => info!(node = %self.inner.node, "drained: every id handed over"),
+                    Err(e) => warn!(node = %self.inner.node, error = %e, "the drain did not finish"),
+                },
+                () = self.stopped() => return,
+            }
+        }
+        self.shutdown().await;
     }
 
     /// Stops the runtime at once, as if the process had crashed: no

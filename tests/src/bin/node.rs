@@ -208,7 +208,7 @@ async fn main() {
     let node = std::env::var("HIGHLANDER_NODE").unwrap_or_default();
     let mut signals = Signals::install();
     emit(&format!("READY {node}"));
-    if let Err(e) = run(builder, drain, &mut signals).await {
+    if let Err(e) = run(builder, &mut signals).await {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
@@ -254,11 +254,7 @@ impl Signals {
 /// starting stops cleanly), with the drain
 /// and resume signals on top (one that arrives while starting counts once
 /// started).
-async fn run(
-    builder: highlander::Builder,
-    drain_on_shutdown: bool,
-    signals: &mut Signals,
-) -> highlander::Result<()> {
+async fn run(builder: highlander::Builder, signals: &mut Signals) -> highlander::Result<()> {
     let start = builder.start();
     tokio::pin!(start);
     let mut draining = false;
@@ -293,19 +289,11 @@ async fn run(
             () = handle.stopped() => return Ok(()),
         }
     }
-    if drain_on_shutdown {
-        // As `Builder::run` does: hand every id over first; a second stop
-        // signal cuts the drain short.
-        tokio::select! {
-            drained = handle.drain() => {
-                if let Err(e) = drained {
-                    tracing::info!(error = %e, "the drain did not finish");
-                }
-            }
-            _ = async { while !matches!(signals.recv().await, Sig::Stop) {} } => {}
-            () = handle.stopped() => return Ok(()),
-        }
+    // As `Builder::run` does: with drain-on-shutdown, every id is handed
+    // over first; a second stop signal cuts the drain short.
+    tokio::select! {
+        () = handle.graceful_shutdown() => {}
+        _ = async { while !matches!(signals.recv().await, Sig::Stop) {} } => handle.shutdown().await,
     }
-    handle.shutdown().await;
     Ok(())
 }
