@@ -182,6 +182,23 @@ fn at_place(f: &Fleet, ids: &[String], nodes: &[&str]) -> bool {
     })
 }
 
+/// Whether the probe has caught up with the status: each id of `ids`
+/// runs on one node, and its last recorded event is its start there. (A
+/// status shows an instance running before its `run` records the start.)
+fn recorded(f: &Fleet, ids: &[String]) -> bool {
+    let runners = f.runners();
+    let events = f.probe.events();
+    let mut last: HashMap<&str, &crate::probe::Event> = HashMap::new();
+    for e in &events {
+        last.insert(&e.id, e);
+    }
+    ids.iter()
+        .all(|id| match (runners.get(id), last.get(id.as_str())) {
+            (Some(nodes), Some(e)) => nodes.len() == 1 && e.is_start() && e.node == nodes[0],
+            _ => false,
+        })
+}
+
 fn within_share(count: usize, total: usize, nodes: usize) -> bool {
     let fair = total as f64 / nodes as f64;
     (count as f64 - fair).abs() <= fair * 0.2
@@ -216,8 +233,10 @@ pub async fn join_rebalances(fixture: &dyn Fixture, exact: bool) {
     for node in ["a", "b", "c"] {
         f.start(node, 1, &all).await;
     }
+    // Every start recorded, so that the events after `before` are the
+    // join's alone.
     wait_until(&format!("{}: every id at its place", f.name), GUARD, || {
-        at_place(&f, &all, &["a", "b", "c"])
+        at_place(&f, &all, &["a", "b", "c"]) && recorded(&f, &all)
     })
     .await;
     let before = f.probe.events().len();
