@@ -459,12 +459,7 @@ async fn resume_calls_an_unfinished_drain_off() {
         builder_b = builder_b.child(probe(&id, &log));
     }
     let b = builder_b.start().await.unwrap();
-    b.wait_until(|s| {
-        s.singletons
-            .iter()
-            .all(|x| matches!(x.state, SingletonState::Waiting { .. }))
-    })
-    .await;
+    all_waiting(&b).await;
     let drain = a.drain();
     a.resume();
     let err = hang_guard("drain", drain).await.unwrap_err();
@@ -556,6 +551,37 @@ async fn weight_labels_and_affinity_are_shown_in_status() {
     hang_guard("shutdown", b.shutdown()).await;
 }
 
+/// Waits until every singleton of `node` waits for its id.
+async fn all_waiting(node: &RuntimeHandle) {
+    let waiting = node.wait_until(|s| {
+        s.singletons
+            .iter()
+            .all(|x| matches!(x.state, SingletonState::Waiting { .. }))
+    });
+    hang_guard("all waiting", waiting).await;
+}
+
+/// Every id of `ids` stopped `moved` on `from`, nothing else stopped, and
+/// `to` runs them all.
+async fn handed_over(log: &Log, ids: &[String], from: &str, to: &RuntimeHandle) {
+    for id in ids {
+        assert_eq!(
+            log.count(&format!("terminate {id} {from} moved ")),
+            1,
+            "{id}: {:?}",
+            log.lines()
+        );
+    }
+    assert_eq!(
+        log.count("terminate "),
+        ids.len(),
+        "nothing but the handoffs stopped"
+    );
+    let all = ids.len();
+    let running = to.wait_until(|s| s.running().count() == all);
+    hang_guard("the other node runs everything", running).await;
+}
+
 /// With `drain_on_shutdown(true)`, SIGTERM makes `run()` hand every id
 /// over (stopped with `moved`, the other node takes over) before it
 /// returns. Real time: a signal is awaited, not a timer.
@@ -591,34 +617,12 @@ async fn sigterm_drains_first_when_asked_to() {
         tenants.iter().map(|id| probe(id, &log)).collect(),
     )
     .await;
-    b.wait_until(|s| {
-        s.singletons
-            .iter()
-            .all(|x| matches!(x.state, SingletonState::Waiting { .. }))
-    })
-    .await;
+    all_waiting(&b).await;
 
     rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::TERM)
         .expect("SIGTERM to this process");
     hang_guard("run returns", a).await.unwrap().expect("run");
-    for id in &tenants {
-        assert_eq!(
-            log.count(&format!("terminate {id} a moved ")),
-            1,
-            "{id}: {:?}",
-            log.lines()
-        );
-    }
-    assert_eq!(
-        log.count("terminate "),
-        20,
-        "nothing but the handoffs stopped"
-    );
-    hang_guard(
-        "b runs everything",
-        b.wait_until(|s| s.running().count() == 20),
-    )
-    .await;
+    handed_over(&log, &tenants, "a", &b).await;
     b.shutdown().await;
 }
 
@@ -650,34 +654,12 @@ async fn graceful_shutdown_drains_only_when_configured_to() {
     )
     .await;
     let b = node("b", false).await.expect("b starts");
-    b.wait_until(|s| {
-        s.singletons
-            .iter()
-            .all(|x| matches!(x.state, SingletonState::Waiting { .. }))
-    })
-    .await;
+    all_waiting(&b).await;
 
     // Draining: each id stops `moved` on a and runs on b before a stops.
     hang_guard("a drains and stops", a.graceful_shutdown()).await;
     hang_guard("a has stopped", a.stopped()).await;
-    for id in &tenants {
-        assert_eq!(
-            log.count(&format!("terminate {id} a moved ")),
-            1,
-            "{id}: {:?}",
-            log.lines()
-        );
-    }
-    assert_eq!(
-        log.count("terminate "),
-        20,
-        "nothing but the handoffs stopped"
-    );
-    hang_guard(
-        "b runs everything",
-        b.wait_until(|s| s.running().count() == 20),
-    )
-    .await;
+    handed_over(&log, &tenants, "a", &b).await;
 
     // Not draining: a plain shutdown.
     hang_guard("b stops", b.graceful_shutdown()).await;
