@@ -325,21 +325,26 @@ impl Guardian {
 
     /// One tenure: supervise the instance while the lease holds, then
     /// release by the outcome. True when the guardian ends.
-    async fn tenure(&self, lease: Lease, held: &Held) -> bool {
-        held.set(Some(lease.token));
-        let running = {
-            let tenure = info_span!("tenure", token = lease.token);
-            tenure.in_scope(|| info!("claimed: running here"));
-            // The span moves into the future: no second copy is kept.
-            self.supervise(&lease).instrument(tenure)
-        };
-        let outcome = running.await;
-        // Boxed: what follows a tenure is rare next to a running one.
-        let end = Box::pin(self.end_tenure(outcome, &lease)).await;
-        if !end {
-            held.set(None);
+    ///
+    /// An `async` block, not an `async fn`: an `async fn` keeps a second
+    /// copy of its arguments, in every held id.
+    fn tenure<'a>(&'a self, lease: Lease, held: &'a Held) -> impl Future<Output = bool> + 'a {
+        async move {
+            held.set(Some(lease.token));
+            let running = {
+                let tenure = info_span!("tenure", token = lease.token);
+                tenure.in_scope(|| info!("claimed: running here"));
+                // The span moves into the future: no second copy is kept.
+                self.supervise(&lease).instrument(tenure)
+            };
+            let outcome = running.await;
+            // Boxed: what follows a tenure is rare next to a running one.
+            let end = Box::pin(self.end_tenure(outcome, &lease)).await;
+            if !end {
+                held.set(None);
+            }
+            end
         }
-        end
     }
 
     /// Releases the id by how its tenure ended (see [`Outcome`]); true
