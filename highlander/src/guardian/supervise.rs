@@ -33,7 +33,6 @@ impl Guardian {
         lease: &'a Lease,
     ) -> impl Future<Output = Outcome> + Send + 'a {
         async move {
-            let spec = &self.slot.spec;
             // Boxed, and made at the first restart: most tenures never restart.
             let mut history: Option<Box<Restarts>> = None;
             let mut total_restarts = 0u32;
@@ -46,60 +45,80 @@ impl Guardian {
                 });
                 let started = Instant::now();
                 let reason = self.run_instance(lease).await;
-                self.slot.ops.stopped(&reason);
-                let restart = match &reason {
-                    ShutdownReason::NodeShutdown | ShutdownReason::Removed => {
-                        return Outcome::Shutdown;
-                    }
-                    ShutdownReason::Moved => return Outcome::Moved,
-                    ShutdownReason::LeaseLost | ShutdownReason::Conflict => {
-                        return Outcome::Lost(reason);
-                    }
-                    ShutdownReason::Stepdown => return Outcome::Stepdown,
-                    ShutdownReason::Normal => spec.restart == Restart::Permanent,
-                    ShutdownReason::Error(_) => spec.restart != Restart::Temporary,
+                let backoff = match self.restart(reason, started, &mut history) {
+                    Ok(backoff) => backoff,
+                    Err(outcome) => return outcome,
                 };
-                if !restart {
-                    info!(%reason, "instance ended; not restarted ({:?})", spec.restart);
-                    return Outcome::Finished(reason);
-                }
-                let now = Instant::now();
-                let restarts = history.get_or_insert_with(|| {
-                    Box::new(Restarts {
-                        at: VecDeque::new(),
-                        backoff: RESTART_BACKOFF_MIN,
-                    })
-                });
-                if now.duration_since(started) > spec.intensity.period {
-                    restarts.backoff = RESTART_BACKOFF_MIN;
-                }
-                restarts.at.push_back(now);
-                while restarts
-                    .at
-                    .front()
-                    .is_some_and(|t| now.duration_since(*t) > spec.intensity.period)
-                {
-                    restarts.at.pop_front();
-                }
-                if restarts.at.len() > spec.intensity.max_restarts as usize {
-                    warn!(
-                        %reason,
-                        max_restarts = spec.intensity.max_restarts,
-                        period = ?spec.intensity.period,
-                        "restart intensity exceeded: stepping down so another node can try"
-                    );
-                    return Outcome::Stepdown;
-                }
                 total_restarts += 1;
-                let backoff = restarts.backoff;
-                info!(%reason, restart_in = ?backoff, "instance stopped; restarting");
                 // Boxed: only an instance between restarts pays for it.
                 if let Some(outcome) = Box::pin(self.backoff(lease, backoff)).await {
                     return outcome;
                 }
-                restarts.backoff = (backoff * 2).min(RESTART_BACKOFF_MAX);
+                if let Some(restarts) = &mut history {
+                    restarts.backoff = (backoff * 2).min(RESTART_BACKOFF_MAX);
+                }
             }
         }
+    }
+
+    /// After an instance started at `started` stopped for `reason`: the
+    /// wait before it is restarted, or how the tenure ends (by the reason,
+    /// the restart policy, or the restart intensity; `history` keeps the
+    /// tenure's restarts).
+    fn restart(
+        &self,
+        reason: ShutdownReason,
+        started: Instant,
+        history: &mut Option<Box<Restarts>>,
+    ) -> Result<Duration, Outcome> {
+        let spec = &self.slot.spec;
+        self.slot.ops.stopped(&reason);
+        let restart = match &reason {
+            ShutdownReason::NodeShutdown | ShutdownReason::Removed => {
+                return Err(Outcome::Shutdown);
+            }
+            ShutdownReason::Moved => return Err(Outcome::Moved),
+            ShutdownReason::LeaseLost | ShutdownReason::Conflict => {
+                return Err(Outcome::Lost(reason));
+            }
+            ShutdownReason::Stepdown => return Err(Outcome::Stepdown),
+            ShutdownReason::Normal => spec.restart == Restart::Permanent,
+            ShutdownReason::Error(_) => spec.restart != Restart::Temporary,
+        };
+        if !restart {
+            info!(%reason, "instance ended; not restarted ({:?})", spec.restart);
+            return Err(Outcome::Finished(reason));
+        }
+        let now = Instant::now();
+        let restarts = history.get_or_insert_with(|| {
+            Box::new(Restarts {
+                at: VecDeque::new(),
+                backoff: RESTART_BACKOFF_MIN,
+            })
+        });
+        if now.duration_since(started) > spec.intensity.period {
+            restarts.backoff = RESTART_BACKOFF_MIN;
+        }
+        restarts.at.push_back(now);
+        while restarts
+            .at
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > spec.intensity.period)
+        {
+            restarts.at.pop_front();
+        }
+        if restarts.at.len() > spec.intensity.max_restarts as usize {
+            warn!(
+                %reason,
+                max_restarts = spec.intensity.max_restarts,
+                period = ?spec.intensity.period,
+                "restart intensity exceeded: stepping down so another node can try"
+            );
+            return Err(Outcome::Stepdown);
+        }
+        let backoff = restarts.backoff;
+        info!(%reason, restart_in = ?backoff, "instance stopped; restarting");
+        Ok(backoff)
     }
 
     /// Waits `backoff` before a restart, unless the tenure ends first.
