@@ -545,6 +545,8 @@ mod tests {
         );
         assert!(!early.is_cancelled(), "nor the other tokens");
 
+        fn send_unpin<T: Send + Unpin>(_: &T) {}
+        send_unpin(&ctx.cancelled());
         let mut pending = Box::pin(ctx.cancelled());
         assert!(soon(pending.as_mut()).await.is_none());
         ctx.stop(ShutdownReason::Removed);

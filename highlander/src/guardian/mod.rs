@@ -305,7 +305,14 @@ impl Guardian {
                 Next::Wait(wake) => Box::pin(self.wait_holder(wake)).await,
                 // Boxed: only the ids held here pay for a running
                 // instance's state; a waiting guardian stays small.
-                Next::Hold(lease) => Box::pin(self.tenure(lease, held)).await,
+                Next::Hold(lease) => {
+                    held.set(Some(lease.token));
+                    let end = Box::pin(self.tenure(lease)).await;
+                    if !end {
+                        held.set(None);
+                    }
+                    end
+                }
             };
             if end {
                 break;
@@ -327,10 +334,10 @@ impl Guardian {
     /// release by the outcome. True when the guardian ends.
     ///
     /// An `async` block, not an `async fn`: an `async fn` keeps a second
-    /// copy of its arguments, in every held id.
-    fn tenure<'a>(&'a self, lease: Lease, held: &'a Held) -> impl Future<Output = bool> + 'a {
+    /// copy of its arguments, in every held id. (The caller records the
+    /// tenure in [`Held`]: one reference less here.)
+    fn tenure(&self, lease: Lease) -> impl Future<Output = bool> + '_ {
         async move {
-            held.set(Some(lease.token));
             let running = {
                 let tenure = info_span!("tenure", token = lease.token);
                 tenure.in_scope(|| info!("claimed: running here"));
@@ -339,11 +346,7 @@ impl Guardian {
             };
             let outcome = running.await;
             // Boxed: what follows a tenure is rare next to a running one.
-            let end = Box::pin(self.end_tenure(outcome, &lease)).await;
-            if !end {
-                held.set(None);
-            }
-            end
+            Box::pin(self.end_tenure(outcome, &lease)).await
         }
     }
 

@@ -363,9 +363,11 @@ impl IdView {
 
     /// Drops the boxed part once it holds nothing.
     fn tidy(&mut self) {
-        if self.more.as_ref().is_some_and(|m| {
-            m.reservation.is_none() && m.waiters.is_empty() && m.handoff.is_none()
-        }) {
+        if self
+            .more
+            .as_ref()
+            .is_some_and(|m| m.reservation.is_none() && m.waiters.is_empty() && m.handoff.is_none())
+        {
             self.more = None;
         }
     }
