@@ -336,6 +336,10 @@ impl Guardian {
     /// An `async` block, not an `async fn`: an `async fn` keeps a second
     /// copy of its arguments, in every held id. (The caller records the
     /// tenure in [`Held`]: one reference less here.)
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an `async fn` keeps a second copy of its arguments, in every held id"
+    )]
     fn tenure(&self, lease: Lease) -> impl Future<Output = bool> + '_ {
         async move {
             let running = {

@@ -28,6 +28,10 @@ impl Guardian {
     ///
     /// An `async` block, not an `async fn`, for the reason given at
     /// [`Guardian::run_instance`].
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an `async fn` keeps a second copy of its arguments, in every held id"
+    )]
     pub(super) fn supervise<'a>(
         &'a self,
         lease: &'a Lease,
@@ -150,6 +154,10 @@ impl Guardian {
     /// (`Running`): the context, the service, `run`'s future and the late
     /// panic; every other phase is boxed, and the stop trigger is polled in
     /// place and keeps nothing.
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an `async fn` keeps a second copy of its arguments, in every held id"
+    )]
     pub(super) fn run_instance<'a>(
         &'a self,
         lease: &'a Lease,
