@@ -112,6 +112,9 @@ pub(crate) struct Slot {
     /// [`name_hash`] of the best member other than this node.
     pub(crate) rival: AtomicU64,
     pub(crate) ops: crate::ops::SlotOps,
+    /// The tenure this node holds, for the guardian to release should it
+    /// panic.
+    pub(super) held: Held,
 }
 
 /// A hash of a node name, to compare names without keeping a copy.
@@ -132,6 +135,7 @@ impl Slot {
             moving: AtomicU64::new(0),
             rank: AtomicU32::new(u32::MAX),
             rival: AtomicU64::new(0),
+            held: Held::default(),
         }
     }
 
