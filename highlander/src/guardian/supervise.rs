@@ -74,7 +74,9 @@ impl Guardian {
         history: &mut Option<Box<Restarts>>,
     ) -> Result<Duration, Outcome> {
         let spec = &self.slot.spec;
-        self.slot.ops.stopped(&reason);
+        self.slot
+            .ops
+            .stopped(&self.shared.node, &self.slot.spec.id, &reason);
         let restart = match &reason {
             ShutdownReason::NodeShutdown | ShutdownReason::Removed => {
                 return Err(Outcome::Shutdown);
