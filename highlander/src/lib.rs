@@ -62,7 +62,7 @@ mod spec;
 pub mod backend;
 
 pub use backend::MemoryCluster;
-pub use context::Context;
+pub use context::{Cancelled, Context};
 pub use error::{BackendErrorKind, Error, Result, redact_url};
 pub use guardian::SingletonState;
 pub use reason::ShutdownReason;

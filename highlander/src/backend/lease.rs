@@ -98,19 +98,23 @@ impl Lease {
     /// awaiting it at the same time would take the wake-up from the first:
     /// everyone else uses [`Lease::ended`].
     pub(crate) fn holder_ended(&self) -> impl Future<Output = LeaseEnd> + Send + '_ {
+        std::future::poll_fn(move |cx| self.poll_holder_ended(cx))
+    }
+
+    /// [`Lease::holder_ended`] as a poll, for a future that keeps no state
+    /// of its own for it.
+    pub(crate) fn poll_holder_ended(&self, cx: &mut std::task::Context<'_>) -> Poll<LeaseEnd> {
         let inner = &self.signal.inner;
-        std::future::poll_fn(move |cx| {
-            if let Some(end) = inner.end.get() {
-                return Poll::Ready(end.clone());
-            }
-            inner.holder.register(cx.waker());
-            // Looked at again after registering: an end in between has
-            // either been seen here or wakes the waker just registered.
-            match inner.end.get() {
-                Some(end) => Poll::Ready(end.clone()),
-                None => Poll::Pending,
-            }
-        })
+        if let Some(end) = inner.end.get() {
+            return Poll::Ready(end.clone());
+        }
+        inner.holder.register(cx.waker());
+        // Looked at again after registering: an end in between has
+        // either been seen here or wakes the waker just registered.
+        match inner.end.get() {
+            Some(end) => Poll::Ready(end.clone()),
+            None => Poll::Pending,
+        }
     }
 }
 

@@ -25,9 +25,9 @@ use crate::context::{StateMap, panic_text};
 use crate::service::BoxFuture;
 use crate::spec::ChildSpec;
 
-/// Retry delays when the backend cannot be asked.
-const RETRY_MIN: Duration = Duration::from_millis(50);
-const RETRY_MAX: Duration = Duration::from_secs(5);
+/// Retry delays when the backend cannot be asked, in milliseconds.
+const RETRY_MIN_MS: u32 = 50;
+const RETRY_MAX_MS: u32 = 5_000;
 
 /// Where one singleton stands on this node.
 ///
@@ -107,10 +107,10 @@ impl Shared {
 }
 
 /// The tenure a guardian holds, for [`Guardian::run`] to release should
-/// the guardian panic. Two atomics: smaller than a mutex, and every guardian
-/// task carries one.
+/// the guardian panic. Two atomics: smaller than a mutex. In the slot, not
+/// the task: sixteen bytes more there keep the task in tokio's 256 B cell.
 #[derive(Default)]
-struct Held {
+pub(crate) struct Held {
     is: AtomicBool,
     token: AtomicU64,
 }
@@ -128,16 +128,6 @@ impl Held {
     }
 }
 
-/// What the claim loop does after an answer from the backend.
-enum Next {
-    /// Wait, then ask again.
-    Retry,
-    /// Wait for the holder to change.
-    Wait(BoxFuture<'static, ()>),
-    /// Run the tenure.
-    Hold(Lease),
-}
-
 /// How a tenure's supervision ended.
 enum Outcome {
     /// The node shuts down or the id was removed: release and end.
@@ -152,6 +142,16 @@ enum Outcome {
 pub(crate) struct Guardian {
     pub(crate) slot: Arc<Slot>,
     pub(crate) shared: Arc<Shared>,
+}
+
+/// A running guardian: when its task ends or is dropped, the node's
+/// counts and the id's metrics no longer count what it ran.
+struct Exiting(Guardian);
+
+impl Drop for Exiting {
+    fn drop(&mut self) {
+        drop(crate::ops::ExitGuard::new(&self.0.slot, &self.0.shared.ops));
+    }
 }
 
 impl Guardian {
@@ -211,107 +211,135 @@ impl Guardian {
     /// its end first. (A parameter, not a field: every guardian task would
     /// carry the empty field, and eight bytes more put the task in tokio's
     /// next size of task cell, 128 bytes larger.)
-    pub(crate) async fn run(self, after: Option<Arc<Slot>>) {
-        let span = info_span!("singleton", id = %self.slot.spec.id, node = %self.shared.node);
-        let _exit = crate::ops::ExitGuard::new(&self.slot, &self.shared.ops);
-        async {
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an `async fn` keeps a second copy of its arguments, in every guardian task"
+    )]
+    pub(crate) fn run(self, after: Option<Arc<Slot>>) -> impl Future<Output = ()> + Send {
+        // The guardian itself does the exit accounting when the task ends
+        // or is dropped: no guard of its own beside it in every task.
+        let this = Exiting(self);
+        async move {
+            let span =
+                info_span!("singleton", id = %this.0.slot.spec.id, node = %this.0.shared.node);
+            this.0.watch(after).instrument(span).await;
+        }
+    }
+
+    /// [`Guardian::run`] in its span: waits for `after`, then guards the
+    /// id, recovering from a panic of the guardian itself.
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an `async fn` keeps a second copy of its arguments, in every guardian task"
+    )]
+    fn watch(&self, after: Option<Arc<Slot>>) -> impl Future<Output = ()> + Send + '_ {
+        async move {
             if let Some(previous) = after
                 && !Box::pin(self.wait_for(&previous)).await
             {
                 self.set(SingletonState::Stopped);
                 return;
             }
-            let held = Held::default();
             loop {
-                match AssertUnwindSafe(self.guard(&held)).catch_unwind().await {
-                    Ok(()) => break,
-                    Err(panic) => {
-                        let panic = panic_text(panic);
-                        error!(%panic, "the guardian panicked (a bug in highlander): releasing the id and claiming again");
-                        let token = held.take();
-                        if let Some(token) = token {
-                            self.release(token).await;
-                        }
-                        self.set(SingletonState::SteppedDown);
-                        if Box::pin(self.pause(self.shared.stepdown_delay)).await {
-                            break;
-                        }
-                    }
+                let Err(panic) = AssertUnwindSafe(self.guard()).catch_unwind().await else {
+                    break;
+                };
+                // Boxed: only a guardian that panicked pays for what follows.
+                if Box::pin(self.recover(panic)).await {
+                    break;
                 }
             }
             self.set(SingletonState::Stopped);
         }
-        .instrument(span)
-        .await;
+    }
+
+    /// After the guardian panicked: releases the tenure it held, shows
+    /// `SteppedDown` and waits the step-down delay. True when the guardian
+    /// is cancelled meanwhile (it ends).
+    async fn recover(&self, panic: Box<dyn std::any::Any + Send>) -> bool {
+        let panic = panic_text(panic);
+        error!(%panic, "the guardian panicked (a bug in highlander): releasing the id and claiming again");
+        let token = self.slot.held.take();
+        if let Some(token) = token {
+            self.release(token).await;
+        }
+        self.set(SingletonState::SteppedDown);
+        self.pause(self.shared.stepdown_delay).await
     }
 
     /// Claims, supervises and releases until the node shuts down or the id
-    /// is removed. `held` names the tenure this node holds, for
+    /// is removed. The slot's `held` names the tenure this node holds, for
     /// [`Guardian::run`].
-    async fn guard(&self, held: &Held) {
-        let mut retry = RETRY_MIN;
-        // Which holder was last logged, as a hash of its name (0: none):
-        // eight bytes instead of a copy of the name in every guardian.
-        let mut last_holder = 0u64;
-        loop {
-            // Every wait is boxed: the task carries only what each state
-            // needs (a waiting id the wait on its holder, a held one its
-            // running tenure), and the task itself stays small.
-            if !self.may_claim() {
-                if Box::pin(self.wait_resumed()).await {
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an `async fn` keeps a second copy of its arguments, in every guardian task"
+    )]
+    fn guard(&self) -> impl Future<Output = ()> + Send + '_ {
+        async move {
+            // In milliseconds: four bytes, not a `Duration`'s sixteen.
+            let mut retry = RETRY_MIN_MS;
+            // Which holder was last logged, as a hash of its name (0: none):
+            // eight bytes instead of a copy of the name in every guardian.
+            let mut last_holder = 0u64;
+            loop {
+                // Every wait is boxed: the task carries only what each state
+                // needs (a waiting id the wait on its holder, a held one its
+                // running tenure), and the task itself stays small.
+                if !self.may_claim() {
+                    if Box::pin(self.wait_resumed()).await {
+                        break;
+                    }
+                    continue;
+                }
+                // Placement: a node further down the ranking for this id lets
+                // the better-placed ones claim it first (boxed: only a
+                // deferring guardian pays for the timer).
+                let ranks = self.slot.defer_ranks(last_holder);
+                if ranks > 0 && Box::pin(self.defer(last_holder)).await {
                     break;
                 }
-                continue;
-            }
-            // Placement: a node further down the ranking for this id lets
-            // the better-placed ones claim it first (boxed: only a
-            // deferring guardian pays for the timer).
-            let ranks = self.slot.defer_ranks(last_holder);
-            if ranks > 0 && Box::pin(self.defer(last_holder)).await {
-                break;
-            }
-            // The answer is taken apart in a block of its own, so the task
-            // does not keep room for it while it waits or runs.
-            let next = {
-                let Some(claim) = Box::pin(self.claim()).await else {
-                    break;
+                // The answer is taken apart in a block of its own, and what
+                // follows is one boxed future made inside it, so the task keeps
+                // room for neither while it waits or runs. Boxed: only the ids
+                // held here pay for a running instance's state; a waiting
+                // guardian stays small.
+                let (step, holding): (BoxFuture<'_, bool>, bool) = {
+                    let Some(claim) = Box::pin(self.claim()).await else {
+                        break;
+                    };
+                    match claim {
+                        Err(e) => {
+                            let delay = Duration::from_millis(retry.into());
+                            debug!(error = %e, retry_in = ?delay, "cannot claim now");
+                            self.set(SingletonState::Retrying {
+                                error: e.to_string(),
+                            });
+                            retry = (retry * 2).min(RETRY_MAX_MS);
+                            (Box::pin(self.pause(delay)), false)
+                        }
+                        Ok(Claim::Busy { holder, wake }) => {
+                            retry = RETRY_MIN_MS;
+                            last_holder = self.wait_on(holder, last_holder);
+                            (Box::pin(self.wait_holder(wake)), false)
+                        }
+                        Ok(Claim::Granted(lease)) => {
+                            retry = RETRY_MIN_MS;
+                            last_holder = 0;
+                            self.slot.held.set(Some(lease.token));
+                            (Box::pin(self.tenure(lease)), true)
+                        }
+                    }
                 };
-                match claim {
-                    Err(e) => {
-                        debug!(error = %e, retry_in = ?retry, "cannot claim now");
-                        self.set(SingletonState::Retrying {
-                            error: e.to_string(),
-                        });
-                        Next::Retry
-                    }
-                    Ok(Claim::Busy { holder, wake }) => {
-                        retry = RETRY_MIN;
-                        last_holder = self.wait_on(holder, last_holder);
-                        Next::Wait(wake)
-                    }
-                    Ok(Claim::Granted(lease)) => {
-                        retry = RETRY_MIN;
-                        last_holder = 0;
-                        Next::Hold(lease)
-                    }
+                let end = step.await;
+                if holding && !end {
+                    self.slot.held.set(None);
                 }
-            };
-            let end = match next {
-                Next::Retry => {
-                    let end = Box::pin(self.pause(retry)).await;
-                    retry = (retry * 2).min(RETRY_MAX);
-                    end
+                if end {
+                    break;
                 }
-                Next::Wait(wake) => Box::pin(self.wait_holder(wake)).await,
-                // Boxed: only the ids held here pay for a running
-                // instance's state; a waiting guardian stays small.
-                Next::Hold(lease) => Box::pin(self.tenure(lease, held)).await,
-            };
-            if end {
-                break;
             }
+            self.set(SingletonState::Stopped);
         }
-        self.set(SingletonState::Stopped);
     }
 
     /// Waits for the holder to change; true when the guardian is cancelled
@@ -325,21 +353,26 @@ impl Guardian {
 
     /// One tenure: supervise the instance while the lease holds, then
     /// release by the outcome. True when the guardian ends.
-    async fn tenure(&self, lease: Lease, held: &Held) -> bool {
-        held.set(Some(lease.token));
-        let running = {
-            let tenure = info_span!("tenure", token = lease.token);
-            tenure.in_scope(|| info!("claimed: running here"));
-            // The span moves into the future: no second copy is kept.
-            self.supervise(&lease).instrument(tenure)
-        };
-        let outcome = running.await;
-        // Boxed: what follows a tenure is rare next to a running one.
-        let end = Box::pin(self.end_tenure(outcome, &lease)).await;
-        if !end {
-            held.set(None);
+    ///
+    /// An `async` block, not an `async fn`: an `async fn` keeps a second
+    /// copy of its arguments, in every held id. (The caller records the
+    /// tenure in [`Held`]: one reference less here.)
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an `async fn` keeps a second copy of its arguments, in every held id"
+    )]
+    fn tenure(&self, lease: Lease) -> impl Future<Output = bool> + '_ {
+        async move {
+            let running = {
+                let tenure = info_span!("tenure", token = lease.token);
+                tenure.in_scope(|| info!("claimed: running here"));
+                // The span moves into the future: no second copy is kept.
+                self.supervise(&lease).instrument(tenure)
+            };
+            let outcome = running.await;
+            // Boxed: what follows a tenure is rare next to a running one.
+            Box::pin(self.end_tenure(outcome, &lease)).await
         }
-        end
     }
 
     /// Releases the id by how its tenure ended (see [`Outcome`]); true

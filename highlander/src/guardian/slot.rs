@@ -112,6 +112,9 @@ pub(crate) struct Slot {
     /// [`name_hash`] of the best member other than this node.
     pub(crate) rival: AtomicU64,
     pub(crate) ops: crate::ops::SlotOps,
+    /// The tenure this node holds, for the guardian to release should it
+    /// panic.
+    pub(super) held: Held,
 }
 
 /// A hash of a node name, to compare names without keeping a copy.
@@ -132,6 +135,7 @@ impl Slot {
             moving: AtomicU64::new(0),
             rank: AtomicU32::new(u32::MAX),
             rival: AtomicU64::new(0),
+            held: Held::default(),
         }
     }
 
@@ -175,14 +179,18 @@ impl Slot {
     /// the id was removed (that reason, whichever came first of the two),
     /// or a permit to give the id up (taken).
     pub(super) fn stop_or_ask(&self) -> impl Future<Output = ShutdownReason> + Send + '_ {
-        std::future::poll_fn(move |cx| {
-            self.cancel.poll_wait(STOP | ASKS, cx).map(|raised| {
-                if raised & STOP != 0 {
-                    self.cancel_reason()
-                } else {
-                    self.asked_reason()
-                }
-            })
+        std::future::poll_fn(move |cx| self.poll_stop_or_ask(cx))
+    }
+
+    /// [`Slot::stop_or_ask`] as a poll, for a future that keeps no state
+    /// of its own for it.
+    pub(super) fn poll_stop_or_ask(&self, cx: &mut std::task::Context<'_>) -> Poll<ShutdownReason> {
+        self.cancel.poll_wait(STOP | ASKS, cx).map(|raised| {
+            if raised & STOP != 0 {
+                self.cancel_reason()
+            } else {
+                self.asked_reason()
+            }
         })
     }
 

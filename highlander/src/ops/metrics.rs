@@ -159,12 +159,13 @@ fn label(name: &Arc<str>) -> ::metrics::SharedString {
     ::metrics::SharedString::from(name.clone())
 }
 
-/// One id's handles, or the node's shared ones. The names are the node's
-/// and the spec's own (`Arc` clones): per id that is one allocation, the
-/// `Arc` of the handles, and no copy of either name.
+/// One id's handles, or the node's shared ones: per id that is one
+/// allocation, the `Arc` of the handles, and no copy of either name (the
+/// stop counter, registered at each stop for its reason, is given them by
+/// the caller).
 struct Handles {
-    node: Arc<str>,
-    id: Option<Arc<str>>,
+    /// Whether the series carry the `id` label.
+    per_id: bool,
     running: Gauge,
     tenures: Counter,
     restarts: Counter,
@@ -178,8 +179,7 @@ impl Handles {
             labels.push(::metrics::Label::new("id", label(id)));
         }
         Handles {
-            node: node.clone(),
-            id: id.cloned(),
+            per_id: id.is_some(),
             running: ::metrics::gauge!(RUNNING, labels.clone()),
             tenures: ::metrics::counter!(TENURES_STARTED, labels.clone()),
             restarts: ::metrics::counter!(RESTARTS, labels.clone()),
@@ -233,13 +233,28 @@ impl IdMetrics {
         }
     }
 
-    pub(crate) fn stopped(&self, reason: &ShutdownReason) {
-        let h = &self.handles;
+    /// An instance of `id` stopped on `node` for `reason`.
+    pub(crate) fn stopped(&self, node: &Arc<str>, id: &Arc<str>, reason: &ShutdownReason) {
         let reason = super::reason_label(reason);
-        match &h.id {
-            Some(id) => ::metrics::counter!(STOPS, "node" => label(&h.node), "id" => label(id), "reason" => reason),
-            None => ::metrics::counter!(STOPS, "node" => label(&h.node), "reason" => reason),
+        if self.handles.per_id {
+            ::metrics::counter!(STOPS, "node" => label(node), "id" => label(id), "reason" => reason)
+        } else {
+            ::metrics::counter!(STOPS, "node" => label(node), "reason" => reason)
         }
         .increment(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// With per-id series every id keeps one set of handles: four handles
+    /// and a flag, 72 B (an 88 B allocation with the `Arc`'s counts; it was
+    /// 112 B with copies of the node's and the id's names, which the stop
+    /// counter is now given).
+    #[test]
+    fn the_handles_of_an_id_stay_small() {
+        let handles = std::mem::size_of::<super::Handles>();
+        println!("per-id metrics handles {handles} B");
+        assert!(handles <= 72, "the per-id handles grew to {handles} B");
     }
 }

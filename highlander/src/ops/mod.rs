@@ -324,11 +324,11 @@ impl SlotOps {
     }
 
     /// Called by the guardian when an instance has stopped, with why.
-    pub(crate) fn stopped(&self, reason: &ShutdownReason) {
+    pub(crate) fn stopped(&self, node: &Arc<str>, id: &Arc<str>, reason: &ShutdownReason) {
         #[cfg(feature = "metrics")]
-        self.metrics.stopped(reason);
+        self.metrics.stopped(node, id, reason);
         #[cfg(not(feature = "metrics"))]
-        let _ = reason;
+        let _ = (node, id, reason);
     }
 }
 

@@ -63,10 +63,10 @@ impl State {
     fn reserve_for(&mut self, id: &Arc<str>, to: Arc<str>, token: u64, fx: &mut Effects) {
         let view = self.ids.entry(id.clone()).or_default();
         view.max_token = view.max_token.max(token);
-        view.handoff = Some(Handoff {
+        view.set_handoff(Some(Handoff {
             to: to.clone(),
             token,
-        });
+        }));
         fx.push(Effect::Timer(Timer::Handoff {
             id: id.clone(),
             to,
@@ -76,7 +76,7 @@ impl State {
 
     /// The member `id` is handed off to now, if it is.
     pub(super) fn handed_to(&self, id: &str) -> Option<Arc<str>> {
-        self.ids.get(id)?.handoff.as_ref().map(|h| h.to.clone())
+        self.ids.get(id)?.handoff().map(|h| h.to.clone())
     }
 
     /// `peer` released its tenure of `id` with `token` in favour of `to`:
@@ -114,11 +114,10 @@ impl State {
             return;
         };
         if view
-            .handoff
-            .as_ref()
+            .handoff()
             .is_some_and(|h| h.to == *to && h.token == token)
         {
-            view.handoff = None;
+            view.set_handoff(None);
             self.touch(id, fx);
         }
     }

@@ -66,12 +66,11 @@ impl State {
             .ids
             .iter_mut()
             .filter(|(_, v)| {
-                v.reservation.as_ref() == Some(peer)
-                    || v.handoff.as_ref().is_some_and(|h| h.to == *peer)
+                v.reservation() == Some(peer) || v.handoff().is_some_and(|h| h.to == *peer)
             })
             .map(|(id, v)| {
-                v.reservation = None;
-                v.handoff = None;
+                v.set_reservation(None);
+                v.set_handoff(None);
                 id.clone()
             })
             .collect();

@@ -270,17 +270,107 @@ struct Pending {
     budget: Duration,
 }
 
+/// What this node knows of one id. Every id any member runs has one on
+/// every member: 40 bytes, the rarer parts boxed (they were 120 bytes
+/// inline).
 #[derive(Default)]
 struct IdView {
     holders: Vec<RemoteHold>,
+    max_token: u64,
+    /// A reservation, waiters or a handoff: made when one is recorded,
+    /// dropped when the last goes.
+    more: Option<Box<Arbitration>>,
+}
+
+/// The parts of an [`IdView`] an id has while it is contested or handed
+/// over.
+#[derive(Default)]
+struct Arbitration {
     /// As arbiter: granted to this node, not yet announced by it.
     reservation: Option<Arc<str>>,
-    /// As arbiter: nodes denied the id, told with `Free` when it frees.
-    waiters: HashSet<Arc<str>>,
-    max_token: u64,
+    /// As arbiter: nodes denied the id, told with `Free` when it frees
+    /// (each once; a few members at most).
+    waiters: Vec<Arc<str>>,
     /// Its last holder released it in favour of this member: only it may
     /// claim the id until it holds it, goes down, or [`HANDOFF`] passes.
     handoff: Option<Handoff>,
+}
+
+impl IdView {
+    fn reservation(&self) -> Option<&Arc<str>> {
+        self.more.as_ref()?.reservation.as_ref()
+    }
+
+    fn handoff(&self) -> Option<&Handoff> {
+        self.more.as_ref()?.handoff.as_ref()
+    }
+
+    fn has_waiters(&self) -> bool {
+        self.more.as_ref().is_some_and(|m| !m.waiters.is_empty())
+    }
+
+    fn more(&mut self) -> &mut Arbitration {
+        self.more.get_or_insert_with(Box::default)
+    }
+
+    fn set_reservation(&mut self, to: Option<Arc<str>>) {
+        match to {
+            Some(to) => self.more().reservation = Some(to),
+            None => {
+                if let Some(more) = &mut self.more {
+                    more.reservation = None;
+                }
+                self.tidy();
+            }
+        }
+    }
+
+    fn set_handoff(&mut self, handoff: Option<Handoff>) {
+        match handoff {
+            Some(handoff) => self.more().handoff = Some(handoff),
+            None => {
+                if let Some(more) = &mut self.more {
+                    more.handoff = None;
+                }
+                self.tidy();
+            }
+        }
+    }
+
+    fn add_waiter(&mut self, peer: &Arc<str>) {
+        let waiters = &mut self.more().waiters;
+        if !waiters.contains(peer) {
+            waiters.reserve_exact(1);
+            waiters.push(peer.clone());
+        }
+    }
+
+    /// Takes the waiters: only `only` (when it waits) if given, else all.
+    fn take_waiters(&mut self, only: Option<&Arc<str>>) -> Vec<Arc<str>> {
+        let Some(more) = &mut self.more else {
+            return Vec::new();
+        };
+        let taken = match only {
+            Some(peer) => match more.waiters.iter().position(|w| w == peer) {
+                Some(i) => vec![more.waiters.swap_remove(i)],
+                None => Vec::new(),
+            },
+            None => std::mem::take(&mut more.waiters),
+        };
+        self.tidy();
+        taken
+    }
+
+    /// Drops the boxed part once it holds nothing.
+    fn tidy(&mut self) {
+        if self
+            .more
+            .as_ref()
+            .is_some_and(|m| m.reservation.is_none() && m.waiters.is_empty() && m.handoff.is_none())
+        {
+            self.more = None;
+        }
+    }
 }
 
 /// A release in favour of `to`, of the tenure with `token`.

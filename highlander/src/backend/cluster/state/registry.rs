@@ -94,12 +94,9 @@ impl State {
         let Some(view) = self.ids.get_mut(id) else {
             return;
         };
-        if free && view.holders.is_empty() && view.reservation.is_none() && !view.waiters.is_empty()
-        {
-            let waiters: Vec<Arc<str>> = match &view.handoff {
-                Some(h) => view.waiters.take(&h.to).into_iter().collect(),
-                None => view.waiters.drain().collect(),
-            };
+        if free && view.holders.is_empty() && view.reservation().is_none() && view.has_waiters() {
+            let to = view.handoff().map(|h| h.to.clone());
+            let waiters = view.take_waiters(to.as_ref());
             let to = waiters.iter().flat_map(|w| self.conn_to(w)).collect();
             fx.send(to, Msg::Free { id: id.clone() });
         }
@@ -119,7 +116,7 @@ impl State {
         let view = self.ids.entry(id.clone()).or_default();
         let token = tokens::next(view.max_token.max(floor), now / 1_000_000, self.slot);
         view.max_token = token;
-        view.handoff = None;
+        view.set_handoff(None);
         let since = now;
         let (lease, signal) = Lease::new(token);
         // Never replaces a tenure: a claim of an id held here is answered
@@ -208,7 +205,7 @@ impl State {
         if let Some(holder) = self.holder(id) {
             return (Step::Busy(holder), fx);
         }
-        let reserved = self.ids.get(id).and_then(|v| v.reservation.clone());
+        let reserved = self.ids.get(id).and_then(|v| v.reservation().cloned());
         if let Some(r) = reserved.filter(|r| self.reachable(r)) {
             return (Step::Busy(Holder::new(r.to_string(), None)), fx);
         }
@@ -258,8 +255,8 @@ impl State {
             view.holders
                 .retain(|h| !(h.node == *peer && h.token == token));
             changed = view.holders.len() != before;
-            if view.reservation.as_ref() == Some(peer) {
-                view.reservation = None;
+            if view.reservation() == Some(peer) {
+                view.set_reservation(None);
                 changed = true;
             }
         }
@@ -373,11 +370,11 @@ impl State {
             }),
         }
         view.max_token = view.max_token.max(hold.token);
-        if view.reservation.as_ref() == Some(peer) {
-            view.reservation = None;
+        if view.reservation() == Some(peer) {
+            view.set_reservation(None);
         }
         // Held: a hand-off is over, whoever took the id.
-        view.handoff = None;
+        view.set_handoff(None);
         if let Some(own) = self.own.get(&hold.id) {
             // Two tenures of one id can see each other: a healed split, or
             // two arbiters during a membership change.
@@ -415,11 +412,11 @@ impl State {
                 .map(|h| (h.node.clone(), h.token));
             match holder {
                 Some(h) => Some(Some(h)),
-                None => match view.reservation.clone() {
+                None => match view.reservation().cloned() {
                     Some(r) if r != *peer && self.members.get(&r).is_some_and(Peer::reachable) => {
                         Some(Some((r, 0)))
                     }
-                    _ => match view.handoff.as_ref().map(|h| h.to.clone()) {
+                    _ => match view.handoff().map(|h| h.to.clone()) {
                         Some(to) if to != *peer => Some(Some((to, 0))),
                         _ => None,
                     },
@@ -429,11 +426,11 @@ impl State {
         let view: &mut IdView = self.ids.entry(id.clone()).or_default();
         let reply = match deny {
             Some(holder) => {
-                view.waiters.insert(peer.clone());
+                view.add_waiter(peer);
                 Msg::Deny { id, holder }
             }
             None => {
-                view.reservation = Some(peer.clone());
+                view.set_reservation(Some(peer.clone()));
                 Msg::Grant {
                     floor: view.max_token,
                     id,
@@ -496,9 +493,9 @@ impl State {
     /// As arbiter: `peer` did not take the grant of `id`.
     pub(super) fn on_abandon(&mut self, peer: &Arc<str>, id: &Arc<str>, fx: &mut Effects) {
         if let Some(view) = self.ids.get_mut(id)
-            && view.reservation.as_ref() == Some(peer)
+            && view.reservation() == Some(peer)
         {
-            view.reservation = None;
+            view.set_reservation(None);
             self.touch(id, fx);
         }
     }
