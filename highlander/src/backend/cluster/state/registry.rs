@@ -276,6 +276,14 @@ impl State {
     /// later. The relayed hold counts until the winner's own `Sync` or
     /// `Held` replaces it, or for the failure timeout: a winner this node
     /// still cannot reach by then is on the other side of a split.
+    ///
+    /// The winner's own word comes first: a winner this node reaches has
+    /// told it what it holds (its `Sync`, then each `Held` and `Released`,
+    /// in order on one connection), and one that left holds nothing. A
+    /// relay that arrives after either (the loser's connection is slower
+    /// than the winner's, and the winner released the id and left
+    /// meanwhile) is stale: counted, it would keep the id from every node
+    /// here until the failure timeout.
     pub(super) fn on_relayed_hold(&mut self, winner: Arc<str>, won: Hold, fx: &mut Effects) {
         let Hold { id, token, since } = &won;
         let (id, token, since) = (id, *token, *since);
@@ -289,6 +297,15 @@ impl State {
                 self.settling.retain(|_, (_, u)| *u > now);
                 self.settling.insert(id.clone(), (token, until));
             }
+            return;
+        }
+        let left = !self.members.contains_key(&winner)
+            && self.left.iter().any(|(name, _)| *name == winner);
+        if left || self.reachable(&winner) {
+            if let Some(view) = self.ids.get_mut(id) {
+                view.max_token = view.max_token.max(token);
+            }
+            debug!(node = %self.name, id = %id, holder = %winner, left, "a loser's relay of a holder this node hears from itself (or that left): ignored");
             return;
         }
         let view = self.ids.entry(id.clone()).or_default();

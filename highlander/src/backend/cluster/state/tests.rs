@@ -499,6 +499,44 @@ fn a_hold_relayed_by_a_loser_counts_until_the_failure_timeout() {
     assert_eq!(holder_of(&s, "x"), None);
 }
 
+/// A loser's relay that arrives after the winner itself released the id
+/// (and, the second time, left the cluster) is stale: the id stays free.
+/// Counted, it kept every node from claiming for the failure timeout
+/// after a winner of a heal was stopped gracefully.
+#[test]
+fn a_relay_after_the_winner_released_or_left_is_ignored() {
+    for leaves in [false, true] {
+        let mut s = ready("a");
+        let won = hold("x", 4 << 10, at(5));
+        let (c, _) = connect(&mut s, "c", vec![won.clone()]);
+        let (b, _) = connect(&mut s, "b", vec![]);
+        let released = Msg::Released {
+            id: name("x"),
+            token: 4 << 10,
+        };
+        let _ = s.on_frame(&name("c"), c, released, at(10));
+        if leaves {
+            let _ = s.on_frame(&name("c"), c, Msg::Leave, at(11));
+        }
+        // b lost to c before c released; its word arrives late.
+        let ceded = Msg::Ceded {
+            token: 5 << 10,
+            winner: name("c"),
+            won,
+        };
+        let fx = s.on_frame(&name("b"), b, ceded, at(12));
+        assert!(
+            !fx.list()
+                .iter()
+                .any(|e| matches!(e, Effect::Timer(Timer::Relayed { .. }))),
+            "leaves {leaves}"
+        );
+        assert_eq!(holder_of(&s, "x"), None, "leaves {leaves}");
+        let claimed = granted(s.claim(&name("x"), BUDGET, at(13)).0).token;
+        assert!(claimed > 5 << 10, "tokens still grow past the loser's");
+    }
+}
+
 /// Every member keeps a view of every id any member runs: its rarer parts
 /// are boxed, so the view stays small (it was 120 B, a map entry of 136).
 #[test]
