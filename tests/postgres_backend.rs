@@ -530,16 +530,33 @@ async fn a_dropped_claim_leaves_no_tenure() {
             }
         })
         .await;
-        let lease = within("the id is free after a dropped try_claim", GUARD, async {
+        // What b heard last, for the message should this hang.
+        let last = std::sync::Mutex::new(String::from("nothing yet"));
+        let claimed = tokio::time::timeout(GUARD, async {
             loop {
                 match b.try_claim(request.clone()).await.expect("b can ask") {
                     Claim::Granted(lease) => return lease,
-                    Claim::Busy { wake, .. } => wake.await,
+                    Claim::Busy { holder, wake } => {
+                        *last.lock().unwrap() = format!("busy, holder {holder:?}");
+                        wake.await;
+                        *last.lock().unwrap() = format!("woken after busy, holder {holder:?}");
+                    }
                     other => panic!("{other:?}"),
                 }
             }
         })
         .await;
+        let Ok(lease) = claimed else {
+            let row = pg
+                .sql(&format!(
+                    "SELECT owner, node, token, reserved_for FROM highlander_leases WHERE id = '{id}'"
+                ))
+                .await;
+            panic!(
+                "hang guard: the id is not free {GUARD:?} after a dropped try_claim; b last: {}; row (owner, node, token, reserved_for): {row:?}",
+                last.lock().unwrap()
+            );
+        };
         assert_eq!(lease.token, 2, "b's tenure follows a's");
         b.release(&id, lease.token).await.unwrap();
     }
