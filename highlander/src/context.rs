@@ -494,17 +494,10 @@ pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+    use crate::test_util::soon;
 
     fn context() -> Context {
         Context::new("id".into(), "a".into(), 1, Arc::new(StateMap::new()))
-    }
-
-    /// `fut`'s output, if it completes once every other task ran.
-    async fn soon<T>(fut: impl Future<Output = T>) -> Option<T> {
-        tokio::time::timeout(Duration::from_millis(50), fut)
-            .await
-            .ok()
     }
 
     /// Every waiter learns of the stop: futures awaited before it (also

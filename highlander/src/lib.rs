@@ -58,6 +58,8 @@ mod reason;
 mod runtime;
 mod service;
 mod spec;
+#[cfg(test)]
+mod test_util;
 
 pub mod backend;
 

@@ -215,32 +215,25 @@ impl From<LeaseEnd> for ShutdownReason {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
-
-    /// Whether `fut` completes once every other task ran.
-    async fn done<T>(fut: impl Future<Output = T>) -> Option<T> {
-        tokio::time::timeout(Duration::from_millis(50), fut)
-            .await
-            .ok()
-    }
+    use crate::test_util::soon;
 
     #[tokio::test(start_paused = true)]
     async fn every_waiter_learns_the_first_end() {
         let (lease, signal) = Lease::new(7);
         let mut holder = Box::pin(lease.holder_ended());
         let mut other = Box::pin(lease.ended());
-        assert!(done(holder.as_mut()).await.is_none());
-        assert!(done(other.as_mut()).await.is_none());
+        assert!(soon(holder.as_mut()).await.is_none());
+        assert!(soon(other.as_mut()).await.is_none());
         let winner = LeaseEnd::Conflict {
             winner: Some("b".into()),
         };
         assert!(signal.end(winner.clone()));
         assert!(!signal.end(LeaseEnd::Lost), "the first end wins");
-        assert_eq!(done(holder).await, Some(winner.clone()));
-        assert_eq!(done(other).await, Some(winner.clone()));
+        assert_eq!(soon(holder).await, Some(winner.clone()));
+        assert_eq!(soon(other).await, Some(winner.clone()));
         // Asked after the end: at once.
-        assert_eq!(done(lease.ended()).await, Some(winner.clone()));
-        assert_eq!(done(lease.holder_ended()).await, Some(winner));
+        assert_eq!(soon(lease.ended()).await, Some(winner.clone()));
+        assert_eq!(soon(lease.holder_ended()).await, Some(winner));
     }
 
     /// Every held id has one signal: with the `Arc`'s counts, 104 B (it was

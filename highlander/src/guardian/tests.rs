@@ -4,6 +4,7 @@ use super::*;
 use crate::Context;
 use crate::backend::{Backend, MemoryCluster};
 use crate::spec::ChildSpec;
+use crate::test_util::soon;
 
 /// A service that runs until cancelled.
 pub(crate) struct Idle;
@@ -37,13 +38,6 @@ pub(crate) fn shared_on(session: Arc<dyn crate::backend::Session>) -> Arc<Shared
         handoff_rate: 1_000,
         placement: crate::runtime::Placement::new(crate::runtime::DEFAULT_GRACE, true),
     })
-}
-
-/// `fut`'s output, if it completes once every other task ran.
-async fn soon<T>(fut: impl std::future::Future<Output = T>) -> Option<T> {
-    tokio::time::timeout(Duration::from_millis(50), fut)
-        .await
-        .ok()
 }
 
 /// The slot's signal keeps what was raised until it is taken: an ask made

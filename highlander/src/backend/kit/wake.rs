@@ -178,15 +178,14 @@ impl<K: Eq + Hash + Clone> Wakes<K> {
 #[cfg(test)]
 mod tests {
     use super::Wakes;
+    use crate::test_util::soon;
     use std::future::Future;
     use std::sync::Arc;
     use std::time::Duration;
 
     /// Whether `fut` is already complete, or completes once every other task ran.
     async fn done(fut: impl Future<Output = ()>) -> bool {
-        tokio::time::timeout(Duration::from_millis(50), fut)
-            .await
-            .is_ok()
+        soon(fut).await.is_some()
     }
 
     #[tokio::test(start_paused = true)]
