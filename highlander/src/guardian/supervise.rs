@@ -515,7 +515,9 @@ where
             late,
         }
     }
+}
 
+impl<'a, F, T> Guarded<'a, F, T> {
     /// The future, taken out (to be dropped under `catch_unwind`).
     fn take_future(&mut self) -> Option<BoxFuture<'a, T>> {
         match std::mem::replace(&mut self.stage, Stage::Done) {
@@ -569,10 +571,7 @@ where
 
 impl<F, T> Drop for Guarded<'_, F, T> {
     fn drop(&mut self) {
-        let future = match std::mem::replace(&mut self.stage, Stage::Done) {
-            Stage::Running(future) => Some(future),
-            _ => None,
-        };
+        let future = self.take_future();
         if let Err(panic) = catch(move || drop(future)) {
             warn!(%panic, "dropping unfinished {} panicked", self.what);
             self.late.record(format!(
