@@ -531,15 +531,15 @@ async fn a_dropped_claim_leaves_no_tenure() {
         })
         .await;
         // What b heard last, for the message should this hang.
-        let last = std::sync::Mutex::new(String::from("nothing yet"));
+        let mut last = String::from("nothing yet");
         let claimed = tokio::time::timeout(GUARD, async {
             loop {
                 match b.try_claim(request.clone()).await.expect("b can ask") {
                     Claim::Granted(lease) => return lease,
                     Claim::Busy { holder, wake } => {
-                        *last.lock().unwrap() = format!("busy, holder {holder:?}");
+                        last = format!("busy, holder {holder:?}");
                         wake.await;
-                        *last.lock().unwrap() = format!("woken after busy, holder {holder:?}");
+                        last = format!("woken after busy, holder {holder:?}");
                     }
                     other => panic!("{other:?}"),
                 }
@@ -554,7 +554,7 @@ async fn a_dropped_claim_leaves_no_tenure() {
                 .await;
             panic!(
                 "hang guard: the id is not free {GUARD:?} after a dropped try_claim; b last: {}; row (owner, node, token, reserved_for): {row:?}",
-                last.lock().unwrap()
+                last
             );
         };
         assert_eq!(lease.token, 2, "b's tenure follows a's");
